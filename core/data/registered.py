@@ -1,0 +1,3 @@
+"""Importing this module registers every shipped dataset with ``core.registry.DATASETS``."""
+
+from core.data import images  # noqa: F401
