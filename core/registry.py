@@ -79,7 +79,7 @@ class Registry:
 
 def _params_model(name: str, fn) -> type[BaseModel]:
     fields = {}
-    for p in inspect.signature(fn).parameters.values():
+    for p in inspect.signature(fn, eval_str=True).parameters.values():
         if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name == "name":
             continue
         annotation = p.annotation if p.annotation is not inspect.Parameter.empty else Any

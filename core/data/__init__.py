@@ -58,6 +58,11 @@ def seeded_split(n: int, fractions: tuple[float, float], seed: int) -> tuple[tor
     return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A distinct 63-bit seed per (run seed, epoch)."""
+    return (seed ^ ((epoch + 1) * 0x9E3779B97F4A7C15)) % 2**63
+
+
 class BatchLoader:
     """Seeded shuffled mini-batches over a Split; under DDP each rank takes an equal, disjoint share.
 
@@ -77,7 +82,7 @@ class BatchLoader:
     def _indices(self) -> torch.Tensor:
         n = len(self.split)
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch)))
         else:
             order = torch.arange(n)
         if self.world_size > 1:  # equal shares so that every rank runs the same number of steps

@@ -1,0 +1,57 @@
+"""The command line every entry script shares.
+
+    python <script> CONFIG [--set section.key=value ...] [--out DIR] [--resume] [--print-config] [--validate]
+
+A UserError (bad config, path, data, layer name, ...) prints one line on stderr and exits with code 2; Ctrl-C saves
+the run's state and exits with code 130, after which ``--resume`` continues it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from core.errors import UserError
+
+
+def parse_args(stage: str, argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=f"instill {stage} stage: run one YAML config")
+    parser.add_argument("config", help="YAML config file (a run directory's config.yaml replays that run)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.optimizer.lr=0.01 (repeatable)")
+    parser.add_argument("--out", help="run directory (overrides output_dir)")
+    parser.add_argument("--resume", action="store_true", help="continue the unfinished run in the run directory")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--validate", action="store_true", help="check the config and exit")
+    return parser.parse_args(argv)
+
+
+def main(stage: str, argv: Optional[list[str]] = None) -> int:
+    args = parse_args(stage, argv)
+    from core import dist
+    from core.config import to_yaml
+    from core.stages import execute, load_stage_config
+
+    try:
+        cfg = load_stage_config(args.config, stage, args.overrides, args.out)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        if args.validate:
+            print(f"{args.config}: valid {stage} config")
+            return 0
+        execute(cfg, resume=args.resume)
+        return 0
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted: state saved; continue with --resume", file=sys.stderr)
+        return 130
+    finally:
+        dist.cleanup()
+
+
+def entry(stage: str) -> None:
+    sys.exit(main(stage))

@@ -1,0 +1,237 @@
+"""Typed YAML configs: validation, ``extends:``, ``--set`` overrides and the resolved snapshot.
+
+Every run reads one YAML file. Sections are pydantic models with ``extra="forbid"``, so an unknown key, a wrong
+type, a value out of range or a missing required value stops the run before anything is written, with one line
+that names the file, the key and (for a typo) the nearest valid key. Dataset and model options are the keyword
+arguments of their registered builders (``core.registry``); stages add their own sections by subclassing
+``RunConfig``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from core.errors import UserError
+from core.registry import DATASETS, MODELS, Registry, describe_error
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Reproducibility(Section):
+    reproduce: bool = Field(False, description="true: use random_seed; false: draw a seed from os.urandom")
+    random_seed: Optional[int] = Field(None, ge=0, lt=2**63, description="the seed replayed when reproduce is true")
+    deterministic: bool = Field(True, description="deterministic kernels (bit-identical replays on the CPU)")
+
+    @model_validator(mode="after")
+    def _seed_when_reproducing(self):
+        if self.reproduce and self.random_seed is None:
+            raise ValueError("reproduce: true needs random_seed")
+        return self
+
+
+class Component(BaseModel):
+    """``{name: <registered name>, <builder keyword>: value, ...}``: checked against the builder's signature."""
+
+    model_config = ConfigDict(extra="allow")
+    registry: ClassVar[Registry]
+    name: str
+
+    @model_validator(mode="after")
+    def _validate_params(self):
+        try:
+            params = self.registry.validate(self.name, dict(self.model_extra or {}))
+        except UserError as err:  # unknown name
+            raise ValueError(str(err)) from None
+        self.__pydantic_extra__ = params
+        return self
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DataConfig(Component):
+    registry: ClassVar[Registry] = DATASETS
+
+
+class ModelConfig(Component):
+    registry: ClassVar[Registry] = MODELS
+
+
+class OptimizerConfig(Section):
+    name: str = Field("AdamW", description="any torch.optim optimizer class name")
+    lr: float = Field(1e-3, gt=0)
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="further keyword arguments of the optimizer")
+
+    @field_validator("name")
+    @classmethod
+    def _known_optimizer(cls, name: str) -> str:
+        import difflib
+
+        import torch.optim
+
+        known = [n for n, obj in vars(torch.optim).items() if isinstance(obj, type) and n[0].isupper()
+                 and issubclass(obj, torch.optim.Optimizer) and n != "Optimizer"]
+        if name not in known:
+            hint = difflib.get_close_matches(name, known, n=1)
+            raise ValueError(f"unknown optimizer {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        return name
+
+
+class ScheduleConfig(Section):
+    name: Literal["constant", "step", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 over this many optimizer steps")
+    step_epochs: int = Field(1, ge=1, description="step schedule: multiply by gamma every this many epochs")
+    gamma: float = Field(0.1, gt=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: final lr as a fraction of lr")
+
+
+class EarlyStopConfig(Section):
+    patience: Optional[int] = Field(None, ge=1, description="stop after this many evaluations without improvement")
+    target: Optional[float] = Field(None, description="stop once the selection metric reaches this value")
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=0)
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(1024, ge=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    grad_clip: Optional[float] = Field(None, gt=0, description="clip the global gradient norm to this value")
+    grad_accum: int = Field(1, ge=1, description="optimizer step every this many batches")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast on CUDA (ignored on the CPU)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    eval_every: int = Field(1, ge=1)
+    eval_unit: Literal["epoch", "step"] = "epoch"
+    select_metric: str = Field("val_acc", description="metric that picks the best checkpoint and early stopping")
+    select_mode: Literal["max", "min"] = "max"
+    early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
+    progress: bool = Field(True, description="tqdm progress bars (shown on a terminal only)")
+
+
+class RunConfig(Section):
+    """Sections every stage has. Stages subclass it to add their own."""
+
+    stage: str
+    name: Optional[str] = Field(None, description="run name (default: the config file's stem)")
+    output_dir: Optional[str] = Field(None, description="run directory (default: checkpoints/<name>)")
+    reproducibility: Reproducibility = Field(default_factory=Reproducibility)
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file, with ``extends:`` resolved (paths relative to the including file)."""
+    return _read_with_extends(Path(path), chain=())
+
+
+def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in chain:
+        raise UserError(f"{path}: extends: forms a cycle ({' -> '.join(str(p) for p in chain + (path,))})")
+    raw = _parse_yaml_file(path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise UserError(f"{path}: extends: expected a file path, got {parent!r}")
+    base = _read_with_extends(path.parent / parent, chain + (resolved,))
+    return deep_merge(base, raw)
+
+
+def _parse_yaml_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read config file ({err.__class__.__name__}: {err})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{path}: invalid YAML{where}: {problem}") from None
+    if raw is None:
+        raise UserError(f"{path}: config file is empty")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``; nested mappings merge key by key, anything else replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
+    """Apply ``section.key=value`` strings; values are parsed as YAML, so they are typed like the file."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{source} {item!r}: expected section.key=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UserError(f"{source} {item!r}: the value is not valid YAML") from None
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"{source} {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def validate(raw: dict[str, Any], schema: type[RunConfig], source: str) -> RunConfig:
+    """The typed config, or a UserError naming ``source`` and the first offending key."""
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(f"{source}: {describe_error(err, schema)}") from None
+
+
+def load_config(path: str | Path, schema: type[RunConfig], stage: str, overrides: list[str] = ()) -> RunConfig:
+    """Read, merge, override and validate a config for ``stage``; fill ``name`` and ``output_dir``."""
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    declared = raw.setdefault("stage", stage)
+    if declared != stage:
+        raise UserError(f"{path}: stage: this config is for stage {declared!r}, but this script runs {stage!r}")
+    cfg = validate(raw, schema, str(path))
+    if cfg.name is None:
+        cfg.name = Path(path).stem
+    if cfg.output_dir is None:
+        cfg.output_dir = os.path.join("checkpoints", cfg.name)
+    return cfg
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    """The resolved config as YAML, in declaration order."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

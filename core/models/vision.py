@@ -1,0 +1,157 @@
+"""Image classifiers: a fully connected network, a small ConvNet, and any timm or torchvision model by name.
+
+Every builder takes the dataset's ``info`` (``input_shape`` as (C, H, W), ``num_classes``) so a model is sized for
+the configured resolution and class count. Inputs are (batch, C, H, W); outputs are (batch, classes) logits.
+Module names are stable (``layers.0``, ``layers.1``, ..., ``head``) so that masks and activation capture can name them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Literal, Optional
+
+import torch
+from pydantic import confloat, conint
+from torch import nn
+
+from core.errors import UserError
+from core.registry import MODELS
+
+Activation = Literal["relu", "gelu", "tanh"]
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+class FCN(nn.Module):
+    """Flatten, then ``depth`` blocks of Linear (+ BatchNorm1d) + activation (+ dropout), then a linear head."""
+
+    def __init__(self, in_features: int, num_classes: int, depth: int, width: int, batch_norm: bool,
+                 dropout: float, activation: str):
+        super().__init__()
+        blocks, features = [], in_features
+        for _ in range(depth):
+            block = [nn.Linear(features, width)]
+            block += [nn.BatchNorm1d(width)] if batch_norm else []
+            block += [ACTIVATIONS[activation]()]
+            block += [nn.Dropout(dropout)] if dropout else []
+            blocks.append(nn.Sequential(*block))
+            features = width
+        self.layers = nn.Sequential(*blocks)
+        self.head = nn.Linear(features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(x.flatten(1)))
+
+
+@MODELS.register("fcn")
+def fcn(info: dict, *, depth: conint(ge=0) = 3, width: conint(ge=1) = 256, batch_norm: bool = False,
+        dropout: confloat(ge=0, lt=1) = 0.0, activation: Activation = "relu") -> nn.Module:
+    """Fully connected network on flattened pixels: deep (large ``depth``) or wide (large ``width``)."""
+    return FCN(math.prod(info["input_shape"]), info["num_classes"], depth, width, batch_norm, dropout, activation)
+
+
+class ConvNet(nn.Module):
+    """Conv blocks (3x3, BatchNorm, ReLU; stride 2 where asked to downsample early), global pooling, linear head."""
+
+    def __init__(self, in_channels: int, num_classes: int, channels: list[int], strides: list[int],
+                 batch_norm: bool):
+        super().__init__()
+        blocks, c_in = [], in_channels
+        for c_out, stride in zip(channels, strides):
+            block = [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=not batch_norm)]
+            block += [nn.BatchNorm2d(c_out)] if batch_norm else []
+            blocks.append(nn.Sequential(*block, nn.ReLU()))
+            c_in = c_out
+        self.layers = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.layers(x)).flatten(1))
+
+
+@MODELS.register("convnet")
+def convnet(info: dict, *, channels: list[conint(ge=1)] = [32, 64, 64],
+            strides: Optional[list[conint(ge=1, le=4)]] = None, batch_norm: bool = True) -> nn.Module:
+    """A small ConvNet; ``strides`` defaults to 2 for every block (downsample early: cheap on a CPU)."""
+    strides = strides if strides is not None else [2] * len(channels)
+    if len(strides) != len(channels):
+        raise UserError(f"model.strides: {len(strides)} strides for {len(channels)} conv blocks")
+    return ConvNet(info["input_shape"][0], info["num_classes"], channels, strides, batch_norm)
+
+
+def _load_local_weights(model: nn.Module, pretrained: bool, weights_path: Optional[str], label: str) -> nn.Module:
+    """Pretrained weights come from a local file only: nothing downloads at run time."""
+    if not pretrained:
+        return model
+    if weights_path is None:
+        raise UserError(f"model {label}: pretrained: true needs weights_path (a local file; nothing downloads)")
+    if not os.path.isfile(weights_path):
+        raise UserError(f"model {label}: weights_path {weights_path} not found")
+    if weights_path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(weights_path)
+    else:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"model {label}: {weights_path} does not match the architecture "
+                        f"(missing: {list(missing)[:3]}, unexpected: {list(unexpected)[:3]})")
+    return model
+
+
+@MODELS.register("timm", prefix=True)
+def timm_model(info: dict, *, name: str, pretrained: bool = False, weights_path: Optional[str] = None,
+               kwargs: dict = {}) -> nn.Module:
+    """``timm:<name>``: any timm architecture, sized for the data's channels and classes."""
+    import timm
+
+    if name not in timm.list_models():
+        import difflib
+
+        hint = difflib.get_close_matches(name, timm.list_models(), n=1)
+        raise UserError(f"model timm:{name}: unknown timm model" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    model = timm.create_model(name, pretrained=False, num_classes=info["num_classes"],
+                              in_chans=info["input_shape"][0], **kwargs)
+    return _load_local_weights(model, pretrained, weights_path, f"timm:{name}")
+
+
+@MODELS.register("torchvision", prefix=True)
+def torchvision_model(info: dict, *, name: str, pretrained: bool = False, weights_path: Optional[str] = None,
+                      kwargs: dict = {}) -> nn.Module:
+    """``torchvision:<name>``: any torchvision classification model; a first conv for other channel counts."""
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name not in known:
+        import difflib
+
+        hint = difflib.get_close_matches(name, known, n=1)
+        raise UserError(f"model torchvision:{name}: unknown model" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    model = torchvision.models.get_model(name, weights=None, num_classes=info["num_classes"], **kwargs)
+    channels = info["input_shape"][0]
+    first = getattr(model, "conv1", None)
+    if channels != 3 and isinstance(first, nn.Conv2d):
+        model.conv1 = nn.Conv2d(channels, first.out_channels, first.kernel_size, first.stride, first.padding,
+                                bias=first.bias is not None)
+    return _load_local_weights(model, pretrained, weights_path, f"torchvision:{name}")
+
+
+def check_accepts(model: nn.Module, info: dict, device: torch.device = torch.device("cpu")) -> None:
+    """A dry forward pass on two zero samples, so a resolution or class count the model cannot take is a UserError."""
+    shape = tuple(info["input_shape"])
+    dtype = torch.long if info.get("vocab_size") else torch.float32
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros((2, *shape), dtype=dtype, device=device))
+    except RuntimeError as err:
+        raise UserError(f"the model cannot take inputs of shape {shape}: {str(err).splitlines()[0]}") from None
+    finally:
+        model.train(was_training)
+    out = getattr(out, "logits", out)
+    classes = info.get("num_classes")
+    if classes and isinstance(out, torch.Tensor) and out.shape[-1] != classes:
+        raise UserError(f"the model's head gives {out.shape[-1]} outputs but the data has {classes} classes")

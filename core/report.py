@@ -1,0 +1,130 @@
+"""Tables and plots over run directories.
+
+    python -m core.report checkpoints/           one row per run: name, stage, seed, status, duration, key metrics
+    python -m core.report checkpoints/ --plot    also write curves.png into each run directory
+
+Broken or unfinished run directories are listed as such; the report never crashes on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from core.run import read_json, read_metrics
+
+KEY_METRICS = ("test_acc", "val_acc", "textured_acc", "shape_only_acc", "shape_bias")
+
+
+def run_status(path: Path) -> str:
+    summary = read_json(path / "summary.json")
+    if summary and summary.get("status") == "finished":
+        return "finished"
+    if (path / "summary.json").exists():
+        return "broken (unreadable summary.json)"
+    if not (path / "config.yaml").exists() or not (path / "seed.txt").exists():
+        return "broken (no config.yaml or seed.txt)"
+    return "unfinished (resumable)" if (path / "state.pt").exists() else "unfinished (no saved state)"
+
+
+def run_row(path: Path) -> dict[str, Any]:
+    summary = read_json(path / "summary.json") or {}
+    seed_file = path / "seed.txt"
+    try:
+        seed: Optional[str] = seed_file.read_text().strip() if seed_file.exists() else None
+    except OSError:
+        seed = None
+    row = {"name": path.name, "stage": summary.get("stage", "?"), "seed": seed or "?", "status": run_status(path),
+           "duration_s": summary.get("duration_s", "")}
+    for key in KEY_METRICS:
+        if isinstance(summary.get(key), (int, float)):
+            row[key] = summary[key]
+    if "test_acc" not in row:  # unfinished: show the latest evaluation instead
+        last = (read_metrics(path) or [{}])[-1]
+        row.update({k: v for k, v in last.items() if k in KEY_METRICS})
+    replay = read_json(path / "replay.json")
+    if replay is not None:
+        row["replay"] = "matches" if replay.get("matches") else "differs"
+    return row
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in ("config.yaml", "seed.txt", "summary.json", "state.pt"))
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def plot_run(path: str | Path) -> Optional[Path]:
+    """curves.png: training loss and every accuracy against the optimizer step; None when nothing was logged."""
+    path = Path(path)
+    rows = read_metrics(path)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r.get("step", i) for i, r in enumerate(rows)]
+    loss_keys = [k for k in rows[-1] if k.endswith("loss") and isinstance(rows[-1][k], (int, float))]
+    acc_keys = [k for k in rows[-1] if k.endswith("_acc") and isinstance(rows[-1][k], (int, float))]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, keys, label in ((axes[0], loss_keys, "loss"), (axes[1], acc_keys, "accuracy")):
+        for key in keys:
+            ax.plot(steps, [r.get(key, float("nan")) for r in rows], marker=".", label=key)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if keys:
+            ax.legend(fontsize=8)
+    fig.suptitle(path.name)
+    fig.tight_layout()
+    out = path / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m core.report", description=__doc__.splitlines()[0])
+    parser.add_argument("root", nargs="?", default="checkpoints", help="a run directory or a folder of them")
+    parser.add_argument("--plot", action="store_true", help="write curves.png into each run directory")
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    if not root.is_dir():
+        print(f"error: {root} is not a directory", file=sys.stderr)
+        return 2
+    runs = [root] if is_run_dir(root) else sorted(p for p in root.iterdir() if is_run_dir(p))
+    if not runs:
+        print(f"no run directories in {root}")
+        return 0
+    print(format_table([run_row(p) for p in runs]))
+    if args.plot:
+        for path in runs:
+            try:
+                written = plot_run(path)
+            except Exception as err:  # one bad run must not stop the others' plots
+                print(f"{path.name}: no plot ({err.__class__.__name__}: {err})", file=sys.stderr)
+                continue
+            if written:
+                print(f"wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

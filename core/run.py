@@ -1,0 +1,375 @@
+"""Run directories: seed, config snapshot, environment, metrics log, weights, resume state, replay check.
+
+The contract (DESIGN.md): ``config.yaml`` (resolved, with ``reproduce: true`` and the seed filled in, so rerunning it
+replays the run), ``seed.txt``, ``env.json``, ``metrics.jsonl`` + ``metrics.csv``, ``summary.json``, weights as
+safetensors, ``state.pt``, plots. A run is finished once ``summary.json`` says so; a finished run is never
+overwritten: running its config again writes ``<dir>-replay-<k>`` and compares the metrics. Every file is written
+atomically (temporary file, then rename), so an interrupted run leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from core import dist
+from core.errors import UserError
+
+TIMING_PREFIX = "time_"  # metrics whose names start with this are wall-clock figures, not compared on replay
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Seeds
+
+
+def draw_seed() -> int:
+    """A fresh seed from the operating system's entropy (63 bits, so it fits every RNG we seed)."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed python ``random``, NumPy and torch (all devices); optionally ask for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Atomic files
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def atomic_save(path: str | Path, save_fn) -> None:
+    """Call ``save_fn(tmp_path)`` and move the result into place: for writers that want a file name."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_json(path: str | Path) -> Optional[dict]:
+    """The JSON object in ``path``, or None when the file is missing or unreadable."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+        return value if isinstance(value, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run directory
+
+
+def is_finished(path: str | Path) -> bool:
+    summary = read_json(Path(path) / "summary.json")
+    return bool(summary) and summary.get("status") == "finished"
+
+
+def choose_run_dir(output_dir: str | Path, resume: bool) -> tuple[Path, Optional[Path]]:
+    """(directory to write, original run being replayed or None) for a new run or a resumed one."""
+    out = Path(output_dir)
+    if resume:
+        if not (out / "state.pt").is_file():
+            raise UserError(f"--resume: {out} holds no unfinished run to resume (no state.pt)")
+        if is_finished(out):
+            raise UserError(f"--resume: {out} already finished; rerun its config.yaml to replay it")
+        return out, None
+    if not out.exists() or _abandoned(out):
+        return out, None
+    if is_finished(out):
+        k = 1
+        while Path(f"{out}-replay-{k}").exists() and not _abandoned(Path(f"{out}-replay-{k}")):
+            k += 1
+        return Path(f"{out}-replay-{k}"), out
+    if (out / "state.pt").is_file():
+        raise UserError(f"{out} holds an unfinished run: continue it with --resume, or choose another --out")
+    raise UserError(f"{out} exists and is not a run directory: choose another --out")
+
+
+def _abandoned(path: Path) -> bool:
+    """A run directory that holds nothing worth keeping: created, but stopped before its first saved state."""
+    return (path / "seed.txt").is_file() and not (path / "state.pt").exists() and not is_finished(path)
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: str) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    versions = {}
+    for package in ("torch", "torchvision", "numpy", "transformers", "timm", "pydantic", "safetensors"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            pass
+    return {
+        "python": platform.python_version(),
+        "versions": versions,
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "git_commit": git_commit(),
+        "device": device,
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(),
+        "world_size": dist.world_size(),
+        "command": [sys.executable] + sys.argv,
+        "start_time": _now(),
+        "end_time": None,
+    }
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Run:
+    """One run directory (or a sub-run inside one). Only rank 0 writes; other ranks get a Run that writes nothing.
+
+    ``resumed`` is true when the directory already held state to continue from.
+    """
+
+    def __init__(self, path: Path, *, replay_of: Optional[Path] = None, resumed: bool = False):
+        self.path = Path(path)
+        self.replay_of = replay_of
+        self.resumed = resumed
+        self.writes = dist.is_main()
+
+    # --- creation -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, output_dir: str | Path, config_yaml: str, seed: int, device: str, resume: bool) -> "Run":
+        """Create (or reopen, with ``resume``) the run directory, writing config, seed and environment at once."""
+        path, replay_of = dist.broadcast(lambda: choose_run_dir(output_dir, resume))
+        run = cls(path, replay_of=replay_of, resumed=resume)
+        if run.writes and not resume:
+            run._create_files(config_yaml, seed, device)
+        dist.barrier()
+        return run
+
+    def _create_files(self, config_yaml: str, seed: int, device: str) -> None:
+        # Build everything in a hidden sibling, then rename: the directory appears complete or not at all.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.tmp-"))
+        (staging / "config.yaml").write_text(config_yaml)
+        (staging / "seed.txt").write_text(f"{seed}\n")
+        (staging / "env.json").write_text(json.dumps(environment(device), indent=2) + "\n")
+        if self.path.exists():  # an abandoned directory (see _abandoned): nothing in it to keep
+            shutil.rmtree(self.path)
+        os.rename(staging, self.path)
+
+    def child(self, name: str) -> "Run":
+        """A sub-run in ``<run>/<name>/`` (one condition of a sweep), resumable on its own."""
+        path = self.path / name
+        sub = Run(path, resumed=(path / "state.pt").exists())
+        if sub.writes:
+            path.mkdir(parents=True, exist_ok=True)
+        return sub
+
+    # --- metrics ----------------------------------------------------------------------------------------------
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_metrics(self.path)
+
+    def log_metrics(self, row: dict[str, Any]) -> None:
+        """Append one evaluation's figures to metrics.jsonl and rewrite metrics.csv with the same rows."""
+        if not self.writes:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row, default=_json_default) + "\n")
+        self._write_csv(self.metrics())
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop rows logged after the saved state (they will be logged again when the run resumes)."""
+        if self.writes and self.metrics_path.exists():
+            rows = [r for r in self.metrics() if r.get("step", 0) <= after_step]
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+            self._write_csv(rows)
+
+    def _write_csv(self, rows: list[dict[str, Any]]) -> None:
+        columns: list[str] = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path / "metrics.csv", buffer.getvalue())
+
+    # --- files ------------------------------------------------------------------------------------------------
+
+    def write_json(self, name: str, obj: Any) -> None:
+        if self.writes:
+            atomic_write_json(self.path / name, obj)
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        if self.writes:
+            atomic_save(self.path / "state.pt", lambda tmp: torch.save(state, tmp))
+
+    def load_state(self) -> Optional[dict[str, Any]]:
+        path = self.path / "state.pt"
+        if not path.exists():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # a truncated or foreign file: the user must decide, we must not guess
+            raise UserError(f"{path}: cannot read saved state ({err.__class__.__name__}); it may be corrupt") from None
+
+    def save_weights(self, name: str, model: torch.nn.Module, metadata: Optional[dict[str, str]] = None) -> None:
+        """``<name>.safetensors`` (tied weights are stored once, as safetensors' save_model does)."""
+        if not self.writes:
+            return
+        from safetensors.torch import save_model
+
+        target = dist.unwrap(model)
+        atomic_save(self.path / f"{name}.safetensors", lambda tmp: save_model(target, tmp, metadata=metadata))
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Write summary.json (marking the run finished), stamp the end time, and check a replay."""
+        if not self.writes:
+            return
+        if self.replay_of is not None:
+            replay = compare_runs(self.replay_of, self.path)
+            self.write_json("replay.json", replay)
+            verdict = "matches the original exactly" if replay["matches"] else "DIFFERS from the original"
+            print(f"replay of {self.replay_of}: {verdict} (max_abs_diff={replay['max_abs_diff']})")
+        env = read_json(self.path / "env.json")
+        if env is not None:
+            env["end_time"] = _now()
+            atomic_write_json(self.path / "env.json", env)
+        self.write_json("summary.json", {"status": "finished", **summary})
+
+    def discard_if_empty(self) -> None:
+        """Remove a directory this process created that holds no saved state yet (a failed start)."""
+        if self.writes and not self.resumed and self.path.exists() and not (self.path / "state.pt").exists() \
+                and not is_finished(self.path) and not any(self.path.glob("*/state.pt")):
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    rows = []
+    file = Path(path) / "metrics.jsonl"
+    if file.exists():
+        for line in file.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line cut off by a kill: the rows before it still count
+                break
+    return rows
+
+
+def _metric_files(root: Path) -> Iterator[Path]:
+    for file in sorted(root.rglob("metrics.jsonl")):
+        yield file.parent.relative_to(root)
+
+
+def compare_runs(original: Path, replay: Path) -> dict[str, Any]:
+    """Do the two runs' metrics (every metrics.jsonl, sub-runs included) agree? Timing columns are ignored."""
+    max_diff, matches, problems = 0.0, True, []
+    for rel in _metric_files(original):
+        a, b = read_metrics(original / rel), read_metrics(replay / rel)
+        if len(a) != len(b):
+            matches = False
+            problems.append(f"{rel or '.'}: {len(a)} rows against {len(b)}")
+        for row_a, row_b in zip(a, b):
+            for key in set(row_a) | set(row_b):
+                if key.startswith(TIMING_PREFIX):
+                    continue
+                va, vb = row_a.get(key), row_b.get(key)
+                if isinstance(va, (int, float)) and isinstance(vb, (int, float)):
+                    diff = abs(va - vb) if not (math.isnan(va) and math.isnan(vb)) else 0.0
+                    max_diff = max(max_diff, diff)
+                    matches &= diff == 0
+                elif va != vb:
+                    matches = False
+                    problems.append(f"{rel or '.'}: {key}: {va!r} against {vb!r}")
+    return {"matches": matches, "max_abs_diff": max_diff, "original": str(original), "problems": problems[:20]}

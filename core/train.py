@@ -1,0 +1,336 @@
+"""The one training loop every stage uses.
+
+Features: ``device: auto|cpu|cuda``; any ``torch.optim`` optimizer by name; constant / step / cosine schedules with
+linear warm-up; gradient clipping and accumulation; bf16 autocast on CUDA; evaluation every N epochs or steps; the
+best checkpoint by a chosen metric, early stopping on it (patience or target); a NaN/inf guard that names the step;
+state saved atomically every epoch and on Ctrl-C, so ``--resume`` ends with the same metrics as an uninterrupted
+run; DistributedDataParallel under torchrun.
+
+A stage plugs in an ``Objective``: how to compute a batch's loss, how to evaluate, and optional hooks (per-epoch
+set-up such as a temperature, per-step clean-up such as restoring frozen weights).
+
+Raises ``DivergedError`` (a UserError: exit code 2) when the loss stops being finite; the last saved state stays.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from core import dist
+from core.config import OptimizerConfig, ScheduleConfig, TrainConfig
+from core.data import BatchLoader, Split
+from core.errors import UserError
+from core.run import TIMING_PREFIX, Run, rng_state, set_rng_state
+
+IGNORE_INDEX = -100
+
+
+class DivergedError(UserError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class Objective:
+    """What a stage plugs into ``fit``.
+
+    loss(model, batch) -> (loss tensor, {name: float} to average over the epoch)
+    evaluate(model) -> {metric: float}; must contain ``TrainConfig.select_metric``
+    train_mode(model): put the model in training mode (masks keep their frozen base in eval mode, for example)
+    on_epoch_start(epoch) -> {name: float} logged with the epoch's evaluation (a temperature, say)
+    after_step(): after every optimizer step (restore frozen weights, say)
+    """
+
+    loss: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    train_mode: Callable[[nn.Module], None] = lambda model: model.train()
+    on_epoch_start: Optional[Callable[[int], dict[str, float]]] = None
+    after_step: Optional[Callable[[], None]] = None
+
+
+@dataclass
+class FitResult:
+    best: dict[str, Any]
+    last: dict[str, Any]
+    steps: int
+    stop_reason: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device: cuda requested but no CUDA device is available (use auto or cpu)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist.world_size() > 1:
+        return torch.device("cuda", dist.local_rank())
+    return torch.device(name)
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    cls = getattr(torch.optim, cfg.name)
+    try:
+        return cls([p for p in params if p.requires_grad], lr=cfg.lr, **cfg.kwargs)
+    except TypeError as err:
+        raise UserError(f"train.optimizer.kwargs: {cfg.name} does not take these arguments ({err})") from None
+
+
+def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    """The learning-rate multiplier at optimizer step ``step`` (0-based)."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.name == "step":
+        return warm * cfg.gamma ** ((step // max(steps_per_epoch, 1)) // cfg.step_epochs)
+    if cfg.name == "cosine":
+        span = max(total_steps - cfg.warmup_steps, 1)
+        progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+        return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warm
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """Models may return a tensor or an object / tuple holding logits (Hugging Face outputs, say)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+
+def classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for (B, C) logits or (B, T, C) sequence logits; targets of -100 are not scored."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def evaluate_classification(model: nn.Module, splits: dict[str, Split], batch_size: int, device: torch.device,
+                            forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+                            ) -> dict[str, float]:
+    """``<split>_acc`` and ``<split>_loss`` for each split (scored positions only for sequences)."""
+    forward = forward or (lambda m, x: logits_of(m(x)))
+    was_training = model.training
+    model.eval()
+    metrics = {}
+    for name, split in splits.items():
+        correct = scored = 0
+        loss_sum = 0.0
+        for start in range(0, len(split), batch_size):
+            x = split.x[start:start + batch_size].to(device)
+            y = split.y[start:start + batch_size].to(device)
+            logits = forward(model, x).float()
+            flat_logits, flat_y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+            keep = flat_y != IGNORE_INDEX
+            loss_sum += F.cross_entropy(flat_logits[keep], flat_y[keep], reduction="sum").item()
+            correct += (flat_logits[keep].argmax(-1) == flat_y[keep]).sum().item()
+            scored += int(keep.sum())
+        metrics[f"{name}_acc"] = correct / max(scored, 1)
+        metrics[f"{name}_loss"] = loss_sum / max(scored, 1)
+    model.train(was_training)
+    return metrics
+
+
+class _Tracker:
+    """Best value of the selection metric and the evaluations since it improved."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.best_value: Optional[float] = None
+        self.best_row: dict[str, Any] = {}
+        self.since_best = 0
+
+    def update(self, value: float, row: dict[str, Any]) -> bool:
+        better = self.best_value is None or (value > self.best_value if self.mode == "max" else value < self.best_value)
+        if better:
+            self.best_value, self.best_row, self.since_best = value, dict(row), 0
+        else:
+            self.since_best += 1
+        return better
+
+    def reached(self, target: Optional[float]) -> bool:
+        if target is None or self.best_value is None:
+            return False
+        return self.best_value >= target if self.mode == "max" else self.best_value <= target
+
+
+def fit(model: nn.Module, objective: Objective, train: Split, cfg: TrainConfig, run: Run, *, seed: int,
+        device: torch.device, params: Optional[Iterable[nn.Parameter]] = None, restore_best: bool = True
+        ) -> FitResult:
+    """Train ``model`` on ``train`` with ``objective``; log to ``run``; leave the best weights in ``model``."""
+    loop = _Loop(model, objective, train, cfg, run, seed, device, params)
+    try:
+        result = loop.run()
+    except KeyboardInterrupt:
+        loop.save()
+        raise
+    if restore_best and loop.best_weights is not None:
+        dist.unwrap(loop.model).load_state_dict(loop.best_weights)
+    return result
+
+
+class _Loop:
+    def __init__(self, model, objective, train, cfg, run, seed, device, params):
+        self.cfg, self.run_dir, self.objective, self.device = cfg, run, objective, device
+        model.to(device)
+        self.model = dist.wrap(model, device)
+        self.loader = BatchLoader(train, cfg.batch_size, shuffle=True, seed=seed, rank=dist.rank(),
+                                  world_size=dist.world_size())
+        self.steps_per_epoch = max(len(self.loader) // cfg.grad_accum, 1)
+        total = cfg.epochs * self.steps_per_epoch
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.optimizer = build_optimizer(params if params is not None else model.parameters(), cfg.optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(cfg.schedule, s, self.steps_per_epoch, self.total_steps))
+        self.tracker = _Tracker(cfg.select_mode)
+        self.best_weights: Optional[dict[str, torch.Tensor]] = None
+        self.history: list[dict[str, Any]] = []
+        self.epoch = self.batch_in_epoch = self.step = 0
+        self.epoch_logs: dict[str, float] = {}
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.rng_at_step = rng_state()
+        self.elapsed = 0.0
+        self.stop_reason = "epochs"
+        self.autocast = cfg.precision == "bf16" and device.type == "cuda"
+        if run.resumed:
+            self._restore(run.load_state())
+
+    # --- state ------------------------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": dist.unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": self.rng_at_step, "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch, "step": self.step, "sums": self.sums, "count": self.count,
+            "epoch_logs": self.epoch_logs, "best_value": self.tracker.best_value, "best_row": self.tracker.best_row,
+            "since_best": self.tracker.since_best, "best_weights": self.best_weights, "history": self.history,
+            "elapsed": self.elapsed,
+        }
+
+    def save(self) -> None:
+        self.run_dir.save_state(self.state())
+
+    def _restore(self, state: Optional[dict[str, Any]]) -> None:
+        if state is None:
+            return
+        dist.unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        self.sums, self.count, self.epoch_logs = state["sums"], state["count"], state["epoch_logs"]
+        self.tracker.best_value, self.tracker.best_row = state["best_value"], state["best_row"]
+        self.tracker.since_best, self.best_weights = state["since_best"], state["best_weights"]
+        self.history, self.elapsed = state["history"], state["elapsed"]
+        self.rng_at_step = state["rng"]
+        set_rng_state(self.rng_at_step)
+        self.run_dir.truncate_metrics(after_step=self.step)
+
+    # --- loop -------------------------------------------------------------------------------------------------
+
+    def run(self) -> FitResult:
+        cfg = self.cfg
+        start = time.perf_counter() - self.elapsed
+        while self.epoch < cfg.epochs and self.stop_reason == "epochs":
+            if self.batch_in_epoch == 0 and self.objective.on_epoch_start:
+                self.epoch_logs = self.objective.on_epoch_start(self.epoch)
+            elif self.objective.on_epoch_start:  # resumed mid-epoch: recompute the epoch's settings silently
+                self.objective.on_epoch_start(self.epoch)
+            self._train_epoch(start)
+            if self.stop_reason != "epochs":
+                break
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            last_epoch = self.epoch == cfg.epochs
+            if cfg.eval_unit == "epoch" and (self.epoch % cfg.eval_every == 0 or last_epoch):
+                self._evaluate(start)
+            self.elapsed = time.perf_counter() - start
+            self.save()
+        if not self.history or self.history[-1]["step"] != self.step:
+            self._evaluate(start)
+        self.elapsed = time.perf_counter() - start
+        self.save()
+        return FitResult(self.tracker.best_row, self.history[-1], self.step, self.stop_reason, self.history)
+
+    def _train_epoch(self, start: float) -> None:
+        cfg = self.cfg
+        self.loader.set_epoch(self.epoch)
+        self.objective.train_mode(self.model)
+        bar = tqdm(total=len(self.loader), initial=self.batch_in_epoch, leave=False, dynamic_ncols=True,
+                   desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and dist.is_main() and sys.stderr.isatty()))
+        for i, batch in enumerate(self.loader):
+            if i < self.batch_in_epoch:  # resumed: these batches were trained before the interruption
+                continue
+            self._train_batch(batch)
+            bar.update(1)
+            last = i + 1 == len(self.loader)
+            if (i + 1) % cfg.grad_accum and not last:
+                continue
+            self._optimizer_step()
+            self.batch_in_epoch = i + 1
+            if cfg.eval_unit == "step" and self.step % cfg.eval_every == 0:
+                self._evaluate(start)
+                self.objective.train_mode(self.model)
+            if cfg.max_steps and self.step >= cfg.max_steps:
+                self.stop_reason = "max_steps"
+            if self.stop_reason != "epochs":
+                break
+        bar.close()
+
+    def _train_batch(self, batch) -> None:
+        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss, logs = self.objective.loss(self.model, (x, y))
+        value = loss.item()
+        if not math.isfinite(value):
+            raise DivergedError(
+                f"the loss became {value} at step {self.step + 1} (epoch {self.epoch + 1}); the run stopped and "
+                f"its last saved state stays in {self.run_dir.path} (lower the learning rate or clip gradients)")
+        (loss / self.cfg.grad_accum).backward()
+        for name, v in {"train_loss": value, **logs}.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(v)
+        self.count += 1
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.objective.after_step:
+            self.objective.after_step()
+        self.step += 1
+        self.rng_at_step = rng_state()
+
+    def _evaluate(self, start: float) -> None:
+        metrics = self.objective.evaluate(dist.unwrap(self.model))
+        if self.cfg.select_metric not in metrics:
+            raise UserError(f"train.select_metric: {self.cfg.select_metric!r} is not measured; "
+                            f"choose one of {', '.join(sorted(metrics))}")
+        train_logs = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        row = {"epoch": self.epoch, "step": self.step, **train_logs, **self.epoch_logs, **metrics,
+               "lr": self.optimizer.param_groups[0]["lr"],
+               f"{TIMING_PREFIX}elapsed_s": round(time.perf_counter() - start, 3)}
+        self.sums, self.count = {}, 0
+        self.history.append(row)
+        self.run_dir.log_metrics(row)
+        if self.tracker.update(metrics[self.cfg.select_metric], row):
+            self.best_weights = copy.deepcopy(dist.unwrap(self.model).state_dict())
+        if dist.is_main():
+            shown = " | ".join(f"{k} {v:.4g}" for k, v in row.items()
+                               if isinstance(v, float) and not k.startswith(TIMING_PREFIX))
+            print(f"[{self.run_dir.path.name}] epoch {self.epoch} step {self.step} | {shown}", flush=True)
+        early = self.cfg.early_stop
+        if self.tracker.reached(early.target):
+            self.stop_reason = "target"
+        elif early.patience and self.tracker.since_best >= early.patience:
+            self.stop_reason = "patience"
