@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
@@ -137,6 +138,21 @@ class RunConfig(Section):
 # Loading
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` as a string; a config means the number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML file, with ``extends:`` resolved (paths relative to the including file)."""
     return _read_with_extends(Path(path), chain=())
@@ -164,7 +180,7 @@ def _parse_yaml_file(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read config file ({err.__class__.__name__}: {err})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = parse_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -196,7 +212,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--
         if not sep or not key.strip():
             raise UserError(f"{source} {item!r}: expected section.key=value")
         try:
-            value = yaml.safe_load(text)
+            value = parse_yaml(text)
         except yaml.YAMLError:
             raise UserError(f"{source} {item!r}: the value is not valid YAML") from None
         node = raw

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import copy
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -139,6 +141,32 @@ def evaluate_classification(model: nn.Module, splits: dict[str, Split], batch_si
     return metrics
 
 
+class _DeferredInterrupt:
+    """Ctrl-C sets a flag that the loop checks after each optimizer step, so the state it saves is consistent.
+
+    A second Ctrl-C interrupts at once. Outside the main thread (where signals cannot be caught) this does nothing.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
 class _Tracker:
     """Best value of the selection metric and the evaluations since it improved."""
 
@@ -167,11 +195,9 @@ def fit(model: nn.Module, objective: Objective, train: Split, cfg: TrainConfig, 
         ) -> FitResult:
     """Train ``model`` on ``train`` with ``objective``; log to ``run``; leave the best weights in ``model``."""
     loop = _Loop(model, objective, train, cfg, run, seed, device, params)
-    try:
+    with _DeferredInterrupt() as interrupt:
+        loop.interrupt = interrupt
         result = loop.run()
-    except KeyboardInterrupt:
-        loop.save()
-        raise
     if restore_best and loop.best_weights is not None:
         dist.unwrap(loop.model).load_state_dict(loop.best_weights)
     return result
@@ -198,6 +224,7 @@ class _Loop:
         self.sums: dict[str, float] = {}
         self.count = 0
         self.rng_at_step = rng_state()
+        self.interrupt: Optional[_DeferredInterrupt] = None
         self.elapsed = 0.0
         self.stop_reason = "epochs"
         self.autocast = cfg.precision == "bf16" and device.type == "cuda"
@@ -277,6 +304,10 @@ class _Loop:
                 continue
             self._optimizer_step()
             self.batch_in_epoch = i + 1
+            self.rng_at_step = rng_state()
+            if self.interrupt is not None and self.interrupt.requested:
+                self.save()
+                raise KeyboardInterrupt
             if cfg.eval_unit == "step" and self.step % cfg.eval_every == 0:
                 self._evaluate(start)
                 self.objective.train_mode(self.model)
@@ -309,7 +340,6 @@ class _Loop:
         if self.objective.after_step:
             self.objective.after_step()
         self.step += 1
-        self.rng_at_step = rng_state()
 
     def _evaluate(self, start: float) -> None:
         metrics = self.objective.evaluate(dist.unwrap(self.model))

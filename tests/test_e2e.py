@@ -1,0 +1,45 @@
+"""End-to-end runs of tiny configs, the shipped digits config, and a 2-process torchrun run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.run import is_finished
+from tests.conftest import REPO, python_env, run_cli
+
+
+def test_tiny_mnist5k_convnet(workdir):
+    assert run_cli("base", "configs/tiny_mnist5k_convnet.yaml") == 0
+    summary = json.loads(Path("checkpoints/tiny_mnist5k_convnet/summary.json").read_text())
+    assert summary["test_acc"] > 0.3
+
+
+def test_shipped_digits_config_reaches_95_percent(workdir):
+    assert run_cli("base", str(REPO / "configs/vision_base_digits.yaml")) == 0
+    summary = json.loads(Path("checkpoints/vision_base_digits/summary.json").read_text())
+    assert summary["test_acc"] >= 0.95
+
+
+def test_math_entry_point_runs_the_base_stage(workdir):
+    proc = subprocess.run([sys.executable, str(REPO / "math/base.py"), "configs/tiny_digits.yaml", "--validate"],
+                          env=python_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "valid base config" in proc.stdout
+
+
+def test_torchrun_two_cpu_processes(workdir):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed beside this python")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(REPO / "vision/vision_base.py"),
+                           "configs/tiny_digits.yaml", "--out", "checkpoints/ddp"],
+                          env=python_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert is_finished("checkpoints/ddp")
+    assert [p.name for p in Path("checkpoints").iterdir()] == ["ddp"]  # one run directory, written by rank 0
+    env = json.loads(Path("checkpoints/ddp/env.json").read_text())
+    assert env["world_size"] == 2

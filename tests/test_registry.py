@@ -1,0 +1,69 @@
+"""Registries of datasets and models: typed options from builder signatures, names, offline pretrained weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.errors import UserError
+from core.models.vision import check_accepts
+from core.registry import DATASETS, MODELS
+from core.data import DataContext
+
+INFO = {"input_shape": (1, 28, 28), "num_classes": 10}
+
+
+def test_options_come_from_the_signature():
+    params = MODELS.validate("fcn", {"depth": 2})
+    assert params == {"depth": 2, "width": 256, "batch_norm": False, "dropout": 0.0, "activation": "relu"}
+    with pytest.raises(ValueError, match="did you mean 'width'"):
+        MODELS.validate("fcn", {"widht": 3})
+    with pytest.raises(ValueError, match="dropout"):
+        MODELS.validate("fcn", {"dropout": 1.5})
+    with pytest.raises(UserError, match="did you mean 'convnet'"):
+        MODELS.get("convnt")
+
+
+@pytest.mark.parametrize("name, params", [
+    ("fcn", {"depth": 2, "width": 16, "batch_norm": True, "dropout": 0.1}),
+    ("convnet", {"channels": [8, 16]}),
+    ("timm:resnet18", {}),
+    ("torchvision:resnet18", {}),
+])
+def test_models_build_and_run(name, params):
+    model = MODELS.build(name, INFO, params)
+    check_accepts(model, INFO)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_pretrained_needs_a_local_file(tmp_path):
+    with pytest.raises(UserError, match="needs weights_path"):
+        MODELS.build("timm:resnet18", INFO, {"pretrained": True})
+    with pytest.raises(UserError, match="not found"):
+        MODELS.build("torchvision:resnet18", INFO, {"pretrained": True, "weights_path": str(tmp_path / "w.pt")})
+    with pytest.raises(UserError, match="unknown timm model"):
+        MODELS.build("timm:resnet_eighteen", INFO, {})
+    source = MODELS.build("fcn", INFO, {"width": 8, "depth": 1})
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    with pytest.raises(UserError, match="does not match"):
+        MODELS.build("torchvision:resnet18", INFO, {"pretrained": True, "weights_path": str(tmp_path / "w.pt")})
+
+
+def test_mismatched_head_or_resolution_is_a_user_error():
+    model = MODELS.build("fcn", INFO, {"depth": 1, "width": 8})
+    with pytest.raises(UserError, match="cannot take inputs"):
+        check_accepts(model, {"input_shape": (1, 8, 8), "num_classes": 10})
+    with pytest.raises(UserError, match="3 classes"):
+        check_accepts(model, {"input_shape": (1, 28, 28), "num_classes": 3})
+
+
+def test_image_datasets_are_seeded_and_split():
+    a = DATASETS.build("digits", DataContext(seed=1), {})
+    b = DATASETS.build("digits", DataContext(seed=1), {})
+    c = DATASETS.build("digits", DataContext(seed=2), {})
+    assert torch.equal(a.train.y, b.train.y) and not torch.equal(a.train.y, c.train.y)
+    assert len(a.train) + len(a.val) + len(a.test) == 1797 and a.info["input_shape"] == (1, 8, 8)
+    mnist = DATASETS.build("mnist5k", DataContext(seed=0), {})
+    assert len(mnist.train) + len(mnist.val) + len(mnist.test) == 5000
+    assert mnist.info["input_shape"] == (1, 28, 28)
+    assert len(set(mnist.test.y[:100].tolist())) > 5  # shuffled: the file is sorted by class
