@@ -266,6 +266,8 @@ class _Loop:
     def run(self) -> FitResult:
         cfg = self.cfg
         start = time.perf_counter() - self.elapsed
+        self.epoch_bar = tqdm(total=cfg.epochs, initial=self.epoch, desc=self.run_dir.path.name, unit="epoch",
+                              dynamic_ncols=True, disable=not self._show_bars())
         while self.epoch < cfg.epochs and self.stop_reason == "epochs":
             if self.batch_in_epoch == 0 and self.objective.on_epoch_start:
                 self.epoch_logs = self.objective.on_epoch_start(self.epoch)
@@ -281,6 +283,8 @@ class _Loop:
                 self._evaluate(start)
             self.elapsed = time.perf_counter() - start
             self.save()
+            self.epoch_bar.update(1)
+        self.epoch_bar.close()
         if not self.history or self.history[-1]["step"] != self.step:
             self._evaluate(start)
         self.elapsed = time.perf_counter() - start
@@ -292,8 +296,8 @@ class _Loop:
         self.loader.set_epoch(self.epoch)
         self.objective.train_mode(self.model)
         bar = tqdm(total=len(self.loader), initial=self.batch_in_epoch, leave=False, dynamic_ncols=True,
-                   desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and dist.is_main() and sys.stderr.isatty()))
+                   desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="batch", position=1,
+                   disable=not self._show_bars())
         for i, batch in enumerate(self.loader):
             if i < self.batch_in_epoch:  # resumed: these batches were trained before the interruption
                 continue
@@ -316,6 +320,9 @@ class _Loop:
             if self.stop_reason != "epochs":
                 break
         bar.close()
+
+    def _show_bars(self) -> bool:
+        return self.cfg.progress and dist.is_main() and sys.stderr.isatty()
 
     def _train_batch(self, batch) -> None:
         x, y = (t.to(self.device, non_blocking=True) for t in batch)
@@ -358,7 +365,7 @@ class _Loop:
         if dist.is_main():
             shown = " | ".join(f"{k} {v:.4g}" for k, v in row.items()
                                if isinstance(v, float) and not k.startswith(TIMING_PREFIX))
-            print(f"[{self.run_dir.path.name}] epoch {self.epoch} step {self.step} | {shown}", flush=True)
+            tqdm.write(f"[{self.run_dir.path.name}] epoch {self.epoch} step {self.step} | {shown}")
         early = self.cfg.early_stop
         if self.tracker.reached(early.target):
             self.stop_reason = "target"

@@ -43,3 +43,23 @@ def test_torchrun_two_cpu_processes(workdir):
     assert [p.name for p in Path("checkpoints").iterdir()] == ["ddp"]  # one run directory, written by rank 0
     env = json.loads(Path("checkpoints/ddp/env.json").read_text())
     assert env["world_size"] == 2
+
+
+def test_a_trained_model_is_rebuilt_from_its_run_directory(workdir):
+    import torch
+
+    from core.models import load_model
+    from core.registry import DATASETS
+    from core.data import DataContext
+    from core.errors import UserError
+
+    assert run_cli("base", "configs/tiny_digits.yaml") == 0
+    model, model_cfg, info = load_model("checkpoints/tiny_digits")
+    assert model_cfg["name"] == "fcn" and info["input_shape"] == (1, 8, 8)
+    seed = int(Path("checkpoints/tiny_digits/seed.txt").read_text())
+    data = DATASETS.build("digits", DataContext(seed=seed), {"limit": 400})
+    accuracy = (model(data.test.x).argmax(1) == data.test.y).float().mean().item()
+    summary = json.loads(Path("checkpoints/tiny_digits/summary.json").read_text())
+    assert accuracy == pytest.approx(summary["test_acc"])
+    with pytest.raises(UserError, match="no trained model"):
+        load_model("checkpoints")

@@ -2,4 +2,62 @@
 
 A model builder is ``build(info, *, key=default, ...)`` where ``info`` is the dataset's ``DataBundle.info``
 (``input_shape``, ``num_classes``, ``vocab_size``, ...) and the keyword-only parameters are the config's keys.
+
+A trained model is stored as ``<name>.safetensors`` plus ``<name>.json`` (the model config and the data facts it
+was built for), so a later stage rebuilds the very architecture without rebuilding the data.
 """
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.errors import UserError
+
+
+def json_facts(info: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-representable entries of a dataset's ``info`` (tensors and the like are left out)."""
+    facts = {}
+    for key, value in info.items():
+        value = list(value) if isinstance(value, tuple) else value
+        try:
+            json.dumps(value)
+        except TypeError:
+            continue
+        facts[key] = value
+    return facts
+
+
+def save_model(run, name: str, model: torch.nn.Module, model_cfg: dict[str, Any], info: dict[str, Any]) -> None:
+    """``<name>.safetensors`` and its ``<name>.json`` sidecar in the run directory."""
+    run.save_weights(name, model, metadata={"model": model_cfg["name"]})
+    run.write_json(f"{name}.json", {"model": model_cfg, "info": json_facts(info)})
+
+
+def load_model(run_dir: str | Path, name: str = "model") -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """(model with trained weights, model config, data facts) from a run directory written by ``save_model``."""
+    from safetensors.torch import load_model as load_weights
+
+    from core.registry import MODELS
+
+    run_dir = Path(run_dir)
+    sidecar, weights = run_dir / f"{name}.json", run_dir / f"{name}.safetensors"
+    for path in (sidecar, weights):
+        if not path.is_file():
+            raise UserError(f"{path} not found: {run_dir} holds no trained model named {name!r}")
+    try:
+        meta = json.loads(sidecar.read_text())
+        model_cfg, info = dict(meta["model"]), meta["info"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{sidecar}: unreadable model description") from None
+    info["input_shape"] = tuple(info.get("input_shape", ()))
+    params = {k: v for k, v in model_cfg.items() if k != "name"}
+    model = MODELS.build(model_cfg["name"], info, params)
+    try:
+        load_weights(model, str(weights))
+    except (RuntimeError, OSError, ValueError) as err:
+        raise UserError(f"{weights} does not match model {model_cfg['name']!r}: {str(err).splitlines()[0]}") from None
+    return model, model_cfg, info

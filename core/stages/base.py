@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.config import RunConfig
+from core.models import save_model
 from core.models.vision import check_accepts
 from core.report import plot_run
 from core.stages import Context, summary_metrics
@@ -36,7 +37,7 @@ def main(ctx: Context) -> dict[str, Any]:
 
     result = fit(model, Objective(loss, evaluate), data.train, cfg.train, ctx.run, seed=ctx.seed, device=ctx.device)
     final = evaluate_classification(model, eval_sets, cfg.train.eval_batch_size, ctx.device)
-    ctx.run.save_weights("model", model, metadata={"model": cfg.model.name, "data": cfg.data.name})
+    save_model(ctx.run, "model", model, cfg.model.model_dump(), data.info)
     plot_run(ctx.run.path)
     print("best checkpoint: " + " | ".join(f"{k} {v:.4f}" for k, v in final.items() if k.endswith("_acc")))
     return {"steps": result.steps, "stop_reason": result.stop_reason, "best_epoch": result.best.get("epoch"),
