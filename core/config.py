@@ -130,7 +130,7 @@ class RunConfig(Section):
     output_dir: Optional[str] = Field(None, description="run directory (default: checkpoints/<name>)")
     reproducibility: Reproducibility = Field(default_factory=Reproducibility)
     data: DataConfig
-    model: ModelConfig
+    model: Optional[ModelConfig] = Field(None, description="required where the stage builds a fresh model")
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -144,11 +144,17 @@ def is_finished(path: str | Path) -> bool:
     return bool(summary) and summary.get("status") == "finished"
 
 
+def has_state(path: str | Path) -> bool:
+    """Saved training state in the run directory or in one of its sub-runs."""
+    path = Path(path)
+    return (path / "state.pt").is_file() or any(path.glob("*/state.pt"))
+
+
 def choose_run_dir(output_dir: str | Path, resume: bool) -> tuple[Path, Optional[Path]]:
     """(directory to write, original run being replayed or None) for a new run or a resumed one."""
     out = Path(output_dir)
     if resume:
-        if not (out / "state.pt").is_file():
+        if not has_state(out):
             raise UserError(f"--resume: {out} holds no unfinished run to resume (no state.pt)")
         if is_finished(out):
             raise UserError(f"--resume: {out} already finished; rerun its config.yaml to replay it")
@@ -160,14 +166,14 @@ def choose_run_dir(output_dir: str | Path, resume: bool) -> tuple[Path, Optional
         while Path(f"{out}-replay-{k}").exists() and not _abandoned(Path(f"{out}-replay-{k}")):
             k += 1
         return Path(f"{out}-replay-{k}"), out
-    if (out / "state.pt").is_file():
+    if has_state(out):
         raise UserError(f"{out} holds an unfinished run: continue it with --resume, or choose another --out")
     raise UserError(f"{out} exists and is not a run directory: choose another --out")
 
 
 def _abandoned(path: Path) -> bool:
     """A run directory that holds nothing worth keeping: created, but stopped before its first saved state."""
-    return (path / "seed.txt").is_file() and not (path / "state.pt").exists() and not is_finished(path)
+    return (path / "seed.txt").is_file() and not has_state(path) and not is_finished(path)
 
 
 def git_commit() -> Optional[str]:
@@ -251,6 +257,21 @@ class Run:
             path.mkdir(parents=True, exist_ok=True)
         return sub
 
+    def sweep(self, jobs: list[tuple[str, Callable[["Run"], dict[str, Any]]]]) -> list[dict[str, Any]]:
+        """Run each ``(name, job)`` in its own sub-run and return their summaries, in order.
+
+        A sub-run that already finished (a resumed sweep) is not run again: its summary is read back.
+        """
+        rows = []
+        for name, job in jobs:
+            sub = self.child(name)
+            done = read_json(sub.path / "summary.json") if is_finished(sub.path) else None
+            if done is None:
+                done = {"status": "finished", **job(sub)}
+                sub.write_json("summary.json", done)
+            rows.append({k: v for k, v in done.items() if k != "status"})
+        return rows
+
     # --- metrics ----------------------------------------------------------------------------------------------
 
     @property
@@ -330,8 +351,8 @@ class Run:
 
     def discard_if_empty(self) -> None:
         """Remove a directory this process created that holds no saved state yet (a failed start)."""
-        if self.writes and not self.resumed and self.path.exists() and not (self.path / "state.pt").exists() \
-                and not is_finished(self.path) and not any(self.path.glob("*/state.pt")):
+        if self.writes and not self.resumed and self.path.exists() and not has_state(self.path) \
+                and not is_finished(self.path):
             shutil.rmtree(self.path, ignore_errors=True)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.config import RunConfig
+from core.config import ModelConfig, RunConfig
 from core.models import save_model
 from core.models.vision import check_accepts
 from core.report import plot_run
@@ -17,7 +17,7 @@ from core.train import Objective, classification_loss, evaluate_classification, 
 
 
 class Config(RunConfig):
-    pass
+    model: ModelConfig
 
 
 def main(ctx: Context) -> dict[str, Any]:
