@@ -1,3 +1,4 @@
 """Importing this module registers every shipped dataset with ``core.registry.DATASETS``."""
 
 from core.data import images  # noqa: F401
+from core.data import folders, shapes  # noqa: F401

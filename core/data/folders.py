@@ -1,0 +1,257 @@
+"""Real images from folders: the ``ImageFolder`` layout, and the cue-conflict stimuli of Geirhos et al. (2019).
+
+``root/<class name>/<image>``: class ids follow the sorted class names (never the file system's listing order, which
+made the original code's labels non-portable). Every image is decoded with PIL, its shorter side resized to the
+configured resolution and centre-cropped to a square, and all of them held in memory as one uint8 tensor (cached
+under the run's cache_dir, keyed by the file listing, sizes and modification times).
+
+Cue-conflict stimuli (``texture-vs-shape/stimuli/style-transfer-preprocessed-512``) are named
+``<shape class><n>-<texture class><m>.png``, e.g. ``airplane1-bicycle2.png``, and usually sit in a folder named after
+their shape class. Both labels come from the file name. Images whose two classes agree are left out, as in the
+standard shape-bias protocol.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from core.data import DataBundle, DataContext, Split, seeded_split
+from core.data.shapes import cached_tensors, to_float
+from core.errors import UserError
+from core.registry import DATASETS
+
+# The 16 entry-level categories of Geirhos et al. (2019), shared by 16-class ImageNet and the cue-conflict stimuli.
+GEIRHOS_16_CLASSES = ("airplane", "bear", "bicycle", "bird", "boat", "bottle", "car", "cat", "chair", "clock", "dog",
+                      "elephant", "keyboard", "knife", "oven", "truck")
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_CUE_CONFLICT_NAME = re.compile(r"^(?P<shape>[^\d-]+)\d+-(?P<texture>[^\d-]+)\d+$")
+_CACHE_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------------- listing
+
+def _images_in(folder: Path, *, recursive: bool = False) -> list[Path]:
+    """Image files (by suffix, hidden files skipped) in ``folder``, sorted."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _existing_folder(root: str | Path, what: str) -> Path:
+    path = Path(root)
+    if not path.exists():
+        raise UserError(f"{what} {str(root)!r} does not exist")
+    if not path.is_dir():
+        raise UserError(f"{what} {str(root)!r} is not a folder")
+    return path
+
+
+def list_image_folder(root: str | Path, classes: list[str] | None = None, *,
+                      strict_classes: bool = True) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names (sorted) and (image path, class id) pairs of an ImageFolder-layout folder.
+
+    ``classes`` None: every sub-folder is a class. Given: the folder must hold each of them (other sub-folders are
+    skipped) when ``strict_classes``; otherwise (evaluation folders) it may hold a subset but nothing else.
+    """
+    root = _existing_folder(root, "image folder")
+    present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = sorted(set(classes)) if classes is not None else present
+    if classes is not None:
+        if strict_classes and (missing := [c for c in names if c not in present]):
+            raise UserError(f"image folder {str(root)!r} lacks class folders {missing}; it has {present}")
+        if not strict_classes and (unknown := [c for c in present if c not in names]):
+            raise UserError(f"image folder {str(root)!r} has class folders {unknown} that are not among the "
+                            f"classes {names}")
+    items = [(path, label) for label, name in enumerate(names) if name in present
+             for path in _images_in(root / name)]
+    if not items:
+        raise UserError(f"image folder {str(root)!r} holds no images (expected {str(root)}/<class>/<image>.png)")
+    counts = Counter(label for _, label in items)
+    if strict_classes and (empty := [name for label, name in enumerate(names) if counts[label] == 0]):
+        raise UserError(f"image folder {str(root)!r}: class folders {empty} hold no images")
+    return names, items
+
+
+def parse_cue_conflict_name(path: str | Path) -> tuple[str, str]:
+    """(shape class, texture class) from a file name like ``airplane1-bicycle2.png``; UserError if it does not parse."""
+    match = _CUE_CONFLICT_NAME.match(Path(path).stem)
+    if match is None:
+        raise UserError(f"cue-conflict file name {str(path)!r} does not parse as <shape><n>-<texture><m>.<ext> "
+                        "(e.g. airplane1-bicycle2.png)")
+    return match["shape"], match["texture"]
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+def load_image(path: Path, resolution: int) -> np.ndarray:
+    """(resolution, resolution, 3) uint8: shorter side resized to ``resolution``, then centre-cropped."""
+    from PIL import Image  # torchvision installs Pillow; imported here so the module loads without it
+
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (resolution, resolution))  # JPEG: decode at a reduced scale, much faster
+            image = image.convert("RGB")
+            width, height = image.size
+            scale = resolution / min(width, height)
+            size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+            image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+            left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+            return np.asarray(image.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise UserError(f"cannot read image {str(path)!r}: {reason}") from None
+
+
+def load_images(paths: list[Path], resolution: int) -> torch.Tensor:
+    """(N, 3, resolution, resolution) uint8."""
+    stack = np.stack([load_image(p, resolution) for p in paths])
+    return torch.from_numpy(stack).permute(0, 3, 1, 2).contiguous()
+
+
+def _listing_key(paths: list[Path], resolution: int) -> dict:
+    """What the cached pixels depend on: each file's path, size and modification time, and the resolution."""
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    return {"version": _CACHE_VERSION, "resolution": resolution, "files": stats}
+
+
+def _cached_images(paths: list[Path], resolution: int, ctx: DataContext | None) -> torch.Tensor:
+    if ctx is None:
+        return load_images(paths, resolution)
+    build = lambda: {"x": load_images(paths, resolution)}  # noqa: E731
+    return cached_tensors(ctx.cache_dir, "folder", _listing_key(paths, resolution), build)["x"]
+
+
+def load_image_folder(root: str | Path, resolution: int, classes: list[str] | None = None, *,
+                      strict_classes: bool = True, ctx: DataContext | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """uint8 images (N, 3, R, R), int64 labels (N,) and the sorted class names of an ImageFolder-layout folder."""
+    names, items = list_image_folder(root, classes, strict_classes=strict_classes)
+    x = _cached_images([p for p, _ in items], resolution, ctx)
+    return x, torch.tensor([label for _, label in items], dtype=torch.long), names
+
+
+def load_cue_conflict(root: str | Path, resolution: int, class_names: list[str], *,
+                      ctx: DataContext | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """uint8 images, shape labels, texture labels of a cue-conflict folder, and how many same-class images it left out.
+
+    Images are found in ``root`` and its sub-folders. A sub-folder named after a class must agree with the shape
+    class in the file names under it.
+    """
+    root = _existing_folder(root, "cue-conflict folder")
+    paths = _images_in(root, recursive=True)
+    if not paths:
+        raise UserError(f"cue-conflict folder {str(root)!r} holds no images")
+    index = {name: i for i, name in enumerate(class_names)}
+    kept, shapes, textures = [], [], []
+    for path in paths:
+        shape, texture = parse_cue_conflict_name(path)
+        for name in (shape, texture):
+            if name not in index:
+                raise UserError(f"cue-conflict file {str(path)!r} names class {name!r}, not one of {class_names}")
+        if path.parent != root and path.parent.name in index and path.parent.name != shape:
+            raise UserError(f"cue-conflict file {str(path)!r} has shape class {shape!r} but sits in folder "
+                            f"{path.parent.name!r}")
+        if shape != texture:
+            kept.append(path)
+            shapes.append(index[shape])
+            textures.append(index[texture])
+    if not kept:
+        raise UserError(f"cue-conflict folder {str(root)!r} holds only images whose shape and texture agree")
+    x = _cached_images(kept, resolution, ctx)
+    return x, torch.tensor(shapes), torch.tensor(textures), len(paths) - len(kept)
+
+
+# --------------------------------------------------------------------------------------------------- registry
+
+class _Pixels:
+    """uint8 images to the float32 inputs a model sees: [0, 1], optionally standardised with ImageNet statistics."""
+
+    def __init__(self, normalize: str):
+        self.normalize = normalize
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_float(x)
+        if self.normalize == "imagenet":
+            mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+            x = (x - mean) / std
+        return x
+
+
+def cue_conflict_splits(root: str | Path, resolution: int, class_names: list[str], *,
+                        normalize: Literal["none", "imagenet"] = "none",
+                        ctx: DataContext | None = None) -> tuple[dict[str, Split], dict]:
+    """Eval sets ``cue_conflict`` (y = shape class) and ``cue_conflict_texture`` (the same images, y = texture
+    class), and the ``info`` entries that describe them; for attaching to any DataBundle with these classes."""
+    x, shape, texture, same_class = load_cue_conflict(root, resolution, class_names, ctx=ctx)
+    x = _Pixels(normalize)(x)
+    splits = {"cue_conflict": Split(x, shape), "cue_conflict_texture": Split(x, texture)}
+    info = {"cue_conflict_pairs": {"cue_conflict": "cue_conflict_texture"},
+            "cue_conflict_same_class_excluded": same_class}
+    return splits, info
+
+
+def _split_train(x: torch.Tensor, y: torch.Tensor, fractions: tuple[float, float], seed: int,
+                 train_dir: str) -> tuple[Split, Split, Split]:
+    train, val, test = seeded_split(len(y), fractions, seed)
+    for name, index, fraction in (("val", val, fractions[0]), ("test", test, fractions[1])):
+        if fraction > 0 and len(index) == 0:
+            raise UserError(f"train_dir {train_dir!r} has {len(y)} images: too few for {name}_fraction {fraction}")
+    if len(train) == 0:
+        raise UserError(f"train_dir {train_dir!r} has {len(y)} images: none left for training after the split")
+    return Split(x[train], y[train]), Split(x[val], y[val]), Split(x[test], y[test])
+
+
+@DATASETS.register("image_folder")
+def build_image_folder(
+    ctx: DataContext,
+    *,
+    train_dir: str,
+    val_dir: str = "",
+    test_dir: str = "",
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1,
+    test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1,
+    resolution: Annotated[int, Field(ge=8, le=512)] = 64,
+    classes: list[str] | Literal["imagenet16"] | None = None,
+    eval_dirs: dict[str, str] = {},  # noqa: B006 - the registry reads defaults, it never mutates them
+    cue_conflict_dir: str = "",
+    normalize: Literal["none", "imagenet"] = "none",
+) -> DataBundle:
+    """Images in ImageFolder layout (``<dir>/<class>/<image>``), all held in memory at ``resolution`` pixels.
+
+    ``val_dir`` / ``test_dir`` left empty: split off ``train_dir`` with the run seed (``val_fraction``,
+    ``test_fraction``). ``classes``: the class folders to use (``imagenet16``: the 16 classes of Geirhos et al.);
+    ids follow the sorted names. ``eval_dirs``: further named evaluation sets in the same layout (e.g. a
+    mean-pooled copy of the test set). ``cue_conflict_dir``: Geirhos cue-conflict stimuli, attached as
+    ``cue_conflict`` (y = shape) and ``cue_conflict_texture`` (y = texture); see ``cue_conflict_splits``.
+    Inputs are float32 (3, H, W) in [0, 1], or standardised when ``normalize: imagenet``.
+    """
+    wanted = list(GEIRHOS_16_CLASSES) if classes == "imagenet16" else classes
+    pixels = _Pixels(normalize)
+    x, y, names = load_image_folder(train_dir, resolution, wanted, ctx=ctx)
+    fractions = (0.0 if val_dir else val_fraction, 0.0 if test_dir else test_fraction)
+    train, val, test = _split_train(pixels(x), y, fractions, ctx.seed, train_dir)
+    held_out = {"val": (val_dir, val), "test": (test_dir, test)}
+    loaded = {name: _folder_split(folder, resolution, names, pixels, ctx) if folder else split
+              for name, (folder, split) in held_out.items()}
+    info = {"input_shape": (3, resolution, resolution), "num_classes": len(names), "class_names": names}
+    extra = {name: _folder_split(folder, resolution, names, pixels, ctx) for name, folder in eval_dirs.items()}
+    if cue_conflict_dir:
+        conflict, conflict_info = cue_conflict_splits(cue_conflict_dir, resolution, names, normalize=normalize,
+                                                      ctx=ctx)
+        extra.update(conflict)
+        info.update(conflict_info)
+    return DataBundle(train=train, val=loaded["val"], test=loaded["test"], info=info, extra_eval=extra)
+
+
+def _folder_split(folder: str, resolution: int, names: list[str], pixels: _Pixels, ctx: DataContext) -> Split:
+    x, y, _ = load_image_folder(folder, resolution, names, strict_classes=False, ctx=ctx)
+    return Split(pixels(x), y)

@@ -1,0 +1,195 @@
+"""Image folders (ImageFolder layout), Geirhos cue-conflict folders, and every bad-input case."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from core.data import DataContext
+from core.data import folders
+from core.data.folders import (build_image_folder, load_cue_conflict, load_image_folder, parse_cue_conflict_name)
+from core.errors import UserError
+
+COLOURS = {"cat": (255, 0, 0), "bird": (0, 255, 0), "dog": (0, 0, 255)}
+
+
+def png(path: Path, colour=(128, 128, 128), size=(20, 12)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def class_folder(root: Path, per_class: int = 4) -> Path:
+    for name, colour in COLOURS.items():
+        for i in range(per_class):
+            png(root / name / f"{i}.png", colour, size=(20 + i, 12))
+    return root
+
+
+def user_error(call, *args, **kwargs) -> str:
+    with pytest.raises(UserError) as caught:
+        call(*args, **kwargs)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_class_ids_follow_sorted_names_and_images_are_resized(tmp_path):
+    root = class_folder(tmp_path / "data")
+    (root / "dog" / "notes.txt").write_text("not an image: skipped")
+    x, y, names = load_image_folder(root, 8)
+    assert names == ["bird", "cat", "dog"]
+    assert x.dtype == torch.uint8 and x.shape == (12, 3, 8, 8)
+    assert y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    for image, label in zip(x, y):  # each solid colour survives the resize and crop
+        assert image[:, 4, 4].tolist() == list(COLOURS[names[label]])
+
+
+def test_a_wide_image_is_centre_cropped(tmp_path):
+    image = Image.new("RGB", (30, 10), (0, 0, 0))
+    image.paste((255, 255, 255), (10, 0, 20, 10))  # white middle third
+    image.save(tmp_path / "wide.png")
+    pixels = folders.load_image(tmp_path / "wide.png", 10)
+    assert pixels.shape == (10, 10, 3) and pixels.min() >= 200  # only the white middle is kept
+
+
+def test_given_classes_select_folders(tmp_path):
+    root = class_folder(tmp_path / "data")
+    x, y, names = load_image_folder(root, 8, ["dog", "cat"])
+    assert names == ["cat", "dog"] and len(y) == 8 and set(y.tolist()) == {0, 1}
+
+
+def test_missing_empty_and_unreadable_folders_are_user_errors(tmp_path):
+    assert "does not exist" in user_error(load_image_folder, tmp_path / "nowhere", 8)
+    png(tmp_path / "file.png")
+    assert "is not a folder" in user_error(load_image_folder, tmp_path / "file.png", 8)
+    (tmp_path / "empty").mkdir()
+    assert "holds no images" in user_error(load_image_folder, tmp_path / "empty", 8)
+    (tmp_path / "no_images" / "cat").mkdir(parents=True)
+    assert "holds no images" in user_error(load_image_folder, tmp_path / "no_images", 8)
+    root = class_folder(tmp_path / "data")
+    (root / "owl").mkdir()
+    assert "['owl'] hold no images" in user_error(load_image_folder, root, 8)
+
+
+@pytest.mark.parametrize("content", [b"not a png at all", "truncated"])
+def test_an_unreadable_image_is_named(tmp_path, content):
+    root = class_folder(tmp_path / "data")
+    bad = root / "cat" / "broken.png"
+    if content == "truncated":
+        data = png(tmp_path / "whole.png", size=(64, 64)).read_bytes()
+        content = data[: len(data) // 2]
+    bad.write_bytes(content)
+    assert str(bad) in user_error(load_image_folder, root, 8)
+
+
+def test_imagenet16_classes_must_all_be_present(tmp_path):
+    root = class_folder(tmp_path / "data")
+    message = user_error(build_image_folder, DataContext(0, str(tmp_path / "c")), train_dir=str(root),
+                         classes="imagenet16")
+    assert "lacks class folders" in message and "airplane" in message
+
+
+def test_geirhos_sixteen_classes_load_in_sorted_order(tmp_path):
+    root = tmp_path / "imagenet16"
+    for name in reversed(folders.GEIRHOS_16_CLASSES):
+        png(root / name / "a.JPEG")
+    bundle = build_image_folder(DataContext(0, str(tmp_path / "c")), train_dir=str(root), classes="imagenet16",
+                                val_dir=str(root), test_dir=str(root), resolution=16)
+    assert bundle.info["class_names"] == sorted(folders.GEIRHOS_16_CLASSES) == list(folders.GEIRHOS_16_CLASSES)
+    assert bundle.info["num_classes"] == 16 and sorted(bundle.train.y.tolist()) == list(range(16))
+
+
+def test_cue_conflict_names_parse():
+    assert parse_cue_conflict_name("airplane1-bicycle2.png") == ("airplane", "bicycle")
+    assert parse_cue_conflict_name(Path("x/knife10-elephant7.png")) == ("knife", "elephant")
+    for bad in ("airplane-bicycle2.png", "airplane1.png", "airplane1_bicycle2.png", "1-2.png"):
+        assert bad in user_error(parse_cue_conflict_name, bad)
+
+
+def cue_conflict_folder(root: Path) -> Path:
+    png(root / "cat" / "cat1-dog3.png", (255, 0, 0))
+    png(root / "cat" / "cat2-cat4.png")  # same class: left out
+    png(root / "dog" / "dog1-bird2.png", (0, 0, 255))
+    png(root / "bird" / "bird1-cat1.png", (0, 255, 0))
+    return root
+
+
+def test_cue_conflict_labels_come_from_the_file_names(tmp_path):
+    x, shape, texture, same = load_cue_conflict(cue_conflict_folder(tmp_path / "cc"), 8, ["bird", "cat", "dog"])
+    assert x.shape == (3, 3, 8, 8) and same == 1
+    assert sorted(zip(shape.tolist(), texture.tolist())) == [(0, 1), (1, 2), (2, 0)]
+
+
+def test_bad_cue_conflict_folders_are_user_errors(tmp_path):
+    names = ["bird", "cat", "dog"]
+    root = cue_conflict_folder(tmp_path / "a")
+    bad = png(root / "cat" / "cat_3.png")
+    assert str(bad) in user_error(load_cue_conflict, root, 8, names)
+    bad.unlink()
+    unknown = png(root / "cat" / "cat5-owl1.png")
+    assert "'owl'" in user_error(load_cue_conflict, root, 8, names)
+    unknown.unlink()
+    misplaced = png(root / "dog" / "cat5-dog1.png")
+    assert str(misplaced) in user_error(load_cue_conflict, root, 8, names)
+    assert "does not exist" in user_error(load_cue_conflict, tmp_path / "nowhere", 8, names)
+    (tmp_path / "empty").mkdir()
+    assert "holds no images" in user_error(load_cue_conflict, tmp_path / "empty", 8, names)
+
+
+def test_bundle_splits_with_the_seed_and_attaches_eval_sets(tmp_path):
+    root = class_folder(tmp_path / "data", per_class=10)
+    ctx = DataContext(3, str(tmp_path / "cache"))
+    kwargs = dict(train_dir=str(root), resolution=8, val_fraction=0.2, test_fraction=0.1,
+                  eval_dirs={"pooled": str(class_folder(tmp_path / "pooled", per_class=1))},
+                  cue_conflict_dir=str(cue_conflict_folder(tmp_path / "cc")))
+    bundle = build_image_folder(ctx, **kwargs)
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (21, 6, 3)
+    everything = torch.cat([bundle.train.x, bundle.val.x, bundle.test.x]).flatten(1)
+    assert bundle.train.x.dtype == torch.float32 and float(everything.max()) == 1.0
+    assert sorted(bundle.extra_eval) == ["cue_conflict", "cue_conflict_texture", "pooled"]
+    assert bundle.info["cue_conflict_same_class_excluded"] == 1
+    conflict, texture = bundle.extra_eval["cue_conflict"], bundle.extra_eval["cue_conflict_texture"]
+    assert torch.equal(conflict.x, texture.x) and (conflict.y != texture.y).all()
+    again = build_image_folder(ctx, **kwargs)
+    other_seed = build_image_folder(DataContext(4, ctx.cache_dir), **kwargs)
+    assert torch.equal(bundle.val.y, again.val.y) and torch.equal(bundle.val.x, again.val.x)
+    assert not torch.equal(bundle.train.x, other_seed.train.x)
+
+
+def test_given_val_and_test_folders_are_used_whole(tmp_path):
+    ctx = DataContext(0, str(tmp_path / "cache"))
+    bundle = build_image_folder(ctx, train_dir=str(class_folder(tmp_path / "t", 5)), resolution=8,
+                                val_dir=str(class_folder(tmp_path / "v", 2)),
+                                test_dir=str(class_folder(tmp_path / "s", 3)), normalize="imagenet")
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (15, 6, 9)
+    red = bundle.train.x[bundle.train.y == 1][0, :, 0, 0]  # "cat" is solid red
+    assert torch.allclose(red, (torch.tensor([1.0, 0, 0]) - torch.tensor(folders.IMAGENET_MEAN))
+                          / torch.tensor(folders.IMAGENET_STD))
+
+
+def test_an_eval_folder_with_an_unknown_class_is_a_user_error(tmp_path):
+    extra = class_folder(tmp_path / "extra", 1)
+    png(extra / "owl" / "0.png")
+    message = user_error(build_image_folder, DataContext(0, str(tmp_path / "c")),
+                         train_dir=str(class_folder(tmp_path / "t", 3)), resolution=8, eval_dirs={"x": str(extra)})
+    assert "['owl']" in message
+
+
+def test_too_few_images_to_split_is_a_user_error(tmp_path):
+    root = class_folder(tmp_path / "t", 1)
+    assert "too few" in user_error(build_image_folder, DataContext(0, str(tmp_path / "c")), train_dir=str(root),
+                                   resolution=8, val_fraction=0.1)
+
+
+def test_loaded_folders_are_cached(tmp_path, monkeypatch):
+    root = class_folder(tmp_path / "data")
+    ctx = DataContext(0, str(tmp_path / "cache"))
+    first, _, _ = load_image_folder(root, 8, ctx=ctx)
+    monkeypatch.setattr(folders, "load_images", lambda *a: pytest.fail("decoded again despite the cache"))
+    second, _, _ = load_image_folder(root, 8, ctx=ctx)
+    assert torch.equal(first, second)
+    png(root / "cat" / "new.png")  # a changed listing misses the cache
+    with pytest.raises(pytest.fail.Exception):
+        load_image_folder(root, 8, ctx=ctx)
