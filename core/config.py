@@ -118,6 +118,8 @@ class TrainConfig(Section):
     eval_unit: Literal["epoch", "step"] = "epoch"
     select_metric: str = Field("val_acc", description="metric that picks the best checkpoint and early stopping")
     select_mode: Literal["max", "min"] = "max"
+    select_ties: Literal["first", "last"] = Field(
+        "first", description="on a tie of the selection metric, keep the first best or take the later one")
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
     progress: bool = Field(True, description="tqdm progress bars (shown on a terminal only)")
 
@@ -232,6 +234,8 @@ def validate(raw: dict[str, Any], schema: type[RunConfig], source: str) -> RunCo
         return schema.model_validate(raw)
     except ValidationError as err:
         raise UserError(f"{source}: {describe_error(err, schema)}") from None
+    except UserError as err:  # a section's own check (a library dataclass validating itself)
+        raise UserError(f"{source}: {err}") from None
 
 
 def load_config(path: str | Path, schema: type[RunConfig], stage: str, overrides: list[str] = ()) -> RunConfig:

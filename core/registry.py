@@ -8,6 +8,7 @@ So a builder's signature is the single source of its options: the config validat
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 from dataclasses import dataclass
@@ -92,7 +93,7 @@ def describe_error(err: ValidationError, model: type[BaseModel] | None = None, p
     first = err.errors()[0]
     loc = [str(part) for part in first["loc"]]
     key = ".".join([prefix] + loc if prefix else loc) or "<root>"
-    if first["type"] == "extra_forbidden":
+    if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         allowed = _allowed_keys(model, loc[:-1])
         hint = difflib.get_close_matches(loc[-1], allowed, n=1)
         msg = f"unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
@@ -108,12 +109,18 @@ def describe_error(err: ValidationError, model: type[BaseModel] | None = None, p
 def _allowed_keys(model: type[BaseModel] | None, loc: list[str]) -> list[str]:
     """Field names of the (nested) model at ``loc``, walking through BaseModel-typed fields."""
     for part in loc:
-        if model is None:
-            return []
-        field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    return list(model.model_fields) if model is not None else []
+        field_types = _field_types(model)
+        model = field_types.get(part)
+    return list(_field_types(model))
+
+
+def _field_types(model: Any) -> dict[str, Any]:
+    """Field name -> annotation of a pydantic model or a dataclass; empty for anything else."""
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return {name: field.annotation for name, field in model.model_fields.items()}
+    if dataclasses.is_dataclass(model):
+        return {f.name: f.type for f in dataclasses.fields(model)}
+    return {}
 
 
 _BUILTINS_IMPORTED = False

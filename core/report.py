@@ -75,11 +75,7 @@ def plot_run(path: str | Path) -> Optional[Path]:
     rows = read_metrics(path)
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     steps = [r.get("step", i) for i, r in enumerate(rows)]
     loss_keys = [k for k in rows[-1] if k.endswith("loss") and isinstance(rows[-1][k], (int, float))]
     acc_keys = [k for k in rows[-1] if k.endswith("_acc") and isinstance(rows[-1][k], (int, float))]
@@ -98,6 +94,32 @@ def plot_run(path: str | Path) -> Optional[Path]:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def plot_bars(path: str | Path, values: dict[str, float], *, title: str, ylabel: str) -> Optional[Path]:
+    """A bar chart of named values (mask density per layer, shape bias per condition, ...)."""
+    if not values:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(values) + 2), 4))
+    ax.bar(range(len(values)), list(values.values()), color="tab:blue")
+    ax.set_xticks(range(len(values)), list(values), rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def main(argv: Optional[list[str]] = None) -> int:

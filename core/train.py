@@ -141,6 +141,16 @@ def evaluate_classification(model: nn.Module, splits: dict[str, Split], batch_si
     return metrics
 
 
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Predicted classes (argmax of the last logits dimension) for ``x``, on the CPU."""
+    was_training = model.training
+    model.eval()
+    out = [logits_of(model(x[i:i + batch_size].to(device))).argmax(-1).cpu() for i in range(0, len(x), batch_size)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
 class _DeferredInterrupt:
     """Ctrl-C sets a flag that the loop checks after each optimizer step, so the state it saves is consistent.
 
@@ -170,15 +180,16 @@ class _DeferredInterrupt:
 class _Tracker:
     """Best value of the selection metric and the evaluations since it improved."""
 
-    def __init__(self, mode: str):
-        self.mode = mode
+    def __init__(self, mode: str, ties: str = "first"):
+        self.mode, self.ties = mode, ties
         self.best_value: Optional[float] = None
         self.best_row: dict[str, Any] = {}
         self.since_best = 0
 
     def update(self, value: float, row: dict[str, Any]) -> bool:
+        tie = self.best_value is not None and value == self.best_value
         better = self.best_value is None or (value > self.best_value if self.mode == "max" else value < self.best_value)
-        if better:
+        if better or (tie and self.ties == "last"):
             self.best_value, self.best_row, self.since_best = value, dict(row), 0
         else:
             self.since_best += 1
@@ -216,7 +227,7 @@ class _Loop:
         self.optimizer = build_optimizer(params if params is not None else model.parameters(), cfg.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg.schedule, s, self.steps_per_epoch, self.total_steps))
-        self.tracker = _Tracker(cfg.select_mode)
+        self.tracker = _Tracker(cfg.select_mode, cfg.select_ties)
         self.best_weights: Optional[dict[str, torch.Tensor]] = None
         self.history: list[dict[str, Any]] = []
         self.epoch = self.batch_in_epoch = self.step = 0
@@ -363,8 +374,8 @@ class _Loop:
         if self.tracker.update(metrics[self.cfg.select_metric], row):
             self.best_weights = copy.deepcopy(dist.unwrap(self.model).state_dict())
         if dist.is_main():
-            shown = " | ".join(f"{k} {v:.4g}" for k, v in row.items()
-                               if isinstance(v, float) and not k.startswith(TIMING_PREFIX))
+            shown = " | ".join(f"{k} {v:.4g}" for k, v in row.items()  # per-layer/per-class figures: files only
+                               if isinstance(v, float) and not k.startswith(TIMING_PREFIX) and "/" not in k)
             tqdm.write(f"[{self.run_dir.path.name}] epoch {self.epoch} step {self.step} | {shown}")
         early = self.cfg.early_stop
         if self.tracker.reached(early.target):

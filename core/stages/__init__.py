@@ -12,7 +12,7 @@ import importlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -22,10 +22,13 @@ from core.data import DataBundle, DataContext
 from core.errors import UserError
 from core.registry import DATASETS, MODELS
 from core.run import Run, draw_seed, is_finished, seed_everything
-from core.train import resolve_device
+from core.data import Split
+from core.metrics import shape_bias
+from core.train import classification_loss, evaluate_classification, logits_of, predict, resolve_device
 
 STAGES = {
     "base": "core.stages.base",
+    "ablate": "core.stages.ablate",
 }
 
 
@@ -111,6 +114,39 @@ def resolve_upstream(ref: str, stage: str, key: str) -> str:
     if dist.is_main():
         print(f"{key}: {cfg.output_dir} is missing, so running {path} first", flush=True)
     return str(execute(cfg))
+
+
+def make_loss(scope: str) -> Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]:
+    """The task loss of an Objective: ``answer`` scores the labelled positions (an image's class, the arithmetic
+    answer); ``sequence`` is the causal-LM loss over every next token of the input, as the original math code."""
+
+    def loss(model, batch):
+        x, y = batch
+        logits = logits_of(model(x))
+        if scope == "sequence":
+            return classification_loss(logits[:, :-1], x[:, 1:]), {}
+        return classification_loss(logits, y), {}
+
+    return loss
+
+
+def evaluate_task(model: torch.nn.Module, splits: dict[str, Split], info: dict, batch_size: int,
+                  device: torch.device) -> dict[str, float]:
+    """Accuracy and loss per split; shape bias (overall and per class) for each cue-conflict pair in ``info``."""
+    pairs = info.get("cue_conflict_pairs", {})
+    metrics = evaluate_classification(model, {k: v for k, v in splits.items() if k not in pairs.values()},
+                                      batch_size, device)
+    for shape_set, texture_set in pairs.items():
+        if shape_set not in splits or texture_set not in splits:
+            continue
+        pred = predict(model, splits[shape_set].x, batch_size, device)
+        bias = shape_bias(pred, splits[shape_set].y, splits[texture_set].y, info["num_classes"])
+        prefix = "" if shape_set == "cue_conflict" else f"{shape_set}_"
+        metrics[f"{prefix}shape_bias"] = bias.overall
+        metrics[f"{texture_set}_acc"] = bias.texture_accuracy
+        names = info.get("class_names") or [str(c) for c in range(info["num_classes"])]
+        metrics.update({f"{prefix}shape_bias/{name}": value for name, value in zip(names, bias.per_class)})
+    return metrics
 
 
 def summary_metrics(result_row: dict[str, Any], prefix: str = "") -> dict[str, Any]:

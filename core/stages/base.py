@@ -6,18 +6,22 @@ figures of every evaluation set at the best checkpoint in ``summary.json``, and 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from core.config import ModelConfig, RunConfig
 from core.models import save_model
 from core.models.vision import check_accepts
 from core.report import plot_run
-from core.stages import Context, summary_metrics
-from core.train import Objective, classification_loss, evaluate_classification, fit, logits_of
+from core.stages import Context, evaluate_task, make_loss, summary_metrics
+from core.train import Objective, fit
 
 
 class Config(RunConfig):
     model: ModelConfig
+    loss_scope: Literal["answer", "sequence"] = Field(
+        "answer", description="answer: the labelled positions; sequence: next-token loss over the whole input")
 
 
 def main(ctx: Context) -> dict[str, Any]:
@@ -25,18 +29,14 @@ def main(ctx: Context) -> dict[str, Any]:
     data = ctx.build_data()
     model = ctx.build_model(data.info)
     check_accepts(model, data.info)
-    eval_sets = data.eval_sets()
-    select_sets = {"val": data.val}
-
-    def loss(m, batch):
-        x, y = batch
-        return classification_loss(logits_of(m(x)), y), {}
+    eval_batch = cfg.train.eval_batch_size
 
     def evaluate(m):
-        return evaluate_classification(m, select_sets, cfg.train.eval_batch_size, ctx.device)
+        return evaluate_task(m, {"val": data.val}, data.info, eval_batch, ctx.device)
 
-    result = fit(model, Objective(loss, evaluate), data.train, cfg.train, ctx.run, seed=ctx.seed, device=ctx.device)
-    final = evaluate_classification(model, eval_sets, cfg.train.eval_batch_size, ctx.device)
+    objective = Objective(make_loss(cfg.loss_scope), evaluate)
+    result = fit(model, objective, data.train, cfg.train, ctx.run, seed=ctx.seed, device=ctx.device)
+    final = evaluate_task(model, data.eval_sets(), data.info, eval_batch, ctx.device)
     save_model(ctx.run, "model", model, cfg.model.model_dump(), data.info)
     plot_run(ctx.run.path)
     print("best checkpoint: " + " | ".join(f"{k} {v:.4f}" for k, v in final.items() if k.endswith("_acc")))
