@@ -113,6 +113,29 @@ def plot_bars(path: str | Path, values: dict[str, float], *, title: str, ylabel:
     return Path(path)
 
 
+def plot_lines(path: str | Path, series: dict[str, list[tuple[float, float]]], *, title: str, xlabel: str,
+               ylabel: str, logx: bool = False) -> Optional[Path]:
+    """One line per named series of (x, y) points (accuracy against n per condition, ...)."""
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, points in series.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=label)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def _pyplot():
     import matplotlib
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import hashlib
 import io
 import json
 import math
@@ -41,6 +42,12 @@ TIMING_PREFIX = "time_"  # metrics whose names start with this are wall-clock fi
 def draw_seed() -> int:
     """A fresh seed from the operating system's entropy (63 bits, so it fits every RNG we seed)."""
     return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+def derive_seed(seed: int, *labels: Any) -> int:
+    """A 63-bit seed for one purpose of a run (a sub-run's initialisation, its batches, ...): stable across runs."""
+    digest = hashlib.sha256(repr((seed, *labels)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:

@@ -29,6 +29,7 @@ from core.train import classification_loss, evaluate_classification, logits_of, 
 STAGES = {
     "base": "core.stages.base",
     "ablate": "core.stages.ablate",
+    "transfer": "core.stages.transfer",
 }
 
 

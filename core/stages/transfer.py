@@ -1,0 +1,183 @@
+"""The ``transfer`` stage ("subtask induction"): transplant a discovered subnetwork into a fresh model and train.
+
+For every n in ``transfer.n_disambiguation`` (token tasks: the ambiguous rows plus n disambiguating rows; omit it
+for image tasks), every condition and every learning rate, one sub-run trains the condition's starting model
+(``core.transfer.transplant``) on the same data, selecting on the validation split and stopping early when
+``train.early_stop`` says so. Conditions: ``subnet``, ``subnet_trainable``, ``full_model``, ``random_init``,
+``sampled_subnet``, ``sampled_complement``. Every condition at a given n starts from the same fresh weights and
+sees the same batches; the learning-rate sweep stops once a rate reaches ``transfer.lr_stop_at``.
+
+Writes one sub-directory per (n, condition, lr) with its own metrics and state (an interrupted sweep resumes where
+it stopped), ``accuracy_logs.csv`` (token tasks: one row per (n, condition) with the best learning rate) or
+``results.csv`` (image tasks: textured and shape-only accuracy and shape bias per condition), plots, and
+``summary.json``. Raises UserError for an unknown condition, an empty n list, or a mask that does not fit.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+from pydantic import Field, conlist, field_validator
+
+from core.config import RunConfig, Section
+from core.errors import UserError
+from core.masks import load_mask, read_mask_meta
+from core.models import load_model
+from core.registry import MODELS
+from core.report import format_table, plot_bars, plot_lines
+from core.run import atomic_write_text, derive_seed, seed_everything
+from core.stages import Context, build_data, evaluate_task, make_loss, resolve_upstream, summary_metrics
+from core.stages.ablate import check_compatible
+from core.train import Objective, fit
+from core.transfer import CONDITIONS, transplant
+
+DEFAULT_CONDITIONS = ["subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet"]
+
+
+class TransferSection(Section):
+    mask: str = Field(description="the discovered mask: an ablate run directory, or the ablate stage's config")
+    conditions: conlist(str, min_length=1) = Field(default_factory=lambda: list(DEFAULT_CONDITIONS))
+    n_disambiguation: Optional[conlist(int, min_length=1)] = Field(
+        None, description="token tasks: the numbers of disambiguating examples to sweep over")
+    lrs: Optional[conlist(float, min_length=1)] = Field(None, description="learning rates (default: train's)")
+    lr_stop_at: Optional[float] = Field(1.0, description="stop the lr sweep once a rate reaches this val accuracy")
+    non_masked: Literal["inherit", "reinit"] = Field(
+        "inherit", description="parameters without a mask (embeddings, norms, biases): inherit (the original) or reinit")
+    batch_norm: Literal["inherit", "reset"] = Field("inherit", description="batch-norm running statistics")
+    freeze: bool = Field(True, description="keep transplanted entries frozen (subnet_trainable never freezes)")
+    legacy_sampling: bool = Field(False, description="the original's sampled baselines (they kept the complement)")
+
+    @field_validator("conditions")
+    @classmethod
+    def _known(cls, conditions: list[str]) -> list[str]:
+        for name in conditions:
+            if name not in CONDITIONS:
+                import difflib
+
+                hint = difflib.get_close_matches(name, CONDITIONS, n=1)
+                raise ValueError(f"unknown condition {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                                 + f"; known: {', '.join(CONDITIONS)}")
+        return conditions
+
+    @field_validator("n_disambiguation")
+    @classmethod
+    def _non_negative(cls, ns: Optional[list[int]]) -> Optional[list[int]]:
+        if ns is not None and min(ns) < 0:
+            raise ValueError("n_disambiguation values must be >= 0")
+        return ns
+
+
+class Config(RunConfig):
+    transfer: TransferSection
+    loss_scope: Literal["answer", "sequence"] = "answer"
+
+
+def prepare(cfg: Config) -> None:
+    cfg.transfer.mask = resolve_upstream(cfg.transfer.mask, "ablate", "transfer.mask")
+
+
+def main(ctx: Context) -> dict[str, Any]:
+    cfg, spec = ctx.cfg, ctx.cfg.transfer
+    base_dir = read_mask_meta(spec.mask).get("base_run")
+    if not base_dir:
+        raise UserError(f"{spec.mask}/mask.json does not name its base run")
+    base, model_cfg, base_info = load_model(base_dir)
+    mask = load_mask(spec.mask, base)
+    rows = []
+    for n in spec.n_disambiguation or [None]:
+        data = build_data(cfg, ctx.seed) if n is None else _data_with_n(cfg, ctx.seed, n)
+        check_compatible(base, base_info, data.info)
+        for condition in spec.conditions:
+            rows.append(_sweep_lrs(ctx, n, condition, data, base, model_cfg, base_info, mask))
+            ctx.run.log_metrics({"step": len(rows), **_flat(rows[-1])})
+    return _write_results(ctx, rows)
+
+
+def _data_with_n(cfg: Config, seed: int, n: int):
+    if "n_disambiguation" not in cfg.data.params:
+        raise UserError(f"transfer.n_disambiguation is set but data {cfg.data.name!r} has no n_disambiguation key")
+    data_cfg = cfg.data.model_copy(update={})
+    data_cfg.__pydantic_extra__ = {**cfg.data.params, "n_disambiguation": n}
+    return build_data(cfg.model_copy(update={"data": data_cfg}), seed)
+
+
+def _sweep_lrs(ctx: Context, n, condition, data, base, model_cfg, base_info, mask) -> dict[str, Any]:
+    """Train ``condition`` at each learning rate until one reaches ``lr_stop_at``; the row of the best one."""
+    spec = ctx.cfg.transfer
+    best: Optional[dict[str, Any]] = None
+    for lr in spec.lrs or [ctx.cfg.train.optimizer.lr]:
+        name = (f"n{n}-" if n is not None else "") + f"{condition}-lr{lr:g}"
+        row = ctx.run.sweep([(name, lambda sub: _train_condition(ctx, sub, n, condition, lr, data, base,
+                                                                  model_cfg, base_info, mask))])[0]
+        if best is None or row["best_eval_acc"] > best["best_eval_acc"]:
+            best = row
+        if spec.lr_stop_at is not None and row["best_eval_acc"] >= spec.lr_stop_at:
+            break
+    return best
+
+
+def _train_condition(ctx: Context, sub, n, condition, lr, data, base, model_cfg, base_info, mask) -> dict[str, Any]:
+    cfg, spec = ctx.cfg, ctx.cfg.transfer
+    seed_everything(derive_seed(ctx.seed, "init", n), cfg.reproducibility.deterministic)  # same fresh start
+    fresh = MODELS.build(model_cfg["name"], base_info, {k: v for k, v in model_cfg.items() if k != "name"})
+    start = transplant(condition, base, fresh, mask, non_masked=spec.non_masked, freeze=spec.freeze,
+                       legacy_sampling=spec.legacy_sampling, seed=derive_seed(ctx.seed, "sample", n))
+    if spec.batch_norm == "reset":
+        for module in start.model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+    train_cfg = cfg.train.model_copy(update={"optimizer": cfg.train.optimizer.model_copy(update={"lr": lr})})
+    eval_batch = train_cfg.eval_batch_size
+    watched = {k: v for k, v in data.eval_sets().items() if k != "test"}  # the test split is read once, at the end
+
+    def evaluate(model):
+        return evaluate_task(model, watched, data.info, eval_batch, ctx.device)
+
+    objective = Objective(make_loss(cfg.loss_scope), evaluate, after_step=start.after_step)
+    seed_everything(derive_seed(ctx.seed, "train", n, condition, lr), cfg.reproducibility.deterministic)
+    result = fit(start.model, objective, data.train, train_cfg, sub, seed=derive_seed(ctx.seed, "batches", n),
+                 device=ctx.device)
+    final = evaluate_task(start.model, data.eval_sets(), data.info, eval_batch, ctx.device)
+    return {"n_disambiguation": n, "condition": condition, "lr": lr, "seed": ctx.seed,
+            "best_eval_acc": result.best[train_cfg.select_metric], "best_epoch": result.best.get("epoch"),
+            "steps": result.steps, **start.info, **summary_metrics(final)}
+
+
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if isinstance(v, (int, float, str)) or v is None}
+
+
+TOKEN_COLUMNS = ["n_disambiguation", "condition", "lr", "best_eval_acc", "test_acc", "seed"]
+IMAGE_COLUMNS = ["condition", "textured_acc", "shape_only_acc", "shape_bias", "seed"]
+
+
+def _write_results(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    spec = ctx.cfg.transfer
+    by_n = spec.n_disambiguation is not None
+    columns, name = (TOKEN_COLUMNS, "accuracy_logs.csv") if by_n else (IMAGE_COLUMNS, "results.csv")
+    columns = [c for c in columns if any(c in r for r in rows)]
+    if ctx.run.writes:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(ctx.run.path / name, buffer.getvalue())
+        _plot(ctx.run.path, rows, by_n)
+    print(f"\n{name}:\n" + format_table([{c: r.get(c, "") for c in columns} for r in rows]))
+    return {"results": [_flat(r) for r in rows], "results_file": name}
+
+
+def _plot(path: Path, rows: list[dict[str, Any]], by_n: bool) -> None:
+    if by_n:
+        series: dict[str, list[tuple[float, float]]] = {}
+        for row in rows:
+            series.setdefault(row["condition"], []).append((max(row["n_disambiguation"], 1), row["test_acc"]))
+        plot_lines(path / "accuracy_vs_n.png", series, title="test accuracy against disambiguating examples",
+                   xlabel="n disambiguating examples (log scale)", ylabel="test accuracy", logx=True)
+    elif any("shape_bias" in r for r in rows):
+        plot_bars(path / "shape_bias.png", {r["condition"]: r["shape_bias"] for r in rows},
+                  title="shape bias on cue-conflict images", ylabel="shape bias")
