@@ -2,3 +2,4 @@
 
 from core.data import images  # noqa: F401
 from core.data import folders, shapes  # noqa: F401
+from core.data import arithmetic  # noqa: F401

@@ -1,0 +1,242 @@
+"""Speed of masks and transplants, measured side by side in one process.
+
+Prints three ratios (lower is better) and, last, one JSON object with them:
+
+* ``discovery_vs_plain``: a discovery step over a masked GPT-2 (forward with soft masks, answer loss + L0 penalty,
+  backward, AdamW step on the mask logits) divided by a plain forward+backward of the frozen model in which the
+  masked weights require gradients (the same matrix products; nothing else). Target <= 1.25.
+* ``discovery_vs_neurosurgeon``: the same discovery step divided by NeuroSurgeon 0.1.0's (``CircuitModel`` with
+  continuous-sparsification layers, the same loss, its own L0). Target <= 1.
+* ``mask_overhead_vs_neurosurgeon``: (ours - plain) / (NeuroSurgeon - plain): what the masks add, compared.
+* ``transfer_vs_plain``: a training step of a transplanted ``subnet`` model (frozen entries: gradient hook and
+  restore after the AdamW step) divided by the plain model's step, with torch's default AdamW. Target <= 1.05.
+  ``transfer_vs_plain_fused_adamw``: the same with ``AdamW(fused=True)``. On the CPU the default AdamW's sqrt is
+  several times slower on tensors holding exact zeros, and the frozen entries' second moments are exactly zero (as
+  in the original code, where their gradient was zero too); the fused kernel has no such slow path.
+  ``transfer_memory_vs_plain``: bytes of parameters, buffers and freezing state, transplanted over plain.
+
+Timing: the two steps alternate (``--repeats`` pairs after warm-up); a ratio is the median of the per-pair ratios.
+Run on a quiet machine (``uptime``): ``python bench/masks.py`` (paper size: GPT-2 128 wide, 4 heads, vocabulary
+1001, discovery batch 500, transfer batch 50) or ``--quick`` (toy size, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from core.masks import MaskConfig, MaskedModel
+from core.transfer import transplant
+
+
+@dataclass
+class Size:
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 4
+    vocab: int = 1001
+    discovery_batch: int = 500
+    transfer_batch: int = 50
+    density: float = 0.05  # of the transplanted subnetwork
+    repeats: int = 30
+    warmup: int = 5
+
+
+QUICK = Size(n_layer=1, n_embd=32, n_head=2, vocab=101, discovery_batch=64, transfer_batch=16, repeats=5, warmup=2)
+
+
+def gpt2(size: Size, seed: int = 0) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=size.vocab, n_positions=4, n_embd=size.n_embd, n_layer=size.n_layer,
+                        n_head=size.n_head, bos_token_id=None, eos_token_id=None, use_cache=False)
+    return GPT2LMHeadModel(config)
+
+
+def batch(size: Size, n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, size.vocab - 1, (n, 4), generator=g)
+    return x, x[:, 3]
+
+
+def answer_loss(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, 2].float(), answer)
+
+
+def paired_ratio(step_a: Callable[[], None], step_b: Callable[[], None], repeats: int, warmup: int) -> dict:
+    """Median over alternating pairs of time(a) / time(b): machine noise that drifts hits both sides of a pair."""
+    for _ in range(warmup):
+        step_a()
+        step_b()
+    times_a, times_b = [], []
+    for i in range(repeats):
+        order = ((step_a, times_a), (step_b, times_b))
+        for step, times in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(times_a, times_b)]
+    return {"ratio": statistics.median(ratios), "a_ms": statistics.median(times_a) * 1e3,
+            "b_ms": statistics.median(times_b) * 1e3}
+
+
+# ----------------------------------------------------------------------------------------------------- discovery
+
+def mask_config(l0_lambda: float = 1e-7) -> MaskConfig:
+    return MaskConfig(layers=("Conv1D",), mask_init_value=-0.1, l0_lambda=l0_lambda)
+
+
+def ours_discovery_step(size: Size) -> Callable[[], None]:
+    masked = MaskedModel(gpt2(size), mask_config())
+    masked.train()
+    masked.temperature = 5.0
+    optimizer = torch.optim.AdamW(masked.logits.parameters(), lr=1e-3)
+    x, answer = batch(size, size.discovery_batch)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = answer_loss(masked(x).logits, answer) + masked.penalty()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def neurosurgeon_discovery_step(size: Size) -> Callable[[], None]:
+    from NeuroSurgeon.Models.circuit_model import CircuitModel
+    from NeuroSurgeon.Models.model_configs import CircuitConfig
+
+    model = gpt2(size)
+    targets = [name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    config = CircuitConfig(mask_method="continuous_sparsification", target_layers=targets, freeze_base=True,
+                           add_l0=True, l0_lambda=1e-7,
+                           mask_hparams={"ablation": "none", "mask_unit": "weight", "mask_bias": False,
+                                         "mask_init_value": -0.1})
+    circuit = CircuitModel(config, model)
+    circuit.train(True)
+    circuit.temperature = 5.0
+    optimizer = torch.optim.AdamW([p for p in circuit.parameters() if p.requires_grad], lr=1e-3)
+    x, answer = batch(size, size.discovery_batch)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        logits = circuit(input_ids=x).logits
+        loss = answer_loss(logits, answer) + config.l0_lambda * circuit._compute_l0_loss()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def plain_forward_backward(size: Size) -> Callable[[], None]:
+    """The frozen model's forward+backward with exactly the masked weights requiring gradients."""
+    model = gpt2(size)
+    model.eval()
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")))
+    x, answer = batch(size, size.discovery_batch)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        answer_loss(model(x).logits, answer).backward()
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------- transfer
+
+def random_subnetwork(model: torch.nn.Module, density: float, seed: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.rand(p.shape, generator=g) < density for name, p in model.named_parameters()
+            if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))}
+
+
+def training_step(model: torch.nn.Module, size: Size, after_step: Callable[[], None] = lambda: None,
+                  fused: bool = False) -> Callable[[], None]:
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.01,
+                                  fused=fused or None)
+    x, _ = batch(size, size.transfer_batch)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x).logits
+        F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).backward()
+        optimizer.step()
+        after_step()
+
+    return step
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def transfer_steps(size: Size, fused: bool = False) -> tuple[Callable[[], None], Callable[[], None], float]:
+    """(transplanted step, plain step, memory ratio) for a ``subnet`` transplant at ``size.density``."""
+    base = gpt2(size, seed=0)
+    moved = transplant("subnet", base, gpt2(size, seed=3), random_subnetwork(base, size.density))
+    plain = gpt2(size, seed=3)
+    memory = (model_bytes(moved.model) + moved.frozen.extra_bytes()) / model_bytes(plain)
+    return (training_step(moved.model, size, moved.after_step, fused), training_step(plain, size, fused=fused),
+            memory)
+
+
+# ----------------------------------------------------------------------------------------------------- main
+
+def run(size: Size) -> dict[str, float]:
+    ours = ours_discovery_step(size)
+    versus_plain = paired_ratio(ours, plain_forward_backward(size), size.repeats, size.warmup)
+    versus_ns = paired_ratio(ours, neurosurgeon_discovery_step(size), size.repeats, size.warmup)
+    # what the masks add on top of the plain forward+backward, ours over NeuroSurgeon's
+    overhead = (versus_ns["a_ms"] - versus_plain["b_ms"]) / max(versus_ns["b_ms"] - versus_plain["b_ms"], 1e-9)
+    moved_step, plain_step, memory = transfer_steps(size)
+    versus_transfer = paired_ratio(moved_step, plain_step, size.repeats, size.warmup)
+    versus_fused = paired_ratio(*transfer_steps(size, fused=True)[:2], size.repeats, size.warmup)
+    print(f"discovery step {versus_plain['a_ms']:.2f} ms / plain fwd+bwd {versus_plain['b_ms']:.2f} ms = "
+          f"{versus_plain['ratio']:.3f} (target <= 1.25)")
+    print(f"discovery step {versus_ns['a_ms']:.2f} ms / NeuroSurgeon step {versus_ns['b_ms']:.2f} ms = "
+          f"{versus_ns['ratio']:.3f} (target <= 1); mask overhead ours / NeuroSurgeon's = {overhead:.2f}")
+    print(f"transplanted step {versus_transfer['a_ms']:.2f} ms / plain step {versus_transfer['b_ms']:.2f} ms = "
+          f"{versus_transfer['ratio']:.3f} (target <= 1.05; AdamW default); with fused AdamW "
+          f"{versus_fused['a_ms']:.2f} / {versus_fused['b_ms']:.2f} ms = {versus_fused['ratio']:.3f}")
+    print(f"transplanted model memory (parameters, buffers, frozen-entry indices) / plain = {memory:.3f} "
+          f"(target <= 1.1) at subnetwork density {size.density}")
+    return {"discovery_vs_plain": round(versus_plain["ratio"], 4),
+            "discovery_vs_neurosurgeon": round(versus_ns["ratio"], 4),
+            "mask_overhead_vs_neurosurgeon": round(overhead, 4),
+            "transfer_vs_plain": round(versus_transfer["ratio"], 4),
+            "transfer_vs_plain_fused_adamw": round(versus_fused["ratio"], 4),
+            "transfer_memory_vs_plain": round(memory, 4),
+            "n_layer": size.n_layer, "n_embd": size.n_embd, "discovery_batch": size.discovery_batch,
+            "transfer_batch": size.transfer_batch, "density": size.density, "threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="toy size, a few repeats")
+    parser.add_argument("--layers", type=int, help="GPT-2 layers (default 2)")
+    parser.add_argument("--repeats", type=int, help="timed steps per variant")
+    parser.add_argument("--density", type=float, help="kept fraction of the transplanted subnetwork")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    size = QUICK if args.quick else Size()
+    for key, value in (("n_layer", args.layers), ("repeats", args.repeats), ("density", args.density)):
+        if value is not None:
+            setattr(size, key, value)
+    result = run(size)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,563 @@
+"""Masks over named weights of any model: discovery methods, the masked model, the schedule, the mask artifact.
+
+One mechanism serves every layer type and every model (Hugging Face, timm, torchvision, plain PyTorch):
+``MaskedModel`` keeps the model frozen, holds one tensor of mask logits per selected parameter, and for the length
+of each forward call puts ``weight * mask`` in the parameter's slot (every slot, for tied weights), as
+``torch.func.functional_call`` does but without its per-call search for tied weights. The model's own forward code
+runs unchanged, so a masked ``nn.Linear``, ``nn.Conv2d``, transformers' ``Conv1D``,
+``nn.MultiheadAttention.in_proj_weight`` or ``nn.Embedding`` all take the same path; there is no class per layer.
+
+Selection (``layers``): each entry is a layer type (``Linear``, ``Conv1d``, ``Conv2d``, ``Conv3d``, ``Conv1D``,
+``MultiheadAttention``, ``Embedding``: every module of that type), a glob over module names
+(``transformer.h.*.attn.c_attn``), or a glob over parameter names (``*.in_proj_weight``). Modules contribute their
+weights, and their biases with ``mask_bias``. An entry that matches nothing is a UserError.
+
+Methods (``method``):
+
+* ``continuous_sparsification`` (Savarese et al. 2020): logits s start at ``mask_init_value``; training uses the
+  soft mask sigmoid(beta * s) with beta the annealed ``temperature``; evaluation the hard mask s > 0;
+  L0 = the sum of the soft mask. Output and L0 equal NeuroSurgeon 0.1.0's mask layers' for the same logits.
+* ``hard_concrete`` (Louizos et al. 2018): log-alpha starts at log(f / (1 - f)) with f = ``mask_init_fraction``;
+  training samples a stretched, clamped concrete variable (noise drawn on the logits' device); L0 is the
+  probability of a non-zero gate; evaluation keeps the entries whose deterministic gate exceeds 0.5.
+* ``magnitude``: keeps the largest ``1 - prune_fraction`` of each parameter by |w| (by the L2 norm of the unit's
+  weights for neuron masks); nothing trains.
+
+``unit: neuron`` gives one logit per output unit (the dimension that indexes a layer's outputs); L0 then counts the
+weights a unit carries, as NeuroSurgeon does. The base model is frozen (``requires_grad`` off) and held in
+evaluation mode (dropout off, batch-norm statistics frozen) whatever mode the wrapper is in.
+
+Artifact: ``mask.safetensors`` (one bool tensor per parameter name, in the parameter's shape) and ``mask.json``
+(method, hyperparameters, per-layer and global density, a hash of the base model's weights). ``load_mask`` checks
+names, shapes and the hash and names exactly what does not match.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from core.errors import UserError
+from core.run import atomic_save, atomic_write_json
+
+METHODS = ("continuous_sparsification", "hard_concrete", "magnitude")
+UNITS = ("weight", "neuron")
+MASK_FILE = "mask.safetensors"
+META_FILE = "mask.json"
+ARTIFACT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """What to mask and how. ``final_temp``/``legacy_schedule`` drive ``temperature_at`` (continuous sparsification)."""
+
+    layers: tuple[str, ...]
+    method: str = "continuous_sparsification"
+    unit: str = "weight"
+    mask_bias: bool = False
+    mask_init_value: float = -0.1
+    mask_init_fraction: float = 0.5
+    prune_fraction: float = 0.5
+    l0_lambda: float = 1e-7
+    final_temp: float = 100.0
+    legacy_schedule: bool = False
+    concrete_temperature: float = 2 / 3
+    stretch: tuple[float, float] = (-0.1, 1.1)
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "stretch", tuple(self.stretch))
+        checks = [
+            (self.method in METHODS, f"method {self.method!r} is unknown; use one of {', '.join(METHODS)}"),
+            (self.unit in UNITS, f"unit {self.unit!r} is unknown; use weight or neuron"),
+            (len(self.layers) > 0, "layers is empty; name layer types (Linear, Conv1D, ...) or name patterns"),
+            (0 < self.mask_init_fraction < 1, f"mask_init_fraction must be in (0, 1), got {self.mask_init_fraction}"),
+            (0 <= self.prune_fraction < 1, f"prune_fraction must be in [0, 1), got {self.prune_fraction}"),
+            (self.l0_lambda >= 0, f"l0_lambda must be >= 0, got {self.l0_lambda}"),
+            (self.final_temp > 0, f"final_temp must be > 0, got {self.final_temp}"),
+            (self.concrete_temperature > 0, f"concrete_temperature must be > 0, got {self.concrete_temperature}"),
+            (len(self.stretch) == 2 and self.stretch[0] < 0 < 1 < self.stretch[1],
+             f"stretch must be (left < 0, right > 1), got {self.stretch}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"mask: {message}")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def temperature_at(epoch: int, epochs: int, final_temp: float, legacy: bool = False) -> float:
+    """The continuous-sparsification temperature during 0-based ``epoch`` of ``epochs``.
+
+    With r = final_temp ** (1 / epochs), epoch e (1-based) trains at r ** (e - 1): 1 first, final_temp / r last.
+    ``legacy`` reproduces the original scripts, which multiplied each layer's temperature twice per epoch
+    (through the wrapper's setter and then the layer itself): epoch 1 at 1, epoch e >= 2 at r ** e, the last at
+    exactly final_temp.
+    """
+    ratio = final_temp ** (1.0 / epochs)
+    if legacy:
+        return 1.0 if epoch == 0 else ratio ** (epoch + 1)
+    return ratio**epoch
+
+
+# ----------------------------------------------------------------------------------------------------- selection
+
+@dataclass(frozen=True)
+class LayerKind:
+    """A module type whose named weights (and biases) can be masked; ``out_dim`` indexes its output units."""
+
+    cls: type
+    weights: tuple[str, ...]
+    biases: tuple[str, ...]
+    out_dim: int
+
+
+@lru_cache(maxsize=1)
+def layer_kinds() -> dict[str, LayerKind]:
+    kinds = {
+        "Linear": LayerKind(nn.Linear, ("weight",), ("bias",), 0),
+        "Conv1d": LayerKind(nn.Conv1d, ("weight",), ("bias",), 0),
+        "Conv2d": LayerKind(nn.Conv2d, ("weight",), ("bias",), 0),
+        "Conv3d": LayerKind(nn.Conv3d, ("weight",), ("bias",), 0),
+        "MultiheadAttention": LayerKind(
+            nn.MultiheadAttention, ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"),
+            ("in_proj_bias",), 0),
+        "Embedding": LayerKind(nn.Embedding, ("weight",), (), 1),
+    }
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for non-HF models
+        pass
+    else:
+        kinds["Conv1D"] = LayerKind(Conv1D, ("weight",), ("bias",), 1)  # weight is (in, out)
+    return kinds
+
+
+def kind_of(module: nn.Module) -> Optional[LayerKind]:
+    for kind in layer_kinds().values():
+        if isinstance(module, kind.cls):
+            return kind
+    return None
+
+
+@dataclass(frozen=True)
+class Target:
+    """A masked parameter: its canonical name (as ``named_parameters`` gives it) and output-unit dimension."""
+
+    name: str
+    out_dim: int
+
+
+def select_targets(model: nn.Module, layers: Sequence[str], mask_bias: bool = False) -> list[Target]:
+    """The parameters that ``layers`` selects, in the model's parameter order (tied weights once)."""
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    modules = [(name, m) for name, m in model.named_modules() if name]
+    found: dict[str, int] = {}
+    for entry in layers:
+        matched = _match(entry, model, modules, canonical, mask_bias)
+        if not matched:
+            raise UserError(_no_match_message(entry, modules, canonical))
+        for name, out_dim in matched:
+            found.setdefault(name, out_dim)
+    order = {name: i for i, name in enumerate(canonical.values())}
+    return [Target(name, dim) for name, dim in sorted(found.items(), key=lambda item: order[item[0]])]
+
+
+def _match(entry: str, model: nn.Module, modules, canonical, mask_bias: bool) -> list[tuple[str, int]]:
+    kinds = layer_kinds()
+    if entry in kinds:
+        return [hit for _, m in modules if isinstance(m, kinds[entry].cls)
+                for hit in _module_params(m, kinds[entry], canonical, mask_bias)]
+    named = [(name, m) for name, m in modules if fnmatch.fnmatchcase(name, entry)]
+    hits = []
+    for name, module in named:
+        kind = kind_of(module)
+        if kind is None and not _is_glob(entry):
+            raise UserError(f"mask layers: {entry!r} is a {type(module).__name__}, which has no maskable weight "
+                            f"(supported types: {', '.join(kinds)}; or name a parameter)")
+        hits += _module_params(module, kind, canonical, mask_bias) if kind else []
+    if hits:
+        return hits
+    return [(name, 0) for name in canonical.values() if fnmatch.fnmatchcase(name, entry)]
+
+
+def _module_params(module: nn.Module, kind: LayerKind, canonical, mask_bias: bool) -> list[tuple[str, int]]:
+    attrs = [(a, kind.out_dim) for a in kind.weights] + ([(a, 0) for a in kind.biases] if mask_bias else [])
+    hits = []
+    for attr, out_dim in attrs:
+        param = getattr(module, attr, None)
+        if isinstance(param, nn.Parameter):
+            hits.append((canonical[id(param)], out_dim))
+    return hits
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def _no_match_message(entry: str, modules, canonical) -> str:
+    names = [name for name, _ in modules] + list(canonical.values())
+    hint = difflib.get_close_matches(entry, names, n=3)
+    near = f"; nearest names: {', '.join(hint)}" if hint else ""
+    return (f"mask layers: {entry!r} matches no maskable weight (use a layer type such as "
+            f"{', '.join(layer_kinds())}, or a module or parameter name pattern){near}")
+
+
+def unit_shape(shape: Sequence[int], out_dim: int, unit: str) -> tuple[int, ...]:
+    """Shape of the logits: the parameter's shape, or 1 everywhere but the output-unit dimension (neurons)."""
+    if unit == "weight" or len(shape) < 2:
+        return tuple(shape)
+    return tuple(size if dim == out_dim else 1 for dim, size in enumerate(shape))
+
+
+# ----------------------------------------------------------------------------------------------------- methods
+
+class ContinuousSparsification:
+    """Soft mask sigmoid(beta * s) while training, hard mask s > 0 otherwise; L0 = sum of the soft mask."""
+
+    trainable = True
+
+    def __init__(self, cfg: MaskConfig):
+        self.init_value = cfg.mask_init_value
+
+    def init_logits(self, weight: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.full(shape, float(self.init_value), device=weight.device)
+
+    def soft(self, logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = torch.sigmoid(temperature * logits)
+        return mask, mask.sum()  # the forward mask is the L0 term: computed once
+
+    def hard(self, logits: Optional[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+        return logits > 0
+
+
+class HardConcrete:
+    """Louizos et al. (2018): stretched, clamped concrete gates with a closed-form expected L0."""
+
+    trainable = True
+
+    def __init__(self, cfg: MaskConfig):
+        self.init_fraction = cfg.mask_init_fraction
+        self.beta = cfg.concrete_temperature
+        self.left, self.right = cfg.stretch
+
+    def init_logits(self, weight: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        value = math.log(self.init_fraction / (1 - self.init_fraction))
+        return torch.full(shape, value, device=weight.device)
+
+    def _stretch(self, gate: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(gate * (self.right - self.left) + self.left, 0.0, 1.0)
+
+    def soft(self, logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        u = torch.rand_like(logits).clamp_(1e-4, 1 - 1e-4)  # on the logits' device
+        gate = torch.sigmoid((torch.log(u) - torch.log1p(-u) + logits) / self.beta)
+        l0 = torch.sigmoid(logits - self.beta * math.log(-self.left / self.right)).sum()
+        return self._stretch(gate), l0
+
+    def hard(self, logits: Optional[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+        return self._stretch(torch.sigmoid(logits)) > 0.5
+
+
+class Magnitude:
+    """Keeps the largest (1 - prune_fraction) of each parameter by |w| (unit L2 norm for neuron masks)."""
+
+    trainable = False
+
+    def __init__(self, cfg: MaskConfig):
+        self.prune_fraction = cfg.prune_fraction
+
+    def init_logits(self, weight: torch.Tensor, shape: tuple[int, ...]) -> None:
+        return None
+
+    def scores(self, weight: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        if tuple(shape) == tuple(weight.shape):
+            return weight.detach().abs()
+        dims = [d for d, size in enumerate(shape) if size == 1 and weight.shape[d] != 1]
+        return weight.detach().norm(dim=dims, keepdim=True)
+
+    def hard_for(self, weight: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        scores = self.scores(weight, shape).reshape(-1)
+        keep = round((1 - self.prune_fraction) * scores.numel())
+        mask = torch.zeros(scores.numel(), dtype=torch.bool, device=weight.device)
+        mask[torch.topk(scores, keep, sorted=False).indices] = True  # exactly `keep` entries, ties or not
+        return mask.reshape(shape)
+
+
+def make_method(cfg: MaskConfig):
+    return {"continuous_sparsification": ContinuousSparsification, "hard_concrete": HardConcrete,
+            "magnitude": Magnitude}[cfg.method](cfg)
+
+
+# ----------------------------------------------------------------------------------------------------- masked model
+
+class MaskedModel(nn.Module):
+    """A frozen model run with masked weights. Only the mask logits (``self.logits``) train.
+
+    ``forward`` takes the model's own arguments. After a training forward, ``l0()`` is the L0 term of that very
+    forward (no second mask computation) and ``penalty()`` is ``l0_lambda * l0()``. Set ``temperature`` (or call
+    ``set_epoch``) for continuous sparsification.
+    """
+
+    def __init__(self, model: nn.Module, config: MaskConfig):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.method = make_method(config)
+        self.targets = select_targets(model, config.layers, config.mask_bias)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        model.eval()
+        self._refresh_base()
+        shapes = [unit_shape(w.shape, t.out_dim, config.unit) for t, w in zip(self.targets, self._base)]
+        self._shapes = shapes
+        logits = [self.method.init_logits(w, s) for w, s in zip(self._base, shapes)]
+        self.logits = nn.ParameterList([nn.Parameter(x) for x in logits if x is not None])
+        # L0 counts weights: a neuron's logit stands for every weight of the unit
+        self._scale = [w.numel() / math.prod(s) for w, s in zip(self._base, shapes)]
+        self.temperature = 1.0
+        self._l0: Optional[torch.Tensor] = None
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.targets]
+
+    def _refresh_base(self) -> None:
+        """The target parameters and every (module, name) slot that holds each (tied weights have several)."""
+        params = dict(self.model.named_parameters())
+        self._base = [params[t.name] for t in self.targets]
+        where = {id(p): i for i, p in enumerate(self._base)}
+        self._slots: list[list[tuple[nn.Module, str]]] = [[] for _ in self._base]
+        for module in self.model.modules():
+            for key, param in module._parameters.items():
+                if param is not None and id(param) in where:
+                    self._slots[where[id(param)]].append((module, key))
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        self._refresh_base()  # .to() / .cuda() may hand the model new parameter objects
+        return result
+
+    def train(self, mode: bool = True) -> "MaskedModel":
+        """Masks follow ``mode``; the frozen base stays in evaluation mode (dropout off, BN statistics frozen)."""
+        self.training = mode
+        self.model.eval()
+        return self
+
+    def set_epoch(self, epoch: int, epochs: int) -> dict[str, float]:
+        """Set the temperature for 0-based ``epoch`` (continuous sparsification); returns it for logging."""
+        self.temperature = temperature_at(epoch, epochs, self.config.final_temp, self.config.legacy_schedule)
+        return {"temperature": self.temperature}
+
+    # --- masks --------------------------------------------------------------------------------------------------
+
+    def _current_masks(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The masks this forward uses (broadcastable to each weight) and their L0 (in weights)."""
+        if self.training and self.method.trainable:
+            pairs = [self.method.soft(logits, self.temperature) for logits in self.logits]
+            masks = [mask for mask, _ in pairs]
+            l0 = torch.stack([part * scale for (_, part), scale in zip(pairs, self._scale)]).sum()
+            return masks, l0
+        masks = self._hard_unit_masks()
+        l0 = sum(float(m.sum()) * scale for m, scale in zip(masks, self._scale))
+        return masks, torch.tensor(l0)
+
+    def _hard_unit_masks(self) -> list[torch.Tensor]:
+        with torch.no_grad():
+            if not self.method.trainable:
+                return [self.method.hard_for(w, s) for w, s in zip(self._base, self._shapes)]
+            return [self.method.hard(logits, w) for logits, w in zip(self.logits, self._base)]
+
+    def forward(self, *args, **kwargs):
+        masks, self._l0 = self._current_masks()
+        masked = [w * m.to(w.dtype) for w, m in zip(self._base, masks)]  # logits stay fp32 in a bf16 model
+        for slots, tensor in zip(self._slots, masked):
+            for module, key in slots:
+                module._parameters[key] = tensor  # what functional_call does; the Parameter goes back below
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            for slots, param in zip(self._slots, self._base):
+                for module, key in slots:
+                    module._parameters[key] = param
+
+    def l0(self) -> torch.Tensor:
+        """L0 of the last forward (differentiable in training); before any forward, of the current masks."""
+        if self._l0 is None:
+            _, self._l0 = self._current_masks()
+        return self._l0
+
+    def penalty(self) -> torch.Tensor:
+        return self.config.l0_lambda * self.l0()
+
+    def hard_masks(self) -> dict[str, torch.Tensor]:
+        """The binary masks, one bool tensor per parameter name in the parameter's full shape (on the CPU)."""
+        return {t.name: m.expand(w.shape).contiguous().cpu()
+                for t, w, m in zip(self.targets, self._base, self._hard_unit_masks())}
+
+    def load_logits(self, logits: Mapping[str, torch.Tensor], source: str = "logits") -> None:
+        """Set the logits from ``{parameter name: tensor}``; every masked parameter exactly once, same shapes."""
+        if not self.method.trainable:
+            raise UserError(f"{source}: the {self.config.method} method has no logits to load")
+        _check_names(logits.keys(), self.names, source)
+        with torch.no_grad():
+            for name, param, shape in zip(self.names, self.logits, self._shapes):
+                value = logits[name]
+                if tuple(value.shape) != tuple(shape):
+                    raise UserError(f"{source}: {name} has shape {tuple(value.shape)}, the mask needs {shape}")
+                param.copy_(value.to(param.dtype))
+
+    def save(self, directory: str | Path, **extra: Any) -> dict[str, Any]:
+        """Write the mask artifact of the current hard masks; returns the metadata written."""
+        return save_mask(directory, self.hard_masks(), self.model, method=self.config.method,
+                         hyperparameters=self.config.hyperparameters(), extra=extra)
+
+
+# ----------------------------------------------------------------------------------------------------- NeuroSurgeon
+
+NEUROSURGEON_PREFIXES = ("wrapped_model.", "root_model.")
+_NEUROSURGEON_SUFFIXES = {"weight_mask_params": "weight", "bias_mask_params": "bias"}
+
+
+def neurosurgeon_logits(state: Mapping[str, torch.Tensor] | str | Path) -> dict[str, torch.Tensor]:
+    """Mask logits from a NeuroSurgeon ``CircuitModel`` state dict (or a file holding one), by parameter name.
+
+    Accepts upstream keys (``wrapped_model.<module>.weight_mask_params``) and the research code's legacy keys
+    (``root_model.*``). Sampled-mask caches and base weights are ignored.
+    """
+    if isinstance(state, (str, Path)):
+        try:
+            state = torch.load(state, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as err:
+            raise UserError(f"{state}: cannot read a NeuroSurgeon state dict ({err.__class__.__name__})") from None
+    logits = {}
+    for key, value in state.items():
+        prefix = next((p for p in NEUROSURGEON_PREFIXES if key.startswith(p)), "")
+        module, _, leaf = key[len(prefix):].rpartition(".")
+        if leaf in _NEUROSURGEON_SUFFIXES:
+            logits[f"{module}.{_NEUROSURGEON_SUFFIXES[leaf]}" if module else _NEUROSURGEON_SUFFIXES[leaf]] = value
+    if not logits:
+        raise UserError("NeuroSurgeon state dict holds no *_mask_params tensors (is it a CircuitModel's?)")
+    return logits
+
+
+# ----------------------------------------------------------------------------------------------------- artifact
+
+def weights_hash(model: nn.Module) -> str:
+    """sha256 over the model's state dict (names, dtypes, shapes, bytes), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def mask_density(masks: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Kept entries per parameter and overall."""
+    layers = {name: {"shape": list(m.shape), "kept": int(m.sum()), "total": m.numel(),
+                     "density": float(m.sum()) / max(m.numel(), 1)} for name, m in masks.items()}
+    kept = sum(layer["kept"] for layer in layers.values())
+    total = sum(layer["total"] for layer in layers.values())
+    return {"kept": kept, "total": total, "density": kept / max(total, 1), "layers": layers}
+
+
+def save_mask(directory: str | Path, masks: Mapping[str, torch.Tensor], base_model: nn.Module, *, method: str,
+              hyperparameters: Optional[dict[str, Any]] = None, extra: Optional[dict[str, Any]] = None
+              ) -> dict[str, Any]:
+    """Write ``mask.safetensors`` and ``mask.json`` atomically; returns the metadata."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    masks = {name: m.detach().to("cpu", torch.bool).contiguous() for name, m in masks.items()}
+    check_masks(masks, base_model, source="mask")
+    density = mask_density(masks)
+    meta = {"version": ARTIFACT_VERSION, "method": method, "hyperparameters": hyperparameters or {},
+            "base_hash": weights_hash(base_model), "density": density["density"], "kept": density["kept"],
+            "total": density["total"], "layers": density["layers"], **(extra or {})}
+    atomic_save(directory / MASK_FILE, lambda tmp: save_file(masks, tmp, metadata={"base_hash": meta["base_hash"]}))
+    atomic_write_json(directory / META_FILE, meta)
+    return meta
+
+
+def read_mask_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / META_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: mask metadata not found (is {Path(directory)} a mask directory?)") from None
+    except ValueError:
+        raise UserError(f"{path}: not valid JSON") from None
+
+
+def load_mask(directory: str | Path, base_model: nn.Module, expected: Optional[Iterable[str]] = None,
+              check_hash: bool = True) -> dict[str, torch.Tensor]:
+    """The bool masks of a mask directory, checked against ``base_model`` (names, shapes, weights hash).
+
+    ``expected``: the parameter names the caller's layer selection gives; missing or extra names are errors.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(directory) / MASK_FILE
+    meta = read_mask_meta(directory)
+    try:
+        masks = load_file(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: mask file not found") from None
+    except SafetensorError as err:
+        raise UserError(f"{path}: not a readable safetensors file ({err})") from None
+    check_masks(masks, base_model, expected, source=str(path))
+    if check_hash:
+        actual = weights_hash(base_model)
+        if meta.get("base_hash") != actual:
+            raise UserError(f"{path}: the mask was found on other base weights (hash {str(meta.get('base_hash'))[:12]} "
+                            f"in {META_FILE}, this model hashes to {actual[:12]})")
+    return masks
+
+
+def check_masks(masks: Mapping[str, torch.Tensor], model: nn.Module, expected: Optional[Iterable[str]] = None,
+                source: str = "mask") -> None:
+    """UserError (one line) unless every mask names a parameter of ``model``, is bool and has its shape."""
+    params = dict(model.named_parameters())
+    unknown = [name for name in masks if name not in params]
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], list(params), n=1)
+        raise UserError(f"{source}: {_listing(unknown)} not parameter(s) of the model"
+                        + (f" (nearest: {hint[0]})" if hint else ""))
+    if expected is not None:
+        _check_names(masks.keys(), list(expected), source)
+    wrong = [f"{name} {tuple(m.shape)} vs {tuple(params[name].shape)}" for name, m in masks.items()
+             if tuple(m.shape) != tuple(params[name].shape)]
+    if wrong:
+        raise UserError(f"{source}: shape mismatch (mask vs model): {_listing(wrong)}")
+    not_bool = [name for name, m in masks.items() if m.dtype != torch.bool]
+    if not_bool:
+        raise UserError(f"{source}: masks must be bool tensors: {_listing(not_bool)}")
+
+
+def _check_names(given: Iterable[str], wanted: Sequence[str], source: str) -> None:
+    given = list(given)
+    missing = [name for name in wanted if name not in set(given)]
+    extra = [name for name in given if name not in set(wanted)]
+    if missing or extra:
+        parts = ([f"missing {_listing(missing)}"] if missing else []) + ([f"extra {_listing(extra)}"] if extra else [])
+        raise UserError(f"{source}: parameters do not match the layer selection: {'; '.join(parts)}")
+
+
+def _listing(names: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return f"{len(names)}: {shown}" + (f", ... (+{len(names) - limit})" if len(names) > limit else "")

@@ -1,0 +1,232 @@
+"""Subnetwork transplant ("subtask induction") and its baselines.
+
+Given a trained base model, a bool mask per parameter name (``core.masks``) and a freshly initialised model of the
+same architecture, ``transplant`` builds one condition's starting model:
+
+=====================  ========================================================================================
+``subnet``             masked-in weights take their trained values and stay FROZEN; the rest of each masked
+                       parameter keeps the fresh initialisation and trains
+``subnet_trainable``   the same start, everything trains
+``full_model``         the whole base model ("full-model transfer")
+``random_init``        the fresh model as it is
+``sampled_subnet``     a random mask with exactly as many kept entries per parameter as the subnetwork
+``sampled_complement`` the same count, drawn from outside the subnetwork
+=====================  ========================================================================================
+
+Parameters without a mask (embeddings, norms, biases) and buffers (batch-norm statistics) are inherited from the
+base model by default, as the original code did (``non_masked="inherit"``); ``non_masked="reinit"`` keeps the fresh
+values instead, which is what the paper's wording describes. ``random_init`` is fresh throughout either way.
+Sampled conditions are frozen like ``subnet`` unless ``freeze=False``.
+
+``legacy_sampling=True`` reproduces the original code's sampled baselines, which turned NeuroSurgeon's *ablation*
+masks into kept masks and so transplanted the complement: ``sampled_subnet`` kept N - k random entries instead of k,
+``sampled_complement`` kept the subnetwork plus all but k of the other entries.
+
+Frozen entries cost nothing in the forward pass: the model holds one ordinary weight tensor per parameter. A hook
+zeroes the frozen entries' gradient as it is accumulated (so clipping norms and optimizer moments ignore them), and
+``Transplant.after_step()``, called after every optimizer step, writes back the values the frozen entries had at
+the backward pass: whatever the optimizer does (weight decay, momentum), they keep their transplanted values
+exactly. The persistent extra memory is one int64 index per frozen entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional
+
+import torch
+from torch import nn
+
+from core.errors import UserError
+from core.masks import check_masks, mask_density
+
+CONDITIONS = ("subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet", "sampled_complement")
+NonMasked = Literal["inherit", "reinit"]
+
+
+# ----------------------------------------------------------------------------------------------------- freezing
+
+class FrozenEntries:
+    """Keeps chosen entries of a model's parameters at their current values through training.
+
+    Per parameter, a post-accumulate-grad hook zeroes the frozen entries' gradient and notes their values (which
+    are, by induction, the values they started with: nothing but the optimizer step writes parameters between a
+    backward pass and ``restore()``); ``restore()``, after each optimizer step, writes those values back. A
+    parameter frozen entirely just stops requiring gradients. Persistent cost: one int64 index per frozen entry;
+    the noted values live from the backward pass to the next ``restore()``.
+    """
+
+    def __init__(self, model: nn.Module, frozen: Mapping[str, torch.Tensor]):
+        params = dict(model.named_parameters())
+        self._entries: list[_Frozen] = []
+        self._handles = []
+        for name, mask in frozen.items():
+            param = params[name]
+            mask = mask.to(param.device, torch.bool)
+            if bool(mask.all()):
+                param.requires_grad_(False)
+            elif bool(mask.any()):
+                self._add(param, mask)
+
+    def _add(self, param: nn.Parameter, mask: torch.Tensor) -> None:
+        if not param.is_contiguous():
+            raise ValueError("FrozenEntries needs contiguous parameters")
+        entry = _Frozen(param, mask.reshape(-1).nonzero().squeeze(1))  # int64: index_fill_/index_copy_ need it
+        self._entries.append(entry)
+        self._handles.append(param.register_post_accumulate_grad_hook(entry.on_grad))
+
+    @property
+    def count(self) -> int:
+        return sum(entry.index.numel() for entry in self._entries)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write every frozen entry back to the value it had at the last backward pass (after each step)."""
+        for entry in self._entries:
+            entry.restore()
+
+    def remove(self) -> None:
+        """Detach the hooks: the entries train from now on."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._entries = [], []
+
+    def extra_bytes(self) -> int:
+        """Persistent memory held for freezing (the indices)."""
+        return sum(e.index.numel() * e.index.element_size() for e in self._entries)
+
+
+class _Frozen:
+    """One parameter's frozen entries: flat indices, and their values noted at the last backward pass."""
+
+    def __init__(self, param: nn.Parameter, index: torch.Tensor):
+        self.param, self.index = param, index
+        self.values: Optional[torch.Tensor] = None
+
+    def on_grad(self, param: torch.Tensor) -> None:
+        param.grad.view(-1).index_fill_(0, self.index, 0)
+        self.values = param.detach().view(-1).index_select(0, self.index)
+
+    def restore(self) -> None:
+        if self.values is not None:
+            self.param.view(-1).index_copy_(0, self.index, self.values)
+            self.values = None
+
+
+# ----------------------------------------------------------------------------------------------------- sampling
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"sampled:{seed}:{name}".encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+
+
+def _random_subset(pool: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` positions drawn without replacement from the flat positions where ``pool`` is True."""
+    candidates = pool.reshape(-1).nonzero().squeeze(1)
+    return candidates[torch.randperm(candidates.numel(), generator=generator)[:count]]
+
+
+def sample_mask(mask: torch.Tensor, kind: str, generator: torch.Generator, legacy: bool = False) -> torch.Tensor:
+    """A random bool mask matched to ``mask`` (k kept entries); ``kind`` is ``subnet`` or ``complement``.
+
+    Correct: ``subnet`` keeps k entries drawn from all N; ``complement`` keeps k entries drawn from the N - k
+    outside the mask. ``legacy``: the original inverted masks (N - k kept; subnetwork plus N - 2k others kept).
+    """
+    flat = mask.reshape(-1).cpu()
+    k = int(flat.sum())
+    pool = torch.ones_like(flat) if kind == "subnet" else ~flat
+    if kind == "complement" and k > int(pool.sum()):
+        raise UserError(f"sampled_complement: the subnetwork keeps {k} of {flat.numel()} entries, more than half, "
+                        f"so no equal-sized sample fits outside it")
+    drawn = torch.zeros_like(flat)
+    drawn[_random_subset(pool, k, generator)] = True
+    if legacy:  # the original kept the complement of its k-entry ablation sample
+        drawn = ~drawn
+    return drawn.reshape(mask.shape).to(mask.device)
+
+
+# ----------------------------------------------------------------------------------------------------- transplant
+
+@dataclass
+class Transplant:
+    """A condition's starting model; call ``after_step()`` after every optimizer step."""
+
+    model: nn.Module
+    condition: str
+    kept: Optional[dict[str, torch.Tensor]] = None  # the transplanted entries per masked parameter
+    frozen: Optional[FrozenEntries] = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def after_step(self) -> None:
+        if self.frozen is not None:
+            self.frozen.restore()
+
+
+def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[str, torch.Tensor], *,
+               non_masked: NonMasked = "inherit", freeze: bool = True, legacy_sampling: bool = False,
+               seed: int = 0) -> Transplant:
+    """Build ``condition``'s starting model in ``fresh`` (modified in place and returned in the Transplant).
+
+    ``base``: the trained model; ``mask``: bool per parameter name (True = in the subnetwork); ``seed`` drives the
+    sampled conditions (one independent draw per parameter, so a parameter's sample does not depend on others).
+    """
+    if condition not in CONDITIONS:
+        import difflib
+
+        hint = difflib.get_close_matches(condition, CONDITIONS, n=1)
+        raise UserError(f"transfer condition {condition!r} is unknown" + (f" (did you mean {hint[0]!r}?)" if hint
+                        else "") + f"; known: {', '.join(CONDITIONS)}")
+    if non_masked not in ("inherit", "reinit"):
+        raise UserError(f"transfer non_masked {non_masked!r} is unknown; use inherit or reinit")
+    _check_same_architecture(base, fresh)
+    check_masks(mask, base, source="transfer mask")
+    if condition == "random_init":
+        return Transplant(fresh, condition)
+    if condition == "full_model":
+        fresh.load_state_dict(base.state_dict())
+        return Transplant(fresh, condition)
+    kept = _kept_masks(condition, mask, legacy_sampling, seed)
+    _copy_weights(base, fresh, kept, non_masked)
+    frozen_wanted = freeze and condition != "subnet_trainable"
+    frozen = FrozenEntries(fresh, kept) if frozen_wanted else None
+    density = mask_density(kept)
+    info = {"non_masked": non_masked, "frozen": frozen_wanted, "legacy_sampling": legacy_sampling,
+            "kept": density["kept"], "kept_density": density["density"], "frozen_entries": frozen.count if frozen else 0}
+    return Transplant(fresh, condition, kept, frozen, info)
+
+
+def _kept_masks(condition: str, mask: Mapping[str, torch.Tensor], legacy: bool, seed: int
+                ) -> dict[str, torch.Tensor]:
+    if condition in ("subnet", "subnet_trainable"):
+        return {name: m.to(torch.bool) for name, m in mask.items()}
+    kind = "subnet" if condition == "sampled_subnet" else "complement"
+    return {name: sample_mask(m.to(torch.bool), kind, _generator(seed, name), legacy)
+            for name, m in sorted(mask.items())}
+
+
+@torch.no_grad()
+def _copy_weights(base: nn.Module, fresh: nn.Module, kept: Mapping[str, torch.Tensor], non_masked: str) -> None:
+    """Kept entries from ``base`` into ``fresh``; unmasked parameters and buffers too when inheriting."""
+    base_params = dict(base.named_parameters())
+    for name, param in fresh.named_parameters():
+        source = base_params[name].to(param.device, param.dtype)
+        if name in kept:
+            param.copy_(torch.where(kept[name].to(param.device), source, param))
+        elif non_masked == "inherit":
+            param.copy_(source)
+    if non_masked == "inherit":
+        base_buffers = dict(base.named_buffers())
+        for name, buffer in fresh.named_buffers():
+            buffer.copy_(base_buffers[name])
+
+
+def _check_same_architecture(base: nn.Module, fresh: nn.Module) -> None:
+    def shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+    a, b = shapes(base), shapes(fresh)
+    if a != b:
+        differ = sorted(set(a) ^ set(b)) or sorted(n for n in a if a[n] != b[n])
+        raise UserError(f"transfer: the fresh model's architecture differs from the base model's "
+                        f"({len(differ)} tensors differ, first: {differ[0]})")

@@ -1,0 +1,186 @@
+"""Transplants: what each condition starts from, frozen entries under real optimizers, sampled baselines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.errors import UserError
+from core.transfer import CONDITIONS, FrozenEntries, sample_mask, transplant
+
+MASKED = ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight",
+          "transformer.h.1.mlp.c_proj.weight")
+
+
+def gpt2(seed, n_layer=2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=30, n_positions=4, n_embd=16, n_layer=n_layer, n_head=2,
+                                      bos_token_id=None, eos_token_id=None, use_cache=False))
+
+
+def subnetwork(model, density=0.1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    return {name: torch.rand(params[name].shape, generator=g) < density for name in MASKED}
+
+
+def params_of(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def train(model, after_step, optimizer, steps=4):
+    x = torch.randint(0, 30, (6, 4), generator=torch.Generator().manual_seed(1))
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(x, labels=x).loss.backward()
+        optimizer.step()
+        after_step()
+
+
+@pytest.mark.parametrize("non_masked", ["inherit", "reinit"])
+def test_subnet_starts_from_trained_entries_and_fresh_rest(non_masked):
+    base, fresh = gpt2(0), gpt2(1)
+    mask = subnetwork(base)
+    base_p, fresh_p = params_of(base), params_of(fresh)
+    moved = transplant("subnet", base, fresh, mask, non_masked=non_masked)
+    assert moved.model is fresh
+    for name, value in fresh.named_parameters():
+        if name in mask:
+            assert torch.equal(value[mask[name]], base_p[name][mask[name]])
+            assert torch.equal(value[~mask[name]], fresh_p[name][~mask[name]])
+        else:  # embeddings, norms, biases, unmasked weights
+            assert torch.equal(value, base_p[name] if non_masked == "inherit" else fresh_p[name]), name
+    assert moved.info["frozen_entries"] == sum(int(m.sum()) for m in mask.values())
+
+
+def test_full_mask_reproduces_base_and_empty_mask_keeps_fresh_weights():
+    base, x = gpt2(0), torch.randint(0, 30, (3, 4))
+    full = {name: torch.ones_like(m) for name, m in subnetwork(base).items()}
+    everything = {name: torch.ones_like(p, dtype=torch.bool) for name, p in base.named_parameters()}
+    moved = transplant("subnet", base, gpt2(1), everything)
+    base.eval(), moved.model.eval()
+    torch.testing.assert_close(moved.model(x).logits, base(x).logits, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in moved.model.parameters())  # frozen whole: no hooks needed
+    empty = {name: torch.zeros_like(m) for name, m in full.items()}
+    fresh_p = params_of(gpt2(1))
+    moved = transplant("subnet", base, gpt2(1), empty, non_masked="reinit")
+    assert all(torch.equal(p, fresh_p[n]) for n, p in moved.model.named_parameters())
+
+
+def test_full_model_and_random_init():
+    base = gpt2(0)
+    base_p, fresh_p = params_of(base), params_of(gpt2(1))
+    full = transplant("full_model", base, gpt2(1), subnetwork(base))
+    assert all(torch.equal(p, base_p[n]) for n, p in full.model.named_parameters())
+    fresh = transplant("random_init", base, gpt2(1), subnetwork(base))
+    assert all(torch.equal(p, fresh_p[n]) for n, p in fresh.model.named_parameters())
+    assert full.frozen is None and fresh.frozen is None
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_frozen_entries_never_change_under_weight_decay(optimizer):
+    base = gpt2(0)
+    mask = subnetwork(base, density=0.3)
+    moved = transplant("subnet", base, gpt2(1), mask)
+    start = params_of(moved.model)
+    params = moved.model.parameters()
+    opt = (torch.optim.AdamW(params, lr=0.05, weight_decay=0.5) if optimizer == "adamw"
+           else torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.5))
+    train(moved.model, moved.after_step, opt)
+    now = dict(moved.model.named_parameters())
+    for name, m in mask.items():
+        assert torch.equal(now[name][m], start[name][m])  # bit for bit
+        assert not torch.equal(now[name][~m], start[name][~m])  # the rest trains
+    # and the optimizer never saw a gradient there (as in the original, whose frozen copy had no gradient)
+    x = torch.randint(0, 30, (6, 4))
+    moved.model(x, labels=x).loss.backward()
+    for name, m in mask.items():
+        assert bool((now[name].grad[m] == 0).all()) and bool((now[name].grad[~m] != 0).any())
+
+
+def test_without_restore_weight_decay_would_move_frozen_entries():
+    """The guard above is needed: AdamW's decoupled decay moves entries whose gradient is zero."""
+    base = gpt2(0)
+    mask = subnetwork(base, density=0.3)
+    moved = transplant("subnet", base, gpt2(1), mask)
+    start = params_of(moved.model)
+    train(moved.model, lambda: None, torch.optim.AdamW(moved.model.parameters(), lr=0.05, weight_decay=0.5))
+    name = MASKED[0]
+    assert not torch.equal(dict(moved.model.named_parameters())[name][mask[name]], start[name][mask[name]])
+
+
+def test_subnet_trainable_moves_its_entries():
+    base = gpt2(0)
+    mask = subnetwork(base)
+    moved = transplant("subnet_trainable", base, gpt2(1), mask)
+    start = params_of(moved.model)
+    train(moved.model, moved.after_step, torch.optim.AdamW(moved.model.parameters(), lr=0.05))
+    name = MASKED[1]
+    assert moved.frozen is None
+    assert not torch.equal(dict(moved.model.named_parameters())[name][mask[name]], start[name][mask[name]])
+
+
+def test_sampled_baselines_keep_the_right_number_of_entries():
+    base = gpt2(0)
+    mask = subnetwork(base, density=0.2)
+    for condition in ("sampled_subnet", "sampled_complement"):
+        moved = transplant(condition, base, gpt2(1), mask, seed=3)
+        again = transplant(condition, base, gpt2(1), mask, seed=3)
+        other = transplant(condition, base, gpt2(1), mask, seed=4)
+        for name, m in mask.items():
+            kept = moved.kept[name]
+            assert int(kept.sum()) == int(m.sum())  # exactly k per layer
+            assert not torch.equal(kept, m) and torch.equal(kept, again.kept[name])
+            assert not torch.equal(kept, other.kept[name])
+            if condition == "sampled_complement":
+                assert not bool((kept & m).any())
+        assert moved.frozen is not None and moved.frozen.count == sum(int(m.sum()) for m in mask.values())
+    assert transplant("sampled_subnet", base, gpt2(1), mask, freeze=False).frozen is None
+
+
+def test_legacy_sampling_reproduces_the_inverted_masks():
+    base = gpt2(0)
+    mask = subnetwork(base, density=0.2)
+    sampled = transplant("sampled_subnet", base, gpt2(1), mask, legacy_sampling=True, seed=3)
+    complement = transplant("sampled_complement", base, gpt2(1), mask, legacy_sampling=True, seed=3)
+    for name, m in mask.items():
+        n, k = m.numel(), int(m.sum())
+        assert int(sampled.kept[name].sum()) == n - k  # N - k random entries, not k
+        kept = complement.kept[name]
+        assert int(kept.sum()) == n - k and bool(kept[m].all())  # the subnetwork plus N - 2k others
+
+
+def test_sample_mask_refuses_complement_of_a_majority_mask():
+    dense = torch.rand(10, 10) < 0.8
+    with pytest.raises(UserError, match="more than half"):
+        sample_mask(dense, "complement", torch.Generator().manual_seed(0))
+
+
+def test_user_errors_are_one_line():
+    base = gpt2(0)
+    cases = [
+        (lambda: transplant("subnetwork", base, gpt2(1), subnetwork(base)), "did you mean 'subnet'"),
+        (lambda: transplant("subnet", base, gpt2(1, n_layer=1), subnetwork(base)), "architecture differs"),
+        (lambda: transplant("subnet", base, gpt2(1), {"transformer.h.9.mlp.c_fc.weight": torch.ones(2)}),
+         "not parameter(s) of the model"),
+        (lambda: transplant("subnet", base, gpt2(1), subnetwork(base), non_masked="keep"), "non_masked 'keep'"),
+    ]
+    for action, message in cases:
+        with pytest.raises(UserError) as err:
+            action()
+        assert message in str(err.value) and "\n" not in str(err.value)
+    assert set(CONDITIONS) == {"subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet",
+                               "sampled_complement"}
+
+
+def test_no_extra_parameters_and_index_only_memory():
+    base = gpt2(0)
+    mask = subnetwork(base)
+    moved = transplant("subnet", base, gpt2(1), mask)
+    assert moved.model.state_dict().keys() == gpt2(1).state_dict().keys()  # nothing added to the model
+    assert moved.frozen.extra_bytes() == 8 * moved.frozen.count
+    frozen = FrozenEntries(gpt2(2), {MASKED[0]: torch.zeros(16, 48, dtype=torch.bool)})
+    assert frozen.count == 0
