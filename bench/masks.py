@@ -15,7 +15,7 @@ Prints three ratios (lower is better) and, last, one JSON object with them:
   in the original code, where their gradient was zero too); the fused kernel has no such slow path.
   ``transfer_memory_vs_plain``: bytes of parameters, buffers and freezing state, transplanted over plain.
 
-Timing: the two steps alternate (``--repeats`` pairs after warm-up); a ratio is the median of the per-pair ratios.
+Timing: the compared steps take turns (``--repeats`` rounds after warm-up); a ratio is the median over rounds.
 Run on a quiet machine (``uptime``): ``python bench/masks.py`` (paper size: GPT-2 128 wide, 4 heads, vocabulary
 1001, discovery batch 500, transfer batch 50) or ``--quick`` (toy size, seconds).
 """
@@ -71,21 +71,28 @@ def answer_loss(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, 2].float(), answer)
 
 
-def paired_ratio(step_a: Callable[[], None], step_b: Callable[[], None], repeats: int, warmup: int) -> dict:
-    """Median over alternating pairs of time(a) / time(b): machine noise that drifts hits both sides of a pair."""
+def interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each step, the steps taking turns (in a rotating order) so drifting noise hits all."""
     for _ in range(warmup):
-        step_a()
-        step_b()
-    times_a, times_b = [], []
-    for i in range(repeats):
-        order = ((step_a, times_a), (step_b, times_b))
-        for step, times in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
-            start = time.perf_counter()
+        for step in steps.values():
             step()
-            times.append(time.perf_counter() - start)
-    ratios = [a / b for a, b in zip(times_a, times_b)]
-    return {"ratio": statistics.median(ratios), "a_ms": statistics.median(times_a) * 1e3,
-            "b_ms": statistics.median(times_b) * 1e3}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for i in range(repeats):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of time(a) / time(b)."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def median_ms(times: dict[str, list[float]], name: str) -> float:
+    return statistics.median(times[name]) * 1e3
 
 
 # ----------------------------------------------------------------------------------------------------- discovery
@@ -193,31 +200,36 @@ def transfer_steps(size: Size, fused: bool = False) -> tuple[Callable[[], None],
 # ----------------------------------------------------------------------------------------------------- main
 
 def run(size: Size) -> dict[str, float]:
-    ours = ours_discovery_step(size)
-    versus_plain = paired_ratio(ours, plain_forward_backward(size), size.repeats, size.warmup)
-    versus_ns = paired_ratio(ours, neurosurgeon_discovery_step(size), size.repeats, size.warmup)
-    # what the masks add on top of the plain forward+backward, ours over NeuroSurgeon's
-    overhead = (versus_ns["a_ms"] - versus_plain["b_ms"]) / max(versus_ns["b_ms"] - versus_plain["b_ms"], 1e-9)
-    moved_step, plain_step, memory = transfer_steps(size)
-    versus_transfer = paired_ratio(moved_step, plain_step, size.repeats, size.warmup)
-    versus_fused = paired_ratio(*transfer_steps(size, fused=True)[:2], size.repeats, size.warmup)
-    print(f"discovery step {versus_plain['a_ms']:.2f} ms / plain fwd+bwd {versus_plain['b_ms']:.2f} ms = "
-          f"{versus_plain['ratio']:.3f} (target <= 1.25)")
-    print(f"discovery step {versus_ns['a_ms']:.2f} ms / NeuroSurgeon step {versus_ns['b_ms']:.2f} ms = "
-          f"{versus_ns['ratio']:.3f} (target <= 1); mask overhead ours / NeuroSurgeon's = {overhead:.2f}")
-    print(f"transplanted step {versus_transfer['a_ms']:.2f} ms / plain step {versus_transfer['b_ms']:.2f} ms = "
-          f"{versus_transfer['ratio']:.3f} (target <= 1.05; AdamW default); with fused AdamW "
-          f"{versus_fused['a_ms']:.2f} / {versus_fused['b_ms']:.2f} ms = {versus_fused['ratio']:.3f}")
+    steps = {"ours": ours_discovery_step(size), "neurosurgeon": neurosurgeon_discovery_step(size),
+             "plain": plain_forward_backward(size)}
+    discovery = interleaved(steps, size.repeats, size.warmup)
+    # what the masks add on top of the plain forward+backward, ours over NeuroSurgeon's (per round, then median)
+    overhead = statistics.median((o - p) / max(n - p, 1e-9) for o, n, p in
+                                 zip(discovery["ours"], discovery["neurosurgeon"], discovery["plain"]))
+    moved, plain, memory = transfer_steps(size)
+    transfer = interleaved({"moved": moved, "plain": plain}, size.repeats, size.warmup)
+    fused = interleaved(dict(zip(("moved", "plain"), transfer_steps(size, fused=True)[:2])), size.repeats,
+                        size.warmup)
+    result = {"discovery_vs_plain": ratio(discovery, "ours", "plain"),
+              "discovery_vs_neurosurgeon": ratio(discovery, "ours", "neurosurgeon"),
+              "mask_overhead_vs_neurosurgeon": overhead,
+              "transfer_vs_plain": ratio(transfer, "moved", "plain"),
+              "transfer_vs_plain_fused_adamw": ratio(fused, "moved", "plain"),
+              "transfer_memory_vs_plain": memory}
+    print(f"discovery step {median_ms(discovery, 'ours'):.2f} ms / plain fwd+bwd {median_ms(discovery, 'plain'):.2f} "
+          f"ms = {result['discovery_vs_plain']:.3f} (target <= 1.25)")
+    print(f"discovery step / NeuroSurgeon step {median_ms(discovery, 'neurosurgeon'):.2f} ms = "
+          f"{result['discovery_vs_neurosurgeon']:.3f} (target <= 1); mask overhead ours / NeuroSurgeon's = "
+          f"{overhead:.2f}")
+    print(f"transplanted step {median_ms(transfer, 'moved'):.2f} ms / plain step {median_ms(transfer, 'plain'):.2f} "
+          f"ms = {result['transfer_vs_plain']:.3f} (target <= 1.05; torch's default AdamW); with fused AdamW "
+          f"{median_ms(fused, 'moved'):.2f} / {median_ms(fused, 'plain'):.2f} ms = "
+          f"{result['transfer_vs_plain_fused_adamw']:.3f}")
     print(f"transplanted model memory (parameters, buffers, frozen-entry indices) / plain = {memory:.3f} "
           f"(target <= 1.1) at subnetwork density {size.density}")
-    return {"discovery_vs_plain": round(versus_plain["ratio"], 4),
-            "discovery_vs_neurosurgeon": round(versus_ns["ratio"], 4),
-            "mask_overhead_vs_neurosurgeon": round(overhead, 4),
-            "transfer_vs_plain": round(versus_transfer["ratio"], 4),
-            "transfer_vs_plain_fused_adamw": round(versus_fused["ratio"], 4),
-            "transfer_memory_vs_plain": round(memory, 4),
-            "n_layer": size.n_layer, "n_embd": size.n_embd, "discovery_batch": size.discovery_batch,
-            "transfer_batch": size.transfer_batch, "density": size.density, "threads": torch.get_num_threads()}
+    return {**{k: round(v, 4) for k, v in result.items()}, "n_layer": size.n_layer, "n_embd": size.n_embd,
+            "discovery_batch": size.discovery_batch, "transfer_batch": size.transfer_batch,
+            "density": size.density, "repeats": size.repeats, "threads": torch.get_num_threads()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

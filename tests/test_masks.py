@@ -250,9 +250,9 @@ def test_hard_concrete_gates_l0_and_eval_mask():
     first = masked.l0().item()
     expected = sum(torch.sigmoid(p.detach() - (2 / 3) * math.log(0.1 / 1.1)).sum() for p in masked.logits)
     assert first == pytest.approx(float(expected), rel=1e-5)
-    gates = [masked.method.soft(p.detach(), 1.0)[0] for p in masked.logits]
+    gates = [masked.method.gates(p.detach()) for p in masked.logits]
     assert all(float(g.min()) >= 0 and float(g.max()) <= 1 for g in gates)
-    assert not torch.equal(gates[0], masked.method.soft(masked.logits[0], 1.0)[0])  # stochastic
+    assert not torch.equal(gates[0], masked.method.gates(masked.logits[0].detach()))  # stochastic
     hard = masked.hard_masks()
     for name, logits in zip(masked.names, masked.logits):  # default stretch: gate > 0.5 iff log-alpha > 0
         assert torch.equal(hard[name], logits.detach() > 0)
