@@ -209,7 +209,7 @@ def _is_glob(pattern: str) -> bool:
 
 
 def _no_match_message(entry: str, modules, canonical) -> str:
-    names = [name for name, _ in modules] + list(canonical.values())
+    names = list(layer_kinds()) + [name for name, _ in modules] + list(canonical.values())
     hint = difflib.get_close_matches(entry, names, n=3)
     near = f"; nearest names: {', '.join(hint)}" if hint else ""
     return (f"mask layers: {entry!r} matches no maskable weight (use a layer type such as "
@@ -388,7 +388,9 @@ class MaskedModel(nn.Module):
         return self
 
     def set_epoch(self, epoch: int, epochs: int) -> dict[str, float]:
-        """Set the temperature for 0-based ``epoch`` (continuous sparsification); returns it for logging."""
+        """Set the temperature for 0-based ``epoch``; returns it for logging (continuous sparsification only)."""
+        if not isinstance(self.method, ContinuousSparsification):
+            return {}
         self.temperature = temperature_at(epoch, epochs, self.config.final_temp, self.config.legacy_schedule)
         return {"temperature": self.temperature}
 

@@ -26,7 +26,7 @@ Frozen entries cost nothing in the forward pass: the model holds one ordinary we
 zeroes the frozen entries' gradient as it is accumulated (so clipping norms and optimizer moments ignore them), and
 ``Transplant.after_step()``, called after every optimizer step, writes back the values the frozen entries had at
 the backward pass: whatever the optimizer does (weight decay, momentum), they keep their transplanted values
-exactly. The persistent extra memory is one int64 index per frozen entry.
+exactly. The persistent extra memory is one int32 index per frozen entry.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class FrozenEntries:
     Per parameter, a post-accumulate-grad hook zeroes the frozen entries' gradient and notes their values (which
     are, by induction, the values they started with: nothing but the optimizer step writes parameters between a
     backward pass and ``restore()``); ``restore()``, after each optimizer step, writes those values back. A
-    parameter frozen entirely just stops requiring gradients. Persistent cost: one int64 index per frozen entry;
+    parameter frozen entirely just stops requiring gradients. Persistent cost: one int32 index per frozen entry;
     the noted values live from the backward pass to the next ``restore()``.
     """
 
@@ -72,7 +72,7 @@ class FrozenEntries:
     def _add(self, param: nn.Parameter, mask: torch.Tensor) -> None:
         if not param.is_contiguous():
             raise ValueError("FrozenEntries needs contiguous parameters")
-        entry = _Frozen(param, mask.reshape(-1).nonzero().squeeze(1))  # int64: index_fill_/index_copy_ need it
+        entry = _Frozen(param, mask.reshape(-1).nonzero().squeeze(1))
         self._entries.append(entry)
         self._handles.append(param.register_post_accumulate_grad_hook(entry.on_grad))
 
@@ -92,25 +92,32 @@ class FrozenEntries:
             handle.remove()
         self._handles, self._entries = [], []
 
-    def extra_bytes(self) -> int:
-        """Persistent memory held for freezing (the indices)."""
-        return sum(e.index.numel() * e.index.element_size() for e in self._entries)
+    def extra_bytes(self, in_step: bool = False) -> int:
+        """Memory held for freezing: the indices; ``in_step``: also the per-step tensors alive right now."""
+        held = [e.index for e in self._entries] + [e.values for e in self._entries if in_step and e.values is not None]
+        return sum(t.numel() * t.element_size() for t in held)
 
 
 class _Frozen:
-    """One parameter's frozen entries: flat indices, and their values noted at the last backward pass."""
+    """One parameter's frozen entries: flat indices (int32 at rest, half the memory of int64), and their values,
+    noted at each backward pass and dropped once ``restore`` has written them back."""
 
     def __init__(self, param: nn.Parameter, index: torch.Tensor):
-        self.param, self.index = param, index
+        self.param = param
+        self.index = index.to(torch.int32) if param.numel() < 2**31 else index
         self.values: Optional[torch.Tensor] = None
 
+    def _long_index(self) -> torch.Tensor:
+        return self.index.long()  # index_fill_ / index_copy_ take int64 only; a temporary, one parameter at a time
+
     def on_grad(self, param: torch.Tensor) -> None:
-        param.grad.view(-1).index_fill_(0, self.index, 0)
-        self.values = param.detach().view(-1).index_select(0, self.index)
+        index = self._long_index()
+        param.grad.view(-1).index_fill_(0, index, 0)
+        self.values = param.detach().view(-1).index_select(0, index)
 
     def restore(self) -> None:
         if self.values is not None:
-            self.param.view(-1).index_copy_(0, self.index, self.values)
+            self.param.view(-1).index_copy_(0, self._long_index(), self.values)
             self.values = None
 
 

@@ -82,6 +82,8 @@ def test_selection_errors_are_one_line():
     with pytest.raises(UserError) as err:
         select_targets(model, ["transformer.h.0.attn.c_atn"])
     assert "matches no maskable weight" in str(err.value) and "c_attn" in str(err.value)
+    with pytest.raises(UserError, match="nearest names: Conv1D"):
+        select_targets(model, ["Conv1Dx"])
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="GPT2Attention, which has no maskable weight"):
         select_targets(model, ["transformer.h.0.attn"])
@@ -281,7 +283,9 @@ def test_temperature_schedule_correct_and_legacy():
     legacy = [temperature_at(e, 50, 100.0, legacy=True) for e in range(50)]
     assert legacy[0] == 1.0 and legacy[1] == pytest.approx(r ** 2) and legacy[49] == pytest.approx(100.0)
     masked = MaskedModel(tiny_gpt2(), MaskConfig(layers=("Conv1D",), final_temp=8.0, legacy_schedule=True))
-    assert masked.set_epoch(2, 3) == {"temperature": pytest.approx(8.0)}
+    assert masked.set_epoch(2, 3) == {"temperature": pytest.approx(8.0)} and masked.temperature == pytest.approx(8.0)
+    concrete = MaskedModel(tiny_gpt2(), MaskConfig(layers=("Conv1D",), method="hard_concrete"))
+    assert concrete.set_epoch(2, 3) == {}  # its concrete temperature is fixed
 
 
 # ----------------------------------------------------------------------------------------------------- timm, torchvision

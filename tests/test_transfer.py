@@ -181,6 +181,6 @@ def test_no_extra_parameters_and_index_only_memory():
     mask = subnetwork(base)
     moved = transplant("subnet", base, gpt2(1), mask)
     assert moved.model.state_dict().keys() == gpt2(1).state_dict().keys()  # nothing added to the model
-    assert moved.frozen.extra_bytes() == 8 * moved.frozen.count
+    assert moved.frozen.extra_bytes() == 4 * moved.frozen.count  # one int32 index per frozen entry
     frozen = FrozenEntries(gpt2(2), {MASKED[0]: torch.zeros(16, 48, dtype=torch.bool)})
     assert frozen.count == 0
