@@ -513,8 +513,8 @@ def save_mask(directory: str | Path, masks: Mapping[str, torch.Tensor], base_mod
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    masks = {name: m.detach().to("cpu", torch.bool).contiguous() for name, m in masks.items()}
     check_masks(masks, base_model, source="mask")
+    masks = {name: m.detach().cpu().contiguous() for name, m in masks.items()}
     density = mask_density(masks)
     meta = {"version": ARTIFACT_VERSION, "method": method, "hyperparameters": hyperparameters or {},
             "base_hash": weights_hash(base_model), "density": density["density"], "kept": density["kept"],
