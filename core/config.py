@@ -111,6 +111,7 @@ class TrainConfig(Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     grad_clip: Optional[float] = Field(None, gt=0, description="clip the global gradient norm to this value")
     grad_accum: int = Field(1, ge=1, description="optimizer step every this many batches")
+    drop_last: bool = Field(False, description="skip the last, smaller batch of each epoch")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast on CUDA (ignored on the CPU)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")

@@ -50,6 +50,7 @@ class Objective:
     train_mode(model): put the model in training mode (masks keep their frozen base in eval mode, for example)
     on_epoch_start(epoch) -> {name: float} logged with the epoch's evaluation (a temperature, say)
     after_step(): after every optimizer step (restore frozen weights, say)
+    step: the number of optimizer steps taken so far, kept current by the loop for ``loss`` to read
     """
 
     loss: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
@@ -57,6 +58,7 @@ class Objective:
     train_mode: Callable[[nn.Module], None] = lambda model: model.train()
     on_epoch_start: Optional[Callable[[int], dict[str, float]]] = None
     after_step: Optional[Callable[[], None]] = None
+    step: int = 0
 
 
 @dataclass
@@ -220,7 +222,7 @@ class _Loop:
         model.to(device)
         self.model = dist.wrap(model, device)
         self.loader = BatchLoader(train, cfg.batch_size, shuffle=True, seed=seed, rank=dist.rank(),
-                                  world_size=dist.world_size())
+                                  world_size=dist.world_size(), drop_last=cfg.drop_last)
         self.steps_per_epoch = max(len(self.loader) // cfg.grad_accum, 1)
         total = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
@@ -337,6 +339,7 @@ class _Loop:
 
     def _train_batch(self, batch) -> None:
         x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        self.objective.step = self.step
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss, logs = self.objective.loss(self.model, (x, y))
         value = loss.item()

@@ -30,6 +30,7 @@ STAGES = {
     "base": "core.stages.base",
     "ablate": "core.stages.ablate",
     "transfer": "core.stages.transfer",
+    "guide": "core.stages.guide",
 }
 
 
