@@ -1,0 +1,259 @@
+"""Activation capture: the outputs of chosen modules, recorded by forward hooks during an ordinary forward pass.
+
+    with FeatureCapture(model, ["layer1.0.conv1", nn.Linear], transform=None) as capture:
+        logits = model(x)          # one forward: the logits and the features
+        features = capture.pop()   # {"layer1.0.conv1": (n, ...), "fc": (n, ...)}, in execution order
+
+Layers are chosen by module name (as in ``model.named_modules()``, a ``module.`` prefix of DDP/DataParallel
+wrappers may be left out), by module type (``nn.Linear``, or the string ``"type:Linear"`` from a config), or both.
+``DEFAULT_TYPES`` is the original guidance code's selection plus GRU and transformer encoder layers;
+``ORIGINAL_TYPES`` is exactly its list. A name that is not in the model raises a UserError naming the nearest names.
+
+What a capture is:
+
+- Keys are module names in execution order. A module called several times in one forward (a weight-tied layer
+  stack, a reused block) gives one capture per call: ``name``, ``name@1``, ``name@2``, ...
+- Tuple outputs give their first element (RNN/LSTM/GRU: the output sequence, not the final state; attention: the
+  attended values, not the weights). A ``PackedSequence`` is padded back, batch first.
+- The batch axis is declared, never guessed from sizes, and moved to the front. A module that declares its layout
+  (``batch_first`` on RNNs, ``nn.MultiheadAttention``, ``nn.Transformer*``) decides for itself and its submodules;
+  everything else uses ``batch_axis`` (0 by default; 1 for sequence-first models); ``batch_axes`` overrides by name.
+- ``transform`` (one callable, or a dict by module name) runs inside the hook on the fresh output, e.g. a guide's
+  Gram matrix under ``no_grad``: the activation is dropped at once and only the n x n matrix is kept.
+- In-place operations cannot corrupt a capture: by default an output is copied when it is kept as it is or when
+  it requires grad (a transform may save it for backward); with ``clone=False`` nothing is copied and ``pop``
+  raises if a later in-place operation (``ReLU(inplace=True)``) changed a kept tensor.
+
+Hooks stay registered until the context exits (or ``close()``), so nothing is rebuilt per step. The transformer fast
+paths are switched off meanwhile: in eval mode ``nn.TransformerEncoder`` would hand its layers nested tensors.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from core.errors import UserError
+
+ORIGINAL_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv2d, nn.Linear, nn.AdaptiveAvgPool2d, nn.LSTM, nn.RNN, nn.TransformerDecoderLayer, nn.LayerNorm,
+    nn.MultiheadAttention)
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = ORIGINAL_TYPES + (nn.GRU, nn.TransformerEncoderLayer)
+
+LayerSpec = str | type[nn.Module]
+Transform = Callable[[Tensor], Any]
+
+
+# ----------------------------------------------------------------------------------------------------- selection
+
+def _named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return dict(model.named_modules(remove_duplicate=False))
+
+
+def _type_matches(spec: str | type[nn.Module], module: nn.Module) -> bool:
+    if isinstance(spec, type):
+        return isinstance(module, spec)
+    return any(cls.__name__ == spec for cls in type(module).__mro__)  # "type:Linear" matches subclasses too
+
+
+def _resolve_name(name: str, modules: Mapping[str, nn.Module], params: set[str]) -> str:
+    for candidate in (name, f"module.{name}", name.removeprefix("module.")):
+        if candidate and candidate in modules:
+            return candidate
+    owner = name.rsplit(".", 1)[0]
+    if name in params:
+        raise UserError(f"layer {name!r} is a parameter, not a module: name its module {owner!r}")
+    near = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.5)
+    hint = f"nearest: {', '.join(near)}" if near else f"the model has e.g. {', '.join(list(modules)[1:6])}"
+    raise UserError(f"no layer {name!r} in {type(modules['']).__name__}; {hint}")
+
+
+def select_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec]) -> dict[str, nn.Module]:
+    """``{name: module}`` for the given names and types, in the model's registration order, each module once."""
+    specs = [layers] if isinstance(layers, (str, type)) else list(layers)
+    modules = _named_modules(model)
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    names = [spec for spec in specs if isinstance(spec, str) and not spec.startswith("type:")]
+    kinds = [spec.removeprefix("type:") if isinstance(spec, str) else spec for spec in specs if spec not in names]
+    wanted = {_resolve_name(name, modules, params) for name in names}
+    by_type = {name for name, module in model.named_modules() if name and any(_type_matches(k, module) for k in kinds)}
+    if kinds and not by_type:
+        labels = ", ".join(k if isinstance(k, str) else k.__name__ for k in kinds)
+        raise UserError(f"no module of the types {labels} in {type(model).__name__}")
+    wanted |= by_type
+    selected: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+    for name, module in modules.items():  # shared modules: one hook, under their first name
+        if name in wanted and id(module) not in seen:
+            selected[name] = module
+            seen.add(id(module))
+    return selected
+
+
+# ----------------------------------------------------------------------------------------------------- layout
+
+def declared_batch_first(module: nn.Module) -> bool | None:
+    """The layout a module declares: ``batch_first`` of RNNs, attention and transformer layers; None if none."""
+    for owner in (module, getattr(module, "self_attn", None)):
+        if isinstance(getattr(owner, "batch_first", None), bool):
+            return owner.batch_first
+    return None
+
+
+def batch_axes_of(model: nn.Module, default: int = 0) -> dict[str, int]:
+    """Each module's batch axis: its own declaration, else its nearest declaring ancestor's, else ``default``."""
+    axes: dict[str, int] = {}
+    for name, module in model.named_modules(remove_duplicate=False):  # parents come before their children
+        inherited = axes[name.rsplit(".", 1)[0] if "." in name else ""] if name else default
+        declared = declared_batch_first(module)
+        axes[name] = inherited if declared is None else (0 if declared else 1)
+    return axes
+
+
+def _primary_tensor(output: Any, name: str) -> tuple[Tensor, bool]:
+    """The output's main tensor and whether it is already batch-first (padded packed sequences are)."""
+    while True:
+        if isinstance(output, Tensor):
+            return output, False
+        if isinstance(output, PackedSequence):
+            return pad_packed_sequence(output, batch_first=True)[0], True
+        if isinstance(output, Mapping):
+            output = next(iter(output.values()), None)
+        elif isinstance(output, (tuple, list)) and output:
+            output = output[0]
+        else:
+            raise UserError(f"layer {name!r} returned {type(output).__name__}, not a tensor: capture a submodule")
+
+
+# ----------------------------------------------------------------------------------------------------- capture
+
+@dataclass
+class _Record:
+    name: str
+    value: Any
+    version: int | None  # of ``value`` when kept without a copy: an in-place change shows as a new version
+
+
+class FeatureCapture:
+    """Forward hooks that record the chosen layers' outputs; see the module docstring.
+
+    Args:
+        model: the network; hooks go on its modules, nothing else changes.
+        layers: module names and/or types (``nn.Linear`` or ``"type:Linear"``); ``DEFAULT_TYPES`` is a good start.
+        batch_axis: the batch axis of modules that do not declare their layout.
+        batch_axes: per-name overrides of the batch axis.
+        transform: applied to each capture inside the hook (batch axis already first); a dict applies per name.
+        clone: copy kept outputs (default: when kept untransformed, or when they require grad).
+    """
+
+    def __init__(self, model: nn.Module, layers: LayerSpec | Sequence[LayerSpec], *, batch_axis: int = 0,
+                 batch_axes: Mapping[str, int] | None = None,
+                 transform: Transform | Mapping[str, Transform] | None = None, clone: bool | None = None):
+        self.model = model
+        self.layers = select_layers(model, layers)
+        axes = batch_axes_of(model, batch_axis)
+        for name, axis in (batch_axes or {}).items():
+            axes[select_layers(model, name).popitem()[0]] = axis
+        self.batch_axes = {name: axes[name] for name in self.layers}
+        self._transforms = self._per_layer(transform)
+        self.clone = clone
+        self._records: list[_Record] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._fastpath_before: bool | None = None
+
+    def _per_layer(self, transform: Transform | Mapping[str, Transform] | None) -> dict[str, Transform | None]:
+        if not isinstance(transform, Mapping):
+            return {name: transform for name in self.layers}
+        resolved = {select_layers(self.model, name).popitem()[0]: fn for name, fn in transform.items()}
+        unknown = set(resolved) - set(self.layers)
+        if unknown:
+            raise UserError(f"transform for {sorted(unknown)}, which are not captured layers")
+        return {name: resolved.get(name) for name in self.layers}
+
+    @property
+    def names(self) -> list[str]:
+        """The hooked modules' names (registration order; captures come in execution order)."""
+        return list(self.layers)
+
+    # --- hooks -------------------------------------------------------------------------------------------------
+
+    def open(self) -> FeatureCapture:
+        """Register the hooks (idempotent) and switch off transformer fast paths that would bypass them."""
+        if self._handles:
+            return self
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        if any(isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder)) for m in self.model.modules()):
+            self._fastpath_before = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+        return self
+
+    def close(self) -> None:
+        """Remove the hooks, restore the fast-path setting, drop unread captures."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._records.clear()
+        if self._fastpath_before is not None:
+            torch.backends.mha.set_fastpath_enabled(self._fastpath_before)
+            self._fastpath_before = None
+
+    def __enter__(self) -> FeatureCapture:
+        return self.open()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        axis, transform, records = self.batch_axes[name], self._transforms[name], self._records
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            tensor, batch_first = _primary_tensor(output, name)
+            if axis and not batch_first:
+                tensor = tensor.movedim(axis, 0)
+            if self.clone if self.clone is not None else (transform is None or tensor.requires_grad):
+                tensor = tensor.clone(memory_format=torch.contiguous_format)
+            value = tensor if transform is None else transform(tensor)
+            records.append(_Record(name, value, value._version if isinstance(value, Tensor) else None))
+
+        return hook
+
+    # --- results -----------------------------------------------------------------------------------------------
+
+    def pop(self, strict: bool = False) -> dict[str, Any]:
+        """The captures since the last ``pop``, in execution order, and forget them.
+
+        ``strict``: raise a UserError if a hooked layer did not run (a branch not taken, a fast path).
+        """
+        records, self._records[:] = list(self._records), []
+        calls: Counter[str] = Counter()
+        captures: dict[str, Any] = {}
+        for record in records:
+            if record.version is not None and record.value._version != record.version:
+                raise UserError(f"the capture of layer {record.name!r} was changed in place after its forward "
+                                f"(e.g. by ReLU(inplace=True)); capture with clone=True")
+            key = record.name if calls[record.name] == 0 else f"{record.name}@{calls[record.name]}"
+            calls[record.name] += 1
+            captures[key] = record.value
+        if strict and (silent := [name for name in self.layers if name not in calls]):
+            raise UserError(f"layers {silent} did not run in this forward pass")
+        return captures
+
+
+def probe(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec], *inputs: Any, **capture_options: Any
+          ) -> dict[str, tuple[int, ...]]:
+    """Capture keys in execution order with each capture's shape (batch first), from one forward under no_grad.
+
+    Use it to list a model's layers before training, e.g. to build a layer map (and drop the logits layer).
+    """
+    capture_options.setdefault("transform", lambda tensor: tuple(tensor.shape))
+    with torch.no_grad(), FeatureCapture(model, layers, **capture_options) as capture:
+        model(*inputs)
+        return capture.pop()

@@ -1,0 +1,302 @@
+"""Similarity measures against textbook formulas (float64, explicit centring matrices) and their known properties."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from core.errors import UserError
+from core.similarity import (SIMILARITIES, canonical_correlations, cca, center_gram, centered_gram, cka,
+                             cka_from_grams, cka_with_gram, get_similarity, gram, procrustes, pwcca, rsa, svcca)
+
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+def data(n: int, d: int, seed: int, dtype=torch.float64, shift: float = 0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=dtype) + shift
+
+
+def related(x: torch.Tensor, d: int, seed: int, noise: float = 0.5) -> torch.Tensor:
+    """A second representation that depends on x (a random linear map, a ReLU, noise)."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(x.shape[1], d, generator=g, dtype=x.dtype)
+    return (x @ mixing).relu() + noise * torch.randn(x.shape[0], d, generator=g, dtype=x.dtype)
+
+
+def random_rotation(d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64)).Q
+
+
+# ----------------------------------------------------------------------------------------------------- textbook
+
+def textbook_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Kornblith et al.: HSIC = tr(H K H H L H), with the centring matrix H built explicitly."""
+    n = x.shape[0]
+    h = torch.eye(n, dtype=x.dtype) - torch.ones(n, n, dtype=x.dtype) / n
+    k, l = h @ x @ x.T @ h, h @ y @ y.T @ h
+    return (k * l).sum() / torch.sqrt((k * k).sum() * (l * l).sum())
+
+
+def song_hsic(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """The unbiased HSIC estimator of Song et al. (2012), eq. 5, term by term."""
+    n = k.shape[0]
+    k, l = k - torch.diag(torch.diag(k)), l - torch.diag(torch.diag(l))
+    one = torch.ones(n, 1, dtype=k.dtype)
+    value = (torch.trace(k @ l) + (one.T @ k @ one) * (one.T @ l @ one) / ((n - 1) * (n - 2))
+             - 2 / (n - 2) * (one.T @ k @ l @ one))
+    return value.squeeze() / (n * (n - 3))
+
+
+def textbook_unbiased_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    k, l = x @ x.T, y @ y.T
+    return song_hsic(k, l) / torch.sqrt(song_hsic(k, k) * song_hsic(l, l))
+
+
+shapes = st.tuples(st.integers(5, 24), st.integers(1, 40), st.integers(1, 40), st.integers(0, 10_000))
+
+
+@SETTINGS
+@given(shapes)
+def test_biased_cka_equals_the_textbook_formula_in_both_forms(shape):
+    n, d_x, d_y, seed = shape
+    x = data(n, d_x, seed, shift=3.0)
+    y = related(x, d_y, seed + 1)
+    expected = textbook_cka(x, y)
+    torch.testing.assert_close(cka(x, y), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(cka_with_gram(x, gram(y)), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(cka_with_gram(x, centered_gram(y)), expected, rtol=1e-10, atol=1e-10)
+
+
+@SETTINGS
+@given(shapes)
+def test_unbiased_cka_equals_song_et_al(shape):
+    n, d_x, d_y, seed = shape
+    x = data(n, d_x, seed, shift=-2.0)
+    y = related(x, d_y, seed + 1)
+    expected = textbook_unbiased_cka(x, y)
+    torch.testing.assert_close(cka(x, y, unbiased=True), expected, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(cka_with_gram(x, centered_gram(y), unbiased=True), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_both_forms_are_used_and_agree():
+    narrow, wide = data(64, 4, 0), data(64, 300, 1)
+    for x, y in ((narrow, related(narrow, 5, 2)), (wide, related(wide, 200, 3))):
+        for unbiased in (False, True):
+            by_grams = cka_from_grams(x @ x.T, y @ y.T, unbiased)
+            torch.testing.assert_close(cka(x, y, unbiased), by_grams, rtol=1e-10, atol=1e-12)
+
+
+def test_a_stack_of_grams_gives_one_value_per_pair():
+    xs = [data(10, 6, seed) for seed in range(3)]
+    ys = [related(x, 4, seed + 10) for seed, x in enumerate(xs)]
+    stacked = cka_from_grams(torch.stack([gram(x) for x in xs]), torch.stack([centered_gram(y) for y in ys]))
+    torch.testing.assert_close(stacked, torch.stack([textbook_cka(x, y) for x, y in zip(xs, ys)]))
+
+
+# ----------------------------------------------------------------------------------------------------- properties
+
+@SETTINGS
+@given(st.integers(6, 20), st.integers(2, 30), st.floats(1e-3, 1e3), st.booleans(), st.integers(0, 10_000))
+def test_cka_invariances(n, d, scale, unbiased, seed):
+    x = data(n, d, seed)
+    y = related(x, d + 3, seed + 1)
+    base = cka(x, y, unbiased)
+    rotated = cka(x @ random_rotation(d, seed + 2), scale * y + 7.0, unbiased)
+    torch.testing.assert_close(rotated, base, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(cka(x, 5 * x @ random_rotation(d, seed), unbiased), torch.tensor(1.0, dtype=x.dtype))
+
+
+def test_unbiased_cka_removes_the_bias_of_wide_independent_features():
+    # Murphy et al. / the reference notes: biased CKA of independent 1024-wide Gaussian maps at n = 256 is ~0.8
+    x, y = data(256, 1024, 0, torch.float32), data(256, 1024, 1, torch.float32)
+    biased, unbiased = cka(x, y).item(), cka(x, y, unbiased=True).item()
+    assert 0.7 < biased < 0.9
+    assert abs(unbiased) < 0.02
+
+
+def test_values_stay_float32_under_bf16_autocast():
+    layer = torch.nn.Linear(64, 96)
+    x, y = data(32, 64, 0, torch.float32), data(32, 96, 1, torch.float32)
+    reference = cka(layer(x), y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        assert out.dtype == torch.bfloat16
+        for value in (cka(out, y), cka(out, y, unbiased=True), cka_with_gram(out, centered_gram(y)), rsa(out, y)):
+            assert value.dtype == torch.float32
+        value = cka(out, y)
+    assert abs(value.item() - reference.item()) < 2e-2  # the activations themselves were computed in bf16
+
+
+def test_products_run_in_full_float32_whatever_the_matmul_precision():
+    # "medium" lets float32 matmuls run in bf16 (AMX CPUs, GPUs): ~1e-3 relative error in a Gram matrix
+    x, y = data(64, 512, 0, torch.float32, shift=1.0), data(64, 256, 1, torch.float32)
+    expected_gram, expected_cka = gram(x.double()), cka(x.double(), y.double()).item()
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        ours_gram, ours_cka = gram(x), cka(x, y).item()
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert ((ours_gram - expected_gram).norm() / expected_gram.norm()).item() < 1e-6
+    assert abs(ours_cka - expected_cka) < 1e-6
+
+
+def test_constant_or_zero_layers_give_zero_not_nan():
+    y = data(8, 5, 1)
+    for x in (torch.zeros(8, 5, dtype=torch.float64), torch.ones(8, 1, dtype=torch.float64) * data(1, 5, 2)):
+        for unbiased in (False, True):
+            for fn in (lambda a: cka(a, y, unbiased), lambda a: cka_with_gram(a, centered_gram(y), unbiased),
+                       lambda a: cka(a, data(8, 50, 3), unbiased)):
+                x_grad = x.clone().requires_grad_()
+                value = fn(x_grad)
+                value.backward()
+                assert value.item() == 0.0
+                assert torch.isfinite(x_grad.grad).all() and x_grad.grad.abs().max() == 0
+
+
+def test_mistakes_are_user_errors():
+    with pytest.raises(UserError, match="at least 4 samples"):
+        cka(data(3, 5, 0), data(3, 5, 1), unbiased=True)
+    with pytest.raises(UserError, match="8 and 6 samples"):
+        cka(data(8, 5, 0), data(6, 5, 1))
+    with pytest.raises(UserError, match="nearest: cka_unbiased"):
+        get_similarity("cka_unbaised")
+
+
+# ----------------------------------------------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("d", [3, 12])  # feature form, Gram form
+def test_cka_gradients_match_finite_differences(unbiased, d):
+    x = data(9, d, 0, shift=1.0).requires_grad_()
+    y = related(x.detach(), 7, 1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: cka(a, b, unbiased), (x, y))
+    guide = centered_gram(y.detach())
+    assert torch.autograd.gradcheck(lambda a: cka_with_gram(a, guide, unbiased), (x,))
+    assert torch.autograd.gradgradcheck(lambda a: gram(a), (x,))
+
+
+def test_gradient_equals_the_textbook_formulas_autograd_gradient():
+    x = data(16, 40, 0, shift=0.5).requires_grad_()
+    y = related(x.detach(), 30, 1)
+    (ours,) = torch.autograd.grad(cka_with_gram(x, gram(y)), x)
+    (textbook,) = torch.autograd.grad(textbook_cka(x, y), x)
+    torch.testing.assert_close(ours, textbook, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(SIMILARITIES))
+def test_every_measure_is_finite_differentiable_and_agrees_with_its_summary(name):
+    measure = get_similarity(name)
+    x = data(40, 6, 0, torch.float32).requires_grad_()
+    y = related(x.detach(), 8, 1)
+    value = measure(x, y)
+    value.backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    torch.testing.assert_close(measure.with_summary(x, measure.summarize(y)), value)
+    assert -1 - 1e-6 <= value.item() <= 1 + 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------- RSA
+
+def test_rsa_variants_against_numpy():
+    x = data(12, 7, 0).numpy()
+    y = related(torch.from_numpy(x), 9, 1).numpy()
+
+    def cosine_matrix(a):
+        a = a / np.linalg.norm(a, axis=1, keepdims=True)
+        return a @ a.T
+
+    original = np.corrcoef(cosine_matrix(x).ravel(), cosine_matrix(y).ravel())[0, 1]
+    upper = np.triu_indices(12, k=1)
+    classic = np.corrcoef((1 - np.corrcoef(x))[upper], (1 - np.corrcoef(y))[upper])[0, 1]
+    x_t, y_t = torch.from_numpy(x), torch.from_numpy(y)
+    assert rsa(x_t, y_t).item() == pytest.approx(original, abs=1e-10)
+    assert rsa(x_t, y_t, "classic").item() == pytest.approx(classic, abs=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------- Procrustes, CCA
+
+def textbook_canonical_correlations(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """sqrt of the eigenvalues of S_xx^-1 S_xy S_yy^-1 S_yx (Hotelling), largest first."""
+    x, y = x - x.mean(0), y - y.mean(0)
+    sxx, syy, sxy = x.T @ x, y.T @ y, x.T @ y
+    m = np.linalg.solve(sxx, sxy) @ np.linalg.solve(syy, sxy.T)
+    values = np.sort(np.clip(np.linalg.eigvals(m).real, 0, 1))[::-1]
+    return np.sqrt(values[:min(x.shape[1], y.shape[1])])
+
+
+def test_procrustes_equals_the_nuclear_norm_and_is_rotation_invariant():
+    x = data(20, 6, 0, shift=2.0)
+    y = related(x, 4, 1)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    expected = torch.linalg.svdvals(xc.T @ yc).sum() / (xc.norm() * yc.norm())
+    torch.testing.assert_close(procrustes(x, y), expected)
+    torch.testing.assert_close(procrustes(x, 3 * x @ random_rotation(6, 2) - 1), torch.tensor(1.0, dtype=x.dtype))
+    wide = data(10, 50, 3)  # more features than samples: compacted to n columns, same value
+    wide_y = related(wide, 30, 4)
+    wc, wyc = wide - wide.mean(0), wide_y - wide_y.mean(0)
+    expected_wide = torch.linalg.svdvals(wc.T @ wyc).sum() / (wc.norm() * wyc.norm())
+    torch.testing.assert_close(procrustes(wide, wide_y), expected_wide)
+
+
+def test_cca_family_against_textbook():
+    x = data(60, 5, 0, shift=1.0)
+    y = related(x, 7, 1, noise=2.0)
+    expected = textbook_canonical_correlations(x.numpy(), y.numpy())
+    np.testing.assert_allclose(canonical_correlations(x, y).numpy(), expected, atol=1e-8)
+    assert cca(x, y).item() == pytest.approx(expected.mean(), abs=1e-8)
+    assert cca(x, y, squared=True).item() == pytest.approx((expected ** 2).mean(), abs=1e-8)
+    assert svcca(x, y, keep=1.0).item() == pytest.approx(expected.mean(), abs=1e-8)
+    assert cca(x, 4 * x @ random_rotation(5, 3) + 2).item() == pytest.approx(1.0, abs=1e-8)
+    assert pwcca(x, x @ random_rotation(5, 3)).item() == pytest.approx(1.0, abs=1e-8)
+
+
+def test_pwcca_weights_by_projection_on_x():
+    x = data(80, 4, 0)
+    y = related(x, 6, 1, noise=1.5)
+    xc = (x - x.mean(0)).numpy()
+    rho = textbook_canonical_correlations(x.numpy(), y.numpy())
+    qx = np.linalg.qr(xc)[0]
+    yc = (y - y.mean(0)).numpy()
+    u, s, _ = np.linalg.svd(qx.T @ np.linalg.qr(yc)[0])
+    weights = np.abs((qx @ u).T @ xc).sum(1)
+    assert pwcca(x, y).item() == pytest.approx((weights * rho).sum() / weights.sum(), abs=1e-8)
+
+
+def test_cca_warns_when_features_reach_the_sample_count():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = cca(data(10, 12, 0), data(10, 3, 1))
+    assert any("d >= n - 1" in str(w.message) for w in caught)
+    assert value.item() == pytest.approx(1.0, abs=1e-6)  # the degenerate case the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        svcca(data(40, 100, 0), data(40, 5, 1), keep=0.5)  # reduced below n: no warning
+
+
+def test_center_gram_matches_the_centring_matrix_and_is_idempotent():
+    x = data(9, 4, 0, shift=5.0)
+    h = torch.eye(9, dtype=x.dtype) - 1 / 9
+    torch.testing.assert_close(center_gram(x @ x.T), h @ x @ x.T @ h)
+    torch.testing.assert_close(center_gram(center_gram(x @ x.T)), h @ x @ x.T @ h)
+
+
+# ----------------------------------------------------------------------------------------------------- bench
+
+def test_bench_functions_run_at_toy_size():
+    from bench import guidance as bench
+
+    size = bench.Size(n=16, widths=(32, 600), repeats=2, warmup=1, square=64)
+    result = bench.run_cka(size)
+    assert [row["d"] for row in result["rows"]] == [32, 600]
+    for row in result["rows"]:
+        assert row["value_diff"] < 1e-5 and row["grad_rel_diff"] < 1e-3
+        assert row["textbook_ms"] > 0 and row["ours_ms"] > 0 and row["matmul_fraction"] > 0
