@@ -18,7 +18,9 @@ matmul ``(G + G^T) X`` where autograd does two. The O(n^2) part has an analytic 
 orthogonal projections (self-adjoint, idempotent), so the gradient with respect to ``K`` is ``dCKA/dC(K)`` itself.
 When the features are narrower than the batch, the feature form ``||Y_c^T X_c||^2 / (||X_c^T X_c|| ||Y_c^T Y_c||)``
 costs less and is used instead. For a frozen side (the guide) compute ``centered_gram(y)`` once under ``no_grad``,
-for instance in its forward hook, dropping the activation at once, and call ``cka_with_gram(x, guide_gram)``.
+for instance in its forward hook, dropping the activation at once, and call ``cka_with_gram(x, guide_gram)``;
+``cka_summary`` / ``cka_with_summary`` do the same but keep the features instead when they are narrower than the
+batch (token-level rows: n x d is then smaller than n x n, and the feature form far cheaper).
 
 Constant layers. A side whose centred features hold at most ``eps`` of their energy (``||X_c||^2 <= eps ||X||^2``:
 features constant over the batch, or a mean so far above their spread that the dtype keeps only rounding of the
@@ -233,6 +235,29 @@ def cka(x: Tensor, y: Tensor, unbiased: bool = False, eps: float | None = None) 
         return _feature_cka(x, y, unbiased, eps)
 
 
+@dataclass(frozen=True)
+class CKASummary:
+    """What a frozen side keeps for CKA: its centred Gram matrix, or its features when narrower than the batch."""
+
+    gram: Tensor | None = None  # H Y Y^T H, (n, n)
+    features: Tensor | None = None  # Y, (n, d) with d < n
+
+
+def cka_summary(y: Tensor) -> CKASummary:
+    """The smaller of ``centered_gram(y)`` (n x n) and the flattened features (n x d), for ``cka_with_summary``."""
+    samples = as_samples(y)
+    if samples.shape[1] < samples.shape[0]:
+        return CKASummary(features=samples)
+    return CKASummary(gram=centered_gram(samples))
+
+
+def cka_with_summary(x: Tensor, summary: CKASummary, unbiased: bool = False, eps: float | None = None) -> Tensor:
+    """Linear CKA of activations ``x`` against a ``cka_summary`` of the other side."""
+    if summary.gram is not None:
+        return cka_with_gram(x, summary.gram, unbiased, eps)
+    return cka(x, summary.features, unbiased, eps)
+
+
 # ----------------------------------------------------------------------------------------------------- RSA
 
 RSAVariant = Literal["original", "classic"]
@@ -384,18 +409,18 @@ class Similarity:
 
     name: str
     pair: Callable[[Tensor, Tensor], Tensor]
-    summarize: Callable[[Tensor], Tensor] = as_samples
-    against: Callable[[Tensor, Tensor], Tensor] | None = None  # (x, summary); None: ``pair`` on the samples
+    summarize: Callable[[Tensor], Any] = as_samples
+    against: Callable[[Tensor, Any], Tensor] | None = None  # (x, summary); None: ``pair`` on the samples
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         return self.pair(x, y)
 
-    def with_summary(self, x: Tensor, summary: Tensor) -> Tensor:
+    def with_summary(self, x: Tensor, summary: Any) -> Tensor:
         return (self.against or self.pair)(x, summary)
 
 
 def _cka_measure(name: str, unbiased: bool) -> Similarity:
-    return Similarity(name, partial(cka, unbiased=unbiased), centered_gram, partial(cka_with_gram, unbiased=unbiased))
+    return Similarity(name, partial(cka, unbiased=unbiased), cka_summary, partial(cka_with_summary, unbiased=unbiased))
 
 
 def _rsa_measure(name: str, variant: RSAVariant) -> Similarity:

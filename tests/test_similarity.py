@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from core.errors import UserError
 from core.similarity import (SIMILARITIES, canonical_correlations, cca, center_gram, centered_gram, cka,
-                             cka_from_grams, cka_with_gram, get_similarity, gram, procrustes, pwcca, rsa, svcca)
+                             cka_from_grams, cka_summary, cka_with_gram, cka_with_summary, get_similarity, gram,
+                             procrustes, pwcca, rsa, svcca)
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -98,6 +99,15 @@ def test_a_stack_of_grams_gives_one_value_per_pair():
     ys = [related(x, 4, seed + 10) for seed, x in enumerate(xs)]
     stacked = cka_from_grams(torch.stack([gram(x) for x in xs]), torch.stack([centered_gram(y) for y in ys]))
     torch.testing.assert_close(stacked, torch.stack([textbook_cka(x, y) for x, y in zip(xs, ys)]))
+
+
+def test_cka_summary_keeps_the_smaller_of_gram_and_features():
+    narrow, wide, x = data(30, 4, 0), data(30, 50, 1), data(30, 10, 2)
+    assert cka_summary(narrow).gram is None and cka_summary(narrow).features.shape == (30, 4)
+    assert cka_summary(wide).features is None and cka_summary(wide).gram.shape == (30, 30)
+    for y in (narrow, wide):
+        for unbiased in (False, True):
+            torch.testing.assert_close(cka_with_summary(x, cka_summary(y), unbiased), cka(x, y, unbiased))
 
 
 # ----------------------------------------------------------------------------------------------------- properties
