@@ -2,3 +2,4 @@
 
 from core.models import vision  # noqa: F401
 from core.models import gpt2  # noqa: F401
+from core.models import deep, sequence  # noqa: F401
