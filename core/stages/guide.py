@@ -162,7 +162,7 @@ def _train_condition(ctx: Context, sub, condition: str, data, guide: Optional[to
         if alignment is not None:
             alignment.close()
     final = evaluate_task(target, data.eval_sets(), data.info, eval_batch, ctx.device)
-    if data.info.get("vocab_size"):
+    if data.info.get("vocab_size") and "num_classes" not in data.info:  # next-token prediction, not parity
         final["test_perplexity"] = math.exp(min(final["test_loss"], 50.0))
     pairs = [] if alignment is None else [f"{p.target}~{p.guide}" for p in alignment.pairs]
     return {"condition": condition, "seed": ctx.seed, "steps": result.steps, "best_epoch": result.best.get("epoch"),
