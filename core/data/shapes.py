@@ -12,7 +12,9 @@ stays visible) and a luminance texture on top. Variants:
 Textures are not rotated with the shape: each has a fixed orientation and period (up to ``texture_jitter``) and a
 random phase, so its signature is a global frequency pattern. That, and drawing the texture over the background
 too (``texture_background``, as in stylised cue-conflict images), is what lets a fully connected network on raw
-pixels pick texture up; with the texture only inside a small shape it cannot.
+pixels pick texture up; with the texture only inside a small shape it cannot. Shapes have no such help: a fully
+connected network learns them only when the pose varies little, so ``max_rotation`` and ``position_jitter`` narrow
+it (upright shapes near the centre: shape-only accuracy of a 4x256 FCN goes from about 0.37 to 0.86 at 32 px).
 
 Everything is vectorised torch over whole chunks of images and draws from a ``torch.Generator`` seeded per split,
 so a split is a pure function of (seed, settings, split name, size). Images are quantised to uint8 once, so a
@@ -40,7 +42,7 @@ from core.errors import UserError
 from core.registry import DATASETS
 
 # Bump when the rendering changes, so stale caches are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 _CHUNK = 1024  # images rendered at once: bounds memory at 64 px, and fixes the noise draws per chunk
 _BASE_PERIOD = 0.25  # texture period in image half-widths at texture_frequency 1: 4 px at 32 px
 _MAX_SHAPE_CONTRAST = 0.85  # of the colour range left by the texture: below sqrt(3)/2, so always reachable
@@ -157,11 +159,17 @@ class ShapesSpec:
     shape_contrast: float = 0.35  # least RGB distance between the shape's and the background's mean colours
     min_scale: float = 0.6  # shape radius, in image half-widths
     max_scale: float = 0.9
+    max_rotation: float = 180.0  # shapes turn by a uniform angle in [-max_rotation, max_rotation] degrees
+    position_jitter: float = 1.0  # fraction of the free room around the shape its centre may move by
 
     def check(self) -> None:
         """Raise UserError for settings that cannot make images."""
         if not 2 <= self.num_classes <= MAX_CLASSES:
             raise UserError(f"num_classes must be in [2, {MAX_CLASSES}] (got {self.num_classes})")
+        if not 0 <= self.max_rotation <= 180:
+            raise UserError(f"max_rotation must be in [0, 180] degrees (got {self.max_rotation})")
+        if not 0 <= self.position_jitter <= 1:
+            raise UserError(f"position_jitter must be in [0, 1] (got {self.position_jitter})")
         if not 0 < self.min_scale <= self.max_scale <= 1:
             raise UserError(f"need 0 < min_scale <= max_scale <= 1 (got {self.min_scale}, {self.max_scale})")
         if self.shape_contrast > _MAX_SHAPE_CONTRAST * (1 - self.texture_contrast):
@@ -207,8 +215,9 @@ def generate(spec: ShapesSpec, n: int, seed: int, *, conflict: bool = False) -> 
 def _draw_layout(spec: ShapesSpec, n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Per-image random draws: pose, texture phase and period, and the two mean colours."""
     scale = spec.min_scale + (spec.max_scale - spec.min_scale) * torch.rand(n, generator=gen)
-    centre = (torch.rand(n, 2, generator=gen) * 2 - 1) * (1 - scale)[:, None]  # keeps the shape in the image
-    angle = torch.rand(n, generator=gen) * 2 * math.pi
+    room = (1 - scale) * spec.position_jitter  # keeps the shape in the image
+    centre = (torch.rand(n, 2, generator=gen) * 2 - 1) * room[:, None]
+    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(spec.max_rotation)
     phase = torch.rand(n, 2, generator=gen) * 16  # any offset: the textures are periodic or per-cell random
     period = _BASE_PERIOD / spec.texture_frequency * (1 + spec.texture_jitter * (2 * torch.rand(n, generator=gen) - 1))
     inner, outer = _mean_colours(spec, n, gen)
@@ -395,6 +404,8 @@ def build_shapes(
     shape_contrast: Annotated[float, Field(gt=0, le=1)] = 0.35,
     min_scale: Annotated[float, Field(gt=0, le=1)] = 0.6,
     max_scale: Annotated[float, Field(gt=0, le=1)] = 0.9,
+    max_rotation: Annotated[float, Field(ge=0, le=180)] = 180.0,
+    position_jitter: Annotated[float, Field(ge=0, le=1)] = 1.0,
     cache: bool = True,
 ) -> DataBundle:
     """Procedural shapes with textures: class k is shape k drawn with texture k.
@@ -408,7 +419,7 @@ def build_shapes(
     Images are float32 (3, H, W) in [0, 1].
     """
     spec = ShapesSpec(num_classes, resolution, texture_background, texture_contrast, texture_frequency,
-                      texture_jitter, shape_contrast, min_scale, max_scale)
+                      texture_jitter, shape_contrast, min_scale, max_scale, max_rotation, position_jitter)
     spec.check()
     sizes = {"train": n_train, "val": n_val, "test": n_test}
     key = {"version": GENERATOR_VERSION, "seed": ctx.seed, "variant": variant, **sizes, **asdict(spec)}
