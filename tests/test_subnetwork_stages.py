@@ -84,3 +84,18 @@ def test_ablate_bad_input(workdir, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert not Path("checkpoints/tiny_math_ablate").exists()
+
+
+def test_sequence_loss_scope_is_the_hugging_face_causal_lm_loss():
+    from core.data import DataContext
+    from core.registry import DATASETS, MODELS
+    from core.stages import make_loss
+
+    data = DATASETS.build("arithmetic", DataContext(seed=0), {"max": 20, "n_train": 64})
+    model = MODELS.build("gpt2", data.info, {"n_layer": 1, "n_embd": 16, "n_head": 2}).eval()
+    x, y = data.train.x[:32], data.train.y[:32]
+    ours, _ = make_loss("sequence")(model, (x, y))
+    assert ours.item() == pytest.approx(model(x, labels=x).loss.item(), rel=1e-5)
+    answer, _ = make_loss("answer")(model, (x, y))
+    logits = model(x).logits[:, 2]
+    assert answer.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, x[:, 3]).item(), rel=1e-5)

@@ -26,7 +26,6 @@ from a structured pool of ``max(max, n)`` rows.
 from __future__ import annotations
 
 import difflib
-import hashlib
 from typing import Callable, Optional
 
 import torch
@@ -35,6 +34,7 @@ from pydantic import conint
 from core.data import DataBundle, DataContext, Split
 from core.errors import UserError
 from core.registry import DATASETS
+from core.run import derive_seed
 
 IGNORE_INDEX = -100
 SEQ_LEN = 4
@@ -75,8 +75,7 @@ def canonical_task(task: str) -> str:
 
 def _generator(seed: int, purpose: str) -> torch.Generator:
     """A generator for one purpose, seeded from (run seed, purpose) so purposes never share draws."""
-    digest = hashlib.sha256(f"arithmetic:{seed}:{purpose}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+    return torch.Generator().manual_seed(derive_seed(seed, "arithmetic", purpose))
 
 
 # ----------------------------------------------------------------------------------------------------- rows

@@ -22,7 +22,6 @@ task                      x                                          y
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from collections import Counter
@@ -36,6 +35,7 @@ from core.data import DataBundle, DataContext, Split
 from core.data import grammar as pcfg
 from core.errors import UserError
 from core.registry import DATASETS
+from core.run import derive_seed
 
 PAD = 0
 UNK = 1  # text vocabularies: a token outside max_vocab
@@ -44,14 +44,9 @@ SCORED = "positions where y != -100"
 Fraction = confloat(ge=0.0, lt=0.5)
 
 
-def _seed_of(seed: int, purpose: str) -> int:
-    """A 63-bit seed for one purpose (task and split), so purposes never share draws."""
-    digest = hashlib.sha256(f"sequences:{seed}:{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") % 2**63
-
-
 def _generator(seed: int, purpose: str) -> torch.Generator:
-    return torch.Generator().manual_seed(_seed_of(seed, purpose))
+    """A generator for one purpose (task and split), so purposes never share draws."""
+    return torch.Generator().manual_seed(derive_seed(seed, "sequences", purpose))
 
 
 def _row_draws(n: int, width: int, generator: torch.Generator) -> torch.Tensor:
@@ -177,7 +172,7 @@ def grammar_corpus(ctx: DataContext, *, seq_len: conint(ge=2) = 64, n_train: con
     ids = {word: i for i, word in enumerate(vocab)}
 
     def split(n: int, purpose: str) -> Split:
-        stream = pcfg.words(random.Random(_seed_of(ctx.seed, f"grammar:{purpose}")))
+        stream = pcfg.words(random.Random(derive_seed(ctx.seed, "sequences", f"grammar:{purpose}")))
         tokens = torch.tensor([ids[next(stream)] for _ in range(n * seq_len + 1)], dtype=torch.long)
         return lm_blocks(tokens, seq_len)
 
