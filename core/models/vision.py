@@ -147,8 +147,9 @@ def check_accepts(model: nn.Module, info: dict, device: torch.device = torch.dev
     try:
         with torch.no_grad():
             out = model(torch.zeros((2, *shape), dtype=dtype, device=device))
-    except RuntimeError as err:
-        raise UserError(f"the model cannot take inputs of shape {shape}: {str(err).splitlines()[0]}") from None
+    except (RuntimeError, AssertionError, ValueError) as err:  # timm asserts on image sizes, torch raises
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(f"the model cannot take inputs of shape {shape}: {reason}") from None
     finally:
         model.train(was_training)
     out = getattr(out, "logits", out)
