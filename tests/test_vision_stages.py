@@ -96,7 +96,6 @@ def test_data_that_do_not_fit_the_base_model_are_one_line_errors(in_pipeline, ca
     assert sorted(p.name for p in Path("checkpoints").iterdir()) == before  # nothing half-written
 
 
-@pytest.mark.xfail(strict=True, reason="core.models.vision.check_accepts catches RuntimeError only; timm asserts")
 def test_a_resolution_the_model_cannot_take_is_an_error(workdir, capsys):
     code = run_cli("base", "configs/tiny_shapes_base.yaml", "--set", "model={name: 'timm:vit_tiny_patch16_224'}",
                    "--set", "data.resolution=32")
