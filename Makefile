@@ -15,7 +15,7 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) vision/vision_base.py configs/vision_base_digits.yaml
+	$(PY) vision/vision_transfer.py configs/fcn.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest
