@@ -100,24 +100,31 @@ class FrozenEntries:
 
 class _Frozen:
     """One parameter's frozen entries: flat indices (int32 at rest, half the memory of int64), and their values,
-    noted at each backward pass and dropped once ``restore`` has written them back."""
+    noted at each backward pass and dropped once ``restore`` has written them back.
+
+    Nothing here holds the parameter's storage, only the Parameter: ``model.to(device or dtype)`` after freezing
+    is fine (the indices follow the parameter to its device on first use).
+    """
 
     def __init__(self, param: nn.Parameter, index: torch.Tensor):
         self.param = param
         self.index = index.to(torch.int32) if param.numel() < 2**31 else index
         self.values: Optional[torch.Tensor] = None
 
-    def _long_index(self) -> torch.Tensor:
-        return self.index.long()  # index_fill_ / index_copy_ take int64 only; a temporary, one parameter at a time
+    def _long_index(self, device: torch.device) -> torch.Tensor:
+        if self.index.device != device:
+            self.index = self.index.to(device)
+        return self.index.long()  # index_fill_ / index_copy_ take int64 only: a temporary, one parameter at a time
 
     def on_grad(self, param: torch.Tensor) -> None:
-        index = self._long_index()
+        index = self._long_index(param.device)
         param.grad.view(-1).index_fill_(0, index, 0)
         self.values = param.detach().view(-1).index_select(0, index)
 
     def restore(self) -> None:
         if self.values is not None:
-            self.param.view(-1).index_copy_(0, self._long_index(), self.values)
+            flat = self.param.detach().view(-1)
+            flat.index_copy_(0, self._long_index(flat.device), self.values)
             self.values = None
 
 

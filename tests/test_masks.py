@@ -164,6 +164,9 @@ def test_neuron_masks_broadcast_over_output_units_and_count_weights():
     assert hard.shape == (16, 64) and torch.equal(hard, (masked.logits[0] > 0).expand(16, 64))
     masked(torch.zeros(1, 4, dtype=torch.long))
     assert masked.l0().item() == int(hard.sum())
+    masked.double()  # new parameter storage: the wrapper re-binds its slots
+    assert masked(torch.zeros(1, 4, dtype=torch.long)).logits.dtype == torch.float64
+    assert torch.equal(masked.hard_masks()["transformer.h.0.mlp.c_fc.weight"], hard)
 
 
 # ----------------------------------------------------------------------------------------------------- NeuroSurgeon

@@ -101,6 +101,18 @@ def test_frozen_entries_never_change_under_weight_decay(optimizer):
         assert bool((now[name].grad[m] == 0).all()) and bool((now[name].grad[~m] != 0).any())
 
 
+def test_frozen_entries_survive_moving_the_model_after_transplant():
+    base = gpt2(0)
+    mask = subnetwork(base, density=0.3)
+    moved = transplant("subnet", base, gpt2(1), mask)
+    moved.model.double()  # new storage for every parameter, as .to(device) gives
+    start = params_of(moved.model)
+    train(moved.model, moved.after_step, torch.optim.AdamW(moved.model.parameters(), lr=0.05, weight_decay=0.5))
+    now = dict(moved.model.named_parameters())
+    for name, m in mask.items():
+        assert torch.equal(now[name][m], start[name][m])
+
+
 def test_without_restore_weight_decay_would_move_frozen_entries():
     """The guard above is needed: AdamW's decoupled decay moves entries whose gradient is zero."""
     base = gpt2(0)
