@@ -8,11 +8,11 @@ Prints three ratios (lower is better) and, last, one JSON object with them:
 * ``discovery_vs_neurosurgeon``: the same discovery step divided by NeuroSurgeon 0.1.0's (``CircuitModel`` with
   continuous-sparsification layers, the same loss, its own L0). Target <= 1.
 * ``mask_overhead_vs_neurosurgeon``: (ours - plain) / (NeuroSurgeon - plain): what the masks add, compared.
-* ``transfer_vs_plain``: a training step of a transplanted ``subnet`` model (frozen entries: gradient hook and
-  restore after the AdamW step) divided by the plain model's step, with torch's default AdamW. Target <= 1.05.
-  ``transfer_vs_plain_fused_adamw``: the same with ``AdamW(fused=True)``. On the CPU the default AdamW's sqrt is
-  several times slower on tensors holding exact zeros, and the frozen entries' second moments are exactly zero (as
-  in the original code, where their gradient was zero too); the fused kernel has no such slow path.
+* ``transfer_vs_plain``: a training step of a transplanted ``subnet`` model (frozen entries restored after the
+  AdamW step) divided by the plain model's step, with torch's default AdamW. Target <= 1.05.
+  ``transfer_vs_plain_fused_adamw``: the same with ``AdamW(fused=True)``.
+  ``transfer_zero_grads_vs_plain``: with the frozen entries' gradients also zeroed by a hook (``zero_grads``),
+  default AdamW; on the CPU its sqrt is several times slower on the exact zeros this leaves in the second moments.
   ``transfer_memory_vs_plain``: bytes of parameters, buffers and freezing state, transplanted over plain;
   ``transfer_training_memory_vs_plain``: the same just before an optimizer step, with gradients and AdamW state.
 
@@ -207,16 +207,17 @@ def model_bytes(model: torch.nn.Module, extra: int = 0) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) + extra
 
 
-def transfer_steps(size: Size, fused: bool = False) -> tuple[TrainingStep, TrainingStep, dict[str, float]]:
+def transfer_steps(size: Size, fused: bool = False, zero_grads: bool = False
+                   ) -> tuple[TrainingStep, TrainingStep, dict[str, float]]:
     """(transplanted step, plain step, memory ratios) for a ``subnet`` transplant at ``size.density``."""
     base = gpt2(size, seed=0)
-    moved = transplant("subnet", base, gpt2(size, seed=3), random_subnetwork(base, size.density))
+    moved = transplant("subnet", base, gpt2(size, seed=3), random_subnetwork(base, size.density),
+                       zero_grads=zero_grads)
     plain = gpt2(size, seed=3)
     moved_step = TrainingStep(moved.model, size, moved.after_step, fused)
     plain_step = TrainingStep(plain, size, fused=fused)
     memory = {"model": model_bytes(moved.model, moved.frozen.extra_bytes()) / model_bytes(plain),
-              "training": (moved_step.peak_bytes(lambda: moved.frozen.extra_bytes(in_step=True))
-                           / plain_step.peak_bytes())}
+              "training": moved_step.peak_bytes(moved.frozen.extra_bytes) / plain_step.peak_bytes()}
     return moved_step, plain_step, memory
 
 
@@ -233,11 +234,14 @@ def run(size: Size) -> dict[str, float]:
     transfer = interleaved({"moved": moved, "plain": plain}, size.repeats, size.warmup)
     fused = interleaved(dict(zip(("moved", "plain"), transfer_steps(size, fused=True)[:2])), size.repeats,
                         size.warmup)
+    hooked = interleaved(dict(zip(("moved", "plain"), transfer_steps(size, zero_grads=True)[:2])), size.repeats,
+                         size.warmup)
     result = {"discovery_vs_plain": ratio(discovery, "ours", "plain"),
               "discovery_vs_neurosurgeon": ratio(discovery, "ours", "neurosurgeon"),
               "mask_overhead_vs_neurosurgeon": overhead,
               "transfer_vs_plain": ratio(transfer, "moved", "plain"),
               "transfer_vs_plain_fused_adamw": ratio(fused, "moved", "plain"),
+              "transfer_zero_grads_vs_plain": ratio(hooked, "moved", "plain"),
               "transfer_memory_vs_plain": memory["model"],
               "transfer_training_memory_vs_plain": memory["training"]}
     print(f"discovery step {median_ms(discovery, 'ours'):.2f} ms / plain fwd+bwd {median_ms(discovery, 'plain'):.2f} "
@@ -248,10 +252,10 @@ def run(size: Size) -> dict[str, float]:
     print(f"transplanted step {median_ms(transfer, 'moved'):.2f} ms / plain step {median_ms(transfer, 'plain'):.2f} "
           f"ms = {result['transfer_vs_plain']:.3f} (target <= 1.05; torch's default AdamW); with fused AdamW "
           f"{median_ms(fused, 'moved'):.2f} / {median_ms(fused, 'plain'):.2f} ms = "
-          f"{result['transfer_vs_plain_fused_adamw']:.3f}")
+          f"{result['transfer_vs_plain_fused_adamw']:.3f}; with zero_grads {result['transfer_zero_grads_vs_plain']:.3f}")
     print(f"memory, transplanted / plain, at subnetwork density {size.density} (target <= 1.1): model (parameters, "
-          f"buffers, frozen-entry indices) {memory['model']:.3f}; training step (also gradients, AdamW state and "
-          f"the step's frozen values) {memory['training']:.3f}")
+          f"buffers, frozen-entry indices and values) {memory['model']:.3f}; training step (also gradients and "
+          f"AdamW state) {memory['training']:.3f}")
     return {**{k: round(v, 4) for k, v in result.items()}, "n_layer": size.n_layer, "n_embd": size.n_embd,
             "discovery_batch": size.discovery_batch, "transfer_batch": size.transfer_batch,
             "density": size.density, "repeats": size.repeats, "threads": torch.get_num_threads()}

@@ -22,11 +22,11 @@ Sampled conditions are frozen like ``subnet`` unless ``freeze=False``.
 masks into kept masks and so transplanted the complement: ``sampled_subnet`` kept N - k random entries instead of k,
 ``sampled_complement`` kept the subnetwork plus all but k of the other entries.
 
-Frozen entries cost nothing in the forward pass: the model holds one ordinary weight tensor per parameter. A hook
-zeroes the frozen entries' gradient as it is accumulated (so clipping norms and optimizer moments ignore them), and
-``Transplant.after_step()``, called after every optimizer step, writes back the values the frozen entries had at
-the backward pass: whatever the optimizer does (weight decay, momentum), they keep their transplanted values
-exactly. The persistent extra memory is one int32 index per frozen entry.
+Frozen entries cost nothing in the forward and backward passes: the model holds one ordinary weight tensor per
+parameter, and ``Transplant.after_step()``, called after every optimizer step, writes the transplanted values back
+into the frozen entries (``FrozenEntries``): whatever the optimizer does (weight decay, momentum), they never
+change. ``zero_grads=True`` also hides their gradient from the optimizer and from gradient clipping, as in the
+original code. Extra memory: one int32 index and one value per frozen entry.
 """
 
 from __future__ import annotations
@@ -48,16 +48,21 @@ NonMasked = Literal["inherit", "reinit"]
 # ----------------------------------------------------------------------------------------------------- freezing
 
 class FrozenEntries:
-    """Keeps chosen entries of a model's parameters at their current values through training.
+    """Keeps chosen entries of a model's parameters at fixed values through training.
 
-    Per parameter, a post-accumulate-grad hook zeroes the frozen entries' gradient and notes their values (which
-    are, by induction, the values they started with: nothing but the optimizer step writes parameters between a
-    backward pass and ``restore()``); ``restore()``, after each optimizer step, writes those values back. A
-    parameter frozen entirely just stops requiring gradients. Persistent cost: one int32 index per frozen entry;
-    the noted values live from the backward pass to the next ``restore()``.
+    ``restore()``, called after every optimizer step, writes the saved values back into the frozen entries: whatever
+    the optimizer did (weight decay, momentum, Adam moments), they hold exactly the values they had when frozen.
+    The forward and backward passes are untouched. With ``zero_grads``, a post-accumulate-grad hook also zeroes the
+    frozen entries' gradient, so that gradient clipping and optimizers that mix entries (Adafactor, say) never see
+    them, as in the original code, where the frozen copy had no gradient; elementwise optimizers (SGD, Adam, AdamW,
+    RMSprop) give the other entries the same updates either way. The hook costs time on the CPU: a few index
+    operations per parameter, and torch's default (non-fused) Adam takes a slow ``sqrt`` path on the exact zeros it
+    leaves in the second moments. A parameter frozen entirely just stops requiring gradients.
+
+    Memory: one int32 index and one saved value per frozen entry.
     """
 
-    def __init__(self, model: nn.Module, frozen: Mapping[str, torch.Tensor]):
+    def __init__(self, model: nn.Module, frozen: Mapping[str, torch.Tensor], zero_grads: bool = False):
         params = dict(model.named_parameters())
         self._entries: list[_Frozen] = []
         self._handles = []
@@ -67,14 +72,10 @@ class FrozenEntries:
             if bool(mask.all()):
                 param.requires_grad_(False)
             elif bool(mask.any()):
-                self._add(param, mask)
-
-    def _add(self, param: nn.Parameter, mask: torch.Tensor) -> None:
-        if not param.is_contiguous():
-            raise ValueError("FrozenEntries needs contiguous parameters")
-        entry = _Frozen(param, mask.reshape(-1).nonzero().squeeze(1))
-        self._entries.append(entry)
-        self._handles.append(param.register_post_accumulate_grad_hook(entry.on_grad))
+                entry = _Frozen(param, mask.reshape(-1).nonzero().squeeze(1))
+                self._entries.append(entry)
+                if zero_grads:
+                    self._handles.append(param.register_post_accumulate_grad_hook(entry.zero_grad))
 
     @property
     def count(self) -> int:
@@ -82,50 +83,46 @@ class FrozenEntries:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Write every frozen entry back to the value it had at the last backward pass (after each step)."""
+        """Write every frozen entry back to its saved value (call after each optimizer step)."""
         for entry in self._entries:
             entry.restore()
 
     def remove(self) -> None:
-        """Detach the hooks: the entries train from now on."""
+        """Stop freezing: hooks detached, nothing restored from now on."""
         for handle in self._handles:
             handle.remove()
         self._handles, self._entries = [], []
 
-    def extra_bytes(self, in_step: bool = False) -> int:
-        """Memory held for freezing: the indices; ``in_step``: also the per-step tensors alive right now."""
-        held = [e.index for e in self._entries] + [e.values for e in self._entries if in_step and e.values is not None]
-        return sum(t.numel() * t.element_size() for t in held)
+    def extra_bytes(self) -> int:
+        """Memory held for freezing: indices and saved values."""
+        return sum(t.numel() * t.element_size() for e in self._entries for t in (e.index, e.values))
 
 
 class _Frozen:
-    """One parameter's frozen entries: flat indices (int32 at rest, half the memory of int64), and their values,
-    noted at each backward pass and dropped once ``restore`` has written them back.
+    """One parameter's frozen entries: flat indices (int32 when they fit: half the memory of int64) and values.
 
-    Nothing here holds the parameter's storage, only the Parameter: ``model.to(device or dtype)`` after freezing
-    is fine (the indices follow the parameter to its device on first use).
+    It holds the Parameter, not its storage, so ``model.to(device or dtype)`` after freezing is fine: indices and
+    values follow the parameter on first use.
     """
 
     def __init__(self, param: nn.Parameter, index: torch.Tensor):
         self.param = param
         self.index = index.to(torch.int32) if param.numel() < 2**31 else index
-        self.values: Optional[torch.Tensor] = None
+        self.values = param.detach().view(-1).index_select(0, index).clone()
 
-    def _long_index(self, device: torch.device) -> torch.Tensor:
-        if self.index.device != device:
-            self.index = self.index.to(device)
+    def _long_index(self, like: torch.Tensor) -> torch.Tensor:
+        if self.index.device != like.device:
+            self.index = self.index.to(like.device)
         return self.index.long()  # index_fill_ / index_copy_ take int64 only: a temporary, one parameter at a time
 
-    def on_grad(self, param: torch.Tensor) -> None:
-        index = self._long_index(param.device)
-        param.grad.view(-1).index_fill_(0, index, 0)
-        self.values = param.detach().view(-1).index_select(0, index)
+    def zero_grad(self, param: torch.Tensor) -> None:
+        param.grad.view(-1).index_fill_(0, self._long_index(param.grad), 0)
 
     def restore(self) -> None:
-        if self.values is not None:
-            flat = self.param.detach().view(-1)
-            flat.index_copy_(0, self._long_index(flat.device), self.values)
-            self.values = None
+        flat = self.param.detach().view(-1)
+        if self.values.device != flat.device or self.values.dtype != flat.dtype:
+            self.values = self.values.to(flat.device, flat.dtype)
+        flat.index_copy_(0, self._long_index(flat), self.values)
 
 
 # ----------------------------------------------------------------------------------------------------- sampling
@@ -179,11 +176,12 @@ class Transplant:
 
 def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[str, torch.Tensor], *,
                non_masked: NonMasked = "inherit", freeze: bool = True, legacy_sampling: bool = False,
-               seed: int = 0) -> Transplant:
+               seed: int = 0, zero_grads: bool = False) -> Transplant:
     """Build ``condition``'s starting model in ``fresh`` (modified in place and returned in the Transplant).
 
     ``base``: the trained model; ``mask``: bool per parameter name (True = in the subnetwork); ``seed`` drives the
-    sampled conditions (one independent draw per parameter, so a parameter's sample does not depend on others).
+    sampled conditions (one independent draw per parameter, so a parameter's sample does not depend on others);
+    ``zero_grads``: zero the frozen entries' gradients too (see ``FrozenEntries``; use it with gradient clipping).
     """
     if condition not in CONDITIONS:
         import difflib
@@ -203,7 +201,7 @@ def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[
     kept = _kept_masks(condition, mask, legacy_sampling, seed)
     _copy_weights(base, fresh, kept, non_masked)
     frozen_wanted = freeze and condition != "subnet_trainable"
-    frozen = FrozenEntries(fresh, kept) if frozen_wanted else None
+    frozen = FrozenEntries(fresh, kept, zero_grads) if frozen_wanted else None
     density = mask_density(kept)
     info = {"non_masked": non_masked, "frozen": frozen_wanted, "legacy_sampling": legacy_sampling,
             "kept": density["kept"], "kept_density": density["density"], "frozen_entries": frozen.count if frozen else 0}
