@@ -1,6 +1,6 @@
 """Speed of masks and transplants, measured side by side in one process.
 
-Prints three ratios (lower is better) and, last, one JSON object with them:
+Prints these ratios (lower is better) and, last, one JSON object with them:
 
 * ``discovery_vs_plain``: a discovery step over a masked GPT-2 (forward with soft masks, answer loss + L0 penalty,
   backward, AdamW step on the mask logits) divided by a plain forward+backward of the frozen model in which the
@@ -17,8 +17,9 @@ Prints three ratios (lower is better) and, last, one JSON object with them:
   ``transfer_training_memory_vs_plain``: the same just before an optimizer step, with gradients and AdamW state.
 
 Timing: the compared steps take turns (``--repeats`` rounds after warm-up); a ratio is the median over rounds.
-Run on a quiet machine (``uptime``): ``python bench/masks.py`` (paper size: GPT-2 128 wide, 4 heads, vocabulary
-1001, discovery batch 500, transfer batch 50) or ``--quick`` (toy size, seconds).
+Run on a quiet machine (``uptime``), from the repository root: ``PYTHONPATH=. python bench/masks.py`` (paper size:
+GPT-2 2 layers (``--layers``), 128 wide, 4 heads, vocabulary 1001, discovery batch 500, transfer batch 50) or
+``--quick`` (toy size, seconds).
 """
 
 from __future__ import annotations
