@@ -125,7 +125,8 @@ def _train_condition(ctx: Context, sub, n, condition, lr, data, base, model_cfg,
     seed_everything(derive_seed(ctx.seed, "init", n), cfg.reproducibility.deterministic)  # same fresh start
     fresh = MODELS.build(model_cfg["name"], base_info, {k: v for k, v in model_cfg.items() if k != "name"})
     start = transplant(condition, base, fresh, mask, non_masked=spec.non_masked, freeze=spec.freeze,
-                       legacy_sampling=spec.legacy_sampling, seed=derive_seed(ctx.seed, "sample", n))
+                       legacy_sampling=spec.legacy_sampling, seed=derive_seed(ctx.seed, "sample", n),
+                       zero_grads=cfg.train.grad_clip is not None)  # frozen entries must not count in the norm
     if spec.batch_norm == "reset":
         for module in start.model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
