@@ -189,13 +189,15 @@ class _Tracker:
         self.since_best = 0
 
     def update(self, value: float, row: dict[str, Any]) -> bool:
+        """Record an evaluation; True when it becomes the best (so its weights must be kept, ties included)."""
         tie = self.best_value is not None and value == self.best_value
         better = self.best_value is None or (value > self.best_value if self.mode == "max" else value < self.best_value)
-        if better or (tie and self.ties == "last"):
+        replaced = better or (tie and self.ties == "last")
+        if replaced:
             self.best_value, self.best_row, self.since_best = value, dict(row), 0
         else:
             self.since_best += 1
-        return better
+        return replaced
 
     def reached(self, target: Optional[float]) -> bool:
         if target is None or self.best_value is None:
