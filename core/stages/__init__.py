@@ -18,12 +18,11 @@ import torch
 
 from core import dist
 from core.config import RunConfig, load_config, to_yaml
-from core.data import DataBundle, DataContext
+from core.data import DataBundle, DataContext, Split
 from core.errors import UserError
-from core.registry import DATASETS, MODELS
-from core.run import Run, draw_seed, is_finished, seed_everything
-from core.data import Split
 from core.metrics import shape_bias
+from core.registry import DATASETS, MODELS
+from core.run import TIMING_PREFIX, Run, draw_seed, is_finished, seed_everything
 from core.train import classification_loss, evaluate_classification, logits_of, predict, resolve_device
 
 STAGES = {
@@ -95,8 +94,8 @@ def execute(cfg: RunConfig, *, resume: bool = False) -> Path:
     except UserError:
         run.discard_if_empty()
         raise
-    summary = {"stage": cfg.stage, "name": cfg.name, "seed": seed, "duration_s": round(time.perf_counter() - started, 2),
-               **summary}
+    duration = round(time.perf_counter() - started, 2)
+    summary = {"stage": cfg.stage, "name": cfg.name, "seed": seed, "duration_s": duration, **summary}
     run.finish(summary)
     return run.path
 
@@ -151,7 +150,6 @@ def evaluate_task(model: torch.nn.Module, splits: dict[str, Split], info: dict, 
     return metrics
 
 
-def summary_metrics(result_row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def summary_metrics(result_row: dict[str, Any]) -> dict[str, Any]:
     """The numeric figures of a metrics row, without timing columns."""
-    return {f"{prefix}{k}": v for k, v in result_row.items()
-            if isinstance(v, (int, float)) and not k.startswith("time_")}
+    return {k: v for k, v in result_row.items() if isinstance(v, (int, float)) and not k.startswith(TIMING_PREFIX)}
