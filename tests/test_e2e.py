@@ -46,8 +46,6 @@ def test_torchrun_two_cpu_processes(workdir):
 
 
 def test_a_trained_model_is_rebuilt_from_its_run_directory(workdir):
-    import torch
-
     from core.models import load_model
     from core.registry import DATASETS
     from core.data import DataContext

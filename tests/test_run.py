@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import run as run_mod
 from core.errors import UserError
 from core.report import main as report_main
 from core.report import run_status

@@ -13,7 +13,6 @@ Raises UserError when the data do not fit the base model or the layer selection 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
