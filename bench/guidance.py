@@ -15,19 +15,36 @@ Targets: ours >= 4x faster than textbook at d = 1024 and >= 3x at d = 200704; >=
 d >= 50176; values equal within 1e-5. Timing: the variants alternate (``--repeats`` rounds after warm-up, order
 rotated each round); a ratio is the median of the per-round ratios. Run on a quiet machine (``uptime``):
 ``python bench/guidance.py`` or ``--quick`` (toy sizes, seconds). The last line printed is one JSON object.
+
+Guided-step part: one optimizer step (forward, backward, AdamW) of the copy-paste preset
+(``configs/guide_copy_paste.yaml``: 2-layer RNN target, tied 4-layer Transformer guide, batch 128 of 41 tokens):
+
+* ``unguided``: cross-entropy alone; ``guide_forward``: the frozen guide's forward alone, under ``no_grad``.
+* ``ours``: the guide stage's step (``core.stages.guide``): one target forward whose hooks keep the paired layers,
+  the guide's Gram matrices computed in its hooks (only for paired layers), CKA against them, one backward.
+* ``original``: the original code's step: the target run twice (once for the cross-entropy, once for features),
+  hooks registered on every module of the original's layer types for the step, every captured map kept, every
+  guide map stretched onto the target layers with a textbook CKA per mapped pair (dense n x n centring matrices,
+  each Gram matrix built twice), the overwritten pairs computed too, then one backward.
+
+Targets: ``ours / (unguided + guide_forward) <= 1.25``; the original's ratio is reported beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from core.similarity import centered_gram, cka_with_gram, gram
 
@@ -180,6 +197,140 @@ def run_cka(size: Size) -> dict[str, object]:
                                   for row in rows], "targets_met": met}
 
 
+# ----------------------------------------------------------------------------------------------------- guided step
+
+PRESET = Path(__file__).resolve().parent.parent / "configs" / "guide_copy_paste.yaml"
+
+
+@dataclass
+class StepSetup:
+    """The copy-paste preset's config, target, frozen guide and one training batch."""
+
+    cfg: object
+    target: nn.Module
+    guide: nn.Module
+    batch: tuple[torch.Tensor, torch.Tensor]
+
+
+def step_setup(batch_size: int | None = None, overrides: list[str] = ()) -> StepSetup:
+    """Build the preset's models (as the guide stage does) and one training batch."""
+    from core.registry import MODELS
+    from core.stages import build_data, load_stage_config
+
+    cfg = load_stage_config(PRESET, "guide", list(overrides))
+    n = batch_size or cfg.train.batch_size
+    data = build_data(cfg, seed=0)
+    torch.manual_seed(0)
+    target = MODELS.build(cfg.model.name, data.info, cfg.model.params)
+    guide = MODELS.build(cfg.guidance.guide.name, data.info, cfg.guidance.guide.params).eval().requires_grad_(False)
+    return StepSetup(cfg, target, guide, (data.train.x[:n], data.train.y[:n]))
+
+
+def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+
+
+def _train_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def original_step_loss(target: nn.Module, guide: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The original's guided loss: CE from one target forward, CKA terms from a second, repo layer map.
+
+    Hooks go on every module of the original's layer types for this step only; every captured output is kept;
+    every guide map is paired (stretch map) and its textbook CKA computed, but a later pair for the same target
+    layer overwrites the earlier one (a dict keyed by target layer), and the last captured layer is dropped.
+    """
+    from core.features import DEFAULT_TYPES
+    from core.guidance import stretch_map
+
+    ce = F.cross_entropy(target(x).flatten(0, -2), y.flatten(), ignore_index=-100)
+    target_maps, guide_maps = _all_outputs(target, x, DEFAULT_TYPES), None
+    with torch.no_grad():
+        guide_maps = _all_outputs(guide, x, DEFAULT_TYPES)
+    t_keys, g_keys = [str(i) for i in range(len(target_maps) - 1)], [str(i) for i in range(len(guide_maps) - 1)]
+    terms: dict[str, torch.Tensor] = {}
+    for pair in stretch_map(t_keys, g_keys, "uniform"):
+        t, g = target_maps[int(pair.target)].flatten(1), guide_maps[int(pair.guide)].flatten(1)
+        terms[pair.target] = 1 - textbook_cka(t, g)
+    return ce + torch.stack(list(terms.values())).sum()
+
+
+def _all_outputs(model: nn.Module, x: torch.Tensor, types: tuple[type, ...]) -> list[torch.Tensor]:
+    """Outputs (first element of tuples) of every module of ``types``, in call order, from one forward."""
+    outputs: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, types)]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+def guided_steps(setup: StepSetup) -> tuple[dict[str, Callable[[], None]], Callable[[], None]]:
+    """The timed steps (each on its own copy of the target) and a function that releases their hooks."""
+    from core.stages import make_loss
+    from core.stages.guide import _alignment
+
+    x, y = setup.batch
+    task_loss = make_loss(setup.cfg.loss_scope)
+    models = {name: copy.deepcopy(setup.target) for name in ("unguided", "ours", "original")}
+    optimizers = {name: _optimizer(model) for name, model in models.items()}
+    own_guide = copy.deepcopy(setup.guide)  # its hooks must not fire in the other steps' guide forwards
+    alignment = _alignment(setup.cfg.guidance, models["ours"], own_guide, x[:8])
+
+    def unguided() -> None:
+        _train_step(optimizers["unguided"], task_loss(models["unguided"], (x, y))[0])
+
+    def guide_forward() -> None:
+        with torch.no_grad():
+            setup.guide(x)
+
+    def ours() -> None:
+        value = task_loss(models["ours"], (x, y))[0]
+        align, _ = alignment(x)
+        _train_step(optimizers["ours"], value + align)
+
+    def original() -> None:
+        loss = original_step_loss(models["original"], setup.guide, x, y)
+        _train_step(optimizers["original"], loss)
+
+    models["unguided"].train(), models["ours"].train(), models["original"].train()
+    return ({"unguided": unguided, "guide_forward": guide_forward, "ours": ours, "original": original},
+            alignment.close)
+
+
+def run_guided_step(repeats: int, warmup: int, batch_size: int | None = None, overrides: list[str] = ()
+                    ) -> dict[str, object]:
+    """Time the steps side by side; the ratios are medians of per-round ratios."""
+    setup = step_setup(batch_size, overrides)
+    steps, release = guided_steps(setup)
+    try:
+        times = interleaved_times(steps, repeats, warmup)
+    finally:
+        release()
+    floor = [u + g for u, g in zip(times["unguided"], times["guide_forward"])]
+    ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    result = {"batch": len(setup.batch[0]), "seq_len": setup.batch[0].shape[1],
+              **{f"{name}_ms": float(f"{value:.4g}") for name, value in ms.items()},
+              "ours_ratio": float(f"{median_ratio(times['ours'], floor):.4g}"),
+              "original_ratio": float(f"{median_ratio(times['original'], floor):.4g}"),
+              "original_over_ours": float(f"{median_ratio(times['original'], times['ours']):.4g}")}
+    result["targets_met"] = {"ours_ratio": result["ours_ratio"] <= 1.25}
+    print(f"guided step (copy-paste preset, batch {result['batch']} x {result['seq_len']} tokens): unguided "
+          f"{ms['unguided']:.1f} ms + guide forward {ms['guide_forward']:.1f} ms; ours {ms['ours']:.1f} ms = "
+          f"{result['ours_ratio']:.2f}x (target <= 1.25); original {ms['original']:.1f} ms = "
+          f"{result['original_ratio']:.2f}x ({result['original_over_ours']:.1f}x ours)")
+    return result
+
+
 # ----------------------------------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -187,12 +338,18 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--quick", action="store_true", help="toy sizes, a few repeats")
     parser.add_argument("--repeats", type=int, help="timed rounds per width")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--skip-step", action="store_true", help="only the CKA part")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = QUICK if args.quick else Size()
     if args.repeats is not None:
         size = dataclasses.replace(size, repeats=args.repeats)
-    result = {"cka": run_cka(size), "threads": torch.get_num_threads()}
+    result = {"cka": run_cka(size)}
+    if not args.skip_step:
+        shrink = ["data.n_train=256", "data.n_val=8", "data.n_test=8"]
+        result["guided_step"] = run_guided_step(size.repeats + 3 * (not args.quick), size.warmup,
+                                                32 if args.quick else None, shrink)
+    result["threads"] = torch.get_num_threads()
     print(json.dumps(result))
     return result
 
