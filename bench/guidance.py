@@ -239,15 +239,16 @@ def _train_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
 def original_step_loss(target: nn.Module, guide: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The original's guided loss: CE from one target forward, CKA terms from a second, repo layer map.
 
-    Hooks go on every module of the original's layer types for this step only; every captured output is kept;
-    every guide map is paired (stretch map) and its textbook CKA computed, but a later pair for the same target
-    layer overwrites the earlier one (a dict keyed by target layer), and the last captured layer is dropped.
+    Hooks go on every module of the original's layer types (plus encoder layers, which this guide uses in place of
+    the original's decoder layers) for this step only; every captured output is kept; each side's last capture
+    (the logits) is dropped; every guide map is stretched onto the target layers and its textbook CKA computed,
+    but a later pair for the same target layer overwrites the earlier one (a dict keyed by target layer).
     """
     from core.features import DEFAULT_TYPES
     from core.guidance import stretch_map
 
     ce = F.cross_entropy(target(x).flatten(0, -2), y.flatten(), ignore_index=-100)
-    target_maps, guide_maps = _all_outputs(target, x, DEFAULT_TYPES), None
+    target_maps = _all_outputs(target, x, DEFAULT_TYPES)
     with torch.no_grad():
         guide_maps = _all_outputs(guide, x, DEFAULT_TYPES)
     t_keys, g_keys = [str(i) for i in range(len(target_maps) - 1)], [str(i) for i in range(len(guide_maps) - 1)]
