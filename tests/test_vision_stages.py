@@ -97,8 +97,8 @@ def test_data_that_do_not_fit_the_base_model_are_one_line_errors(in_pipeline, ca
 
 
 def test_a_resolution_the_model_cannot_take_is_an_error(workdir, capsys):
-    code = run_cli("base", "configs/tiny_shapes_base.yaml", "--set", "model={name: 'timm:vit_tiny_patch16_224'}",
-                   "--set", "data.resolution=32")
+    code = run_cli("base", "configs/tiny_shapes_base.yaml", "--set",
+                   "model={name: 'timm:vit_tiny_patch16_224', kwargs: {img_size: 224}}", "--set", "data.resolution=32")
     err = capsys.readouterr().err
     assert code == 2 and "cannot take inputs of shape (3, 32, 32)" in err, err
     assert not Path("checkpoints/tiny_shapes_base").exists()

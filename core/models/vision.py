@@ -81,24 +81,53 @@ def convnet(info: dict, *, channels: list[conint(ge=1)] = [32, 64, 64],
 
 
 def _load_local_weights(model: nn.Module, pretrained: bool, weights_path: Optional[str], label: str) -> nn.Module:
-    """Pretrained weights come from a local file only: nothing downloads at run time."""
+    """Pretrained weights come from a local file only: nothing downloads at run time.
+
+    Tensors whose shape differs (a head for other classes, a first layer for other channels) keep their fresh
+    initialisation, as fine-tuning a pretrained model on new classes needs; the run says which they are. Names that
+    do not match, or weights of which nothing fits, mean another architecture: a UserError.
+    """
     if not pretrained:
         return model
     if weights_path is None:
         raise UserError(f"model {label}: pretrained: true needs weights_path (a local file; nothing downloads)")
     if not os.path.isfile(weights_path):
         raise UserError(f"model {label}: weights_path {weights_path} not found")
-    if weights_path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if weights_path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        state = load_file(weights_path)
-    else:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+            state = load_file(weights_path)
+        else:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file
+        raise UserError(f"model {label}: cannot read weights_path {weights_path} ({err.__class__.__name__})") from None
+    own = model.state_dict()
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    resized = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or len(resized) == len(own):
         raise UserError(f"model {label}: {weights_path} does not match the architecture "
-                        f"(missing: {list(missing)[:3]}, unexpected: {list(unexpected)[:3]})")
+                        f"(missing: {missing[:3]}, unexpected: {unexpected[:3]}, other shapes: {resized[:3]})")
+    model.load_state_dict({k: v for k, v in state.items() if k not in resized}, strict=False)
+    if resized:
+        print(f"model {label}: pretrained weights from {weights_path}, except {', '.join(resized)} "
+              "(sized for other data: freshly initialised)")
     return model
+
+
+def _sized_for_data(create, size_key: str, size, kwargs: dict, reserved: tuple[str, ...], label: str) -> nn.Module:
+    """Build a library model sized by the data: classes and channels always, the input resolution where the
+    architecture has one (ViTs and the like take ``size_key``; convolutional networks have no such keyword)."""
+    clash = sorted(set(kwargs) & set(reserved))
+    if clash:
+        raise UserError(f"model {label}: kwargs.{clash[0]} is set from the data and the model's own keys; remove it")
+    if size_key not in kwargs:
+        try:
+            return create(**{size_key: size}, **kwargs)
+        except TypeError as err:
+            if size_key not in str(err):
+                raise
+    return create(**kwargs)
 
 
 @MODELS.register("timm", prefix=True)
@@ -112,15 +141,19 @@ def timm_model(info: dict, *, name: str, pretrained: bool = False, weights_path:
 
         hint = difflib.get_close_matches(name, timm.list_models(), n=1)
         raise UserError(f"model timm:{name}: unknown timm model" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-    model = timm.create_model(name, pretrained=False, num_classes=info["num_classes"],
-                              in_chans=info["input_shape"][0], **kwargs)
+    _, height, width = info["input_shape"]
+    model = _sized_for_data(
+        lambda **kw: timm.create_model(name, pretrained=False, num_classes=info["num_classes"],
+                                       in_chans=info["input_shape"][0], **kw),
+        "img_size", height if height == width else (height, width), kwargs,
+        ("num_classes", "in_chans", "pretrained", "pretrained_cfg"), f"timm:{name}")
     return _load_local_weights(model, pretrained, weights_path, f"timm:{name}")
 
 
 @MODELS.register("torchvision", prefix=True)
 def torchvision_model(info: dict, *, name: str, pretrained: bool = False, weights_path: Optional[str] = None,
                       kwargs: dict = {}) -> nn.Module:
-    """``torchvision:<name>``: any torchvision classification model; a first conv for other channel counts."""
+    """``torchvision:<name>``: any torchvision classification model, sized for the data's channels and classes."""
     import torchvision
 
     known = torchvision.models.list_models(module=torchvision.models)
@@ -129,13 +162,24 @@ def torchvision_model(info: dict, *, name: str, pretrained: bool = False, weight
 
         hint = difflib.get_close_matches(name, known, n=1)
         raise UserError(f"model torchvision:{name}: unknown model" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-    model = torchvision.models.get_model(name, weights=None, num_classes=info["num_classes"], **kwargs)
-    channels = info["input_shape"][0]
-    first = getattr(model, "conv1", None)
-    if channels != 3 and isinstance(first, nn.Conv2d):
-        model.conv1 = nn.Conv2d(channels, first.out_channels, first.kernel_size, first.stride, first.padding,
-                                bias=first.bias is not None)
+    model = _sized_for_data(
+        lambda **kw: torchvision.models.get_model(name, weights=None, num_classes=info["num_classes"], **kw),
+        "image_size", info["input_shape"][1], kwargs, ("num_classes", "weights"), f"torchvision:{name}")
+    _adapt_first_conv(model, info["input_shape"][0])
     return _load_local_weights(model, pretrained, weights_path, f"torchvision:{name}")
+
+
+def _adapt_first_conv(model: nn.Module, channels: int) -> None:
+    """torchvision models are built for RGB: give the first convolution the data's channel count instead."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            if module.in_channels != channels:
+                parent_name, _, attr = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, attr, nn.Conv2d(channels, module.out_channels, module.kernel_size, module.stride,
+                                                module.padding, module.dilation, module.groups,
+                                                module.bias is not None, module.padding_mode))
+            return
 
 
 def check_accepts(model: nn.Module, info: dict, device: torch.device = torch.device("cpu")) -> None:
