@@ -193,3 +193,58 @@ def test_loaded_folders_are_cached(tmp_path, monkeypatch):
     png(root / "cat" / "new.png")  # a changed listing misses the cache
     with pytest.raises(pytest.fail.Exception):
         load_image_folder(root, 8, ctx=ctx)
+
+
+def test_a_bad_cue_conflict_folder_is_found_before_any_image_is_read(tmp_path, monkeypatch):
+    root = cue_conflict_folder(tmp_path / "cc")
+    png(root / "cat" / "cat_3.png")
+    monkeypatch.setattr(folders, "load_images", lambda *a: pytest.fail("pixels read before every listing was checked"))
+    message = user_error(build_image_folder, DataContext(0, str(tmp_path / "cache")),
+                         train_dir=str(class_folder(tmp_path / "t")), resolution=8, cue_conflict_dir=str(root))
+    assert "cat_3.png" in message and not (tmp_path / "cache").exists()
+
+
+# ------------------------------------------------------------------------------------------- through the stages
+
+def _folder_config(tmp_path: Path, **data) -> Path:
+    """A base config training a tiny ConvNet on an image folder with a cue-conflict set."""
+    import yaml
+
+    data = {"name": "image_folder", "train_dir": str(class_folder(tmp_path / "train", per_class=10)),
+            "resolution": 8, "val_fraction": 0.2, "test_fraction": 0.2,
+            "cue_conflict_dir": str(cue_conflict_folder(tmp_path / "cc")), **data}
+    config = {"data": data, "model": {"name": "convnet", "channels": [4], "strides": [2]},
+              "train": {"epochs": 1, "batch_size": 8, "threads": 1, "progress": False}}
+    path = tmp_path / "folder_base.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_the_base_stage_trains_on_a_folder_and_measures_shape_bias_per_class(workdir, tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    assert run_cli("base", str(_folder_config(tmp_path)), "--out", "checkpoints/folder") == 0
+    summary = json.loads(Path("checkpoints/folder/summary.json").read_text())
+    assert 0 <= summary["shape_bias"] <= 1
+    assert {f"shape_bias/{name}" for name in COLOURS} <= set(summary)
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("unreadable", "cannot read image"), ("unparsable", "does not parse"), ("missing", "does not exist")])
+def test_bad_folders_through_the_stage_are_one_line_and_write_nothing(workdir, tmp_path, capsys, breakage,
+                                                                      message):
+    from tests.conftest import run_cli
+
+    config = _folder_config(tmp_path)
+    if breakage == "unreadable":
+        (tmp_path / "train" / "cat" / "0.png").write_bytes(b"not a png")
+    elif breakage == "unparsable":
+        png(tmp_path / "cc" / "dog" / "dog.png")
+    else:
+        config = _folder_config(tmp_path, train_dir=str(tmp_path / "nowhere"))
+    assert run_cli("base", str(config), "--out", "checkpoints/folder") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not Path("checkpoints").exists() or not any(Path("checkpoints").iterdir())

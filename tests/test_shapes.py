@@ -110,6 +110,23 @@ def test_second_build_reads_the_cache(tmp_path, monkeypatch):
     assert torch.equal(first.train.x, second.train.x) and torch.equal(first.test.y, second.test.y)
 
 
+def test_the_cache_keeps_the_recently_used_files_within_its_limit(tmp_path, monkeypatch):
+    import os
+
+    ctx = DataContext(5, str(tmp_path))
+    build_shapes(ctx, **SMALL)
+    (one_file,) = tmp_path.iterdir()
+    size = one_file.stat().st_size
+    monkeypatch.setenv("INSTILL_CACHE_MB", str(2.5 * size / 2**20))  # room for two files, not three
+    os.utime(one_file, (1, 1))  # long unused
+    build_shapes(DataContext(6, str(tmp_path)), **SMALL)
+    build_shapes(ctx, **SMALL)  # read back: now the most recently used
+    assert len(list(tmp_path.iterdir())) == 2
+    build_shapes(DataContext(7, str(tmp_path)), **SMALL)  # a third file pushes out the least recently used (seed 6)
+    left = list(tmp_path.iterdir())
+    assert len(left) == 2 and one_file in left
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
 def test_a_corrupt_cache_file_is_regenerated(tmp_path, damage):
     ctx = DataContext(6, str(tmp_path))

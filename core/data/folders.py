@@ -23,7 +23,8 @@ import torch
 from pydantic import Field
 
 from core.data import DataBundle, DataContext, Split, seeded_split
-from core.data.shapes import cached_tensors, to_float
+from core.data.cache import cached_tensors
+from core.data.shapes import to_float
 from core.errors import UserError
 from core.registry import DATASETS
 
@@ -139,9 +140,8 @@ def load_image_folder(root: str | Path, resolution: int, classes: list[str] | No
     return x, torch.tensor([label for _, label in items], dtype=torch.long), names
 
 
-def load_cue_conflict(root: str | Path, resolution: int, class_names: list[str], *,
-                      ctx: DataContext | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """uint8 images, shape labels, texture labels of a cue-conflict folder, and how many same-class images it left out.
+def list_cue_conflict(root: str | Path, class_names: list[str]) -> tuple[list[Path], list[int], list[int], int]:
+    """Image paths, shape ids and texture ids of a cue-conflict folder, and how many same-class images it left out.
 
     Images are found in ``root`` and its sub-folders. A sub-folder named after a class must agree with the shape
     class in the file names under it.
@@ -166,8 +166,16 @@ def load_cue_conflict(root: str | Path, resolution: int, class_names: list[str],
             textures.append(index[texture])
     if not kept:
         raise UserError(f"cue-conflict folder {str(root)!r} holds only images whose shape and texture agree")
+    return kept, shapes, textures, len(paths) - len(kept)
+
+
+def load_cue_conflict(root: str | Path, resolution: int, class_names: list[str], *,
+                      ctx: DataContext | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """uint8 images, shape labels, texture labels of a cue-conflict folder, and how many same-class images it left
+    out (see ``list_cue_conflict``)."""
+    kept, shapes, textures, same_class = list_cue_conflict(root, class_names)
     x = _cached_images(kept, resolution, ctx)
-    return x, torch.tensor(shapes), torch.tensor(textures), len(paths) - len(kept)
+    return x, torch.tensor(shapes), torch.tensor(textures), same_class
 
 
 # --------------------------------------------------------------------------------------------------- registry
@@ -235,6 +243,12 @@ def build_image_folder(
     Inputs are float32 (3, H, W) in [0, 1], or standardised when ``normalize: imagenet``.
     """
     wanted = list(GEIRHOS_16_CLASSES) if classes == "imagenet16" else classes
+    names, _ = list_image_folder(train_dir, wanted)
+    for folder in [val_dir, test_dir, *eval_dirs.values()]:  # every listing checked before any pixel is read
+        if folder:
+            list_image_folder(folder, names, strict_classes=False)
+    if cue_conflict_dir:
+        list_cue_conflict(cue_conflict_dir, names)
     pixels = _Pixels(normalize)
     x, y, names = load_image_folder(train_dir, resolution, wanted, ctx=ctx)
     fractions = (0.0 if val_dir else val_fraction, 0.0 if test_dir else test_fraction)

@@ -24,20 +24,15 @@ cached copy and a fresh one are identical.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
-import tempfile
-import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Annotated, Callable, Literal
 
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
 
 from core.data import DataBundle, DataContext, Split
+from core.data.cache import cached_tensors
 from core.errors import UserError
 from core.registry import DATASETS
 
@@ -317,49 +312,6 @@ def _to_uint8(image: torch.Tensor) -> torch.Tensor:
 def to_float(image: torch.Tensor) -> torch.Tensor:
     """uint8 images to float32 in [0, 1]."""
     return image.float() / 255
-
-
-# ------------------------------------------------------------------------------------------------------ cache
-
-def cached_tensors(cache_dir: str | os.PathLike, kind: str, key: dict,
-                   build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """``build()``'s tensors, stored once per ``key`` under ``cache_dir`` and read back on later calls.
-
-    The file is written to a temporary name and renamed into place, so a crash never leaves half a file; a file
-    that does not read back (truncated, corrupt, other keys) is rebuilt. An unwritable cache only costs time.
-    """
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    path = Path(cache_dir) / f"{kind}-{digest}.safetensors"
-    if path.exists():
-        try:
-            return load_file(path)
-        except Exception:  # noqa: BLE001 - any unreadable cache file is rebuilt, whatever the reason
-            pass
-    tensors = build()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file(_unshared(tensors), temp)
-            os.replace(temp, path)
-        finally:
-            if os.path.exists(temp):
-                os.remove(temp)
-    except OSError as err:
-        warnings.warn(f"could not write the data cache {path}: {err}", stacklevel=2)
-    return tensors
-
-
-def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous tensors, copying any that share memory with an earlier one (safetensors refuses aliases)."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in tensors.items():
-        tensor = tensor.contiguous()
-        out[name] = tensor.clone() if tensor.data_ptr() in seen else tensor
-        seen.add(tensor.data_ptr())
-    return out
 
 
 # --------------------------------------------------------------------------------------------------- registry
