@@ -1,4 +1,5 @@
-"""Discover the subnetwork that performs a subtask: python math/ablate.py CONFIG [--set key=value ...]."""
+"""Discover the subnetwork of a trained image model that does a subtask (shape-only images, say):
+python vision/vision_ablate.py CONFIG [--set key=value ...]."""
 
 from core.cli import entry
 

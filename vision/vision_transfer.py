@@ -1,4 +1,5 @@
-"""Transplant a subnetwork into fresh models and train: python math/transfer.py CONFIG [--set key=value ...]."""
+"""Transplant an image model's subnetwork into fresh models, train them, and measure shape bias:
+python vision/vision_transfer.py CONFIG [--set key=value ...]."""
 
 from core.cli import entry
 
