@@ -52,6 +52,18 @@ def test_structured_block_covers_every_number_once_with_partners_from_one():
     assert len(rows) == 1000 and rows[numbers:, :2].max() < numbers
 
 
+def test_fewer_rows_than_numbers_are_a_random_subset_of_the_structured_block():
+    kwargs = dict(task="ab", modulus=7, numbers=1000, seed=5, purpose="val")
+    block = ar.sample_rows(1000, **kwargs)
+    rows = ar.sample_rows(200, **kwargs)
+    assert len(rows) == 200 and len({tuple(r) for r in rows.tolist()}) == 200  # without replacement
+    assert {tuple(r) for r in rows.tolist()} <= {tuple(r) for r in block.tolist()}
+    # block row i covers the number i, so its smaller operand is <= i: the first 200 rows would stay below 200
+    assert int(rows[:, :2].min(dim=1).values.max()) > 400
+    assert torch.equal(rows, ar.sample_rows(200, **kwargs))  # deterministic
+    assert torch.equal(block, ar.sample_rows(1500, **kwargs)[:1000])  # max rows and more: unchanged by the draw
+
+
 def test_ambiguous_rows_are_a_equals_b_and_all_hypotheses_agree():
     rows = ar.ambiguous_rows(task="a^2+ab", modulus=7, numbers=100)
     assert torch.equal(rows[:, 0], torch.arange(100)) and torch.equal(rows[:, 0], rows[:, 1])

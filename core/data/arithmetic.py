@@ -9,7 +9,8 @@ answer only. The whole-sequence language-model loss of the original code is in `
 Sampling follows the original ``generate_samples``:
 
 * **structured coverage**: the first ``max`` rows put every number 0..max-1 once into a random operand slot, with a
-  random partner from [1, max); the remaining rows are uniform over [0, max)^2;
+  random partner from [1, max); the remaining rows are uniform over [0, max)^2 (a set of fewer than ``max`` rows,
+  which the original refused, is a random subset of the structured block);
 * **ambiguous** rows are exactly ``a = b = i`` for every i, where the target task ``a^2+ab`` and the competing
   hypotheses ``2a^2`` and ``2b^2`` all agree.
 
@@ -110,9 +111,14 @@ def uniform_operands(count: int, numbers: int, seed: int, purpose: str) -> tuple
 def sample_rows(n: int, *, task: str, modulus: int, numbers: int, seed: int, purpose: str) -> torch.Tensor:
     """``n`` rows as the original ``generate_samples``: the structured block first, uniform rows after it.
 
-    Fewer than ``max`` rows take the first ``n`` structured rows (the original refused ``n < max``).
+    The original refused ``n < max``. Fewer rows are ``n`` of the structured rows drawn without replacement, as the
+    original drew its disambiguating rows from a structured pool; the first ``n`` in block order would cover only
+    the numbers 0..n-1. From ``max`` rows on, the rows do not depend on that draw.
     """
     a, b = structured_operands(numbers, _generator(seed, f"{purpose}:structured"))
+    if n < numbers:
+        chosen = torch.randperm(numbers, generator=_generator(seed, f"{purpose}:subset"))[:n]
+        a, b = a[chosen], b[chosen]
     extra_a, extra_b = uniform_operands(max(n - numbers, 0), numbers, seed, purpose)
     return label_rows(torch.cat([a, extra_a])[:n], torch.cat([b, extra_b])[:n], task, modulus, numbers)
 
