@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -71,11 +72,33 @@ class Registry:
             raise ValueError(describe_error(err, entry.params)) from None
 
     def build(self, name: str, ctx: Any, params: dict[str, Any]) -> Any:
+        """The built object; a UserError when a library rejects the keywords a config passed through to it."""
         entry = self.get(name)
         kwargs = self.validate(name, params)
         if name != entry.name:  # prefixed entry: pass the part after the colon
             kwargs["name"] = name.split(":", 1)[1]
-        return entry.build(ctx, **kwargs)
+        try:
+            return entry.build(ctx, **kwargs)
+        except TypeError as err:
+            if _rejected_keyword(err) not in _passed_through_keys(kwargs):  # a bug in the builder: keep the traceback
+                raise
+            raise UserError(f"{self.kind} {name}: {err}") from None
+
+
+_BINDING_ERROR = re.compile(r"(?:unexpected keyword argument|multiple values for (?:keyword )?argument) '(\w+)'")
+
+
+def _rejected_keyword(err: TypeError) -> str | None:
+    """The keyword a call refused (unknown, or given twice), when ``err`` is such a call's error."""
+    match = _BINDING_ERROR.search(str(err))
+    return match.group(1) if match else None
+
+
+def _passed_through_keys(kwargs: dict[str, Any]) -> set[str]:
+    """Keys of the free-form mappings among a builder's arguments (``kwargs: {...}``, handed on to a library
+    unchecked). The builder's declared keywords are not among them: those were validated, so passing them on
+    wrongly is the builder's bug."""
+    return {key for value in kwargs.values() if isinstance(value, dict) for key in value}
 
 
 def _params_model(name: str, fn) -> type[BaseModel]:

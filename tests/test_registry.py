@@ -7,7 +7,7 @@ import torch
 
 from core.errors import UserError
 from core.models.vision import check_accepts
-from core.registry import DATASETS, MODELS
+from core.registry import DATASETS, MODELS, Registry
 from core.data import DataContext
 
 INFO = {"input_shape": (1, 28, 28), "num_classes": 10}
@@ -67,3 +67,27 @@ def test_image_datasets_are_seeded_and_split():
     assert len(mnist.train) + len(mnist.val) + len(mnist.test) == 5000
     assert mnist.info["input_shape"] == (1, 28, 28)
     assert len(set(mnist.test.y[:100].tolist())) > 5  # shuffled: the file is sorted by class
+
+
+def test_keywords_a_library_rejects_are_user_errors_but_builder_bugs_keep_their_traceback():
+    widgets = Registry("widget")
+
+    def library(size: int = 1, colour: str = "red"):
+        return size, colour
+
+    @widgets.register("passes_on")
+    def passes_on(ctx, *, kwargs: dict = {}):
+        return library(size=2, **kwargs)
+
+    @widgets.register("buggy")
+    def buggy(ctx, *, size: int = 1, kwargs: dict = {}):
+        return library(sise=size, **kwargs)  # a typo of the builder's own: not the user's doing
+
+    assert widgets.build("passes_on", None, {"kwargs": {"colour": "blue"}}) == (2, "blue")
+    with pytest.raises(UserError, match=r"widget passes_on: .*multiple values for keyword argument 'size'"):
+        widgets.build("passes_on", None, {"kwargs": {"size": 3}})
+    with pytest.raises(UserError, match="unexpected keyword argument 'shape'"):
+        widgets.build("passes_on", None, {"kwargs": {"shape": "round"}})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'sise'") as caught:
+        widgets.build("buggy", None, {"kwargs": {"colour": "blue"}})
+    assert not isinstance(caught.value, UserError)
