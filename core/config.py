@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from core.errors import UserError
 from core.registry import DATASETS, MODELS, Registry, describe_error
@@ -87,6 +87,21 @@ class OptimizerConfig(Section):
             hint = difflib.get_close_matches(name, known, n=1)
             raise ValueError(f"unknown optimizer {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
         return name
+
+    @field_validator("kwargs")
+    @classmethod
+    def _accepted_by_optimizer(cls, kwargs: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Build the optimizer over one dummy parameter: a bad argument fails here, before any run starts."""
+        if "name" not in info.data or "lr" not in info.data:  # already reported as an error of its own
+            return kwargs
+        import torch
+
+        try:
+            getattr(torch.optim, info.data["name"])([torch.zeros(1, requires_grad=True)], lr=info.data["lr"],
+                                                     **kwargs)
+        except Exception as err:  # only torch's checks of these arguments run here: whatever fails is about them
+            raise ValueError(f"{info.data['name']} rejects these arguments ({err.__class__.__name__}: {err})") from None
+        return kwargs
 
 
 class ScheduleConfig(Section):

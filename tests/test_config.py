@@ -25,14 +25,16 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def error_line(capsys, workdir, text: str, *extra: str) -> str:
-    cfg = write(workdir / "bad.yaml", text)
-    code = run_cli("base", str(cfg), *extra)
+def one_line_and_nothing_written(capsys, workdir, *argv: str) -> str:
+    assert run_cli("base", *argv) == 2
     err = capsys.readouterr().err.strip()
-    assert code == 2
     assert len(err.splitlines()) == 1, err
     assert not (workdir / "checkpoints").exists()
     return err
+
+
+def error_line(capsys, workdir, text: str, *extra: str) -> str:
+    return one_line_and_nothing_written(capsys, workdir, str(write(workdir / "bad.yaml", text)), *extra)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -56,14 +58,22 @@ def test_bad_config_is_one_line_and_exit_2(capsys, workdir, text, expected):
 
 
 def test_missing_file(capsys, workdir):
-    assert run_cli("base", "nowhere.yaml") == 2
-    assert "nowhere.yaml: config file not found" in capsys.readouterr().err
+    assert "nowhere.yaml: config file not found" in one_line_and_nothing_written(capsys, workdir, "nowhere.yaml")
 
 
 def test_unreadable_file(capsys, workdir):
     (workdir / "dir.yaml").mkdir()
-    assert run_cli("base", "dir.yaml") == 2
-    assert "cannot read config file" in capsys.readouterr().err
+    assert "cannot read config file" in one_line_and_nothing_written(capsys, workdir, "dir.yaml")
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.optimizer.kwargs.weight_decay=-1", "Invalid weight_decay value: -1"),
+    ("train.optimizer.kwargs.momentum=0.9", "unexpected keyword argument 'momentum'"),  # AdamW has none
+    ("train.optimizer.kwargs.betas=[0.9]", "AdamW rejects these arguments"),
+])
+def test_optimizer_arguments_are_checked_with_the_config(capsys, workdir, override, expected):
+    err = error_line(capsys, workdir, GOOD, "--set", override)
+    assert "bad.yaml: train.optimizer.kwargs: " in err and expected in err, err
 
 
 def test_bad_override(capsys, workdir):
