@@ -46,8 +46,12 @@ def main(stage: str, argv: Optional[list[str]] = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print("\ninterrupted: state saved; continue with --resume", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        if getattr(err, "resumable", False):
+            print(f"\ninterrupted: state saved in {err.path}; continue with --resume --out {err.path}",
+                  file=sys.stderr)
+        else:
+            print("\ninterrupted before any training state was saved: nothing to resume", file=sys.stderr)
         return 130
     finally:
         dist.cleanup()

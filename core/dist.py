@@ -65,6 +65,15 @@ def broadcast(compute: Callable[[], T]) -> T:
     return value
 
 
+def all_agree(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on every rank: one tiny all-reduce under torchrun, ``flag`` itself otherwise."""
+    if not active():
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DistributedDataParallel when running under torchrun, the model itself otherwise."""
     if not active():

@@ -13,12 +13,16 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from core.run import read_json, read_metrics
+from core.run import has_state, read_json, read_metrics
 
 KEY_METRICS = ("test_acc", "val_acc", "textured_acc", "shape_only_acc", "shape_bias")
+RUN_FILES = ("config.yaml", "seed.txt", "env.json", "metrics.jsonl", "summary.json", "state.pt")
 
 
 def run_status(path: Path) -> str:
+    for name in RUN_FILES:
+        if (path / name).exists() and not (path / name).is_file():
+            return f"broken ({name} is not a file)"
     summary = read_json(path / "summary.json")
     if summary and summary.get("status") == "finished":
         return "finished"
@@ -26,16 +30,21 @@ def run_status(path: Path) -> str:
         return "broken (unreadable summary.json)"
     if not (path / "config.yaml").exists() or not (path / "seed.txt").exists():
         return "broken (no config.yaml or seed.txt)"
-    return "unfinished (resumable)" if (path / "state.pt").exists() else "unfinished (no saved state)"
+    return "unfinished (resumable)" if has_state(path) else "unfinished (no saved state)"
 
 
 def run_row(path: Path) -> dict[str, Any]:
+    """The table row of one run directory; a directory that cannot be read is a row saying so."""
+    try:
+        return _read_row(path)
+    except (OSError, ValueError) as err:  # ValueError: text that is not UTF-8
+        return {"name": path.name, "status": f"broken (unreadable: {err.__class__.__name__})"}
+
+
+def _read_row(path: Path) -> dict[str, Any]:
     summary = read_json(path / "summary.json") or {}
     seed_file = path / "seed.txt"
-    try:
-        seed: Optional[str] = seed_file.read_text().strip() if seed_file.exists() else None
-    except OSError:
-        seed = None
+    seed: Optional[str] = seed_file.read_text().strip() if seed_file.is_file() else None
     row = {"name": path.name, "stage": summary.get("stage", "?"), "seed": seed or "?", "status": run_status(path),
            "duration_s": summary.get("duration_s", "")}
     for key in KEY_METRICS:
@@ -51,7 +60,11 @@ def run_row(path: Path) -> dict[str, Any]:
 
 
 def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / f).exists() for f in ("config.yaml", "seed.txt", "summary.json", "state.pt"))
+    """A directory holding any file of the run-directory contract; one that cannot be read is listed (as broken)."""
+    try:
+        return path.is_dir() and any((path / f).exists() for f in RUN_FILES)
+    except OSError:
+        return True
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

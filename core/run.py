@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -224,7 +225,8 @@ def _now() -> str:
 class Run:
     """One run directory (or a sub-run inside one). Only rank 0 writes; other ranks get a Run that writes nothing.
 
-    ``resumed`` is true when the directory already held state to continue from.
+    ``resumed`` is true when the directory already held state to continue from. The wall-clock time a run takes
+    adds up over the processes that work on it (``elapsed_s`` in env.json, updated whenever state is saved).
     """
 
     def __init__(self, path: Path, *, replay_of: Optional[Path] = None, resumed: bool = False):
@@ -232,6 +234,9 @@ class Run:
         self.replay_of = replay_of
         self.resumed = resumed
         self.writes = dist.is_main()
+        self.top: Run = self  # the run directory whose env.json counts the time (itself, or a sub-run's parent)
+        self._started = time.perf_counter()
+        self._elapsed_before = 0.0  # seconds the processes before this one spent on the run
 
     # --- creation -------------------------------------------------------------------------------------------
 
@@ -242,6 +247,8 @@ class Run:
         run = cls(path, replay_of=replay_of, resumed=resume)
         if run.writes and not resume:
             run._create_files(config_yaml, seed, device)
+        if resume:
+            run._elapsed_before = float((read_json(path / "env.json") or {}).get("elapsed_s", 0.0))
         dist.barrier()
         return run
 
@@ -260,6 +267,7 @@ class Run:
         """A sub-run in ``<run>/<name>/`` (one condition of a sweep), resumable on its own."""
         path = self.path / name
         sub = Run(path, resumed=(path / "state.pt").exists())
+        sub.top = self.top
         if sub.writes:
             path.mkdir(parents=True, exist_ok=True)
         return sub
@@ -322,6 +330,18 @@ class Run:
     def save_state(self, state: dict[str, Any]) -> None:
         if self.writes:
             atomic_save(self.path / "state.pt", lambda tmp: torch.save(state, tmp))
+            self.top.record_elapsed()  # a killed process loses no more of the count than of its training
+
+    def elapsed_s(self) -> float:
+        """Wall-clock seconds spent on this run so far, over every process that worked on it (resumes add up)."""
+        return self._elapsed_before + time.perf_counter() - self._started
+
+    def record_elapsed(self) -> None:
+        """Store ``elapsed_s`` in env.json, where a resumed run reads it back (nothing when the directory is gone)."""
+        env = read_json(self.path / "env.json") if self.writes else None
+        if env is not None:
+            env["elapsed_s"] = round(self.elapsed_s(), 3)
+            atomic_write_json(self.path / "env.json", env)
 
     def load_state(self) -> Optional[dict[str, Any]]:
         path = self.path / "state.pt"
@@ -352,7 +372,7 @@ class Run:
             print(f"replay of {self.replay_of}: {verdict} (max_abs_diff={replay['max_abs_diff']})")
         env = read_json(self.path / "env.json")
         if env is not None:
-            env["end_time"] = _now()
+            env["end_time"], env["elapsed_s"] = _now(), round(self.elapsed_s(), 3)
             atomic_write_json(self.path / "env.json", env)
         self.write_json("summary.json", {"status": "finished", **summary})
 
@@ -364,14 +384,19 @@ class Run:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``<path>/metrics.jsonl``: none when it is missing or unreadable, only JSON objects otherwise."""
+    try:
+        text = (Path(path) / "metrics.jsonl").read_bytes().decode(errors="replace")
+    except OSError:  # missing, or not a readable file
+        return []
     rows = []
-    file = Path(path) / "metrics.jsonl"
-    if file.exists():
-        for line in file.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a line cut off by a kill: the rows before it still count
-                break
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut off by a kill: the rows before it still count
+            break
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 

@@ -4,7 +4,7 @@ Features: ``device: auto|cpu|cuda``; any ``torch.optim`` optimizer by name; cons
 linear warm-up; gradient clipping and accumulation; bf16 autocast on CUDA; evaluation every N epochs or steps; the
 best checkpoint by a chosen metric, early stopping on it (patience or target); a NaN/inf guard that names the step;
 state saved atomically every epoch and on Ctrl-C, so ``--resume`` ends with the same metrics as an uninterrupted
-run; DistributedDataParallel under torchrun.
+run; DistributedDataParallel under torchrun (every rank stops together when any rank's loss stops being finite).
 
 A stage plugs in an ``Objective``: how to compute a batch's loss, how to evaluate, and optional hooks (per-epoch
 set-up such as a temperature, per-step clean-up such as restoring frozen weights).
@@ -45,7 +45,7 @@ class DivergedError(UserError):
 class Objective:
     """What a stage plugs into ``fit``.
 
-    loss(model, batch) -> (loss tensor, {name: float} to average over the epoch)
+    loss(model, batch) -> (loss tensor, {name: float} averaged over the batches that log that name)
     evaluate(model) -> {metric: float}; must contain ``TrainConfig.select_metric``
     train_mode(model): put the model in training mode (masks keep their frozen base in eval mode, for example)
     on_epoch_start(epoch) -> {name: float} logged with the epoch's evaluation (a temperature, say)
@@ -68,6 +68,7 @@ class FitResult:
     steps: int
     stop_reason: str
     history: list[dict[str, Any]] = field(default_factory=list)
+    best_weights: Optional[dict[str, torch.Tensor]] = None  # the state dict of the best evaluation
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,11 +82,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    cls = getattr(torch.optim, cfg.name)
-    try:
-        return cls([p for p in params if p.requires_grad], lr=cfg.lr, **cfg.kwargs)
-    except TypeError as err:
-        raise UserError(f"train.optimizer.kwargs: {cfg.name} does not take these arguments ({err})") from None
+    """The configured optimizer (its arguments were checked when the config was validated)."""
+    return getattr(torch.optim, cfg.name)([p for p in params if p.requires_grad], lr=cfg.lr, **cfg.kwargs)
 
 
 def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
@@ -154,7 +152,8 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.de
 
 
 class _DeferredInterrupt:
-    """Ctrl-C sets a flag that the loop checks after each optimizer step, so the state it saves is consistent.
+    """Ctrl-C sets a flag that the loop checks after each optimizer step (and that step's evaluation), so the state
+    it saves is consistent.
 
     A second Ctrl-C interrupts at once. Outside the main thread (where signals cannot be caught) this does nothing.
     """
@@ -213,8 +212,8 @@ def fit(model: nn.Module, objective: Objective, train: Split, cfg: TrainConfig, 
     with _DeferredInterrupt() as interrupt:
         loop.interrupt = interrupt
         result = loop.run()
-    if restore_best and loop.best_weights is not None:
-        dist.unwrap(loop.model).load_state_dict(loop.best_weights)
+    if restore_best and result.best_weights is not None:
+        dist.unwrap(loop.model).load_state_dict(result.best_weights)
     return result
 
 
@@ -225,7 +224,7 @@ class _Loop:
         self.model = dist.wrap(model, device)
         self.loader = BatchLoader(train, cfg.batch_size, shuffle=True, seed=seed, rank=dist.rank(),
                                   world_size=dist.world_size(), drop_last=cfg.drop_last)
-        self.steps_per_epoch = max(len(self.loader) // cfg.grad_accum, 1)
+        self.steps_per_epoch = max(-(-len(self.loader) // cfg.grad_accum), 1)  # a last, partial group steps too
         total = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         self.optimizer = build_optimizer(params if params is not None else model.parameters(), cfg.optimizer)
@@ -236,11 +235,11 @@ class _Loop:
         self.history: list[dict[str, Any]] = []
         self.epoch = self.batch_in_epoch = self.step = 0
         self.epoch_logs: dict[str, float] = {}
-        self.sums: dict[str, float] = {}
-        self.count = 0
-        self.rng_at_step = rng_state()
+        self.sums: dict[str, float] = {}  # per logged name: its sum and the number of batches that logged it
+        self.counts: dict[str, int] = {}
         self.interrupt: Optional[_DeferredInterrupt] = None
         self.elapsed = 0.0
+        self.started = time.perf_counter()
         self.stop_reason = "epochs"
         self.autocast = cfg.precision == "bf16" and device.type == "cuda"
         if run.resumed:
@@ -251,14 +250,15 @@ class _Loop:
     def state(self) -> dict[str, Any]:
         return {
             "model": dist.unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "rng": self.rng_at_step, "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch, "step": self.step, "sums": self.sums, "count": self.count,
+            "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch, "step": self.step, "sums": self.sums, "counts": self.counts,
             "epoch_logs": self.epoch_logs, "best_value": self.tracker.best_value, "best_row": self.tracker.best_row,
             "since_best": self.tracker.since_best, "best_weights": self.best_weights, "history": self.history,
-            "elapsed": self.elapsed,
+            "elapsed": self.elapsed, "stop_reason": self.stop_reason,
         }
 
     def save(self) -> None:
+        self.elapsed = time.perf_counter() - self.started
         self.run_dir.save_state(self.state())
 
     def _restore(self, state: Optional[dict[str, Any]]) -> None:
@@ -268,19 +268,21 @@ class _Loop:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
-        self.sums, self.count, self.epoch_logs = state["sums"], state["count"], state["epoch_logs"]
+        self.sums, self.epoch_logs = state["sums"], state["epoch_logs"]
+        # State saved before names were counted one by one held a single count for every name.
+        self.counts = state.get("counts") or {name: state["count"] for name in self.sums}
         self.tracker.best_value, self.tracker.best_row = state["best_value"], state["best_row"]
         self.tracker.since_best, self.best_weights = state["since_best"], state["best_weights"]
         self.history, self.elapsed = state["history"], state["elapsed"]
-        self.rng_at_step = state["rng"]
-        set_rng_state(self.rng_at_step)
+        self.stop_reason = state.get("stop_reason", "epochs")  # a run that had decided to stop stays stopped
+        set_rng_state(state["rng"])
         self.run_dir.truncate_metrics(after_step=self.step)
 
     # --- loop -------------------------------------------------------------------------------------------------
 
     def run(self) -> FitResult:
         cfg = self.cfg
-        start = time.perf_counter() - self.elapsed
+        self.started = time.perf_counter() - self.elapsed  # a resumed run goes on counting
         self.epoch_bar = tqdm(total=cfg.epochs, initial=self.epoch, desc=self.run_dir.path.name, unit="epoch",
                               dynamic_ncols=True, disable=not self._show_bars())
         while self.epoch < cfg.epochs and self.stop_reason == "epochs":
@@ -288,25 +290,24 @@ class _Loop:
                 self.epoch_logs = self.objective.on_epoch_start(self.epoch)
             elif self.objective.on_epoch_start:  # resumed mid-epoch: recompute the epoch's settings silently
                 self.objective.on_epoch_start(self.epoch)
-            self._train_epoch(start)
+            self._train_epoch()
             if self.stop_reason != "epochs":
                 break
             self.epoch += 1
             self.batch_in_epoch = 0
             last_epoch = self.epoch == cfg.epochs
             if cfg.eval_unit == "epoch" and (self.epoch % cfg.eval_every == 0 or last_epoch):
-                self._evaluate(start)
-            self.elapsed = time.perf_counter() - start
+                self._evaluate()
             self.save()
             self.epoch_bar.update(1)
         self.epoch_bar.close()
         if not self.history or self.history[-1]["step"] != self.step:
-            self._evaluate(start)
-        self.elapsed = time.perf_counter() - start
+            self._evaluate()
         self.save()
-        return FitResult(self.tracker.best_row, self.history[-1], self.step, self.stop_reason, self.history)
+        return FitResult(self.tracker.best_row, self.history[-1], self.step, self.stop_reason, self.history,
+                         self.best_weights)
 
-    def _train_epoch(self, start: float) -> None:
+    def _train_epoch(self) -> None:
         cfg = self.cfg
         self.loader.set_epoch(self.epoch)
         self.objective.train_mode(self.model)
@@ -316,43 +317,52 @@ class _Loop:
         for i, batch in enumerate(self.loader):
             if i < self.batch_in_epoch:  # resumed: these batches were trained before the interruption
                 continue
-            self._train_batch(batch)
+            self._train_batch(batch, self._group_size(i))
             bar.update(1)
             last = i + 1 == len(self.loader)
             if (i + 1) % cfg.grad_accum and not last:
                 continue
             self._optimizer_step()
             self.batch_in_epoch = i + 1
-            self.rng_at_step = rng_state()
-            if self.interrupt is not None and self.interrupt.requested:
-                self.save()
-                raise KeyboardInterrupt
             if cfg.eval_unit == "step" and self.step % cfg.eval_every == 0:
-                self._evaluate(start)
+                self._evaluate()
                 self.objective.train_mode(self.model)
             if cfg.max_steps and self.step >= cfg.max_steps:
                 self.stop_reason = "max_steps"
+            # Only now, with this step's evaluation logged and the decision to stop taken (both saved), may Ctrl-C
+            # stop the process: the resumed run then does exactly what this one would have done next.
+            if self.interrupt is not None and self.interrupt.requested:
+                self.save()
+                raise KeyboardInterrupt
             if self.stop_reason != "epochs":
                 break
         bar.close()
 
+    def _group_size(self, batch_index: int) -> int:
+        """How many batches the optimizer step that ``batch_index`` belongs to accumulates (the last may be short)."""
+        accum = self.cfg.grad_accum
+        return min(accum, len(self.loader) - batch_index // accum * accum)
+
     def _show_bars(self) -> bool:
         return self.cfg.progress and dist.is_main() and sys.stderr.isatty()
 
-    def _train_batch(self, batch) -> None:
+    def _train_batch(self, batch, group_size: int) -> None:
         x, y = (t.to(self.device, non_blocking=True) for t in batch)
         self.objective.step = self.step
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss, logs = self.objective.loss(self.model, (x, y))
         value = loss.item()
-        if not math.isfinite(value):
+        finite = math.isfinite(value)
+        # Under DDP every rank must stop together: one that went on would wait forever in the gradient all-reduce.
+        if not dist.all_agree(finite, self.device):
+            what = value if not finite else "non-finite on another rank"
             raise DivergedError(
-                f"the loss became {value} at step {self.step + 1} (epoch {self.epoch + 1}); the run stopped and "
+                f"the loss became {what} at step {self.step + 1} (epoch {self.epoch + 1}); the run stopped and "
                 f"its last saved state stays in {self.run_dir.path} (lower the learning rate or clip gradients)")
-        (loss / self.cfg.grad_accum).backward()
+        (loss / group_size).backward()
         for name, v in {"train_loss": value, **logs}.items():
             self.sums[name] = self.sums.get(name, 0.0) + float(v)
-        self.count += 1
+            self.counts[name] = self.counts.get(name, 0) + 1
 
     def _optimizer_step(self) -> None:
         if self.cfg.grad_clip:
@@ -364,16 +374,16 @@ class _Loop:
             self.objective.after_step()
         self.step += 1
 
-    def _evaluate(self, start: float) -> None:
+    def _evaluate(self) -> None:
         metrics = self.objective.evaluate(dist.unwrap(self.model))
         if self.cfg.select_metric not in metrics:
             raise UserError(f"train.select_metric: {self.cfg.select_metric!r} is not measured; "
                             f"choose one of {', '.join(sorted(metrics))}")
-        train_logs = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        train_logs = {k: v / self.counts[k] for k, v in self.sums.items()}
         row = {"epoch": self.epoch, "step": self.step, **train_logs, **self.epoch_logs, **metrics,
                "lr": self.optimizer.param_groups[0]["lr"],
-               f"{TIMING_PREFIX}elapsed_s": round(time.perf_counter() - start, 3)}
-        self.sums, self.count = {}, 0
+               f"{TIMING_PREFIX}elapsed_s": round(time.perf_counter() - self.started, 3)}
+        self.sums, self.counts = {}, {}
         self.history.append(row)
         self.run_dir.log_metrics(row)
         if self.tracker.update(metrics[self.cfg.select_metric], row):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,11 +32,31 @@ def test_math_entry_point_runs_the_base_stage(workdir):
     assert proc.returncode == 0 and "valid base config" in proc.stdout
 
 
+# vision/vision_base.py, with every rank saying which seed its stage received.
+SEED_REPORTING_ENTRY = """
+from core import dist
+from core.cli import entry
+from core.stages import base
+
+stage_main = base.main
+
+
+def main(ctx):
+    print(f"rank {dist.rank()} seed {ctx.seed}", flush=True)
+    return stage_main(ctx)
+
+
+base.main = main
+entry("base")
+"""
+
+
 def test_torchrun_two_cpu_processes(workdir):
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.exists():
         pytest.skip("torchrun not installed beside this python")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(REPO / "vision/vision_base.py"),
+    (workdir / "entry.py").write_text(SEED_REPORTING_ENTRY)
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "entry.py",
                            "configs/tiny_digits.yaml", "--out", "checkpoints/ddp"],
                           env=python_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -43,6 +64,10 @@ def test_torchrun_two_cpu_processes(workdir):
     assert [p.name for p in Path("checkpoints").iterdir()] == ["ddp"]  # one run directory, written by rank 0
     env = json.loads(Path("checkpoints/ddp/env.json").read_text())
     assert env["world_size"] == 2
+    seeds = dict(re.findall(r"rank (\d) seed (\d+)", proc.stdout))  # the ranks' lines may share a line
+    recorded = Path("checkpoints/ddp/seed.txt").read_text().strip()
+    assert seeds == {"0": recorded, "1": recorded}  # one seed, hence one data split, on every rank
+    assert proc.stdout.count("best checkpoint:") == 1  # printed by rank 0 only
 
 
 def test_a_trained_model_is_rebuilt_from_its_run_directory(workdir):

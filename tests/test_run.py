@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from core.errors import UserError
 from core.report import main as report_main
 from core.report import run_status
-from core.run import TIMING_PREFIX, atomic_write_json, choose_run_dir, read_metrics
+from core.run import TIMING_PREFIX, atomic_write_json, choose_run_dir, read_metrics, seed_everything
 from tests.conftest import REPO, python_env, run_cli
 
 TINY = "configs/tiny_digits.yaml"
@@ -44,10 +46,27 @@ def test_seed_is_drawn_recorded_and_replayed(workdir, capsys):
     summary = json.loads(Path("checkpoints/a/summary.json").read_text())
     assert summary["status"] == "finished" and summary["test_acc"] > 0.5
     for name in ("config.yaml", "seed.txt", "env.json", "metrics.jsonl", "metrics.csv", "summary.json",
-                 "model.safetensors", "state.pt", "curves.png"):
+                 "model.safetensors", "model.json", "last.safetensors", "last.json", "state.pt", "curves.png"):
         assert Path("checkpoints/a", name).exists(), name
+    from safetensors.torch import load_file
+
+    last, state = load_file("checkpoints/a/last.safetensors"), torch.load("checkpoints/a/state.pt", weights_only=False)
+    assert last.keys() == state["model"].keys()
+    assert all(torch.equal(last[k], state["model"][k]) for k in last)  # the weights training ended with
     env = json.loads(Path("checkpoints/a/env.json").read_text())
     assert env["versions"]["torch"].startswith("2.14.1") and env["end_time"]
+
+
+def test_seed_everything_seeds_python_numpy_and_torch():
+    def draws():
+        return random.random(), np.random.rand(), torch.rand(1).item()
+
+    seed_everything(11)
+    first = draws()
+    seed_everything(11)
+    assert draws() == first
+    seed_everything(12)
+    assert all(a != b for a, b in zip(draws(), first))
 
 
 def test_replay_detects_a_difference(workdir):
@@ -84,6 +103,55 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(workdir, monkeypatch, c
     assert run_cli("base", TINY, "--out", "checkpoints/cut", "--resume") == 0
     assert comparable(read_metrics("checkpoints/cut")) == comparable(read_metrics("checkpoints/whole"))
     assert run_cli("base", TINY, "--out", "checkpoints/cut", "--resume") == 2  # already finished
+
+
+SEEDED = ["--set", "reproducibility.reproduce=true", "--set", "reproducibility.random_seed=7"]
+
+
+@pytest.mark.parametrize("settings, cut_at", [
+    (["train.eval_unit=step", "train.eval_every=5"], 10),  # Ctrl-C during a step that evaluates
+    (["train.max_steps=10"], 10),  # ... during the last step
+    (["train.max_steps=10", "train.grad_accum=2"], 7),  # ... the partial group ending epoch 1 (13 batches)
+])
+def test_ctrl_c_at_a_step_that_evaluates_or_stops(workdir, monkeypatch, settings, cut_at):
+    sets = SEEDED + [arg for s in settings for arg in ("--set", s)]
+    assert run_cli("base", TINY, "--out", "checkpoints/whole", *sets) == 0
+    with monkeypatch.context() as m:
+        interrupt_at(m, cut_at)
+        assert run_cli("base", TINY, "--out", "checkpoints/cut", *sets) == 130
+    assert run_cli("base", TINY, "--out", "checkpoints/cut", "--resume") == 0
+    whole = comparable(read_metrics("checkpoints/whole"))
+    assert comparable(read_metrics("checkpoints/cut")) == whole
+    summaries = [json.loads(Path(f"checkpoints/{d}/summary.json").read_text()) for d in ("whole", "cut")]
+    assert summaries[1]["steps"] == summaries[0]["steps"] and summaries[1]["stop_reason"] == summaries[0]["stop_reason"]
+
+
+def test_duration_adds_up_over_resumes(workdir, monkeypatch):
+    with monkeypatch.context() as m:
+        interrupt_at(m, 5)
+        assert run_cli("base", TINY, "--out", "checkpoints/cut") == 130
+    env = json.loads(Path("checkpoints/cut/env.json").read_text())
+    assert env["elapsed_s"] > 0
+    env["elapsed_s"] = 1000.0  # as if the interrupted process had run that long
+    atomic_write_json("checkpoints/cut/env.json", env)
+    assert run_cli("base", TINY, "--out", "checkpoints/cut", "--resume") == 0
+    summary = json.loads(Path("checkpoints/cut/summary.json").read_text())
+    assert 1000 < summary["duration_s"] < 1300
+    assert json.loads(Path("checkpoints/cut/env.json").read_text())["elapsed_s"] == pytest.approx(
+        summary["duration_s"], abs=0.01)
+
+
+def test_ctrl_c_before_training_saves_nothing_and_says_so(workdir, monkeypatch, capsys):
+    from core.stages import base
+
+    def interrupted_main(ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(base, "main", interrupted_main)
+    assert run_cli("base", TINY, "--out", "checkpoints/x") == 130
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "state saved" not in err
+    assert not Path("checkpoints/x").exists()
 
 
 def test_killed_process_resumes_from_its_last_epoch(workdir):
@@ -130,6 +198,16 @@ def test_choose_run_dir_rules(tmp_path):
         choose_run_dir(out, resume=False)
 
 
+def test_a_library_rejecting_passed_on_keywords_is_one_line_and_leaves_nothing(workdir, capsys):
+    Path("timm.yaml").write_text("data: {name: digits, limit: 100}\n"
+                                 "model: {name: 'timm:resnet18', kwargs: {no_such_option: 1}}\n"
+                                 "train: {epochs: 1, threads: 1}\n")
+    assert run_cli("base", "timm.yaml") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model timm:resnet18" in err and "no_such_option" in err, err
+    assert not any(Path("checkpoints").iterdir())  # no run directory, no staging directory
+
+
 def test_user_error_after_start_leaves_no_run_directory(workdir, monkeypatch, capsys):
     from core.stages import base
 
@@ -149,9 +227,28 @@ def test_report_lists_broken_and_unfinished_runs(workdir, capsys):
     (Path("checkpoints/half") / "config.yaml").write_text("x: 1\n")
     (Path("checkpoints/half") / "seed.txt").write_text("5\n")
     torch.save({}, Path("checkpoints/half") / "state.pt")
+    Path("checkpoints/lists").mkdir()  # metrics rows that are JSON but not objects
+    (Path("checkpoints/lists") / "seed.txt").write_text("6\n")
+    (Path("checkpoints/lists") / "metrics.jsonl").write_text('[1, 2]\n{"step": 1, "val_acc": 0.25}\n"x"\n')
+    Path("checkpoints/dir_metrics/metrics.jsonl").mkdir(parents=True)  # a directory where a file belongs
+    (Path("checkpoints/dir_metrics") / "seed.txt").write_text("7\n")
+    Path("checkpoints/binary").mkdir()
+    (Path("checkpoints/binary") / "seed.txt").write_bytes(b"\xff\xfe\x00")
     capsys.readouterr()
     assert report_main(["checkpoints", "--plot"]) == 0
     out = capsys.readouterr().out
     assert "finished" in out and "broken" in out and "unfinished (resumable)" in out
     assert "test_acc" in out and Path("checkpoints/good/curves.png").exists()
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if not line.startswith("wrote")}
+    assert "0.2500" in rows["lists"]
+    assert "broken (metrics.jsonl is not a file)" in rows["dir_metrics"]
+    assert "broken (unreadable" in rows["binary"]
     assert report_main(["nowhere"]) == 2
+
+
+def test_read_metrics_keeps_objects_and_survives_unreadable_files(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n[1, 2]\n7\n{"step": 2}\n{"step": 3, "cut off\n{"step": 4}\n')
+    assert read_metrics(tmp_path) == [{"step": 1}, {"step": 2}]
+    assert read_metrics(tmp_path / "missing") == []
+    (tmp_path / "dir" / "metrics.jsonl").mkdir(parents=True)
+    assert read_metrics(tmp_path / "dir") == []

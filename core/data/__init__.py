@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils.data import DistributedSampler
 
 
 @dataclass
@@ -67,7 +68,10 @@ class BatchLoader:
     """Seeded shuffled mini-batches over a Split; under DDP each rank takes an equal, disjoint share.
 
     The epoch's permutation depends only on (seed, epoch), so a resumed run sees the very batches an uninterrupted
-    run would have seen.
+    run would have seen. Under torchrun, ``torch.utils.data.DistributedSampler`` shards that very permutation (it
+    draws ``randperm(n)`` from the seed it is given, which is the epoch's seed here): rank r takes every
+    world_size-th index from position r, and the last n mod world_size indices are left out so that every rank
+    runs the same number of steps.
     """
 
     def __init__(self, split: Split, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0,
@@ -80,15 +84,14 @@ class BatchLoader:
         self.epoch = epoch
 
     def _indices(self) -> torch.Tensor:
-        n = len(self.split)
+        n, seed = len(self.split), epoch_seed(self.seed, self.epoch)
+        if self.world_size > 1:
+            sampler = DistributedSampler(self.split, num_replicas=self.world_size, rank=self.rank,
+                                         shuffle=self.shuffle, seed=seed, drop_last=True)
+            return torch.tensor(list(sampler), dtype=torch.long)
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch)))
-        else:
-            order = torch.arange(n)
-        if self.world_size > 1:  # equal shares so that every rank runs the same number of steps
-            per_rank = n // self.world_size
-            order = order[self.rank * per_rank : (self.rank + 1) * per_rank]
-        return order
+            return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        return torch.arange(n)
 
     def __len__(self) -> int:
         n = len(self.split) // self.world_size

@@ -9,7 +9,6 @@ finish or clean up. A stage that needs another's output names it by run director
 from __future__ import annotations
 
 import importlib
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -22,7 +21,7 @@ from core.data import DataBundle, DataContext, Split
 from core.errors import UserError
 from core.metrics import shape_bias
 from core.registry import DATASETS, MODELS
-from core.run import TIMING_PREFIX, Run, draw_seed, is_finished, seed_everything
+from core.run import TIMING_PREFIX, Run, draw_seed, has_state, is_finished, seed_everything
 from core.train import classification_loss, evaluate_classification, logits_of, predict, resolve_device
 
 STAGES = {
@@ -67,18 +66,26 @@ def load_stage_config(path: str | Path, stage: str, overrides: list[str] = (), o
     return cfg
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; ``resumable`` when its run directory holds saved state to continue from."""
+
+    def __init__(self, path: Path, resumable: bool):
+        super().__init__(str(path))
+        self.path, self.resumable = path, resumable
+
+
 def execute(cfg: RunConfig, *, resume: bool = False) -> Path:
     """Run a stage end to end; returns its run directory. UserErrors leave nothing half-written behind."""
     module = stage_module(cfg.stage)
     if resume:  # continue with the very config (and seed) the run started with
         cfg = load_stage_config(Path(cfg.output_dir) / "config.yaml", cfg.stage, out=cfg.output_dir)
-    repro = cfg.reproducibility
-    seed = repro.random_seed if repro.reproduce else dist.broadcast(draw_seed)
-    cfg.reproducibility = repro.model_copy(update={"reproduce": True, "random_seed": seed})  # snapshot replays
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
-    dist.init(device)
+    dist.init(device)  # before the seed is drawn: rank 0 draws it and the others must receive it
+    repro = cfg.reproducibility
+    seed = repro.random_seed if repro.reproduce else dist.broadcast(draw_seed)
+    cfg.reproducibility = repro.model_copy(update={"reproduce": True, "random_seed": seed})  # snapshot replays
     seed_everything(seed, repro.deterministic)
     prepare = getattr(module, "prepare", None)
     if prepare is not None:  # upstream runs and input checks, before the run directory exists
@@ -88,14 +95,16 @@ def execute(cfg: RunConfig, *, resume: bool = False) -> Path:
     verb = "resuming" if resume else ("replaying into" if run.replay_of else "writing")
     if dist.is_main():
         print(f"{cfg.stage}: {verb} {run.path} (seed {seed})", flush=True)
-    started = time.perf_counter()
     try:
         summary = module.main(Context(cfg, run, seed, device))
-    except UserError:
-        run.discard_if_empty()
+    except (UserError, KeyboardInterrupt) as err:
+        run.discard_if_empty()  # stopped before any state was saved: nothing to keep, nothing to resume
+        run.record_elapsed()  # a resumed run goes on counting from here
+        if isinstance(err, KeyboardInterrupt):
+            raise Interrupted(run.path, has_state(run.path)) from None
         raise
-    duration = round(time.perf_counter() - started, 2)
-    summary = {"stage": cfg.stage, "name": cfg.name, "seed": seed, "duration_s": duration, **summary}
+    summary = {"stage": cfg.stage, "name": cfg.name, "seed": seed, "duration_s": round(run.elapsed_s(), 2),
+               **summary}
     run.finish(summary)
     return run.path
 
