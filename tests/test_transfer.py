@@ -222,11 +222,29 @@ def test_user_errors_are_one_line():
                                "sampled_complement"}
 
 
-def test_no_extra_parameters_and_index_only_memory():
+def test_no_extra_parameters_and_compact_memory():
     base = gpt2(0)
     mask = subnetwork(base)
     moved = transplant("subnet", base, gpt2(1), mask)
     assert moved.model.state_dict().keys() == gpt2(1).state_dict().keys()  # nothing added to the model
-    assert moved.frozen.extra_bytes() == 8 * moved.frozen.count  # one int32 index and one value per frozen entry
+    params = dict(moved.model.named_parameters())
+    blocks = sum(-(-params[name].numel() // 256) for name in mask)
+    # per frozen entry its value (4 bytes) and its position (1 byte), plus 2 bytes per block of 256 entries
+    assert moved.frozen.extra_bytes() == 5 * moved.frozen.count + 2 * blocks
     frozen = FrozenEntries(gpt2(2), {MASKED[0]: torch.zeros(16, 48, dtype=torch.bool)})
     assert frozen.count == 0
+
+
+@pytest.mark.parametrize("numel, density", [(1000, 0.3), (513, 1.0), (4096, 0.002), (70_000, 0.9)])
+def test_compact_positions_give_back_the_exact_indices(numel, density):
+    from core.transfer import _Positions
+
+    g = torch.Generator().manual_seed(numel)
+    mask = torch.rand(numel, generator=g) < density
+    mask[256:512] = True  # a full block: its count (256) must not overflow
+    mask[-3:] = False
+    index = mask.nonzero().squeeze(1)
+    positions = _Positions(index, numel)
+    assert torch.equal(positions.index(), index)
+    assert positions.nbytes() == index.numel() + 2 * -(-numel // 256)
+
