@@ -13,10 +13,14 @@ same architecture, ``transplant`` builds one condition's starting model:
 ``sampled_complement`` the same count, drawn from outside the subnetwork
 =====================  ========================================================================================
 
-Parameters without a mask (embeddings, norms, biases) and buffers (batch-norm statistics) are inherited from the
-base model by default, as the original code did (``non_masked="inherit"``); ``non_masked="reinit"`` keeps the fresh
-values instead, which is what the paper's wording describes. ``random_init`` is fresh throughout either way.
-Sampled conditions are frozen like ``subnet`` unless ``freeze=False``.
+Parameters without a mask (embeddings, norms, biases) and buffers other than batch-norm statistics are inherited from
+the base model by default, as the original code did (``non_masked="inherit"``); ``non_masked="reinit"`` keeps the
+fresh values instead, which is what the paper's wording describes. Batch-norm running statistics follow
+``batch_norm`` alone: ``inherit`` copies the base's (they then update in training), ``reset`` starts them fresh, and
+``freeze`` copies the base's and keeps the batch-norm layers in evaluation mode while training
+(``Transplant.train_mode``), so the statistics stay fixed, as the original's vision transfer kept them (it also kept
+the layers' affine parameters frozen; here they follow ``non_masked`` and train). ``random_init`` is fresh
+throughout whatever the settings. Sampled conditions are frozen like ``subnet`` unless ``freeze=False``.
 
 ``legacy_sampling=True`` reproduces the original code's sampled baselines, which turned NeuroSurgeon's *ablation*
 masks into kept masks and so transplanted the complement: ``sampled_subnet`` kept N - k random entries instead of k,
@@ -33,7 +37,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional, get_args
 
 import torch
 from torch import nn
@@ -43,6 +47,7 @@ from core.masks import check_masks, mask_density
 
 CONDITIONS = ("subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet", "sampled_complement")
 NonMasked = Literal["inherit", "reinit"]
+BatchNorm = Literal["inherit", "reset", "freeze"]
 
 
 # ----------------------------------------------------------------------------------------------------- freezing
@@ -191,22 +196,29 @@ def sample_mask(mask: torch.Tensor, kind: str, generator: torch.Generator, legac
 
 @dataclass
 class Transplant:
-    """A condition's starting model; call ``after_step()`` after every optimizer step."""
+    """A condition's starting model; train it in ``train_mode`` and call ``after_step()`` after every step."""
 
     model: nn.Module
     condition: str
     kept: Optional[dict[str, torch.Tensor]] = None  # the transplanted entries per masked parameter
     frozen: Optional[FrozenEntries] = None
     info: dict[str, Any] = field(default_factory=dict)
+    fixed_norms: list[nn.Module] = field(default_factory=list)  # batch-norm layers whose statistics stay fixed
 
     def after_step(self) -> None:
         if self.frozen is not None:
             self.frozen.restore()
 
+    def train_mode(self, model: nn.Module) -> None:
+        """``model.train()``, except the batch-norm layers of ``batch_norm="freeze"``, which stay in eval mode."""
+        model.train()
+        for norm in self.fixed_norms:
+            norm.eval()
+
 
 def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[str, torch.Tensor], *,
-               non_masked: NonMasked = "inherit", freeze: bool = True, legacy_sampling: bool = False,
-               seed: int = 0, zero_grads: bool = False) -> Transplant:
+               non_masked: NonMasked = "inherit", batch_norm: BatchNorm = "inherit", freeze: bool = True,
+               legacy_sampling: bool = False, seed: int = 0, zero_grads: bool = False) -> Transplant:
     """Build ``condition``'s starting model in ``fresh`` (modified in place and returned in the Transplant).
 
     ``base``: the trained model; ``mask``: bool per parameter name (True = in the subnetwork); ``seed`` drives the
@@ -219,23 +231,28 @@ def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[
         hint = difflib.get_close_matches(condition, CONDITIONS, n=1)
         raise UserError(f"transfer condition {condition!r} is unknown" + (f" (did you mean {hint[0]!r}?)" if hint
                         else "") + f"; known: {', '.join(CONDITIONS)}")
-    if non_masked not in ("inherit", "reinit"):
-        raise UserError(f"transfer non_masked {non_masked!r} is unknown; use inherit or reinit")
+    for key, value, kind in (("non_masked", non_masked, NonMasked), ("batch_norm", batch_norm, BatchNorm)):
+        allowed = get_args(kind)
+        if value not in allowed:
+            raise UserError(f"transfer {key} {value!r} is unknown; use {' or '.join(allowed)}")
     _check_same_architecture(base, fresh)
     check_masks(mask, base, source="transfer mask")
     if condition == "random_init":
         return Transplant(fresh, condition)
     if condition == "full_model":
         fresh.load_state_dict(base.state_dict())
-        return Transplant(fresh, condition)
-    kept = _kept_masks(condition, mask, legacy_sampling, seed)
-    _copy_weights(base, fresh, kept, non_masked)
-    frozen_wanted = freeze and condition != "subnet_trainable"
-    frozen = FrozenEntries(fresh, kept, zero_grads) if frozen_wanted else None
-    density = mask_density(kept)
-    info = {"non_masked": non_masked, "frozen": frozen_wanted, "legacy_sampling": legacy_sampling,
-            "kept": density["kept"], "kept_density": density["density"], "frozen_entries": frozen.count if frozen else 0}
-    return Transplant(fresh, condition, kept, frozen, info)
+        kept, frozen, info = None, None, {}
+    else:
+        kept = _kept_masks(condition, mask, legacy_sampling, seed)
+        _copy_weights(base, fresh, kept, non_masked)
+        frozen_wanted = freeze and condition != "subnet_trainable"
+        frozen = FrozenEntries(fresh, kept, zero_grads) if frozen_wanted else None
+        density = mask_density(kept)
+        info = {"non_masked": non_masked, "frozen": frozen_wanted, "legacy_sampling": legacy_sampling,
+                "kept": density["kept"], "kept_density": density["density"],
+                "frozen_entries": frozen.count if frozen else 0}
+    norms = _set_norm_statistics(base, fresh, batch_norm)
+    return Transplant(fresh, condition, kept, frozen, info, norms if batch_norm == "freeze" else [])
 
 
 def _kept_masks(condition: str, mask: Mapping[str, torch.Tensor], legacy: bool, seed: int
@@ -247,9 +264,14 @@ def _kept_masks(condition: str, mask: Mapping[str, torch.Tensor], legacy: bool, 
             for name, m in sorted(mask.items())}
 
 
+def _batch_norms(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
 @torch.no_grad()
 def _copy_weights(base: nn.Module, fresh: nn.Module, kept: Mapping[str, torch.Tensor], non_masked: str) -> None:
-    """Kept entries from ``base`` into ``fresh``; unmasked parameters and buffers too when inheriting."""
+    """Kept entries from ``base`` into ``fresh``; unmasked parameters and buffers too when inheriting (batch-norm
+    statistics excepted: ``_set_norm_statistics`` decides those)."""
     base_params = dict(base.named_parameters())
     for name, param in fresh.named_parameters():
         source = base_params[name].to(param.device, param.dtype)
@@ -258,9 +280,27 @@ def _copy_weights(base: nn.Module, fresh: nn.Module, kept: Mapping[str, torch.Te
         elif non_masked == "inherit":
             param.copy_(source)
     if non_masked == "inherit":
+        norms = tuple(f"{name}." for name in _batch_norms(fresh))
         base_buffers = dict(base.named_buffers())
         for name, buffer in fresh.named_buffers():
-            buffer.copy_(base_buffers[name])
+            if not name.startswith(norms):
+                buffer.copy_(base_buffers[name])
+
+
+@torch.no_grad()
+def _set_norm_statistics(base: nn.Module, fresh: nn.Module, batch_norm: str) -> list[nn.Module]:
+    """Batch-norm running statistics of ``fresh``: the base's (inherit, freeze) or fresh ones (reset); returns the
+    batch-norm layers."""
+    base_norms = _batch_norms(base)
+    norms = _batch_norms(fresh)
+    for name, norm in norms.items():
+        if batch_norm == "reset":
+            norm.reset_running_stats()
+            continue
+        source = dict(base_norms[name].named_buffers(recurse=False))
+        for key, buffer in norm.named_buffers(recurse=False):
+            buffer.copy_(source[key])
+    return list(norms.values())
 
 
 def _check_same_architecture(base: nn.Module, fresh: nn.Module) -> None:

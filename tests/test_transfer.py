@@ -248,3 +248,58 @@ def test_compact_positions_give_back_the_exact_indices(numel, density):
     assert torch.equal(positions.index(), index)
     assert positions.nbytes() == index.numel() + 2 * -(-numel // 256)
 
+
+# ----------------------------------------------------------------------------------------------------- batch norm
+
+def conv_bn(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 4 * 4, 3))
+
+
+def trained_statistics(model):
+    """``model`` with running statistics away from the fresh ones, and affine batch-norm parameters as trained."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 1, 6, 6) * 3 + 1)
+        model[1].weight.add_(0.5)
+    return model
+
+
+@pytest.mark.parametrize("non_masked", ["inherit", "reinit"])
+@pytest.mark.parametrize("batch_norm", ["inherit", "reset", "freeze"])
+def test_batch_norm_statistics_follow_batch_norm_alone(batch_norm, non_masked):
+    base = trained_statistics(conv_bn(0))
+    mask = {"0.weight": torch.rand(4, 1, 3, 3, generator=torch.Generator().manual_seed(0)) < 0.5}
+    moved = transplant("subnet", base, conv_bn(1), mask, non_masked=non_masked, batch_norm=batch_norm)
+    norm, base_norm = moved.model[1], base[1]
+    start = norm.running_mean.clone()
+    if batch_norm == "reset":
+        assert torch.equal(start, torch.zeros(4)) and torch.equal(norm.running_var, torch.ones(4))
+    else:  # inherit and freeze copy the base's statistics, whatever happens to the parameters
+        assert torch.equal(start, base_norm.running_mean) and torch.equal(norm.running_var, base_norm.running_var)
+    assert torch.equal(norm.weight, base_norm.weight) == (non_masked == "inherit")  # affine: non_masked decides
+    opt = torch.optim.SGD(moved.model.parameters(), lr=0.1)
+    for _ in range(2):
+        moved.train_mode(moved.model)
+        opt.zero_grad()
+        moved.model(torch.randn(8, 1, 6, 6)).sum().backward()
+        opt.step()
+        moved.after_step()
+    assert torch.equal(norm.running_mean, start) == (batch_norm == "freeze")  # frozen: eval mode in training
+    assert moved.model.training and norm.training == (batch_norm != "freeze")
+    assert not torch.equal(norm.weight, base_norm.weight)  # its affine parameters train in every mode
+
+
+def test_batch_norm_modes_for_full_model_and_random_init():
+    base = trained_statistics(conv_bn(0))
+    mask = {"0.weight": torch.ones(4, 1, 3, 3, dtype=torch.bool)}
+    full = transplant("full_model", base, conv_bn(1), mask, batch_norm="reset")
+    assert torch.equal(full.model[1].running_mean, torch.zeros(4)) and torch.equal(full.model[4].weight, base[4].weight)
+    frozen = transplant("full_model", base, conv_bn(1), mask, batch_norm="freeze")
+    assert frozen.fixed_norms == [frozen.model[1]]
+    fresh = transplant("random_init", base, conv_bn(1), mask, batch_norm="freeze")  # fresh throughout
+    assert fresh.fixed_norms == [] and torch.equal(fresh.model[1].running_mean, torch.zeros(4))
+    with pytest.raises(UserError, match="batch_norm 'keep' is unknown; use inherit or reset or freeze"):
+        transplant("subnet", base, conv_bn(1), mask, batch_norm="keep")

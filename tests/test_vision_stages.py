@@ -78,6 +78,27 @@ def test_the_mask_covers_conv_and_linear_weights_and_the_subnet_stays_frozen(in_
             assert not torch.equal(trained[name][~mask], base_state[name][~mask]), name
 
 
+@pytest.mark.parametrize("batch_norm, epochs", [("inherit", 0), ("inherit", 1), ("reset", 0), ("freeze", 1)])
+def test_batch_norm_statistics_follow_transfer_batch_norm_alone(in_pipeline, batch_norm, epochs):
+    """With non_masked: reinit too: inherit copies the base's statistics (then they update), reset starts fresh
+    ones, freeze copies the base's and keeps them through training."""
+    out = f"checkpoints/bn-{batch_norm}-{epochs}"
+    overrides = ["transfer.mask=checkpoints/tiny_shapes_ablate", "transfer.conditions=[subnet]",
+                 "transfer.non_masked=reinit", f"transfer.batch_norm={batch_norm}", f"train.epochs={epochs}"]
+    assert run_cli("transfer", "configs/tiny_shapes_transfer.yaml", "--out", out,
+                   *[a for o in overrides for a in ("--set", o)]) == 0
+    state = torch.load(Path(out, "subnet-lr0.01/state.pt"), weights_only=False)["model"]
+    base = load_model("checkpoints/tiny_shapes_base")[0].state_dict()
+    means = [key for key in state if key.endswith("running_mean")]
+    assert means
+    for key in means:
+        if batch_norm == "reset":
+            assert torch.equal(state[key], torch.zeros_like(state[key])), key
+        else:
+            assert torch.equal(state[key], base[key]) == (epochs == 0 or batch_norm == "freeze"), key
+    shutil.rmtree(out)
+
+
 @pytest.mark.parametrize("stage, config, override, message", [
     ("ablate", "tiny_shapes_ablate", "data.num_classes=4", "num_classes is 4 but the base model was built for 3"),
     ("transfer", "tiny_shapes_transfer", "data.num_classes=2", "num_classes is 2 but the base model was built for 3"),

@@ -20,7 +20,6 @@ import io
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import torch
 from pydantic import Field, conlist, field_validator
 
 from core.config import RunConfig, Section
@@ -47,7 +46,9 @@ class TransferSection(Section):
     lr_stop_at: Optional[float] = Field(1.0, description="stop the lr sweep once a rate reaches this val accuracy")
     non_masked: Literal["inherit", "reinit"] = Field(
         "inherit", description="parameters without a mask (embeddings, norms, biases): inherit (the original) or reinit")
-    batch_norm: Literal["inherit", "reset"] = Field("inherit", description="batch-norm running statistics")
+    batch_norm: Literal["inherit", "reset", "freeze"] = Field(
+        "inherit", description="batch-norm running statistics: inherit the base's (they update in training), reset "
+                               "them, or freeze the base's (batch-norm layers stay in eval mode, as the original)")
     freeze: bool = Field(True, description="keep transplanted entries frozen (subnet_trainable never freezes)")
     legacy_sampling: bool = Field(False, description="the original's sampled baselines (they kept the complement)")
 
@@ -124,13 +125,9 @@ def _train_condition(ctx: Context, sub, n, condition, lr, data, base, model_cfg,
     cfg, spec = ctx.cfg, ctx.cfg.transfer
     seed_everything(derive_seed(ctx.seed, "init", n), cfg.reproducibility.deterministic)  # same fresh start
     fresh = MODELS.build(model_cfg["name"], base_info, {k: v for k, v in model_cfg.items() if k != "name"})
-    start = transplant(condition, base, fresh, mask, non_masked=spec.non_masked, freeze=spec.freeze,
-                       legacy_sampling=spec.legacy_sampling, seed=derive_seed(ctx.seed, "sample", n),
+    start = transplant(condition, base, fresh, mask, non_masked=spec.non_masked, batch_norm=spec.batch_norm,
+                       freeze=spec.freeze, legacy_sampling=spec.legacy_sampling, seed=derive_seed(ctx.seed, "sample", n),
                        zero_grads=cfg.train.grad_clip is not None)  # frozen entries must not count in the norm
-    if spec.batch_norm == "reset":
-        for module in start.model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.reset_running_stats()
     train_cfg = cfg.train.model_copy(update={"optimizer": cfg.train.optimizer.model_copy(update={"lr": lr})})
     eval_batch = train_cfg.eval_batch_size
     watched = {k: v for k, v in data.eval_sets().items() if k != "test"}  # the test split is read once, at the end
@@ -138,7 +135,8 @@ def _train_condition(ctx: Context, sub, n, condition, lr, data, base, model_cfg,
     def evaluate(model):
         return evaluate_task(model, watched, data.info, eval_batch, ctx.device)
 
-    objective = Objective(make_loss(cfg.loss_scope), evaluate, after_step=start.after_step)
+    objective = Objective(make_loss(cfg.loss_scope), evaluate, train_mode=start.train_mode,
+                          after_step=start.after_step)
     seed_everything(derive_seed(ctx.seed, "train", n, condition, lr), cfg.reproducibility.deterministic)
     result = fit(start.model, objective, data.train, train_cfg, sub, seed=derive_seed(ctx.seed, "batches", n),
                  device=ctx.device)
