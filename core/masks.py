@@ -28,8 +28,13 @@ weights a unit carries, as NeuroSurgeon does. The base model is frozen (``requir
 evaluation mode (dropout off, batch-norm statistics frozen) whatever mode the wrapper is in.
 
 Artifact: ``mask.safetensors`` (one bool tensor per parameter name, in the parameter's shape) and ``mask.json``
-(method, hyperparameters, per-layer and global density, a hash of the base model's weights). ``load_mask`` checks
-names, shapes and the hash and names exactly what does not match.
+(method, hyperparameters with the layer selection, per-layer and global density, a hash of the base model's weights,
+the base run relative to the mask directory). ``load_mask`` checks names (against the recorded selection), shapes
+and the hash and names exactly what does not match.
+
+NeuroSurgeon 0.1.0 masks convert into an artifact (``wrapped_model.*`` or the research code's ``root_model.*`` keys):
+
+    python -m core.masks import-neurosurgeon best_circuit_model.pt --base checkpoints/<base run> --out DIR
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -447,19 +453,39 @@ class MaskedModel(nn.Module):
             for name, param, shape in zip(self.names, self.logits, self._shapes):
                 value = logits[name]
                 if tuple(value.shape) != tuple(shape):
-                    raise UserError(f"{source}: {name} has shape {tuple(value.shape)}, the mask needs {shape}")
+                    hint = ("; NeuroSurgeon's conv neuron masks hold a logit per output channel and kernel position: "
+                            "import them as hard masks (python -m core.masks import-neurosurgeon)"
+                            if self.config.unit == "neuron" and value.dim() > 2 else "")
+                    raise UserError(f"{source}: {name} has shape {tuple(value.shape)}, the mask needs {shape}{hint}")
                 param.copy_(value.to(param.dtype))
 
-    def save(self, directory: str | Path, **extra: Any) -> dict[str, Any]:
-        """Write the mask artifact of the current hard masks; returns the metadata written."""
+    def save(self, directory: str | Path, base_run: Optional[str | Path] = None, **extra: Any) -> dict[str, Any]:
+        """Write the mask artifact of the current hard masks (``base_run``: the base model's run directory);
+        returns the metadata written."""
         return save_mask(directory, self.hard_masks(), self.model, method=self.config.method,
-                         hyperparameters=self.config.hyperparameters(), extra=extra)
+                         hyperparameters=self.config.hyperparameters(), base_run=base_run, extra=extra)
 
 
 # ----------------------------------------------------------------------------------------------------- NeuroSurgeon
 
 NEUROSURGEON_PREFIXES = ("wrapped_model.", "root_model.")
 _NEUROSURGEON_SUFFIXES = {"weight_mask_params": "weight", "bias_mask_params": "bias"}
+NEUROSURGEON_METHODS = ("continuous_sparsification", "hard_concrete")  # the NeuroSurgeon methods with logits
+
+
+def read_neurosurgeon_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """A NeuroSurgeon ``CircuitModel`` state dict from a ``torch.save`` file (tensors only: no code is unpickled)."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: NeuroSurgeon state dict not found") from None
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise UserError(f"{path}: cannot read a NeuroSurgeon state dict ({err.__class__.__name__})") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return dict(state)
 
 
 def neurosurgeon_logits(state: Mapping[str, torch.Tensor] | str | Path) -> dict[str, torch.Tensor]:
@@ -469,19 +495,120 @@ def neurosurgeon_logits(state: Mapping[str, torch.Tensor] | str | Path) -> dict[
     (``root_model.*``). Sampled-mask caches and base weights are ignored.
     """
     if isinstance(state, (str, Path)):
-        try:
-            state = torch.load(state, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as err:
-            raise UserError(f"{state}: cannot read a NeuroSurgeon state dict ({err.__class__.__name__})") from None
+        state = read_neurosurgeon_state(state)
     logits = {}
     for key, value in state.items():
-        prefix = next((p for p in NEUROSURGEON_PREFIXES if key.startswith(p)), "")
-        module, _, leaf = key[len(prefix):].rpartition(".")
+        module, leaf = _neurosurgeon_name(key)
         if leaf in _NEUROSURGEON_SUFFIXES:
             logits[f"{module}.{_NEUROSURGEON_SUFFIXES[leaf]}" if module else _NEUROSURGEON_SUFFIXES[leaf]] = value
     if not logits:
         raise UserError("NeuroSurgeon state dict holds no *_mask_params tensors (is it a CircuitModel's?)")
     return logits
+
+
+def _neurosurgeon_name(key: str) -> tuple[str, str]:
+    """(module name in the wrapped model, leaf) of a CircuitModel state-dict key."""
+    prefix = next((p for p in NEUROSURGEON_PREFIXES if key.startswith(p)), "")
+    module, _, leaf = key[len(prefix):].rpartition(".")
+    return module, leaf
+
+
+def neurosurgeon_masks(state: Mapping[str, torch.Tensor], model: nn.Module,
+                       method: str = "continuous_sparsification", source: str = "NeuroSurgeon state dict"
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(bool masks in each parameter's shape, the layer selection that names them) from a CircuitModel state dict.
+
+    The hard masks are NeuroSurgeon's evaluation masks: logits > 0 (continuous sparsification) or a stretched
+    sigmoid > 0.5 (hard concrete, default stretch), which are ours. A logit tensor may differ from its parameter in
+    one dimension of size 1 (a neuron mask), and is repeated along it as NeuroSurgeon does. For ``Conv1d``/
+    ``Conv2d`` that dimension is the input channels, so NeuroSurgeon's conv "neuron" masks hold one logit per
+    output channel and kernel position (``(out, 1, kh, kw)``), finer than ours (``(out, 1, 1, 1)``); as hard masks
+    they import exactly. Base weights in the state dict must equal ``model``'s.
+    """
+    if method not in NEUROSURGEON_METHODS:
+        raise UserError(f"{source}: method {method!r} cannot be imported; use one of {', '.join(NEUROSURGEON_METHODS)}")
+    logits = neurosurgeon_logits(state)
+    params = dict(model.named_parameters())
+    _check_known(logits, params, source)
+    bad = [f"{name} {tuple(x.shape)} vs {tuple(params[name].shape)}" for name, x in logits.items()
+           if not _neurosurgeon_shape(x.shape, params[name].shape)]
+    if bad:
+        raise UserError(f"{source}: mask logits that do not fit their parameter: {listing(bad)}")
+    rule = make_method(MaskConfig(layers=("*",), method=method))
+    masks = {name: rule.hard(x.float(), params[name]).expand(params[name].shape).contiguous()
+             for name, x in logits.items()}
+    stored = {name: _stored_weight(state, name) for name in params}
+    differ = [name for name, param in params.items() if stored[name] is not None
+              and not torch.equal(stored[name].to(param.dtype), param.detach().cpu())]
+    if differ:
+        raise UserError(f"{source}: its base weights differ from the base model's: {listing(differ)}")
+    order = {name: i for i, name in enumerate(params)}
+    names = sorted(masks, key=order.__getitem__)
+    units = {"weight" if tuple(logits[n].shape) == tuple(params[n].shape) else "neuron" for n in names
+             if n.endswith("weight")}
+    selection = {"layers": list(dict.fromkeys(n.rpartition(".")[0] for n in names)),
+                 "mask_bias": any(n.endswith(".bias") for n in names), "unit": "/".join(sorted(units)),
+                 "method": method}
+    return {name: masks[name] for name in names}, selection
+
+
+def _neurosurgeon_shape(logits: Sequence[int], param: Sequence[int]) -> bool:
+    """NeuroSurgeon's rule: the same shape, or one dimension of size 1 where the parameter's is larger."""
+    differ = [(a, b) for a, b in zip(logits, param) if a != b]
+    return len(logits) == len(param) and (not differ or (len(differ) == 1 and differ[0][0] == 1))
+
+
+def _stored_weight(state: Mapping[str, torch.Tensor], name: str) -> Optional[torch.Tensor]:
+    return next((state[p + name] for p in NEUROSURGEON_PREFIXES if p + name in state), None)
+
+
+def import_neurosurgeon(state_dict: str | Path, base: str | Path, out: str | Path,
+                        method: str = "continuous_sparsification") -> dict[str, Any]:
+    """Convert a NeuroSurgeon ``CircuitModel`` state dict over the model of run ``base`` into a mask directory.
+
+    ``out`` gets ``mask.safetensors``, ``mask.json`` (with the base weights' hash and ``base_run``) and a
+    ``summary.json``, so the transfer stage takes it as ``transfer.mask``. Nothing is written unless every check
+    passes; an existing mask in ``out`` is never overwritten.
+    """
+    from core.models import load_model
+    from core.run import is_finished
+
+    out = Path(out)
+    if (out / MASK_FILE).exists() or (out / META_FILE).exists():
+        raise UserError(f"{out} already holds a mask; choose another --out")
+    if not is_finished(base):
+        raise UserError(f"--base: {base} is not a finished run directory")
+    model, _, _ = load_model(base)
+    masks, selection = neurosurgeon_masks(read_neurosurgeon_state(state_dict), model, method, source=str(state_dict))
+    meta = save_mask(out, masks, model, method=method, hyperparameters=selection, base_run=base,
+                     extra={"source": "NeuroSurgeon", "state_dict": str(state_dict)})
+    atomic_write_json(out / "summary.json", {"status": "finished", "stage": "import-neurosurgeon",
+                                             "density": meta["density"], "kept": meta["kept"], "total": meta["total"]})
+    return meta
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m core.masks import-neurosurgeon STATE_DICT --base RUN_DIR --out DIR [--method ...]``."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m core.masks", description="mask artifact tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser("import-neurosurgeon", help="a NeuroSurgeon CircuitModel state dict (a .pt file "
+                                  "with wrapped_model.* or legacy root_model.* keys) into mask.safetensors + mask.json")
+    convert.add_argument("state_dict", help="the torch.save file of CircuitModel.state_dict()")
+    convert.add_argument("--base", required=True, help="run directory of the base model the masks were found on")
+    convert.add_argument("--out", required=True, help="directory to write the mask into")
+    convert.add_argument("--method", choices=NEUROSURGEON_METHODS, default="continuous_sparsification",
+                         help="the NeuroSurgeon mask method (it decides how logits become the hard mask)")
+    args = parser.parse_args(argv)
+    try:
+        meta = import_neurosurgeon(args.state_dict, args.base, args.out, args.method)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    print(f"{args.out}: {len(meta['layers'])} masks, density {meta['density']:.4f} (of {meta['total']} weights)")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------- artifact
@@ -506,19 +633,26 @@ def mask_density(masks: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def save_mask(directory: str | Path, masks: Mapping[str, torch.Tensor], base_model: nn.Module, *, method: str,
-              hyperparameters: Optional[dict[str, Any]] = None, extra: Optional[dict[str, Any]] = None
-              ) -> dict[str, Any]:
-    """Write ``mask.safetensors`` and ``mask.json`` atomically; returns the metadata."""
+              hyperparameters: dict[str, Any], base_run: Optional[str | Path] = None,
+              extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Write ``mask.safetensors`` and ``mask.json`` atomically; returns the metadata.
+
+    ``hyperparameters`` must record the layer selection (``layers``, ``mask_bias``) that gives exactly these
+    parameter names, so that a later ``load_mask`` can check the artifact; ``base_run`` (the base model's run
+    directory) is stored relative to ``directory``, so the pair can move together (see ``base_run_of``).
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    check_masks(masks, base_model, source="mask")
+    check_masks(masks, base_model, recorded_selection(hyperparameters, base_model, "mask"), source="mask")
     masks = {name: m.detach().cpu().contiguous() for name, m in masks.items()}
     density = mask_density(masks)
-    meta = {"version": ARTIFACT_VERSION, "method": method, "hyperparameters": hyperparameters or {},
+    meta = {"version": ARTIFACT_VERSION, "method": method, "hyperparameters": hyperparameters,
             "base_hash": weights_hash(base_model), "density": density["density"], "kept": density["kept"],
             "total": density["total"], "layers": density["layers"], **(extra or {})}
+    if base_run is not None:
+        meta["base_run"] = os.path.relpath(base_run, directory)
+    directory.mkdir(parents=True, exist_ok=True)
     atomic_save(directory / MASK_FILE, lambda tmp: save_file(masks, tmp, metadata={"base_hash": meta["base_hash"]}))
     atomic_write_json(directory / META_FILE, meta)
     return meta
@@ -527,18 +661,51 @@ def save_mask(directory: str | Path, masks: Mapping[str, torch.Tensor], base_mod
 def read_mask_meta(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / META_FILE
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path}: mask metadata not found (is {Path(directory)} a mask directory?)") from None
-    except ValueError:
+    except (OSError, UnicodeDecodeError, ValueError):
         raise UserError(f"{path}: not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return meta
+
+
+def base_run_of(directory: str | Path) -> str:
+    """The base run directory that a mask directory's ``mask.json`` names.
+
+    ``base_run`` is stored relative to the mask directory; artifacts written before that stored it relative to
+    the working directory of their run, which is tried second.
+    """
+    recorded = read_mask_meta(directory).get("base_run")
+    if not recorded:
+        raise UserError(f"{Path(directory) / META_FILE} does not name its base run (base_run)")
+    candidates = [os.path.normpath(Path(directory) / recorded), recorded]
+    for candidate in candidates:
+        if Path(candidate).is_dir():
+            return candidate
+    raise UserError(f"{Path(directory) / META_FILE}: base run {recorded!r} not found (looked in "
+                    f"{' and '.join(dict.fromkeys(candidates))})")
+
+
+def recorded_selection(hyperparameters: Mapping[str, Any], model: nn.Module, source: str) -> list[str]:
+    """The parameter names that the layer selection in ``hyperparameters`` (``layers``, ``mask_bias``) gives on
+    ``model``: the names a mask artifact must hold, no more, no fewer."""
+    layers = hyperparameters.get("layers") if isinstance(hyperparameters, Mapping) else None
+    if not layers or not isinstance(layers, (list, tuple)):
+        raise UserError(f"{source}: {META_FILE} does not record the layer selection (hyperparameters.layers)")
+    try:
+        return [t.name for t in select_targets(model, layers, bool(hyperparameters.get("mask_bias", False)))]
+    except UserError as err:
+        raise UserError(f"{source}: the recorded layer selection does not fit the model: {err}") from None
 
 
 def load_mask(directory: str | Path, base_model: nn.Module, expected: Optional[Iterable[str]] = None,
               check_hash: bool = True) -> dict[str, torch.Tensor]:
     """The bool masks of a mask directory, checked against ``base_model`` (names, shapes, weights hash).
 
-    ``expected``: the parameter names the caller's layer selection gives; missing or extra names are errors.
+    Names must be exactly ``expected`` if given, else exactly what the layer selection recorded in ``mask.json``
+    gives on ``base_model``: a missing parameter would be inherited whole, an extra one frozen whole.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -549,8 +716,11 @@ def load_mask(directory: str | Path, base_model: nn.Module, expected: Optional[I
         masks = load_file(path)
     except FileNotFoundError:
         raise UserError(f"{path}: mask file not found") from None
-    except SafetensorError as err:
+    except (SafetensorError, OSError) as err:
         raise UserError(f"{path}: not a readable safetensors file ({err})") from None
+    if expected is None:
+        _check_known(masks, dict(base_model.named_parameters()), str(path))  # the plainest message first
+        expected = recorded_selection(meta.get("hyperparameters"), base_model, str(path))
     check_masks(masks, base_model, expected, source=str(path))
     if check_hash:
         actual = weights_hash(base_model)
@@ -564,20 +734,24 @@ def check_masks(masks: Mapping[str, torch.Tensor], model: nn.Module, expected: O
                 source: str = "mask") -> None:
     """UserError (one line) unless every mask names a parameter of ``model``, is bool and has its shape."""
     params = dict(model.named_parameters())
-    unknown = [name for name in masks if name not in params]
-    if unknown:
-        hint = difflib.get_close_matches(unknown[0], list(params), n=1)
-        raise UserError(f"{source}: {_listing(unknown)} not parameter(s) of the model"
-                        + (f" (nearest: {hint[0]})" if hint else ""))
+    _check_known(masks, params, source)
     if expected is not None:
         _check_names(masks.keys(), list(expected), source)
     wrong = [f"{name} {tuple(m.shape)} vs {tuple(params[name].shape)}" for name, m in masks.items()
              if tuple(m.shape) != tuple(params[name].shape)]
     if wrong:
-        raise UserError(f"{source}: shape mismatch (mask vs model): {_listing(wrong)}")
+        raise UserError(f"{source}: shape mismatch (mask vs model): {listing(wrong)}")
     not_bool = [name for name, m in masks.items() if m.dtype != torch.bool]
     if not_bool:
-        raise UserError(f"{source}: masks must be bool tensors: {_listing(not_bool)}")
+        raise UserError(f"{source}: masks must be bool tensors: {listing(not_bool)}")
+
+
+def _check_known(names: Iterable[str], params: Mapping[str, Any], source: str) -> None:
+    unknown = [name for name in names if name not in params]
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], list(params), n=1)
+        raise UserError(f"{source}: {listing(unknown)} not parameter(s) of the model"
+                        + (f" (nearest: {hint[0]})" if hint else ""))
 
 
 def _check_names(given: Iterable[str], wanted: Sequence[str], source: str) -> None:
@@ -585,10 +759,19 @@ def _check_names(given: Iterable[str], wanted: Sequence[str], source: str) -> No
     missing = [name for name in wanted if name not in set(given)]
     extra = [name for name in given if name not in set(wanted)]
     if missing or extra:
-        parts = ([f"missing {_listing(missing)}"] if missing else []) + ([f"extra {_listing(extra)}"] if extra else [])
+        parts = ([f"missing {listing(missing)}"] if missing else []) + ([f"extra {listing(extra)}"] if extra else [])
         raise UserError(f"{source}: parameters do not match the layer selection: {'; '.join(parts)}")
 
 
-def _listing(names: Sequence[str], limit: int = 3) -> str:
+def listing(names: Sequence[str], limit: int = 3) -> str:
+    """A count and the first few names, for one-line messages: ``5: a, b, c, ... (+2)``."""
     shown = ", ".join(names[:limit])
     return f"{len(names)}: {shown}" + (f", ... (+{len(names) - limit})" if len(names) > limit else "")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from core.masks import main as _main  # the importable module's main, not this __main__ copy's
+
+    sys.exit(_main())

@@ -31,6 +31,7 @@ parameter, and ``Transplant.after_step()``, called after every optimizer step, w
 into the frozen entries (``FrozenEntries``): whatever the optimizer does (weight decay, momentum), they never
 change. ``zero_grads=True`` also hides their gradient from the optimizer and from gradient clipping, as in the
 original code. Extra memory: per frozen entry one saved value and one byte for its position (see ``FrozenEntries``).
+``check_condition`` says before any training whether a condition can be built from a mask.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import torch
 from torch import nn
 
 from core.errors import UserError
-from core.masks import check_masks, mask_density
+from core.masks import check_masks, listing, mask_density
 
 CONDITIONS = ("subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet", "sampled_complement")
 NonMasked = Literal["inherit", "reinit"]
@@ -173,6 +174,12 @@ def _random_subset(pool: torch.Tensor, count: int, generator: torch.Generator) -
     return candidates[torch.randperm(candidates.numel(), generator=generator)[:count]]
 
 
+def _fits_outside(mask: torch.Tensor) -> bool:
+    """Whether as many entries as ``mask`` keeps fit outside it (sampled_complement's draw, legacy or not)."""
+    k = int(mask.sum())
+    return k <= mask.numel() - k
+
+
 def sample_mask(mask: torch.Tensor, kind: str, generator: torch.Generator, legacy: bool = False) -> torch.Tensor:
     """A random bool mask matched to ``mask`` (k kept entries); ``kind`` is ``subnet`` or ``complement``.
 
@@ -180,19 +187,38 @@ def sample_mask(mask: torch.Tensor, kind: str, generator: torch.Generator, legac
     outside the mask. ``legacy``: the original inverted masks (N - k kept; subnetwork plus N - 2k others kept).
     """
     flat = mask.reshape(-1).cpu()
-    k = int(flat.sum())
+    if kind == "complement" and not _fits_outside(flat):
+        raise UserError(f"sampled_complement: the subnetwork keeps {int(flat.sum())} of {flat.numel()} entries, "
+                        f"more than half, so no equal-sized sample fits outside it")
     pool = torch.ones_like(flat) if kind == "subnet" else ~flat
-    if kind == "complement" and k > int(pool.sum()):
-        raise UserError(f"sampled_complement: the subnetwork keeps {k} of {flat.numel()} entries, more than half, "
-                        f"so no equal-sized sample fits outside it")
     drawn = torch.zeros_like(flat)
-    drawn[_random_subset(pool, k, generator)] = True
+    drawn[_random_subset(pool, int(flat.sum()), generator)] = True
     if legacy:  # the original kept the complement of its k-entry ablation sample
         drawn = ~drawn
     return drawn.reshape(mask.shape).to(mask.device)
 
 
 # ----------------------------------------------------------------------------------------------------- transplant
+
+def check_condition(condition: str, mask: Mapping[str, torch.Tensor]) -> None:
+    """UserError (one line) unless ``condition`` is known and can be built from ``mask``.
+
+    What a transplant can fail on depends on the condition and the mask only (not on n, the learning rate or the
+    seed), so a sweep checks each condition once before its first run. ``sampled_complement`` needs every masked
+    parameter to keep at most half of its entries.
+    """
+    if condition not in CONDITIONS:
+        import difflib
+
+        hint = difflib.get_close_matches(condition, CONDITIONS, n=1)
+        raise UserError(f"transfer condition {condition!r} is unknown" + (f" (did you mean {hint[0]!r}?)" if hint
+                        else "") + f"; known: {', '.join(CONDITIONS)}")
+    if condition == "sampled_complement":
+        dense = [f"{name} ({int(m.sum())} of {m.numel()})" for name, m in mask.items() if not _fits_outside(m)]
+        if dense:
+            raise UserError(f"sampled_complement: the subnetwork keeps more than half of the entries of "
+                            f"{listing(dense)}, so no equal-sized sample fits outside it")
+
 
 @dataclass
 class Transplant:
@@ -225,12 +251,7 @@ def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[
     sampled conditions (one independent draw per parameter, so a parameter's sample does not depend on others);
     ``zero_grads``: zero the frozen entries' gradients too (see ``FrozenEntries``; use it with gradient clipping).
     """
-    if condition not in CONDITIONS:
-        import difflib
-
-        hint = difflib.get_close_matches(condition, CONDITIONS, n=1)
-        raise UserError(f"transfer condition {condition!r} is unknown" + (f" (did you mean {hint[0]!r}?)" if hint
-                        else "") + f"; known: {', '.join(CONDITIONS)}")
+    check_condition(condition, mask)
     for key, value, kind in (("non_masked", non_masked, NonMasked), ("batch_norm", batch_norm, BatchNorm)):
         allowed = get_args(kind)
         if value not in allowed:

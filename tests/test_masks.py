@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from core.errors import UserError
-from core.masks import (MaskConfig, MaskedModel, load_mask, neurosurgeon_logits, read_mask_meta, save_mask,
-                        select_targets, temperature_at, weights_hash)
+from core.masks import (MaskConfig, MaskedModel, base_run_of, load_mask, neurosurgeon_logits, neurosurgeon_masks,
+                        read_mask_meta, save_mask, select_targets, temperature_at, weights_hash)
 
 
 def tiny_gpt2(seed=0, n_layer=2):
@@ -241,6 +241,77 @@ def test_import_neurosurgeon_state_dict(prefix, tmp_path):
         ours.load_logits(partial)
 
 
+def conv_circuit(kernel, unit="neuron", seed=20):
+    """A Conv2d + Linear model and NeuroSurgeon's CircuitModel over a copy of it, with random mask logits."""
+    torch.manual_seed(seed)
+    side = 6 - kernel + 1
+    model = nn.Sequential(nn.Conv2d(2, 3, kernel), nn.Flatten(), nn.Linear(3 * side * side, 5))
+    circuit = neurosurgeon_circuit(copy.deepcopy(model), ["0", "2"], unit)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in circuit.named_parameters():
+            if name.endswith("mask_params"):
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model, circuit
+
+
+def test_neurosurgeon_conv_neuron_masks_are_per_kernel_position_and_import_exactly():
+    model, circuit = conv_circuit(kernel=3)
+    conv = circuit.wrapped_model[0]
+    assert tuple(conv.weight_mask_params.shape) == (3, 1, 3, 3)  # NeuroSurgeon 0.1.0's conv "neuron" unit
+    circuit.train(False)
+    masks, selection = neurosurgeon_masks(circuit.state_dict(), model)
+    assert torch.equal(masks["0.weight"], conv._compute_mask("weight_mask_params").bool())
+    assert torch.equal(masks["2.weight"], circuit.wrapped_model[2]._compute_mask("weight_mask_params").bool())
+    assert selection == {"layers": ["0", "2"], "mask_bias": False, "unit": "neuron",
+                         "method": "continuous_sparsification"}
+    with torch.no_grad():  # the imported hard masks give NeuroSurgeon's evaluation output
+        for name, param in model.named_parameters():
+            if name in masks:
+                param.mul_(masks[name])
+    x = torch.randn(4, 2, 6, 6)
+    torch.testing.assert_close(model(x), circuit.wrapped_model(x), rtol=0, atol=1e-6)
+    ours = MaskedModel(copy.deepcopy(model), MaskConfig(layers=("Conv2d", "Linear"), unit="neuron"))
+    with pytest.raises(UserError, match="kernel position") as err:  # our neuron logits are per output channel
+        ours.load_logits(neurosurgeon_logits(circuit.state_dict()))
+    assert "\n" not in str(err.value)
+
+
+def test_matches_neurosurgeon_on_1x1_conv_neurons():
+    """With a 1x1 kernel NeuroSurgeon's conv neuron mask is one logit per output channel, as ours: same outputs."""
+    model, circuit = conv_circuit(kernel=1)
+    ours = MaskedModel(model, MaskConfig(layers=("Conv2d", "Linear"), unit="neuron"))
+    ours.load_logits(neurosurgeon_logits(circuit.state_dict()))
+    x = torch.randn(4, 2, 6, 6)
+    for training, temperature in ((True, 3.0), (False, 3.0)):
+        circuit.train(training)
+        ours.train(training)
+        circuit.temperature = ours.temperature = temperature
+        torch.testing.assert_close(ours(x), circuit.wrapped_model(x), rtol=0, atol=1e-6)
+    imported, _ = neurosurgeon_masks(circuit.state_dict(), model)
+    assert all(torch.equal(ours.hard_masks()[name], mask) for name, mask in imported.items())
+
+
+def test_neurosurgeon_masks_check_shapes_and_base_weights():
+    model, circuit = conv_circuit(kernel=3, unit="weight")
+    state = circuit.state_dict()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[2].weight.add_(1.0)
+    with pytest.raises(UserError, match="base weights differ from the base model's: 1: 2.weight"):
+        neurosurgeon_masks(state, other)
+    bad = {**state, "wrapped_model.2.weight_mask_params": torch.zeros(5, 2)}
+    with pytest.raises(UserError, match="do not fit their parameter: 1: 2.weight"):
+        neurosurgeon_masks(bad, model)
+    with pytest.raises(UserError, match="no \\*_mask_params"):
+        neurosurgeon_masks({"wrapped_model.0.weight": model[0].weight}, model)
+    with pytest.raises(UserError, match="cannot be imported"):
+        neurosurgeon_masks(state, model, method="magnitude")
+    concrete, _ = neurosurgeon_masks(state, model, method="hard_concrete")  # stretched sigmoid > 0.5
+    logits = state["wrapped_model.0.weight_mask_params"]
+    assert torch.equal(concrete["0.weight"], (torch.sigmoid(logits) * 1.2 - 0.1).clamp(0, 1) > 0.5)
+
+
 # ----------------------------------------------------------------------------------------------------- methods
 
 def test_hard_concrete_gates_l0_and_eval_mask():
@@ -329,8 +400,9 @@ def test_artifact_round_trip_metadata_and_atomic_write(tmp_path):
 
 def test_artifact_mismatches_are_named(tmp_path):
     model = tiny_gpt2(seed=13)
+    selection = {"layers": ["transformer.h.0.attn.c_attn"]}
     masks = {"transformer.h.0.attn.c_attn.weight": torch.ones(16, 48, dtype=torch.bool)}
-    save_mask(tmp_path, masks, model, method="continuous_sparsification")
+    save_mask(tmp_path, masks, model, method="continuous_sparsification", hyperparameters=selection)
     cases = [
         (lambda: load_mask(tmp_path, tiny_gpt2(seed=14)), "other base weights"),
         (lambda: load_mask(tmp_path, model, expected=list(masks) + ["transformer.h.1.attn.c_attn.weight"]),
@@ -338,13 +410,63 @@ def test_artifact_mismatches_are_named(tmp_path):
         (lambda: load_mask(tmp_path, model, expected=[]), "extra 1: transformer.h.0.attn.c_attn.weight"),
         (lambda: load_mask(tmp_path, tiny_gpt2(seed=13, n_layer=1).transformer), "not parameter(s) of the model"),
         (lambda: save_mask(tmp_path, {"transformer.h.0.attn.c_attn.weight": torch.ones(48, 16, dtype=torch.bool)},
-                           model, method="x"), "shape mismatch"),
+                           model, method="x", hyperparameters=selection), "shape mismatch"),
         (lambda: load_mask(tmp_path / "nowhere", model), "mask metadata not found"),
+        # the names an artifact holds must be what its recorded selection gives, on saving and on loading
+        (lambda: save_mask(tmp_path / "other", masks, model, method="x", hyperparameters={"layers": ["Conv1D"]}),
+         "missing 7: transformer.h.0.attn.c_proj.weight"),
+        (lambda: save_mask(tmp_path / "other", masks, model, method="x", hyperparameters={}),
+         "does not record the layer selection"),
     ]
     for action, message in cases:
         with pytest.raises(UserError) as err:
             action()
         assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda masks: masks.pop("transformer.h.0.attn.c_attn.weight"), "missing 1: transformer.h.0.attn.c_attn.weight"),
+    (lambda masks: masks.update({"transformer.wte.weight": torch.ones(40, 16, dtype=torch.bool)}),
+     "extra 1: transformer.wte.weight"),
+])
+def test_loading_checks_names_against_the_recorded_selection(tmp_path, edit, message):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_gpt2(seed=15)
+    MaskedModel(model, MaskConfig(layers=("Conv1D",))).save(tmp_path)
+    assert len(load_mask(tmp_path, model)) == 8
+    masks = load_file(tmp_path / "mask.safetensors")
+    edit(masks)
+    save_file(masks, tmp_path / "mask.safetensors")
+    with pytest.raises(UserError, match="do not match the layer selection") as err:
+        load_mask(tmp_path, model)
+    assert message in str(err.value)
+    meta = json.loads((tmp_path / "mask.json").read_text())
+    meta["hyperparameters"]["layers"] = ["Conv2d"]
+    (tmp_path / "mask.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="recorded layer selection does not fit the model"):
+        load_mask(tmp_path, model)
+
+
+def test_base_run_is_stored_relative_to_the_mask_directory(tmp_path, monkeypatch):
+    model = tiny_gpt2(seed=16)
+    (tmp_path / "runs" / "base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    MaskedModel(model, MaskConfig(layers=("Conv1D",))).save("runs/ablate", base_run="runs/base")
+    assert read_mask_meta("runs/ablate")["base_run"] == "../base"
+    assert base_run_of("runs/ablate") == "runs/base"
+    monkeypatch.chdir(tmp_path / "runs")  # another working directory: the pair still finds each other
+    assert base_run_of("ablate") == "base"
+    meta = read_mask_meta("ablate")
+    meta["base_run"] = "runs/base"  # an older artifact: relative to the working directory of its run
+    (tmp_path / "runs" / "ablate" / "mask.json").write_text(json.dumps(meta))
+    monkeypatch.chdir(tmp_path)
+    assert base_run_of("runs/ablate") == "runs/base"
+    meta["base_run"] = "gone"
+    (tmp_path / "runs" / "ablate" / "mask.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="base run 'gone' not found"):
+        base_run_of("runs/ablate")
 
 
 # ----------------------------------------------------------------------------------------------------- bench

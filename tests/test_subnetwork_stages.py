@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from core.masks import load_mask
 from core.models import load_model
 from core.run import is_finished, read_metrics
-from tests.conftest import run_cli
+from tests.conftest import CONFIGS, run_cli
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def test_ablation_logs_and_mask_artifact(transferred):
     assert [r["temperature"] for r in rows] == sorted(r["temperature"] for r in rows)
     assert {"val_acc", "density", "mean_logit", "density/transformer.h.0.attn.c_attn.weight"} <= set(rows[0])
     meta = json.loads(Path("checkpoints/tiny_math_ablate/mask.json").read_text())
-    assert 0 < meta["density"] < 1 and meta["base_run"] == "checkpoints/tiny_math_base"
+    assert 0 < meta["density"] < 1 and meta["base_run"] == "../tiny_math_base"
     base, _, _ = load_model("checkpoints/tiny_math_base")
     masks = load_mask("checkpoints/tiny_math_ablate", base)
     assert all(m.dtype == torch.bool for m in masks.values())
@@ -99,3 +100,267 @@ def test_sequence_loss_scope_is_the_hugging_face_causal_lm_loss():
     answer, _ = make_loss("answer")(model, (x, y))
     logits = model(x).logits[:, 2]
     assert answer.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, x[:, 3]).item(), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- one base + mask, many small transfers
+
+SEEDED = "reproducibility={reproduce: true, random_seed: 1}"
+ABLATE = "checkpoints/tiny_math_ablate"
+ONE_RUN = ["transfer.n_disambiguation=[40]", "transfer.lrs=[0.01]"]
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    """A working directory holding a finished tiny base run and its tiny mask (seeded: the same every time)."""
+    root = tmp_path_factory.mktemp("math")
+    shutil.copytree(CONFIGS, root / "configs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        for stage in ("base", "ablate"):
+            assert run_cli(stage, f"configs/tiny_math_{stage}.yaml", "--set", SEEDED) == 0
+    return root
+
+
+@pytest.fixture
+def in_upstream(upstream, monkeypatch):
+    monkeypatch.chdir(upstream)
+    return upstream
+
+
+def transfer(out: str, *overrides: str, mask: str = ABLATE) -> int:
+    args = ["configs/tiny_math_transfer.yaml", "--out", out, "--set", f"transfer.mask={mask}", "--set", SEEDED]
+    for override in overrides:
+        args += ["--set", override]
+    return run_cli("transfer", *args)
+
+
+def start_of(out: str, condition: str) -> dict[str, torch.Tensor]:
+    """The weights a sub-run started from (it ran with train.epochs=0)."""
+    return torch.load(Path(out, f"n40-{condition}-lr0.01", "state.pt"), weights_only=False)["model"]
+
+
+def base_and_mask(mask_dir: str = ABLATE):
+    base, _, _ = load_model("checkpoints/tiny_math_base")
+    return base.state_dict(), load_mask(mask_dir, base)
+
+
+def edited_mask(name: str, edit) -> str:
+    """A copy of the tiny mask directory with ``edit(masks, meta)`` applied; returns its path."""
+    from safetensors.torch import load_file, save_file
+
+    copy = Path("checkpoints", name)
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(ABLATE, copy)
+    masks, meta = load_file(copy / "mask.safetensors"), json.loads((copy / "mask.json").read_text())
+    edit(masks, meta)
+    save_file(masks, copy / "mask.safetensors")
+    (copy / "mask.json").write_text(json.dumps(meta))
+    return str(copy)
+
+
+def one_line_error(capsys, message: str) -> str:
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda masks, meta: masks.pop("transformer.h.0.attn.c_attn.weight"),
+     "missing 1: transformer.h.0.attn.c_attn.weight"),
+    (lambda masks, meta: masks.update({"transformer.wte.weight": torch.ones(21, 32, dtype=torch.bool)}),
+     "extra 1: transformer.wte.weight"),
+    (lambda masks, meta: meta.update({"base_hash": "0" * 64}), "the mask was found on other base weights"),
+])
+def test_a_mask_that_does_not_match_its_base_stops_the_transfer(in_upstream, capsys, edit, message):
+    mask = edited_mask("edited", edit)
+    assert transfer("checkpoints/bad", mask=mask) == 2
+    one_line_error(capsys, message)
+    assert not Path("checkpoints/bad").exists()
+
+
+def test_an_infeasible_sampled_complement_stops_before_the_first_sub_run(in_upstream, capsys):
+    def dense_layer(masks, meta):
+        masks["transformer.h.0.mlp.c_fc.weight"][:] = True
+        masks["transformer.h.0.mlp.c_fc.weight"][0, :3] = False
+
+    mask = edited_mask("dense", dense_layer)
+    code = transfer("checkpoints/bad", "transfer.conditions=[subnet, sampled_complement]", mask=mask)
+    assert code == 2
+    one_line_error(capsys, "more than half of the entries of 1: transformer.h.0.mlp.c_fc.weight (4093 of 4096)")
+    assert not Path("checkpoints/bad").exists()  # the subnet sub-runs before it did not run either
+
+
+def test_transfer_runs_from_another_working_directory(upstream, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # mask.json names its base run relative to the mask directory
+    code = run_cli("transfer", str(upstream / "configs/tiny_math_transfer.yaml"), "--out", "elsewhere",
+                   "--set", f"transfer.mask={upstream / ABLATE}", "--set", "transfer.conditions=[subnet]",
+                   *[a for o in ONE_RUN + ["train.epochs=0"] for a in ("--set", o)])
+    assert code == 0 and is_finished("elsewhere")
+
+
+def test_subnet_trainable_trains_its_transplanted_entries(in_upstream):
+    out = "checkpoints/trainable"
+    assert transfer(out, "transfer.conditions=[subnet_trainable]", *ONE_RUN) == 0
+    trained = torch.load(Path(out, "n40-subnet_trainable-lr0.01/state.pt"), weights_only=False)["model"]
+    base, masks = base_and_mask()
+    for name, mask in masks.items():
+        if mask.any():
+            assert not torch.equal(trained[name][mask], base[name][mask]), name
+    assert json.loads(Path(out, "n40-subnet_trainable-lr0.01/summary.json").read_text())["frozen_entries"] == 0
+
+
+@pytest.mark.parametrize("condition, legacy", [("sampled_subnet", False), ("sampled_subnet", True),
+                                               ("sampled_complement", False)])
+def test_sampled_conditions_in_a_run_start_from_the_right_entries(in_upstream, condition, legacy):
+    out = f"checkpoints/{condition}-{legacy}"
+    assert transfer(out, f"transfer.conditions=[{condition}]", f"transfer.legacy_sampling={legacy}",
+                    "train.epochs=0", *ONE_RUN) == 0
+    start = start_of(out, condition)
+    base, masks = base_and_mask()
+    for name, mask in masks.items():
+        from_base = start[name] == base[name]  # a fresh draw never equals a trained weight exactly
+        k = int(mask.sum())
+        assert int(from_base.sum()) == (mask.numel() - k if legacy else k), name
+        if condition == "sampled_complement":
+            assert not (from_base & mask).any(), name
+
+
+@pytest.mark.parametrize("non_masked", ["inherit", "reinit"])
+def test_non_masked_parameters_in_a_run(in_upstream, non_masked):
+    out = f"checkpoints/{non_masked}"
+    assert transfer(out, "transfer.conditions=[subnet]", f"transfer.non_masked={non_masked}", "train.epochs=0",
+                    *ONE_RUN) == 0
+    start = start_of(out, "subnet")
+    base, masks = base_and_mask()
+    for name in ("transformer.wte.weight", "transformer.h.0.ln_1.weight", "transformer.h.0.attn.c_attn.bias"):
+        assert torch.equal(start[name], base[name]) == (non_masked == "inherit"), name
+    for name, mask in masks.items():  # the subnetwork is transplanted either way
+        assert torch.equal(start[name][mask], base[name][mask]) and not torch.equal(start[name], base[name])
+
+
+def test_legacy_schedule_in_an_ablate_run(in_upstream):
+    out = "checkpoints/legacy_schedule"
+    assert run_cli("ablate", "configs/tiny_math_ablate.yaml", "--out", out, "--set", "base=checkpoints/tiny_math_base",
+                   "--set", "mask.legacy_schedule=true") == 0
+    r = 50 ** (1 / 3)  # final_temp 50 over 3 epochs: epoch 1 at 1, epoch e >= 2 at r^e, the last at exactly 50
+    assert [row["temperature"] for row in read_metrics(out)] == pytest.approx([1.0, r ** 2, 50.0])
+
+
+def test_the_lr_sweep_reports_the_best_rate_not_the_last(in_upstream):
+    out = "checkpoints/sweep"
+    assert transfer(out, "transfer.conditions=[random_init]", "transfer.n_disambiguation=[40]",
+                    "transfer.lrs=[0.01, 1.0e-6]", "transfer.lr_stop_at=null") == 0
+    accuracy = {lr: json.loads(Path(out, f"n40-random_init-lr{lr}/summary.json").read_text())["best_eval_acc"]
+                for lr in ("0.01", "1e-06")}
+    assert accuracy["0.01"] > accuracy["1e-06"]  # a rate that learns, then one that does not: the first is best
+    with open(Path(out, "accuracy_logs.csv")) as f:
+        row, = csv.DictReader(f)
+    assert float(row["lr"]) == 0.01 and float(row["best_eval_acc"]) == pytest.approx(accuracy["0.01"])
+
+
+@pytest.mark.parametrize("method", ["hard_concrete", "magnitude"])
+def test_hard_concrete_and_magnitude_masks_through_both_stages(in_upstream, method):
+    mask_dir = f"checkpoints/ablate-{method}"
+    assert run_cli("ablate", "configs/tiny_math_ablate.yaml", "--out", mask_dir, "--set",
+                   "base=checkpoints/tiny_math_base", "--set", f"mask.method={method}", "--set",
+                   "mask.prune_fraction=0.75") == 0
+    meta = json.loads(Path(mask_dir, "mask.json").read_text())
+    assert meta["method"] == method and len(meta["layers"]) == 4
+    if method == "magnitude":  # nothing trains: one evaluation, each layer keeps exactly its share
+        assert len(read_metrics(mask_dir)) == 1
+        assert all(layer["kept"] == round(0.25 * layer["total"]) for layer in meta["layers"].values())
+    else:
+        assert len(read_metrics(mask_dir)) == 3
+    out = f"checkpoints/transfer-{method}"
+    assert transfer(out, "transfer.conditions=[subnet]", "train.epochs=0", *ONE_RUN, mask=mask_dir) == 0
+    start = start_of(out, "subnet")
+    base, masks = base_and_mask(mask_dir)
+    assert all(torch.equal(start[name][mask], base[name][mask]) for name, mask in masks.items())
+    summary = json.loads(Path(out, "n40-subnet-lr0.01/summary.json").read_text())
+    assert summary["frozen_entries"] == meta["kept"]
+
+
+# --------------------------------------------------------------------------- NeuroSurgeon masks into a transfer
+
+def neurosurgeon_state(model, prefix: str, seed: int = 3) -> dict[str, torch.Tensor]:
+    """A real NeuroSurgeon 0.1.0 CircuitModel over ``model`` (every Conv1D), random logits, its state dict under
+    ``prefix`` (``wrapped_model.`` upstream, ``root_model.`` in the research code's vendored copy)."""
+    import copy
+
+    from NeuroSurgeon.Models.circuit_model import CircuitModel
+    from NeuroSurgeon.Models.model_configs import CircuitConfig
+
+    targets = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    config = CircuitConfig(mask_method="continuous_sparsification", target_layers=targets, freeze_base=True,
+                           add_l0=False, mask_hparams={"ablation": "none", "mask_unit": "weight",
+                                                       "mask_bias": False, "mask_init_value": -0.1})
+    circuit = CircuitModel(config, copy.deepcopy(model))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in circuit.named_parameters():
+            if name.endswith("weight_mask_params"):
+                p.copy_(torch.randn(p.shape, generator=g))
+    return {prefix + k.removeprefix("wrapped_model."): v for k, v in circuit.state_dict().items()}
+
+
+@pytest.mark.parametrize("prefix", ["wrapped_model.", "root_model."])
+def test_neurosurgeon_state_dict_imports_into_a_mask_the_transfer_takes(in_upstream, capsys, prefix):
+    from core.masks import main as masks_cli
+    from core.masks import select_targets, weights_hash
+
+    base, _, _ = load_model("checkpoints/tiny_math_base")
+    state = neurosurgeon_state(base, prefix)
+    torch.save(state, "circuit.pt")
+    out = f"checkpoints/imported-{prefix.rstrip('.')}"
+    assert masks_cli(["import-neurosurgeon", "circuit.pt", "--base", "checkpoints/tiny_math_base", "--out", out]) == 0
+    masks = load_mask(out, base)
+    assert list(masks) == [t.name for t in select_targets(base, ["Conv1D"])]
+    for name, mask in masks.items():
+        assert torch.equal(mask, state[prefix + name.removesuffix("weight") + "weight_mask_params"] > 0), name
+    meta = json.loads(Path(out, "mask.json").read_text())
+    assert meta["base_hash"] == weights_hash(base) and meta["base_run"] == "../tiny_math_base"
+    assert transfer("checkpoints/from-neurosurgeon", "transfer.conditions=[subnet]", "train.epochs=0", *ONE_RUN,
+                    mask=out) == 0
+    start, base_state = start_of("checkpoints/from-neurosurgeon", "subnet"), base.state_dict()
+    assert all(torch.equal(start[name][mask], base_state[name][mask]) for name, mask in masks.items())
+    shutil.rmtree("checkpoints/from-neurosurgeon")
+
+
+def test_the_neurosurgeon_import_command_line(in_upstream):
+    import subprocess
+    import sys
+
+    from tests.conftest import python_env
+
+    base, _, _ = load_model("checkpoints/tiny_math_base")
+    torch.save(neurosurgeon_state(base, "wrapped_model."), "circuit.pt")
+    command = [sys.executable, "-m", "core.masks", "import-neurosurgeon", "circuit.pt", "--base",
+               "checkpoints/tiny_math_base", "--out", "checkpoints/imported-cli"]
+    done = subprocess.run(command, env=python_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "density" in done.stdout, done.stderr
+    assert load_mask("checkpoints/imported-cli", base).keys()
+
+
+def test_bad_neurosurgeon_imports_are_one_line_errors_and_write_nothing(in_upstream, capsys):
+    from core.masks import main as masks_cli
+
+    base, _, _ = load_model("checkpoints/tiny_math_base")
+    other = load_model("checkpoints/tiny_math_base")[0]
+    with torch.no_grad():
+        other.transformer.h[0].mlp.c_fc.weight.add_(1.0)
+    torch.save(neurosurgeon_state(other, "root_model."), "other_base.pt")
+    Path("garbage.pt").write_bytes(b"not a torch file")
+    torch.save({"wrapped_model.transformer.wte.weight": base.transformer.wte.weight.detach()}, "no_masks.pt")
+    cases = [("no_masks.pt", ABLATE, "already holds a mask; choose another --out"),
+             ("garbage.pt", "checkpoints/tiny_math_base", "cannot read a NeuroSurgeon state dict"),
+             ("missing.pt", "checkpoints/tiny_math_base", "NeuroSurgeon state dict not found"),
+             ("no_masks.pt", "checkpoints/tiny_math_base", "holds no *_mask_params"),
+             ("other_base.pt", "checkpoints/tiny_math_base",
+              "base weights differ from the base model's: 1: transformer.h.0.mlp.c_fc.weight"),
+             ("other_base.pt", "configs", "is not a finished run directory")]
+    before = sorted(Path("checkpoints").iterdir())
+    for state, base_dir, message in cases:
+        out = ABLATE if "already" in message else "checkpoints/never"
+        assert masks_cli(["import-neurosurgeon", state, "--base", base_dir, "--out", out]) == 2
+        one_line_error(capsys, message)
+    assert sorted(Path("checkpoints").iterdir()) == before

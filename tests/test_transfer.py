@@ -205,6 +205,23 @@ def test_sample_mask_refuses_complement_of_a_majority_mask():
         sample_mask(dense, "complement", torch.Generator().manual_seed(0))
 
 
+def test_check_condition_names_every_layer_a_complement_sample_cannot_fit():
+    from core.transfer import check_condition
+
+    bias = torch.zeros(32, dtype=torch.bool)
+    bias[:17] = True  # a neuron + bias mask whose bias layer keeps 17 of its 32 entries
+    mask = {"fc.weight": torch.zeros(32, 8, dtype=torch.bool), "fc.bias": bias}
+    mask["fc.weight"][:17] = True
+    for condition in ("subnet", "sampled_subnet", "full_model"):
+        check_condition(condition, mask)
+    with pytest.raises(UserError) as err:
+        check_condition("sampled_complement", mask)
+    assert "2: fc.weight (136 of 256), fc.bias (17 of 32)" in str(err.value) and "\n" not in str(err.value)
+    mask["fc.bias"][16] = False  # exactly half fits
+    with pytest.raises(UserError, match="1: fc.weight"):
+        check_condition("sampled_complement", mask)
+
+
 def test_user_errors_are_one_line():
     base = gpt2(0)
     cases = [

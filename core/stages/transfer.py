@@ -10,7 +10,10 @@ sees the same batches; the learning-rate sweep stops once a rate reaches ``trans
 Writes one sub-directory per (n, condition, lr) with its own metrics and state (an interrupted sweep resumes where
 it stopped), ``accuracy_logs.csv`` (token tasks: one row per (n, condition) with the best learning rate) or
 ``results.csv`` (image tasks: textured and shape-only accuracy and shape bias per condition), plots, and
-``summary.json``. Raises UserError for an unknown condition, an empty n list, or a mask that does not fit.
+``summary.json``. Raises UserError, before the run directory exists, for an unknown condition, an empty n list, a
+learning rate <= 0, a mask whose names, shapes or base-weights
+hash do not match its base model (names are checked against the layer selection recorded in ``mask.json``), or a
+condition the mask cannot serve (``sampled_complement`` of a layer whose subnetwork keeps more than half of it).
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ import io
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import Field, conlist, field_validator
+from pydantic import Field, confloat, conlist, field_validator
 
 from core.config import RunConfig, Section
 from core.errors import UserError
-from core.masks import load_mask, read_mask_meta
+from core.masks import base_run_of, load_mask
 from core.models import load_model
 from core.registry import MODELS
 from core.report import format_table, plot_bars, plot_lines
@@ -32,17 +35,18 @@ from core.run import atomic_write_text, derive_seed, seed_everything
 from core.stages import Context, build_data, evaluate_task, make_loss, resolve_upstream, summary_metrics
 from core.stages.ablate import check_compatible
 from core.train import Objective, fit
-from core.transfer import CONDITIONS, transplant
+from core.transfer import CONDITIONS, check_condition, transplant
 
 DEFAULT_CONDITIONS = ["subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet"]
 
 
 class TransferSection(Section):
-    mask: str = Field(description="the discovered mask: an ablate run directory, or the ablate stage's config")
+    mask: str = Field(description="the discovered mask: an ablate run directory, the ablate stage's config, or a "
+                                  "mask imported with python -m core.masks import-neurosurgeon")
     conditions: conlist(str, min_length=1) = Field(default_factory=lambda: list(DEFAULT_CONDITIONS))
     n_disambiguation: Optional[conlist(int, min_length=1)] = Field(
         None, description="token tasks: the numbers of disambiguating examples to sweep over")
-    lrs: Optional[conlist(float, min_length=1)] = Field(None, description="learning rates (default: train's)")
+    lrs: Optional[conlist(confloat(gt=0), min_length=1)] = Field(None, description="learning rates (default: train's)")
     lr_stop_at: Optional[float] = Field(1.0, description="stop the lr sweep once a rate reaches this val accuracy")
     non_masked: Literal["inherit", "reinit"] = Field(
         "inherit", description="parameters without a mask (embeddings, norms, biases): inherit (the original) or reinit")
@@ -78,16 +82,25 @@ class Config(RunConfig):
 
 
 def prepare(cfg: Config) -> None:
-    cfg.transfer.mask = resolve_upstream(cfg.transfer.mask, "ablate", "transfer.mask")
+    """Run the upstream configs if needed, then check everything a sub-run could fail on, before any is written."""
+    spec = cfg.transfer
+    spec.mask = resolve_upstream(spec.mask, "ablate", "transfer.mask")
+    if spec.n_disambiguation is not None and "n_disambiguation" not in cfg.data.params:
+        raise UserError(f"transfer.n_disambiguation is set but data {cfg.data.name!r} has no n_disambiguation key")
+    _, _, _, mask = _inputs(spec.mask)
+    for condition in spec.conditions:  # feasibility depends on the condition and the mask, not on n or lr
+        check_condition(condition, mask)
+
+
+def _inputs(mask_dir: str):
+    """(base model, its model config, its data facts, the checked masks) for a mask directory."""
+    base, model_cfg, base_info = load_model(base_run_of(mask_dir))
+    return base, model_cfg, base_info, load_mask(mask_dir, base)
 
 
 def main(ctx: Context) -> dict[str, Any]:
     cfg, spec = ctx.cfg, ctx.cfg.transfer
-    base_dir = read_mask_meta(spec.mask).get("base_run")
-    if not base_dir:
-        raise UserError(f"{spec.mask}/mask.json does not name its base run")
-    base, model_cfg, base_info = load_model(base_dir)
-    mask = load_mask(spec.mask, base)
+    base, model_cfg, base_info, mask = _inputs(spec.mask)
     rows = []
     for n in spec.n_disambiguation or [None]:
         data = build_data(cfg, ctx.seed) if n is None else _data_with_n(cfg, ctx.seed, n)
@@ -99,8 +112,6 @@ def main(ctx: Context) -> dict[str, Any]:
 
 
 def _data_with_n(cfg: Config, seed: int, n: int):
-    if "n_disambiguation" not in cfg.data.params:
-        raise UserError(f"transfer.n_disambiguation is set but data {cfg.data.name!r} has no n_disambiguation key")
     data_cfg = cfg.data.model_copy(update={})
     data_cfg.__pydantic_extra__ = {**cfg.data.params, "n_disambiguation": n}
     return build_data(cfg.model_copy(update={"data": data_cfg}), seed)
