@@ -190,12 +190,28 @@ def test_an_infeasible_sampled_complement_stops_before_the_first_sub_run(in_upst
     assert not Path("checkpoints/bad").exists()  # the subnet sub-runs before it did not run either
 
 
+@pytest.mark.parametrize("stage, config", [("ablate", "tiny_math_ablate"), ("transfer", "tiny_math_transfer")])
+def test_a_model_section_is_an_error_where_the_model_comes_from_the_base(workdir, capsys, stage, config):
+    assert run_cli(stage, f"configs/{config}.yaml", "--set", "model={name: gpt2, n_layer: 4}") == 2
+    one_line_error(capsys, "model: the model comes from the base run")
+    assert not Path("checkpoints").exists()
+
+
 def test_transfer_runs_from_another_working_directory(upstream, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # mask.json names its base run relative to the mask directory
     code = run_cli("transfer", str(upstream / "configs/tiny_math_transfer.yaml"), "--out", "elsewhere",
                    "--set", f"transfer.mask={upstream / ABLATE}", "--set", "transfer.conditions=[subnet]",
                    *[a for o in ONE_RUN + ["train.epochs=0"] for a in ("--set", o)])
     assert code == 0 and is_finished("elsewhere")
+
+
+def test_ablate_keeps_the_last_epoch_of_the_best_accuracy_by_default(tmp_path):
+    from core.stages import load_stage_config
+
+    plain = tmp_path / "ablate.yaml"
+    plain.write_text("base: somewhere\ndata: {name: arithmetic}\nmask: {layers: [Conv1D]}\ntrain: {epochs: 1}\n")
+    assert load_stage_config(plain, "ablate").train.select_ties == "last"
+    assert load_stage_config(plain, "ablate", ["train.select_ties=first"]).train.select_ties == "first"
 
 
 def test_subnet_trainable_trains_its_transplanted_entries(in_upstream):

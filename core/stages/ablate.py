@@ -4,8 +4,9 @@ The base model (named by ``base``: a run directory, or a base config that runs f
 is frozen; mask logits over the selected weights train on the subtask data (``data``) with the task loss plus
 ``l0_lambda`` times the L0 term, while the temperature anneals to ``final_temp``. Each evaluation uses the hard
 mask and logs the subtask accuracy, the density per layer and overall, the mean logit and the temperature. The
-mask of the best evaluation is kept (``train.select_ties: last`` keeps the last epoch reaching the best accuracy,
-as the original did: usually the sparsest).
+mask of the best evaluation is kept: by default the last epoch reaching the best accuracy, as the original did
+(usually the sparsest; ``train.select_ties: first`` keeps the first). The model is the base run's: a ``model:``
+section is an error.
 
 Writes ``mask.safetensors`` + ``mask.json`` (``core.masks``), ``mask_density.png``, metrics and ``summary.json``.
 Raises UserError when the data do not fit the base model or the layer selection matches no weight.
@@ -16,9 +17,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from core.config import RunConfig
+from core.config import RunConfig, TrainConfig
 from core.errors import UserError
 from core.masks import MaskConfig, MaskedModel, mask_density
 from core.models import load_model
@@ -30,10 +31,29 @@ from core.train import Objective, fit
 MaskConfig.__pydantic_config__ = {"extra": "forbid"}  # the library dataclass doubles as the config section
 
 
-class Config(RunConfig):
+class UsesBaseModel(RunConfig):
+    """A stage whose model is the base run's (ablate, transfer): a ``model:`` section would be silently ignored."""
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _no_model_section(cls, value):
+        if value is not None:
+            raise ValueError("the model comes from the base run (its model.json), so this stage takes no model "
+                             "section; remove it (or set model: null)")
+        return value
+
+
+class AblateTrainConfig(TrainConfig):
+    select_ties: Literal["first", "last"] = Field(
+        "last", description="on a tie of the selection metric: last (the original's >=, usually the sparsest mask) "
+                            "or first")
+
+
+class Config(UsesBaseModel):
     base: str = Field(description="the trained base model: a run directory, or the base stage's config file")
     mask: MaskConfig
     loss_scope: Literal["answer", "sequence"] = "answer"
+    train: AblateTrainConfig = Field(default_factory=AblateTrainConfig)
 
 
 def prepare(cfg: Config) -> None:

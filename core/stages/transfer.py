@@ -11,7 +11,7 @@ Writes one sub-directory per (n, condition, lr) with its own metrics and state (
 it stopped), ``accuracy_logs.csv`` (token tasks: one row per (n, condition) with the best learning rate) or
 ``results.csv`` (image tasks: textured and shape-only accuracy and shape bias per condition), plots, and
 ``summary.json``. Raises UserError, before the run directory exists, for an unknown condition, an empty n list, a
-learning rate <= 0, a mask whose names, shapes or base-weights
+learning rate <= 0, a ``model:`` section (the model is the base run's), a mask whose names, shapes or base-weights
 hash do not match its base model (names are checked against the layer selection recorded in ``mask.json``), or a
 condition the mask cannot serve (``sampled_complement`` of a layer whose subnetwork keeps more than half of it).
 """
@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, confloat, conlist, field_validator
 
-from core.config import RunConfig, Section
+from core.config import Section
 from core.errors import UserError
 from core.masks import base_run_of, load_mask
 from core.models import load_model
@@ -33,7 +33,7 @@ from core.registry import MODELS
 from core.report import format_table, plot_bars, plot_lines
 from core.run import atomic_write_text, derive_seed, seed_everything
 from core.stages import Context, build_data, evaluate_task, make_loss, resolve_upstream, summary_metrics
-from core.stages.ablate import check_compatible
+from core.stages.ablate import UsesBaseModel, check_compatible
 from core.train import Objective, fit
 from core.transfer import CONDITIONS, check_condition, transplant
 
@@ -76,7 +76,7 @@ class TransferSection(Section):
         return ns
 
 
-class Config(RunConfig):
+class Config(UsesBaseModel):
     transfer: TransferSection
     loss_scope: Literal["answer", "sequence"] = "answer"
 
