@@ -17,7 +17,8 @@ What a capture is:
   attended values, not the weights). A ``PackedSequence`` is padded back, batch first.
 - The batch axis is declared, never guessed from sizes, and moved to the front. A module that declares its layout
   (``batch_first`` on RNNs, ``nn.MultiheadAttention``, ``nn.Transformer*``) decides for itself and its submodules;
-  everything else uses ``batch_axis`` (0 by default; 1 for sequence-first models); ``batch_axes`` overrides by name.
+  everything else uses ``batch_axis`` (0 by default; 1 for sequence-first models). ``batch_axes`` declares the
+  axis by module name, for that module and its submodules (as ``batch_first`` does), over any own declaration.
 - ``transform`` (one callable, or a dict by module name) runs inside the hook on the fresh output, e.g. a guide's
   Gram matrix under ``no_grad``: the activation is dropped at once and only the n x n matrix is kept.
 - In-place operations cannot corrupt a capture: by default an output is copied when it is kept as it is or when
@@ -25,7 +26,9 @@ What a capture is:
   raises if a later in-place operation (``ReLU(inplace=True)``) changed a kept tensor.
 
 Hooks stay registered until the context exits (or ``close()``), so nothing is rebuilt per step. The transformer fast
-paths are switched off meanwhile: in eval mode ``nn.TransformerEncoder`` would hand its layers nested tensors.
+paths are switched off meanwhile: in eval mode ``nn.TransformerEncoder`` would hand its layers nested tensors. The
+switch is shared: it stays off while any capture that needs it is open, and the last one to close restores the
+setting the first one found, in whatever order they close.
 """
 
 from __future__ import annotations
@@ -107,14 +110,27 @@ def declared_batch_first(module: nn.Module) -> bool | None:
     return None
 
 
-def batch_axes_of(model: nn.Module, default: int = 0) -> dict[str, int]:
-    """Each module's batch axis: its own declaration, else its nearest declaring ancestor's, else ``default``."""
+def batch_axes_of(model: nn.Module, default: int = 0, declared: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Each module's batch axis: ``declared[name]``, else its own layout, else its nearest declaring ancestor's,
+    else ``default``."""
+    declared = declared or {}
     axes: dict[str, int] = {}
     for name, module in model.named_modules(remove_duplicate=False):  # parents come before their children
         inherited = axes[name.rsplit(".", 1)[0] if "." in name else ""] if name else default
-        declared = declared_batch_first(module)
-        axes[name] = inherited if declared is None else (0 if declared else 1)
+        own = declared.get(name)
+        if own is None and (layout := declared_batch_first(module)) is not None:
+            own = 0 if layout else 1
+        axes[name] = inherited if own is None else own
     return axes
+
+
+def module_of(key: str) -> str:
+    """The module name of a capture key (``layers.0@2`` is the third call of ``layers.0``)."""
+    return key.split("@", 1)[0]
+
+
+def capture_key(name: str, call: int) -> str:
+    return name if call == 0 else f"{name}@{call}"
 
 
 def _primary_tensor(output: Any, name: str) -> tuple[Tensor, bool]:
@@ -134,9 +150,32 @@ def _primary_tensor(output: Any, name: str) -> tuple[Tensor, bool]:
 
 # ----------------------------------------------------------------------------------------------------- capture
 
+class _FastPathSwitch:
+    """The transformer fast paths, off while any holder is open: each capture saving and restoring the global flag
+    itself would leave it off when captures close in their opening order."""
+
+    def __init__(self) -> None:
+        self.holders = 0
+        self.saved: bool | None = None
+
+    def hold(self) -> None:
+        if self.holders == 0:
+            self.saved = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+        self.holders += 1
+
+    def release(self) -> None:
+        self.holders -= 1
+        if self.holders == 0:
+            torch.backends.mha.set_fastpath_enabled(self.saved)
+
+
+FAST_PATH = _FastPathSwitch()
+
+
 @dataclass
 class _Record:
-    name: str
+    key: str
     value: Any
     version: int | None  # of ``value`` when kept without a copy: an in-place change shows as a new version
 
@@ -148,25 +187,32 @@ class FeatureCapture:
         model: the network; hooks go on its modules, nothing else changes.
         layers: module names and/or types (``nn.Linear`` or ``"type:Linear"``); ``DEFAULT_TYPES`` is a good start.
         batch_axis: the batch axis of modules that do not declare their layout.
-        batch_axes: per-name overrides of the batch axis.
+        batch_axes: the batch axis by module name, for the module and its submodules.
         transform: applied to each capture inside the hook (batch axis already first); a dict applies per name.
         clone: copy kept outputs (default: when kept untransformed, or when they require grad).
+        keys: capture keys (``name``, ``name@1``, ...) to keep; other calls of the hooked modules are skipped.
     """
 
     def __init__(self, model: nn.Module, layers: LayerSpec | Sequence[LayerSpec], *, batch_axis: int = 0,
                  batch_axes: Mapping[str, int] | None = None,
-                 transform: Transform | Mapping[str, Transform] | None = None, clone: bool | None = None):
+                 transform: Transform | Mapping[str, Transform] | None = None, clone: bool | None = None,
+                 keys: Sequence[str] | None = None):
         self.model = model
         self.layers = select_layers(model, layers)
-        axes = batch_axes_of(model, batch_axis)
-        for name, axis in (batch_axes or {}).items():
-            axes[select_layers(model, name).popitem()[0]] = axis
+        modules = _named_modules(model)
+        params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+        declared = {_resolve_name(name, modules, params): axis for name, axis in (batch_axes or {}).items()}
+        axes = batch_axes_of(model, batch_axis, declared)
         self.batch_axes = {name: axes[name] for name in self.layers}
         self._transforms = self._per_layer(transform)
         self.clone = clone
+        self.keys = None if keys is None else set(keys)
+        if self.keys is not None and (stray := sorted(k for k in self.keys if module_of(k) not in self.layers)):
+            raise UserError(f"capture keys {stray} are not calls of the captured layers {self.names}")
         self._records: list[_Record] = []
+        self._calls: Counter[str] = Counter()  # per hooked module, since the last pop
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._fastpath_before: bool | None = None
+        self._holds_fast_path = False
 
     def _per_layer(self, transform: Transform | Mapping[str, Transform] | None) -> dict[str, Transform | None]:
         if not isinstance(transform, Mapping):
@@ -182,6 +228,10 @@ class FeatureCapture:
         """The hooked modules' names (registration order; captures come in execution order)."""
         return list(self.layers)
 
+    @property
+    def is_open(self) -> bool:
+        return bool(self._handles)
+
     # --- hooks -------------------------------------------------------------------------------------------------
 
     def open(self) -> FeatureCapture:
@@ -191,19 +241,20 @@ class FeatureCapture:
         for name, module in self.layers.items():
             self._handles.append(module.register_forward_hook(self._hook(name)))
         if any(isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder)) for m in self.model.modules()):
-            self._fastpath_before = torch.backends.mha.get_fastpath_enabled()
-            torch.backends.mha.set_fastpath_enabled(False)
+            FAST_PATH.hold()
+            self._holds_fast_path = True
         return self
 
     def close(self) -> None:
-        """Remove the hooks, restore the fast-path setting, drop unread captures."""
+        """Remove the hooks, give back the fast-path switch, drop unread captures."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._records.clear()
-        if self._fastpath_before is not None:
-            torch.backends.mha.set_fastpath_enabled(self._fastpath_before)
-            self._fastpath_before = None
+        self._calls.clear()
+        if self._holds_fast_path:
+            FAST_PATH.release()
+            self._holds_fast_path = False
 
     def __enter__(self) -> FeatureCapture:
         return self.open()
@@ -212,16 +263,23 @@ class FeatureCapture:
         self.close()
 
     def _hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
-        axis, transform, records = self.batch_axes[name], self._transforms[name], self._records
+        axis, transform, records, calls = self.batch_axes[name], self._transforms[name], self._records, self._calls
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            key = capture_key(name, calls[name])
+            calls[name] += 1
+            if self.keys is not None and key not in self.keys:
+                return
             tensor, batch_first = _primary_tensor(output, name)
             if axis and not batch_first:
+                if not -tensor.dim() <= axis < tensor.dim():
+                    raise UserError(f"layer {name!r}: batch axis {axis} declared, but its output has shape "
+                                    f"{tuple(tensor.shape)}")
                 tensor = tensor.movedim(axis, 0)
             if self.clone if self.clone is not None else (transform is None or tensor.requires_grad):
                 tensor = tensor.clone(memory_format=torch.contiguous_format)
             value = tensor if transform is None else transform(tensor)
-            records.append(_Record(name, value, value._version if isinstance(value, Tensor) else None))
+            records.append(_Record(key, value, value._version if isinstance(value, Tensor) else None))
 
         return hook
 
@@ -233,15 +291,14 @@ class FeatureCapture:
         ``strict``: raise a UserError if a hooked layer did not run (a branch not taken, a fast path).
         """
         records, self._records[:] = list(self._records), []
-        calls: Counter[str] = Counter()
+        calls = Counter(self._calls)
+        self._calls.clear()  # in place: the hooks hold this counter
         captures: dict[str, Any] = {}
         for record in records:
             if record.version is not None and record.value._version != record.version:
-                raise UserError(f"the capture of layer {record.name!r} was changed in place after its forward "
-                                f"(e.g. by ReLU(inplace=True)); capture with clone=True")
-            key = record.name if calls[record.name] == 0 else f"{record.name}@{calls[record.name]}"
-            calls[record.name] += 1
-            captures[key] = record.value
+                raise UserError(f"the capture of layer {module_of(record.key)!r} was changed in place after its "
+                                f"forward (e.g. by ReLU(inplace=True)); capture with clone=True")
+            captures[record.key] = record.value
         if strict and (silent := [name for name in self.layers if name not in calls]):
             raise UserError(f"layers {silent} did not run in this forward pass")
         return captures

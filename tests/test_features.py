@@ -210,3 +210,47 @@ def test_unknown_layer_names_are_user_errors_with_nearest_names():
             self.module = model
 
     assert list(select_layers(Wrapper(), ["first"])) == ["module.first"]
+
+
+def test_fast_path_is_restored_whatever_order_captures_close_in():
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    first, second = nn.TransformerEncoder(layer, 1), nn.TransformerEncoder(layer, 1)
+    before = torch.backends.mha.get_fastpath_enabled()
+    for order in ("opening", "reverse"):
+        captures = [FeatureCapture(first, DEFAULT_TYPES).open(), FeatureCapture(second, DEFAULT_TYPES).open()]
+        assert not torch.backends.mha.get_fastpath_enabled()
+        closing = captures if order == "opening" else captures[::-1]
+        closing[0].close()
+        assert not torch.backends.mha.get_fastpath_enabled()  # the other capture still needs it off
+        closing[1].close()
+        assert torch.backends.mha.get_fastpath_enabled() == before, order
+
+
+def test_keys_keep_only_the_listed_calls_and_skip_the_others_work():
+    model, x = Tied(), torch.randn(5, 4)
+    seen = []
+    with FeatureCapture(model, ["blocks.0"], keys=["blocks.0@1"], transform=lambda t: seen.append(t) or t) as capture:
+        model(x)
+        features = capture.pop()
+        model(x)  # call numbers start again after a pop
+        assert list(capture.pop()) == ["blocks.0@1"]
+    assert list(features) == ["blocks.0@1"] and len(seen) == 2
+    block = model.blocks[0]
+    torch.testing.assert_close(features["blocks.0@1"], block(torch.tanh(block(x))))
+    with pytest.raises(UserError, match=r"capture keys \['head@1'\] are not calls"):
+        FeatureCapture(model, ["blocks.0"], keys=["head@1"])
+
+
+def test_a_declared_batch_axis_holds_for_the_module_and_its_submodules():
+    model = nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), nn.Linear(4, 2))
+    x = torch.randn(6, 2, 3)  # (T, B, d): only the first block is sequence first in this test
+    with FeatureCapture(model, ["0", "0.0", "0.1", "1"], batch_axes={"0": 1}) as capture:
+        model(x)
+        features = capture.pop()
+    assert {name: tuple(t.shape) for name, t in features.items()} == {
+        "0.0": (2, 6, 4), "0.1": (2, 6, 4), "0": (2, 6, 4), "1": (6, 2, 2)}
+    with pytest.raises(UserError, match="no layer '00'"):
+        FeatureCapture(model, ["0"], batch_axes={"00": 1})
+    with FeatureCapture(model, ["1"], batch_axes={"1": 3}) as capture:
+        with pytest.raises(UserError, match="layer '1': batch axis 3 declared, but its output has shape"):
+            model(x)
