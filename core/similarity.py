@@ -47,6 +47,7 @@ from core.errors import UserError
 
 EPS_ULPS = 8  # default eps, in machine epsilons: a side whose centred features hold less energy is constant
 TINY = 1e-15  # floor of a norm we divide by: far below real activations, and its square is a normal float32
+UNBIASED_MIN_SAMPLES = 4  # HSIC_u divides by n (n - 3)
 
 
 # ----------------------------------------------------------------------------------------------------- numerics
@@ -77,9 +78,9 @@ def _check_samples(n_x: int, n_y: int, unbiased: bool = False) -> None:
     if n_x != n_y:
         raise UserError(f"similarity between {n_x} and {n_y} samples: both sides need the same batch "
                         f"(check the declared batch axis of both layers)")
-    if unbiased and n_x < 4:
-        raise UserError(f"unbiased CKA needs at least 4 samples, got {n_x} (use a larger batch or drop the last "
-                        f"incomplete batch)")
+    if unbiased and n_x < UNBIASED_MIN_SAMPLES:
+        raise UserError(f"unbiased CKA needs at least {UNBIASED_MIN_SAMPLES} samples, got {n_x} (use a larger batch "
+                        f"or drop the last incomplete batch)")
 
 
 def _unit(a: Tensor, norm: Tensor) -> Tensor:
@@ -411,6 +412,7 @@ class Similarity:
     pair: Callable[[Tensor, Tensor], Tensor]
     summarize: Callable[[Tensor], Any] = as_samples
     against: Callable[[Tensor, Any], Tensor] | None = None  # (x, summary); None: ``pair`` on the samples
+    min_samples: int = 2  # fewer samples than this give no estimate (one sample has no spread)
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         return self.pair(x, y)
@@ -420,7 +422,8 @@ class Similarity:
 
 
 def _cka_measure(name: str, unbiased: bool) -> Similarity:
-    return Similarity(name, partial(cka, unbiased=unbiased), cka_summary, partial(cka_with_summary, unbiased=unbiased))
+    return Similarity(name, partial(cka, unbiased=unbiased), cka_summary, partial(cka_with_summary, unbiased=unbiased),
+                      min_samples=UNBIASED_MIN_SAMPLES if unbiased else 2)
 
 
 def _rsa_measure(name: str, variant: RSAVariant) -> Similarity:
