@@ -7,6 +7,8 @@ phrases holding phrases holding noun phrases) is bounded by ``MAX_DEPTH``, beyon
 expansion is chosen.
 
 Everything is a pure function of the ``random.Random`` passed in, so a corpus is reproducible from a seed.
+``core/data/corpus/grammar.txt`` (the ``text`` dataset's default file) is ``corpus()``, written by
+``python -m core.data.grammar``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
+CORPUS_SEED, CORPUS_SENTENCES = 0, 6000  # the shipped corpus: about 250 KB, 54k word tokens with line breaks
 MAX_DEPTH = 6  # derivation depth (every symbol counts one); sentences average 8 words, at most ~30
 
 # Lexicon by category; "_sg" / "_pl" categories agree in number.
@@ -82,3 +85,17 @@ def vocabulary() -> list[str]:
     """Every word the grammar can produce, sorted (so token ids do not depend on the sample)."""
     lexicon = {w for entries in LEXICON.values() for w in entries}
     return sorted(lexicon | {"that", "."})
+
+
+def corpus(seed: int = CORPUS_SEED, sentences: int = CORPUS_SENTENCES) -> str:
+    """``sentences`` sentences, one per line, words separated by spaces."""
+    rng = random.Random(seed)
+    return "".join(" ".join(sentence(rng)) + "\n" for _ in range(sentences))
+
+
+if __name__ == "__main__":
+    from core.data.sequences import GRAMMAR_CORPUS
+
+    GRAMMAR_CORPUS.parent.mkdir(exist_ok=True)
+    GRAMMAR_CORPUS.write_text(corpus(), encoding="utf-8")
+    print(f"wrote {GRAMMAR_CORPUS} ({GRAMMAR_CORPUS.stat().st_size} bytes)")

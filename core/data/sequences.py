@@ -44,6 +44,19 @@ SCORED = "positions where y != -100"
 Fraction = confloat(ge=0.0, lt=0.5)
 
 
+def real_positions(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(batch, time) bool: the positions before a row's trailing padding.
+
+    That is up to the row's last non-padding input token or its last scored target, whichever comes later
+    (copy-paste's answer slots hold PAD inputs but are scored). Language-modelling blocks have no padding.
+    """
+    t = torch.arange(x.shape[1], device=x.device)
+    last = torch.where(x != PAD, t, -1).amax(1)
+    if y.shape == x.shape:  # a target per position
+        last = torch.maximum(last, torch.where(y != IGNORE_INDEX, t, -1).amax(1))
+    return t <= last[:, None]
+
+
 def _generator(seed: int, purpose: str) -> torch.Generator:
     """A generator for one purpose (task and split), so purposes never share draws."""
     return torch.Generator().manual_seed(derive_seed(seed, "sequences", purpose))
@@ -192,6 +205,9 @@ def build_vocab(tokens: list[str], max_vocab: Optional[int]) -> list[str]:
     return ["<pad>", "<unk>"] + sorted(keep)
 
 
+GRAMMAR_CORPUS = Path(__file__).resolve().parent / "corpus" / "grammar.txt"
+
+
 def _read_text(path: str) -> str:
     file = Path(path)
     if not file.is_file():
@@ -206,16 +222,20 @@ def _read_text(path: str) -> str:
 
 
 @DATASETS.register("text")
-def text_file(ctx: DataContext, *, path: str, level: Literal["char", "word"] = "char", seq_len: conint(ge=2) = 64,
-              val_fraction: Fraction = 0.1, test_fraction: Fraction = 0.1,
+def text_file(ctx: DataContext, *, path: Optional[str] = None, level: Literal["char", "word"] = "char",
+              seq_len: conint(ge=2) = 64, val_fraction: Fraction = 0.1, test_fraction: Fraction = 0.1,
               max_vocab: Optional[conint(ge=3)] = None) -> DataBundle:
     """Next-token prediction on a UTF-8 text file, by character or by word.
+
+    ``path`` defaults to the shipped corpus ``core/data/corpus/grammar.txt``: sentences of the grammar of
+    ``core.data.grammar``, one per line (written by ``python -m core.data.grammar``), so it works offline.
 
     The token stream is split in order (train first, then val, then test: no block is shared, as WikiText's
     files) and each part is cut into blocks of ``seq_len``. The vocabulary is the whole file's (``<pad>`` = 0,
     ``<unk>`` = 1 for tokens beyond the ``max_vocab`` most frequent); ``info["vocab"]`` lists it by id. The seed
     plays no part: the file alone decides the data.
     """
+    path = str(GRAMMAR_CORPUS) if path is None else path
     tokens = tokenize(_read_text(path), level)
     vocab = build_vocab(tokens, max_vocab)
     ids = {token: i for i, token in enumerate(vocab)}
