@@ -8,13 +8,16 @@ Layer maps:
   one. This reproduces the paper's numbers (ResNet-18 -> Wide FCN keeps 3 of 21 terms).
 - ``uniform``: the same stretch, every mapped pair kept.
 - explicit ``{target: name, guide: name, weight: w}`` pairs.
+
+Names are capture keys (``core.features``): a module name, ``name@k`` for its (k+1)-th call in one forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -58,55 +61,123 @@ def resolve_pairs(spec: str | Sequence[Mapping[str, Any]], target_keys: Sequence
     return pairs
 
 
-def module_of(key: str) -> str:
-    """The module name of a capture key (``layers.0@2`` is the third call of ``layers.0``)."""
-    return key.split("@", 1)[0]
+Tokenwise = Optional[Literal["positions", "rows"]]
+
+
+def compared_rows(shape: Sequence[int], tokenwise: Tokenwise) -> tuple[int, ...]:
+    """The sample axes of a capture of ``shape`` that the similarity compares: (batch,), or token-wise of a
+    (batch, time, ...) capture, (batch, time). Both sides of a pair must agree."""
+    return tuple(shape[:2]) if tokenwise and len(shape) >= 3 else tuple(shape[:1])
 
 
 class AlignmentLoss:
-    """alpha * reduce over pairs of weight * (1 - similarity(target capture, guide summary)).
+    """alpha * reduce over pairs of weight * distance(target capture, guide summary).
 
-    The guide runs under ``no_grad`` in evaluation mode; each of its hooked layers keeps only its summary (an n x n
-    Gram matrix for CKA), computed inside the hook. The target's captures come from the same forward that gives
-    its logits. ``tokenwise`` compares (batch, time, ...) captures token by token: every (sample, token) is a row.
+    The guide runs under ``no_grad`` in evaluation mode; each of its paired layer calls keeps only its summary (an
+    n x n Gram matrix for CKA), computed inside the hook; unpaired calls of a shared layer are skipped on both sides.
+    The target's captures come from the same forward that gives its logits. The distance is ``1 - similarity`` of
+    the (batch, ...) captures, or, for (batch, time, ...) sequence captures with ``tokenwise``:
+
+    - ``positions`` (the original's token-wise CKA): the sum over positions t of ``1 - similarity(X[:, t], Y[:, t])``,
+      each position over the samples that are real there (trailing padding left out), positions with fewer real
+      samples than the measure needs (``Similarity.min_samples``) skipped; the log shows the mean similarity.
+    - ``rows``: one similarity whose rows are all real (sample, token) pairs.
+
+    ``real`` (a (batch, time) bool mask, ``core.data.sequences.real_positions``) marks the real positions; without
+    it every position is real. ``steps``: guidance only for the first N optimizer steps (``active``); then the
+    hooks are removed, so the target's forwards copy nothing and the guide no longer runs.
     """
 
     def __init__(self, target: nn.Module, guide: nn.Module, pairs: list[LayerPair], *, similarity: str = "cka",
-                 alpha: float = 1.0, reduce: str = "sum", tokenwise: bool = False):
-        from core.features import FeatureCapture
+                 alpha: float = 1.0, reduce: str = "sum", tokenwise: Tokenwise = None,
+                 target_batch_axes: Mapping[str, int] | None = None,
+                 guide_batch_axes: Mapping[str, int] | None = None, steps: int | None = None):
+        from core.features import FeatureCapture, module_of
         from core.similarity import get_similarity
 
-        self.pairs, self.alpha, self.reduce, self.tokenwise = pairs, alpha, reduce, tokenwise
+        self.pairs, self.alpha, self.reduce, self.tokenwise, self.steps = pairs, alpha, reduce, tokenwise, steps
         self.measure = get_similarity(similarity)
         self.guide = guide.eval().requires_grad_(False)
-        self.target_capture = FeatureCapture(target, sorted({module_of(p.target) for p in pairs})).open()
-        self.guide_capture = FeatureCapture(guide, sorted({module_of(p.guide) for p in pairs}),
-                                            transform=lambda t: self.measure.summarize(self._rows(t))).open()
+        self.closed = False
+        self._real: torch.Tensor | None = None
+        self._positions: list[int] | None = None  # token-wise positions compared in this step
+        target_keys, guide_keys = [p.target for p in pairs], [p.guide for p in pairs]
+        self.target_capture = FeatureCapture(target, sorted({module_of(k) for k in target_keys}),
+                                             batch_axes=target_batch_axes, keys=target_keys).open()
+        self.guide_capture = FeatureCapture(guide, sorted({module_of(k) for k in guide_keys}),
+                                            batch_axes=guide_batch_axes, keys=guide_keys,
+                                            transform=self._summaries).open()
 
-    def _rows(self, capture: torch.Tensor) -> torch.Tensor:
-        return capture.reshape(-1, *capture.shape[2:]) if self.tokenwise and capture.dim() > 2 else capture
+    # --- what is compared --------------------------------------------------------------------------------------
 
-    def guide_summaries(self, guide_input: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _views(self, capture: torch.Tensor) -> list[torch.Tensor]:
+        """The row sets a capture is compared on: itself, or token-wise its real rows or each position's."""
+        if self.tokenwise is None:
+            return [capture]
+        if capture.dim() < 3 or (self._real is not None and capture.shape[:2] != self._real.shape):
+            raise UserError(f"guidance.tokenwise: a capture of shape {tuple(capture.shape)} is not (batch, time, "
+                            f"...) like the input {tuple(self._real.shape) if self._real is not None else ''}")
+        if self.tokenwise == "rows":
+            return [capture.flatten(0, 1) if self._real is None else capture[self._real]]
+        if self._real is None:
+            return [capture[:, t] for t in range(capture.shape[1])]
+        return [capture[self._real[:, t], t] for t in self._positions]
+
+    def _summaries(self, capture: torch.Tensor) -> list[Any]:
+        return [self.measure.summarize(view) for view in self._views(capture)]
+
+    def _set_real(self, real: torch.Tensor | None) -> None:
+        self._real = real
+        if self.tokenwise != "positions" or real is None:
+            return
+        counts = real.sum(0)
+        self._positions = torch.nonzero(counts >= self.measure.min_samples).flatten().tolist()
+        if not self._positions:
+            raise UserError(f"guidance.tokenwise: no position has {self.measure.min_samples} real samples in a "
+                            f"batch of {len(real)} (use a larger batch)")
+
+    # --- the loss ----------------------------------------------------------------------------------------------
+
+    def guide_summaries(self, guide_input: torch.Tensor) -> dict[str, list[Any]]:
         with torch.no_grad():
             self.guide(guide_input)
         return self.guide_capture.pop()
 
-    def __call__(self, guide_input: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, guide_input: torch.Tensor, real: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
         """The alignment term for the target forward that just ran, and each pair's similarity for the log."""
+        self._set_real(real)
         targets = self.target_capture.pop()
         guides = self.guide_summaries(guide_input)
         terms, logs = [], {}
         for pair in self.pairs:
-            sim = self.measure.with_summary(self._rows(targets[pair.target]), guides[pair.guide])
-            terms.append(pair.weight * (1 - sim))
-            logs[f"sim/{pair.target}~{pair.guide}"] = sim.item()
+            sims = [self.measure.with_summary(view, summary)
+                    for view, summary in zip(self._views(targets[pair.target]), guides[pair.guide], strict=True)]
+            terms.append(pair.weight * sum(1 - sim for sim in sims))
+            logs[f"sim/{pair.target}~{pair.guide}"] = torch.stack(sims).mean().item()
         total = torch.stack(terms).sum() if self.reduce == "sum" else torch.stack(terms).mean()
         return self.alpha * total, logs
 
-    def discard(self) -> None:
-        """Drop captures of a target forward whose alignment is not wanted (evaluation, unguided steps)."""
-        self.target_capture.pop()
+    # --- hooks -------------------------------------------------------------------------------------------------
+
+    def active(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (counted from 0) is guided; the first that is not closes the hooks."""
+        if not self.closed and self.steps is not None and step >= self.steps:
+            self.close()
+        return not self.closed
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Target forwards that are not aligned (evaluation): no hooks, no copies meanwhile."""
+        self.target_capture.close()
+        try:
+            yield
+        finally:
+            if not self.closed:
+                self.target_capture.open()
 
     def close(self) -> None:
-        self.target_capture.close()
+        """Remove both sides' hooks for good (guidance over), the later-opened side first."""
+        self.closed = True
         self.guide_capture.close()
+        self.target_capture.close()

@@ -1,8 +1,17 @@
-"""Guidance: layer maps (the original's overwriting stretch, every pair kept) and the alignment loss."""
+"""Guidance: layer maps (the original's overwriting stretch, every pair kept) and the alignment loss: token-wise
+variants against direct computations, hooks of shared layers, the end of guidance, and the fast-path switch."""
 
 from __future__ import annotations
 
-from core.guidance import LayerPair, stretch_map
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from core.data.sequences import real_positions
+from core.guidance import AlignmentLoss, LayerPair, compared_rows, stretch_map
+from core.similarity import cka
 
 
 def names(prefix: str, n: int) -> list[str]:
@@ -23,3 +32,113 @@ def test_uniform_map_keeps_every_pair():
     assert len(pairs) == 21 and pairs[0] == LayerPair("lin0", "g0") and pairs[-1] == LayerPair("lin2", "g20")
     assert stretch_map(names("t", 5), ["only"], "uniform") == [LayerPair("t0", "only")]
     assert stretch_map([], ["g"], "repo") == []
+
+
+# ----------------------------------------------------------------------------------------------------- alignment
+
+class TokenModel(nn.Module):
+    """(batch, time) ids -> (batch, time, d) features: ``embed`` then ``mix`` (tanh), one feature map per token."""
+
+    def __init__(self, d: int, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(8, d)
+        self.mix = nn.Linear(d, d)
+
+    def forward(self, x):
+        return torch.tanh(self.mix(self.embed(x)))
+
+
+def padded_tokens(lengths: list[int], length: int = 6, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, 8, (len(lengths), length), generator=g)
+    return x.masked_fill(torch.arange(length) >= torch.tensor(lengths)[:, None], 0)
+
+
+def tokenwise_alignment(tokenwise, similarity="cka", **options):
+    target, guide = TokenModel(5, seed=1), TokenModel(3, seed=2)
+    pairs = [LayerPair("mix", "embed")]
+    return target, AlignmentLoss(target, guide, pairs, similarity=similarity, tokenwise=tokenwise, **options)
+
+
+def test_tokenwise_positions_sums_one_minus_cka_per_position_over_real_samples():
+    x = padded_tokens([6, 6, 5, 4, 4, 2, 1, 6])  # position 5: three real samples; position 4: four
+    y = torch.full_like(x, -100)
+    real = real_positions(x, y)
+    target, alignment = tokenwise_alignment("positions", similarity="cka_unbiased")
+    target(x)
+    features = target.mix(target.embed(x))  # what the hook on ``mix`` saw
+    loss, logs = alignment(x, real)
+    alignment.close()
+    with torch.no_grad():
+        guide_features = alignment.guide.embed(x)
+    kept = [t for t in range(x.shape[1]) if real[:, t].sum() >= 4]  # unbiased CKA needs 4 samples
+    assert kept == [0, 1, 2, 3, 4]
+    sims = [cka(features[real[:, t], t].double(), guide_features[real[:, t], t].double(), unbiased=True)
+            for t in kept]
+    assert loss.item() == pytest.approx(sum(1 - s.item() for s in sims), rel=1e-5)
+    assert logs["sim/mix~embed"] == pytest.approx(torch.stack(sims).mean().item(), rel=1e-5)
+    loss.backward()
+    assert target.mix.weight.grad.abs().sum() > 0
+
+
+def test_tokenwise_rows_is_one_cka_over_the_real_sample_token_rows():
+    x = padded_tokens([6, 3, 5, 2, 6])
+    real = real_positions(x, torch.full_like(x, -100))
+    target, alignment = tokenwise_alignment("rows")
+    target(x)
+    features = target.mix(target.embed(x))
+    loss, _ = alignment(x, real)
+    alignment.close()
+    with torch.no_grad():
+        expected = 1 - cka(features[real].double(), alignment.guide.embed(x)[real].double())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert real.sum() == 22 and compared_rows((5, 6, 3), "rows") == (5, 6) and compared_rows((5, 3), "rows") == (5,)
+
+
+def test_closing_an_alignment_restores_the_fast_path_and_removes_every_hook():
+    info = {"vocab_size": 6, "seq_len": 5}
+    from core.registry import MODELS
+
+    target = MODELS.build("transformer", info, {"d_model": 8, "nhead": 2, "num_layers": 2, "dim_feedforward": 8})
+    guide = MODELS.build("transformer", info, {"d_model": 8, "nhead": 2, "num_layers": 2, "dim_feedforward": 8})
+    before = torch.backends.mha.get_fastpath_enabled()
+    alignment = AlignmentLoss(target, guide, [LayerPair("layers.0", "layers.1")])
+    assert not torch.backends.mha.get_fastpath_enabled()
+    with alignment.paused():  # evaluation: the target's hooks are off, the guide's still need the fast path off
+        assert not target.layers[0]._forward_hooks and not torch.backends.mha.get_fastpath_enabled()
+    assert target.layers[0]._forward_hooks
+    alignment.close()
+    assert torch.backends.mha.get_fastpath_enabled() == before
+    assert not target.layers[0]._forward_hooks and not guide.layers[1]._forward_hooks
+
+
+def test_a_tied_guide_summarizes_only_its_paired_applications():
+    info = {"vocab_size": 6, "seq_len": 5}
+    from core.registry import MODELS
+
+    target = MODELS.build("rnn", info, {"embed_dim": 4, "hidden_size": 4})
+    guide = MODELS.build("transformer", info, {"d_model": 8, "nhead": 2, "num_layers": 4, "dim_feedforward": 8,
+                                               "tied": True})
+    alignment = AlignmentLoss(target, guide, [LayerPair("layers.0", "layer@1"), LayerPair("layers.1", "layer@3")])
+    summarized = []
+    measure = alignment.measure
+    alignment.measure = dataclasses.replace(measure, summarize=lambda t: summarized.append(t) or measure.summarize(t))
+    x = torch.randint(1, 6, (4, 5))
+    target(x)
+    _, logs = alignment(x)
+    alignment.close()
+    assert len(summarized) == 2 and list(logs) == ["sim/layers.0~layer@1", "sim/layers.1~layer@3"]
+
+
+def test_guidance_steps_close_the_hooks_once_guidance_ends():
+    target, alignment = tokenwise_alignment(None, steps=2)
+    assert alignment.active(0) and alignment.active(1)
+    assert target.mix._forward_hooks
+    assert not alignment.active(2) and not alignment.active(1)  # over for good
+    assert not target.mix._forward_hooks and not alignment.guide.embed._forward_hooks
+    target(padded_tokens([3, 3]))
+    assert alignment.target_capture.pop() == {}
+    with alignment.paused():  # evaluation does not reopen them
+        pass
+    assert not target.mix._forward_hooks

@@ -59,5 +59,13 @@ def load_model(run_dir: str | Path, name: str = "model") -> tuple[torch.nn.Modul
     try:
         load_weights(model, str(weights))
     except (RuntimeError, OSError, ValueError) as err:
-        raise UserError(f"{weights} does not match model {model_cfg['name']!r}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"{weights} does not match model {model_cfg['name']!r}: {_first_detail(err)}") from None
     return model, model_cfg, info
+
+
+def _first_detail(err: Exception, limit: int = 300) -> str:
+    """The headline and the first detail of a load error ("Error(s) in loading state_dict for FCN:" says nothing
+    about what differs), on one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    text = " ".join(lines[:2])
+    return text if len(text) <= limit else text[: limit - 3] + "..."

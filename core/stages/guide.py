@@ -8,14 +8,17 @@ Each of ``guidance.conditions`` runs as a sub-run on the same data, from the sam
 config that runs first). The guide is frozen, in evaluation mode, without gradients; only its layers' Gram
 matrices are kept. Layers are chosen by name or type (``type:Linear``) on each side; ``layer_map`` pairs them
 (``repo``: the original's mapping with its overwriting; ``uniform``: every mapped pair; or explicit pairs).
-Options: alpha; sum or mean over pairs; the similarity measure; guidance only for the first N optimizer steps;
-noise inputs for the guide; token-wise similarity for sequences. Every evaluation logs the task loss, the
-alignment loss and each pair's similarity. Writes ``results.csv`` (one row per condition with the task metrics),
-``results.png`` and ``summary.json``.
+Options: alpha; sum or mean over pairs; the similarity measure; guidance only for the first N optimizer steps
+(then the hooks are removed); noise inputs for the guide; token-wise similarity for sequences (``positions``, the
+original's sum over positions, or ``rows``; trailing padding left out); each side's batch axis by layer name.
+Every evaluation logs the task loss, the alignment loss and each pair's similarity. Writes ``results.csv`` (one
+row per condition with the task metrics), ``results.png`` and ``summary.json``.
 
-Raises UserError for a layer name that is not in a model (with the nearest names), a guide that sees another batch
-size than the target, a guide checkpoint that does not match its architecture, or a batch too small for the
-estimator (unbiased CKA needs 4 samples).
+Before the run directory exists (``prepare``), each guide is built and one alignment loss is evaluated on a
+training batch, so these raise a UserError with nothing written: a layer name that is not in a model (with the
+nearest names), a layer whose batch axis is not the input's, a pair whose two sides compare different rows, a
+trained guide built for other data than this run's or whose checkpoint does not match its architecture, or a
+batch too small for the estimator (unbiased CKA needs 4 samples).
 """
 
 from __future__ import annotations
@@ -29,14 +32,17 @@ import torch
 from pydantic import BaseModel, Field, conlist, field_validator, model_validator
 
 from core.config import ModelConfig, RunConfig, Section
+from core.data.sequences import real_positions
 from core.errors import UserError
 from core.features import DEFAULT_TYPES, probe
-from core.guidance import AlignmentLoss, resolve_pairs
+from core.guidance import AlignmentLoss, compared_rows, resolve_pairs
 from core.models import load_model
+from core.registry import MODELS
 from core.report import format_table, plot_bars
 from core.run import atomic_write_text, derive_seed, seed_everything
-from core.stages import Context, evaluate_task, make_loss, resolve_upstream, summary_metrics
-from core.train import Objective, fit
+from core.similarity import get_similarity
+from core.stages import Context, build_data, evaluate_task, make_loss, resolve_upstream, summary_metrics
+from core.train import Objective, fit, resolve_device
 
 CONDITIONS = ("unguided", "guided_untrained", "guided_trained")
 DEFAULT_LAYERS = [f"type:{t.__name__}" for t in DEFAULT_TYPES]
@@ -64,13 +70,24 @@ class GuidanceSection(Section):
     layer_map: Union[Literal["repo", "uniform"], list[ExplicitPair]] = "repo"
     guidance_steps: Optional[int] = Field(None, ge=1, description="guide only the first N optimizer steps")
     noise_inputs: bool = Field(False, description="feed the guide random inputs instead of the batch")
-    tokenwise: bool = Field(False, description="sequences: every (sample, token) is one row of the similarity")
+    tokenwise: Optional[Literal["positions", "rows"]] = Field(
+        None, description="sequences: positions (or true): the sum over positions of 1 - similarity at that "
+                          "position, as the original; rows: one similarity over all (sample, token) rows; "
+                          "padding left out in both")
+    target_batch_axes: dict[str, int] = Field(default_factory=dict, description="{layer name: batch axis} for "
+                                              "target layers (and their submodules) that are not batch first")
+    guide_batch_axes: dict[str, int] = Field(default_factory=dict, description="the same for guide layers")
+
+    @field_validator("tokenwise", mode="before")
+    @classmethod
+    def _tokenwise_flag(cls, value: Any) -> Any:  # true: the original's token-wise CKA
+        if isinstance(value, bool):
+            return "positions" if value else None
+        return value
 
     @field_validator("similarity")
     @classmethod
     def _known_similarity(cls, name: str) -> str:
-        from core.similarity import get_similarity
-
         try:
             get_similarity(name)
         except UserError as err:
@@ -93,18 +110,40 @@ class Config(RunConfig):
 
 
 def prepare(cfg: Config) -> None:
-    if cfg.guidance.guide_run is not None and "guided_trained" in cfg.guidance.conditions:
-        cfg.guidance.guide_run = resolve_upstream(cfg.guidance.guide_run, "base", "guidance.guide_run")
-    if cfg.guidance.similarity == "cka_unbiased" and cfg.train.batch_size < 4:
-        raise UserError("train.batch_size: unbiased CKA needs at least 4 samples per batch")
+    """Resolve the trained guide's run, then check every guided condition on one training batch (see above)."""
+    spec = cfg.guidance
+    needed = get_similarity(spec.similarity).min_samples
+    if cfg.train.batch_size < needed:
+        raise UserError(f"train.batch_size {cfg.train.batch_size}: similarity {spec.similarity} needs at least "
+                        f"{needed} samples per batch")
+    if spec.guide_run is not None and "guided_trained" in spec.conditions:
+        spec.guide_run = resolve_upstream(spec.guide_run, "base", "guidance.guide_run")
+    guided = [c for c in spec.conditions if c != "unguided"]
+    if not guided:
+        return
+    seed, device = cfg.reproducibility.random_seed, resolve_device(cfg.train.device)
+    data = build_data(cfg, seed)
+    if spec.tokenwise and "vocab_size" not in data.info:
+        raise UserError(f"guidance.tokenwise: token-wise similarity needs token sequences; data {cfg.data.name} "
+                        f"has none")
+    batch = tuple(t[: cfg.train.batch_size].to(device) for t in (data.train.x, data.train.y))
+    for condition in guided:
+        guide = build_guide(cfg, seed, condition, data.info).to(device)
+        target = MODELS.build(cfg.model.name, data.info, cfg.model.params).to(device)
+        alignment = _alignment(spec, target, guide, batch[0])
+        try:
+            with torch.no_grad():
+                target(batch[0])
+                alignment(*_alignment_inputs(spec, batch, data.info))
+        finally:
+            alignment.close()
 
 
 def main(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     data = ctx.build_data()
-    guides = {c: build_guide(ctx, c, data.info).to(ctx.device) for c in cfg.guidance.conditions if c != "unguided"}
-    for guide in guides.values():  # check every layer map before anything trains
-        _alignment(cfg.guidance, ctx.build_model(data.info).to(ctx.device), guide, _sample(data, ctx.device)).close()
+    guides = {c: build_guide(cfg, ctx.seed, c, data.info).to(ctx.device)
+              for c in cfg.guidance.conditions if c != "unguided"}
     rows = ctx.run.sweep([(c, lambda sub, c=c: _train_condition(ctx, sub, c, data, guides.get(c)))
                           for c in cfg.guidance.conditions])
     for i, row in enumerate(rows):
@@ -112,19 +151,46 @@ def main(ctx: Context) -> dict[str, Any]:
     return _write_results(ctx, rows)
 
 
-def build_guide(ctx: Context, condition: str, info: dict) -> torch.nn.Module:
-    spec = ctx.cfg.guidance
+def build_guide(cfg: Config, seed: int, condition: str, info: dict) -> torch.nn.Module:
+    """The trained guide of ``guide_run`` (built for this run's data), or a fresh one from its own seed."""
+    spec = cfg.guidance
     if condition == "guided_trained":
-        guide, _, _ = load_model(spec.guide_run)
+        guide, _, guide_info = load_model(spec.guide_run)
+        _check_guide_data(spec.guide_run, guide_info, info, cfg.data.name)
         return guide
-    seed_everything(derive_seed(ctx.seed, "guide"), ctx.cfg.reproducibility.deterministic)
-    from core.registry import MODELS
-
+    seed_everything(derive_seed(seed, "guide"), cfg.reproducibility.deterministic)
     return MODELS.build(spec.guide.name, info, spec.guide.params)
+
+
+def _check_guide_data(run_dir: str, guide_info: dict, info: dict, data_name: str) -> None:
+    """A trained guide reads this run's inputs: the data it was built for must have the same inputs and classes.
+
+    Compared: ``vocab_size`` (and the vocabulary itself where both runs list one) for tokens, else ``input_shape``
+    (sequence models read any length); ``num_classes`` always.
+    """
+    facts = ["vocab_size", "num_classes"] if "vocab_size" in info else ["input_shape", "num_classes"]
+    if "vocab" in guide_info and "vocab" in info:
+        facts.append("vocab")
+    for fact in facts:
+        theirs, ours = guide_info.get(fact), info.get(fact)
+        if fact == "input_shape":
+            theirs, ours = (None if v is None else tuple(v) for v in (theirs, ours))
+        if theirs != ours:
+            show = (lambda v: f"of {len(v)} tokens") if fact == "vocab" else (lambda v: v)
+            raise UserError(f"guidance.guide_run: the guide in {run_dir} was trained on data with {fact} "
+                            f"{show(theirs)}, but this run's data {data_name} has {fact} {show(ours)} (train the "
+                            f"guide on this data)")
 
 
 def _sample(data, device: torch.device) -> torch.Tensor:
     return data.train.x[: min(8, len(data.train))].to(device)
+
+
+def _alignment_inputs(spec: GuidanceSection, batch, info: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """What the alignment loss takes for a batch: the guide's input and, token-wise, the real positions."""
+    x, y = batch
+    real = real_positions(x, y) if spec.tokenwise and "pad_token" in info else None
+    return _guide_input(x, info, spec.noise_inputs), real
 
 
 def _train_condition(ctx: Context, sub, condition: str, data, guide: Optional[torch.nn.Module]) -> dict[str, Any]:
@@ -137,22 +203,20 @@ def _train_condition(ctx: Context, sub, condition: str, data, guide: Optional[to
     alignment = None if guide is None else _alignment(spec, target, guide, _sample(data, ctx.device))
 
     def loss(model, batch):
+        guided = alignment is not None and alignment.active(objective.step)  # before the forward its hooks watch
         value, logs = task_loss(model, batch)
         if alignment is None:
             return value, {}
-        if spec.guidance_steps is not None and objective.step >= spec.guidance_steps:
-            alignment.discard()
+        if not guided:
             return value, {"task_loss": value.item(), "align_loss": 0.0}
-        align, sims = alignment(_guide_input(batch[0], data.info, spec.noise_inputs))
+        align, sims = alignment(*_alignment_inputs(spec, batch, data.info))
         return value + align, {"task_loss": value.item(), "align_loss": align.item(), **sims}
 
     def evaluate(model):
-        if alignment is not None:
-            alignment.target_capture.close()  # evaluation forwards are not aligned
-        metrics = evaluate_task(model, {"val": data.val}, data.info, eval_batch, ctx.device)
-        if alignment is not None:
-            alignment.target_capture.open()
-        return metrics
+        if alignment is None:
+            return evaluate_task(model, {"val": data.val}, data.info, eval_batch, ctx.device)
+        with alignment.paused():  # evaluation forwards are not aligned
+            return evaluate_task(model, {"val": data.val}, data.info, eval_batch, ctx.device)
 
     objective = Objective(loss, evaluate)
     try:
@@ -170,14 +234,17 @@ def _train_condition(ctx: Context, sub, condition: str, data, guide: Optional[to
 
 
 def _alignment(spec: GuidanceSection, target, guide, sample: torch.Tensor) -> AlignmentLoss:
-    """Capture keys of each side (in execution order, logits layer left out), paired by the layer map."""
-    target_shapes = probe(target, spec.target_layers, sample)
-    guide_shapes = probe(guide, spec.guide_layers, sample)
+    """Capture keys of each side (in execution order, logits layer left out), paired by the layer map; the shapes
+    of a probe forward on ``sample`` checked: batch axis first, both sides of each pair comparing the same rows."""
+    target_shapes = probe(target, spec.target_layers, sample, batch_axes=spec.target_batch_axes)
+    guide_shapes = probe(guide, spec.guide_layers, sample, batch_axes=spec.guide_batch_axes)
     for side, shapes in (("target", target_shapes), ("guide", guide_shapes)):
-        batch = {shape[0] for shape in shapes.values()}
-        if batch != {len(sample)}:
-            raise UserError(f"guidance.{side}_layers: captured batch sizes {sorted(batch)} differ from the input's "
-                            f"{len(sample)} (declare the model's batch axis)")
+        odd = {key: shape for key, shape in shapes.items() if shape[0] != len(sample)}
+        if odd:
+            key, shape = next(iter(odd.items()))
+            raise UserError(f"guidance.{side}_layers: layer {key!r} gives shape {shape}, whose first axis is not the "
+                            f"input's batch of {len(sample)} (declare its batch axis: guidance.{side}_batch_axes: "
+                            f"{{layer: axis}})")
     target_keys, guide_keys = list(target_shapes), list(guide_shapes)
     if spec.drop_last_layer:
         target_keys, guide_keys = target_keys[:-1], guide_keys[:-1]
@@ -185,8 +252,23 @@ def _alignment(spec: GuidanceSection, target, guide, sample: torch.Tensor) -> Al
                           else spec.layer_map, target_keys, guide_keys)
     if not pairs:
         raise UserError("guidance: the layer map pairs no layers (does each side capture at least two layers?)")
+    for pair in pairs:
+        _check_rows(pair, target_shapes[pair.target], guide_shapes[pair.guide], tuple(sample.shape[:2]),
+                    spec.tokenwise)
     return AlignmentLoss(target, guide, pairs, similarity=spec.similarity, alpha=spec.alpha, reduce=spec.reduce,
-                         tokenwise=spec.tokenwise)
+                         tokenwise=spec.tokenwise, target_batch_axes=spec.target_batch_axes,
+                         guide_batch_axes=spec.guide_batch_axes, steps=spec.guidance_steps)
+
+
+def _check_rows(pair, target_shape: tuple, guide_shape: tuple, sequence: tuple, tokenwise) -> None:
+    """Both sides of a pair compare the same samples: token-wise, both are (batch, time, ...) like the input."""
+    rows = compared_rows(target_shape, tokenwise), compared_rows(guide_shape, tokenwise)
+    if rows[0] == rows[1] and (not tokenwise or rows[0] == sequence):
+        return
+    need = (f"token-wise, both need (batch, time, ...) = {sequence[0]} x {sequence[1]} x features" if tokenwise
+            else f"{rows[0][0]} samples against {rows[1][0]}")
+    raise UserError(f"guidance: pair {pair.target}~{pair.guide} compares target shape {target_shape} with guide "
+                    f"shape {guide_shape}: {need}")
 
 
 def _guide_input(x: torch.Tensor, info: dict, noise: bool) -> torch.Tensor:
