@@ -50,6 +50,19 @@ def test_pretrained_weights_for_other_classes_keep_all_but_the_head(tmp_path, ca
 
 
 def test_unreadable_pretrained_weights_are_a_user_error(tmp_path):
-    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read weights_path"):
-        MODELS.build("timm:resnet18", _info(3, 32, 6), {"pretrained": True, "weights_path": str(tmp_path / "broken.pt")})
+        MODELS.build("timm:resnet18", _info(3, 32, 6), {"pretrained": True, "weights_path": str(broken)})
+
+
+def test_a_pretrained_model_config_rebuilds_fresh_without_its_weights_file(tmp_path):
+    from core.models import build_fresh
+
+    info = _info(3, 32, 6)
+    source = MODELS.build("timm:resnet18", info, {})
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    model_cfg = {"name": "timm:resnet18", "pretrained": True, "weights_path": str(tmp_path / "w.pt"), "kwargs": {}}
+    (tmp_path / "w.pt").unlink()  # a later stage reads the trained weights from the run, or wants fresh ones
+    fresh = build_fresh(model_cfg, info)
+    assert not torch.equal(fresh.state_dict()["conv1.weight"], source.state_dict()["conv1.weight"])

@@ -37,11 +37,20 @@ def save_model(run, name: str, model: torch.nn.Module, model_cfg: dict[str, Any]
     run.write_json(f"{name}.json", {"model": model_cfg, "info": json_facts(info)})
 
 
+def build_fresh(model_cfg: dict[str, Any], info: dict[str, Any]) -> torch.nn.Module:
+    """The architecture a saved model config describes, freshly initialised. A pretrained request is dropped: the
+    weights come from the run directory, or are meant to be fresh (a random initialisation to compare against)."""
+    from core.registry import MODELS
+
+    params = {k: v for k, v in model_cfg.items() if k != "name"}
+    if params.get("pretrained"):
+        params["pretrained"] = False
+    return MODELS.build(model_cfg["name"], info, params)
+
+
 def load_model(run_dir: str | Path, name: str = "model") -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
     """(model with trained weights, model config, data facts) from a run directory written by ``save_model``."""
     from safetensors.torch import load_model as load_weights
-
-    from core.registry import MODELS
 
     run_dir = Path(run_dir)
     sidecar, weights = run_dir / f"{name}.json", run_dir / f"{name}.safetensors"
@@ -54,8 +63,7 @@ def load_model(run_dir: str | Path, name: str = "model") -> tuple[torch.nn.Modul
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{sidecar}: unreadable model description") from None
     info["input_shape"] = tuple(info.get("input_shape", ()))
-    params = {k: v for k, v in model_cfg.items() if k != "name"}
-    model = MODELS.build(model_cfg["name"], info, params)
+    model = build_fresh(model_cfg, info)
     try:
         load_weights(model, str(weights))
     except (RuntimeError, OSError, ValueError) as err:

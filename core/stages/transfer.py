@@ -28,8 +28,7 @@ from pydantic import Field, confloat, conlist, field_validator
 from core.config import Section
 from core.errors import UserError
 from core.masks import base_run_of, load_mask
-from core.models import load_model
-from core.registry import MODELS
+from core.models import build_fresh, load_model
 from core.report import format_table, plot_bars, plot_lines
 from core.run import atomic_write_text, derive_seed, seed_everything
 from core.stages import Context, build_data, evaluate_task, make_loss, resolve_upstream, summary_metrics
@@ -135,7 +134,7 @@ def _sweep_lrs(ctx: Context, n, condition, data, base, model_cfg, base_info, mas
 def _train_condition(ctx: Context, sub, n, condition, lr, data, base, model_cfg, base_info, mask) -> dict[str, Any]:
     cfg, spec = ctx.cfg, ctx.cfg.transfer
     seed_everything(derive_seed(ctx.seed, "init", n), cfg.reproducibility.deterministic)  # same fresh start
-    fresh = MODELS.build(model_cfg["name"], base_info, {k: v for k, v in model_cfg.items() if k != "name"})
+    fresh = build_fresh(model_cfg, base_info)
     start = transplant(condition, base, fresh, mask, non_masked=spec.non_masked, batch_norm=spec.batch_norm,
                        freeze=spec.freeze, legacy_sampling=spec.legacy_sampling, seed=derive_seed(ctx.seed, "sample", n),
                        zero_grads=cfg.train.grad_clip is not None)  # frozen entries must not count in the norm
@@ -177,7 +176,7 @@ def _write_results(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
         writer.writerows(rows)
         atomic_write_text(ctx.run.path / name, buffer.getvalue())
         _plot(ctx.run.path, rows, by_n)
-    print(f"\n{name}:\n" + format_table([{c: r.get(c, "") for c in columns} for r in rows]))
+        print(f"\n{name}:\n" + format_table([{c: r.get(c, "") for c in columns} for r in rows]))
     return {"results": [_flat(r) for r in rows], "results_file": name}
 
 
