@@ -87,11 +87,13 @@ def main(ctx: Context) -> dict[str, Any]:
     final = evaluate_task(masked, data.eval_sets(), data.info, eval_batch, ctx.device)
     meta = masked.save(ctx.run.path, base_run=cfg.base, epoch=best.get("epoch"),
                        val_acc=final.get("val_acc")) if ctx.run.writes else mask_density(masked.hard_masks())
-    plot_run(ctx.run.path)
-    plot_bars(ctx.run.path / "mask_density.png", {name: layer["density"] for name, layer in meta["layers"].items()},
-              title=f"mask density per layer (overall {meta['density']:.3f})", ylabel="kept fraction")
-    print(f"mask: density {meta['density']:.4f} | " + " | ".join(f"{k} {v:.4f}" for k, v in final.items()
-                                                              if k.endswith("_acc")))
+    if ctx.run.writes:  # one rank plots and prints
+        plot_run(ctx.run.path)
+        densities = {name: layer["density"] for name, layer in meta["layers"].items()}
+        plot_bars(ctx.run.path / "mask_density.png", densities,
+                  title=f"mask density per layer (overall {meta['density']:.3f})", ylabel="kept fraction")
+        print(f"mask: density {meta['density']:.4f} | " + " | ".join(f"{k} {v:.4f}" for k, v in final.items()
+                                                                  if k.endswith("_acc")))
     return {"steps": best.get("step"), "best_epoch": best.get("epoch"), "density": meta["density"],
             "kept": meta["kept"], "total": meta["total"], **summary_metrics(final)}
 

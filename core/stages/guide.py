@@ -293,5 +293,5 @@ def _write_results(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
         headline = "test_acc" if "test_acc" in rows[0] else metric_columns[0]
         plot_bars(ctx.run.path / "results.png", {r["condition"]: r[headline] for r in rows},
                   title=f"{headline} per condition", ylabel=headline)
-    print("\nresults.csv:\n" + format_table(table))
+        print("\nresults.csv:\n" + format_table(table))
     return {"results": rows}
