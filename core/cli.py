@@ -31,7 +31,7 @@ def main(stage: str, argv: Optional[list[str]] = None) -> int:
     args = parse_args(stage, argv)
     from core import dist
     from core.config import to_yaml
-    from core.stages import execute, load_stage_config
+    from core.stages import Interrupted, execute, load_stage_config
 
     try:
         cfg = load_stage_config(args.config, stage, args.overrides, args.out)
@@ -46,12 +46,18 @@ def main(stage: str, argv: Optional[list[str]] = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt as err:
-        if getattr(err, "resumable", False):
+    except Interrupted as err:
+        if err.upstream and err.resumable:
+            print(f"\ninterrupted: state of the upstream run saved in {err.path}; rerun the same command to "
+                  "continue it", file=sys.stderr)
+        elif err.resumable:
             print(f"\ninterrupted: state saved in {err.path}; continue with --resume --out {err.path}",
                   file=sys.stderr)
         else:
             print("\ninterrupted before any training state was saved: nothing to resume", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted before the run started: nothing written", file=sys.stderr)
         return 130
     finally:
         dist.cleanup()

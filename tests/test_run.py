@@ -154,6 +154,18 @@ def test_ctrl_c_before_training_saves_nothing_and_says_so(workdir, monkeypatch, 
     assert not Path("checkpoints/x").exists()
 
 
+def test_ctrl_c_in_an_upstream_run_is_continued_by_the_same_command(workdir, monkeypatch, capsys):
+    with monkeypatch.context() as m:
+        interrupt_at(m, 3)  # the first loop to run: the base stage, run as the ablate config's upstream
+        assert run_cli("ablate", "configs/tiny_shapes_ablate.yaml") == 130
+    assert "rerun the same command" in capsys.readouterr().err
+    assert run_status(Path("checkpoints/tiny_shapes_base")) == "unfinished (resumable)"
+    assert not Path("checkpoints/tiny_shapes_ablate").exists()
+    assert run_cli("ablate", "configs/tiny_shapes_ablate.yaml") == 0
+    assert "tiny_shapes_base is unfinished, so resuming" in capsys.readouterr().out
+    assert run_status(Path("checkpoints/tiny_shapes_base")) == "finished"
+
+
 def test_killed_process_resumes_from_its_last_epoch(workdir):
     args = [sys.executable, str(REPO / "vision/vision_base.py"), TINY, "--set", "train.epochs=60",
             "--set", "reproducibility.reproduce=true", "--set", "reproducibility.random_seed=3"]

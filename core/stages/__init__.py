@@ -16,10 +16,13 @@ from typing import Any, Callable, Optional
 import torch
 
 from core import dist
+from pydantic import field_validator
+
 from core.config import RunConfig, load_config, to_yaml
 from core.data import DataBundle, DataContext, Split
 from core.errors import UserError
 from core.metrics import shape_bias
+from core.models.vision import check_accepts
 from core.registry import DATASETS, MODELS
 from core.run import TIMING_PREFIX, Run, draw_seed, has_state, is_finished, seed_everything
 from core.train import classification_loss, evaluate_classification, logits_of, predict, resolve_device
@@ -71,7 +74,7 @@ class Interrupted(KeyboardInterrupt):
 
     def __init__(self, path: Path, resumable: bool):
         super().__init__(str(path))
-        self.path, self.resumable = path, resumable
+        self.path, self.resumable, self.upstream = path, resumable, False
 
 
 def execute(cfg: RunConfig, *, resume: bool = False) -> Path:
@@ -109,6 +112,43 @@ def execute(cfg: RunConfig, *, resume: bool = False) -> Path:
     return run.path
 
 
+class UsesBaseModel(RunConfig):
+    """A stage whose model is the base run's (ablate, transfer): a ``model:`` section would be silently ignored."""
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _no_model_section(cls, value):
+        if value is not None:
+            raise ValueError("the model comes from the base run (its model.json), so this stage takes no model "
+                             "section; remove it (or set model: null)")
+        return value
+
+
+def check_data_fits(model_info: dict, data_info: dict, model_desc: str, key: str = "data") -> None:
+    """UserError unless this run's data have the inputs and classes a saved model was built for.
+
+    Compared: ``vocab_size`` (and the vocabulary itself where both runs list one) for tokens, else ``input_shape``
+    (sequence models read any length); ``num_classes`` always.
+    """
+    facts = ["vocab_size", "num_classes"] if "vocab_size" in data_info else ["input_shape", "num_classes"]
+    if "vocab" in model_info and "vocab" in data_info:
+        facts.append("vocab")
+    show = lambda fact, v: f"of {len(v)} tokens" if fact == "vocab" else v  # noqa: E731
+    for fact in facts:
+        theirs, ours = model_info.get(fact), data_info.get(fact)
+        if fact == "input_shape":
+            theirs, ours = (None if v is None else tuple(v) for v in (theirs, ours))
+        if theirs != ours:
+            raise UserError(f"{key}: {fact} is {show(fact, ours)} but {model_desc} was built for "
+                            f"{show(fact, theirs)}")
+
+
+def check_compatible(model: torch.nn.Module, model_info: dict, data_info: dict) -> None:
+    """UserError unless the data fit the base model: the inputs and classes it was built for, and a dry forward."""
+    check_data_fits(model_info, data_info, "the base model")
+    check_accepts(model, data_info)
+
+
 def resolve_upstream(ref: str, stage: str, key: str) -> str:
     """The finished run directory that ``ref`` names: a run directory, or a config file (run now if needed)."""
     path = Path(ref)
@@ -121,9 +161,15 @@ def resolve_upstream(ref: str, stage: str, key: str) -> str:
     cfg = load_stage_config(path, stage)
     if is_finished(cfg.output_dir):
         return cfg.output_dir
+    unfinished = has_state(cfg.output_dir)  # an upstream run interrupted earlier: continue it
     if dist.is_main():
-        print(f"{key}: {cfg.output_dir} is missing, so running {path} first", flush=True)
-    return str(execute(cfg))
+        what = "unfinished, so resuming" if unfinished else "missing, so running"
+        print(f"{key}: {cfg.output_dir} is {what} {path} first", flush=True)
+    try:
+        return str(execute(cfg, resume=unfinished))
+    except Interrupted as err:
+        err.upstream = True  # rerunning the downstream command resumes it; --resume would name the wrong stage
+        raise
 
 
 def make_loss(scope: str) -> Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]:
