@@ -87,8 +87,8 @@ def test_a_trained_guide_must_fit_this_runs_data_and_its_architecture(workdir, c
     trained = ["guidance.conditions=[unguided, guided_trained]"]
     assert _run("configs/tiny_guide_digits.yaml", *trained, "data.name=mnist5k", "data.limit=100") == 2
     err = _one_error_line(capsys)
-    assert "checkpoints/tiny_digits was trained on data with input_shape (1, 8, 8)" in err
-    assert "data mnist5k has input_shape (1, 28, 28)" in err
+    assert "input_shape is (1, 28, 28) but the guide in checkpoints/tiny_digits was built for (1, 8, 8)" in err
+    assert err.startswith("error: data (mnist5k): ")
     assert not Path("checkpoints/tiny_guide_digits").exists()
     sidecar = Path("checkpoints/tiny_digits/model.json")  # the checkpoint no longer fits its architecture
     meta = json.loads(sidecar.read_text())

@@ -17,30 +17,17 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from core.config import RunConfig, TrainConfig
-from core.errors import UserError
+from core.config import TrainConfig
 from core.masks import MaskConfig, MaskedModel, mask_density
 from core.models import load_model
-from core.models.vision import check_accepts
 from core.report import plot_bars, plot_run
-from core.stages import Context, evaluate_task, make_loss, resolve_upstream, summary_metrics
+from core.stages import (Context, UsesBaseModel, check_compatible, evaluate_task, make_loss, resolve_upstream,
+                         summary_metrics)
 from core.train import Objective, fit
 
 MaskConfig.__pydantic_config__ = {"extra": "forbid"}  # the library dataclass doubles as the config section
-
-
-class UsesBaseModel(RunConfig):
-    """A stage whose model is the base run's (ablate, transfer): a ``model:`` section would be silently ignored."""
-
-    @field_validator("model", mode="before")
-    @classmethod
-    def _no_model_section(cls, value):
-        if value is not None:
-            raise ValueError("the model comes from the base run (its model.json), so this stage takes no model "
-                             "section; remove it (or set model: null)")
-        return value
 
 
 class AblateTrainConfig(TrainConfig):
@@ -96,18 +83,6 @@ def main(ctx: Context) -> dict[str, Any]:
                                                                   if k.endswith("_acc")))
     return {"steps": best.get("step"), "best_epoch": best.get("epoch"), "density": meta["density"],
             "kept": meta["kept"], "total": meta["total"], **summary_metrics(final)}
-
-
-def check_compatible(model: torch.nn.Module, model_info: dict, data_info: dict) -> None:
-    """UserError unless the data have the vocabulary / input shape and classes the base model was built for."""
-    for key in ("vocab_size", "num_classes", "input_shape"):
-        if key in model_info and key in data_info and tuple(_listify(model_info[key])) != tuple(_listify(data_info[key])):
-            raise UserError(f"data: {key} is {data_info[key]} but the base model was built for {model_info[key]}")
-    check_accepts(model, data_info)
-
-
-def _listify(value):
-    return value if isinstance(value, (list, tuple)) else [value]
 
 
 def mask_stats(masked: MaskedModel) -> dict[str, float]:

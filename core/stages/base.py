@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from core import dist
 from core.config import ModelConfig, RunConfig
 from core.models import save_model
 from core.models.vision import check_accepts
@@ -43,7 +42,7 @@ def main(ctx: Context) -> dict[str, Any]:
     model.load_state_dict(result.best_weights)
     final = evaluate_task(model, data.eval_sets(), data.info, eval_batch, ctx.device)
     save_model(ctx.run, "model", model, cfg.model.model_dump(), data.info)
-    if dist.is_main():  # rank 0 writes
+    if ctx.run.writes:  # rank 0 writes
         plot_run(ctx.run.path)
         print("best checkpoint: " + " | ".join(f"{k} {v:.4f}" for k, v in final.items() if k.endswith("_acc")))
     return {"steps": result.steps, "stop_reason": result.stop_reason, "best_epoch": result.best.get("epoch"),

@@ -41,7 +41,8 @@ from core.registry import MODELS
 from core.report import format_table, plot_bars
 from core.run import atomic_write_text, derive_seed, seed_everything
 from core.similarity import get_similarity
-from core.stages import Context, build_data, evaluate_task, make_loss, resolve_upstream, summary_metrics
+from core.stages import (Context, build_data, check_data_fits, evaluate_task, make_loss, resolve_upstream,
+                         summary_metrics)
 from core.train import Objective, fit, resolve_device
 
 CONDITIONS = ("unguided", "guided_untrained", "guided_trained")
@@ -156,30 +157,10 @@ def build_guide(cfg: Config, seed: int, condition: str, info: dict) -> torch.nn.
     spec = cfg.guidance
     if condition == "guided_trained":
         guide, _, guide_info = load_model(spec.guide_run)
-        _check_guide_data(spec.guide_run, guide_info, info, cfg.data.name)
+        check_data_fits(guide_info, info, f"the guide in {spec.guide_run}", key=f"data ({cfg.data.name})")
         return guide
     seed_everything(derive_seed(seed, "guide"), cfg.reproducibility.deterministic)
     return MODELS.build(spec.guide.name, info, spec.guide.params)
-
-
-def _check_guide_data(run_dir: str, guide_info: dict, info: dict, data_name: str) -> None:
-    """A trained guide reads this run's inputs: the data it was built for must have the same inputs and classes.
-
-    Compared: ``vocab_size`` (and the vocabulary itself where both runs list one) for tokens, else ``input_shape``
-    (sequence models read any length); ``num_classes`` always.
-    """
-    facts = ["vocab_size", "num_classes"] if "vocab_size" in info else ["input_shape", "num_classes"]
-    if "vocab" in guide_info and "vocab" in info:
-        facts.append("vocab")
-    for fact in facts:
-        theirs, ours = guide_info.get(fact), info.get(fact)
-        if fact == "input_shape":
-            theirs, ours = (None if v is None else tuple(v) for v in (theirs, ours))
-        if theirs != ours:
-            show = (lambda v: f"of {len(v)} tokens") if fact == "vocab" else (lambda v: v)
-            raise UserError(f"guidance.guide_run: the guide in {run_dir} was trained on data with {fact} "
-                            f"{show(theirs)}, but this run's data {data_name} has {fact} {show(ours)} (train the "
-                            f"guide on this data)")
 
 
 def _sample(data, device: torch.device) -> torch.Tensor:

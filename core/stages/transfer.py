@@ -31,8 +31,8 @@ from core.masks import base_run_of, load_mask
 from core.models import build_fresh, load_model
 from core.report import format_table, plot_bars, plot_lines
 from core.run import atomic_write_text, derive_seed, seed_everything
-from core.stages import Context, build_data, evaluate_task, make_loss, resolve_upstream, summary_metrics
-from core.stages.ablate import UsesBaseModel, check_compatible
+from core.stages import (Context, UsesBaseModel, build_data, check_compatible, evaluate_task, make_loss,
+                         resolve_upstream, summary_metrics)
 from core.train import Objective, fit
 from core.transfer import CONDITIONS, check_condition, transplant
 
