@@ -100,7 +100,7 @@ class AlignmentLoss:
         self.guide = guide.eval().requires_grad_(False)
         self.closed = False
         self._real: torch.Tensor | None = None
-        self._positions: list[int] | None = None  # token-wise positions compared in this step
+        self._rows: Any = None  # token-wise, with padding: which rows are real in this step (see _set_real)
         target_keys, guide_keys = [p.target for p in pairs], [p.guide for p in pairs]
         self.target_capture = FeatureCapture(target, sorted({module_of(k) for k in target_keys}),
                                              batch_axes=target_batch_axes, keys=target_keys).open()
@@ -118,21 +118,29 @@ class AlignmentLoss:
             raise UserError(f"guidance.tokenwise: a capture of shape {tuple(capture.shape)} is not (batch, time, "
                             f"...) like the input {tuple(self._real.shape) if self._real is not None else ''}")
         if self.tokenwise == "rows":
-            return [capture.flatten(0, 1) if self._real is None else capture[self._real]]
-        if self._real is None:
+            rows = capture.flatten(0, 1)
+            return [rows if self._rows is None else rows.index_select(0, self._rows)]
+        if self._rows is None:
             return [capture[:, t] for t in range(capture.shape[1])]
-        return [capture[self._real[:, t], t] for t in self._positions]
+        return [capture[:, t].index_select(0, samples) for t, samples in self._rows]
 
     def _summaries(self, capture: torch.Tensor) -> list[Any]:
         return [self.measure.summarize(view) for view in self._views(capture)]
 
     def _set_real(self, real: torch.Tensor | None) -> None:
+        """Index the real rows once per step (every pair and both sides use them): with padding, the flat indices
+        of the real (sample, token) rows, or per compared position the indices of its real samples."""
         self._real = real
-        if self.tokenwise != "positions" or real is None:
+        self._rows = None
+        if real is None or bool(real.all()):
             return
-        counts = real.sum(0)
-        self._positions = torch.nonzero(counts >= self.measure.min_samples).flatten().tolist()
-        if not self._positions:
+        if self.tokenwise == "rows":
+            self._rows = real.flatten().nonzero().squeeze(1)
+            return
+        counts = real.sum(0).tolist()
+        by_position = real.t().nonzero()[:, 1].split(counts)  # sample indices, grouped by position
+        self._rows = [(t, samples) for t, samples in enumerate(by_position) if counts[t] >= self.measure.min_samples]
+        if not self._rows:
             raise UserError(f"guidance.tokenwise: no position has {self.measure.min_samples} real samples in a "
                             f"batch of {len(real)} (use a larger batch)")
 
@@ -177,7 +185,7 @@ class AlignmentLoss:
                 self.target_capture.open()
 
     def close(self) -> None:
-        """Remove both sides' hooks for good (guidance over), the later-opened side first."""
+        """Remove both sides' hooks for good (guidance over)."""
         self.closed = True
         self.guide_capture.close()
         self.target_capture.close()
