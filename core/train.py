@@ -238,8 +238,7 @@ class _Loop:
         self.sums: dict[str, float] = {}  # per logged name: its sum and the number of batches that logged it
         self.counts: dict[str, int] = {}
         self.interrupt: Optional[_DeferredInterrupt] = None
-        self.elapsed = 0.0
-        self.started = time.perf_counter()
+        self.elapsed = 0.0  # training seconds of this fit, over every process that worked on it
         self.stop_reason = "epochs"
         self.autocast = cfg.precision == "bf16" and device.type == "cuda"
         if run.resumed:
@@ -270,7 +269,7 @@ class _Loop:
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.sums, self.epoch_logs = state["sums"], state["epoch_logs"]
         # State saved before names were counted one by one held a single count for every name.
-        self.counts = state.get("counts") or {name: state["count"] for name in self.sums}
+        self.counts = state["counts"] if "counts" in state else {name: state["count"] for name in self.sums}
         self.tracker.best_value, self.tracker.best_row = state["best_value"], state["best_row"]
         self.tracker.since_best, self.best_weights = state["since_best"], state["best_weights"]
         self.history, self.elapsed = state["history"], state["elapsed"]
