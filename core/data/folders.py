@@ -136,8 +136,7 @@ def load_image_folder(root: str | Path, resolution: int, classes: list[str] | No
                       ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """uint8 images (N, 3, R, R), int64 labels (N,) and the sorted class names of an ImageFolder-layout folder."""
     names, items = list_image_folder(root, classes, strict_classes=strict_classes)
-    x = _cached_images([p for p, _ in items], resolution, ctx)
-    return x, torch.tensor([label for _, label in items], dtype=torch.long), names
+    return (*_load_listed(items, resolution, ctx), names)
 
 
 def list_cue_conflict(root: str | Path, class_names: list[str]) -> tuple[list[Path], list[int], list[int], int]:
@@ -200,11 +199,16 @@ def cue_conflict_splits(root: str | Path, resolution: int, class_names: list[str
     """Eval sets ``cue_conflict`` (y = shape class) and ``cue_conflict_texture`` (the same images, y = texture
     class), and the ``info`` entries that describe them; for attaching to any DataBundle with these classes."""
     x, shape, texture, same_class = load_cue_conflict(root, resolution, class_names, ctx=ctx)
-    x = _Pixels(normalize)(x)
-    splits = {"cue_conflict": Split(x, shape), "cue_conflict_texture": Split(x, texture)}
-    info = {"cue_conflict_pairs": {"cue_conflict": "cue_conflict_texture"},
-            "cue_conflict_same_class_excluded": same_class}
-    return splits, info
+    return conflict_sets(_Pixels(normalize)(x), shape, texture), conflict_info(same_class)
+
+
+def conflict_sets(x: torch.Tensor, shape: torch.Tensor, texture: torch.Tensor) -> dict[str, Split]:
+    return {"cue_conflict": Split(x, shape), "cue_conflict_texture": Split(x, texture)}
+
+
+def conflict_info(same_class_excluded: int) -> dict:
+    return {"cue_conflict_pairs": {"cue_conflict": "cue_conflict_texture"},
+            "cue_conflict_same_class_excluded": same_class_excluded}
 
 
 def _split_train(x: torch.Tensor, y: torch.Tensor, fractions: tuple[float, float], seed: int,
@@ -243,29 +247,35 @@ def build_image_folder(
     Inputs are float32 (3, H, W) in [0, 1], or standardised when ``normalize: imagenet``.
     """
     wanted = list(GEIRHOS_16_CLASSES) if classes == "imagenet16" else classes
-    names, _ = list_image_folder(train_dir, wanted)
-    for folder in [val_dir, test_dir, *eval_dirs.values()]:  # every listing checked before any pixel is read
-        if folder:
-            list_image_folder(folder, names, strict_classes=False)
-    if cue_conflict_dir:
-        list_cue_conflict(cue_conflict_dir, names)
+    # Every listing is checked before any pixel is read, so a bad folder costs no decoding and writes no cache.
+    names, train_items = list_image_folder(train_dir, wanted)
+    listed = lambda folder: list_image_folder(folder, names, strict_classes=False)[1]  # noqa: E731
+    held_out = {name: listed(folder) for name, folder in (("val", val_dir), ("test", test_dir)) if folder}
+    extra_items = {name: listed(folder) for name, folder in eval_dirs.items()}
+    conflict = list_cue_conflict(cue_conflict_dir, names) if cue_conflict_dir else None
     pixels = _Pixels(normalize)
-    x, y, names = load_image_folder(train_dir, resolution, wanted, ctx=ctx)
+
+    def split_of(items: list[tuple[Path, int]]) -> Split:
+        x, y = _load_listed(items, resolution, ctx)
+        return Split(pixels(x), y)
+
+    x, y = _load_listed(train_items, resolution, ctx)
     fractions = (0.0 if val_dir else val_fraction, 0.0 if test_dir else test_fraction)
     train, val, test = _split_train(pixels(x), y, fractions, ctx.seed, train_dir)
-    held_out = {"val": (val_dir, val), "test": (test_dir, test)}
-    loaded = {name: _folder_split(folder, resolution, names, pixels, ctx) if folder else split
-              for name, (folder, split) in held_out.items()}
+    val = split_of(held_out["val"]) if "val" in held_out else val
+    test = split_of(held_out["test"]) if "test" in held_out else test
     info = {"input_shape": (3, resolution, resolution), "num_classes": len(names), "class_names": names}
-    extra = {name: _folder_split(folder, resolution, names, pixels, ctx) for name, folder in eval_dirs.items()}
-    if cue_conflict_dir:
-        conflict, conflict_info = cue_conflict_splits(cue_conflict_dir, resolution, names, normalize=normalize,
-                                                      ctx=ctx)
-        extra.update(conflict)
-        info.update(conflict_info)
-    return DataBundle(train=train, val=loaded["val"], test=loaded["test"], info=info, extra_eval=extra)
+    extra = {name: split_of(items) for name, items in extra_items.items()}
+    if conflict is not None:
+        kept, shapes, textures, same_class = conflict
+        x = pixels(_cached_images(kept, resolution, ctx))
+        extra.update(conflict_sets(x, torch.tensor(shapes), torch.tensor(textures)))
+        info.update(conflict_info(same_class))
+    return DataBundle(train=train, val=val, test=test, info=info, extra_eval=extra)
 
 
-def _folder_split(folder: str, resolution: int, names: list[str], pixels: _Pixels, ctx: DataContext) -> Split:
-    x, y, _ = load_image_folder(folder, resolution, names, strict_classes=False, ctx=ctx)
-    return Split(pixels(x), y)
+def _load_listed(items: list[tuple[Path, int]], resolution: int, ctx: DataContext | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images and int64 labels of listed (path, class id) pairs."""
+    x = _cached_images([p for p, _ in items], resolution, ctx)
+    return x, torch.tensor([label for _, label in items], dtype=torch.long)
