@@ -3,7 +3,9 @@
     python -m core.report checkpoints/           one row per run: name, stage, seed, status, duration, key metrics
     python -m core.report checkpoints/ --plot    also write curves.png into each run directory
 
-Broken or unfinished run directories are listed as such; the report never crashes on them.
+Run directories are found at any depth below the folder; a sweep's sub-runs (one per condition, n, lr) follow their
+run as ``run/sub-run`` rows with their own figures. Broken or unfinished run directories are listed as such; the
+report never crashes on them.
 """
 
 from __future__ import annotations
@@ -33,30 +35,61 @@ def run_status(path: Path) -> str:
     return "unfinished (resumable)" if has_state(path) else "unfinished (no saved state)"
 
 
-def run_row(path: Path) -> dict[str, Any]:
+def run_row(path: Path, name: Optional[str] = None) -> dict[str, Any]:
     """The table row of one run directory; a directory that cannot be read is a row saying so."""
+    name = name or path.name
     try:
-        return _read_row(path)
+        return _read_row(path, name)
     except (OSError, ValueError) as err:  # ValueError: text that is not UTF-8
-        return {"name": path.name, "status": f"broken (unreadable: {err.__class__.__name__})"}
+        return {"name": name, "status": f"broken (unreadable: {err.__class__.__name__})"}
 
 
-def _read_row(path: Path) -> dict[str, Any]:
+def _read_row(path: Path, name: str) -> dict[str, Any]:
     summary = read_json(path / "summary.json") or {}
     seed_file = path / "seed.txt"
     seed: Optional[str] = seed_file.read_text().strip() if seed_file.is_file() else None
-    row = {"name": path.name, "stage": summary.get("stage", "?"), "seed": seed or "?", "status": run_status(path),
+    row = {"name": name, "stage": summary.get("stage", "?"), "seed": seed or "?", "status": run_status(path),
            "duration_s": summary.get("duration_s", "")}
-    for key in KEY_METRICS:
-        if isinstance(summary.get(key), (int, float)):
-            row[key] = summary[key]
-    if "test_acc" not in row:  # unfinished: show the latest evaluation instead
-        last = (read_metrics(path) or [{}])[-1]
-        row.update({k: v for k, v in last.items() if k in KEY_METRICS})
+    if not sub_runs(path):  # a sweep's figures are its sub-runs' rows
+        row.update(_key_metrics(path, summary))
     replay = read_json(path / "replay.json")
     if replay is not None:
         row["replay"] = "matches" if replay.get("matches") else "differs"
     return row
+
+
+def sub_run_row(path: Path, name: str) -> dict[str, Any]:
+    """The row of one sub-run of a sweep: its status and figures (stage and seed are its run's)."""
+    try:
+        summary = read_json(path / "summary.json") or {}
+        finished = summary.get("status") == "finished"
+        status = "finished" if finished else "unfinished (resumable)" if has_state(path) else "unfinished"
+        return {"name": name, "stage": "", "seed": "", "status": status, **_key_metrics(path, summary)}
+    except (OSError, ValueError) as err:
+        return {"name": name, "status": f"broken (unreadable: {err.__class__.__name__})"}
+
+
+def _key_metrics(path: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """KEY_METRICS from the summary, or while unfinished from the latest evaluation."""
+    source = summary if "test_acc" in summary else (read_metrics(path) or [{}])[-1]
+    return {k: source[k] for k in KEY_METRICS if isinstance(source.get(k), (int, float))}
+
+
+def sub_runs(path: Path) -> list[Path]:
+    """The sub-run directories of a sweep (each holds its own metrics, state or summary)."""
+    return sorted(p for p in path.iterdir() if p.is_dir() and any(
+        (p / f).is_file() for f in ("summary.json", "state.pt", "metrics.jsonl")))
+
+
+def find_runs(folder: Path) -> list[Path]:
+    """Run directories at any depth below ``folder`` (not descending into a run directory)."""
+    if is_run_dir(folder):
+        return [folder]
+    try:
+        children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []
+    return [run for child in children for run in find_runs(child)]
 
 
 def is_run_dir(path: Path) -> bool:
@@ -167,11 +200,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not root.is_dir():
         print(f"error: {root} is not a directory", file=sys.stderr)
         return 2
-    runs = [root] if is_run_dir(root) else sorted(p for p in root.iterdir() if is_run_dir(p))
+    runs = find_runs(root)
     if not runs:
         print(f"no run directories in {root}")
         return 0
-    print(format_table([run_row(p) for p in runs]))
+    rows = []
+    for path in runs:
+        name = path.name if path == root else str(path.relative_to(root))
+        rows.append(run_row(path, name))
+        try:
+            rows += [sub_run_row(sub, f"{name}/{sub.name}") for sub in sub_runs(path)]
+        except OSError:  # an unreadable run directory: its row already says so
+            pass
+    print(format_table(rows))
     if args.plot:
         for path in runs:
             try:

@@ -258,6 +258,25 @@ def test_report_lists_broken_and_unfinished_runs(workdir, capsys):
     assert report_main(["nowhere"]) == 2
 
 
+def test_report_finds_nested_runs_and_lists_a_sweeps_sub_runs(workdir, capsys):
+    sweep = Path("checkpoints/seeds/s1/transfer")  # a folder of pipelines, each a folder of runs
+    (sweep / "subnet").mkdir(parents=True)
+    (sweep / "random_init").mkdir()
+    (sweep / "seed.txt").write_text("9\n")
+    atomic_write_json(sweep / "summary.json", {"status": "finished", "stage": "transfer"})
+    (sweep / "metrics.jsonl").write_text('{"step": 2, "test_acc": 0.99}\n')  # the sweep's own log: not its figures
+    atomic_write_json(sweep / "subnet" / "summary.json", {"status": "finished", "test_acc": 0.75, "shape_bias": 0.5})
+    torch.save({}, sweep / "random_init" / "state.pt")
+    (sweep / "random_init" / "metrics.jsonl").write_text('{"step": 1, "val_acc": 0.125}\n')
+    assert report_main(["checkpoints"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(rows) == {"seeds/s1/transfer", "seeds/s1/transfer/subnet", "seeds/s1/transfer/random_init"}
+    assert "transfer" in rows["seeds/s1/transfer"] and "0.99" not in rows["seeds/s1/transfer"]
+    assert "finished" in rows["seeds/s1/transfer/subnet"] and "0.7500" in rows["seeds/s1/transfer/subnet"]
+    assert "unfinished (resumable)" in rows["seeds/s1/transfer/random_init"]
+    assert "0.1250" in rows["seeds/s1/transfer/random_init"]
+
+
 def test_read_metrics_keeps_objects_and_survives_unreadable_files(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n[1, 2]\n7\n{"step": 2}\n{"step": 3, "cut off\n{"step": 4}\n')
     assert read_metrics(tmp_path) == [{"step": 1}, {"step": 2}]
