@@ -142,17 +142,26 @@ def plot_run(path: str | Path) -> Optional[Path]:
     return out
 
 
-def plot_bars(path: str | Path, values: dict[str, float], *, title: str, ylabel: str) -> Optional[Path]:
-    """A bar chart of named values (mask density per layer, shape bias per condition, ...)."""
+def plot_bars(path: str | Path, values: dict[str, Any], *, title: str, ylabel: str) -> Optional[Path]:
+    """A bar chart of named values (mask density per layer, ...), or grouped bars of several series given as
+    ``{series: {name: value}}`` (accuracy and shape bias per condition, ...)."""
     if not values:
         return None
+    grouped = all(isinstance(v, dict) for v in values.values())
+    series = values if grouped else {"": values}
+    names = list(dict.fromkeys(name for bars in series.values() for name in bars))
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(values) + 2), 4))
-    ax.bar(range(len(values)), list(values.values()), color="tab:blue")
-    ax.set_xticks(range(len(values)), list(values), rotation=60, ha="right", fontsize=7)
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(names) * len(series) + 2), 4))
+    for i, (label, bars) in enumerate(series.items()):
+        offsets = [k + (i - (len(series) - 1) / 2) * width for k in range(len(names))]
+        ax.bar(offsets, [bars.get(name, float("nan")) for name in names], width, label=label or None)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
+    if grouped:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

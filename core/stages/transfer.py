@@ -188,5 +188,8 @@ def _plot(path: Path, rows: list[dict[str, Any]], by_n: bool) -> None:
         plot_lines(path / "accuracy_vs_n.png", series, title="test accuracy against disambiguating examples",
                    xlabel="n disambiguating examples (log scale)", ylabel="test accuracy", logx=True)
     elif any("shape_bias" in r for r in rows):
-        plot_bars(path / "shape_bias.png", {r["condition"]: r["shape_bias"] for r in rows},
-                  title="shape bias on cue-conflict images", ylabel="shape bias")
+        figures = {key: {r["condition"]: r[key] for r in rows if key in r}
+                   for key in ("textured_acc", "shape_only_acc", "shape_bias")}
+        plot_bars(path / "shape_bias.png", {k: v for k, v in figures.items() if v},
+                  title="test accuracy (textured, shape-only) and shape bias (cue-conflict) per condition",
+                  ylabel="fraction")
