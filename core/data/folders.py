@@ -193,24 +193,6 @@ class _Pixels:
         return x
 
 
-def cue_conflict_splits(root: str | Path, resolution: int, class_names: list[str], *,
-                        normalize: Literal["none", "imagenet"] = "none",
-                        ctx: DataContext | None = None) -> tuple[dict[str, Split], dict]:
-    """Eval sets ``cue_conflict`` (y = shape class) and ``cue_conflict_texture`` (the same images, y = texture
-    class), and the ``info`` entries that describe them; for attaching to any DataBundle with these classes."""
-    x, shape, texture, same_class = load_cue_conflict(root, resolution, class_names, ctx=ctx)
-    return conflict_sets(_Pixels(normalize)(x), shape, texture), conflict_info(same_class)
-
-
-def conflict_sets(x: torch.Tensor, shape: torch.Tensor, texture: torch.Tensor) -> dict[str, Split]:
-    return {"cue_conflict": Split(x, shape), "cue_conflict_texture": Split(x, texture)}
-
-
-def conflict_info(same_class_excluded: int) -> dict:
-    return {"cue_conflict_pairs": {"cue_conflict": "cue_conflict_texture"},
-            "cue_conflict_same_class_excluded": same_class_excluded}
-
-
 def _split_train(x: torch.Tensor, y: torch.Tensor, fractions: tuple[float, float], seed: int,
                  train_dir: str) -> tuple[Split, Split, Split]:
     train, val, test = seeded_split(len(y), fractions, seed)
@@ -243,7 +225,7 @@ def build_image_folder(
     ``test_fraction``). ``classes``: the class folders to use (``imagenet16``: the 16 classes of Geirhos et al.);
     ids follow the sorted names. ``eval_dirs``: further named evaluation sets in the same layout (e.g. a
     mean-pooled copy of the test set). ``cue_conflict_dir``: Geirhos cue-conflict stimuli, attached as
-    ``cue_conflict`` (y = shape) and ``cue_conflict_texture`` (y = texture); see ``cue_conflict_splits``.
+    ``cue_conflict`` (y = shape) and ``cue_conflict_texture`` (y = texture); see ``list_cue_conflict``.
     Inputs are float32 (3, H, W) in [0, 1], or standardised when ``normalize: imagenet``.
     """
     wanted = list(GEIRHOS_16_CLASSES) if classes == "imagenet16" else classes
@@ -268,9 +250,10 @@ def build_image_folder(
     extra = {name: split_of(items) for name, items in extra_items.items()}
     if conflict is not None:
         kept, shapes, textures, same_class = conflict
-        x = pixels(_cached_images(kept, resolution, ctx))
-        extra.update(conflict_sets(x, torch.tensor(shapes), torch.tensor(textures)))
-        info.update(conflict_info(same_class))
+        x = pixels(_cached_images(kept, resolution, ctx))  # one tensor, two label sets: shape and texture
+        extra.update(cue_conflict=Split(x, torch.tensor(shapes)), cue_conflict_texture=Split(x, torch.tensor(textures)))
+        info.update(cue_conflict_pairs={"cue_conflict": "cue_conflict_texture"},
+                    cue_conflict_same_class_excluded=same_class)
     return DataBundle(train=train, val=val, test=test, info=info, extra_eval=extra)
 
 

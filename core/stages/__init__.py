@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-
-from core import dist
 from pydantic import field_validator
 
+from core import dist
 from core.config import RunConfig, load_config, to_yaml
 from core.data import DataBundle, DataContext, Split
 from core.errors import UserError

@@ -128,9 +128,9 @@ def prepare(cfg: Config) -> None:
         raise UserError(f"guidance.tokenwise: token-wise similarity needs token sequences; data {cfg.data.name} "
                         f"has none")
     batch = tuple(t[: cfg.train.batch_size].to(device) for t in (data.train.x, data.train.y))
+    target = MODELS.build(cfg.model.name, data.info, cfg.model.params).to(device)  # each check closes its hooks
     for condition in guided:
         guide = build_guide(cfg, seed, condition, data.info).to(device)
-        target = MODELS.build(cfg.model.name, data.info, cfg.model.params).to(device)
         alignment = _alignment(spec, target, guide, batch[0])
         try:
             with torch.no_grad():
