@@ -18,7 +18,7 @@ Prints these ratios (lower is better) and, last, one JSON object with them:
   counts parameters, buffers and freezing state (params only); ``transfer_training_memory_vs_plain`` counts them
   just before an optimizer step, with gradients and AdamW state (training step). Target <= 1.1 for the training
   step at the preset's density. Each frozen entry costs its saved value and one byte for its position
-  (``core.transfer.FrozenEntries``), whatever the density; the values cannot be dropped without reading them
+  (``instill.transfer.FrozenEntries``), whatever the density; the values cannot be dropped without reading them
   from elsewhere, so params-only stays above 1.1.
 
 Timing: the compared steps take turns (``--repeats`` rounds after warm-up); a ratio is the median over rounds.
@@ -39,8 +39,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from core.masks import MaskConfig, MaskedModel
-from core.transfer import transplant
+from instill.masks import MaskConfig, MaskedModel
+from instill.transfer import transplant
 
 
 @dataclass

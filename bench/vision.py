@@ -3,8 +3,8 @@
 For the fcn and convnet presets (``configs/vision_shapes_{fcn,convnet}_base.yaml``: their data, model and batch
 size), prints:
 
-* ``batch_share``: the seconds ``core.data.BatchLoader`` takes to produce one epoch of batches on its own, over the
-  seconds of a whole training epoch of the preset through ``core.train.fit`` (the same loader, forward, backward,
+* ``batch_share``: the seconds ``instill.data.BatchLoader`` takes to produce one epoch of batches on its own, over the
+  seconds of a whole training epoch of the preset through ``instill.train.fit`` (the same loader, forward, backward,
   AdamW step, the per-epoch state save). Target < 0.20: batches are slices of in-memory tensors, so producing them
   should cost little next to the model.
 * ``cache``: building the preset's dataset cold (rendered, then written to an empty cache directory) against
@@ -37,15 +37,15 @@ QUICK_SIZES = {"n_train": 1024, "n_val": 100, "n_test": 100}
 
 def preset(name: str, quick: bool):
     """The preset's validated base config, shrunk for ``--quick``."""
-    from core.stages import load_stage_config
+    from instill.stages import load_stage_config
 
     overrides = [f"data.{k}={v}" for k, v in QUICK_SIZES.items()] if quick else []
     return load_stage_config(REPO / PRESETS[name], "base", overrides)
 
 
 def build(cfg, seed: int, cache_dir: str, **changes):
-    from core.data import DataContext
-    from core.registry import DATASETS
+    from instill.data import DataContext
+    from instill.registry import DATASETS
 
     return DATASETS.build(cfg.data.name, DataContext(seed=seed, cache_dir=cache_dir), {**cfg.data.params, **changes})
 
@@ -58,18 +58,18 @@ def timed(fn) -> float:
 
 def loader_epoch(train, batch_size: int, device: torch.device) -> None:
     """Every batch of one epoch, as the training loop receives them (moved to the device), and nothing else."""
-    from core.data import BatchLoader
+    from instill.data import BatchLoader
 
     for x, y in BatchLoader(train, batch_size, shuffle=True, seed=0):
         x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
 def training_epoch(cfg, data, device: torch.device, seed: int) -> None:
-    """One epoch of ``core.train.fit`` on the preset (evaluation left out: it is not part of producing batches)."""
-    from core.registry import MODELS
-    from core.run import Run
-    from core.stages import make_loss
-    from core.train import Objective, fit
+    """One epoch of ``instill.train.fit`` on the preset (evaluation left out: it is not part of producing batches)."""
+    from instill.registry import MODELS
+    from instill.run import Run
+    from instill.stages import make_loss
+    from instill.train import Objective, fit
 
     torch.manual_seed(seed)
     model = MODELS.build(cfg.model.name, data.info, cfg.model.params)

@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Optional
 
-from core.errors import UserError
+from .errors import UserError
 
 
 def parse_args(stage: str, argv: Optional[list[str]]) -> argparse.Namespace:
@@ -29,9 +29,9 @@ def parse_args(stage: str, argv: Optional[list[str]]) -> argparse.Namespace:
 
 def main(stage: str, argv: Optional[list[str]] = None) -> int:
     args = parse_args(stage, argv)
-    from core import dist
-    from core.config import to_yaml
-    from core.stages import Interrupted, execute, load_stage_config
+    from . import dist
+    from .config import to_yaml
+    from .stages import Interrupted, execute, load_stage_config
 
     try:
         cfg = load_stage_config(args.config, stage, args.overrides, args.out)
@@ -65,3 +65,15 @@ def main(stage: str, argv: Optional[list[str]] = None) -> int:
 
 def entry(stage: str) -> None:
     sys.exit(main(stage))
+
+
+def console_main(argv: Optional[list[str]] = None) -> None:
+    """``instill STAGE CONFIG [...]``: the console script; the same as the stage's entry script."""
+    from .stages import STAGES
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
+        print(f"usage: instill {{{','.join(STAGES)}}} CONFIG [--set KEY=VALUE ...] [--out DIR] [--resume] "
+              "[--print-config] [--validate]", file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    sys.exit(main(argv[0], argv[1:]))

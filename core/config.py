@@ -3,7 +3,7 @@
 Every run reads one YAML file. Sections are pydantic models with ``extra="forbid"``, so an unknown key, a wrong
 type, a value out of range or a missing required value stops the run before anything is written, with one line
 that names the file, the key and (for a typo) the nearest valid key. Dataset and model options are the keyword
-arguments of their registered builders (``core.registry``); stages add their own sections by subclassing
+arguments of their registered builders (``instill.registry``); stages add their own sections by subclassing
 ``RunConfig``.
 """
 
@@ -18,8 +18,8 @@ from typing import Any, ClassVar, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from core.errors import UserError
-from core.registry import DATASETS, MODELS, Registry, describe_error
+from .errors import UserError
+from .registry import DATASETS, MODELS, Registry, describe_error
 
 
 class Section(BaseModel):

@@ -5,7 +5,7 @@ is a bug in instill and keeps its traceback.
 """
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """Bad input from the user: printed as one line, exit code 2, nothing written."""
 
     exit_code = 2

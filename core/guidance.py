@@ -9,7 +9,7 @@ Layer maps:
 - ``uniform``: the same stretch, every mapped pair kept.
 - explicit ``{target: name, guide: name, weight: w}`` pairs.
 
-Names are capture keys (``core.features``): a module name, ``name@k`` for its (k+1)-th call in one forward.
+Names are capture keys (``instill.features``): a module name, ``name@k`` for its (k+1)-th call in one forward.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from core.errors import UserError
+from .errors import UserError
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class AlignmentLoss:
       samples than the measure needs (``Similarity.min_samples``) skipped; the log shows the mean similarity.
     - ``rows``: one similarity whose rows are all real (sample, token) pairs.
 
-    ``real`` (a (batch, time) bool mask, ``core.data.sequences.real_positions``) marks the real positions; without
+    ``real`` (a (batch, time) bool mask, ``instill.data.sequences.real_positions``) marks the real positions; without
     it every position is real. ``steps``: guidance only for the first N optimizer steps (``active``); then the
     hooks are removed, so the target's forwards copy nothing and the guide no longer runs.
     """
@@ -92,8 +92,8 @@ class AlignmentLoss:
                  alpha: float = 1.0, reduce: str = "sum", tokenwise: Tokenwise = None,
                  target_batch_axes: Mapping[str, int] | None = None,
                  guide_batch_axes: Mapping[str, int] | None = None, steps: int | None = None):
-        from core.features import FeatureCapture, module_of
-        from core.similarity import get_similarity
+        from .features import FeatureCapture, module_of
+        from .similarity import get_similarity
 
         self.pairs, self.alpha, self.reduce, self.tokenwise, self.steps = pairs, alpha, reduce, tokenwise, steps
         self.measure = get_similarity(similarity)

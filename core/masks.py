@@ -34,7 +34,7 @@ and the hash and names exactly what does not match.
 
 NeuroSurgeon 0.1.0 masks convert into an artifact (``wrapped_model.*`` or the research code's ``root_model.*`` keys):
 
-    python -m core.masks import-neurosurgeon best_circuit_model.pt --base checkpoints/<base run> --out DIR
+    python -m instill.masks import-neurosurgeon best_circuit_model.pt --base checkpoints/<base run> --out DIR
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from core.errors import UserError
-from core.run import atomic_save, atomic_write_json
+from .errors import UserError
+from .run import atomic_save, atomic_write_json
 
 METHODS = ("continuous_sparsification", "hard_concrete", "magnitude")
 UNITS = ("weight", "neuron")
@@ -454,7 +454,7 @@ class MaskedModel(nn.Module):
                 value = logits[name]
                 if tuple(value.shape) != tuple(shape):
                     hint = ("; NeuroSurgeon's conv neuron masks hold a logit per output channel and kernel position: "
-                            "import them as hard masks (python -m core.masks import-neurosurgeon)"
+                            "import them as hard masks (python -m instill.masks import-neurosurgeon)"
                             if self.config.unit == "neuron" and value.dim() > 2 else "")
                     raise UserError(f"{source}: {name} has shape {tuple(value.shape)}, the mask needs {shape}{hint}")
                 param.copy_(value.to(param.dtype))
@@ -570,8 +570,8 @@ def import_neurosurgeon(state_dict: str | Path, base: str | Path, out: str | Pat
     ``summary.json``, so the transfer stage takes it as ``transfer.mask``. Nothing is written unless every check
     passes; an existing mask in ``out`` is never overwritten.
     """
-    from core.models import load_model
-    from core.run import is_finished
+    from .models import load_model
+    from .run import is_finished
 
     out = Path(out)
     if (out / MASK_FILE).exists() or (out / META_FILE).exists():
@@ -588,11 +588,11 @@ def import_neurosurgeon(state_dict: str | Path, base: str | Path, out: str | Pat
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m core.masks import-neurosurgeon STATE_DICT --base RUN_DIR --out DIR [--method ...]``."""
+    """``python -m instill.masks import-neurosurgeon STATE_DICT --base RUN_DIR --out DIR [--method ...]``."""
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m core.masks", description="mask artifact tools")
+    parser = argparse.ArgumentParser(prog="python -m instill.masks", description="mask artifact tools")
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("import-neurosurgeon", help="a NeuroSurgeon CircuitModel state dict (a .pt file "
                                   "with wrapped_model.* or legacy root_model.* keys) into mask.safetensors + mask.json")
@@ -772,6 +772,6 @@ def listing(names: Sequence[str], limit: int = 3) -> str:
 if __name__ == "__main__":
     import sys
 
-    from core.masks import main as _main  # the importable module's main, not this __main__ copy's
+    from .masks import main as _main  # the importable module's main, not this __main__ copy's
 
     sys.exit(_main())

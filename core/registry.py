@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from core.errors import UserError
+from .errors import UserError
 
 
 @dataclass(frozen=True)
@@ -154,8 +154,8 @@ def _import_builtins() -> None:
     global _BUILTINS_IMPORTED
     if not _BUILTINS_IMPORTED:
         _BUILTINS_IMPORTED = True
-        import core.data.registered  # noqa: F401
-        import core.models.registered  # noqa: F401
+        from .data import registered as _data  # noqa: F401
+        from .models import registered as _models  # noqa: F401
 
 
 DATASETS = Registry("dataset")

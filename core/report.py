@@ -1,7 +1,7 @@
 """Tables and plots over run directories.
 
-    python -m core.report checkpoints/           one row per run: name, stage, seed, status, duration, key metrics
-    python -m core.report checkpoints/ --plot    also write curves.png into each run directory
+    python -m instill.report checkpoints/           one row per run: name, stage, seed, status, duration, key metrics
+    python -m instill.report checkpoints/ --plot    also write curves.png into each run directory
 
 Run directories are found at any depth below the folder; a sweep's sub-runs (one per condition, n, lr) follow their
 run as ``run/sub-run`` rows with their own figures. Broken or unfinished run directories are listed as such; the
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from core.run import has_state, read_json, read_metrics
+from .run import has_state, read_json, read_metrics
 
 KEY_METRICS = ("test_acc", "val_acc", "textured_acc", "shape_only_acc", "shape_bias")
 RUN_FILES = ("config.yaml", "seed.txt", "env.json", "metrics.jsonl", "summary.json", "state.pt")
@@ -201,7 +201,7 @@ def _pyplot():
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m core.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m instill.report", description=__doc__.splitlines()[0])
     parser.add_argument("root", nargs="?", default="checkpoints", help="a run directory or a folder of them")
     parser.add_argument("--plot", action="store_true", help="write curves.png into each run directory")
     args = parser.parse_args(argv)

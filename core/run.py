@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from core import dist
-from core.errors import UserError
+from . import dist
+from .errors import UserError
 
 TIMING_PREFIX = "time_"  # metrics whose names start with this are wall-clock figures, not compared on replay
 

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 from torch import Tensor
 
-from core.errors import UserError
+from .errors import UserError
 
 EPS_ULPS = 8  # default eps, in machine epsilons: a side whose centred features hold less energy is constant
 TINY = 1e-15  # floor of a norm we divide by: far below real activations, and its square is a normal float32

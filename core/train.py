@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from core import dist
-from core.config import OptimizerConfig, ScheduleConfig, TrainConfig
-from core.data import BatchLoader, Split
-from core.errors import UserError
-from core.run import TIMING_PREFIX, Run, rng_state, set_rng_state
+from . import dist
+from .config import OptimizerConfig, ScheduleConfig, TrainConfig
+from .data import BatchLoader, Split
+from .errors import UserError
+from .run import TIMING_PREFIX, Run, rng_state, set_rng_state
 
 IGNORE_INDEX = -100
 

@@ -1,6 +1,6 @@
 """Subnetwork transplant ("subtask induction") and its baselines.
 
-Given a trained base model, a bool mask per parameter name (``core.masks``) and a freshly initialised model of the
+Given a trained base model, a bool mask per parameter name (``instill.masks``) and a freshly initialised model of the
 same architecture, ``transplant`` builds one condition's starting model:
 
 =====================  ========================================================================================
@@ -43,8 +43,8 @@ from typing import Any, Literal, Mapping, Optional, get_args
 import torch
 from torch import nn
 
-from core.errors import UserError
-from core.masks import check_masks, listing, mask_density
+from .errors import UserError
+from .masks import check_masks, listing, mask_density
 
 CONDITIONS = ("subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet", "sampled_complement")
 NonMasked = Literal["inherit", "reinit"]

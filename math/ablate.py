@@ -1,6 +1,6 @@
 """Discover the subnetwork that performs a subtask: python math/ablate.py CONFIG [--set key=value ...]."""
 
-from core.cli import entry
+from instill.cli import entry
 
 if __name__ == "__main__":
     entry("ablate")

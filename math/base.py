@@ -1,6 +1,6 @@
 """Train a base model on a symbolic task: python math/base.py CONFIG [--set key=value ...]."""
 
-from core.cli import entry
+from instill.cli import entry
 
 if __name__ == "__main__":
     entry("base")

@@ -24,7 +24,7 @@ def workdir(tmp_path, monkeypatch):
 
 
 def run_cli(stage: str, *argv: str) -> int:
-    from core.cli import main
+    from instill.cli import main
 
     return main(stage, list(argv))
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.data import DataContext
-from core.data import arithmetic as ar
-from core.errors import UserError
-from core.registry import DATASETS
-from core.train import evaluate_classification
+from instill.data import DataContext
+from instill.data import arithmetic as ar
+from instill.errors import UserError
+from instill.registry import DATASETS
+from instill.train import evaluate_classification
 
 REFERENCE = {  # plain-Python formulas, independent of the module's table
     "a+ab": lambda a, b: a + a * b, "a^2+ab": lambda a, b: a * a + a * b, "2a^2": lambda a, b: 2 * a * a,

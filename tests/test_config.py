@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from core.config import apply_overrides, deep_merge, read_yaml
-from core.errors import UserError
-from core.stages import load_stage_config
+from instill.config import apply_overrides, deep_merge, read_yaml
+from instill.errors import UserError
+from instill.stages import load_stage_config
 from tests.conftest import REPO, python_env, run_cli
 
 GOOD = """

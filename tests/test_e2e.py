@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core.run import is_finished
+from instill.run import is_finished
 from tests.conftest import REPO, python_env, run_cli
 
 
@@ -34,9 +34,9 @@ def test_math_entry_point_runs_the_base_stage(workdir):
 
 # vision/vision_base.py, with every rank saying which seed its stage received.
 SEED_REPORTING_ENTRY = """
-from core import dist
-from core.cli import entry
-from core.stages import base
+from instill import dist
+from instill.cli import entry
+from instill.stages import base
 
 stage_main = base.main
 
@@ -71,10 +71,10 @@ def test_torchrun_two_cpu_processes(workdir):
 
 
 def test_a_trained_model_is_rebuilt_from_its_run_directory(workdir):
-    from core.models import load_model
-    from core.registry import DATASETS
-    from core.data import DataContext
-    from core.errors import UserError
+    from instill.models import load_model
+    from instill.registry import DATASETS
+    from instill.data import DataContext
+    from instill.errors import UserError
 
     assert run_cli("base", "configs/tiny_digits.yaml") == 0
     model, model_cfg, info = load_model("checkpoints/tiny_digits")

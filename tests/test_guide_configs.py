@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.registry import MODELS
-from core.run import read_metrics
-from core.stages import build_data, load_stage_config
-from core.stages.guide import _alignment, _sample
+from instill.registry import MODELS
+from instill.run import read_metrics
+from instill.stages import build_data, load_stage_config
+from instill.stages.guide import _alignment, _sample
 from tests.conftest import REPO, run_cli
 
 SHIPPED = REPO / "configs"

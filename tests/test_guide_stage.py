@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from core.run import is_finished, read_metrics
+from instill.run import is_finished, read_metrics
 from tests.conftest import run_cli
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.errors import UserError
-from core.masks import (MaskConfig, MaskedModel, base_run_of, load_mask, neurosurgeon_logits, neurosurgeon_masks,
+from instill.errors import UserError
+from instill.masks import (MaskConfig, MaskedModel, base_run_of, load_mask, neurosurgeon_logits, neurosurgeon_masks,
                         read_mask_meta, save_mask, select_targets, temperature_at, weights_hash)
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.errors import UserError
-from core.models.vision import check_accepts
-from core.registry import DATASETS, MODELS, Registry
-from core.data import DataContext
+from instill.errors import UserError
+from instill.models.vision import check_accepts
+from instill.registry import DATASETS, MODELS, Registry
+from instill.data import DataContext
 
 INFO = {"input_shape": (1, 28, 28), "num_classes": 10}
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from core.errors import UserError
-from core.report import main as report_main
-from core.report import run_status
-from core.run import TIMING_PREFIX, atomic_write_json, choose_run_dir, read_metrics, seed_everything
+from instill.errors import UserError
+from instill.report import main as report_main
+from instill.report import run_status
+from instill.run import TIMING_PREFIX, atomic_write_json, choose_run_dir, read_metrics, seed_everything
 from tests.conftest import REPO, python_env, run_cli
 
 TINY = "configs/tiny_digits.yaml"
@@ -78,7 +78,7 @@ def test_replay_detects_a_difference(workdir):
 
 def interrupt_at(monkeypatch, step: int):
     """Press Ctrl-C (send SIGINT to this process) in the middle of optimizer step ``step``."""
-    from core import train
+    from instill import train
 
     original = train._Loop._optimizer_step
 
@@ -142,7 +142,7 @@ def test_duration_adds_up_over_resumes(workdir, monkeypatch):
 
 
 def test_ctrl_c_before_training_saves_nothing_and_says_so(workdir, monkeypatch, capsys):
-    from core.stages import base
+    from instill.stages import base
 
     def interrupted_main(ctx):
         raise KeyboardInterrupt
@@ -221,7 +221,7 @@ def test_a_library_rejecting_passed_on_keywords_is_one_line_and_leaves_nothing(w
 
 
 def test_user_error_after_start_leaves_no_run_directory(workdir, monkeypatch, capsys):
-    from core.stages import base
+    from instill.stages import base
 
     def failing_main(ctx):
         raise UserError("something the user got wrong")

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from core.data import DataContext
-from core.errors import UserError
-from core.features import probe
-from core.registry import DATASETS, MODELS
-from core.train import classification_loss
+from instill.data import DataContext
+from instill.errors import UserError
+from instill.features import probe
+from instill.registry import DATASETS, MODELS
+from instill.train import classification_loss
 
 COPY = dict(symbols=6, min_len=3, max_len=6, n_train=16, n_val=4, n_test=4)
 PARITY = dict(min_len=2, max_len=10, n_train=16, n_val=4, n_test=4)

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from core import registry
-from core.data import DataContext
-from core.data import shapes
-from core.data.shapes import MAX_CLASSES, ShapesSpec, build_shapes, generate
-from core.errors import UserError
-from core.metrics import shape_bias
+from instill import registry
+from instill.data import DataContext
+from instill.data import shapes
+from instill.data.shapes import MAX_CLASSES, ShapesSpec, build_shapes, generate
+from instill.errors import UserError
+from instill.metrics import shape_bias
 
 SMALL = dict(n_train=64, n_val=16, n_test=48)
 

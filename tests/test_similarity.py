@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.errors import UserError
-from core.similarity import (SIMILARITIES, canonical_correlations, cca, center_gram, centered_gram, cka,
+from instill.errors import UserError
+from instill.similarity import (SIMILARITIES, canonical_correlations, cca, center_gram, centered_gram, cka,
                              cka_from_grams, cka_summary, cka_with_gram, cka_with_summary, get_similarity, gram,
                              procrustes, pwcca, rsa, svcca)
 

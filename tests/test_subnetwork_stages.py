@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.masks import load_mask
-from core.models import load_model
-from core.run import is_finished, read_metrics
+from instill.masks import load_mask
+from instill.models import load_model
+from instill.run import is_finished, read_metrics
 from tests.conftest import CONFIGS, run_cli
 
 
@@ -88,9 +88,9 @@ def test_ablate_bad_input(workdir, capsys):
 
 
 def test_sequence_loss_scope_is_the_hugging_face_causal_lm_loss():
-    from core.data import DataContext
-    from core.registry import DATASETS, MODELS
-    from core.stages import make_loss
+    from instill.data import DataContext
+    from instill.registry import DATASETS, MODELS
+    from instill.stages import make_loss
 
     data = DATASETS.build("arithmetic", DataContext(seed=0), {"max": 20, "n_train": 64})
     model = MODELS.build("gpt2", data.info, {"n_layer": 1, "n_embd": 16, "n_head": 2}).eval()
@@ -206,7 +206,7 @@ def test_transfer_runs_from_another_working_directory(upstream, tmp_path, monkey
 
 
 def test_ablate_keeps_the_last_epoch_of_the_best_accuracy_by_default(tmp_path):
-    from core.stages import load_stage_config
+    from instill.stages import load_stage_config
 
     plain = tmp_path / "ablate.yaml"
     plain.write_text("base: somewhere\ndata: {name: arithmetic}\nmask: {layers: [Conv1D]}\ntrain: {epochs: 1}\n")
@@ -321,8 +321,8 @@ def neurosurgeon_state(model, prefix: str, seed: int = 3) -> dict[str, torch.Ten
 
 @pytest.mark.parametrize("prefix", ["wrapped_model.", "root_model."])
 def test_neurosurgeon_state_dict_imports_into_a_mask_the_transfer_takes(in_upstream, capsys, prefix):
-    from core.masks import main as masks_cli
-    from core.masks import select_targets, weights_hash
+    from instill.masks import main as masks_cli
+    from instill.masks import select_targets, weights_hash
 
     base, _, _ = load_model("checkpoints/tiny_math_base")
     state = neurosurgeon_state(base, prefix)
@@ -350,7 +350,7 @@ def test_the_neurosurgeon_import_command_line(in_upstream):
 
     base, _, _ = load_model("checkpoints/tiny_math_base")
     torch.save(neurosurgeon_state(base, "wrapped_model."), "circuit.pt")
-    command = [sys.executable, "-m", "core.masks", "import-neurosurgeon", "circuit.pt", "--base",
+    command = [sys.executable, "-m", "instill.masks", "import-neurosurgeon", "circuit.pt", "--base",
                "checkpoints/tiny_math_base", "--out", "checkpoints/imported-cli"]
     done = subprocess.run(command, env=python_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "density" in done.stdout, done.stderr
@@ -358,7 +358,7 @@ def test_the_neurosurgeon_import_command_line(in_upstream):
 
 
 def test_bad_neurosurgeon_imports_are_one_line_errors_and_write_nothing(in_upstream, capsys):
-    from core.masks import main as masks_cli
+    from instill.masks import main as masks_cli
 
     base, _, _ = load_model("checkpoints/tiny_math_base")
     other = load_model("checkpoints/tiny_math_base")[0]

@@ -14,11 +14,11 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from core.config import ScheduleConfig, TrainConfig
-from core.data import BatchLoader, Split, epoch_seed
-from core.errors import UserError
-from core.run import Run
-from core.train import (DivergedError, Objective, classification_loss, evaluate_classification, fit, lr_factor,
+from instill.config import ScheduleConfig, TrainConfig
+from instill.data import BatchLoader, Split, epoch_seed
+from instill.errors import UserError
+from instill.run import Run
+from instill.train import (DivergedError, Objective, classification_loss, evaluate_classification, fit, lr_factor,
                         resolve_device)
 
 CPU = torch.device("cpu")

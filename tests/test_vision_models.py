@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.errors import UserError
-from core.models.vision import check_accepts
-from core.registry import MODELS
+from instill.errors import UserError
+from instill.models.vision import check_accepts
+from instill.registry import MODELS
 
 
 def _info(channels: int, size: int, classes: int) -> dict:
@@ -57,7 +57,7 @@ def test_unreadable_pretrained_weights_are_a_user_error(tmp_path):
 
 
 def test_a_pretrained_model_config_rebuilds_fresh_without_its_weights_file(tmp_path):
-    from core.models import build_fresh
+    from instill.models import build_fresh
 
     info = _info(3, 32, 6)
     source = MODELS.build("timm:resnet18", info, {})

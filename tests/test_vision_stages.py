@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.data.shapes import ShapesSpec, generate
-from core.masks import load_mask
-from core.models import load_model
-from core.run import is_finished
+from instill.data.shapes import ShapesSpec, generate
+from instill.masks import load_mask
+from instill.models import load_model
+from instill.run import is_finished
 from tests.conftest import CONFIGS, REPO, run_cli
 
 SHIPPED = {"base": ["vision_shapes_fcn_base", "vision_shapes_convnet_base"],
@@ -132,7 +132,7 @@ def test_shipped_vision_configs_are_valid(workdir, capsys, stage, name):
 
 
 def test_shipped_transfer_configs_chain_to_their_own_family(workdir):
-    from core.config import read_yaml
+    from instill.config import read_yaml
 
     for family in ("fcn", "convnet"):
         transfer = read_yaml(REPO / "configs" / f"{family}.yaml")

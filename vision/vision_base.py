@@ -1,6 +1,6 @@
 """Train a base model on an image dataset: python vision/vision_base.py CONFIG [--set key=value ...]."""
 
-from core.cli import entry
+from instill.cli import entry
 
 if __name__ == "__main__":
     entry("base")

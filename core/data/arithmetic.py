@@ -4,7 +4,7 @@ Tokens are the integers themselves (no tokenizer): operands a, b in [0, max), ``
 ``c = f(a, b) mod p`` shares the vocabulary (so ``vocab_size = max + 1``). A causal model reads the sequence and
 predicts the answer from the logits at ``ANSWER_POSITION`` (the SEP token): ``y`` holds the answer there and
 ``IGNORE_INDEX`` (-100) everywhere else, so the shared training loop's sequence cross-entropy and accuracy score the
-answer only. The whole-sequence language-model loss of the original code is in ``core.models.gpt2``.
+answer only. The whole-sequence language-model loss of the original code is in ``instill.models.gpt2``.
 
 Sampling follows the original ``generate_samples``:
 
@@ -32,10 +32,10 @@ from typing import Callable, Optional
 import torch
 from pydantic import conint
 
-from core.data import DataBundle, DataContext, Split
-from core.errors import UserError
-from core.registry import DATASETS
-from core.run import derive_seed
+from . import DataBundle, DataContext, Split
+from ..errors import UserError
+from ..registry import DATASETS
+from ..run import derive_seed
 
 IGNORE_INDEX = -100
 SEQ_LEN = 4

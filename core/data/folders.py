@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from core.data import DataBundle, DataContext, Split, seeded_split
-from core.data.cache import cached_tensors
-from core.data.shapes import to_float
-from core.errors import UserError
-from core.registry import DATASETS
+from . import DataBundle, DataContext, Split, seeded_split
+from .cache import cached_tensors
+from .shapes import to_float
+from ..errors import UserError
+from ..registry import DATASETS
 
 # The 16 entry-level categories of Geirhos et al. (2019), shared by 16-class ImageNet and the cue-conflict stimuli.
 GEIRHOS_16_CLASSES = ("airplane", "bear", "bicycle", "bird", "boat", "bottle", "car", "cat", "chair", "clock", "dog",

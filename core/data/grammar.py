@@ -8,7 +8,7 @@ expansion is chosen.
 
 Everything is a pure function of the ``random.Random`` passed in, so a corpus is reproducible from a seed.
 ``core/data/corpus/grammar.txt`` (the ``text`` dataset's default file) is ``corpus()``, written by
-``python -m core.data.grammar``.
+``python -m instill.data.grammar``.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def corpus(seed: int = CORPUS_SEED, sentences: int = CORPUS_SENTENCES) -> str:
 
 
 if __name__ == "__main__":
-    from core.data.sequences import GRAMMAR_CORPUS
+    from .sequences import GRAMMAR_CORPUS
 
     GRAMMAR_CORPUS.parent.mkdir(exist_ok=True)
     GRAMMAR_CORPUS.write_text(corpus(), encoding="utf-8")

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from pydantic import confloat, conint
 
-from core.data import DataBundle, DataContext, Split, seeded_split
-from core.errors import UserError
-from core.registry import DATASETS
+from . import DataBundle, DataContext, Split, seeded_split
+from ..errors import UserError
+from ..registry import DATASETS
 
 Fraction = confloat(ge=0.0, lt=0.5)
 

@@ -1,6 +1,6 @@
-"""Importing this module registers every shipped dataset with ``core.registry.DATASETS``."""
+"""Importing this module registers every shipped dataset with ``instill.registry.DATASETS``."""
 
-from core.data import images  # noqa: F401
-from core.data import folders, shapes  # noqa: F401
-from core.data import arithmetic  # noqa: F401
-from core.data import sequences  # noqa: F401
+from . import images  # noqa: F401
+from . import folders, shapes  # noqa: F401
+from . import arithmetic  # noqa: F401
+from . import sequences  # noqa: F401

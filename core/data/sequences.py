@@ -31,11 +31,11 @@ from typing import Literal, Optional
 import torch
 from pydantic import confloat, conint
 
-from core.data import DataBundle, DataContext, Split
-from core.data import grammar as pcfg
-from core.errors import UserError
-from core.registry import DATASETS
-from core.run import derive_seed
+from . import DataBundle, DataContext, Split
+from . import grammar as pcfg
+from ..errors import UserError
+from ..registry import DATASETS
+from ..run import derive_seed
 
 PAD = 0
 UNK = 1  # text vocabularies: a token outside max_vocab
@@ -176,7 +176,7 @@ def _lm_info(vocab: list[str], seq_len: int, **facts) -> dict:
 @DATASETS.register("grammar")
 def grammar_corpus(ctx: DataContext, *, seq_len: conint(ge=2) = 64, n_train: conint(ge=1) = 2000,
                    n_val: conint(ge=1) = 200, n_test: conint(ge=1) = 200) -> DataBundle:
-    """Next-word prediction on sentences of a small probabilistic grammar (``core.data.grammar``): offline.
+    """Next-word prediction on sentences of a small probabilistic grammar (``instill.data.grammar``): offline.
 
     Each split is its own stream of sentences cut into ``n`` blocks of ``seq_len`` words. Subjects agree in
     number with verbs across phrases and relative clauses, a dependency several words long.
@@ -228,7 +228,7 @@ def text_file(ctx: DataContext, *, path: Optional[str] = None, level: Literal["c
     """Next-token prediction on a UTF-8 text file, by character or by word.
 
     ``path`` defaults to the shipped corpus ``core/data/corpus/grammar.txt``: sentences of the grammar of
-    ``core.data.grammar``, one per line (written by ``python -m core.data.grammar``), so it works offline.
+    ``instill.data.grammar``, one per line (written by ``python -m instill.data.grammar``), so it works offline.
 
     The token stream is split in order (train first, then val, then test: no block is shared, as WikiText's
     files) and each part is cut into blocks of ``seq_len``. The vocabulary is the whole file's (``<pad>`` = 0,

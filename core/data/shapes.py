@@ -31,10 +31,10 @@ from typing import Annotated, Callable, Literal
 import torch
 from pydantic import Field
 
-from core.data import DataBundle, DataContext, Split
-from core.data.cache import cached_tensors
-from core.errors import UserError
-from core.registry import DATASETS
+from . import DataBundle, DataContext, Split
+from .cache import cached_tensors
+from ..errors import UserError
+from ..registry import DATASETS
 
 # Bump when the rendering changes, so stale caches are not reused.
 GENERATOR_VERSION = 2
@@ -367,7 +367,7 @@ def build_shapes(
     ``textured`` and ``shape_only`` (the same test draws, with and without texture), ``cue_conflict`` (shape of
     class i, texture of class j != i, labelled by shape) and ``cue_conflict_texture`` (the very same images
     labelled by texture). Shape bias = shape accuracy / (shape accuracy + texture accuracy) over that pair, which
-    ``info["cue_conflict_pairs"]`` names; ``core.metrics.shape_bias`` gives it per class from predictions.
+    ``info["cue_conflict_pairs"]`` names; ``instill.metrics.shape_bias`` gives it per class from predictions.
     Images are float32 (3, H, W) in [0, 1].
     """
     spec = ShapesSpec(num_classes, resolution, texture_background, texture_contrast, texture_frequency,

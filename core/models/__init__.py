@@ -1,4 +1,4 @@
-"""Model registry entries live in submodules; ``core.registry.MODELS`` holds them.
+"""Model registry entries live in submodules; ``instill.registry.MODELS`` holds them.
 
 A model builder is ``build(info, *, key=default, ...)`` where ``info`` is the dataset's ``DataBundle.info``
 (``input_shape``, ``num_classes``, ``vocab_size``, ...) and the keyword-only parameters are the config's keys.
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from core.errors import UserError
+from ..errors import UserError
 
 
 def json_facts(info: dict[str, Any]) -> dict[str, Any]:
@@ -40,7 +40,7 @@ def save_model(run, name: str, model: torch.nn.Module, model_cfg: dict[str, Any]
 def build_fresh(model_cfg: dict[str, Any], info: dict[str, Any]) -> torch.nn.Module:
     """The architecture a saved model config describes, freshly initialised. A pretrained request is dropped: the
     weights come from the run directory, or are meant to be fresh (a random initialisation to compare against)."""
-    from core.registry import MODELS
+    from ..registry import MODELS
 
     params = {k: v for k, v in model_cfg.items() if k != "name"}
     if params.get("pretrained"):

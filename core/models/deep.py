@@ -2,7 +2,7 @@
 
 Inputs are (batch, C, H, W) images, outputs (batch, classes) logits.
 
-* ``deep_fcn`` and ``wide_fcn`` are presets of ``fcn`` (``core.models.vision.FCN``), so their module names are its
+* ``deep_fcn`` and ``wide_fcn`` are presets of ``fcn`` (``instill.models.vision.FCN``), so their module names are its
   names: ``layers.0`` .. ``layers.{depth-1}`` (each a Sequential of ``0`` Linear, ``1`` BatchNorm1d when
   ``batch_norm``, then the activation and dropout), and ``head``.
 * ``noresnet`` keeps a ResNet's layout (ResNet-18, -34 or -50 blocks and widths) and removes its residual
@@ -23,8 +23,8 @@ import torch
 from pydantic import confloat, conint
 from torch import nn
 
-from core.models.vision import Activation, fcn
-from core.registry import MODELS
+from .vision import Activation, fcn
+from ..registry import MODELS
 
 # depth -> (block kind, blocks per stage), as torchvision's resnet18 / resnet34 / resnet50
 LAYOUTS: dict[int, tuple[str, tuple[int, ...]]] = {

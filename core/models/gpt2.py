@@ -1,12 +1,12 @@
 """GPT-2 from scratch (Hugging Face ``GPT2LMHeadModel``) for the arithmetic sequences.
 
 The model is built from a ``GPT2Config`` (layers, width, heads, dropout): no download, no tokenizer, token ids are
-the integers of ``core.data.arithmetic``. It is the plain HF class, so parameter names are HF's
+the integers of ``instill.data.arithmetic``. It is the plain HF class, so parameter names are HF's
 (``transformer.h.0.attn.c_attn.weight``, ...) and masks or NeuroSurgeon checkpoints name the same tensors.
 
 Scoring: the answer is predicted by the logits at ``info["answer_position"]`` (the SEP token); the data's targets
-hold it there and -100 elsewhere, so the shared loss and accuracy (``core.stages.make_loss``,
-``core.train.evaluate_classification``) score the answer only. ``loss_scope: sequence`` gives instead the original
+hold it there and -100 elsewhere, so the shared loss and accuracy (``instill.stages.make_loss``,
+``instill.train.evaluate_classification``) score the answer only. ``loss_scope: sequence`` gives instead the original
 code's causal-LM loss over every next token, which includes the unpredictable ``b`` token and so sits at ln(max)/3
 even for a perfect model.
 """
@@ -18,8 +18,8 @@ from typing import Literal
 from pydantic import confloat, conint
 from torch import nn
 
-from core.errors import UserError
-from core.registry import MODELS
+from ..errors import UserError
+from ..registry import MODELS
 
 
 @MODELS.register("gpt2")

@@ -1,5 +1,5 @@
-"""Importing this module registers every shipped model with ``core.registry.MODELS``."""
+"""Importing this module registers every shipped model with ``instill.registry.MODELS``."""
 
-from core.models import vision  # noqa: F401
-from core.models import gpt2  # noqa: F401
-from core.models import deep, sequence  # noqa: F401
+from . import vision  # noqa: F401
+from . import gpt2  # noqa: F401
+from . import deep, sequence  # noqa: F401

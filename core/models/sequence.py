@@ -1,6 +1,6 @@
 """Sequence models of "Training the Untrainable": recurrent and Transformer language models and classifiers.
 
-Inputs are always (batch, time) int64 token ids, token 0 is padding and padding is trailing (``core.data.sequences``).
+Inputs are always (batch, time) int64 token ids, token 0 is padding and padding is trailing (``instill.data.sequences``).
 
 ==========================  =====================================  ==================================================
 model                       output                                 module names (captured by forward hooks)
@@ -37,8 +37,8 @@ import torch
 from pydantic import confloat, conint
 from torch import nn
 
-from core.errors import UserError
-from core.registry import MODELS
+from ..errors import UserError
+from ..registry import MODELS
 
 PAD = 0
 Cell = Literal["rnn", "lstm", "gru"]

@@ -15,8 +15,8 @@ import torch
 from pydantic import confloat, conint
 from torch import nn
 
-from core.errors import UserError
-from core.registry import MODELS
+from ..errors import UserError
+from ..registry import MODELS
 
 Activation = Literal["relu", "gelu", "tanh"]
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}

@@ -16,28 +16,23 @@ from typing import Any, Callable, Optional
 import torch
 from pydantic import field_validator
 
-from core import dist
-from core.config import RunConfig, load_config, to_yaml
-from core.data import DataBundle, DataContext, Split
-from core.errors import UserError
-from core.metrics import shape_bias
-from core.models.vision import check_accepts
-from core.registry import DATASETS, MODELS
-from core.run import TIMING_PREFIX, Run, draw_seed, has_state, is_finished, seed_everything
-from core.train import classification_loss, evaluate_classification, logits_of, predict, resolve_device
+from .. import dist
+from ..config import RunConfig, load_config, to_yaml
+from ..data import DataBundle, DataContext, Split
+from ..errors import UserError
+from ..metrics import shape_bias
+from ..models.vision import check_accepts
+from ..registry import DATASETS, MODELS
+from ..run import TIMING_PREFIX, Run, draw_seed, has_state, is_finished, seed_everything
+from ..train import classification_loss, evaluate_classification, logits_of, predict, resolve_device
 
-STAGES = {
-    "base": "core.stages.base",
-    "ablate": "core.stages.ablate",
-    "transfer": "core.stages.transfer",
-    "guide": "core.stages.guide",
-}
+STAGES = ("ablate", "base", "guide", "transfer")  # modules of this package, imported when a stage runs
 
 
 def stage_module(stage: str):
     if stage not in STAGES:
-        raise UserError(f"unknown stage {stage!r}; known: {', '.join(sorted(STAGES))}")
-    return importlib.import_module(STAGES[stage])
+        raise UserError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+    return importlib.import_module(f".{stage}", __package__)
 
 
 @dataclass

@@ -8,7 +8,7 @@ mask of the best evaluation is kept: by default the last epoch reaching the best
 (usually the sparsest; ``train.select_ties: first`` keeps the first). The model is the base run's: a ``model:``
 section is an error.
 
-Writes ``mask.safetensors`` + ``mask.json`` (``core.masks``), ``mask_density.png``, metrics and ``summary.json``.
+Writes ``mask.safetensors`` + ``mask.json`` (``instill.masks``), ``mask_density.png``, metrics and ``summary.json``.
 Raises UserError when the data do not fit the base model or the layer selection matches no weight.
 """
 
@@ -19,13 +19,13 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from core.config import TrainConfig
-from core.masks import MaskConfig, MaskedModel, mask_density
-from core.models import load_model
-from core.report import plot_bars, plot_run
-from core.stages import (Context, UsesBaseModel, check_compatible, evaluate_task, make_loss, resolve_upstream,
+from ..config import TrainConfig
+from ..masks import MaskConfig, MaskedModel, mask_density
+from ..models import load_model
+from ..report import plot_bars, plot_run
+from . import (Context, UsesBaseModel, check_compatible, evaluate_task, make_loss, resolve_upstream,
                          summary_metrics)
-from core.train import Objective, fit
+from ..train import Objective, fit
 
 MaskConfig.__pydantic_config__ = {"extra": "forbid"}  # the library dataclass doubles as the config section
 

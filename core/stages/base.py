@@ -11,12 +11,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from core.config import ModelConfig, RunConfig
-from core.models import save_model
-from core.models.vision import check_accepts
-from core.report import plot_run
-from core.stages import Context, evaluate_task, make_loss, summary_metrics
-from core.train import Objective, fit
+from ..config import ModelConfig, RunConfig
+from ..models import save_model
+from ..models.vision import check_accepts
+from ..report import plot_run
+from . import Context, evaluate_task, make_loss, summary_metrics
+from ..train import Objective, fit
 
 
 class Config(RunConfig):

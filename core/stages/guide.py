@@ -31,19 +31,19 @@ from typing import Any, Literal, Optional, Union
 import torch
 from pydantic import BaseModel, Field, conlist, field_validator, model_validator
 
-from core.config import ModelConfig, RunConfig, Section
-from core.data.sequences import real_positions
-from core.errors import UserError
-from core.features import DEFAULT_TYPES, probe
-from core.guidance import AlignmentLoss, compared_rows, resolve_pairs
-from core.models import load_model
-from core.registry import MODELS
-from core.report import format_table, plot_bars
-from core.run import atomic_write_text, derive_seed, seed_everything
-from core.similarity import get_similarity
-from core.stages import (Context, build_data, check_data_fits, evaluate_task, make_loss, resolve_upstream,
+from ..config import ModelConfig, RunConfig, Section
+from ..data.sequences import real_positions
+from ..errors import UserError
+from ..features import DEFAULT_TYPES, probe
+from ..guidance import AlignmentLoss, compared_rows, resolve_pairs
+from ..models import load_model
+from ..registry import MODELS
+from ..report import format_table, plot_bars
+from ..run import atomic_write_text, derive_seed, seed_everything
+from ..similarity import get_similarity
+from . import (Context, build_data, check_data_fits, evaluate_task, make_loss, resolve_upstream,
                          summary_metrics)
-from core.train import Objective, fit, resolve_device
+from ..train import Objective, fit, resolve_device
 
 CONDITIONS = ("unguided", "guided_untrained", "guided_trained")
 DEFAULT_LAYERS = [f"type:{t.__name__}" for t in DEFAULT_TYPES]

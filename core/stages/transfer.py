@@ -2,7 +2,7 @@
 
 For every n in ``transfer.n_disambiguation`` (token tasks: the ambiguous rows plus n disambiguating rows; omit it
 for image tasks), every condition and every learning rate, one sub-run trains the condition's starting model
-(``core.transfer.transplant``) on the same data, selecting on the validation split and stopping early when
+(``instill.transfer.transplant``) on the same data, selecting on the validation split and stopping early when
 ``train.early_stop`` says so. Conditions: ``subnet``, ``subnet_trainable``, ``full_model``, ``random_init``,
 ``sampled_subnet``, ``sampled_complement``. Every condition at a given n starts from the same fresh weights and
 sees the same batches; the learning-rate sweep stops once a rate reaches ``transfer.lr_stop_at``.
@@ -25,23 +25,23 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, confloat, conlist, field_validator
 
-from core.config import Section
-from core.errors import UserError
-from core.masks import base_run_of, load_mask
-from core.models import build_fresh, load_model
-from core.report import format_table, plot_bars, plot_lines
-from core.run import atomic_write_text, derive_seed, seed_everything
-from core.stages import (Context, UsesBaseModel, build_data, check_compatible, evaluate_task, make_loss,
+from ..config import Section
+from ..errors import UserError
+from ..masks import base_run_of, load_mask
+from ..models import build_fresh, load_model
+from ..report import format_table, plot_bars, plot_lines
+from ..run import atomic_write_text, derive_seed, seed_everything
+from . import (Context, UsesBaseModel, build_data, check_compatible, evaluate_task, make_loss,
                          resolve_upstream, summary_metrics)
-from core.train import Objective, fit
-from core.transfer import CONDITIONS, check_condition, transplant
+from ..train import Objective, fit
+from ..transfer import CONDITIONS, check_condition, transplant
 
 DEFAULT_CONDITIONS = ["subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet"]
 
 
 class TransferSection(Section):
     mask: str = Field(description="the discovered mask: an ablate run directory, the ablate stage's config, or a "
-                                  "mask imported with python -m core.masks import-neurosurgeon")
+                                  "mask imported with python -m instill.masks import-neurosurgeon")
     conditions: conlist(str, min_length=1) = Field(default_factory=lambda: list(DEFAULT_CONDITIONS))
     n_disambiguation: Optional[conlist(int, min_length=1)] = Field(
         None, description="token tasks: the numbers of disambiguating examples to sweep over")
