@@ -191,6 +191,40 @@ def plot_lines(path: str | Path, series: dict[str, list[tuple[float, float]]], *
     return Path(path)
 
 
+def plot_heatmap(values, rows: list[str], cols: list[str], *, path: str | Path | None = None, title: str = "",
+                 xlabel: str = "", ylabel: str = "", annotate: Optional[bool] = None,
+                 limits: Optional[tuple[float, float]] = None):
+    """A matrix (rows x cols, NaN cells left blank) with its row and column names on the axes; written to ``path``
+    when given. ``annotate``: print each value in its cell (default: when there are at most 16 x 16 cells).
+    Returns the matplotlib figure (closed once saved to ``path``)."""
+    import numpy as np
+
+    plt = _pyplot()
+    values = np.asarray(values, dtype=float)
+    annotate = values.shape[0] <= 16 and values.shape[1] <= 16 if annotate is None else annotate
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.55 * len(cols) + 2.5), max(3.5, 0.45 * len(rows) + 2)))
+    vmin, vmax = limits if limits is not None else (None, None)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+    fig.colorbar(image, ax=ax)
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if annotate:
+        finite = values[np.isfinite(values)]
+        middle = (finite.min() + finite.max()) / 2 if finite.size else 0
+        for (i, j), value in np.ndenumerate(values):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                        color="black" if value > middle else "white")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+    return fig
+
+
 def _pyplot():
     import matplotlib
 
