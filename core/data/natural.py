@@ -16,6 +16,7 @@ Both standardise with the CIFAR statistics by default (``normalize: cifar``), as
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 from pathlib import Path
@@ -45,7 +46,9 @@ def _normalized(x: torch.Tensor, normalize: str) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------- crops
 
+@functools.lru_cache(maxsize=1)
 def _photographs() -> torch.Tensor:
+    """The two photographs, uint8 (2, 3, 427, 640); decoded once per process (callers must not modify them)."""
     from sklearn.datasets import load_sample_images
 
     images = load_sample_images().images
