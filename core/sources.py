@@ -96,7 +96,7 @@ class LoadedModel:
 
 
 def load_model_source(source: ModelSource | dict[str, Any], data_info: dict[str, Any], *, key: str = "model",
-                      freeze: bool = True) -> LoadedModel:
+                      freeze: bool = True, check_data: bool = True) -> LoadedModel:
     """The model a source names, checked against the data it will see.
 
     Args:
@@ -104,6 +104,7 @@ def load_model_source(source: ModelSource | dict[str, Any], data_info: dict[str,
         data_info: the run's ``DataBundle.info``: sizes a registered architecture; a run's model must match it.
         key: the config key of the source, for error messages ("model_a").
         freeze: eval mode and ``requires_grad_(False)`` (both models of a comparison or a stitch are frozen).
+        check_data: check that a run directory's model was built for ``data_info`` (off only to inspect a model).
 
     Returns:
         A ``LoadedModel`` (model on the CPU, label, kind, model config, data facts).
@@ -116,7 +117,7 @@ def load_model_source(source: ModelSource | dict[str, Any], data_info: dict[str,
     if isinstance(source, dict):
         source = _validated(source, key)
     if source.run is not None:
-        loaded = _from_run(Path(source.run), source.checkpoint, data_info, key)
+        loaded = _from_run(Path(source.run), source.checkpoint, data_info if check_data else None, key)
     else:
         loaded = _from_registry(source, data_info, key)
     if freeze:
@@ -137,7 +138,7 @@ def _validated(raw: dict[str, Any], key: str) -> ModelSource:
 
 # ----------------------------------------------------------------------------------------------------- run dirs
 
-def _from_run(path: Path, checkpoint: str, data_info: dict[str, Any], key: str) -> LoadedModel:
+def _from_run(path: Path, checkpoint: str, data_info: Optional[dict[str, Any]], key: str) -> LoadedModel:
     from .masks import META_FILE, base_run_of, load_mask
     from .models import load_model
     from .run import is_finished
@@ -159,7 +160,8 @@ def _from_run(path: Path, checkpoint: str, data_info: dict[str, Any], key: str) 
         holding = sorted(p.name for p in path.iterdir() if (p / f"{checkpoint}.json").is_file())
         hint = f"; its sub-runs with a model: {', '.join(holding)}" if holding else ""
         raise UserError(f"{key}.run: {path} holds no model ({checkpoint}.json) and no mask ({META_FILE}){hint}")
-    check_data_fits(info, data_info, f"the model of {path}", key=f"{key} (data)")
+    if data_info is not None:
+        check_data_fits(info, data_info, f"the model of {path}", key=f"{key} (data)")
     return LoadedModel(model, label, kind, model_cfg, info)
 
 
