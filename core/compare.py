@@ -158,20 +158,23 @@ def _features(tensor: Tensor, spatial: Spatial) -> Tensor:
     return tensor
 
 
-def _u_centred_grams(features: Sequence[Tensor]) -> Tensor:
-    """The U-centred linear Gram matrices (L, n, n) in float64 of L layers' (n, ...) features of one batch."""
-    grams = []
-    for x in features:
-        with full_precision(x.device.type):
-            flat = x.reshape(x.shape[0], -1)
-            grams.append((flat @ flat.mT).double())
-    k = torch.stack(grams)
+def linear_gram(x: Tensor) -> Tensor:
+    """``X X^T`` (n x n) of the flattened samples, float32 at full precision."""
+    with full_precision(x.device.type):
+        flat = x.reshape(x.shape[0], -1).float()
+        return flat @ flat.mT
+
+
+def _u_centred(grams: Sequence[Tensor]) -> Tensor:
+    """U-centring (Szekely and Rizzo 2014) in float64 of L raw Gram matrices: a (L, n, n) stack."""
+    k = torch.stack(list(grams)).double()
     n = k.shape[-1]
-    k = k * (1 - torch.eye(n, dtype=k.dtype, device=k.device))
+    off_diagonal = 1 - torch.eye(n, dtype=k.dtype, device=k.device)
+    k = k * off_diagonal
     rows = k.sum(-1, keepdim=True)
     total = rows.sum(-2, keepdim=True)
     k = k - rows / (n - 2) - rows.mT / (n - 2) + total / ((n - 1) * (n - 2))
-    return k * (1 - torch.eye(n, dtype=k.dtype, device=k.device))
+    return k * off_diagonal
 
 
 class _MinibatchCKA:
@@ -184,11 +187,14 @@ class _MinibatchCKA:
         self.bb = torch.zeros(count_b, dtype=torch.float64, device=device)
         self.n = 0
 
-    def update(self, feats_a: list[Tensor], feats_b: list[Tensor]) -> None:
+    def update(self, feats_a: list[Tensor], feats_b: list[Tensor], grams: bool = False) -> None:
+        """Add one batch: the layers' features (n, ...), or (``grams``) their raw Gram matrices (n, n)."""
         n = feats_a[0].shape[0]
         if n < UNBIASED_MIN_BATCH:
             return
-        ka, kb = _u_centred_grams(feats_a).flatten(1), _u_centred_grams(feats_b).flatten(1)
+        if not grams:
+            feats_a, feats_b = [linear_gram(x) for x in feats_a], [linear_gram(y) for y in feats_b]
+        ka, kb = _u_centred(feats_a).flatten(1), _u_centred(feats_b).flatten(1)
         scale = 1.0 / (n * (n - 3))
         self.ab += (ka @ kb.mT) * scale
         self.aa += (ka * ka).sum(1) * scale
@@ -417,18 +423,22 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, loader: Iterable[Any]
     device = torch.device(device)
     modes = (model_a.training, model_b.training)
     model_a.eval(), model_b.eval()
-    capture_a = FeatureCapture(model_a, layers_a, clone=True)
-    capture_b = FeatureCapture(model_b, layers_b, clone=True)
+    # Minibatch CKA alone needs only each layer's Gram matrix: the hooks form it from the fresh output and drop the
+    # activation at once (no copy, no n x d tensor kept past its layer).
+    grams_only = measures == ["cka_minibatch"]
+    options = {"transform": lambda t: linear_gram(_features(t, spatial))} if grams_only else {"clone": True}
+    capture_a = FeatureCapture(model_a, layers_a, **options)
+    capture_b = FeatureCapture(model_b, layers_b, **options)
     try:
         with torch.no_grad(), capture_a, capture_b:
             return _stream(model_a, model_b, capture_a, capture_b, loader, measures, full_samples, max_samples,
-                           spatial, device, labels, progress)
+                           spatial, device, labels, progress, grams_only)
     finally:
         model_a.train(modes[0]), model_b.train(modes[1])
 
 
 def _stream(model_a, model_b, capture_a, capture_b, loader, measures, full_samples, max_samples, spatial, device,
-            labels, progress) -> Comparison:
+            labels, progress, grams_only) -> Comparison:
     names_a = names_b = None
     streams: dict[str, Any] = {}
     kept_a: list[list[Tensor]] = []
@@ -453,6 +463,13 @@ def _stream(model_a, model_b, capture_a, capture_b, loader, measures, full_sampl
         if names_a is None:  # first batch: fix the layer order, choose the comparable pairs
             names_a = [k for k in got_a if "@" not in k]
             names_b = [k for k in got_b if "@" not in k]
+        if grams_only:
+            streams = streams or {"cka_minibatch": _MinibatchCKA(len(names_a), len(names_b), device)}
+            streams["cka_minibatch"].update([got_a[k] for k in names_a], [got_b[k] for k in names_b], grams=True)
+            seen += x.shape[0]
+            if progress is not None:
+                progress(seen)
+            continue
         feats_a = [_features(got_a[k], spatial) for k in names_a]
         feats_b = [_features(got_b[k], spatial) for k in names_b]
         if not streams:
