@@ -5,6 +5,7 @@ A model source is a config section of one of two forms::
 
     model_a:                      # a run directory of any stage
       run: checkpoints/shapes_base            # base run: its model.safetensors (checkpoint: last for last.safetensors)
+      # run: configs/my_base.yaml             # a base config: its run directory, trained first when missing
       # run: checkpoints/shapes_ablate        # ablate run: its base run's model with the mask applied (pruned)
       # run: checkpoints/shapes_transfer/subnet   # transfer or guide sub-run: the model it trained
 
@@ -56,7 +57,7 @@ class ModelSource(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     run: Optional[str] = Field(None, description="a run directory: base, ablate (mask applied), transfer or guide "
-                                                 "sub-run")
+                                                 "sub-run; or a base config (trained first when missing)")
     checkpoint: str = Field("model", description="run: which saved model (model: the selected one; last)")
     name: Optional[str] = Field(None, description="a registered model name (with weights: a local weights file)")
     weights: Optional[str] = Field(None, description="name: a local .pt/.pth state dict or .safetensors file; "
@@ -144,6 +145,10 @@ def _from_run(path: Path, checkpoint: str, data_info: Optional[dict[str, Any]], 
     from .run import is_finished
     from .stages import check_data_fits
 
+    if path.suffix in (".yaml", ".yml"):  # a base config: its run directory, trained first when missing
+        from .stages import resolve_upstream
+
+        path = Path(resolve_upstream(str(path), "base", f"{key}.run"))
     if not path.is_dir():
         raise UserError(f"{key}.run: {path} is not a directory")
     if not is_finished(path):
