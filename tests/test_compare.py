@@ -179,3 +179,12 @@ def test_compare_stage_bad_input_is_one_line_and_writes_nothing(workdir, capsys,
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (workdir / "checkpoints" / "bad").exists()
+
+
+def test_compare_stage_with_a_missing_cifar_folder_writes_nothing(workdir, capsys):
+    text = TINY10_CONFIG.replace("data: {name: crops, n_train: 8, n_val: 64, n_test: 8}",
+                                 f"data: {{name: cifar10, root: {workdir / 'nowhere'}}}")
+    assert run_cli("compare", _write(workdir / "nocifar.yaml", text)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cifar-10-batches-py not found" in err and len(err.splitlines()) == 1
+    assert not (workdir / "checkpoints").exists()

@@ -129,7 +129,7 @@ def _images_and_labels(path: Path, label_key: str) -> tuple[torch.Tensor, torch.
 
 
 def _cifar_folder(root: str, folder: str) -> Path:
-    path = Path(root)
+    path = Path(root).expanduser()
     if path.name != folder:
         path = path / folder
     if not path.is_dir():
