@@ -1,8 +1,9 @@
 """Speed of the layer-similarity comparison against the peer tool torch-cka, measured side by side in one process.
 
-Setup: two ConvNets of the registry (``convnet``, eight 3x3 conv blocks 16-16-32-32-32-64-64-64, strides 1,1,2,1,1,2,1,1,
-different seeds) on 2,048 natural-image crops (``crops``, 3x32x32), batches of 256, the outputs of all 8 blocks of
-each: an 8 x 8 matrix of minibatch linear CKA (unbiased HSIC summed over batches, Nguyen et al. 2021).
+Setup: two ConvNets of the registry (``convnet``, eight 3x3 conv blocks 16-16-32-32-32-64-64-64, strides
+1,1,2,1,1,2,1,1, different seeds) on 2,048 natural-image crops (``crops``, 3x32x32), batches of 256 (the original's
+``compare_nets.py`` default), the outputs of all 8 blocks of each: an 8 x 8 matrix of minibatch linear CKA
+(unbiased HSIC summed over batches, Nguyen et al. 2021).
 
 * ``ours``: ``instill.compare.compare_models(..., measures=["cka_minibatch"])``: one Gram matrix per layer per batch,
   U-centred once, all 64 pairs from one matmul, accumulated in float64 on the device, one transfer at the end.
@@ -15,8 +16,9 @@ float32). Timing: the tools alternate (``--repeats`` rounds after one warm-up); 
 ratios. torch-cka runs as its README calls it (recording autograd graphs: ``speedup_vs_torch_cka``, the target
 >= 5x) and under ``torch.no_grad()`` (``speedup_vs_torch_cka_no_grad``). Both tools must run the two models'
 forward passes, timed alone as ``forwards_s``; ``speedup_beyond_forwards`` compares the work each adds to them. On a
-CPU the forward passes are a large share of the total, which bounds the overall ratio. ``python bench/compare.py`` or ``--quick`` (256 images, seconds). Run on a quiet machine (``uptime``). The
-last line printed is one JSON object with ``speedup_vs_torch_cka``.
+CPU the forward passes are a large share of the total, which bounds the overall ratio.
+``python bench/compare.py`` or ``--quick`` (256 images, seconds). Run on a quiet machine (``uptime``). The last line
+printed is one JSON object with ``speedup_vs_torch_cka``.
 """
 
 from __future__ import annotations

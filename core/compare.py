@@ -17,8 +17,9 @@ Measures. Streaming measures keep statistics whose size does not depend on the n
 
 - ``cka_minibatch`` (the default): minibatch linear CKA of Nguyen, Raghu & Kornblith (2021). Per batch, the unbiased
   HSIC (Song et al. 2012) of every pair, from each layer's U-centred Gram matrix computed once (the product in
-  float32 at full precision, centring and sums in float64), summed over batches; CKA = sum HSIC(a, b) / sqrt(sum HSIC(a, a) sum HSIC(b, b)). It does not drift with the batch size
-  the way averaging per-batch CKA values does. Batches of fewer than 4 samples are skipped (HSIC_u needs 4).
+  float32 at full precision, centring and sums in float64), summed over batches;
+  CKA = sum HSIC(a, b) / sqrt(sum HSIC(a, a) sum HSIC(b, b)). It does not drift with the batch size the way
+  averaging per-batch CKA values does. Batches of fewer than 4 samples are skipped (HSIC_u needs 4).
 - ``channel_corr``: Pearson correlation of every channel pair, pixels as samples (N*H*W for conv maps; the
   original's ``corr``), from float64 running sums; reported as the mean over ``b``'s channels of the best
   correlation with any channel of ``a`` (the semi-match score: 1 when ``b``'s channels are copies of ``a``'s).

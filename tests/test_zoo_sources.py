@@ -98,7 +98,8 @@ def test_resnet20_weights_load_and_architecture_is_guessed():
 def test_weights_of_another_architecture_name_the_first_mismatching_key():
     with pytest.raises(UserError, match=r"first mismatching key 'conv1.bias' is missing from the file"):
         load_model_source({"name": "tiny10", "weights": RESNET20}, CIFAR_INFO, key="model_a")
-    with pytest.raises(UserError, match=r"first mismatching key 'conv1.weight' has shape \(16, 3, 3, 3\) in the file, \(32, 3, 3, 3\)"):
+    with pytest.raises(UserError, match=r"first mismatching key 'conv1.weight' has shape \(16, 3, 3, 3\) in the "
+                                        r"file, \(32, 3, 3, 3\)"):
         load_model_source({"name": "resnet20", "width": 2, "weights": RESNET20}, CIFAR_INFO)
     with pytest.raises(UserError, match=r"'bn1.weight' in the file is not in the model"):
         load_model_source({"name": "nbn_tiny10", "weights": TINY10[0]}, CIFAR_INFO)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-import torch
 from pydantic import Field, conlist, field_validator
 
 from ..compare import MEASURES, UNBIASED_MIN_BATCH, check_sample_counts, compare_models, get_measure
