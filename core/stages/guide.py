@@ -135,9 +135,14 @@ def prepare(cfg: Config) -> None:
         try:
             with torch.no_grad():
                 target(batch[0])
-                alignment(*_alignment_inputs(spec, batch, data.info))
+                loss, _ = alignment(*_alignment_inputs(spec, batch, data.info))
+        except UserError as err:
+            raise UserError(f"guidance ({condition}, similarity {spec.similarity}): {err}") from None
         finally:
             alignment.close()
+        if not torch.isfinite(loss):
+            raise UserError(f"guidance ({condition}): the alignment loss is {loss.item()} on the first training "
+                            f"batch: a paired layer's activations hold NaN or inf")
 
 
 def main(ctx: Context) -> dict[str, Any]:
