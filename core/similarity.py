@@ -105,24 +105,36 @@ def _check_samples(n_x: int, n_y: int, minimum: int, what: str) -> None:
 
 def _raise_non_finite(t: Tensor, side: str) -> None:
     bad = int((~torch.isfinite(t)).sum())
+    if bad == 0:  # finite values whose sums overflow
+        raise NonFiniteActivations(f"similarity: {side} holds values too large for {t.dtype} (their sums overflow)")
     raise NonFiniteActivations(f"similarity: {side} holds NaN or inf ({bad} of {t.numel()} values)")
 
 
-def _checked_centred(x: Tensor, side: str, eps: float | None = None) -> Tensor:
-    """``x`` (n, d) with its column means removed, after checking that it is finite and varies over the samples.
+def _check_centred(x: Tensor, side: str, mean: Tensor, centred_energy: Tensor, eps: float | None) -> None:
+    """Raise unless ``x`` (n, d) is finite and varies over its samples, from its column means and ``||X_c||^2``.
 
     Constant means that the centred features hold at most ``eps`` of the energy, ``||X_c||^2 <= eps ||X||^2``
-    (features equal for every sample, or a mean so far above their spread that the dtype keeps only its rounding).
-    One synchronisation per call.
+    (features equal for every sample, or a mean so far above their spread that the dtype keeps only its rounding);
+    ``||X||^2 = ||X_c||^2 + n ||mean||^2``. A NaN or inf in ``x`` makes its column mean non-finite, so the check
+    reads no more than the means: one synchronisation, no pass over ``x`` unless something is wrong.
     """
-    xc = x - x.mean(0, keepdim=True)
-    finite, varies = torch.stack([torch.isfinite(x).all(),
-                                  xc.detach().square().sum() > _eps(eps, x.dtype) * x.detach().square().sum()]).tolist()
+    mean, centred_energy = mean.detach(), centred_energy.detach()
+    energy = centred_energy + x.shape[0] * mean.square().sum()
+    finite, varies = torch.stack([torch.isfinite(mean).all() & torch.isfinite(centred_energy),
+                                  centred_energy > _eps(eps, x.dtype) * energy]).tolist()
     if not finite:
         _raise_non_finite(x, side)
     if not varies:
         raise DegenerateActivations(f"similarity: {side} is constant over the {x.shape[0]} samples (a collapsed or "
                                     f"dead layer); no similarity is defined for it")
+
+
+def _checked_centred(x: Tensor, side: str, eps: float | None = None) -> Tensor:
+    """``x`` (n, d) with its column means removed, after checking that it is finite and varies over the samples
+    (see ``_check_centred``)."""
+    mean = x.mean(0, keepdim=True)
+    xc = x - mean
+    _check_centred(x, side, mean, torch.linalg.vector_norm(xc.detach()).square(), eps)
     return xc
 
 
@@ -182,9 +194,17 @@ def center_gram(k: Tensor) -> Tensor:
 def _centred_gram_of(x: Tensor, side: str, eps: float | None = None) -> Tensor:
     """``H X X^T H`` of samples ``x`` (n, d), from the centred features: O(n d) before the O(n^2 d) product, and
     exact in float32 whatever the features' common offset (centring the Gram matrix afterwards subtracts numbers
-    of the size of the offset squared, and loses the spread to rounding). The O(n^2) centring that follows only
-    removes the product's rounding from the row means."""
-    return center_gram(_Gram.apply(_checked_centred(x, side, eps)))
+    of the size of the offset squared, and loses the spread to rounding).
+
+    The mean is held constant for the gradient, which is exact and saves two passes over ``x``: ``center_gram``
+    projects any gradient onto centred matrices ``G`` (``1^T G = 0``), so the Gram's gradient ``(G + G^T) X_c``
+    already has zero column means, which is what the mean's own backward would subtract. ``_Gram`` keeps ``X_c``
+    for its backward in place of ``X``, so the memory is the same; ``||X_c||^2`` for the check is the trace.
+    """
+    mean = x.detach().mean(0, keepdim=True)
+    k = _Gram.apply(x - mean)
+    _check_centred(x, side, mean, k.detach().diagonal().sum(), eps)
+    return center_gram(k)
 
 
 def centered_gram(x: Tensor, eps: float | None = None) -> Tensor:

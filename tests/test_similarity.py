@@ -230,6 +230,11 @@ def test_cka_of_features_with_a_large_common_offset_is_right_in_float32():
         assert cka(x32, y32).item() == pytest.approx(exact, abs=1e-5)
         assert cka_with_gram(x32, centered_gram(y32)).item() == pytest.approx(exact, abs=1e-5)
         assert cka(x32, y32, unbiased=True).item() == pytest.approx(cka(x, y, unbiased=True).item(), abs=1e-5)
+        grads = []
+        for a in (x.clone().requires_grad_(), x32.clone().requires_grad_()):
+            cka_with_gram(a, centered_gram(y32 if a.dtype == torch.float32 else y)).backward()
+            grads.append(a.grad.double())
+        assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 1e-4
 
 
 def test_mistakes_are_user_errors():
