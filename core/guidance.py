@@ -58,7 +58,7 @@ def resolve_pairs(spec: str | Sequence[Mapping[str, Any]], target_keys: Sequence
         for pair in pairs:
             if getattr(pair, attr) not in keys:
                 near = difflib.get_close_matches(getattr(pair, attr), keys, n=3)
-                raise UserError(f"guidance.layer_map: {side} layer {getattr(pair, attr)!r} is not captured"
+                raise UserError(f"{side} layer {getattr(pair, attr)!r} is not captured"
                                 + (f"; nearest: {', '.join(near)}" if near else f"; captured: {', '.join(keys[:6])}"))
     return pairs
 
@@ -117,7 +117,7 @@ class AlignmentLoss:
         if self.tokenwise is None:
             return [capture]
         if capture.dim() < 3 or (self._real is not None and capture.shape[:2] != self._real.shape):
-            raise UserError(f"guidance.tokenwise: a capture of shape {tuple(capture.shape)} is not (batch, time, "
+            raise UserError(f"tokenwise={self.tokenwise}: a capture of shape {tuple(capture.shape)} is not (batch, time, "
                             f"...) like the input {tuple(self._real.shape) if self._real is not None else ''}")
         if self.tokenwise == "rows":
             rows = capture.flatten(0, 1)
@@ -146,7 +146,7 @@ class AlignmentLoss:
         by_position = real.t().nonzero()[:, 1].split(counts)  # sample indices, grouped by position
         self._rows = [(t, samples) for t, samples in enumerate(by_position) if counts[t] >= self.measure.min_samples]
         if not self._rows:
-            raise UserError(f"guidance.tokenwise: no position has {self.measure.min_samples} real samples in a "
+            raise UserError(f"tokenwise=positions: no position has {self.measure.min_samples} real samples in a "
                             f"batch of {len(real)} (use a larger batch)")
 
     # --- the loss ----------------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ class MaskConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise UserError(f"mask: {message}")
+                raise UserError(message)  # the ablate config names the section
 
     def hyperparameters(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -194,7 +194,7 @@ def _match(entry: str, model: nn.Module, modules, canonical, mask_bias: bool) ->
     for name, module in named:
         kind = kind_of(module)
         if kind is None and not _is_glob(entry):
-            raise UserError(f"mask layers: {entry!r} is a {type(module).__name__}, which has no maskable weight "
+            raise UserError(f"layers entry {entry!r} is a {type(module).__name__}, which has no maskable weight "
                             f"(supported types: {', '.join(kinds)}; or name a parameter)")
         hits += _module_params(module, kind, canonical, mask_bias) if kind else []
     if hits:
@@ -220,7 +220,7 @@ def _no_match_message(entry: str, modules, canonical) -> str:
     names = list(layer_kinds()) + [name for name, _ in modules] + list(canonical.values())
     hint = difflib.get_close_matches(entry, names, n=3)
     near = f"; nearest names: {', '.join(hint)}" if hint else ""
-    return (f"mask layers: {entry!r} matches no maskable weight (use a layer type such as "
+    return (f"layers entry {entry!r} matches no maskable weight (use a layer type such as "
             f"{', '.join(layer_kinds())}, or a module or parameter name pattern){near}")
 
 

@@ -13,7 +13,7 @@ Linear CKA (Kornblith et al. 2019). With ``K = X X^T``, ``L = Y Y^T`` and a cent
   ``<C(K), C(L)> = n (n-3) HSIC_u(K, L)`` exactly, so the ratio is the unbiased CKA. Needs n >= 4.
 
 How it is computed. ``H`` is never built: ``H K H`` is ``K`` minus its row and column means plus its mean, O(n^2)
-after the one O(n^2 d) product (of features already centred, see below). ``gram`` has a hand-written backward, one
+after the one O(n^2 d) product (see "Large common offsets" below). ``gram`` has a hand-written backward, one
 matmul ``(G + G^T) X`` where autograd does two. The O(n^2) part has an analytic backward too: both centrings are
 orthogonal projections (self-adjoint, idempotent), so the gradient with respect to ``K`` is ``dCKA/dC(K)`` itself.
 When the features are narrower than the batch, the feature form ``||Y_c^T X_c||^2 / (||X_c^T X_c|| ||Y_c^T Y_c||)``
@@ -31,9 +31,10 @@ spread that the dtype keeps only rounding); by default ``eps`` is 8 machine epsi
 (1e-6 in float32). The CCA family also refuses a side whose numerical rank reaches n - 1 (every canonical
 correlation is then 1). Both are ``UserError`` subclasses; each check costs one synchronisation per side.
 
-The Gram form centres the features before the product (O(n d)): a Gram matrix of uncentred features holds numbers
-of the size of the common offset squared, and float32 then loses the spread to rounding (0.485 instead of 0.960 at
-an offset of 1000).
+Large common offsets. A Gram matrix of uncentred features holds numbers of the size of the offset squared, and
+float32 then loses the spread to rounding (0.485 instead of 0.960 at an offset of 1000). The Gram form reads the
+rounding error off the product (``||X||^2 / ||X_c||^2``, from its trace and sum) and, when it is too large, centres
+the features first (O(n d)) and multiplies again: usual activations pay nothing (see ``_centred_gram_of``).
 
 The other measures: RSA (the original's variant and the classic one), orthogonal Procrustes, and the CCA family
 (mean CCA, SVCCA, PWCCA). ``SIMILARITIES`` names them all for configs.
@@ -93,7 +94,7 @@ def as_samples(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).to(dtype)
 
 
-def _check_samples(n_x: int, n_y: int, minimum: int, what: str) -> None:
+def _check_samples(n_x: int, n_y: int, minimum: int = MIN_SAMPLES, what: str = "this similarity") -> None:
     """Both sides hold the same number of samples, at least ``minimum`` (the measure's ``Similarity.min_samples``)."""
     if n_x != n_y:
         raise UserError(f"similarity between {n_x} and {n_y} samples: both sides need the same batch "
@@ -191,19 +192,34 @@ def center_gram(k: Tensor) -> Tensor:
     return k - row_means - row_means.mT + row_means.mean(-2, keepdim=True)
 
 
-def _centred_gram_of(x: Tensor, side: str, eps: float | None = None) -> Tensor:
-    """``H X X^T H`` of samples ``x`` (n, d), from the centred features: O(n d) before the O(n^2 d) product, and
-    exact in float32 whatever the features' common offset (centring the Gram matrix afterwards subtracts numbers
-    of the size of the offset squared, and loses the spread to rounding).
+PRECISE_GRAM = 1e-6  # largest relative rounding error accepted in a Gram matrix centred after the product
 
-    The mean is held constant for the gradient, which is exact and saves two passes over ``x``: ``center_gram``
-    projects any gradient onto centred matrices ``G`` (``1^T G = 0``), so the Gram's gradient ``(G + G^T) X_c``
-    already has zero column means, which is what the mean's own backward would subtract. ``_Gram`` keeps ``X_c``
-    for its backward in place of ``X``, so the memory is the same; ``||X_c||^2`` for the check is the trace.
+
+def _centred_gram_of(x: Tensor, side: str, eps: float | None = None) -> Tensor:
+    """``H X X^T H`` of samples ``x`` (n, d), correct in float32 whatever the features' common offset.
+
+    Centring the Gram matrix after the product subtracts numbers of the size of the offset squared: its rounding
+    error relative to ``H K H`` is about the machine epsilon times ``||X||^2 / ||X_c||^2`` (0.485 instead of 0.960
+    at an offset of 1000 in float32). Both norms are read off ``K`` (its trace, and the trace minus its sum / n). When
+    that error exceeds ``PRECISE_GRAM`` the features are centred first (O(n d)) and the product taken again; usual
+    activations (post-ReLU maps have ``||X||^2 / ||X_c||^2`` of 1.5 to 3) keep the one product and no extra pass.
+
+    On the centred path the mean is held constant for the gradient, which is exact: ``center_gram`` projects any
+    gradient onto centred matrices ``G`` (``1^T G = 0``), so the Gram's gradient ``(G + G^T) X_c`` already has the
+    zero column means that the mean's own backward would subtract.
     """
-    mean = x.detach().mean(0, keepdim=True)
-    k = _Gram.apply(x - mean)
-    _check_centred(x, side, mean, k.detach().diagonal().sum(), eps)
+    k = _Gram.apply(x)
+    raw = k.detach()
+    energy, total = raw.diagonal().sum(), raw.sum()
+    finite, precise = torch.stack([torch.isfinite(energy) & torch.isfinite(total),
+                                   energy * torch.finfo(x.dtype).eps < PRECISE_GRAM * (energy - total / len(x))
+                                   ]).tolist()
+    if not finite:
+        _raise_non_finite(x, side)
+    if not precise:  # the common offset dominates (or the layer is constant): centre the features first
+        mean = x.detach().mean(0, keepdim=True)
+        k = _Gram.apply(x - mean)
+        _check_centred(x, side, mean, k.detach().diagonal().sum(), eps)
     return center_gram(k)
 
 
@@ -301,7 +317,7 @@ def _gram_form_is_cheaper(n: int, d_x: int, d_y: int) -> bool:
     return n * (d_x + d_y) <= d_x * d_y + d_x * d_x + d_y * d_y
 
 
-def _unit_centred(x: Tensor, side: str, eps: float | None = None) -> Tensor:
+def _center_features(x: Tensor, side: str = "x", eps: float | None = None) -> Tensor:
     """Checked, centred columns scaled to unit Frobenius norm (CKA and the other measures are scale-invariant)."""
     xc = _checked_centred(x, side, eps)
     return _unit(xc, torch.linalg.vector_norm(xc))
@@ -317,7 +333,7 @@ def _feature_hsic(xc: Tensor, yc: Tensor, cross: Tensor, unbiased: bool) -> Tens
 
 
 def _feature_cka(x: Tensor, y: Tensor, unbiased: bool, eps: float | None) -> Tensor:
-    xc, yc = _unit_centred(x, "x", eps), _unit_centred(y, "y", eps)
+    xc, yc = _center_features(x, "x", eps), _center_features(y, "y", eps)
     hsic = partial(_feature_hsic, unbiased=unbiased)
     xy = hsic(xc, yc, (xc.mT @ yc).square().sum())
     xx = hsic(xc, xc, (xc.mT @ xc).square().sum())
@@ -461,7 +477,7 @@ def procrustes(x: Tensor, y: Tensor) -> Tensor:
     with full_precision(x.device.type):
         x, y = as_samples(x), as_samples(y)
         _check_samples(x.shape[0], y.shape[0], MIN_SAMPLES, "Procrustes")
-        xc, yc = _compact(_unit_centred(x, "x")), _compact(_unit_centred(y, "y"))
+        xc, yc = _compact(_center_features(x, "x")), _compact(_center_features(y, "y"))
         return torch.linalg.svdvals(xc.mT @ yc).sum()
 
 
@@ -489,8 +505,8 @@ def _cca_bases(x: Tensor, y: Tensor, what: str) -> tuple[Tensor, Tensor, Tensor]
     x, y = as_samples(x), as_samples(y)
     n = x.shape[0]
     _check_samples(n, y.shape[0], MIN_SAMPLES, what)
-    xc = _unit_centred(x, "x")
-    qx, qy = _orthonormal_basis(xc), _orthonormal_basis(_unit_centred(y, "y"))
+    xc = _center_features(x, "x")
+    qx, qy = _orthonormal_basis(xc), _orthonormal_basis(_center_features(y, "y"))
     for side, basis in (("x", qx), ("y", qy)):
         if basis.shape[1] >= n - 1:
             raise DegenerateActivations(f"{what}: {side} has rank {basis.shape[1]} with only {n} samples (centred "
@@ -541,7 +557,7 @@ def svcca(x: Tensor, y: Tensor, keep: float = 0.99) -> Tensor:
     with full_precision(x.device.type):
         x, y = as_samples(x), as_samples(y)
         _check_samples(x.shape[0], y.shape[0], MIN_SAMPLES, "SVCCA")
-        return cca(_top_directions(_unit_centred(x, "x"), keep), _top_directions(_unit_centred(y, "y"), keep))
+        return cca(_top_directions(_center_features(x, "x"), keep), _top_directions(_center_features(y, "y"), keep))
 
 
 def pwcca(x: Tensor, y: Tensor) -> Tensor:
