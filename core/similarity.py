@@ -34,7 +34,7 @@ correlation is then 1). Both are ``UserError`` subclasses; each check costs one 
 Large common offsets. A Gram matrix of uncentred features holds numbers of the size of the offset squared, and
 float32 then loses the spread to rounding (0.485 instead of 0.960 at an offset of 1000). The Gram form reads the
 rounding error off the product (``||X||^2 / ||X_c||^2``, from its trace and sum) and, when it is too large, centres
-the features first (O(n d)) and multiplies again: usual activations pay nothing (see ``_centred_gram_of``).
+the features first (O(n d)) and multiplies again: usual activations pay nothing (see ``_checked_gram``).
 
 The other measures: RSA (the original's variant and the classic one), orthogonal Procrustes, and the CCA family
 (mean CCA, SVCCA, PWCCA). ``SIMILARITIES`` names them all for configs.
@@ -195,8 +195,10 @@ def center_gram(k: Tensor) -> Tensor:
 PRECISE_GRAM = 1e-6  # largest relative rounding error accepted in a Gram matrix centred after the product
 
 
-def _centred_gram_of(x: Tensor, side: str, eps: float | None = None) -> Tensor:
-    """``H X X^T H`` of samples ``x`` (n, d), correct in float32 whatever the features' common offset.
+def _checked_gram(x: Tensor, side: str, eps: float | None = None) -> Tensor:
+    """A Gram matrix of samples ``x`` (n, d) whose centring ``H K H`` is correct in float32 whatever the features'
+    common offset: ``X X^T``, or ``X_c X_c^T`` when the offset dominates. Callers centre it (``center_gram``, or
+    ``_CenteredCosine``), which the gradient below relies on.
 
     Centring the Gram matrix after the product subtracts numbers of the size of the offset squared: its rounding
     error relative to ``H K H`` is about the machine epsilon times ``||X||^2 / ||X_c||^2`` (0.485 instead of 0.960
@@ -204,9 +206,14 @@ def _centred_gram_of(x: Tensor, side: str, eps: float | None = None) -> Tensor:
     that error exceeds ``PRECISE_GRAM`` the features are centred first (O(n d)) and the product taken again; usual
     activations (post-ReLU maps have ``||X||^2 / ||X_c||^2`` of 1.5 to 3) keep the one product and no extra pass.
 
-    On the centred path the mean is held constant for the gradient, which is exact: ``center_gram`` projects any
+    On the centred path the mean is held constant for the gradient, which is exact: the centring projects any
     gradient onto centred matrices ``G`` (``1^T G = 0``), so the Gram's gradient ``(G + G^T) X_c`` already has the
-    zero column means that the mean's own backward would subtract.
+    zero column means that the mean's own backward would subtract. On the usual path the values and their bits are
+    those of the plain product, as before this check existed (recorded runs replay exactly).
+
+    Raises:
+        NonFiniteActivations: ``x`` holds NaN or inf.
+        DegenerateActivations: ``x`` is constant over its samples.
     """
     k = _Gram.apply(x)
     raw = k.detach()
@@ -220,7 +227,7 @@ def _centred_gram_of(x: Tensor, side: str, eps: float | None = None) -> Tensor:
         mean = x.detach().mean(0, keepdim=True)
         k = _Gram.apply(x - mean)
         _check_centred(x, side, mean, k.detach().diagonal().sum(), eps)
-    return center_gram(k)
+    return k
 
 
 def centered_gram(x: Tensor, eps: float | None = None) -> Tensor:
@@ -231,7 +238,7 @@ def centered_gram(x: Tensor, eps: float | None = None) -> Tensor:
         DegenerateActivations: ``x`` is constant over its samples (see ``_checked_centred``).
     """
     with full_precision(x.device.type):
-        return _centred_gram_of(as_samples(x), "x", eps)
+        return center_gram(_checked_gram(as_samples(x), "x", eps))
 
 
 def _u_center(k: Tensor) -> Tensor:
@@ -307,7 +314,7 @@ def cka_with_gram(x: Tensor, guide_gram: Tensor, unbiased: bool = False, eps: fl
     """
     _check_gram(guide_gram, "guide_gram", eps)
     with full_precision(x.device.type):
-        return _cosine_of_grams(_centred_gram_of(as_samples(x), "x", eps), guide_gram, unbiased)
+        return _cosine_of_grams(_checked_gram(as_samples(x), "x", eps), guide_gram, unbiased)
 
 
 # ----------------------------------------------------------------------------------------------------- CKA
@@ -352,7 +359,7 @@ def cka(x: Tensor, y: Tensor, unbiased: bool = False, eps: float | None = None) 
         x, y = as_samples(x), as_samples(y)
         _check_samples(x.shape[0], y.shape[0], _cka_min_samples(unbiased), "unbiased CKA" if unbiased else "CKA")
         if _gram_form_is_cheaper(x.shape[0], x.shape[1], y.shape[1]):
-            return _cosine_of_grams(_centred_gram_of(x, "x", eps), _centred_gram_of(y, "y", eps), unbiased)
+            return _cosine_of_grams(_checked_gram(x, "x", eps), _checked_gram(y, "y", eps), unbiased)
         return _feature_cka(x, y, unbiased, eps)
 
 
