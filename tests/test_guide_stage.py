@@ -76,6 +76,8 @@ def _run(config: str, *overrides: str) -> int:
     (["guidance.guide_batch_axes={layers.9: 1}"], "no layer 'layers.9' in RecurrentClassifier"),
     (["guidance.similarity=cka_unbiased", "guidance.tokenwise=positions", "train.batch_size=3"],
      "needs at least 4 samples per batch"),
+    (["train.batch_size=2"], "similarity cka needs at least 3 samples per batch"),  # CKA of 2 samples is always 1
+    (["guidance.similarity=procrustes", "train.batch_size=2"], "similarity procrustes needs at least 3 samples"),
 ])
 def test_bad_pairs_are_caught_before_the_run_directory_exists(workdir, capsys, overrides, message):
     assert _run("configs/tiny_guide_parity.yaml", *overrides) == 2

@@ -180,8 +180,12 @@ def test_a_mask_that_does_not_match_its_base_stops_the_transfer(in_upstream, cap
 
 def test_an_infeasible_sampled_complement_stops_before_the_first_sub_run(in_upstream, capsys):
     def dense_layer(masks, meta):
+        from instill.masks import mask_density, tensors_hash
+
         masks["transformer.h.0.mlp.c_fc.weight"][:] = True
         masks["transformer.h.0.mlp.c_fc.weight"][0, :3] = False
+        density = mask_density(masks)  # recorded as a discovery of this mask would (else its integrity check stops it)
+        meta.update({key: density[key] for key in ("kept", "total", "density", "layers")}, mask_hash=tensors_hash(masks))
 
     mask = edited_mask("dense", dense_layer)
     code = transfer("checkpoints/bad", "transfer.conditions=[subnet, sampled_complement]", mask=mask)

@@ -136,9 +136,14 @@ def prepare(cfg: Config) -> None:
         try:
             with torch.no_grad():
                 target(batch[0])
-                alignment(*_alignment_inputs(spec, batch, data.info))
+                loss, _ = alignment(*_alignment_inputs(spec, batch, data.info))
+        except UserError as err:
+            raise UserError(f"guidance ({condition}, similarity {spec.similarity}): {err}") from None
         finally:
             alignment.close()
+        if not torch.isfinite(loss):
+            raise UserError(f"guidance ({condition}): the alignment loss is {loss.item()} on the first training "
+                            f"batch: a paired layer's activations hold NaN or inf")
 
 
 def main(ctx: Context) -> dict[str, Any]:
@@ -191,7 +196,10 @@ def _train_condition(ctx: Context, sub, condition: str, data, guide: Optional[to
             return value, {}
         if not guided:
             return value, {"task_loss": value.item(), "align_loss": 0.0}
-        align, sims = alignment(*_alignment_inputs(spec, batch, data.info))
+        try:
+            align, sims = alignment(*_alignment_inputs(spec, batch, data.info))
+        except UserError as err:  # a layer that became constant, say; a NaN reaches the loop's guard instead
+            raise UserError(f"guidance ({condition}) at step {objective.step + 1}: {err}") from None
         return value + align, {"task_loss": value.item(), "align_loss": align.item(), **sims}
 
     def evaluate(model):
@@ -231,8 +239,11 @@ def _alignment(spec: GuidanceSection, target, guide, sample: torch.Tensor) -> Al
     target_keys, guide_keys = list(target_shapes), list(guide_shapes)
     if spec.drop_last_layer:
         target_keys, guide_keys = target_keys[:-1], guide_keys[:-1]
-    pairs = resolve_pairs([p.model_dump() for p in spec.layer_map] if isinstance(spec.layer_map, list)
-                          else spec.layer_map, target_keys, guide_keys)
+    try:
+        pairs = resolve_pairs([p.model_dump() for p in spec.layer_map] if isinstance(spec.layer_map, list)
+                              else spec.layer_map, target_keys, guide_keys)
+    except UserError as err:
+        raise UserError(f"guidance.layer_map: {err}") from None
     if not pairs:
         raise UserError("guidance: the layer map pairs no layers (does each side capture at least two layers?)")
     for pair in pairs:
