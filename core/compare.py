@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import UserError
+from .errors import UserError, nearest
 from .features import FeatureCapture, LayerSpec
 from .similarity import (canonical_correlations, cka_from_grams, centered_gram, pwcca, similarity_matrix, svcca,
                          full_precision, procrustes)
@@ -95,9 +95,7 @@ def get_measure(name: str) -> Measure:
     """The measure called ``name``; a UserError naming the nearest known names otherwise."""
     if name in MEASURES:
         return MEASURES[name]
-    import difflib
-
-    near = difflib.get_close_matches(name, MEASURES, n=3) or sorted(MEASURES)
+    near = nearest(name, MEASURES) or sorted(MEASURES)
     raise UserError(f"unknown measure {name!r}; nearest: {', '.join(near)}")
 
 

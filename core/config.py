@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 from .registry import DATASETS, MODELS, Registry, describe_error
 
 
@@ -77,15 +77,12 @@ class OptimizerConfig(Section):
     @field_validator("name")
     @classmethod
     def _known_optimizer(cls, name: str) -> str:
-        import difflib
-
         import torch.optim
 
         known = [n for n, obj in vars(torch.optim).items() if isinstance(obj, type) and n[0].isupper()
                  and issubclass(obj, torch.optim.Optimizer) and n != "Optimizer"]
         if name not in known:
-            hint = difflib.get_close_matches(name, known, n=1)
-            raise ValueError(f"unknown optimizer {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+            raise ValueError(f"unknown optimizer {name!r}" + did_you_mean(name, known))
         return name
 
     @field_validator("kwargs")

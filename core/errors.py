@@ -9,3 +9,34 @@ class UserError(ValueError):
     """Bad input from the user: printed as one line, exit code 2, nothing written."""
 
     exit_code = 2
+
+
+def nearest(name: str, choices, n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """The known names closest to a misspelt ``name``, best first (the one place that spells suggestions).
+
+    Args:
+        name: what the user wrote.
+        choices: the names that exist (any iterable of strings).
+        n: at most this many suggestions.
+        cutoff: similarity in [0, 1] below which a name is not suggested.
+
+    Returns:
+        Up to ``n`` names from ``choices``; empty when none is close.
+    """
+    import difflib
+
+    return difflib.get_close_matches(name, list(choices), n=n, cutoff=cutoff)
+
+
+def did_you_mean(name: str, choices) -> str:
+    """`` (did you mean 'x'?)`` for the closest known name, or ``""`` when none is close.
+
+    Args:
+        name: what the user wrote.
+        choices: the names that exist.
+
+    Returns:
+        The suffix to append to an error message.
+    """
+    hint = nearest(name, choices, n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""

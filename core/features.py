@@ -34,7 +34,6 @@ setting the first one found, in whatever order they close.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -45,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from .errors import UserError
+from .errors import UserError, nearest
 
 ORIGINAL_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv2d, nn.Linear, nn.AdaptiveAvgPool2d, nn.LSTM, nn.RNN, nn.TransformerDecoderLayer, nn.LayerNorm,
@@ -75,7 +74,7 @@ def _resolve_name(name: str, modules: Mapping[str, nn.Module], params: set[str])
     owner = name.rsplit(".", 1)[0]
     if name in params:
         raise UserError(f"layer {name!r} is a parameter, not a module: name its module {owner!r}")
-    near = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.5)
+    near = nearest(name, [n for n in modules if n], n=5, cutoff=0.5)
     hint = f"nearest: {', '.join(near)}" if near else f"the model has e.g. {', '.join(list(modules)[1:6])}"
     raise UserError(f"no layer {name!r} in {type(modules['']).__name__}; {hint}")
 
@@ -88,8 +87,7 @@ def is_glob(name: str) -> bool:
 def _glob_names(pattern: str, modules: Mapping[str, nn.Module]) -> set[str]:
     matched = {name for name in modules if name and fnmatch.fnmatchcase(name, pattern)}
     if not matched:
-        near = difflib.get_close_matches(pattern.replace("*", "").replace("?", ""), [n for n in modules if n], n=5,
-                                         cutoff=0.3)
+        near = nearest(pattern.replace("*", "").replace("?", ""), [n for n in modules if n], n=5, cutoff=0.3)
         hint = f"nearest: {', '.join(near)}" if near else f"the model has e.g. {', '.join(list(modules)[1:6])}"
         raise UserError(f"no layer matches {pattern!r} in {type(modules['']).__name__}; {hint}")
     return matched

@@ -15,7 +15,6 @@ Names are capture keys (``instill.features``): a module name, ``name@k`` for its
 from __future__ import annotations
 
 import contextlib
-import difflib
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
@@ -23,7 +22,7 @@ from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, nearest
 from .similarity import DegenerateActivations, NonFiniteActivations
 
 
@@ -57,7 +56,7 @@ def resolve_pairs(spec: str | Sequence[Mapping[str, Any]], target_keys: Sequence
     for side, keys, attr in (("target", target_keys, "target"), ("guide", guide_keys, "guide")):
         for pair in pairs:
             if getattr(pair, attr) not in keys:
-                near = difflib.get_close_matches(getattr(pair, attr), keys, n=3)
+                near = nearest(getattr(pair, attr), keys)
                 raise UserError(f"{side} layer {getattr(pair, attr)!r} is not captured"
                                 + (f"; nearest: {', '.join(near)}" if near else f"; captured: {', '.join(keys[:6])}"))
     return pairs

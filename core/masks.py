@@ -41,7 +41,6 @@ NeuroSurgeon 0.1.0 masks convert into an artifact (``wrapped_model.*`` or the re
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import hashlib
 import json
@@ -55,7 +54,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, nearest
 from .run import atomic_save, atomic_write_json
 
 METHODS = ("continuous_sparsification", "hard_concrete", "magnitude")
@@ -218,7 +217,7 @@ def _is_glob(pattern: str) -> bool:
 
 def _no_match_message(entry: str, modules, canonical) -> str:
     names = list(layer_kinds()) + [name for name, _ in modules] + list(canonical.values())
-    hint = difflib.get_close_matches(entry, names, n=3)
+    hint = nearest(entry, names)
     near = f"; nearest names: {', '.join(hint)}" if hint else ""
     return (f"layers entry {entry!r} matches no maskable weight (use a layer type such as "
             f"{', '.join(layer_kinds())}, or a module or parameter name pattern){near}")
@@ -789,7 +788,7 @@ def check_masks(masks: Mapping[str, torch.Tensor], model: nn.Module, expected: O
 def _check_known(names: Iterable[str], params: Mapping[str, Any], source: str) -> None:
     unknown = [name for name in names if name not in params]
     if unknown:
-        hint = difflib.get_close_matches(unknown[0], list(params), n=1)
+        hint = nearest(unknown[0], params, n=1)
         raise UserError(f"{source}: {listing(unknown)} not parameter(s) of the model"
                         + (f" (nearest: {hint[0]})" if hint else ""))
 

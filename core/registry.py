@@ -9,7 +9,6 @@ So a builder's signature is the single source of its options: the config validat
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import re
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -56,10 +55,9 @@ class Registry:
         head = name.split(":", 1)[0]
         if ":" in name and head in self._prefixes:
             return self._prefixes[head]
-        hint = difflib.get_close_matches(name, self.names(), n=1)
         raise UserError(
             f"unknown {self.kind} {name!r}"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + did_you_mean(name, self.names())
             + f"; known: {', '.join(self.names())}"
         )
 
@@ -118,8 +116,7 @@ def describe_error(err: ValidationError, model: type[BaseModel] | None = None, p
     key = ".".join([prefix] + loc if prefix else loc) or "<root>"
     if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         allowed = _allowed_keys(model, loc[:-1])
-        hint = difflib.get_close_matches(loc[-1], allowed, n=1)
-        msg = f"unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        msg = f"unknown key {key!r}" + did_you_mean(loc[-1], allowed)
         return msg + (f"; allowed: {', '.join(sorted(allowed))}" if allowed else "")
     if first["type"] == "missing":
         return f"missing required key {key!r}"

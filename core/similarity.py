@@ -43,7 +43,6 @@ The other measures: RSA (the original's variant and the classic one), orthogonal
 from __future__ import annotations
 
 import contextlib
-import difflib
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -52,7 +51,7 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 from torch import Tensor
 
-from .errors import UserError
+from .errors import UserError, nearest
 
 EPS_ULPS = 8  # default eps, in machine epsilons: a side whose centred features hold less energy is constant
 TINY = 1e-15  # floor of a norm we divide by: far below real activations, and its square is a normal float32
@@ -630,5 +629,5 @@ def get_similarity(name: str) -> Similarity:
     """The measure called ``name``; a UserError naming the nearest known names otherwise."""
     if name in SIMILARITIES:
         return SIMILARITIES[name]
-    near = difflib.get_close_matches(name, SIMILARITIES, n=3) or sorted(SIMILARITIES)
+    near = nearest(name, SIMILARITIES) or sorted(SIMILARITIES)
     raise UserError(f"unknown similarity {name!r}; nearest: {', '.join(near)}")

@@ -43,7 +43,7 @@ from typing import Any, Literal, Mapping, Optional, get_args
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 from .masks import check_masks, listing, mask_density
 
 CONDITIONS = ("subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet", "sampled_complement")
@@ -208,11 +208,8 @@ def check_condition(condition: str, mask: Mapping[str, torch.Tensor]) -> None:
     parameter to keep at most half of its entries.
     """
     if condition not in CONDITIONS:
-        import difflib
-
-        hint = difflib.get_close_matches(condition, CONDITIONS, n=1)
-        raise UserError(f"transfer condition {condition!r} is unknown" + (f" (did you mean {hint[0]!r}?)" if hint
-                        else "") + f"; known: {', '.join(CONDITIONS)}")
+        raise UserError(f"transfer condition {condition!r} is unknown" + did_you_mean(condition, CONDITIONS)
+                        + f"; known: {', '.join(CONDITIONS)}")
     if condition == "sampled_complement":
         dense = [f"{name} ({int(m.sum())} of {m.numel()})" for name, m in mask.items() if not _fits_outside(m)]
         if dense:

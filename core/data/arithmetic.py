@@ -26,14 +26,13 @@ from a structured pool of ``max(max, n)`` rows.
 
 from __future__ import annotations
 
-import difflib
 from typing import Callable, Optional
 
 import torch
 from pydantic import conint
 
 from . import DataBundle, DataContext, Split
-from ..errors import UserError
+from ..errors import UserError, did_you_mean
 from ..registry import DATASETS
 from ..run import derive_seed
 
@@ -68,8 +67,7 @@ def canonical_task(task: str) -> str:
     """The canonical name of ``task``: ``"a^2 + ab"``, ``"a²+ab"`` and ``"a^2+ab"`` are one task."""
     name = task.replace(" ", "").replace("²", "^2").replace("³", "^3").replace("*", "")
     if name not in TASKS:
-        hint = difflib.get_close_matches(name, list(TASKS), n=1)
-        raise UserError(f"arithmetic task {task!r} is unknown" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        raise UserError(f"arithmetic task {task!r} is unknown" + did_you_mean(name, TASKS)
                         + f"; known: {', '.join(TASKS)}")
     return name
 

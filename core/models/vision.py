@@ -15,7 +15,7 @@ import torch
 from pydantic import confloat, conint
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, did_you_mean
 from ..registry import MODELS
 
 Activation = Literal["relu", "gelu", "tanh"]
@@ -137,10 +137,7 @@ def timm_model(info: dict, *, name: str, pretrained: bool = False, weights_path:
     import timm
 
     if name not in timm.list_models():
-        import difflib
-
-        hint = difflib.get_close_matches(name, timm.list_models(), n=1)
-        raise UserError(f"model timm:{name}: unknown timm model" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        raise UserError(f"model timm:{name}: unknown timm model" + did_you_mean(name, timm.list_models()))
     _, height, width = info["input_shape"]
     model = _sized_for_data(
         lambda **kw: timm.create_model(name, pretrained=False, num_classes=info["num_classes"],
@@ -158,10 +155,7 @@ def torchvision_model(info: dict, *, name: str, pretrained: bool = False, weight
 
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
-        import difflib
-
-        hint = difflib.get_close_matches(name, known, n=1)
-        raise UserError(f"model torchvision:{name}: unknown model" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        raise UserError(f"model torchvision:{name}: unknown model" + did_you_mean(name, known))
     model = _sized_for_data(
         lambda **kw: torchvision.models.get_model(name, weights=None, num_classes=info["num_classes"], **kw),
         "image_size", info["input_shape"][1], kwargs, ("num_classes", "weights"), f"torchvision:{name}")

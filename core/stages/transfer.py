@@ -27,7 +27,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, confloat, conlist, field_validator
 
 from ..config import Section
-from ..errors import UserError
+from ..errors import UserError, did_you_mean
 from ..masks import base_run_of, load_mask
 from ..models import build_fresh, load_model, save_model
 from ..report import format_table, plot_bars, plot_lines
@@ -61,10 +61,7 @@ class TransferSection(Section):
     def _known(cls, conditions: list[str]) -> list[str]:
         for name in conditions:
             if name not in CONDITIONS:
-                import difflib
-
-                hint = difflib.get_close_matches(name, CONDITIONS, n=1)
-                raise ValueError(f"unknown condition {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                raise ValueError(f"unknown condition {name!r}" + did_you_mean(name, CONDITIONS)
                                  + f"; known: {', '.join(CONDITIONS)}")
         return conditions
 
