@@ -41,7 +41,7 @@ def main(stage: str, argv: Optional[list[str]] = None) -> int:
         if args.validate:
             print(f"{args.config}: valid {stage} config")
             return 0
-        execute(cfg, resume=args.resume)
+        execute(cfg, resume=args.resume, overrides=args.overrides if args.resume else [])
         return 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -71,11 +71,23 @@ class Interrupted(KeyboardInterrupt):
         self.path, self.resumable, self.upstream = path, resumable, False
 
 
-def execute(cfg: RunConfig, *, resume: bool = False) -> Path:
-    """Run a stage end to end; returns its run directory. UserErrors leave nothing half-written behind."""
+RESUME_OVERRIDES = ("train.threads", "train.progress")  # what --set may change on --resume: not the results
+
+
+def execute(cfg: RunConfig, *, resume: bool = False, overrides: list[str] = ()) -> Path:
+    """Run a stage end to end; returns its run directory. UserErrors leave nothing half-written behind.
+
+    Args:
+        cfg: the validated config.
+        resume: continue the unfinished run in ``cfg.output_dir`` with the config (and seed) it started with.
+        overrides: the ``--set`` items given with ``resume``; only RESUME_OVERRIDES keys are accepted.
+
+    Raises:
+        UserError: bad input, checked before the run directory is claimed where possible.
+    """
     module = stage_module(cfg.stage)
     if resume:  # continue with the very config (and seed) the run started with
-        cfg = load_stage_config(Path(cfg.output_dir) / "config.yaml", cfg.stage, out=cfg.output_dir)
+        cfg = _resumed_config(cfg, overrides)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
@@ -88,15 +100,53 @@ def execute(cfg: RunConfig, *, resume: bool = False) -> Path:
     if prepare is not None:  # upstream runs and input checks, before the run directory exists
         prepare(cfg)
     run = Run.create(cfg.output_dir, to_yaml(cfg), seed, str(device), resume)
+    try:
+        return _run_stage(module, cfg, run, seed, device, resume)
+    finally:
+        run.close()
+
+
+def _resumed_config(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """The config a run started with, from its config.yaml; ``--set`` items may only repeat its values (the same
+    command again) or change RESUME_OVERRIDES."""
+    out = Path(cfg.output_dir)
+    if not out.exists():
+        raise UserError(f"--resume: {out} does not exist: there is no run to resume")
+    config = out / "config.yaml"
+    if not config.is_file():
+        raise UserError(f"--resume: {out} is not a run directory (no config.yaml)")
+    stored = load_stage_config(config, cfg.stage, out=cfg.output_dir)
+    kept = _dump_without(stored, RESUME_OVERRIDES)
+    for item in overrides:
+        changed = load_stage_config(config, cfg.stage, [item], out=cfg.output_dir)
+        if _dump_without(changed, RESUME_OVERRIDES) != kept:
+            raise UserError(f"--resume continues a run with its own config.yaml; --set {item} would change it "
+                            f"(with --resume, --set may change only {', '.join(RESUME_OVERRIDES)})")
+    return load_stage_config(config, cfg.stage, list(overrides), out=cfg.output_dir)
+
+
+def _dump_without(cfg: RunConfig, keys: tuple[str, ...]) -> dict[str, Any]:
+    dump = cfg.model_dump(mode="json")
+    for key in keys:
+        *sections, leaf = key.split(".")
+        node = dump
+        for section in sections:
+            node = node.get(section) or {}
+        node.pop(leaf, None)
+    return dump
+
+
+def _run_stage(module, cfg: RunConfig, run: Run, seed: int, device: torch.device, resume: bool) -> Path:
+    repro = cfg.reproducibility
     seed_everything(seed, repro.deterministic)  # the same RNG state whatever prepare() consumed
-    verb = "resuming" if resume else ("replaying into" if run.replay_of else "writing")
+    verb = "resuming" if run.resumed else ("replaying into" if run.replay_of else "writing")
     if dist.is_main():
         print(f"{cfg.stage}: {verb} {run.path} (seed {seed})", flush=True)
     try:
         summary = module.main(Context(cfg, run, seed, device))
     except (UserError, KeyboardInterrupt) as err:
-        run.discard_if_empty()  # stopped before any state was saved: nothing to keep, nothing to resume
-        run.record_elapsed()  # a resumed run goes on counting from here
+        if not run.discard_if_empty():  # stopped before any state was saved: nothing to keep, nothing to resume
+            run.record_elapsed(quiet=True)  # a resumed run goes on counting from here
         if isinstance(err, KeyboardInterrupt):
             raise Interrupted(run.path, has_state(run.path)) from None
         raise
