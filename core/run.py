@@ -381,6 +381,7 @@ def _claim_for_resume(out: Path, populate: Callable[[Path], None]) -> tuple[Path
     lock = _take(out, create=True)  # a run directory of an earlier version has no lock file yet
     status = run_state(out)
     if status == "unfinished":
+        _remove_temporaries(out)
         return out, None, lock, True
     lock.release()
     if status == "finished":
@@ -392,6 +393,12 @@ def _claim_for_resume(out: Path, populate: Callable[[Path], None]) -> tuple[Path
     lock = _take(out)
     _reset(out, populate)  # killed before its first saved state: start it again, with its own config and seed
     return out, None, lock, False
+
+
+def _remove_temporaries(directory: Path) -> None:
+    """Remove the temporary files of atomic writes that a killed process left in a run directory we now own."""
+    for tmp in directory.rglob(".*.tmp"):
+        _remove_quietly(str(tmp))
 
 
 def _take(directory: Path, create: bool = False) -> RunLock:

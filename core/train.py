@@ -32,7 +32,7 @@ from . import dist
 from .config import OptimizerConfig, ScheduleConfig, TrainConfig
 from .data import BatchLoader, Split
 from .errors import UserError
-from .run import TIMING_PREFIX, Run, rng_state, set_rng_state
+from .run import TIMING_PREFIX, Run, fault_point, rng_state, set_rng_state
 
 IGNORE_INDEX = -100
 
@@ -372,6 +372,7 @@ class _Loop:
         if self.objective.after_step:
             self.objective.after_step()
         self.step += 1
+        fault_point()  # the tests' crash hook: a kill -9 between two saves
 
     def _evaluate(self) -> None:
         metrics = self.objective.evaluate(dist.unwrap(self.model))
