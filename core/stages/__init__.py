@@ -17,7 +17,7 @@ import torch
 from pydantic import field_validator
 
 from .. import dist
-from ..config import RunConfig, load_config, to_yaml
+from ..config import RunConfig, load_config, read_yaml, to_yaml
 from ..data import DataBundle, DataContext, Split
 from ..errors import UserError
 from ..metrics import shape_bias
@@ -174,6 +174,9 @@ def check_data_fits(model_info: dict, data_info: dict, model_desc: str, key: str
     Compared: ``vocab_size`` (and the vocabulary itself where both runs list one) for tokens, else ``input_shape``
     (sequence models read any length); ``num_classes`` always.
     """
+    kinds = ["token sequences" if "vocab_size" in info else "images" for info in (model_info, data_info)]
+    if kinds[0] != kinds[1]:
+        raise UserError(f"{key}: these data are {kinds[1]}, but {model_desc} was built for {kinds[0]}")
     facts = ["vocab_size", "num_classes"] if "vocab_size" in data_info else ["input_shape", "num_classes"]
     if "vocab" in model_info and "vocab" in data_info:
         facts.append("vocab")
@@ -202,6 +205,10 @@ def resolve_upstream(ref: str, stage: str, key: str) -> str:
         return str(path)
     if path.suffix not in (".yaml", ".yml"):
         raise UserError(f"{key}: {ref} is neither a run directory nor a config file")
+    declared = _stage_of(read_yaml(path))
+    if declared is not None and declared != stage:
+        raise UserError(f"{key}: {path} is a config of the {declared} stage; {key} takes a {stage} run directory or "
+                        f"a {stage} config")
     cfg = load_stage_config(path, stage)
     if is_finished(cfg.output_dir):
         return cfg.output_dir
@@ -214,6 +221,16 @@ def resolve_upstream(ref: str, stage: str, key: str) -> str:
     except Interrupted as err:
         err.upstream = True  # rerunning the downstream command resumes it; --resume would name the wrong stage
         raise
+
+
+STAGE_SECTIONS = {"mask": "ablate", "transfer": "transfer", "guidance": "guide"}  # sections only that stage has
+
+
+def _stage_of(raw: dict[str, Any]) -> Optional[str]:
+    """The stage a config is for: its ``stage:`` key, or the section only that stage has (None: can't tell)."""
+    if raw.get("stage") is not None:
+        return str(raw["stage"])
+    return next((stage for section, stage in STAGE_SECTIONS.items() if section in raw), None)
 
 
 def make_loss(scope: str) -> Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]:

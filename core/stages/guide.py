@@ -127,6 +127,9 @@ def prepare(cfg: Config) -> None:
     if spec.tokenwise and "vocab_size" not in data.info:
         raise UserError(f"guidance.tokenwise: token-wise similarity needs token sequences; data {cfg.data.name} "
                         f"has none")
+    if len(data.train) < cfg.train.batch_size:  # the guided conditions train on full batches only
+        raise UserError(f"train.batch_size {cfg.train.batch_size} is larger than the training set of "
+                        f"{len(data.train)} examples: guidance uses full batches only; lower train.batch_size")
     batch = tuple(t[: cfg.train.batch_size].to(device) for t in (data.train.x, data.train.y))
     target = MODELS.build(cfg.model.name, data.info, cfg.model.params).to(device)  # each check closes its hooks
     for condition in guided:

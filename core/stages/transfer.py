@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -89,6 +90,10 @@ def prepare(cfg: Config) -> None:
     _, _, _, mask = _inputs(spec.mask)
     for condition in spec.conditions:  # feasibility depends on the condition and the mask, not on n or lr
         check_condition(condition, mask)
+    kept = sum(int(m.sum()) for m in mask.values())
+    if kept == 0 and {"subnet", "subnet_trainable", "sampled_subnet"} & set(spec.conditions):
+        print(f"warning: the mask in {spec.mask} keeps no weight (density 0): subnet conditions start from the "
+              "fresh model alone", file=sys.stderr, flush=True)
 
 
 def _inputs(mask_dir: str):
