@@ -290,8 +290,9 @@ class RunLock:
         self.directory = directory
 
     @classmethod
-    def try_take(cls, directory: Path, create: bool = False) -> Optional["RunLock"]:
-        """The lock, or None while another process holds it.
+    def try_take(cls, directory: Path, create: bool = False, record: bool = True) -> Optional["RunLock"]:
+        """The lock, or None while another process holds it; ``record``: name this process in the file (not done
+        when only looking: a finished or damaged run stays byte for byte as it was).
 
         Raises:
             FileNotFoundError: the directory has no lock file (and ``create`` is false).
@@ -304,15 +305,21 @@ class RunLock:
         except BlockingIOError:
             os.close(fd)
             return None
-        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record + b"\n", 0)
-        return cls(fd, directory)
+        lock = cls(fd, directory)
+        if record:
+            lock.record()
+        return lock
+
+    def record(self) -> None:
+        """Name this process as the owner in the lock file (what a second launch is told)."""
+        owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, owner + b"\n", 0)
 
     @classmethod
-    def take(cls, directory: Path, create: bool = False) -> "RunLock":
+    def take(cls, directory: Path, create: bool = False, record: bool = True) -> "RunLock":
         """The lock; a UserError naming the live process that holds it otherwise."""
-        lock = cls.try_take(directory, create)
+        lock = cls.try_take(directory, create, record)
         if lock is None:
             raise UserError(f"{directory} is in use by {lock_owner(directory)}: wait for it to end, or choose "
                             "another --out")
@@ -359,6 +366,7 @@ def claim_run_dir(output_dir: str | Path, resume: bool, populate: Callable[[Path
         if status == "gone":
             continue
         if status == "empty":
+            lock.record()
             _reset(candidate, populate)
             return candidate, replay_of, lock, False
         if lock is not None:
@@ -378,21 +386,22 @@ def _claim_for_resume(out: Path, populate: Callable[[Path], None]) -> tuple[Path
     ours = (out / LOCK_FILE).is_file()
     if not out.is_dir() or not (ours or (out / "config.yaml").is_file()):
         raise UserError(f"--resume: {out} is not a run directory")
-    lock = _take(out, create=True)  # a run directory of an earlier version has no lock file yet
     status = run_state(out)
-    if status == "unfinished":
-        _remove_temporaries(out)
-        return out, None, lock, True
-    lock.release()
     if status == "finished":
         raise UserError(f"--resume: {out} already finished; rerun its config.yaml to replay it")
     if status == "damaged":
         raise UserError(_damaged(out))
-    if not ours:
+    if status == "empty" and not ours:
         raise UserError(f"--resume: {out} holds no unfinished run to resume (no state.pt)")
-    lock = _take(out)
-    _reset(out, populate)  # killed before its first saved state: start it again, with its own config and seed
-    return out, None, lock, False
+    lock = _take(out, create=True)  # a run directory of an earlier version has no lock file yet
+    if run_state(out) != status:  # its owner changed it before we held the lock: look again
+        lock.release()
+        return _claim_for_resume(out, populate)
+    if status == "unfinished":
+        _remove_temporaries(out)
+    else:
+        _reset(out, populate)  # killed before its first saved state: start it again, with its own config and seed
+    return out, None, lock, status == "unfinished"
 
 
 def _remove_temporaries(directory: Path) -> None:
@@ -401,9 +410,9 @@ def _remove_temporaries(directory: Path) -> None:
         _remove_quietly(str(tmp))
 
 
-def _take(directory: Path, create: bool = False) -> RunLock:
+def _take(directory: Path, create: bool = False, record: bool = True) -> RunLock:
     try:
-        return RunLock.take(directory, create)
+        return RunLock.take(directory, create, record)
     except OSError as err:
         raise UserError(f"{directory}: cannot lock {LOCK_FILE} ({err.strerror or err})") from None
 
@@ -420,10 +429,12 @@ def _inspect(directory: Path) -> tuple[str, Optional[RunLock]]:
     if not directory.is_dir():
         raise UserError(f"{directory} exists and is not a directory: choose another --out")
     ours = (directory / LOCK_FILE).is_file()
+    if run_state(directory) == "damaged":  # looked at, never locked: it stays byte for byte as it is
+        raise UserError(_damaged(directory))
     lock = None
     if ours:
         try:
-            lock = _take(directory)
+            lock = _take(directory, record=False)
         except UserError:
             if not os.path.lexists(directory / LOCK_FILE):  # removed by its owner meanwhile
                 return "gone", None
