@@ -477,6 +477,8 @@ def read_neurosurgeon_state(path: str | Path) -> dict[str, torch.Tensor]:
     """A NeuroSurgeon ``CircuitModel`` state dict from a ``torch.save`` file (tensors only: no code is unpickled)."""
     import pickle
 
+    if os.path.lexists(path) and not Path(path).is_file():  # a FIFO would block the reader forever
+        raise UserError(f"{path}: cannot read a NeuroSurgeon state dict (not a regular file)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -73,6 +73,11 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+# What state.pt holds besides tensors and plain values: NumPy's generator state (an array of its dtype).
+_STATE_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                  getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -722,10 +727,13 @@ class Run:
 
     def load_state(self) -> Optional[dict[str, Any]]:
         path = self.path / "state.pt"
-        if not path.exists():
+        if not os.path.lexists(path):
             return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+        if not path.is_file():  # a FIFO would block the reader forever
+            raise UserError(f"{path}: saved state is not a regular file")
+        try:  # tensors, numbers, strings and NumPy's RNG arrays only: a planted file cannot run code
+            with torch.serialization.safe_globals(_STATE_GLOBALS):
+                return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # a truncated or foreign file: the user must decide, we must not guess
             raise UserError(f"{path}: cannot read saved state ({err.__class__.__name__}); it may be corrupt") from None
 
