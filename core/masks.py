@@ -655,7 +655,10 @@ def save_mask(directory: str | Path, masks: Mapping[str, torch.Tensor], base_mod
             "total": density["total"], "layers": density["layers"], **(extra or {})}
     if base_run is not None:
         meta["base_run"] = os.path.relpath(base_run, directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create {directory}: {err.strerror or err}") from None
     atomic_save(directory / MASK_FILE, lambda tmp: save_file(masks, tmp, metadata={"base_hash": meta["base_hash"]}))
     atomic_write_json(directory / META_FILE, meta)
     return meta
