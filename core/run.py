@@ -165,13 +165,14 @@ _fault_count = 0
 
 def fault_point() -> None:
     """Test hook: with ``INSTILL_KILL_AT=N`` in the environment, the N-th call in this process kills it with SIGKILL,
-    a crash at that very moment (no handler, no cleanup). Called between the steps of every file write and after
-    every optimizer step, so a test can crash a run anywhere, not only where it saves its state."""
+    a crash at that very moment (no handler, no cleanup); ``INSTILL_KILL_SIGNAL=SIGINT`` sends Ctrl-C's signal
+    instead. Called between the steps of every file write and after every optimizer step, so a test can stop a run
+    anywhere, not only where it saves its state."""
     global _fault_count
     _fault_count += 1
     at = os.environ.get("INSTILL_KILL_AT")
     if at and _fault_count == int(at):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, os.environ.get("INSTILL_KILL_SIGNAL", "SIGKILL")))
 
 
 # ---------------------------------------------------------------------------------------------------------------

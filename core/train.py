@@ -212,6 +212,8 @@ def fit(model: nn.Module, objective: Objective, train: Split, cfg: TrainConfig, 
     with _DeferredInterrupt() as interrupt:
         loop.interrupt = interrupt
         result = loop.run()
+    if interrupt.requested:  # Ctrl-C after the last step (its evaluation, the final save): stop now, state saved
+        raise KeyboardInterrupt
     if restore_best and result.best_weights is not None:
         dist.unwrap(loop.model).load_state_dict(result.best_weights)
     return result

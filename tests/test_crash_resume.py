@@ -1,5 +1,5 @@
-"""A kill -9 at random moments of every stage, then --resume: the run directory ends file for file as an
-uninterrupted run's (timing figures aside), and replaying it matches.
+"""A kill -9 (and, in sweeps, a Ctrl-C) at random moments of every stage, then --resume: the run directory ends
+file for file as an uninterrupted run's (timing figures aside), and replaying it matches.
 
 The crash is real: the run goes on in a forked copy of this process (torch already imported, so each try costs
 only the run itself) that kills itself with SIGKILL at the N-th ``instill.run.fault_point`` (after every optimizer
@@ -33,8 +33,9 @@ STAGES = {  # stage: (config, crash moments, replay the resumed run too)
 NOT_COMPARED = {"env.json", "state.pt", LOCK_FILE}  # times, and training state that holds them
 
 
-def run_killed_at(stage: str, args: list[str], kill_at: int) -> bool:
-    """Run the command in a forked child that SIGKILLs itself at fault point ``kill_at``; True when it was killed."""
+def run_killed_at(stage: str, args: list[str], kill_at: int, signal_name: str = "SIGKILL") -> bool:
+    """Run the command in a forked child that sends itself ``signal_name`` at fault point ``kill_at``; True when it
+    was killed (SIGKILL) or stopped by the interrupt (SIGINT: exit code 130)."""
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         code = 99
@@ -43,13 +44,15 @@ def run_killed_at(stage: str, args: list[str], kill_at: int) -> bool:
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
             os.environ["INSTILL_KILL_AT"] = str(kill_at)
+            os.environ["INSTILL_KILL_SIGNAL"] = signal_name
             run_module._fault_count = 0
             code = run_cli(stage, *args)
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) or os.WEXITSTATUS(status) == 0, f"crash run exited {os.WEXITSTATUS(status)}"
-    return os.WIFSIGNALED(status)
+    code = None if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    assert code in (None, 0, 130), f"the stopped run exited {code}"
+    return code is None or code == 130
 
 
 def comparable(path: Path):
@@ -121,11 +124,12 @@ def test_kill_9_at_random_moments_then_resume_gives_identical_files(pipeline, mo
         points = run_module._fault_count - before
     rng = random.Random(os.urandom(8))
     picks = [rng.randint(i * points // moments + 1, (i + 1) * points // moments) for i in range(moments)]
-    for kill_at in picks:
-        what = f"{stage} killed at fault point {kill_at} of {points}"
+    for i, kill_at in enumerate(picks):
+        signal_name = "SIGINT" if replay and i == 1 else "SIGKILL"  # a sweep also gets a Ctrl-C at a random moment
+        what = f"{stage} stopped by {signal_name} at fault point {kill_at} of {points}"
         out = Path(f"checkpoints/{stage}-killed-{kill_at}/{name}")  # the reference's name: plots show it
         args = [config, *SEED, "--out", str(out)]
-        assert run_killed_at(stage, args, kill_at), f"{what}: the run ended before the kill"
+        assert run_killed_at(stage, args, kill_at, signal_name), f"{what}: the run ended before the kill"
         if not is_finished(out):  # (killed after its very last write, it is)
             resume = ["--resume"] if out.exists() else []  # killed before its directory appeared: run it again
             assert run_cli(stage, *args, *resume) == 0, f"{what}: {capsys.readouterr().err}"

@@ -226,7 +226,13 @@ def test_an_out_below_a_file_or_with_a_too_long_name_is_one_line(workdir, capsys
 
 
 def test_a_read_only_output_location_is_one_line(workdir, capsys):
-    with tmpfs(Path("ro"), "ro,size=1m"):
+    if os.geteuid() != 0:  # permissions stop anyone but root
+        Path("ro").mkdir()
+        os.chmod("ro", 0o555)
+        assert run_cli("base", TINY, *ONE_EPOCH, "--out", "ro/run") == 2
+        one_line(capsys, "cannot create run directory ro/run", "Permission denied")
+        return
+    with tmpfs(Path("ro"), "ro,size=1m"):  # root writes anywhere but on a read-only file system
         assert run_cli("base", TINY, *ONE_EPOCH, "--out", "ro/run") == 2
         one_line(capsys, "cannot create run directory ro/run", "Read-only file system")
 
@@ -332,6 +338,8 @@ def test_upstream_of_the_wrong_stage_and_data_of_the_wrong_kind(workdir, capsys)
     Path("ablate.yaml").write_text(MAGNITUDE_ABLATE.format(base="configs/tiny_digits.yaml"))
     assert run_cli("guide", "configs/tiny_guide_digits.yaml", "--set", "guidance.guide_run=ablate.yaml") == 2
     one_line(capsys, "guidance.guide_run: ablate.yaml is a config of the ablate stage")
+    assert run_cli("transfer", "configs/tiny_shapes_transfer.yaml", "--set", f"transfer.mask={TINY}") == 2
+    one_line(capsys, f"transfer.mask: {TINY} is a config of the base stage")
     assert not Path("checkpoints").exists()
     from instill.stages import check_data_fits
 

@@ -144,15 +144,17 @@ def _run_stage(module, cfg: RunConfig, run: Run, seed: int, device: torch.device
         print(f"{cfg.stage}: {verb} {run.path} (seed {seed})", flush=True)
     try:
         summary = module.main(Context(cfg, run, seed, device))
+        summary = {"stage": cfg.stage, "name": cfg.name, "seed": seed, "duration_s": round(run.elapsed_s(), 2),
+                   **summary}
+        run.finish(summary)
     except (UserError, KeyboardInterrupt) as err:
+        if isinstance(err, KeyboardInterrupt) and is_finished(run.path):  # Ctrl-C after its last write: complete
+            return run.path
         if not run.discard_if_empty():  # stopped before any state was saved: nothing to keep, nothing to resume
             run.record_elapsed(quiet=True)  # a resumed run goes on counting from here
         if isinstance(err, KeyboardInterrupt):
             raise Interrupted(run.path, has_state(run.path)) from None
         raise
-    summary = {"stage": cfg.stage, "name": cfg.name, "seed": seed, "duration_s": round(run.elapsed_s(), 2),
-               **summary}
-    run.finish(summary)
     return run.path
 
 
@@ -230,7 +232,8 @@ def _stage_of(raw: dict[str, Any]) -> Optional[str]:
     """The stage a config is for: its ``stage:`` key, or the section only that stage has (None: can't tell)."""
     if raw.get("stage") is not None:
         return str(raw["stage"])
-    return next((stage for section, stage in STAGE_SECTIONS.items() if section in raw), None)
+    found = next((stage for section, stage in STAGE_SECTIONS.items() if section in raw), None)
+    return found or ("base" if raw.get("model") is not None and "base" not in raw else None)
 
 
 def make_loss(scope: str) -> Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]:
