@@ -478,6 +478,8 @@ def read_neurosurgeon_state(path: str | Path) -> dict[str, torch.Tensor]:
     """A NeuroSurgeon ``CircuitModel`` state dict from a ``torch.save`` file (tensors only: no code is unpickled)."""
     import pickle
 
+    if os.path.lexists(path) and not Path(path).is_file():  # a FIFO would block the reader forever
+        raise UserError(f"{path}: cannot read a NeuroSurgeon state dict (not a regular file)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -569,14 +571,15 @@ def import_neurosurgeon(state_dict: str | Path, base: str | Path, out: str | Pat
 
     ``out`` gets ``mask.safetensors``, ``mask.json`` (with the base weights' hash and ``base_run``) and a
     ``summary.json``, so the transfer stage takes it as ``transfer.mask``. Nothing is written unless every check
-    passes; an existing mask in ``out`` is never overwritten.
+    passes; ``out`` must be new (or an empty directory): an existing run or folder is never written into.
     """
     from .models import load_model
     from .run import is_finished
 
     out = Path(out)
-    if (out / MASK_FILE).exists() or (out / META_FILE).exists():
-        raise UserError(f"{out} already holds a mask; choose another --out")
+    if os.path.lexists(out) and not (out.is_dir() and not any(out.iterdir())):  # never into a run or a user's folder
+        raise UserError(f"--out {out} already exists and is not an empty directory (a finished run is never "
+                        "rewritten): choose a new --out")
     if not is_finished(base):
         raise UserError(f"--base: {base} is not a finished run directory")
     model, _, _ = load_model(base)
@@ -659,16 +662,21 @@ def save_mask(directory: str | Path, masks: Mapping[str, torch.Tensor], base_mod
             "total": density["total"], "layers": density["layers"], **(extra or {})}
     if base_run is not None:
         meta["base_run"] = os.path.relpath(base_run, directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create {directory}: {err.strerror or err}") from None
     atomic_save(directory / MASK_FILE, lambda tmp: save_file(masks, tmp, metadata={"base_hash": meta["base_hash"]}))
     atomic_write_json(directory / META_FILE, meta)
     return meta
 
 
 def read_mask_meta(directory: str | Path) -> dict[str, Any]:
+    from .run import read_regular_bytes
+
     path = Path(directory) / META_FILE
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(read_regular_bytes(path))  # a FIFO is refused, not waited on
     except FileNotFoundError:
         raise UserError(f"{path}: mask metadata not found (is {Path(directory)} a mask directory?)") from None
     except (OSError, UnicodeDecodeError, ValueError):
@@ -724,6 +732,8 @@ def load_mask(directory: str | Path, base_model: nn.Module, expected: Optional[I
     path = Path(directory) / MASK_FILE
     meta = read_mask_meta(directory)
     try:
+        if path.exists() and not path.is_file():  # a FIFO would block the reader forever
+            raise OSError(f"{path.name} is not a regular file")
         masks = load_file(path)
     except FileNotFoundError:
         raise UserError(f"{path}: mask file not found") from None

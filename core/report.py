@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from .run import has_state, read_json, read_metrics
+from .run import atomic_save, has_state, read_json, read_metrics
 
 KEY_METRICS = ("test_acc", "val_acc", "textured_acc", "shape_only_acc", "shape_bias")
 RUN_FILES = ("config.yaml", "seed.txt", "env.json", "metrics.jsonl", "summary.json", "state.pt")
@@ -137,8 +137,7 @@ def plot_run(path: str | Path) -> Optional[Path]:
     fig.suptitle(path.name)
     fig.tight_layout()
     out = path / "curves.png"
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, out)
     return out
 
 
@@ -163,8 +162,7 @@ def plot_bars(path: str | Path, values: dict[str, Any], *, title: str, ylabel: s
     if grouped:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path)
     return Path(path)
 
 
@@ -186,8 +184,7 @@ def plot_lines(path: str | Path, series: dict[str, list[tuple[float, float]]], *
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path)
     return Path(path)
 
 
@@ -220,9 +217,16 @@ def plot_heatmap(values, rows: list[str], cols: list[str], *, path: str | Path |
                         color="black" if value > middle else "white")
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        _save_figure(fig, path)
     return fig
+
+
+def _save_figure(fig, path: str | Path) -> None:
+    """Write a PNG atomically (a kill leaves the old plot or the new one) and close the figure."""
+    try:
+        atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        _pyplot().close(fig)
 
 
 def _pyplot():

@@ -371,7 +371,7 @@ def test_bad_neurosurgeon_imports_are_one_line_errors_and_write_nothing(in_upstr
     torch.save(neurosurgeon_state(other, "root_model."), "other_base.pt")
     Path("garbage.pt").write_bytes(b"not a torch file")
     torch.save({"wrapped_model.transformer.wte.weight": base.transformer.wte.weight.detach()}, "no_masks.pt")
-    cases = [("no_masks.pt", ABLATE, "already holds a mask; choose another --out"),
+    cases = [("no_masks.pt", ABLATE, "already exists and is not an empty directory"),
              ("garbage.pt", "checkpoints/tiny_math_base", "cannot read a NeuroSurgeon state dict"),
              ("missing.pt", "checkpoints/tiny_math_base", "NeuroSurgeon state dict not found"),
              ("no_masks.pt", "checkpoints/tiny_math_base", "holds no *_mask_params"),
@@ -384,3 +384,11 @@ def test_bad_neurosurgeon_imports_are_one_line_errors_and_write_nothing(in_upstr
         assert masks_cli(["import-neurosurgeon", state, "--base", base_dir, "--out", out]) == 2
         one_line_error(capsys, message)
     assert sorted(Path("checkpoints").iterdir()) == before
+    # A finished base run as --out: its summary.json was overwritten (issue 11, item 3).
+    torch.save(neurosurgeon_state(base, "wrapped_model."), "circuit.pt")
+    summary = Path("checkpoints/tiny_math_base/summary.json").read_bytes()
+    assert masks_cli(["import-neurosurgeon", "circuit.pt", "--base", "checkpoints/tiny_math_base", "--out",
+                      "checkpoints/tiny_math_base"]) == 2
+    one_line_error(capsys, "already exists and is not an empty directory")
+    assert Path("checkpoints/tiny_math_base/summary.json").read_bytes() == summary
+    assert not Path("checkpoints/tiny_math_base/mask.json").exists()

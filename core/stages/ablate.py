@@ -46,6 +46,7 @@ class Config(UsesBaseModel):
 
 def prepare(cfg: Config) -> None:
     cfg.base = resolve_upstream(cfg.base, "base", "base")
+    load_model(cfg.base)  # an unreadable or mismatched checkpoint stops here, before the run directory exists
 
 
 def main(ctx: Context) -> dict[str, Any]:

@@ -128,6 +128,9 @@ def prepare(cfg: Config) -> None:
     if spec.tokenwise and "vocab_size" not in data.info:
         raise UserError(f"guidance.tokenwise: token-wise similarity needs token sequences; data {cfg.data.name} "
                         f"has none")
+    if len(data.train) < cfg.train.batch_size:  # the guided conditions train on full batches only
+        raise UserError(f"train.batch_size {cfg.train.batch_size} is larger than the training set of "
+                        f"{len(data.train)} examples: guidance uses full batches only; lower train.batch_size")
     batch = tuple(t[: cfg.train.batch_size].to(device) for t in (data.train.x, data.train.y))
     target = MODELS.build(cfg.model.name, data.info, cfg.model.params).to(device)  # each check closes its hooks
     for condition in guided:
@@ -153,8 +156,9 @@ def main(ctx: Context) -> dict[str, Any]:
               for c in cfg.guidance.conditions if c != "unguided"}
     rows = ctx.run.sweep([(c, lambda sub, c=c: _train_condition(ctx, sub, c, data, guides.get(c)))
                           for c in cfg.guidance.conditions])
-    for i, row in enumerate(rows):
-        ctx.run.log_metrics({"step": i + 1, **{k: v for k, v in row.items() if not isinstance(v, (dict, list))}})
+    # Written whole, not appended: a resumed sweep derives every row again.
+    ctx.run.write_metrics([{"step": i + 1, **{k: v for k, v in row.items() if not isinstance(v, (dict, list))}}
+                           for i, row in enumerate(rows)])
     return _write_results(ctx, rows)
 
 

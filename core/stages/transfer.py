@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -87,6 +88,10 @@ def prepare(cfg: Config) -> None:
     _, _, _, mask = _inputs(spec.mask)
     for condition in spec.conditions:  # feasibility depends on the condition and the mask, not on n or lr
         check_condition(condition, mask)
+    kept = sum(int(m.sum()) for m in mask.values())
+    if kept == 0 and {"subnet", "subnet_trainable", "sampled_subnet"} & set(spec.conditions):
+        print(f"warning: the mask in {spec.mask} keeps no weight (density 0): subnet conditions start from the "
+              "fresh model alone", file=sys.stderr, flush=True)
 
 
 def _inputs(mask_dir: str):
@@ -104,7 +109,8 @@ def main(ctx: Context) -> dict[str, Any]:
         check_compatible(base, base_info, data.info)
         for condition in spec.conditions:
             rows.append(_sweep_lrs(ctx, n, condition, data, base, model_cfg, base_info, mask))
-            ctx.run.log_metrics({"step": len(rows), **_flat(rows[-1])})
+            # Rewritten whole, not appended: a resumed sweep derives the rows before its interruption again.
+            ctx.run.write_metrics([{"step": i + 1, **_flat(row)} for i, row in enumerate(rows)])
     return _write_results(ctx, rows)
 
 
