@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -49,8 +49,40 @@ def draw_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") >> 1
 
 
-def derive_seed(seed: int, *labels: Any) -> int:
-    """A 63-bit seed for one purpose of a run (a sub-run's initialisation, its batches, ...): stable across runs."""
+_GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constant: multiples of it spread small integers over all bits
+
+
+def _text_seed(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+# Formulas that parts of instill used before they all came here, frozen so that recorded runs replay bit for bit.
+# New code uses the default; never change one of these.
+_LEGACY: dict[str, Callable[..., int]] = {
+    "epoch": lambda seed, epoch: (seed ^ ((epoch + 1) * _GOLDEN)) % 2**63,  # BatchLoader's shuffle per epoch
+    "offset": lambda seed, offset: (seed + offset * _GOLDEN) % 2**63,  # natural images' split streams
+    "stream": lambda seed, name: _text_seed(f"{seed}:{name}"),  # shapes' named streams
+    "sampled": lambda seed, name: _text_seed(f"sampled:{seed}:{name}"),  # transfer's sampled masks per parameter
+}
+LegacySeed = Literal["epoch", "offset", "stream", "sampled"]
+
+
+def derive_seed(seed: int, *labels: Any, legacy: Optional[LegacySeed] = None) -> int:
+    """A 63-bit seed for one purpose of a run (a sub-run's initialisation, its batches, ...): stable across runs.
+
+    The one place that derives seeds from a run seed, so that two purposes never share a stream by accident.
+
+    Args:
+        seed: the run's seed.
+        labels: what the seed is for (strings, numbers); distinct labels give independent seeds.
+        legacy: one of the frozen earlier formulas (``epoch``, ``offset``, ``stream``, ``sampled``; each takes one
+            label) that existing data streams keep using so old runs replay; ``None`` for new purposes.
+
+    Returns:
+        An integer in [0, 2**63).
+    """
+    if legacy is not None:
+        return _LEGACY[legacy](seed, *labels)
     digest = hashlib.sha256(repr((seed, *labels)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 

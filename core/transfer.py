@@ -36,7 +36,6 @@ original code. Extra memory: per frozen entry one saved value and one byte for i
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional, get_args
 
@@ -45,6 +44,7 @@ from torch import nn
 
 from .errors import UserError, did_you_mean
 from .masks import check_masks, listing, mask_density
+from .run import derive_seed
 
 CONDITIONS = ("subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet", "sampled_complement")
 NonMasked = Literal["inherit", "reinit"]
@@ -164,8 +164,7 @@ class _Frozen:
 # ----------------------------------------------------------------------------------------------------- sampling
 
 def _generator(seed: int, name: str) -> torch.Generator:
-    digest = hashlib.sha256(f"sampled:{seed}:{name}".encode()).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+    return torch.Generator(device="cpu").manual_seed(derive_seed(seed, name, legacy="sampled"))
 
 
 def _random_subset(pool: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:

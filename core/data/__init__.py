@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch.utils.data import DistributedSampler
 
+from ..run import derive_seed
+
 
 @dataclass
 class DataContext:
@@ -59,11 +61,6 @@ def seeded_split(n: int, fractions: tuple[float, float], seed: int) -> tuple[tor
     return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A distinct 63-bit seed per (run seed, epoch)."""
-    return (seed ^ ((epoch + 1) * 0x9E3779B97F4A7C15)) % 2**63
-
-
 class BatchLoader:
     """Seeded shuffled mini-batches over a Split; under DDP each rank takes an equal, disjoint share.
 
@@ -84,7 +81,7 @@ class BatchLoader:
         self.epoch = epoch
 
     def _indices(self) -> torch.Tensor:
-        n, seed = len(self.split), epoch_seed(self.seed, self.epoch)
+        n, seed = len(self.split), derive_seed(self.seed, self.epoch, legacy="epoch")
         if self.world_size > 1:
             sampler = DistributedSampler(self.split, num_replicas=self.world_size, rank=self.rank,
                                          shuffle=self.shuffle, seed=seed, drop_last=True)

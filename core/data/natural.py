@@ -31,6 +31,7 @@ from . import DataBundle, DataContext, Split, seeded_split
 from ..errors import UserError
 from ..models.zoo import CIFAR_MEAN, CIFAR_STD
 from ..registry import DATASETS
+from ..run import derive_seed
 
 Normalize = Literal["cifar", "none"]
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -82,7 +83,7 @@ def crops(ctx: DataContext, *, n_train: Annotated[int, Field(ge=1)] = 4096,
     photos = _photographs()
     splits = {}
     for offset, (name, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
-        generator = torch.Generator().manual_seed((ctx.seed + offset * 0x9E3779B97F4A7C15) % 2**63)
+        generator = torch.Generator().manual_seed(derive_seed(ctx.seed, offset, legacy="offset"))
         x = _normalized(draw_crops(photos, n, crop_size, resolution, generator), normalize)
         splits[name] = Split(x, torch.full((n,), -1, dtype=torch.long))
     info = {"input_shape": (3, resolution, resolution), "num_classes": num_classes, "labeled": False}

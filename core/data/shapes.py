@@ -23,7 +23,6 @@ cached copy and a fresh one are identical.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass
 from typing import Annotated, Callable, Literal
@@ -35,6 +34,7 @@ from . import DataBundle, DataContext, Split
 from .cache import cached_tensors
 from ..errors import UserError
 from ..registry import DATASETS
+from ..run import derive_seed
 
 # Bump when the rendering changes, so stale caches are not reused.
 GENERATOR_VERSION = 2
@@ -183,12 +183,6 @@ class ShapesSample:
     texture: torch.Tensor  # int64 (N,) texture class
 
 
-def split_seed(seed: int, name: str) -> int:
-    """A seed for one named stream, independent of the other streams of the same run seed."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
 def generate(spec: ShapesSpec, n: int, seed: int, *, conflict: bool = False) -> ShapesSample:
     """Render ``n`` images. ``conflict``: texture class drawn uniformly among the classes other than the shape's."""
     spec.check()
@@ -200,7 +194,7 @@ def generate(spec: ShapesSpec, n: int, seed: int, *, conflict: bool = False) -> 
     textured, shape_only = [], []
     for start in range(0, n, _CHUNK):
         part = slice(start, min(start + _CHUNK, n))
-        chunk_gen = torch.Generator().manual_seed(split_seed(seed, f"chunk{start}"))
+        chunk_gen = torch.Generator().manual_seed(derive_seed(seed, f"chunk{start}", legacy="stream"))
         image, pooled = _render(spec, shape[part], texture[part], {a: b[part] for a, b in draws.items()}, chunk_gen)
         textured.append(_to_uint8(image))
         shape_only.append(_to_uint8(pooled))
@@ -320,12 +314,12 @@ def _generate_all(spec: ShapesSpec, seed: int, variant: str, sizes: dict[str, in
     """Every split's uint8 images and labels; each split draws from its own stream of the run seed."""
     out: dict[str, torch.Tensor] = {}
     for name in ("train", "val", "test"):
-        sample = generate(spec, sizes[name], split_seed(seed, name))
-        out[f"{name}_x"] = _pick_variant(sample, variant, split_seed(seed, f"{name}/mix"))
+        sample = generate(spec, sizes[name], derive_seed(seed, name, legacy="stream"))
+        out[f"{name}_x"] = _pick_variant(sample, variant, derive_seed(seed, f"{name}/mix", legacy="stream"))
         out[f"{name}_y"] = sample.shape
         if name == "test":  # the test draws both ways, for the textured / shape_only evaluations
             out["test_textured"], out["test_shape_only"] = sample.textured, sample.shape_only
-    conflict = generate(spec, sizes["test"], split_seed(seed, "cue_conflict"), conflict=True)
+    conflict = generate(spec, sizes["test"], derive_seed(seed, "cue_conflict", legacy="stream"), conflict=True)
     out["conflict_x"], out["conflict_shape"], out["conflict_texture"] = (conflict.textured, conflict.shape,
                                                                           conflict.texture)
     return out
