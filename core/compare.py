@@ -42,8 +42,6 @@ A model compared with itself gives 1 on the diagonal for every similarity and 0 
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Optional, Sequence
@@ -56,6 +54,7 @@ from .errors import UserError, nearest
 from .features import FeatureCapture, LayerSpec
 from .similarity import (canonical_correlations, cka_from_grams, centered_gram, pwcca, similarity_matrix, svcca,
                          full_precision, procrustes)
+from .run import csv_text
 
 Spatial = Literal["flatten", "mean"]
 UNBIASED_MIN_BATCH = 4
@@ -131,11 +130,7 @@ class Comparison:
 
     def to_csv(self) -> str:
         """The rows as CSV text: layer_a, layer_b, measure, value, n."""
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=["layer_a", "layer_b", "measure", "value", "n"])
-        writer.writeheader()
-        writer.writerows(self.rows)
-        return buffer.getvalue()
+        return csv_text(self.rows, ["layer_a", "layer_b", "measure", "value", "n"])
 
     def heatmap(self, measure: str, path: Optional[str] = None, *, annotate: Optional[bool] = None):
         """A heatmap of ``measure`` with layer names on both axes; saved to ``path`` when given. Returns the figure."""

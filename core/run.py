@@ -225,6 +225,31 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def csv_text(rows: list[dict[str, Any]], columns: Optional[list[str]] = None) -> str:
+    """The one CSV format of instill's tables (results.csv, accuracy_logs.csv, metrics.csv, similarity.csv).
+
+    Args:
+        rows: one dict per row.
+        columns: the columns in order; keys of a row outside them are left out, missing ones are empty. ``None``:
+            every key any row has, in order of first appearance.
+
+    Returns:
+        The CSV text with a header line.
+    """
+    if columns is None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def atomic_write_csv(path: str | Path, rows: list[dict[str, Any]], columns: Optional[list[str]] = None) -> None:
+    """Write ``rows`` as :func:`csv_text` atomically to ``path``."""
+    atomic_write_text(path, csv_text(rows, columns))
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
@@ -720,14 +745,7 @@ class Run:
             self._write_csv(rows)
 
     def _write_csv(self, rows: list[dict[str, Any]]) -> None:
-        columns: list[str] = []
-        for row in rows:
-            columns += [k for k in row if k not in columns]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(self.path / "metrics.csv", buffer.getvalue())
+        atomic_write_csv(self.path / "metrics.csv", rows)
 
     # --- files ------------------------------------------------------------------------------------------------
 

@@ -24,8 +24,6 @@ batch too small for the estimator (unbiased CKA needs 4 samples).
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from typing import Any, Literal, Optional, Union
 
@@ -40,7 +38,7 @@ from ..guidance import AlignmentLoss, compared_rows, resolve_pairs
 from ..models import load_model, save_model
 from ..registry import MODELS
 from ..report import format_table, plot_bars
-from ..run import atomic_write_text, derive_seed, seed_everything
+from ..run import atomic_write_csv, derive_seed, seed_everything
 from ..similarity import get_similarity
 from . import (Context, build_data, check_data_fits, evaluate_task, make_loss, resolve_upstream,
                          summary_metrics)
@@ -283,11 +281,7 @@ def _write_results(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
     columns = ["condition", *metric_columns, "seed"]
     table = [{c: r.get(c, "") for c in columns} for r in rows]
     if ctx.run.writes:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(table)
-        atomic_write_text(ctx.run.path / "results.csv", buffer.getvalue())
+        atomic_write_csv(ctx.run.path / "results.csv", table, columns)
         headline = "test_acc" if "test_acc" in rows[0] else metric_columns[0]
         plot_bars(ctx.run.path / "results.png", {r["condition"]: r[headline] for r in rows},
                   title=f"{headline} per condition", ylabel=headline)

@@ -19,8 +19,6 @@ condition the mask cannot serve (``sampled_complement`` of a layer whose subnetw
 
 from __future__ import annotations
 
-import csv
-import io
 import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -32,7 +30,7 @@ from ..errors import UserError, did_you_mean
 from ..masks import base_run_of, load_mask
 from ..models import build_fresh, load_model, save_model
 from ..report import format_table, plot_bars, plot_lines
-from ..run import atomic_write_text, derive_seed, seed_everything
+from ..run import atomic_write_csv, derive_seed, seed_everything
 from . import (Context, UsesBaseModel, build_data, check_compatible, evaluate_task, make_loss,
                          resolve_upstream, summary_metrics)
 from ..train import Objective, fit
@@ -175,11 +173,7 @@ def _write_results(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
     columns, name = (TOKEN_COLUMNS, "accuracy_logs.csv") if by_n else (IMAGE_COLUMNS, "results.csv")
     columns = [c for c in columns if any(c in r for r in rows)]
     if ctx.run.writes:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(ctx.run.path / name, buffer.getvalue())
+        atomic_write_csv(ctx.run.path / name, rows, columns)
         _plot(ctx.run.path, rows, by_n)
         print(f"\n{name}:\n" + format_table([{c: r.get(c, "") for c in columns} for r in rows]))
     return {"results": [_flat(r) for r in rows], "results_file": name}
