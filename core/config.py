@@ -114,6 +114,9 @@ class EarlyStopConfig(Section):
     target: Optional[float] = Field(None, description="stop once the selection metric reaches this value")
 
 
+Ties = Literal["first", "last"]
+
+
 class TrainConfig(Section):
     epochs: int = Field(10, ge=0)
     max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps")
@@ -132,7 +135,7 @@ class TrainConfig(Section):
     eval_unit: Literal["epoch", "step"] = "epoch"
     select_metric: str = Field("val_acc", description="metric that picks the best checkpoint and early stopping")
     select_mode: Literal["max", "min"] = "max"
-    select_ties: Literal["first", "last"] = Field(
+    select_ties: Ties = Field(
         "first", description="on a tie of the selection metric, keep the first best or take the later one")
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
     progress: bool = Field(True, description="tqdm progress bars (shown on a terminal only)")

@@ -33,7 +33,11 @@ class LayerPair:
     weight: float = 1.0
 
 
-def stretch_map(targets: Sequence[str], guides: Sequence[str], mode: Literal["repo", "uniform"]) -> list[LayerPair]:
+LayerMap = Literal["repo", "uniform"]
+Reduce = Literal["sum", "mean"]
+
+
+def stretch_map(targets: Sequence[str], guides: Sequence[str], mode: LayerMap) -> list[LayerPair]:
     """Pairs from the original's uniform mapping of guide layers onto target layers."""
     if not targets or not guides:
         return []
@@ -90,7 +94,7 @@ class AlignmentLoss:
     """
 
     def __init__(self, target: nn.Module, guide: nn.Module, pairs: list[LayerPair], *, similarity: str = "cka",
-                 alpha: float = 1.0, reduce: str = "sum", tokenwise: Tokenwise = None,
+                 alpha: float = 1.0, reduce: Reduce = "sum", tokenwise: Tokenwise = None,
                  target_batch_axes: Mapping[str, int] | None = None,
                  guide_batch_axes: Mapping[str, int] | None = None, steps: int | None = None):
         from .features import FeatureCapture, module_of

@@ -49,7 +49,7 @@ import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, get_args
 
 import torch
 from torch import nn
@@ -57,8 +57,10 @@ from torch import nn
 from .errors import UserError, nearest
 from .run import atomic_save, atomic_write_json
 
-METHODS = ("continuous_sparsification", "hard_concrete", "magnitude")
-UNITS = ("weight", "neuron")
+MaskMethod = Literal["continuous_sparsification", "hard_concrete", "magnitude"]
+METHODS: tuple[str, ...] = get_args(MaskMethod)
+Unit = Literal["weight", "neuron"]
+UNITS: tuple[str, ...] = get_args(Unit)
 MASK_FILE = "mask.safetensors"
 META_FILE = "mask.json"
 ARTIFACT_VERSION = 2  # 2: mask.json records mask_hash, the content hash of mask.safetensors

@@ -46,7 +46,8 @@ from .errors import UserError, did_you_mean
 from .masks import check_masks, listing, mask_density
 from .run import derive_seed
 
-CONDITIONS = ("subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet", "sampled_complement")
+Condition = Literal["subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet", "sampled_complement"]
+CONDITIONS: tuple[str, ...] = get_args(Condition)
 NonMasked = Literal["inherit", "reinit"]
 BatchNorm = Literal["inherit", "reset", "freeze"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from pydantic import field_validator
@@ -236,7 +236,10 @@ def _stage_of(raw: dict[str, Any]) -> Optional[str]:
     return found or ("base" if raw.get("model") is not None and "base" not in raw else None)
 
 
-def make_loss(scope: str) -> Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]:
+LossScope = Literal["answer", "sequence"]
+
+
+def make_loss(scope: LossScope) -> Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]:
     """The task loss of an Objective: ``answer`` scores the labelled positions (an image's class, the arithmetic
     answer); ``sequence`` is the causal-LM loss over every next token of the input, as the original math code."""
 

@@ -14,17 +14,17 @@ Raises UserError when the data do not fit the base model or the layer selection 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field
 
-from ..config import TrainConfig
+from ..config import Ties, TrainConfig
 from ..errors import UserError
 from ..masks import MaskConfig, MaskedModel, mask_density
 from ..models import load_model
 from ..report import plot_bars, plot_run
-from . import (Context, UsesBaseModel, check_compatible, evaluate_task, make_loss, resolve_upstream,
+from . import (LossScope, Context, UsesBaseModel, check_compatible, evaluate_task, make_loss, resolve_upstream,
                          summary_metrics)
 from ..train import Objective, fit
 
@@ -32,7 +32,7 @@ MaskConfig.__pydantic_config__ = {"extra": "forbid"}  # the library dataclass do
 
 
 class AblateTrainConfig(TrainConfig):
-    select_ties: Literal["first", "last"] = Field(
+    select_ties: Ties = Field(
         "last", description="on a tie of the selection metric: last (the original's >=, usually the sparsest mask) "
                             "or first")
 
@@ -40,7 +40,7 @@ class AblateTrainConfig(TrainConfig):
 class Config(UsesBaseModel):
     base: str = Field(description="the trained base model: a run directory, or the base stage's config file")
     mask: MaskConfig
-    loss_scope: Literal["answer", "sequence"] = "answer"
+    loss_scope: LossScope = "answer"
     train: AblateTrainConfig = Field(default_factory=AblateTrainConfig)
 
 

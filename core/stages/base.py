@@ -7,7 +7,7 @@ the final figures of every evaluation set at the best checkpoint in ``summary.js
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
@@ -15,13 +15,13 @@ from ..config import ModelConfig, RunConfig
 from ..models import save_model
 from ..models.vision import check_accepts
 from ..report import plot_run
-from . import Context, evaluate_task, make_loss, summary_metrics
+from . import Context, LossScope, evaluate_task, make_loss, summary_metrics
 from ..train import Objective, fit
 
 
 class Config(RunConfig):
     model: ModelConfig
-    loss_scope: Literal["answer", "sequence"] = Field(
+    loss_scope: LossScope = Field(
         "answer", description="answer: the labelled positions; sequence: next-token loss over the whole input")
 
 

@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, conlist, field_validator
 
-from ..compare import MEASURES, UNBIASED_MIN_BATCH, check_sample_counts, compare_models, get_measure
+from ..compare import MEASURES, UNBIASED_MIN_BATCH, Spatial, check_sample_counts, compare_models, get_measure
 from ..config import RunConfig, Section
 from ..data import BatchLoader
 from ..errors import UserError
@@ -48,7 +48,7 @@ class CompareSection(Section):
     max_samples: Optional[int] = Field(None, ge=1, description="compare at most this many samples of the split")
     full_samples: int = Field(2048, ge=2, description="cap on the samples kept for measures that need all at once "
                                                       "(cka, rsa, procrustes, the CCA family, lr_r2)")
-    spatial: Literal["flatten", "mean"] = Field("flatten", description="conv maps: flatten each sample's map, or "
+    spatial: Spatial = Field("flatten", description="conv maps: flatten each sample's map, or "
                                                                        "average over positions first")
 
     @field_validator("measures")

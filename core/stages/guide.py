@@ -34,13 +34,13 @@ from ..config import ModelConfig, RunConfig, Section
 from ..data.sequences import real_positions
 from ..errors import UserError
 from ..features import DEFAULT_TYPES, probe
-from ..guidance import AlignmentLoss, compared_rows, resolve_pairs
+from ..guidance import AlignmentLoss, LayerMap, Reduce, Tokenwise, compared_rows, resolve_pairs
 from ..models import load_model, save_model
 from ..registry import MODELS
 from ..report import format_table, plot_bars
 from ..run import atomic_write_csv, derive_seed, seed_everything
-from ..similarity import get_similarity
-from . import (Context, build_data, check_data_fits, evaluate_task, make_loss, resolve_upstream,
+from ..similarity import SIMILARITIES, get_similarity
+from . import (LossScope, Context, build_data, check_data_fits, evaluate_task, make_loss, resolve_upstream,
                          summary_metrics)
 from ..train import Objective, fit, resolve_device
 
@@ -61,16 +61,16 @@ class GuidanceSection(Section):
     guide: Optional[ModelConfig] = Field(None, description="the guide's architecture (guided_untrained)")
     guide_run: Optional[str] = Field(None, description="trained guide: a run directory or a base config")
     alpha: float = Field(1.0, ge=0)
-    reduce: Literal["sum", "mean"] = "sum"
-    similarity: str = Field("cka", description="cka, cka_unbiased, rsa, rsa_classic, procrustes, cca, svcca, ...")
+    reduce: Reduce = "sum"
+    similarity: str = Field("cka", description=", ".join(SIMILARITIES))
     target_layers: list[str] = Field(default_factory=lambda: list(DEFAULT_LAYERS))
     guide_layers: list[str] = Field(default_factory=lambda: list(DEFAULT_LAYERS))
     drop_last_layer: bool = Field(True, description="leave out each side's last captured layer (the logits), "
                                                     "as the original does")
-    layer_map: Union[Literal["repo", "uniform"], list[ExplicitPair]] = "repo"
+    layer_map: Union[LayerMap, list[ExplicitPair]] = "repo"
     guidance_steps: Optional[int] = Field(None, ge=1, description="guide only the first N optimizer steps")
     noise_inputs: bool = Field(False, description="feed the guide random inputs instead of the batch")
-    tokenwise: Optional[Literal["positions", "rows"]] = Field(
+    tokenwise: Tokenwise = Field(
         None, description="sequences: positions (or true): the sum over positions of 1 - similarity at that "
                           "position, as the original; rows: one similarity over all (sample, token) rows; "
                           "padding left out in both")
@@ -106,7 +106,7 @@ class GuidanceSection(Section):
 class Config(RunConfig):
     model: ModelConfig
     guidance: GuidanceSection = Field(default_factory=GuidanceSection)
-    loss_scope: Literal["answer", "sequence"] = "answer"
+    loss_scope: LossScope = "answer"
 
 
 def prepare(cfg: Config) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from pydantic import Field, confloat, conlist, field_validator
 
@@ -31,10 +31,10 @@ from ..masks import base_run_of, load_mask
 from ..models import build_fresh, load_model, save_model
 from ..report import format_table, plot_bars, plot_lines
 from ..run import atomic_write_csv, derive_seed, seed_everything
-from . import (Context, UsesBaseModel, build_data, check_compatible, evaluate_task, make_loss,
+from . import (LossScope, Context, UsesBaseModel, build_data, check_compatible, evaluate_task, make_loss,
                          resolve_upstream, summary_metrics)
 from ..train import Objective, fit
-from ..transfer import CONDITIONS, check_condition, transplant
+from ..transfer import CONDITIONS, BatchNorm, NonMasked, check_condition, transplant
 
 DEFAULT_CONDITIONS = ["subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet"]
 
@@ -47,9 +47,9 @@ class TransferSection(Section):
         None, description="token tasks: the numbers of disambiguating examples to sweep over")
     lrs: Optional[conlist(confloat(gt=0), min_length=1)] = Field(None, description="learning rates (default: train's)")
     lr_stop_at: Optional[float] = Field(1.0, description="stop the lr sweep once a rate reaches this val accuracy")
-    non_masked: Literal["inherit", "reinit"] = Field(
+    non_masked: NonMasked = Field(
         "inherit", description="parameters without a mask (embeddings, norms, biases): inherit (the original) or reinit")
-    batch_norm: Literal["inherit", "reset", "freeze"] = Field(
+    batch_norm: BatchNorm = Field(
         "inherit", description="batch-norm running statistics: inherit the base's (they update in training), reset "
                                "them, or freeze the base's (batch-norm layers stay in eval mode, as the original)")
     freeze: bool = Field(True, description="keep transplanted entries frozen (subnet_trainable never freezes)")
@@ -74,7 +74,7 @@ class TransferSection(Section):
 
 class Config(UsesBaseModel):
     transfer: TransferSection
-    loss_scope: Literal["answer", "sequence"] = "answer"
+    loss_scope: LossScope = "answer"
 
 
 def prepare(cfg: Config) -> None:
