@@ -267,7 +267,8 @@ def run(size: Size) -> dict[str, float]:
     print(f"transplanted step {median_ms(transfer, 'moved'):.2f} ms / plain step {median_ms(transfer, 'plain'):.2f} "
           f"ms = {result['transfer_vs_plain']:.3f} (target <= 1.05; torch's default AdamW); with fused AdamW "
           f"{median_ms(fused, 'moved'):.2f} / {median_ms(fused, 'plain'):.2f} ms = "
-          f"{result['transfer_vs_plain_fused_adamw']:.3f}; with zero_grads {result['transfer_zero_grads_vs_plain']:.3f}")
+          f"{result['transfer_vs_plain_fused_adamw']:.3f}; "
+          f"with zero_grads {result['transfer_zero_grads_vs_plain']:.3f}")
     for density, ratios in ((size.density, memory), (size.high_density, high)):
         print(f"memory, transplanted / plain, at subnetwork density {density}: params only (parameters, buffers, "
               f"frozen-entry positions and values) {ratios['model']:.3f}; training step (also gradients and AdamW "

@@ -86,6 +86,7 @@ def console_main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
         print(f"usage: instill {{{','.join(STAGES)}}} CONFIG [--set KEY=VALUE ...] [--out DIR] [--resume] "
-              "[--print-config] [--validate]", file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+              "[--print-config] [--validate]",
+              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     sys.exit(quiet_interrupt(main, argv[0], argv[1:]))

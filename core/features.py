@@ -245,10 +245,6 @@ class FeatureCapture:
         """The hooked modules' names (registration order; captures come in execution order)."""
         return list(self.layers)
 
-    @property
-    def is_open(self) -> bool:
-        return bool(self._handles)
-
     # --- hooks -------------------------------------------------------------------------------------------------
 
     def open(self) -> FeatureCapture:

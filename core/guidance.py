@@ -120,8 +120,9 @@ class AlignmentLoss:
         if self.tokenwise is None:
             return [capture]
         if capture.dim() < 3 or (self._real is not None and capture.shape[:2] != self._real.shape):
-            raise UserError(f"tokenwise={self.tokenwise}: a capture of shape {tuple(capture.shape)} is not (batch, time, "
-                            f"...) like the input {tuple(self._real.shape) if self._real is not None else ''}")
+            real = tuple(self._real.shape) if self._real is not None else ""
+            raise UserError(f"tokenwise={self.tokenwise}: a capture of shape {tuple(capture.shape)} is not (batch, "
+                            f"time, ...) like the input {real}")
         if self.tokenwise == "rows":
             rows = capture.flatten(0, 1)
             return [rows if self._rows is None else rows.index_select(0, self._rows)]

@@ -275,7 +275,7 @@ def atomic_save(path: str | Path, save_fn) -> None:
     except OSError as err:
         _remove_quietly(tmp)
         raise write_error(path, err) from None
-    except Exception as err:  # torch and safetensors report a full disk as their own errors
+    except Exception:  # torch and safetensors report a full disk as their own errors
         full = _disk_full(path.parent)
         _remove_quietly(tmp)
         if full:

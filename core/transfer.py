@@ -72,7 +72,6 @@ class FrozenEntries:
     def __init__(self, model: nn.Module, frozen: Mapping[str, torch.Tensor], zero_grads: bool = False):
         params = dict(model.named_parameters())
         self._entries: list[_Frozen] = []
-        self._handles = []
         for name, mask in frozen.items():
             param = params[name]
             mask = mask.to(param.device, torch.bool)
@@ -82,7 +81,7 @@ class FrozenEntries:
                 entry = _Frozen(param, mask)
                 self._entries.append(entry)
                 if zero_grads:
-                    self._handles.append(param.register_post_accumulate_grad_hook(entry.zero_grad))
+                    param.register_post_accumulate_grad_hook(entry.zero_grad)  # lives as long as the parameter
 
     @property
     def count(self) -> int:
@@ -93,12 +92,6 @@ class FrozenEntries:
         """Write every frozen entry back to its saved value (call after each optimizer step)."""
         for entry in self._entries:
             entry.restore()
-
-    def remove(self) -> None:
-        """Stop freezing: hooks detached, nothing restored from now on."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles, self._entries = [], []
 
     def extra_bytes(self) -> int:
         """Memory held for freezing: positions and saved values."""

@@ -252,7 +252,7 @@ def test_bad_folders_through_the_stage_are_one_line_and_write_nothing(workdir, t
 
 # ----------------------------------------------------------------------------------------------------- pixel modes
 
-def _pixels(seed: int, shape: tuple[int, ...], high: int, dtype) -> "np.ndarray":
+def _pixels(seed: int, shape: tuple[int, ...], high: int, dtype):
     import numpy as np
 
     return np.random.default_rng(seed).integers(0, high, shape, endpoint=True).astype(dtype)
@@ -283,7 +283,8 @@ def test_every_pillow_mode_decodes_to_its_8_bit_values(tmp_path):
         "grey16.png": (Image.fromarray(grey16), np.repeat(grey8[..., None], 3, 2)),
         "grey16b.tif": (Image.frombytes("I;16B", (size, size), grey16.astype(">u2").tobytes()),
                         np.repeat(grey8[..., None], 3, 2)),
-        "la.png": (Image.fromarray(np.stack([grey, alpha], 2), "LA"), over_black(np.repeat(grey[..., None], 3, 2), alpha)),
+        "la.png": (Image.fromarray(np.stack([grey, alpha], 2), "LA"),
+                   over_black(np.repeat(grey[..., None], 3, 2), alpha)),
         "rgba.png": (Image.fromarray(np.concatenate([rgb, alpha[..., None]], 2), "RGBA"), over_black(rgb, alpha)),
         "p_transparent.png": (p_image, np.where((palette_index == 3)[..., None], 0, palette[palette_index])),
         "cmyk.tif": (Image.fromarray(np.concatenate([cmy, np.zeros((size, size, 1), np.uint8)], 2), "CMYK"), 255 - cmy),

@@ -361,7 +361,7 @@ def test_temperature_schedule_correct_and_legacy():
     assert concrete.set_epoch(2, 3) == {}  # its concrete temperature is fixed
 
 
-# ----------------------------------------------------------------------------------------------------- timm, torchvision
+# ---------------------------------------------------------------------------------------------------- timm, torchvision
 
 def test_masks_work_on_torchvision_and_timm_models():
     import timm

@@ -25,7 +25,8 @@ from tests.conftest import CONFIGS, REPO, python_env, run_cli
 TINY = "configs/tiny_digits.yaml"
 ONE_EPOCH = ["--set", "train.epochs=1"]
 MAGNITUDE_ABLATE = ("base: {base}\ndata: {{name: digits, limit: 400}}\n"
-                    "mask: {{layers: [Linear], method: magnitude, prune_fraction: 0.5}}\ntrain: {{epochs: 1, threads: 1}}\n")
+                    "mask: {{layers: [Linear], method: magnitude, prune_fraction: 0.5}}\n"
+                    "train: {{epochs: 1, threads: 1}}\n")
 
 
 @pytest.fixture(scope="module")

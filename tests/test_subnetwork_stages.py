@@ -185,7 +185,8 @@ def test_an_infeasible_sampled_complement_stops_before_the_first_sub_run(in_upst
         masks["transformer.h.0.mlp.c_fc.weight"][:] = True
         masks["transformer.h.0.mlp.c_fc.weight"][0, :3] = False
         density = mask_density(masks)  # recorded as a discovery of this mask would (else its integrity check stops it)
-        meta.update({key: density[key] for key in ("kept", "total", "density", "layers")}, mask_hash=tensors_hash(masks))
+        meta.update({key: density[key] for key in ("kept", "total", "density", "layers")},
+                    mask_hash=tensors_hash(masks))
 
     mask = edited_mask("dense", dense_layer)
     code = transfer("checkpoints/bad", "transfer.conditions=[subnet, sampled_complement]", mask=mask)

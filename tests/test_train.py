@@ -203,7 +203,8 @@ def test_batch_loader_shards_and_reshuffles():
     assert not set(shards[0]) & set(shards[1]) and len(shards[0]) == len(shards[1]) == 5
     # One process: the epoch's seeded permutation itself (the order shipped configs' results were measured with).
     single = torch.cat([y for _, y in BatchLoader(split, 3, shuffle=True, seed=1)])
-    assert single.tolist() == torch.randperm(10, generator=torch.Generator().manual_seed(derive_seed(1, 0, legacy="epoch"))).tolist()
+    first_epoch = torch.Generator().manual_seed(derive_seed(1, 0, legacy="epoch"))
+    assert single.tolist() == torch.randperm(10, generator=first_epoch).tolist()
     # Three ranks: DistributedSampler deals that same permutation out, leaving out the last 11 mod 3.
     odd = Split(torch.arange(11).float(), torch.arange(11))
     permutation = torch.cat([y for _, y in BatchLoader(odd, 4, shuffle=True, seed=5)]).tolist()

@@ -1,4 +1,4 @@
-"""Vision subtask induction end to end: base -> ablate -> transfer on tiny shapes configs, bad input, shipped configs."""
+"""Vision subtask induction end to end: base, ablate, transfer on tiny shapes configs; bad input; shipped configs."""
 
 from __future__ import annotations
 
@@ -103,7 +103,8 @@ def test_batch_norm_statistics_follow_transfer_batch_norm_alone(in_pipeline, bat
     ("ablate", "tiny_shapes_ablate", "data.num_classes=4", "num_classes is 4 but the base model was built for 3"),
     ("transfer", "tiny_shapes_transfer", "data.num_classes=2", "num_classes is 2 but the base model was built for 3"),
     ("transfer", "tiny_shapes_transfer", "data.resolution=24", "input_shape"),
-    ("ablate", "tiny_shapes_ablate", "data.max_rotation=270", "max_rotation: Input should be less than or equal to 180"),
+    ("ablate", "tiny_shapes_ablate", "data.max_rotation=270",
+     "max_rotation: Input should be less than or equal to 180"),
 ])
 def test_data_that_do_not_fit_the_base_model_are_one_line_errors(in_pipeline, capsys, stage, config, override,
                                                                  message):

@@ -25,7 +25,8 @@ from ..registry import MODELS
 @MODELS.register("gpt2")
 def gpt2(info: dict, *, n_layer: conint(ge=1) = 2, n_embd: conint(ge=1) = 128, n_head: conint(ge=1) = 4,
          dropout: confloat(ge=0, lt=1) = 0.1, attn_dropout: confloat(ge=0, lt=1) = 0.1,
-         activation: Literal["gelu_new", "gelu", "relu", "silu", "tanh"] = "gelu_new", init_std: confloat(gt=0) = 0.02) -> nn.Module:
+         activation: Literal["gelu_new", "gelu", "relu", "silu", "tanh"] = "gelu_new",
+         init_std: confloat(gt=0) = 0.02) -> nn.Module:
     """GPT-2 (HF ``GPT2LMHeadModel``) initialised from scratch, sized by the data's ``vocab_size`` and ``seq_len``.
 
     ``dropout`` sets the residual and embedding dropout, ``attn_dropout`` the attention dropout (HF defaults 0.1).

@@ -1,6 +1,7 @@
 """Sequence models of "Training the Untrainable": recurrent and Transformer language models and classifiers.
 
-Inputs are always (batch, time) int64 token ids, token 0 is padding and padding is trailing (``instill.data.sequences``).
+Inputs are always (batch, time) int64 token ids, token 0 is padding and padding is trailing
+(``instill.data.sequences``).
 
 ==========================  =====================================  ==================================================
 model                       output                                 module names (captured by forward hooks)

@@ -48,7 +48,8 @@ class TransferSection(Section):
     lrs: Optional[conlist(confloat(gt=0), min_length=1)] = Field(None, description="learning rates (default: train's)")
     lr_stop_at: Optional[float] = Field(1.0, description="stop the lr sweep once a rate reaches this val accuracy")
     non_masked: NonMasked = Field(
-        "inherit", description="parameters without a mask (embeddings, norms, biases): inherit (the original) or reinit")
+        "inherit",
+        description="parameters without a mask (embeddings, norms, biases): inherit (the original) or reinit")
     batch_norm: BatchNorm = Field(
         "inherit", description="batch-norm running statistics: inherit the base's (they update in training), reset "
                                "them, or freeze the base's (batch-norm layers stay in eval mode, as the original)")
@@ -138,7 +139,8 @@ def _train_condition(ctx: Context, sub, n, condition, lr, data, base, model_cfg,
     seed_everything(derive_seed(ctx.seed, "init", n), cfg.reproducibility.deterministic)  # same fresh start
     fresh = build_fresh(model_cfg, base_info)
     start = transplant(condition, base, fresh, mask, non_masked=spec.non_masked, batch_norm=spec.batch_norm,
-                       freeze=spec.freeze, legacy_sampling=spec.legacy_sampling, seed=derive_seed(ctx.seed, "sample", n),
+                       freeze=spec.freeze, legacy_sampling=spec.legacy_sampling,
+                       seed=derive_seed(ctx.seed, "sample", n),
                        zero_grads=cfg.train.grad_clip is not None)  # frozen entries must not count in the norm
     train_cfg = cfg.train.model_copy(update={"optimizer": cfg.train.optimizer.model_copy(update={"lr": lr})})
     eval_batch = train_cfg.eval_batch_size
