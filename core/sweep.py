@@ -222,9 +222,17 @@ def prepare(path: str | Path, out: Optional[str] = None, executor: Optional[str]
     spec = load_sweep(path)
     if workers is not None:
         spec.executor.workers = workers
-    source = str(path)
+    return prepare_spec(spec, str(path), Path(out or spec.output_dir or Path("checkpoints") / Path(path).stem),
+                        executor)
+
+
+def prepare_spec(spec: SweepSpec, source: str, sweep_dir: Path, executor: Optional[str] = None) -> Sweep:
+    """``prepare`` for a sweep built in code (``make reproduce``); ``source`` names it in errors.
+
+    Raises:
+        UserError: anything wrong; nothing has been written.
+    """
     points = expand_points(spec, source)
-    sweep_dir = Path(out or spec.output_dir or Path("checkpoints") / Path(path).stem)
     for point in points:
         point_config(point, sweep_dir / point["name"], source)
     kind = choose_executor(executor or spec.executor.kind, source)
