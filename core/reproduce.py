@@ -315,7 +315,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.seeds < 1 or (args.workers is not None and args.workers < 1):
             raise UserError("--seeds and --workers must be at least 1")
         only = [c.strip() for c in args.claims.split(",")] if args.claims else None
-        manifest = load_manifest(args.manifest, only)
+        manifest = load_manifest(args.manifest, only)  # the claims to run; the report shows every claim
         sweep_dir = Path(args.out) / f"{args.scale}-seeds{args.seeds}"
         failed = 0
         if not args.report_only:
@@ -327,7 +327,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         sweeps = {scale: path for scale, path in sweeps.items() if (path / "sweep.json").is_file()}
         if not sweeps:
             raise UserError(f"no sweep in {args.out} for {args.seeds} seed(s): run without --report-only first")
-        results = write_report(manifest, sweeps, Path(args.report), args.manifest)
+        results = write_report(load_manifest(args.manifest), sweeps, Path(args.report), args.manifest)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
@@ -335,6 +335,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("\ninterrupted: rerun the same command to resume", file=sys.stderr)
         return 130
     for claim_id, by_scale in results.items():
+        if not by_scale:
+            print(f"{claim_id}: not run")
         for scale, r in by_scale.items():
             print(f"{claim_id} ({scale}): {r['verdict']}; effect {_num(r['effect'], r['effect_std'])} over "
                   f"{r['n']} seed(s)")

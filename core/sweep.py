@@ -189,8 +189,10 @@ def point_config(point: dict[str, Any], out: Path, source: str):
         raise UserError(f"{source}: point {point['name']}: {err}") from None
 
 
-def fingerprint(points: list[dict[str, Any]], upstream: str) -> str:
-    text = json.dumps({"points": points, "upstream": upstream}, sort_keys=True, default=str)
+def fingerprint(spec: SweepSpec) -> str:
+    """What makes a sweep directory this sweep's: the grid, the values set everywhere and the upstream choice.
+    Explicit points may be added to a sweep later (``make reproduce`` of more claims); its grid cannot change."""
+    text = json.dumps({"grid": spec.grid, "set": spec.set, "upstream": spec.upstream}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -201,15 +203,19 @@ def fingerprint(points: list[dict[str, Any]], upstream: str) -> str:
 class Sweep:
     """A validated sweep: its directory, points, executor choice."""
 
-    def __init__(self, source: str, spec: SweepSpec, out: Path, points: list[dict[str, Any]], executor: str):
+    def __init__(self, source: str, spec: SweepSpec, out: Path, points: list[dict[str, Any]], executor: str,
+                 recorded: list[dict[str, Any]] = ()):
         self.source, self.spec, self.path, self.points, self.executor = source, spec, out, points, executor
+        self.recorded = list(recorded)  # points an earlier run of this sweep recorded that this one does not name
 
     @property
     def record(self) -> dict[str, Any]:
         spec = self.spec
+        names = {p["name"] for p in self.points}
         return {"source": self.source, "config": spec.config, "stage": spec.stage, "grid": spec.grid,
                 "explicit_points": spec.points, "set": spec.set, "upstream": spec.upstream,
-                "fingerprint": fingerprint(self.points, spec.upstream), "points": self.points}
+                "fingerprint": fingerprint(spec),
+                "points": [p for p in self.recorded if p["name"] not in names] + self.points}
 
 
 def prepare(path: str | Path, out: Optional[str] = None, executor: Optional[str] = None,
@@ -240,10 +246,18 @@ def prepare_spec(spec: SweepSpec, source: str, sweep_dir: Path, executor: Option
     if sweep_dir.exists() and old is None and any(sweep_dir.iterdir()):
         raise UserError(f"{source}: {sweep_dir} exists and is not a sweep directory (no sweep.json): choose "
                         "another --out")
-    if old is not None and old.get("fingerprint") != fingerprint(points, spec.upstream):
-        raise UserError(f"{source}: {sweep_dir} holds a sweep with a different grid or points ({old.get('source')}"
-                        "): choose another --out, or rerun that sweep")
-    return Sweep(source, spec, sweep_dir, points, kind)
+    recorded = []
+    if old is not None:
+        if old.get("fingerprint") != fingerprint(spec):
+            raise UserError(f"{source}: {sweep_dir} holds a sweep with a different grid, set or upstream "
+                            f"({old.get('source')}): choose another --out, or rerun that sweep")
+        recorded = [p for p in old.get("points", []) if isinstance(p, dict) and "name" in p]
+        mine = {p["name"]: p for p in points}
+        for point in recorded:
+            if point["name"] in mine and mine[point["name"]] != point:
+                raise UserError(f"{source}: {sweep_dir}: point {point['name']} was recorded with other values or "
+                                "another config: choose another --out")
+    return Sweep(source, spec, sweep_dir, points, kind, recorded)
 
 
 def choose_executor(kind: str, source: str) -> str:
@@ -372,8 +386,7 @@ def _run_under_torchrun(sweep_dir: Path, name: str, processes: int, log_path: Pa
 
 def run_sweep(sweep: Sweep, *, progress=print) -> dict[str, dict[str, Any]]:
     """Record the sweep, then run every point that is not finished; returns each point's outcome by name."""
-    sweep.path.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(sweep.path / "sweep.json", sweep.record)
+    write_record(sweep)
     status = {p["name"]: {"name": p["name"], "state": point_state(sweep.path, p["name"])} for p in sweep.points}
     todo = [name for name, s in status.items() if s["state"] != "finished"]
     for name, s in status.items():
@@ -393,6 +406,12 @@ def run_sweep(sweep: Sweep, *, progress=print) -> dict[str, dict[str, Any]]:
         run = _run_local if sweep.executor == "local" else _run_slurm
         run(sweep, todo, done)
     return status
+
+
+def write_record(sweep: Sweep) -> None:
+    """Create the sweep directory with its ``sweep.json`` (the grid and the points)."""
+    sweep.path.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(sweep.path / "sweep.json", sweep.record)
 
 
 def _write_status(sweep: Sweep, status: dict[str, dict[str, Any]]) -> None:

@@ -199,11 +199,27 @@ def test_a_sweep_directory_of_another_grid_is_refused(workdir, capsys):
     seeds_sweep(seeds=(1,))
     assert sweep_main(["s.yaml"]) == 0
     before = sorted(str(p) for p in Path("checkpoints").rglob("*"))
-    seeds_sweep(seeds=(1, 2))
+    for body in ("grid: {reproducibility.random_seed: [1, 2]}", "grid: {reproducibility.random_seed: [1], train.epochs: [1]}"):
+        Path("s.yaml").write_text(Path("s.yaml").read_text().replace(
+            "grid: {reproducibility.random_seed: [1]}", body))
+        capsys.readouterr()
+        assert sweep_main(["s.yaml"]) == 2
+        assert "holds a sweep with a different grid, set or upstream" in capsys.readouterr().err
+        assert sorted(str(p) for p in Path("checkpoints").rglob("*")) == before
+        seeds_sweep(seeds=(1,))
+
+
+def test_explicit_points_may_be_added_to_a_sweep(workdir, capsys):
+    seeds_sweep(seeds=(1,), extra="points: [{name: a, train.optimizer.lr: 0.01}]")
+    assert sweep_main(["s.yaml"]) == 0
+    seeds_sweep(seeds=(1,), extra="points: [{name: b, train.optimizer.lr: 0.003}]")
+    assert sweep_main(["s.yaml"]) == 0
+    record = json.loads(Path("checkpoints/s/sweep.json").read_text())
+    assert [p["name"] for p in record["points"]] == ["a-random_seed=1", "b-random_seed=1"]
+    seeds_sweep(seeds=(1,), extra="points: [{name: b, train.optimizer.lr: 0.1}]")  # same name, other values
     capsys.readouterr()
     assert sweep_main(["s.yaml"]) == 2
-    assert "holds a sweep with a different grid or points" in capsys.readouterr().err
-    assert sorted(str(p) for p in Path("checkpoints").rglob("*")) == before
+    assert "point b-random_seed=1 was recorded with other values" in capsys.readouterr().err
 
 
 def test_command_line_validate_and_list(workdir, capsys):
@@ -214,3 +230,17 @@ def test_command_line_validate_and_list(workdir, capsys):
     assert sweep_main(["s.yaml", "--list"]) == 0
     assert "000-random_seed=1  pending" in capsys.readouterr().out
     assert not Path("checkpoints").exists()
+
+
+def test_a_point_runs_under_torchrun_with_a_process_per_device(workdir):
+    """What a SLURM job does for a multi-GPU point (here two CPU processes): torchrun inside, rank 0 writes."""
+    from instill.sweep import prepare, run_point, write_record
+
+    seeds_sweep(seeds=(4,))
+    sweep = prepare("s.yaml")
+    write_record(sweep)
+    outcome = run_point(sweep.path, "000-random_seed=4", processes=2)
+    assert outcome["state"] == "finished", Path("checkpoints/s/logs/000-random_seed=4.log").read_text()[-2000:]
+    run = Path("checkpoints/s/000-random_seed=4")
+    assert json.loads((run / "env.json").read_text())["world_size"] == 2
+    assert json.loads((run / "summary.json").read_text())["seed"] == 4
