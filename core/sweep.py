@@ -180,10 +180,10 @@ def point_config(point: dict[str, Any], out: Path, source: str):
     from .config import read_yaml as read
     from .stages import load_stage_config
 
-    stage = point["stage"] or read(point["config"]).get("stage")
-    if stage is None:
-        raise UserError(f"{source}: point {point['name']}: {point['config']} declares no stage: set sweep.stage")
     try:
+        stage = point["stage"] or read(point["config"]).get("stage")
+        if stage is None:
+            raise UserError(f"{point['config']} declares no stage: set sweep.stage")
         return load_stage_config(point["config"], stage, out=str(out), values=point["values"])
     except UserError as err:
         raise UserError(f"{source}: point {point['name']}: {err}") from None
@@ -281,14 +281,15 @@ def choose_executor(kind: str, source: str) -> str:
 
 
 def point_state(sweep_dir: Path, name: str) -> str:
-    """finished, interrupted (saved state to resume), failed, or pending."""
+    """finished, failed (its last attempt; a rerun resumes any state it saved), interrupted (saved state to
+    resume), or pending."""
     run_dir = sweep_dir / name
     if is_finished(run_dir):
         return "finished"
-    if has_state(run_dir):
-        return "interrupted"
     recorded = read_json(sweep_dir / "points" / f"{name}.json") or {}
-    return "failed" if recorded.get("state") == "failed" else "pending"
+    if recorded.get("state") == "failed":
+        return "failed"
+    return "interrupted" if has_state(run_dir) else "pending"
 
 
 def run_point(sweep_dir: str | Path, name: str, threads: int = 1, processes: int = 1) -> dict[str, Any]:

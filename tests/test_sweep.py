@@ -199,7 +199,8 @@ def test_a_sweep_directory_of_another_grid_is_refused(workdir, capsys):
     seeds_sweep(seeds=(1,))
     assert sweep_main(["s.yaml"]) == 0
     before = sorted(str(p) for p in Path("checkpoints").rglob("*"))
-    for body in ("grid: {reproducibility.random_seed: [1, 2]}", "grid: {reproducibility.random_seed: [1], train.epochs: [1]}"):
+    for body in ("grid: {reproducibility.random_seed: [1, 2]}",
+                 "grid: {reproducibility.random_seed: [1], train.epochs: [1]}"):
         Path("s.yaml").write_text(Path("s.yaml").read_text().replace(
             "grid: {reproducibility.random_seed: [1]}", body))
         capsys.readouterr()
