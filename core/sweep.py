@@ -41,6 +41,7 @@ import sys
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -437,10 +438,20 @@ def _run_local(sweep: Sweep, todo: list[str], done) -> None:
         importlib.import_module(module)
     # fork shares the imports; where it is unsafe (macOS) or missing, spawn imports them again in each worker
     method = "fork" if sys.platform.startswith("linux") else "spawn"
+    queue = list(todo)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
-        pending = {pool.submit(run_point, sweep.path, name, settings.threads): name for name in todo}
+        pending: dict[Any, str] = {}
         try:
-            while pending:
+            while pending or queue:
+                # one point per worker at a time: after Ctrl-C no queued point starts in a worker
+                while queue and len(pending) < workers:
+                    name = queue.pop(0)
+                    try:
+                        pending[pool.submit(run_point, sweep.path, name, settings.threads)] = name
+                    except BrokenProcessPool as err:  # a worker died: what is left runs on the next rerun
+                        done({"name": name, "state": "failed", "error": f"not started: {_one_line(err)}"})
+                if not pending:
+                    continue
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
                     name = pending.pop(future)
@@ -448,9 +459,8 @@ def _run_local(sweep: Sweep, todo: list[str], done) -> None:
                         done(future.result())
                     except Exception as err:  # the worker process itself died (killed, out of memory)
                         done({"name": name, "state": "failed", "error": f"worker process died ({_one_line(err)})"})
-        except KeyboardInterrupt:
-            for future in pending:
-                future.cancel()
+        except KeyboardInterrupt:  # the workers got the Ctrl-C too: their points save their state and return
+            queue.clear()
             raise
 
 

@@ -245,3 +245,23 @@ def test_a_point_runs_under_torchrun_with_a_process_per_device(workdir):
     run = Path("checkpoints/s/000-random_seed=4")
     assert json.loads((run / "env.json").read_text())["world_size"] == 2
     assert json.loads((run / "summary.json").read_text())["seed"] == 4
+
+
+def test_a_worker_that_dies_is_listed_and_the_rerun_finishes_the_sweep(workdir, monkeypatch, capsys):
+    from instill.stages import base
+
+    original_main = base.main
+
+    def dying_main(ctx):
+        if ctx.seed == 2:
+            os._exit(3)  # killed: no exception, no outcome file
+        return original_main(ctx)
+
+    seeds_sweep(seeds=(1, 2, 3))
+    with monkeypatch.context() as m:
+        m.setattr(base, "main", dying_main)
+        assert sweep_main(["s.yaml"]) == 1
+    status = json.loads(Path("checkpoints/s/status.json").read_text())["points"]
+    assert "worker process died" in status["001-random_seed=2"]["error"]
+    assert sweep_main(["s.yaml"]) == 0
+    assert json.loads(Path("checkpoints/s/status.json").read_text())["counts"] == {"finished": 3}
