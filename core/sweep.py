@@ -23,7 +23,9 @@ listed by ``python -m instill.report``). The sweep directory also holds ``sweep.
 ``points/<name>.json`` (each point's state: finished, failed with its error, interrupted), ``status.json`` and
 ``logs/<name>.log`` (the point's output). Every point's config is validated before anything is written or submitted.
 Running the same sweep again skips finished points, resumes interrupted ones from their saved state and reruns
-failed ones; a failed point never stops the others.
+failed ones; a failed point never stops the others. Explicit points may be added to an existing sweep directory;
+another grid, ``set`` or ``upstream`` is another sweep (``--out``). A SLURM sweep waits for its job array; if this
+process is stopped while jobs still run, a rerun submits the unfinished points again (it does not adopt the jobs).
 """
 
 from __future__ import annotations
