@@ -318,7 +318,8 @@ def run_point(sweep_dir: str | Path, name: str, threads: int = 1, processes: int
         if processes > 1:
             outcome.update(_run_under_torchrun(sweep_dir, name, processes, log_path))
         else:
-            with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), \
+                    contextlib.redirect_stderr(log):  # line-buffered: the log follows the run
                 outcome.update(_run_in_process(sweep_dir, name, threads))
     except KeyboardInterrupt:
         outcome.update(state="interrupted", error="interrupted")
