@@ -4,7 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench reproduce
+
+# make reproduce [SEEDS=3] [SCALE=paper]: every headline claim's preset, then reports/reproduce/index.html
+SEEDS ?= 1
+SCALE ?= cpu
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,3 +26,6 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(PY) $$b --quick || exit 1; done
+
+reproduce: $(STAMP)
+	$(PY) -m instill.reproduce --seeds $(SEEDS) --scale $(SCALE) --executor $(if $(filter paper,$(SCALE)),auto,local)

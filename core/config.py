@@ -240,15 +240,37 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--
             value = parse_yaml(text)
         except yaml.YAMLError:
             raise UserError(f"{source} {item!r}: the value is not valid YAML") from None
-        node = raw
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise UserError(f"{source} {item!r}: {part!r} is a value, not a section")
-            node = child
-        node[parts[-1]] = value
+        _set_dotted(raw, key.strip(), value, f"{source} {item!r}")
     return raw
+
+
+def apply_values(raw: dict[str, Any], values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Set already-typed values by dotted key (``{"train.optimizer.lr": 0.01}``), as ``--set`` does for text.
+
+    Args:
+        raw: the config mapping (not modified).
+        values: dotted key -> value.
+        source: what to name in an error (a sweep point, ...).
+    Returns:
+        A new mapping with the values set.
+    Raises:
+        UserError: a key walks through a value that is not a section.
+    """
+    raw = copy.deepcopy(raw)
+    for key, value in values.items():
+        _set_dotted(raw, key, copy.deepcopy(value), f"{source} {key!r}")
+    return raw
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, where: str) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"{where}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
 
 
 def validate(raw: dict[str, Any], schema: type[RunConfig], source: str) -> RunConfig:
@@ -261,9 +283,15 @@ def validate(raw: dict[str, Any], schema: type[RunConfig], source: str) -> RunCo
         raise UserError(f"{source}: {err}") from None
 
 
-def load_config(path: str | Path, schema: type[RunConfig], stage: str, overrides: list[str] = ()) -> RunConfig:
-    """Read, merge, override and validate a config for ``stage``; fill ``name`` and ``output_dir``."""
+def load_config(path: str | Path, schema: type[RunConfig], stage: str, overrides: list[str] = (),
+                values: Optional[dict[str, Any]] = None) -> RunConfig:
+    """Read, merge, override and validate a config for ``stage``; fill ``name`` and ``output_dir``.
+
+    ``overrides`` are ``--set`` strings; ``values`` typed values by dotted key (a sweep point's), applied after them.
+    """
     raw = apply_overrides(read_yaml(path), list(overrides))
+    if values:
+        raw = apply_values(raw, values, str(path))
     declared = raw.setdefault("stage", stage)
     if declared != stage:
         raise UserError(f"{path}: stage: this config is for stage {declared!r}, but this script runs {stage!r}")

@@ -2,6 +2,9 @@
 
     python -m instill.report checkpoints/           one row per run: name, stage, seed, status, duration, key metrics
     python -m instill.report checkpoints/ --plot    also write curves.png into each run directory
+    python -m instill.report SWEEP_DIR [--metric M] [--x KEY]
+                                                    a sweep: one row per point, then mean, std and count over
+                                                    seeds per condition; CSVs and M-against-KEY plots in report/
 
 Run directories are found at any depth below the folder; a sweep's sub-runs (one per condition, n, lr) follow their
 run as ``run/sub-run`` rows with their own figures. Broken or unfinished run directories are listed as such; the
@@ -166,16 +169,22 @@ def plot_bars(path: str | Path, values: dict[str, Any], *, title: str, ylabel: s
     return Path(path)
 
 
-def plot_lines(path: str | Path, series: dict[str, list[tuple[float, float]]], *, title: str, xlabel: str,
+def plot_lines(path: str | Path, series: dict[str, list[tuple[float, ...]]], *, title: str, xlabel: str,
                ylabel: str, logx: bool = False) -> Optional[Path]:
-    """One line per named series of (x, y) points (accuracy against n per condition, ...)."""
+    """One line per named series of (x, y) points (accuracy against n per condition, ...); a point given as
+    (x, y, spread) gets an error bar of +- spread."""
     if not series:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for label, points in series.items():
-        xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", label=label)
+        points = sorted(points)
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        spreads = [p[2] if len(p) > 2 else 0.0 for p in points]
+        if any(spreads):
+            ax.errorbar(xs, ys, yerr=spreads, marker="o", capsize=3, label=label)
+        else:
+            ax.plot(xs, ys, marker="o", label=label)
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
@@ -227,6 +236,162 @@ def _save_figure(fig, path: str | Path) -> None:
         atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
         _pyplot().close(fig)
+# ---------------------------------------------------------------------------------------------------------------
+# Sweeps: one row per point (per result row of a point), and the mean, spread and count over seeds
+
+SWEEP_SEED_KEYS = ("reproducibility.random_seed", "reproducibility.reproduce")
+RESULT_ID_KEYS = ("condition", "n_disambiguation")  # what tells a stage's result rows apart
+NOT_METRICS = {"seed", "duration_s", "steps", "best_epoch", "epoch", "step", "lr", "n_disambiguation"}
+
+
+def sweep_rows(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per finished point, or per result row of a point whose stage reports several (a transfer's
+    conditions and n, a guide's conditions); unfinished points get a row with their state and error.
+
+    Args:
+        sweep_dir: a sweep directory (holding sweep.json).
+    Returns:
+        (rows, condition keys): the rows carry ``point``, ``state``, ``seed``, the point's values of the keys that
+        vary over the sweep, the result's identifying keys and its numeric metrics; the condition keys are the
+        varying keys but the seed, then the identifying keys.
+    Raises:
+        UserError: no readable sweep.json.
+    """
+    from .errors import UserError
+
+    sweep_dir = Path(sweep_dir)
+    record = read_json(sweep_dir / "sweep.json")
+    if record is None or not isinstance(record.get("points"), list):
+        raise UserError(f"{sweep_dir}: no readable sweep.json (not a sweep directory)")
+    points = record["points"]
+    varying = _varying_keys(points)
+    rows: list[dict[str, Any]] = []
+    for point in points:
+        run_dir = sweep_dir / point["name"]
+        outcome = read_json(sweep_dir / "points" / f"{point['name']}.json") or {}
+        status = run_status(run_dir) if run_dir.is_dir() else "pending"
+        state = "finished" if status == "finished" else outcome.get("state") or status
+        base = {"point": point["name"], "state": state,
+                **{k: _point_value(point, k) for k in varying if k not in SWEEP_SEED_KEYS}}
+        summary = read_json(run_dir / "summary.json") or {}
+        base["seed"] = summary.get("seed", point["values"].get("reproducibility.random_seed", ""))
+        if state != "finished":
+            rows.append({**base, "error": outcome.get("error") or ""})
+            continue
+        results = summary.get("results")
+        for result in results if isinstance(results, list) and results else [summary]:
+            ids = {k: result[k] for k in RESULT_ID_KEYS if result.get(k) is not None}
+            metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and k not in NOT_METRICS and k not in ids and not k.startswith("time_")}
+            rows.append({**base, **ids, **metrics})
+    id_keys = [k for k in RESULT_ID_KEYS if any(k in r for r in rows)]
+    return rows, [k for k in varying if k not in SWEEP_SEED_KEYS] + id_keys
+
+
+def _point_value(point: dict[str, Any], key: str) -> Any:
+    return point.get(key) if key in ("config", "stage") else point["values"].get(key, "")
+
+
+def _varying_keys(points: list[dict[str, Any]]) -> list[str]:
+    """The keys whose value is not the same at every point (config and stage too, for a sweep of many configs)."""
+    keys = [k for k in ("config", "stage") if len({str(p.get(k)) for p in points}) > 1]
+    for point in points:
+        keys += [k for k in point["values"] if k not in keys]
+    return [k for k in keys if len({repr(_point_value(p, k)) for p in points}) > 1]
+
+
+def aggregate(rows: list[dict[str, Any]], keys: list[str], metrics: list[str]) -> list[dict[str, Any]]:
+    """Finished rows grouped by ``keys`` (every condition key but the seed): each metric's mean, sample standard
+    deviation (blank for a single value) and count, in the order the groups first appear."""
+    import statistics
+
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("state") == "finished":
+            groups.setdefault(tuple(repr(row.get(k, "")) for k in keys), []).append(row)
+    table = []
+    for members in groups.values():
+        out = {k: members[0].get(k, "") for k in keys}
+        for metric in metrics:
+            values = [r[metric] for r in members if isinstance(r.get(metric), (int, float))]
+            out[f"{metric} mean"] = statistics.fmean(values) if values else ""
+            out[f"{metric} std"] = statistics.stdev(values) if len(values) > 1 else ""
+            out[f"{metric} n"] = len(values)
+        table.append(out)
+    return table
+
+
+def plot_sweep(path: str | Path, rows: list[dict[str, Any]], keys: list[str], metric: str, x: Optional[str]
+               ) -> Optional[Path]:
+    """``metric`` (mean +- standard deviation over seeds) against the key ``x``, one line per condition (the other
+    keys); with no numeric ``x``, one bar per condition. None when no finished row has the metric."""
+    rows = [r for r in rows if r.get("state") == "finished" and isinstance(r.get(metric), (int, float))]
+    if not rows:
+        return None
+    numeric_x = x is not None and all(isinstance(r.get(x), (int, float)) for r in rows)
+    others = [k for k in keys if k != x]
+    table = aggregate(rows, ([x] if x else []) + others, [metric])
+    label = lambda row: ", ".join(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in others) or metric  # noqa: E731
+    if numeric_x:
+        series: dict[str, list[tuple[float, ...]]] = {}
+        for row in table:
+            series.setdefault(label(row), []).append(
+                (row[x], row[f"{metric} mean"], row[f"{metric} std"] or 0.0))
+        return plot_lines(path, series, title=f"{metric} against {x} (mean +- std over seeds)", xlabel=x,
+                          ylabel=metric, logx=x == "n_disambiguation")
+    bars = {(f"{x}={row[x]}, " if x else "") + label(row): row[f"{metric} mean"] for row in table}
+    return plot_bars(path, bars, title=f"{metric} per condition (mean over seeds)", ylabel=metric)
+
+
+def sweep_report(root: Path, metrics: list[str], x: Optional[str]) -> int:
+    """Print a sweep's per-point and grouped tables; write them as CSV and the plot into ``<sweep>/report/``."""
+    rows, keys = sweep_rows(root)
+    numeric = list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, (int, float))
+                                 and k not in keys and k != "seed"))
+    chosen = metrics or [m for m in KEY_METRICS if m in numeric] or numeric[:3]
+    unknown = [m for m in chosen if m not in numeric]
+    if unknown and any(r.get("state") == "finished" for r in rows):
+        raise _user_error(f"--metric {unknown[0]!r}: no point reports it; reported: {', '.join(numeric)}")
+    if x is not None and x not in keys:
+        raise _user_error(f"--x {x!r}: not a key of this sweep; keys: {', '.join(keys) or 'none'}")
+    shown = ["point", "state", "seed", *keys, *chosen, "error"]
+    print(format_table([{k: r.get(k, "") for k in shown if any(k in q for q in rows)} for r in rows]))
+    groups = aggregate(rows, keys, chosen)
+    if groups:
+        print(f"\nmean, standard deviation and count over seeds, by {', '.join(keys) or 'nothing (one group)'}:")
+        print(format_table(groups))
+    out = root / "report"
+    out.mkdir(exist_ok=True)
+    _write_csv(out / "points.csv", rows)
+    _write_csv(out / "groups.csv", aggregate(rows, keys, numeric))
+    x = x or next((k for k in ("n_disambiguation", *keys) if k in keys and
+                   all(isinstance(r.get(k), (int, float)) for r in rows if r.get("state") == "finished")), None)
+    for metric in chosen:
+        written = plot_sweep(out / f"{metric.replace('/', '_')}_vs_{x or 'condition'}.png", rows, keys, metric, x)
+        if written:
+            print(f"wrote {written}")
+    print(f"wrote {out / 'points.csv'} and {out / 'groups.csv'}")
+    return 0
+
+
+def _user_error(message: str):
+    from .errors import UserError
+
+    return UserError(message)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    import csv
+    import io
+
+    from .run import atomic_write_text
+
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def _pyplot():
@@ -242,11 +407,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m instill.report", description=__doc__.splitlines()[0])
     parser.add_argument("root", nargs="?", default="checkpoints", help="a run directory or a folder of them")
     parser.add_argument("--plot", action="store_true", help="write curves.png into each run directory")
+    parser.add_argument("--metric", action="append", default=[],
+                        help="a sweep: the metric to aggregate and plot (repeatable; default: the key metrics)")
+    parser.add_argument("--x", help="a sweep: the key to plot the metric against (default: n, or the first "
+                                    "numeric key); one line per condition")
     args = parser.parse_args(argv)
     root = Path(args.root)
     if not root.is_dir():
         print(f"error: {root} is not a directory", file=sys.stderr)
         return 2
+    if (root / "sweep.json").exists():
+        from .errors import UserError
+
+        try:
+            return sweep_report(root, args.metric, args.x)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return err.exit_code
     runs = find_runs(root)
     if not runs:
         print(f"no run directories in {root}")

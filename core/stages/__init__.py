@@ -8,7 +8,9 @@ finish or clean up. A stage that needs another's output names it by run director
 
 from __future__ import annotations
 
+import fcntl
 import importlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -23,7 +25,7 @@ from ..errors import UserError
 from ..metrics import shape_bias
 from ..models.vision import check_accepts
 from ..registry import DATASETS, MODELS
-from ..run import TIMING_PREFIX, Run, draw_seed, has_state, is_finished, seed_everything
+from ..run import TIMING_PREFIX, Run, derive_seed, draw_seed, has_state, is_finished, seed_everything
 from ..train import classification_loss, evaluate_classification, logits_of, predict, resolve_device
 
 STAGES = ("ablate", "base", "compare", "guide", "transfer")  # modules of this package, imported when a stage runs
@@ -55,9 +57,9 @@ def build_data(cfg: RunConfig, seed: int) -> DataBundle:
     return DATASETS.build(cfg.data.name, DataContext(seed=seed), cfg.data.params)
 
 
-def load_stage_config(path: str | Path, stage: str, overrides: list[str] = (), out: Optional[str] = None
-                      ) -> RunConfig:
-    cfg = load_config(path, stage_module(stage).Config, stage, overrides)
+def load_stage_config(path: str | Path, stage: str, overrides: list[str] = (), out: Optional[str] = None,
+                      values: Optional[dict[str, Any]] = None) -> RunConfig:
+    cfg = load_config(path, stage_module(stage).Config, stage, overrides, values)
     if out is not None:
         cfg.output_dir = out
     return cfg
@@ -198,6 +200,46 @@ def check_compatible(model: torch.nn.Module, model_info: dict, data_info: dict) 
     check_accepts(model, data_info)
 
 
+@dataclass
+class UpstreamPlacement:
+    """Where upstream runs named by config file go: ``root/<name>``, seeded from ``seed`` when it is set (so that
+    every point of a sweep trains its own base and mask, replayably, instead of sharing one)."""
+
+    root: Path
+    seed: Optional[int] = None
+
+
+_placement: Optional[UpstreamPlacement] = None
+
+
+@contextmanager
+def upstream_runs_in(placement: Optional[UpstreamPlacement]):
+    """Within this block, ``resolve_upstream`` writes upstream runs named by config file per ``placement``."""
+    global _placement
+    before, _placement = _placement, placement
+    try:
+        yield
+    finally:
+        _placement = before
+
+
+@contextmanager
+def _upstream_lock(output_dir: str):
+    """One process at a time produces an upstream run (parallel sweep points may name the same one). Under
+    torchrun the ranks produce it together, so they take no lock."""
+    if dist.world_size() > 1:
+        yield
+        return
+    out = Path(output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def resolve_upstream(ref: str, stage: str, key: str) -> str:
     """The finished run directory that ``ref`` names: a run directory, or a config file (run now if needed)."""
     path = Path(ref)
@@ -212,7 +254,19 @@ def resolve_upstream(ref: str, stage: str, key: str) -> str:
         raise UserError(f"{key}: {path} is a config of the {declared} stage; {key} takes a {stage} run directory or "
                         f"a {stage} config")
     cfg = load_stage_config(path, stage)
+    if _placement is not None:
+        cfg.output_dir = str(_placement.root / cfg.name)
+        if _placement.seed is not None and not cfg.reproducibility.reproduce:
+            cfg.reproducibility = cfg.reproducibility.model_copy(
+                update={"reproduce": True, "random_seed": derive_seed(_placement.seed, "upstream", cfg.name)})
     if is_finished(cfg.output_dir):
+        return cfg.output_dir
+    with _upstream_lock(cfg.output_dir):
+        return _produce_upstream(cfg, path, key)
+
+
+def _produce_upstream(cfg: RunConfig, path: Path, key: str) -> str:
+    if is_finished(cfg.output_dir):  # another process made it while this one waited for the lock
         return cfg.output_dir
     unfinished = has_state(cfg.output_dir)  # an upstream run interrupted earlier: continue it
     if dist.is_main():

@@ -1,0 +1,569 @@
+"""Sweeps: one stage config run at every point of a grid, in parallel here or as a SLURM job array.
+
+    python -m instill.sweep SWEEP.yaml [--out DIR] [--executor auto|local|slurm] [--workers N] [--validate] [--list]
+
+A sweep file holds one ``sweep:`` section::
+
+    sweep:
+      config: configs/fcn.yaml           # the stage config every point runs (relative to the working directory)
+      stage: transfer                    # its stage (default: the config's own ``stage:``)
+      grid:                              # every combination of these values, by dotted config key
+        reproducibility.random_seed: [1, 2, 3]
+        train.optimizer.lr: [0.001, 0.01]
+      points:                            # explicit points, each crossed with the grid (omit for the grid alone)
+        - {transfer.batch_norm: inherit}
+        - {transfer.batch_norm: reset}
+      set: {train.epochs: 5}             # the same values at every point
+      upstream: shared                   # per_point: each point trains its own upstream runs (base, mask, guide)
+      executor: {kind: auto, workers: null, threads: 1, slurm: {partition: gpu, time_min: 60, gpus_per_node: 1}}
+
+An explicit point may also name its own ``config`` and ``stage`` (and ``name``): ``make reproduce`` is one sweep
+over many presets. Each point is a normal run of its stage in ``<sweep dir>/<point name>/`` (replayable, resumable,
+listed by ``python -m instill.report``). The sweep directory also holds ``sweep.json`` (the grid and the points),
+``points/<name>.json`` (each point's state: finished, failed with its error, interrupted), ``status.json`` and
+``logs/<name>.log`` (the point's output). Every point's config is validated before anything is written or submitted.
+Running the same sweep again skips finished points, resumes interrupted ones from their saved state and reruns
+failed ones; a failed point never stops the others. Explicit points may be added to an existing sweep directory;
+another grid, ``set`` or ``upstream`` is another sweep (``--out``). A SLURM sweep waits for its job array; if this
+process is stopped while jobs still run, a rerun submits the unfinished points again (it does not adopt the jobs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .config import read_yaml
+from .errors import UserError
+from .registry import describe_error
+from .run import atomic_write_json, has_state, is_finished, read_json
+
+SEED_KEY = "reproducibility.random_seed"
+POINT_SPECIAL_KEYS = ("name", "config", "stage")  # keys of an explicit point that are not config keys
+# Imported by the sweep process before it forks its local workers, so that no point pays for them: the stages,
+# the registries, and torch's compiler stack (torch.use_deterministic_algorithms imports it on first call).
+PRELOAD = [f"instill.stages.{m}" for m in ("ablate", "base", "guide", "transfer")] + [
+    "instill.data.registered", "instill.models.registered", "torch._inductor", "matplotlib.pyplot"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sweep file
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SlurmSettings(_Strict):
+    partition: Optional[str] = Field(None, description="SLURM partition (default: the cluster's default)")
+    time_min: int = Field(60, ge=1, description="time limit of one point's job, minutes")
+    cpus_per_task: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per point's job")
+    mem_gb: Optional[float] = Field(None, gt=0, description="memory per point's job (default: the cluster's)")
+    array_parallelism: int = Field(256, ge=1, description="at most this many points' jobs run at once")
+    processes_per_point: Optional[int] = Field(
+        None, ge=1, description="torchrun processes per point (default: gpus_per_node when above 1, else one plain "
+                                "process)")
+    additional: dict[str, Any] = Field(default_factory=dict, description="further sbatch options, e.g. {account: x}")
+
+
+class ExecutorSettings(_Strict):
+    kind: Literal["auto", "local", "slurm"] = Field("auto", description="auto: slurm when sbatch is on the PATH")
+    workers: Optional[int] = Field(None, ge=1, description="local: parallel points (default: the CPU cores)")
+    threads: int = Field(1, ge=1, description="torch threads per point (local workers and SLURM jobs)")
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
+
+
+class SweepSpec(_Strict):
+    config: Optional[str] = Field(None, description="the stage config every point runs")
+    stage: Optional[str] = Field(None, description="the stage (default: the config's stage: key)")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values; every combination")
+    points: list[dict[str, Any]] = Field(default_factory=list, description="explicit points, crossed with the grid")
+    set: dict[str, Any] = Field(default_factory=dict, description="dotted key -> value at every point")
+    output_dir: Optional[str] = Field(None, description="the sweep directory (default: checkpoints/<file stem>)")
+    upstream: Literal["shared", "per_point"] = Field(
+        "shared", description="shared: points reuse the upstream runs their configs name; per_point: each point "
+                              "trains its own inside the sweep directory, seeded from the point's seed")
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
+
+    @field_validator("grid")
+    @classmethod
+    def _values_per_key(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"grid key {key!r} has no values (an empty grid has no points)")
+        return grid
+
+
+class SweepFile(_Strict):
+    sweep: SweepSpec
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Points
+
+
+def expand_points(spec: SweepSpec, source: str) -> list[dict[str, Any]]:
+    """The sweep's points: the grid's combinations crossed with the explicit points, each with a unique name.
+
+    Returns:
+        ``[{"name", "config", "stage", "values"}]`` in a stable order (values: dotted key -> value).
+    Raises:
+        UserError: no points at all, a point without a config, a duplicate point name.
+    """
+    if not spec.grid and not spec.points:
+        raise UserError(f"{source}: sweep: the grid is empty and there are no points: nothing to run")
+    keys = list(spec.grid)
+    combos = [dict(zip(keys, values)) for values in itertools.product(*(spec.grid[k] for k in keys))]
+    points, names = [], set()
+    for explicit in spec.points or [{}]:
+        for combo in combos or [{}]:
+            own = {k: v for k, v in explicit.items() if k not in POINT_SPECIAL_KEYS}
+            values = {**spec.set, **combo, **own}
+            config = explicit.get("config", spec.config)
+            if config is None:
+                raise UserError(f"{source}: sweep: no config: name the stage config in sweep.config or in every point")
+            index = len(points)
+            name = explicit.get("name")
+            name = _point_name(index, {**combo, **own}) if name is None else \
+                f"{name}-{_point_name(None, combo)}" if combo else str(name)
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+,-]*", name) or name in names:
+                raise UserError(f"{source}: sweep: point name {name!r} is " +
+                                ("used twice" if name in names else "not a plain file name"))
+            names.add(name)
+            points.append({"name": name, "config": str(config), "stage": explicit.get("stage", spec.stage),
+                           "values": values})
+    return points
+
+
+def _point_name(index: Optional[int], values: dict[str, Any]) -> str:
+    """``003-lr=0.01-random_seed=2``: readable, unique through the index, safe as a directory name."""
+    parts = [] if index is None else [f"{index:03d}"]
+    for key, value in values.items():
+        text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+        parts.append(re.sub(r"[^A-Za-z0-9._=+,-]", "_", f"{key.rsplit('.', 1)[-1]}={text}")[:40])
+    return "-".join(parts) or "point"
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """The validated ``sweep:`` section of a sweep file.
+
+    Raises:
+        UserError: unreadable YAML, no ``sweep:`` section, an unknown or mistyped sweep option.
+    """
+    raw = read_yaml(path)
+    try:
+        return SweepFile.model_validate(raw).sweep
+    except ValidationError as err:
+        raise UserError(f"{path}: {describe_error(err, SweepFile)}") from None
+
+
+def point_config(point: dict[str, Any], out: Path, source: str):
+    """The validated stage config of one point, writing into ``out``.
+
+    Raises:
+        UserError: the config's own checks fail at this point (unknown key, nearest listed; wrong type; ...).
+    """
+    from .config import read_yaml as read
+    from .stages import load_stage_config
+
+    try:
+        stage = point["stage"] or read(point["config"]).get("stage")
+        if stage is None:
+            raise UserError(f"{point['config']} declares no stage: set sweep.stage")
+        return load_stage_config(point["config"], stage, out=str(out), values=point["values"])
+    except UserError as err:
+        raise UserError(f"{source}: point {point['name']}: {err}") from None
+
+
+def fingerprint(spec: SweepSpec) -> str:
+    """What makes a sweep directory this sweep's: the grid, the values set everywhere and the upstream choice.
+    Explicit points may be added to a sweep later (``make reproduce`` of more claims); its grid cannot change."""
+    text = json.dumps({"grid": spec.grid, "set": spec.set, "upstream": spec.upstream}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checking and recording a sweep (nothing is written before every point is known to be valid)
+
+
+class Sweep:
+    """A validated sweep: its directory, points, executor choice."""
+
+    def __init__(self, source: str, spec: SweepSpec, out: Path, points: list[dict[str, Any]], executor: str,
+                 recorded: list[dict[str, Any]] = ()):
+        self.source, self.spec, self.path, self.points, self.executor = source, spec, out, points, executor
+        self.recorded = list(recorded)  # points an earlier run of this sweep recorded that this one does not name
+
+    @property
+    def record(self) -> dict[str, Any]:
+        spec = self.spec
+        names = {p["name"] for p in self.points}
+        return {"source": self.source, "config": spec.config, "stage": spec.stage, "grid": spec.grid,
+                "explicit_points": spec.points, "set": spec.set, "upstream": spec.upstream,
+                "fingerprint": fingerprint(spec),
+                "points": [p for p in self.recorded if p["name"] not in names] + self.points}
+
+
+def prepare(path: str | Path, out: Optional[str] = None, executor: Optional[str] = None,
+            workers: Optional[int] = None) -> Sweep:
+    """Validate a sweep file completely: every point's config, the executor, an existing sweep directory.
+
+    Raises:
+        UserError: anything wrong; nothing has been written.
+    """
+    spec = load_sweep(path)
+    if workers is not None:
+        spec.executor.workers = workers
+    return prepare_spec(spec, str(path), Path(out or spec.output_dir or Path("checkpoints") / Path(path).stem),
+                        executor)
+
+
+def prepare_spec(spec: SweepSpec, source: str, sweep_dir: Path, executor: Optional[str] = None) -> Sweep:
+    """``prepare`` for a sweep built in code (``make reproduce``); ``source`` names it in errors.
+
+    Raises:
+        UserError: anything wrong; nothing has been written.
+    """
+    points = expand_points(spec, source)
+    for point in points:
+        point_config(point, sweep_dir / point["name"], source)
+    kind = choose_executor(executor or spec.executor.kind, source)
+    old = read_json(sweep_dir / "sweep.json")
+    if sweep_dir.exists() and old is None and any(sweep_dir.iterdir()):
+        raise UserError(f"{source}: {sweep_dir} exists and is not a sweep directory (no sweep.json): choose "
+                        "another --out")
+    recorded = []
+    if old is not None:
+        if old.get("fingerprint") != fingerprint(spec):
+            raise UserError(f"{source}: {sweep_dir} holds a sweep with a different grid, set or upstream "
+                            f"({old.get('source')}): choose another --out, or rerun that sweep")
+        recorded = [p for p in old.get("points", []) if isinstance(p, dict) and "name" in p]
+        mine = {p["name"]: p for p in points}
+        for point in recorded:
+            if point["name"] in mine and mine[point["name"]] != point:
+                raise UserError(f"{source}: {sweep_dir}: point {point['name']} was recorded with other values or "
+                                "another config: choose another --out")
+    return Sweep(source, spec, sweep_dir, points, kind, recorded)
+
+
+def choose_executor(kind: str, source: str) -> str:
+    """``local`` or ``slurm``; ``auto`` is slurm where ``sbatch`` is on the PATH.
+
+    Raises:
+        UserError: slurm asked for where sbatch is missing.
+    """
+    has_sbatch = shutil.which("sbatch") is not None
+    if kind == "auto":
+        return "slurm" if has_sbatch else "local"
+    if kind == "slurm" and not has_sbatch:
+        raise UserError(f"{source}: executor slurm: sbatch is not on the PATH (no SLURM here); use local or auto")
+    if kind not in ("local", "slurm"):
+        raise UserError(f"{source}: executor {kind!r}: expected auto, local or slurm")
+    return kind
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One point (in a local worker, a SLURM job, or under torchrun)
+
+
+def point_state(sweep_dir: Path, name: str) -> str:
+    """finished, failed (its last attempt; a rerun resumes any state it saved), interrupted (saved state to
+    resume), or pending."""
+    run_dir = sweep_dir / name
+    if is_finished(run_dir):
+        return "finished"
+    recorded = read_json(sweep_dir / "points" / f"{name}.json") or {}
+    if recorded.get("state") == "failed":
+        return "failed"
+    return "interrupted" if has_state(run_dir) else "pending"
+
+
+def run_point(sweep_dir: str | Path, name: str, threads: int = 1, processes: int = 1) -> dict[str, Any]:
+    """Run (or resume) one point of a recorded sweep; its outcome also goes to ``points/<name>.json``.
+
+    Never raises for the point's own failure: the outcome says ``failed`` with the error, so the others go on.
+
+    Args:
+        sweep_dir: the sweep directory (holding sweep.json).
+        name: the point's name.
+        threads: torch threads for this point.
+        processes: above 1, the point runs under ``torchrun`` with this many processes (one per GPU).
+    Returns:
+        ``{"name", "state", "error", "duration_s", "host", "job_id"}``.
+    """
+    sweep_dir = Path(sweep_dir)
+    started = time.time()
+    outcome: dict[str, Any] = {"name": name, "state": "failed", "error": None, "started_at": round(started, 3),
+                               "host": os.uname().nodename, "job_id": os.environ.get("SLURM_JOB_ID")}
+    (sweep_dir / "logs").mkdir(exist_ok=True)
+    log_path = sweep_dir / "logs" / f"{name}.log"
+    try:
+        if processes > 1:
+            outcome.update(_run_under_torchrun(sweep_dir, name, processes, log_path))
+        else:
+            with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), \
+                    contextlib.redirect_stderr(log):  # line-buffered: the log follows the run
+                outcome.update(_run_in_process(sweep_dir, name, threads))
+    except KeyboardInterrupt:
+        outcome.update(state="interrupted", error="interrupted")
+    except BaseException as err:  # noqa: BLE001 - one point's failure, whatever it is, must not stop the others
+        outcome["error"] = _one_line(err)
+        with open(log_path, "a") as log:
+            traceback.print_exc(file=log)
+    outcome["duration_s"] = round(time.time() - started, 3)
+    (sweep_dir / "points").mkdir(exist_ok=True)
+    atomic_write_json(sweep_dir / "points" / f"{name}.json", outcome)
+    return outcome
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{err.__class__.__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _find_point(sweep_dir: Path, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    record = read_json(sweep_dir / "sweep.json")
+    if record is None:
+        raise UserError(f"{sweep_dir}: no readable sweep.json")
+    for point in record["points"]:
+        if point["name"] == name:
+            return record, point
+    raise UserError(f"{sweep_dir}: no point named {name!r}")
+
+
+def _run_in_process(sweep_dir: Path, name: str, threads: int) -> dict[str, Any]:
+    import torch
+
+    from . import dist
+    from .stages import Interrupted, UpstreamPlacement, execute, upstream_runs_in
+
+    record, point = _find_point(sweep_dir, name)
+    run_dir = sweep_dir / name
+    if is_finished(run_dir):
+        return {"state": "finished", "skipped": True}
+    torch.set_num_threads(threads)
+    cfg = point_config(point, run_dir, record["source"])
+    placement = None
+    if record["upstream"] == "per_point":
+        seed = cfg.reproducibility.random_seed if cfg.reproducibility.reproduce else None
+        placement = UpstreamPlacement(sweep_dir / "upstream" / name, seed)
+    try:
+        with upstream_runs_in(placement):
+            execute(cfg, resume=has_state(run_dir))
+    except Interrupted:
+        return {"state": "interrupted", "error": "interrupted (state saved: rerun the sweep to resume)"}
+    finally:
+        dist.cleanup()
+    return {"state": "finished"}
+
+
+def _run_under_torchrun(sweep_dir: Path, name: str, processes: int, log_path: Path) -> dict[str, Any]:
+    """One point on ``processes`` GPUs of this node: torchrun starts ``python -m instill.sweep --point``."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "instill.sweep", "--point", str(sweep_dir), name]
+    with open(log_path, "a") as log:
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+    if is_finished(sweep_dir / name):
+        return {"state": "finished"}
+    return {"error": f"torchrun exited with code {code} (see {log_path})"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Executors
+
+
+def run_sweep(sweep: Sweep, *, progress=print) -> dict[str, dict[str, Any]]:
+    """Record the sweep, then run every point that is not finished; returns each point's outcome by name."""
+    write_record(sweep)
+    status = {p["name"]: {"name": p["name"], "state": point_state(sweep.path, p["name"])} for p in sweep.points}
+    todo = [name for name, s in status.items() if s["state"] != "finished"]
+    for name, s in status.items():
+        if s["state"] == "finished":
+            s.update(read_json(sweep.path / "points" / f"{name}.json") or {}, state="finished")
+    progress(f"sweep {sweep.path}: {len(sweep.points)} points, {len(sweep.points) - len(todo)} finished, "
+             f"{len(todo)} to run ({sweep.executor})")
+    _write_status(sweep, status)
+
+    def done(outcome: dict[str, Any]) -> None:
+        status[outcome["name"]] = outcome
+        _write_status(sweep, status)
+        extra = f": {outcome['error']}" if outcome.get("error") else ""
+        progress(f"  {outcome['name']}: {outcome['state']} ({outcome.get('duration_s', 0):.1f} s){extra}")
+
+    if todo:
+        run = _run_local if sweep.executor == "local" else _run_slurm
+        run(sweep, todo, done)
+    return status
+
+
+def write_record(sweep: Sweep) -> None:
+    """Create the sweep directory with its ``sweep.json`` (the grid and the points)."""
+    sweep.path.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(sweep.path / "sweep.json", sweep.record)
+
+
+def _write_status(sweep: Sweep, status: dict[str, dict[str, Any]]) -> None:
+    counts: dict[str, int] = {}
+    for outcome in status.values():
+        counts[outcome["state"]] = counts.get(outcome["state"], 0) + 1
+    atomic_write_json(sweep.path / "status.json", {"counts": counts, "points": status})
+
+
+def _run_local(sweep: Sweep, todo: list[str], done) -> None:
+    """``workers`` processes forked from this one after it imported what every point needs (PRELOAD): a point
+    starts at once, and the workers run the points one after another, each a normal run of its stage."""
+    import importlib
+    import multiprocessing
+
+    settings = sweep.spec.executor
+    workers = min(settings.workers or os.cpu_count() or 1, len(todo))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # libraries that read it at start-up in a worker
+        os.environ[var] = str(settings.threads)
+    os.environ.setdefault("MPLBACKEND", "Agg")  # workers only save figures
+    for module in PRELOAD:
+        importlib.import_module(module)
+    # fork shares the imports; where it is unsafe (macOS) or missing, spawn imports them again in each worker
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    queue = list(todo)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        pending: dict[Any, str] = {}
+        try:
+            while pending or queue:
+                # one point per worker at a time: after Ctrl-C no queued point starts in a worker
+                while queue and len(pending) < workers:
+                    name = queue.pop(0)
+                    try:
+                        pending[pool.submit(run_point, sweep.path, name, settings.threads)] = name
+                    except BrokenProcessPool as err:  # a worker died: what is left runs on the next rerun
+                        done({"name": name, "state": "failed", "error": f"not started: {_one_line(err)}"})
+                if not pending:
+                    continue
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    name = pending.pop(future)
+                    try:
+                        done(future.result())
+                    except Exception as err:  # the worker process itself died (killed, out of memory)
+                        done({"name": name, "state": "failed", "error": f"worker process died ({_one_line(err)})"})
+        except KeyboardInterrupt:  # the workers got the Ctrl-C too: their points save their state and return
+            queue.clear()
+            raise
+
+
+def _run_slurm(sweep: Sweep, todo: list[str], done) -> None:
+    """One SLURM job array through submitit: a task per point, at most ``array_parallelism`` at once."""
+    import submitit
+
+    s = sweep.spec.executor.slurm
+    processes = s.processes_per_point or (s.gpus_per_node if s.gpus_per_node > 1 else 1)
+    executor = submitit.AutoExecutor(folder=str(sweep.path / "slurm" / "%j"), cluster="slurm")
+    params: dict[str, Any] = {"timeout_min": s.time_min, "cpus_per_task": s.cpus_per_task, "nodes": 1,
+                              "tasks_per_node": 1, "slurm_array_parallelism": s.array_parallelism,
+                              "name": f"instill-{sweep.path.name}"}
+    if s.partition:
+        params["slurm_partition"] = s.partition
+    if s.gpus_per_node:
+        params["gpus_per_node"] = s.gpus_per_node
+    if s.mem_gb:
+        params["mem_gb"] = s.mem_gb
+    if s.additional:
+        params["slurm_additional_parameters"] = dict(s.additional)
+    executor.update_parameters(**params)
+    n = len(todo)
+    jobs = executor.map_array(run_point, [str(sweep.path.resolve())] * n, todo,
+                              [sweep.spec.executor.threads] * n, [processes] * n)
+    atomic_write_json(sweep.path / "slurm" / "jobs.json", {name: job.job_id for name, job in zip(todo, jobs)})
+    print(f"  submitted job array {jobs[0].job_id.split('_')[0]} ({n} tasks)", flush=True)
+    pending = dict(zip(todo, jobs))
+    while pending:
+        for name, job in list(pending.items()):
+            if not job.done():
+                continue
+            del pending[name]
+            try:
+                done(job.result())
+            except Exception as err:  # the job itself failed: time limit, cancelled, node failure
+                outcome = read_json(sweep.path / "points" / f"{name}.json") or {}
+                done({"name": name, "state": "failed", "job_id": job.job_id,
+                      "error": f"SLURM job {job.job_id} {job.state}: {_one_line(err)}",
+                      "duration_s": outcome.get("duration_s", 0)})
+        if pending:
+            time.sleep(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m instill.sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep", nargs="?", help="sweep file (YAML with a sweep: section)")
+    parser.add_argument("--out", help="sweep directory (overrides sweep.output_dir)")
+    parser.add_argument("--executor", choices=["auto", "local", "slurm"], help="overrides sweep.executor.kind")
+    parser.add_argument("--workers", type=int, help="local executor: parallel points (default: the CPU cores)")
+    parser.add_argument("--validate", action="store_true", help="check every point's config and exit")
+    parser.add_argument("--list", action="store_true", help="list the points and their state, and exit")
+    parser.add_argument("--point", nargs=2, metavar=("SWEEP_DIR", "NAME"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.point:  # one point in this process (under torchrun: every rank)
+        outcome = _point_main(*args.point)
+        return 0 if outcome["state"] == "finished" else 1
+    if args.sweep is None:
+        parser.error("the sweep file is required")
+    if args.workers is not None and args.workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        sweep = prepare(args.sweep, args.out, args.executor, args.workers)
+        if args.validate:
+            print(f"{args.sweep}: valid sweep of {len(sweep.points)} points ({sweep.executor} executor)")
+            return 0
+        if args.list:
+            for p in sweep.points:
+                state = point_state(sweep.path, p["name"]) if sweep.path.exists() else "pending"
+                print(f"{p['name']}  {state}  {p['config']}  {json.dumps(p['values'], default=str)}")
+            return 0
+        status = run_sweep(sweep)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume the sweep", file=sys.stderr)
+        return 130
+    failed = {n: s for n, s in status.items() if s["state"] != "finished"}
+    print(f"sweep {sweep.path}: {len(status) - len(failed)} of {len(status)} points finished")
+    for name, outcome in failed.items():
+        print(f"  {outcome['state']}: {name}: {outcome.get('error')}")
+    if failed:
+        print("rerun the same command to rerun failed points and resume interrupted ones")
+    return 1 if failed else 0
+
+
+def _point_main(sweep_dir: str, name: str) -> dict[str, Any]:
+    from . import dist
+
+    if dist.world_size() > 1 and not dist.is_main():  # the other ranks: their output would only repeat rank 0's
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            return _run_in_process(Path(sweep_dir), name, 1)
+    return run_point(sweep_dir, name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""A sweep submitted to a real SLURM cluster as a job array (tools/slurm/start.sh starts one; .ci/run does)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from instill.run import is_finished
+from instill.sweep import main as sweep_main
+
+# In CI (.ci/run sets INSTILL_REQUIRE_SLURM=1) a missing cluster is a failure, not a skip.
+if shutil.which("sbatch") is None and os.environ.get("INSTILL_REQUIRE_SLURM") != "1":
+    pytest.skip("sbatch is not on the PATH: no SLURM cluster here (tools/slurm/start.sh starts one, as root)",
+                allow_module_level=True)
+
+
+def test_sweep_runs_as_a_slurm_job_array(workdir, capsys):
+    assert shutil.which("sbatch"), "INSTILL_REQUIRE_SLURM=1 but sbatch is not on the PATH"
+    Path("s.yaml").write_text("""sweep:
+  config: configs/tiny_digits.yaml
+  stage: base
+  grid: {reproducibility.random_seed: [1, 2]}
+  set: {reproducibility.reproduce: true, train.epochs: 1}
+  executor: {kind: auto, slurm: {time_min: 10, cpus_per_task: 1, array_parallelism: 2}}
+""")
+    assert sweep_main(["s.yaml"]) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "(slurm)" in out and "submitted job array" in out
+    root = Path("checkpoints/s")
+    jobs = json.loads((root / "slurm" / "jobs.json").read_text())
+    assert len(jobs) == 2 and len({j.split("_")[0] for j in jobs.values()}) == 1  # one array, two tasks
+    for name in jobs:
+        assert is_finished(root / name)
+        outcome = json.loads((root / "points" / f"{name}.json").read_text())
+        assert outcome["state"] == "finished" and outcome["job_id"]  # it ran inside a SLURM job
+    array = next(iter(jobs.values())).split("_")[0]
+    for _ in range(60):  # a task's result is back a moment before SLURM records it COMPLETED
+        accounting = subprocess.run(["sacct", "-X", "-n", "-P", "-j", array, "-o", "JobID,State"],
+                                    capture_output=True, text=True, check=True).stdout
+        if accounting.count("COMPLETED") == 2:
+            break
+        time.sleep(0.5)
+    assert accounting.count("COMPLETED") == 2, accounting
+    seeds = {json.loads((root / n / "summary.json").read_text())["seed"] for n in jobs}
+    assert seeds == {1, 2}
+    # rerunning the sweep submits nothing: every point is finished
+    assert sweep_main(["s.yaml"]) == 0
+    assert "2 finished, 0 to run" in capsys.readouterr().out
