@@ -191,6 +191,37 @@ def plot_lines(path: str | Path, series: dict[str, list[tuple[float, float]]], *
     return Path(path)
 
 
+def plot_heatmaps(path: str | Path, matrices: dict[str, list[list[float]]], *, rows: list[str], columns: list[str],
+                  ylabel: str, xlabel: str) -> Optional[Path]:
+    """Heatmaps side by side, one per named matrix over the same row and column labels, values written in the cells
+    (NaN cells left blank)."""
+    if not matrices:
+        return None
+    import numpy as np
+
+    plt = _pyplot()
+    size = max(3.0, 0.5 * max(len(rows), len(columns)) + 1.5)
+    fig, axes = plt.subplots(1, len(matrices), figsize=(size * len(matrices) + 1, size), squeeze=False)
+    for ax, (title, values) in zip(axes[0], matrices.items()):
+        grid = np.array(values, dtype=float)
+        image = ax.imshow(grid, vmin=0, vmax=max(1.0, float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0),
+                          cmap="viridis")
+        for (i, j), value in np.ndenumerate(grid):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if value < 0.6 else "black")
+        ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(rows)), rows, fontsize=7)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def _pyplot():
     import matplotlib
 
