@@ -36,7 +36,7 @@ from ..data.sequences import real_positions
 from ..errors import UserError
 from ..features import DEFAULT_TYPES, probe
 from ..guidance import AlignmentLoss, compared_rows, resolve_pairs
-from ..models import load_model
+from ..models import load_model, save_model
 from ..registry import MODELS
 from ..report import format_table, plot_bars
 from ..run import atomic_write_text, derive_seed, seed_everything
@@ -207,6 +207,7 @@ def _train_condition(ctx: Context, sub, condition: str, data, guide: Optional[to
         if alignment is not None:
             alignment.close()
     final = evaluate_task(target, data.eval_sets(), data.info, eval_batch, ctx.device)
+    save_model(sub, "model", target, cfg.model.model_dump(), data.info)  # for compare/stitch (instill.sources)
     if data.info.get("vocab_size") and "num_classes" not in data.info:  # next-token prediction, not parity
         final["test_perplexity"] = math.exp(min(final["test_loss"], 50.0))
     pairs = [] if alignment is None else [f"{p.target}~{p.guide}" for p in alignment.pairs]

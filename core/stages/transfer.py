@@ -28,7 +28,7 @@ from pydantic import Field, confloat, conlist, field_validator
 from ..config import Section
 from ..errors import UserError
 from ..masks import base_run_of, load_mask
-from ..models import build_fresh, load_model
+from ..models import build_fresh, load_model, save_model
 from ..report import format_table, plot_bars, plot_lines
 from ..run import atomic_write_text, derive_seed, seed_everything
 from . import (Context, UsesBaseModel, build_data, check_compatible, evaluate_task, make_loss,
@@ -151,6 +151,7 @@ def _train_condition(ctx: Context, sub, n, condition, lr, data, base, model_cfg,
     result = fit(start.model, objective, data.train, train_cfg, sub, seed=derive_seed(ctx.seed, "batches", n),
                  device=ctx.device)
     final = evaluate_task(start.model, data.eval_sets(), data.info, eval_batch, ctx.device)
+    save_model(sub, "model", start.model, model_cfg, base_info)  # for compare/stitch (instill.sources)
     return {"n_disambiguation": n, "condition": condition, "lr": lr, "seed": ctx.seed,
             "best_eval_acc": result.best[train_cfg.select_metric], "best_epoch": result.best.get("epoch"),
             "steps": result.steps, **start.info, **summary_metrics(final)}
