@@ -242,7 +242,7 @@ def test_stitch_sweep_writes_every_pair_and_the_matrix(workdir):
 
 
 def test_self_stitch_stage_zero_epochs_keeps_the_logits(workdir):
-    assert run_cli("stitch", "configs/tiny_stitch.yaml", "--set", "stitch.end=configs/tiny_stitch_a.yaml",
+    assert run_cli("stitch", "configs/tiny_stitch.yaml", "--set", "stitch.end.run=configs/tiny_stitch_a.yaml",
                    "--set", "stitch.front_layers=layers.1", "--set", "stitch.end_layers=layers.1",
                    "--set", "stitch.init=identity", "--set", "train.epochs=0", "--out", "checkpoints/self") == 0
     rows = {(r["split"], r["variant"]): r for r in _results(Path("checkpoints/self"))}
@@ -258,7 +258,7 @@ def test_self_stitch_stage_zero_epochs_keeps_the_logits(workdir):
     (["stitch.init=identity", "stitch.end_layers=layers.1", "stitch.front_layers=layers.0"], "as many of each"),
     (["stitch.measures=[ckaa]"], "unknown similarity 'ckaa'"),
     (["stitch.rank=2", "stitch.mask=semi_match"], "low-rank"),
-    (["stitch.front=nowhere"], "neither a run directory nor a config file"),
+    (["stitch.front.run=nowhere"], "nowhere is not a directory"),
     (["stitch.front_layers=layers.0.0.weight"], "is a parameter, not a module"),
 ])
 def test_stitch_bad_input(workdir, capsys, overrides, message):
@@ -269,3 +269,35 @@ def test_stitch_bad_input(workdir, capsys, overrides, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not Path("checkpoints/tiny_stitch").exists()
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "drfrankenstein"
+
+
+def _tiny10_args(*overrides: str) -> list[str]:
+    args = ["configs/tiny_stitch_tiny10.yaml",
+            "--set", f"stitch.front.weights={FIXTURES}/Tiny10/CIFAR10/in0-gn0/110000.pt",
+            "--set", f"stitch.end.weights={FIXTURES}/Tiny10/CIFAR10/in10-gn10/110000.pt"]
+    for item in overrides:
+        args += ["--set", item]
+    return args
+
+
+def test_tiny10_fixtures_stitch_label_free_with_soft_targets(workdir):
+    assert run_cli("stitch", *_tiny10_args()) == 0
+    rows = {(r["split"], r["variant"]): r for r in _results(Path("checkpoints/tiny_stitch_tiny10"))}
+    assert "acc" not in rows["val", "after"] or rows["val", "after"]["acc"] == ""
+    assert 0.5 < float(rows["val", "ps_inv"]["agreement"]) <= 1.0  # bn3 of two seeds is nearly linear-related
+    assert float(rows["val", "after"]["cka"]) > 0.5
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["stitch.target=hard"], "needs labels"),
+    ([f"stitch.end.weights={FIXTURES}/ResNet20_w1/in0-gn0/110000.pt"], "first mismatching key"),
+    (["stitch.end_layers=bn9"], "nearest: bn8"),
+])
+def test_tiny10_bad_input(workdir, capsys, overrides, message):
+    assert run_cli("stitch", *_tiny10_args(*overrides)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not Path("checkpoints/tiny_stitch_tiny10").exists()

@@ -49,11 +49,11 @@ from ..config import OptimizerConfig, RunConfig, ScheduleConfig, Section, TrainC
 from ..data import DataBundle, Split
 from ..errors import UserError
 from ..features import probe
-from ..models import load_model
 from ..models.vision import check_accepts
 from ..report import format_table, plot_bars, plot_heatmaps, plot_run
 from ..run import Run, atomic_write_json, atomic_write_text, derive_seed
 from ..similarity import cka, get_similarity
+from ..sources import LoadedModel, ModelSource, load_model_source
 from ..stitching import (INITS, MASKS, TARGETS, Head, LinearStats, Side, StitchTransform, Tail, agreement_metrics,
                          freeze, init_matrix, layout_of, make_mask, target_loss)
 from ..train import Objective, fit
@@ -82,8 +82,9 @@ class StitchTrainConfig(TrainConfig):
 
 
 class StitchSection(Section):
-    front: str = Field(description="the front model: a run directory or a base config")
-    end: str = Field(description="the end model: a run directory or a base config")
+    front: ModelSource = Field(description="the front model: {run: DIR} (a base config file runs first when "
+                                           "missing) or {name: REGISTERED, weights: FILE}")
+    end: ModelSource = Field(description="the end model, in the same forms")
     front_layers: conlist(str, min_length=1) = Field(description="front layer name(s), as in named_modules()")
     end_layers: conlist(str, min_length=1) = Field(description="end layer name(s)")
     pairs: Literal["all", "zip"] = Field("all", description="all: every front x end layer; zip: i-th with i-th")
@@ -147,22 +148,15 @@ class Config(RunConfig):
 
 # ----------------------------------------------------------------------------------------------------- inputs
 
-@dataclass
-class Source:
-    model: torch.nn.Module
-    info: dict
-    description: str
-
-
-def load_source(ref: str, key: str, data_info: dict) -> Source:
-    """A frozen model from a run directory (or a base config, run first when missing), checked against the data."""
-    run_dir = resolve_upstream(ref, "base", key)
-    model, _, info = load_model(run_dir)
-    if tuple(info.get("input_shape", ())) != tuple(data_info["input_shape"]):
-        raise UserError(f"{key}: {run_dir} was built for inputs {tuple(info['input_shape'])}, the data give "
-                        f"{tuple(data_info['input_shape'])}")
-    check_accepts(model, {"input_shape": data_info["input_shape"]})
-    return Source(freeze(model), info, run_dir)
+def load_source(source: ModelLoadedModel, key: str, data_info: dict) -> LoadedModel:
+    """The frozen model a source names (``instill.sources``), checked against the data; a ``run:`` that names a
+    base config resolves to its run directory first (running it when missing)."""
+    if source.run is not None and Path(source.run).suffix in (".yaml", ".yml"):
+        source.run = resolve_upstream(source.run, "base", f"{key}.run")
+    loaded = load_model_source(source, data_info, key=key)
+    check_accepts(loaded.model, {"input_shape": data_info["input_shape"]})
+    freeze(loaded.model)
+    return loaded
 
 
 def layer_pairs(spec: StitchSection) -> list[tuple[str, str]]:
@@ -172,7 +166,7 @@ def layer_pairs(spec: StitchSection) -> list[tuple[str, str]]:
 
 
 def labelled(data: DataBundle) -> bool:
-    return bool(data.info.get("num_classes")) and all(bool((s.y >= 0).all()) for s in (data.train, data.val))
+    return data.info.get("labeled", True) and bool(data.info.get("num_classes")) and all(bool((s.y >= 0).all()) for s in (data.train, data.val))
 
 
 @dataclass
@@ -187,7 +181,7 @@ class Stitch:
     transform: StitchTransform
 
 
-def build_stitch(spec: StitchSection, front: Source, end: Source, front_layer: str, end_layer: str,
+def build_stitch(spec: StitchSection, front: LoadedModel, end: LoadedModel, front_layer: str, end_layer: str,
                  sample: torch.Tensor) -> Stitch:
     """Split both models at their layers and build the transform; UserErrors for names and shapes."""
     head, end_head = Head(front.model, front_layer), Head(end.model, end_layer)
@@ -226,9 +220,8 @@ def prepare(cfg: Config) -> None:
     data = build_data(cfg, cfg.reproducibility.random_seed)
     if spec.target in ("hard",) and not labelled(data):
         raise UserError(f"stitch.target hard needs labels; data {cfg.data.name} has none (use soft_2)")
-    front, end = (load_source(ref, key, data.info) for ref, key in ((spec.front, "stitch.front"),
-                                                                       (spec.end, "stitch.end")))
-    spec.front, spec.end = front.description, end.description  # the snapshot names the resolved run directories
+    front = load_source(spec.front, "stitch.front", data.info)  # a config-file run becomes its run directory,
+    end = load_source(spec.end, "stitch.end", data.info)  # so the snapshot names what was stitched
     sample = data.train.x[:4]
     for front_layer, end_layer in layer_pairs(spec):
         build_stitch(spec, front, end, front_layer, end_layer, sample)
@@ -243,7 +236,7 @@ class Views:
     for a hook-fallback tail).
     """
 
-    def __init__(self, stitch: Stitch, front: Source, end: Source, split: Split, needs: set[str], cached: bool,
+    def __init__(self, stitch: Stitch, front: LoadedModel, end: LoadedModel, split: Split, needs: set[str], cached: bool,
                  batch_size: int, device: torch.device):
         self.stitch, self.front, self.end, self.split = stitch, front, end, split
         self.needs, self.batch_size, self.device = needs, batch_size, device
@@ -304,7 +297,7 @@ def pair_name(front_layer: str, end_layer: str) -> str:
     return f"{front_layer}--{end_layer}"
 
 
-def run_pair(ctx: Context, run: Run, data: DataBundle, front: Source, end: Source, front_layer: str,
+def run_pair(ctx: Context, run: Run, data: DataBundle, front: LoadedModel, end: LoadedModel, front_layer: str,
              end_layer: str) -> dict[str, Any]:
     """Fit, train and evaluate one stitch; write its files into ``run``; its summary row."""
     cfg, spec, device = ctx.cfg, ctx.cfg.stitch, ctx.device
@@ -532,7 +525,7 @@ def _save_transform(run: Run, name: str, transform: StitchTransform, spec: Stitc
                     end_layer: str) -> None:
     meta = {"front_layer": front_layer, "end_layer": end_layer, "kind": transform.kind,
             "rank": str(transform.rank), "front_shape": str(list(transform.front.shape)),
-            "end_shape": str(list(transform.end.shape)), "front": spec.front, "end": spec.end}
+            "end_shape": str(list(transform.end.shape))}
     run.save_weights(name, transform, metadata=meta)
     run.write_json(f"{name}.json", meta)
 
