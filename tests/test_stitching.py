@@ -287,7 +287,10 @@ def test_tiny10_fixtures_stitch_label_free_with_soft_targets(workdir):
     assert run_cli("stitch", *_tiny10_args()) == 0
     rows = {(r["split"], r["variant"]): r for r in _results(Path("checkpoints/tiny_stitch_tiny10"))}
     assert "acc" not in rows["val", "after"] or rows["val", "after"]["acc"] == ""
-    assert 0.5 < float(rows["val", "ps_inv"]["agreement"]) <= 1.0  # bn3 of two seeds is nearly linear-related
+    # bn3 of two seeds is nearly linearly related: the least-squares stitch agrees with the end model more often
+    # than the front model itself does, and training on the end model's soft targets brings the outputs closer
+    assert float(rows["val", "ps_inv"]["agreement"]) > float(rows["val", "front"]["agreement"])
+    assert float(rows["val", "after"]["kl_to_end"]) < float(rows["val", "before"]["kl_to_end"])
     assert float(rows["val", "after"]["cka"]) > 0.5
 
 
