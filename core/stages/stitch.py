@@ -39,7 +39,7 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +104,9 @@ class StitchSection(Section):
     measures: list[str] = Field(default_factory=lambda: ["cka", "cka_unbiased", "procrustes", "svcca"],
                                 description="similarity measures between transformed and end activations")
     similarity_samples: conint(ge=4) = Field(2000, description="evaluation samples the measures use (at most)")
+    data_seed: Union[Literal["run", "end"], conint(ge=0)] = Field(
+        "end", description="seed of the data splits: end (the end model's run seed, so the stitch is evaluated on "
+                           "the end model's own held-out split; the run seed when the end is no run), run, or a number")
     cache: Literal["auto", "on", "off"] = Field("auto", description="cache what the frozen models compute (auto: "
                                                 "when the data have no augmentation)")
 
@@ -148,11 +151,29 @@ class Config(RunConfig):
 
 # ----------------------------------------------------------------------------------------------------- inputs
 
-def load_source(source: ModelLoadedModel, key: str, data_info: dict) -> LoadedModel:
-    """The frozen model a source names (``instill.sources``), checked against the data; a ``run:`` that names a
-    base config resolves to its run directory first (running it when missing)."""
-    if source.run is not None and Path(source.run).suffix in (".yaml", ".yml"):
-        source.run = resolve_upstream(source.run, "base", f"{key}.run")
+def resolve_runs(spec: StitchSection) -> None:
+    """A ``run:`` that names a base config becomes its run directory (run first when missing), so the snapshot
+    names what was stitched."""
+    for key, source in (("stitch.front", spec.front), ("stitch.end", spec.end)):
+        if source.run is not None and Path(source.run).suffix in (".yaml", ".yml"):
+            source.run = resolve_upstream(source.run, "base", f"{key}.run")
+
+
+def data_seed(cfg: Config, seed: int) -> int:
+    """The seed the data splits are drawn with (``stitch.data_seed``)."""
+    choice, end = cfg.stitch.data_seed, cfg.stitch.end
+    if isinstance(choice, int):
+        return choice
+    if choice == "end" and end.run is not None:
+        try:
+            return int((Path(end.run) / "seed.txt").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            raise UserError(f"stitch.data_seed: end: {end.run}/seed.txt is missing or unreadable") from None
+    return seed
+
+
+def load_source(source: ModelSource, key: str, data_info: dict) -> LoadedModel:
+    """The frozen model a source names (``instill.sources``), checked against the data."""
     loaded = load_model_source(source, data_info, key=key)
     check_accepts(loaded.model, {"input_shape": data_info["input_shape"]})
     freeze(loaded.model)
@@ -217,11 +238,12 @@ def build_stitch(spec: StitchSection, front: LoadedModel, end: LoadedModel, fron
 def prepare(cfg: Config) -> None:
     """Load both models and build every pair's stitch on a few training samples: names, shapes, init, mask."""
     spec = cfg.stitch
-    data = build_data(cfg, cfg.reproducibility.random_seed)
+    resolve_runs(spec)
+    data = build_data(cfg, data_seed(cfg, cfg.reproducibility.random_seed))
     if spec.target in ("hard",) and not labelled(data):
         raise UserError(f"stitch.target hard needs labels; data {cfg.data.name} has none (use soft_2)")
-    front = load_source(spec.front, "stitch.front", data.info)  # a config-file run becomes its run directory,
-    end = load_source(spec.end, "stitch.end", data.info)  # so the snapshot names what was stitched
+    front = load_source(spec.front, "stitch.front", data.info)
+    end = load_source(spec.end, "stitch.end", data.info)
     sample = data.train.x[:4]
     for front_layer, end_layer in layer_pairs(spec):
         build_stitch(spec, front, end, front_layer, end_layer, sample)
@@ -275,7 +297,7 @@ class Views:
 
 def main(ctx: Context) -> dict[str, Any]:
     cfg, spec = ctx.cfg, ctx.cfg.stitch
-    data = ctx.build_data()
+    data = build_data(cfg, data_seed(cfg, ctx.seed))
     front = load_source(spec.front, "stitch.front", data.info)
     end = load_source(spec.end, "stitch.end", data.info)
     for source in (front, end):
