@@ -245,6 +245,11 @@ def test_self_stitch_stage_zero_epochs_keeps_the_logits(workdir):
     assert run_cli("stitch", "configs/tiny_stitch.yaml", "--set", "stitch.end.run=configs/tiny_stitch_a.yaml",
                    "--set", "stitch.front_layers=layers.1", "--set", "stitch.end_layers=layers.1",
                    "--set", "stitch.init=identity", "--set", "train.epochs=0", "--out", "checkpoints/self") == 0
+    from safetensors.torch import load_file
+
+    for name in ("transform_before", "transform_after"):  # still the identity: the logits are the model's own
+        saved = load_file(f"checkpoints/self/{name}.safetensors")
+        assert torch.equal(saved["weight"], torch.eye(16)) and not saved["bias"].any()
     rows = {(r["split"], r["variant"]): r for r in _results(Path("checkpoints/self"))}
     for variant in ("before", "after"):
         assert float(rows["val", variant]["agreement"]) == 1.0
