@@ -191,31 +191,59 @@ def plot_lines(path: str | Path, series: dict[str, list[tuple[float, float]]], *
     return Path(path)
 
 
-def plot_heatmaps(path: str | Path, matrices: dict[str, list[list[float]]], *, rows: list[str], columns: list[str],
-                  ylabel: str, xlabel: str) -> Optional[Path]:
-    """Heatmaps side by side, one per named matrix over the same row and column labels, values written in the cells
-    (NaN cells left blank)."""
-    if not matrices:
-        return None
+def _draw_heatmap(fig, ax, values, rows: list[str], cols: list[str], *, title: str, xlabel: str, ylabel: str,
+                  annotate: Optional[bool], limits: Optional[tuple[float, float]]) -> None:
     import numpy as np
 
-    plt = _pyplot()
-    size = max(3.0, 0.5 * max(len(rows), len(columns)) + 1.5)
-    fig, axes = plt.subplots(1, len(matrices), figsize=(size * len(matrices) + 1, size), squeeze=False)
-    for ax, (title, values) in zip(axes[0], matrices.items()):
-        grid = np.array(values, dtype=float)
-        image = ax.imshow(grid, vmin=0, vmax=max(1.0, float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0),
-                          cmap="viridis")
-        for (i, j), value in np.ndenumerate(grid):
+    values = np.asarray(values, dtype=float)
+    annotate = values.shape[0] <= 16 and values.shape[1] <= 16 if annotate is None else annotate
+    vmin, vmax = limits if limits is not None else (None, None)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+    fig.colorbar(image, ax=ax)
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if annotate:
+        finite = values[np.isfinite(values)]
+        middle = (finite.min() + finite.max()) / 2 if finite.size else 0
+        for (i, j), value in np.ndenumerate(values):
             if np.isfinite(value):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if value < 0.6 else "black")
-        ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(len(rows)), rows, fontsize=7)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=9)
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                        color="black" if value > middle else "white")
+
+
+def plot_heatmap(values, rows: list[str], cols: list[str], *, path: str | Path | None = None, title: str = "",
+                 xlabel: str = "", ylabel: str = "", annotate: Optional[bool] = None,
+                 limits: Optional[tuple[float, float]] = None):
+    """A matrix (rows x cols, NaN cells left blank) with its row and column names on the axes; written to ``path``
+    when given. ``annotate``: print each value in its cell (default: when there are at most 16 x 16 cells).
+    Returns the matplotlib figure (closed once saved to ``path``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.55 * len(cols) + 2.5), max(3.5, 0.45 * len(rows) + 2)))
+    _draw_heatmap(fig, ax, values, rows, cols, title=title, xlabel=xlabel, ylabel=ylabel, annotate=annotate,
+                  limits=limits)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+    return fig
+
+
+def plot_heatmaps(path: str | Path, matrices: dict[str, Any], *, rows: list[str], cols: list[str], xlabel: str = "",
+                  ylabel: str = "", limits: Optional[tuple[float, float]] = (0.0, 1.0)) -> Optional[Path]:
+    """Several matrices over the same rows and columns side by side, one heatmap per title (the stitched accuracy
+    of every layer pair beside the CKA of the same layers, say)."""
+    if not matrices:
+        return None
+    plt = _pyplot()
+    width = max(4.5, 0.55 * len(cols) + 2.5)
+    fig, axes = plt.subplots(1, len(matrices), figsize=(width * len(matrices), max(3.5, 0.45 * len(rows) + 2)),
+                             squeeze=False)
+    for ax, (title, values) in zip(axes[0], matrices.items()):
+        _draw_heatmap(fig, ax, values, rows, cols, title=title, xlabel=xlabel, ylabel=ylabel, annotate=None,
+                      limits=limits)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

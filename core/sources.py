@@ -5,6 +5,7 @@ A model source is a config section of one of two forms::
 
     model_a:                      # a run directory of any stage
       run: checkpoints/shapes_base            # base run: its model.safetensors (checkpoint: last for last.safetensors)
+      # run: configs/my_base.yaml             # a base config: its run directory, trained first when missing
       # run: checkpoints/shapes_ablate        # ablate run: its base run's model with the mask applied (pruned)
       # run: checkpoints/shapes_transfer/subnet   # transfer or guide sub-run: the model it trained
 
@@ -56,7 +57,7 @@ class ModelSource(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     run: Optional[str] = Field(None, description="a run directory: base, ablate (mask applied), transfer or guide "
-                                                 "sub-run")
+                                                 "sub-run; or a base config (trained first when missing)")
     checkpoint: str = Field("model", description="run: which saved model (model: the selected one; last)")
     name: Optional[str] = Field(None, description="a registered model name (with weights: a local weights file)")
     weights: Optional[str] = Field(None, description="name: a local .pt/.pth state dict or .safetensors file; "
@@ -96,7 +97,7 @@ class LoadedModel:
 
 
 def load_model_source(source: ModelSource | dict[str, Any], data_info: dict[str, Any], *, key: str = "model",
-                      freeze: bool = True) -> LoadedModel:
+                      freeze: bool = True, check_data: bool = True) -> LoadedModel:
     """The model a source names, checked against the data it will see.
 
     Args:
@@ -104,6 +105,7 @@ def load_model_source(source: ModelSource | dict[str, Any], data_info: dict[str,
         data_info: the run's ``DataBundle.info``: sizes a registered architecture; a run's model must match it.
         key: the config key of the source, for error messages ("model_a").
         freeze: eval mode and ``requires_grad_(False)`` (both models of a comparison or a stitch are frozen).
+        check_data: check that a run directory's model was built for ``data_info`` (off only to inspect a model).
 
     Returns:
         A ``LoadedModel`` (model on the CPU, label, kind, model config, data facts).
@@ -116,7 +118,7 @@ def load_model_source(source: ModelSource | dict[str, Any], data_info: dict[str,
     if isinstance(source, dict):
         source = _validated(source, key)
     if source.run is not None:
-        loaded = _from_run(Path(source.run), source.checkpoint, data_info, key)
+        loaded = _from_run(Path(source.run), source.checkpoint, data_info if check_data else None, key)
     else:
         loaded = _from_registry(source, data_info, key)
     if freeze:
@@ -137,12 +139,16 @@ def _validated(raw: dict[str, Any], key: str) -> ModelSource:
 
 # ----------------------------------------------------------------------------------------------------- run dirs
 
-def _from_run(path: Path, checkpoint: str, data_info: dict[str, Any], key: str) -> LoadedModel:
+def _from_run(path: Path, checkpoint: str, data_info: Optional[dict[str, Any]], key: str) -> LoadedModel:
     from .masks import META_FILE, base_run_of, load_mask
     from .models import load_model
     from .run import is_finished
     from .stages import check_data_fits
 
+    if path.suffix in (".yaml", ".yml"):  # a base config: its run directory, trained first when missing
+        from .stages import resolve_upstream
+
+        path = Path(resolve_upstream(str(path), "base", f"{key}.run"))
     if not path.is_dir():
         raise UserError(f"{key}.run: {path} is not a directory")
     if not is_finished(path):
@@ -159,7 +165,8 @@ def _from_run(path: Path, checkpoint: str, data_info: dict[str, Any], key: str) 
         holding = sorted(p.name for p in path.iterdir() if (p / f"{checkpoint}.json").is_file())
         hint = f"; its sub-runs with a model: {', '.join(holding)}" if holding else ""
         raise UserError(f"{key}.run: {path} holds no model ({checkpoint}.json) and no mask ({META_FILE}){hint}")
-    check_data_fits(info, data_info, f"the model of {path}", key=f"{key} (data)")
+    if data_info is not None:
+        check_data_fits(info, data_info, f"the model of {path}", key=f"{key} (data)")
     return LoadedModel(model, label, kind, model_cfg, info)
 
 

@@ -98,7 +98,8 @@ def test_resnet20_weights_load_and_architecture_is_guessed():
 def test_weights_of_another_architecture_name_the_first_mismatching_key():
     with pytest.raises(UserError, match=r"first mismatching key 'conv1.bias' is missing from the file"):
         load_model_source({"name": "tiny10", "weights": RESNET20}, CIFAR_INFO, key="model_a")
-    with pytest.raises(UserError, match=r"first mismatching key 'conv1.weight' has shape \(16, 3, 3, 3\) in the file, \(32, 3, 3, 3\)"):
+    with pytest.raises(UserError, match=r"first mismatching key 'conv1.weight' has shape \(16, 3, 3, 3\) in the "
+                                        r"file, \(32, 3, 3, 3\)"):
         load_model_source({"name": "resnet20", "width": 2, "weights": RESNET20}, CIFAR_INFO)
     with pytest.raises(UserError, match=r"'bn1.weight' in the file is not in the model"):
         load_model_source({"name": "nbn_tiny10", "weights": TINY10[0]}, CIFAR_INFO)
@@ -217,3 +218,23 @@ def test_cifar_folder_missing_or_malformed_is_one_line(tmp_path):
         DATASETS.build("cifar10", DataContext(seed=0), {"root": str(tmp_path)})
     with pytest.raises(UserError, match="cifar-100-python"):
         DATASETS.build("cifar100", DataContext(seed=0), {"root": str(tmp_path)})
+
+
+# ----------------------------------------------------------------------------------------------------- layers CLI
+
+def test_layers_lists_names_and_shapes_for_names_weights_files_and_run_dirs(shapes_runs, capsys):
+    from instill.layers import main
+
+    assert main(["tiny10"]) == 0
+    out = capsys.readouterr().out
+    assert "bn3    BatchNorm2d  32x13x13" in out and "fc     Linear       10" in out
+    assert main([RESNET20]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("resnet20 <- ") and "layer2.0.downsample.1" in out
+    runs, _ = shapes_runs
+    assert main([str(runs / "tiny_shapes_base")]) == 0
+    assert "layers.0" in capsys.readouterr().out
+    assert main([TINY10[0], "--model", "resnet20"]) == 2
+    assert "first mismatching key" in capsys.readouterr().err
+    assert main(["tinny10"]) == 2
+    assert "did you mean 'tiny10'" in capsys.readouterr().err

@@ -16,6 +16,7 @@ Both standardise with the CIFAR statistics by default (``normalize: cifar``), as
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 from pathlib import Path
@@ -45,7 +46,9 @@ def _normalized(x: torch.Tensor, normalize: str) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------- crops
 
+@functools.lru_cache(maxsize=1)
 def _photographs() -> torch.Tensor:
+    """The two photographs, uint8 (2, 3, 427, 640); decoded once per process (callers must not modify them)."""
     from sklearn.datasets import load_sample_images
 
     images = load_sample_images().images
@@ -126,7 +129,7 @@ def _images_and_labels(path: Path, label_key: str) -> tuple[torch.Tensor, torch.
 
 
 def _cifar_folder(root: str, folder: str) -> Path:
-    path = Path(root)
+    path = Path(root).expanduser()
     if path.name != folder:
         path = path / folder
     if not path.is_dir():

@@ -12,7 +12,8 @@ Options: alpha; sum or mean over pairs; the similarity measure; guidance only fo
 (then the hooks are removed); noise inputs for the guide; token-wise similarity for sequences (``positions``, the
 original's sum over positions, or ``rows``; trailing padding left out); each side's batch axis by layer name.
 Every evaluation logs the task loss, the alignment loss and each pair's similarity. Writes ``results.csv`` (one
-row per condition with the task metrics), ``results.png`` and ``summary.json``.
+row per condition with the task metrics), ``results.png``, ``summary.json``, and each condition's trained target
+(``<condition>/model.safetensors`` + ``model.json``, a model source for compare and stitch).
 
 Before the run directory exists (``prepare``), each guide is built and one alignment loss is evaluated on a
 training batch, so these raise a UserError with nothing written: a layer name that is not in a model (with the

@@ -600,5 +600,5 @@ def write_matrix(path: Path, spec: StitchSection, rows: list[dict[str, Any]]) ->
     plot_heatmaps(path / "matrix.png", {f"stitched {label} (after training)": grid(headline),
                                         "CKA(front layer, end layer)": grid("raw_cka"),
                                         "CKA(stitched, end layer)": grid("val_after_cka")},
-                  rows=fronts, columns=ends, ylabel="front layer", xlabel="end layer")
+                  rows=fronts, cols=ends, ylabel="front layer", xlabel="end layer")
     print("\nmatrix.csv:\n" + format_table([{c: _short(r.get(c, "")) for c in columns} for r in rows]))

@@ -8,7 +8,8 @@ for image tasks), every condition and every learning rate, one sub-run trains th
 sees the same batches; the learning-rate sweep stops once a rate reaches ``transfer.lr_stop_at``.
 
 Writes one sub-directory per (n, condition, lr) with its own metrics and state (an interrupted sweep resumes where
-it stopped), ``accuracy_logs.csv`` (token tasks: one row per (n, condition) with the best learning rate) or
+it stopped) and its trained model (``model.safetensors`` + ``model.json``, a model source for compare and
+stitch), ``accuracy_logs.csv`` (token tasks: one row per (n, condition) with the best learning rate) or
 ``results.csv`` (image tasks: textured and shape-only accuracy and shape bias per condition), plots, and
 ``summary.json``. Raises UserError, before the run directory exists, for an unknown condition, an empty n list, a
 learning rate <= 0, a ``model:`` section (the model is the base run's), a mask whose names, shapes or base-weights
