@@ -14,7 +14,9 @@ cut layer runs more than once in a forward, or, for the end model, when later la
 the cut (a layer inside a residual block: its skip connection bypasses the cut). The hook head stops the forward
 at the cut (an exception carries the activation out, so nothing after the cut runs); the hook tail runs the whole
 end model on the input and replaces the cut layer's output, the original's method, which also runs the end model's
-layers before the cut. ``Tail.traced`` / ``Head.traced`` say which was used.
+layers before the cut. ``Tail.traced`` / ``Head.traced`` say which was used. Of the shipped models, ResNet-20's tail
+falls back inside its residual blocks (51 of 86 modules; the blocks themselves split), ``noresnet`` at its
+``relu`` and ``shortcut`` modules (called twice per block); Tiny10, LeNet, ``convnet`` and ``fcn`` split everywhere.
 
 Transforms (``StitchTransform``). Activations have a layout: ``map`` (C, H, W), ``tokens`` (T, D) with an optional
 class token, or ``vector`` (D,). The front activation is brought onto the end activation's grid of positions

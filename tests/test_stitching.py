@@ -107,6 +107,16 @@ def test_hook_fallback_for_skip_connections_and_untraceable_models():
     assert not stitched.head.traced and not stitched.tail.traced and diff <= 1e-6
 
 
+def test_resnet20_splits_at_blocks_and_falls_back_inside_them():
+    torch.manual_seed(0)
+    model = freeze(MODELS.build("resnet20", {"input_shape": (3, 32, 32), "num_classes": 10}, {}))
+    x = torch.randn(4, 3, 32, 32)
+    inside, diff_inside = _self_stitch(model, "layer2.1.bn1", x)
+    block, diff_block = _self_stitch(model, "layer2.1", x)
+    assert not inside.tail.traced and block.tail.traced and block.head.traced
+    assert max(diff_inside, diff_block) <= 1e-5
+
+
 def test_frozen_models_stay_in_eval_mode():
     model = freeze(MODELS.build("fcn", DIGITS, {"depth": 2, "width": 8, "batch_norm": True, "dropout": 0.5}))
     stitched, _ = _self_stitch(model, "layers.0", torch.randn(4, 1, 8, 8))
