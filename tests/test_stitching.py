@@ -5,6 +5,7 @@ stitch stage writes its files or refuses bad input with one line and nothing wri
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -319,3 +320,24 @@ def test_tiny10_bad_input(workdir, capsys, overrides, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not Path("checkpoints/tiny_stitch_tiny10").exists()
+
+
+@pytest.mark.parametrize("overrides", [
+    ["stitch.target=match", "stitch.init=procrustes"],
+    ["stitch.target=soft_12", "stitch.temperature=2", "stitch.l1=0.01", "stitch.cka=-1"],
+    ["stitch.mask=semi_match", "stitch.target=soft_1_plus_2"],
+    ["stitch.rank=3", "stitch.target=soft_1"],
+    ["stitch.transform=flatten", "stitch.end_layers=pool", "stitch.front_layers=layers.1"],
+])
+def test_stitch_options_run_and_replay_exactly(workdir, overrides):
+    args = ["configs/tiny_stitch.yaml", "--set", "stitch.front_layers=layers.1.1", "--set",
+            "stitch.end_layers=layers.1.1"]
+    for item in overrides:
+        args += ["--set", item]
+    assert run_cli("stitch", *args) == 0
+    root = Path("checkpoints/tiny_stitch")
+    rows = {(r["split"], r["variant"]): r for r in _results(root)}
+    assert {"before", "after", "ps_inv"} <= {variant for _, variant in rows}
+    assert run_cli("stitch", str(root / "config.yaml")) == 0  # the snapshot replays the run bit for bit
+    replay = json.loads(Path("checkpoints/tiny_stitch-replay-1/replay.json").read_text())
+    assert replay["matches"], replay

@@ -34,6 +34,7 @@ init or mask that does not fit the map (identity between different widths, a mas
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import math
@@ -350,11 +351,11 @@ def run_pair(ctx: Context, run: Run, data: DataBundle, front: LoadedModel, end: 
         transform.set_matrix(w, b)
     if mask is not None:
         transform.set_mask(mask)
-    states = {"before": _state(transform)}
+    variants = {"before": copy.deepcopy(transform)}
     _save_transform(run, "transform_before", transform, spec, front_layer, end_layer)
     if ps_w is not None:
         ps_inv = _copy_with(transform, ps_w, ps_b)
-        states["ps_inv"] = _state(ps_inv)
+        variants["ps_inv"] = ps_inv
         _save_transform(run, "transform_ps_inv", ps_inv, spec, front_layer, end_layer)
 
     def evaluate(t):
@@ -365,17 +366,17 @@ def run_pair(ctx: Context, run: Run, data: DataBundle, front: LoadedModel, end: 
     train_split = Split(torch.arange(len(data.train)), data.train.y)  # batches of indices into the views
     fit(transform, objective, train_split, cfg.train, run, seed=derive_seed(ctx.seed, "batches"), device=device,
         restore_best=False)
-    states["after"] = _state(transform)
+    variants["after"] = transform
     _save_transform(run, "transform_after", transform, spec, front_layer, end_layer)
 
-    table = evaluate_variants(stitch, states, eval_views, has_labels, spec)
+    table = evaluate_variants(stitch, variants, eval_views, has_labels, spec)
     summary = {"front_layer": front_layer, "end_layer": end_layer, "front_traced": stitch.head.traced,
                "end_traced": stitch.tail.traced, "front_shape": list(transform.front.shape),
                "end_shape": list(transform.end.shape)}
     if stats is not None:
         summary.update(ps_inv_train_r2=stats.r2(ps_w, ps_b),
-                       before_train_r2=stats.r2(*_matrix_of(states["before"], transform)),
-                       after_train_r2=stats.r2(*_matrix_of(states["after"], transform)))
+                       before_train_r2=stats.r2(variants["before"].matrix(), variants["before"].bias),
+                       after_train_r2=stats.r2(transform.matrix(), transform.bias))
     summary["raw_cka"] = raw_cka(stitch, eval_views["val"], spec.similarity_samples)
     for row in table:
         summary.update({f"{row['split']}_{row['variant']}_{k}": v for k, v in row.items()
@@ -498,12 +499,10 @@ def front_accuracy(views: Views) -> dict[str, float]:
     return {"acc": correct / n, "agreement": agree / n}
 
 
-def evaluate_variants(stitch: Stitch, states: dict[str, dict], views: dict[str, Views], has_labels: bool,
-                      spec: StitchSection) -> list[dict[str, Any]]:
-    """One row per (split, variant): the two models alone, and the stitched network with each saved transform."""
+def evaluate_variants(stitch: Stitch, variants: dict[str, StitchTransform], views: dict[str, Views],
+                      has_labels: bool, spec: StitchSection) -> list[dict[str, Any]]:
+    """One row per (split, variant): the two models alone, and the stitched network with each transform."""
     rows = []
-    transform = stitch.transform
-    final = _state(transform)
     for split, split_views in views.items():
         front = front_accuracy(split_views)
         end = evaluate_stitch(stitch, None, split_views, has_labels, [], 4)
@@ -513,21 +512,14 @@ def evaluate_variants(stitch: Stitch, states: dict[str, dict], views: dict[str, 
         rows.append({"split": split, "variant": "end", **{k: end[k] for k in ("agreement", "acc", "rel_acc")
                                                            if k in end}})
         for name in ("before", "after", "ps_inv"):
-            if name not in states:
-                continue
-            transform.load_state_dict(states[name])
-            rows.append({"split": split, "variant": name,
-                         **evaluate_stitch(stitch, transform, split_views, has_labels, spec.measures,
-                                           spec.similarity_samples)})
-    transform.load_state_dict(final)
+            if name in variants:
+                rows.append({"split": split, "variant": name,
+                             **evaluate_stitch(stitch, variants[name], split_views, has_labels, spec.measures,
+                                               spec.similarity_samples)})
     return rows
 
 
 # ----------------------------------------------------------------------------------------------------- files
-
-def _state(transform: StitchTransform) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in transform.state_dict().items()}
-
 
 def _copy_with(transform: StitchTransform, w: torch.Tensor, b: torch.Tensor) -> StitchTransform:
     """A full-rank copy of ``transform`` holding (w, b)."""
@@ -536,11 +528,6 @@ def _copy_with(transform: StitchTransform, w: torch.Tensor, b: torch.Tensor) -> 
     copy.mask.copy_(transform.mask)
     copy.set_matrix(w, b)
     return copy.to(transform.mask.device)
-
-
-def _matrix_of(state: dict[str, torch.Tensor], transform: StitchTransform) -> tuple[torch.Tensor, torch.Tensor]:
-    w = state["weight"] if "weight" in state else state["u"] @ state["v"]
-    return w * state["mask"], state.get("bias")
 
 
 def _save_transform(run: Run, name: str, transform: StitchTransform, spec: StitchSection, front_layer: str,
