@@ -38,7 +38,7 @@ import copy
 import csv
 import io
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -49,10 +49,9 @@ from pydantic import Field, confloat, conint, conlist, field_validator, model_va
 from ..config import OptimizerConfig, RunConfig, ScheduleConfig, Section, TrainConfig
 from ..data import DataBundle, Split
 from ..errors import UserError
-from ..features import probe
 from ..models.vision import check_accepts
 from ..report import format_table, plot_bars, plot_heatmaps, plot_run
-from ..run import Run, atomic_write_json, atomic_write_text, derive_seed
+from ..run import Run, atomic_write_text, derive_seed
 from ..similarity import cka, get_similarity
 from ..sources import LoadedModel, ModelSource, load_model_source
 from ..stitching import (INITS, MASKS, TARGETS, Head, LinearStats, Side, StitchTransform, Tail, agreement_metrics,
@@ -188,7 +187,9 @@ def layer_pairs(spec: StitchSection) -> list[tuple[str, str]]:
 
 
 def labelled(data: DataBundle) -> bool:
-    return data.info.get("labeled", True) and bool(data.info.get("num_classes")) and all(bool((s.y >= 0).all()) for s in (data.train, data.val))
+    """Labels to score against: ``info`` says so (crops do not) and no sample of train or val lacks one."""
+    return bool(data.info.get("labeled", True) and data.info.get("num_classes")) and \
+        all(bool((s.y >= 0).all()) for s in (data.train, data.val))
 
 
 @dataclass
@@ -259,8 +260,8 @@ class Views:
     for a hook-fallback tail).
     """
 
-    def __init__(self, stitch: Stitch, front: LoadedModel, end: LoadedModel, split: Split, needs: set[str], cached: bool,
-                 batch_size: int, device: torch.device):
+    def __init__(self, stitch: Stitch, front: LoadedModel, end: LoadedModel, split: Split, needs: set[str],
+                 cached: bool, batch_size: int, device: torch.device):
         self.stitch, self.front, self.end, self.split = stitch, front, end, split
         self.needs, self.batch_size, self.device = needs, batch_size, device
         self.cache: Optional[dict[str, torch.Tensor]] = None
@@ -553,9 +554,10 @@ def _write_table(path: Path, table: list[dict[str, Any]]) -> None:
     writer.writerows(table)
     atomic_write_text(path / "results.csv", buffer.getvalue())
     headline = "rel_acc" if any("rel_acc" in r for r in table) else "agreement"
-    plot_bars(path / "results.png", {split: {r["variant"]: r.get(headline, float("nan")) for r in table
-                                             if r["split"] == split} for split in dict.fromkeys(r["split"] for r in table)},
-              title=f"{headline} per variant", ylabel=headline)
+    splits = dict.fromkeys(r["split"] for r in table)
+    bars = {split: {r["variant"]: r.get(headline, float("nan")) for r in table if r["split"] == split}
+            for split in splits}
+    plot_bars(path / "results.png", bars, title=f"{headline} per variant", ylabel=headline)
     print(f"\nresults.csv ({path.name}):\n" + format_table([{c: _short(r.get(c, "")) for c in columns[:13]}
                                                            for r in table]))
 
