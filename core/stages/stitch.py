@@ -246,6 +246,17 @@ def prepare(cfg: Config) -> None:
         raise UserError(f"stitch.target hard needs labels; data {cfg.data.name} has none (use soft_2)")
     front = load_source(spec.front, "stitch.front", data.info)
     end = load_source(spec.end, "stitch.end", data.info)
+    for split_name, split in (("val", data.val), ("train", data.train)):
+        if len(split) < 2:
+            raise UserError(f"data: the {split_name} split has {len(split)} samples; a stitch needs at least 2")
+    evaluated = min(spec.similarity_samples, len(data.val))
+    for name in spec.measures:
+        if evaluated < get_similarity(name).min_samples:
+            raise UserError(f"stitch.measures: {name} needs at least {get_similarity(name).min_samples} samples, "
+                            f"the validation split gives {evaluated}")
+    if spec.cka and cfg.train.batch_size < 2:
+        raise UserError(f"stitch.cka: the CKA term needs batches of at least 2 samples, train.batch_size is "
+                        f"{cfg.train.batch_size}")
     sample = data.train.x[:4]
     for front_layer, end_layer in layer_pairs(spec):
         build_stitch(spec, front, end, front_layer, end_layer, sample)
