@@ -330,15 +330,21 @@ def test_tiny10_bad_input(workdir, capsys, overrides, message):
     ["stitch.rank=3", "stitch.target=soft_1"],
     ["stitch.transform=flatten", "stitch.end_layers=pool", "stitch.front_layers=layers.1"],
 ])
-def test_stitch_options_run_and_replay_exactly(workdir, overrides):
+def test_stitch_options_run(workdir, overrides):
     args = ["configs/tiny_stitch.yaml", "--set", "stitch.front_layers=layers.1.1", "--set",
-            "stitch.end_layers=layers.1.1"]
+            "stitch.end_layers=layers.1.1", "--set", "stitch.measures=[cka]"]
     for item in overrides:
         args += ["--set", item]
     assert run_cli("stitch", *args) == 0
+    rows = {(r["split"], r["variant"]) for r in _results(Path("checkpoints/tiny_stitch"))}
+    assert {("val", "before"), ("val", "after"), ("val", "ps_inv"), ("test", "after")} <= rows
+
+
+def test_stitch_replays_exactly(workdir):
+    assert run_cli("stitch", "configs/tiny_stitch.yaml", "--set", "stitch.front_layers=layers.1.1", "--set",
+                   "stitch.end_layers=layers.1.1", "--set", "stitch.cka=0.5",
+                   "--set", "stitch.mask=abs_semi_match") == 0
     root = Path("checkpoints/tiny_stitch")
-    rows = {(r["split"], r["variant"]): r for r in _results(root)}
-    assert {"before", "after", "ps_inv"} <= {variant for _, variant in rows}
     assert run_cli("stitch", str(root / "config.yaml")) == 0  # the snapshot replays the run bit for bit
     replay = json.loads(Path("checkpoints/tiny_stitch-replay-1/replay.json").read_text())
     assert replay["matches"], replay
