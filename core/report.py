@@ -197,18 +197,12 @@ def plot_lines(path: str | Path, series: dict[str, list[tuple[float, ...]]], *, 
     return Path(path)
 
 
-def plot_heatmap(values, rows: list[str], cols: list[str], *, path: str | Path | None = None, title: str = "",
-                 xlabel: str = "", ylabel: str = "", annotate: Optional[bool] = None,
-                 limits: Optional[tuple[float, float]] = None):
-    """A matrix (rows x cols, NaN cells left blank) with its row and column names on the axes; written to ``path``
-    when given. ``annotate``: print each value in its cell (default: when there are at most 16 x 16 cells).
-    Returns the matplotlib figure (closed once saved to ``path``)."""
+def _draw_heatmap(fig, ax, values, rows: list[str], cols: list[str], *, title: str, xlabel: str, ylabel: str,
+                  annotate: Optional[bool], limits: Optional[tuple[float, float]]) -> None:
     import numpy as np
 
-    plt = _pyplot()
     values = np.asarray(values, dtype=float)
     annotate = values.shape[0] <= 16 and values.shape[1] <= 16 if annotate is None else annotate
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.55 * len(cols) + 2.5), max(3.5, 0.45 * len(rows) + 2)))
     vmin, vmax = limits if limits is not None else (None, None)
     image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
     fig.colorbar(image, ax=ax)
@@ -224,6 +218,18 @@ def plot_heatmap(values, rows: list[str], cols: list[str], *, path: str | Path |
             if np.isfinite(value):
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
                         color="black" if value > middle else "white")
+
+
+def plot_heatmap(values, rows: list[str], cols: list[str], *, path: str | Path | None = None, title: str = "",
+                 xlabel: str = "", ylabel: str = "", annotate: Optional[bool] = None,
+                 limits: Optional[tuple[float, float]] = None):
+    """A matrix (rows x cols, NaN cells left blank) with its row and column names on the axes; written to ``path``
+    when given. ``annotate``: print each value in its cell (default: when there are at most 16 x 16 cells).
+    Returns the matplotlib figure (closed once saved to ``path``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.55 * len(cols) + 2.5), max(3.5, 0.45 * len(rows) + 2)))
+    _draw_heatmap(fig, ax, values, rows, cols, title=title, xlabel=xlabel, ylabel=ylabel, annotate=annotate,
+                  limits=limits)
     fig.tight_layout()
     if path is not None:
         _save_figure(fig, path)
@@ -236,6 +242,8 @@ def _save_figure(fig, path: str | Path) -> None:
         atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
         _pyplot().close(fig)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sweeps: one row per point (per result row of a point), and the mean, spread and count over seeds
 
@@ -392,6 +400,22 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, buffer.getvalue())
+def plot_heatmaps(path: str | Path, matrices: dict[str, Any], *, rows: list[str], cols: list[str], xlabel: str = "",
+                  ylabel: str = "", limits: Optional[tuple[float, float]] = (0.0, 1.0)) -> Optional[Path]:
+    """Several matrices over the same rows and columns side by side, one heatmap per title (the stitched accuracy
+    of every layer pair beside the CKA of the same layers, say)."""
+    if not matrices:
+        return None
+    plt = _pyplot()
+    width = max(4.5, 0.55 * len(cols) + 2.5)
+    fig, axes = plt.subplots(1, len(matrices), figsize=(width * len(matrices), max(3.5, 0.45 * len(rows) + 2)),
+                             squeeze=False)
+    for ax, (title, values) in zip(axes[0], matrices.items()):
+        _draw_heatmap(fig, ax, values, rows, cols, title=title, xlabel=xlabel, ylabel=ylabel, annotate=None,
+                      limits=limits)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    return Path(path)
 
 
 def _pyplot():
