@@ -26,7 +26,7 @@ from ..registry import DATASETS, MODELS
 from ..run import TIMING_PREFIX, Run, draw_seed, has_state, is_finished, seed_everything
 from ..train import classification_loss, evaluate_classification, logits_of, predict, resolve_device
 
-STAGES = ("ablate", "base", "guide", "transfer")  # modules of this package, imported when a stage runs
+STAGES = ("ablate", "align", "base", "guide", "transfer")  # modules of this package, imported when a stage runs
 
 
 def stage_module(stage: str):
