@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import UserError
 from . import dist
-from .rules import Backprop, InitialNetwork, output_error
+from .rules import Backprop, InitialNetwork, full, output_error
 from .run import derive_seed
 
 CHANCE = ("shuffled_weights", "shuffled_update")
@@ -156,10 +156,10 @@ class AlignmentBaseline(Backprop):
             for h in hooks:
                 h.remove()
         loss, e = output_error(logits, y, self.criterion)
-        logits.float().backward(e * step.scale)
+        full(logits).backward(e * step.scale)
         with step.autocast():
             f0, inputs = self.initial.forward(dist.unwrap(model), x, grad_of=self.weights)
-        grads = torch.autograd.grad(f0.float(), inputs, e, allow_unused=True)
+        grads = torch.autograd.grad(full(f0), inputs, e, allow_unused=True)
         for w, g in zip(self.weights, grads):
             if g is None:
                 continue

@@ -87,9 +87,14 @@ def build_rule(name: str, ctx: RuleContext) -> GradientProvider:
 # Shared pieces
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 when autocast made it half precision (losses are computed in full precision)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def output_error(logits: torch.Tensor, y: torch.Tensor, criterion: Criterion) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, e = dloss/dlogits) at the given logits."""
-    f = logits.detach().float().requires_grad_()
+    f = full(logits.detach()).requires_grad_()
     loss = criterion(f, y)
     (e,) = torch.autograd.grad(loss, f)
     return loss.detach(), e
@@ -189,7 +194,7 @@ class AlignZero(GradientProvider):
         with step.autocast():
             f0, inputs = self.initial.forward(model, x, grad_of=names, live_grad=True)
         # The live parameters are the model's own: their gradient lands in .grad through add_gradients only.
-        grads = torch.autograd.grad(f0.float(), inputs, e, allow_unused=True)
+        grads = torch.autograd.grad(full(f0), inputs, e, allow_unused=True)
         add_gradients(params, grads, step.scale)
         return loss, {}
 
@@ -221,7 +226,7 @@ class AlignAda(AlignZero):
         with step.autocast():
             logits = model(x, tap=cut)
             f0, _ = self.initial.forward(model, x, tap=inject)
-            surrogate = logits.float() + f0.float() - f0.detach().float()
+            surrogate = full(logits) + full(f0) - full(f0.detach())
         loss = self.criterion(surrogate, y)  # its value is the current network's loss
         (loss * step.scale).backward()
         return loss.detach(), {}
@@ -250,9 +255,9 @@ class Feedback(GradientProvider):
         layers = feedback_layers(model)
         try:
             for name, matrix in self.matrices.items():
-                layers[name].feedback = matrix.to(layers[name].weight.device)
+                layers[name].feedback = matrix.to(layers[name].weight)
             with step.autocast():
-                loss = self.criterion(model(x).float(), y)
+                loss = self.criterion(full(model(x)), y)
             (loss * step.scale).backward()
         finally:
             for name in self.matrices:
@@ -282,7 +287,7 @@ def fa(ctx: RuleContext) -> GradientProvider:
     matrices = {}
     for name, m in layers.items():
         gen = torch.Generator().manual_seed(derive_seed(ctx.seed, "feedback", name))
-        matrices[name] = (torch.randn(m.weight.shape, generator=gen) * m.init_std).to(m.weight.device)
+        matrices[name] = (torch.randn(m.weight.shape, generator=gen, dtype=m.weight.dtype) * m.init_std).to(m.weight)
     return Feedback(ctx.model, ctx.criterion, matrices)
 
 
@@ -291,12 +296,12 @@ class DirectFeedback(GradientProvider):
         self.criterion, self.seed = criterion, seed
         self.matrices: dict[int, torch.Tensor] = {}
 
-    def _matrix(self, i: int, dim: int, classes: int, device) -> torch.Tensor:
+    def _matrix(self, i: int, dim: int, classes: int, like: torch.Tensor) -> torch.Tensor:
         """B_l ~ N(0, 1/dim), drawn from block l's own generator the first time its shape is known."""
         if i not in self.matrices:
             gen = torch.Generator().manual_seed(derive_seed(self.seed, "direct_feedback", i))
-            self.matrices[i] = torch.randn(dim, classes, generator=gen) / dim ** 0.5
-        return self.matrices[i].to(device)
+            self.matrices[i] = torch.randn(dim, classes, generator=gen, dtype=like.dtype) / dim ** 0.5
+        return self.matrices[i].to(like)
 
     def gradients(self, model, batch, step):
         x, y = batch
@@ -307,9 +312,9 @@ class DirectFeedback(GradientProvider):
             return z.detach()
 
         with step.autocast():
-            logits = model(x, tap=cut).float()
-            proj = sum(ACTIVATIONS[model.activation](z).flatten(1).float()
-                       @ self._matrix(i, z[0].numel(), logits.shape[1], z.device) for i, z in enumerate(outputs))
+            logits = full(model(x, tap=cut))
+            proj = sum(ACTIVATIONS[model.activation](z).flatten(1).to(logits.dtype)
+                       @ self._matrix(i, z[0].numel(), logits.shape[1], logits) for i, z in enumerate(outputs))
         loss = self.criterion(logits + proj - proj.detach(), y)
         (loss * step.scale).backward()
         return loss.detach(), {}
@@ -341,7 +346,7 @@ class LastLayer(GradientProvider):
             for p in frozen:  # no graph through the frozen layers: the forward costs what inference costs
                 p.requires_grad_(False)
             with step.autocast():
-                loss = self.criterion(model(x).float(), y)
+                loss = self.criterion(full(model(x)), y)
             (loss * step.scale).backward()
         finally:
             for p in frozen:
