@@ -34,8 +34,14 @@ CHANCE = ("shuffled_weights", "shuffled_update")
 
 def dense_score(d: torch.Tensor, d_b: torch.Tensor) -> float:
     """||D D_bᵀ||_F² / (||D Dᵀ||_F ||D_b D_bᵀ||_F) for (out, in) matrices; raises on a zero update."""
-    d, d_b = d.double().flatten(1), d_b.double().flatten(1)
-    cross, own, base = (d @ d_b.T).square().sum(), (d @ d.T).norm(), (d_b @ d_b.T).norm()
+    d, d_b = d.flatten(1), d_b.flatten(1)
+    out, inp = d.shape
+    if 2 * inp * inp * out <= 3 * out * out * inp:  # input-side Grams: ||D D_bᵀ||² = <DᵀD, D_bᵀD_b>, 2 matmuls
+        gram, gram_b = d.T @ d, d_b.T @ d_b
+        cross, own, base = (gram.double() * gram_b.double()).sum(), gram.double().norm(), gram_b.double().norm()
+    else:  # output-side, 3 matmuls of out x out
+        cross = (d @ d_b.T).double().square().sum()
+        own, base = (d @ d.T).double().norm(), (d_b @ d_b.T).double().norm()
     return _ratio(cross, own, base)
 
 
@@ -49,11 +55,12 @@ def _ratio(cross, own, base) -> float:
 
 
 def conv_score(d: torch.Tensor, d_b: torch.Tensor, stride: int, size: tuple[int, int]) -> float:
-    """The exact score of two (C_out, C_in, k, k) kernels as circular convs with ``stride`` on a ``size`` map."""
-    h, w = size
-    if h % stride or w % stride or d.shape[-1] > h or d.shape[-2] > w:
-        raise UserError(f"alignment score: a {tuple(d.shape[-2:])} kernel with stride {stride} needs a map whose "
-                        f"sides are multiples of the stride and at least the kernel; got {size}")
+    """The exact score of two (C_out, C_in, k, k) kernels as circular convs with ``stride`` on a ``size`` map.
+
+    A side that is not a multiple of the stride (or smaller than the kernel) is taken up to the next one that is:
+    the circular operator needs whole aliasing groups."""
+    k = d.shape[-1]
+    h, w = (-(-max(n, k) // stride) * stride for n in size)
     grams = []
     for kernel in (d, d_b):
         k_hat = torch.fft.fft2(kernel.double(), s=(h, w))  # (C_out, C_in, h, w)

@@ -291,3 +291,48 @@ def test_baseline_accumulates_the_initial_jacobian_driven_by_backprop_errors(bat
     scores = tracker.scores(model)
     assert set(scores) == {f"{k}/{n}" for k in ("align", "align_shuffled_weights", "align_shuffled_update")
                            for n in ("blocks.0.layer", "head")}
+
+
+def test_dense_score_both_sides_agree():
+    torch.manual_seed(2)
+    for shape in ((9, 5), (5, 9)):
+        d, d_b = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+        ref = (d @ d_b.T).norm() ** 2 / ((d @ d.T).norm() * (d_b @ d_b.T).norm())
+        assert dense_score(d, d_b) == pytest.approx(float(ref), rel=1e-9)
+
+
+def test_cnn_rules_and_conv_scores():
+    """Every rule runs on the NTK CNN, and the tracker scores its conv layers (exact and estimated)."""
+    torch.manual_seed(0)
+    info = {"input_shape": (1, 7, 7), "num_classes": 4}
+    model = MODELS.build("ntk_cnn", info, {"shape": "custom", "strides": [1, 2], "width": 3})
+    x, y = torch.randn(6, 1, 7, 7), torch.randint(0, 4, (6,))
+    for rule in ("align_zero", "align_ada", "align_prop", "fa", "dfa", "last_layer"):
+        model.zero_grad(set_to_none=True)
+        build_rule(rule, RuleContext(model, None, mse, 0)).gradients(model, (x, y), StepContext())
+        assert torch.isfinite(model.head.weight.grad).all() and model.head.weight.grad.any(), rule
+    for method in ("exact", "hutchinson"):
+        tracker = AlignmentBaseline(model, mse, model.layer_names(), method=method,
+                                    hutchinson={"probes": 8, "iterations": 4})
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(2):
+            tracker.gradients(model, (x, y), StepContext(lr=0.1))
+            opt.step()
+            opt.zero_grad()
+        scores = tracker.scores(model)
+        assert tracker.input_sizes == {"blocks.0.layer": (7, 7), "blocks.1.layer": (7, 7)}
+        assert all(0 < v <= 1 + 1e-9 for v in scores.values()), scores
+
+
+def test_parameterisations():
+    torch.manual_seed(0)
+    ntk = MODELS.build("ntk_mlp", {"input_shape": (400,), "num_classes": 3}, {"depth": 1, "width": 300})
+    std = MODELS.build("ntk_mlp", {"input_shape": (400,), "num_classes": 3},
+                       {"depth": 1, "width": 300, "parameterisation": "standard"})
+    layer, std_layer = ntk.blocks[0].layer, std.blocks[0].layer
+    assert layer.weight.std().item() == pytest.approx(1.0, abs=0.02) and layer.scale == pytest.approx(1 / 20)
+    assert std_layer.weight.std().item() == pytest.approx(1 / 20, abs=0.002) and std_layer.scale == 1.0
+    assert not layer.bias.any()
+    # batch-statistics norm at test time too: a sample's output depends on the rest of its batch
+    x = torch.randn(5, 400)
+    assert not torch.allclose(ntk.eval()(x)[:2], ntk(x[:2]))
