@@ -169,15 +169,17 @@ def plot_bars(path: str | Path, values: dict[str, Any], *, title: str, ylabel: s
 
 
 def plot_lines(path: str | Path, series: dict[str, list[tuple[float, float]]], *, title: str, xlabel: str,
-               ylabel: str, logx: bool = False) -> Optional[Path]:
-    """One line per named series of (x, y) points (accuracy against n per condition, ...)."""
+               ylabel: str, logx: bool = False, styles: Optional[dict[str, dict[str, Any]]] = None
+               ) -> Optional[Path]:
+    """One line per named series of (x, y) points (accuracy against n per condition, ...); ``styles`` gives a
+    series' matplotlib line keywords (color, linestyle, ...)."""
     if not series:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for label, points in series.items():
         xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", label=label)
+        ax.plot(xs, ys, **{"marker": "o", "label": label, **(styles or {}).get(label, {})})
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)

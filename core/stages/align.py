@@ -265,8 +265,8 @@ def _plot(ctx: Context, rows: list[dict[str, Any]], headline: str) -> None:
                 if key.startswith("align"):
                     series.setdefault(_series_name(key) + _suffix(ctx, r), []).append((r["width"], value))
         plot_lines(path / "alignment_vs_width.png", series, title="alignment score against width per layer "
-                   "(backprop against its Align-zero baseline; chance controls)", xlabel="width (log scale)",
-                   ylabel="alignment score", logx=True)
+                   "(dashed, dotted: chance controls)", xlabel="width (log scale)", ylabel="alignment score",
+                   logx=True, styles=_styles(series))
     widest = max(scored, key=lambda r: r["width"] or 0)
     name = "-".join(["backprop"] + ([f"w{widest['width']}"] if spec.widths else []) + [f"lr{widest['lr']:g}"]
                     + ([f"n{widest['data_limit']}"] if widest["data_limit"] else []))
@@ -275,8 +275,21 @@ def _plot(ctx: Context, rows: list[dict[str, Any]], headline: str) -> None:
         for key, value in h.items():
             if key.startswith("align") and isinstance(value, (int, float)):
                 series.setdefault(_series_name(key), []).append((h["epoch"], value))
-    plot_lines(path / "alignment_vs_epoch.png", series, title=f"alignment score against epoch ({name})",
-               xlabel="epoch", ylabel="alignment score")
+    plot_lines(path / "alignment_vs_epoch.png", series, title=f"{name}: alignment score (dashed, dotted: chance)", xlabel="epoch", ylabel="alignment score", styles=_styles(series))
+
+
+def _styles(series: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One colour per layer; the chance controls dashed (shuffled weights) and dotted (shuffled update)."""
+    layers = list(dict.fromkeys(label.split(" (")[0] for label in series))
+    styles = {}
+    for label in series:
+        style = {"color": f"C{layers.index(label.split(' (')[0]) % 10}"}
+        if "shuffled weights" in label:
+            style.update(linestyle="--", marker="x")
+        elif "shuffled update" in label:
+            style.update(linestyle=":", marker=".")
+        styles[label] = style
+    return styles
 
 
 def _series_name(key: str) -> str:
