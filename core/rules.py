@@ -11,7 +11,9 @@ training, e the error dL/df of the *current* network's logits):
 - ``align_ada``: current presynaptic activity; the error goes back through the initial network (θ0's weights and
   nonlinearity derivatives) to each block's output, then through the current block's own batch norm into W_l; the
   readout learns locally. Surrogate: the initial network's block l+1 reads z0_l + z_l - sg(z_l), the current
-  network reads sg(z_l); loss (f + f0 - sg(f0) - y)².
+  network reads sg(z_l); the last block's output enters through the readout's input instead (a0 + a - sg(a) after
+  the current activation and pooling, as the original); loss (f + f0 - sg(f0) - y)². The RNN injects every state
+  into both the linearised recurrence and its readout (the original: the recurrence only).
 - ``align_prop``: back-propagation with every layer's weight replaced by its initial value in the backward pass
   (feedback alignment with B = W0), current derivatives and batch norm.
 - ``fa``: the same with independent random feedback drawn like the weights (NTK-scaled).
@@ -215,13 +217,16 @@ class AlignAda(AlignZero):
     def gradients(self, model, batch, step):
         x, y = batch
         current = {}
+        # As the original: the last block's output reaches the readout through the activation and pooling of the
+        # current network, cut (and injected) at the readout's input; the other blocks are cut at their output.
+        last = len(model.blocks) - 1 if hasattr(model, "blocks") else None
 
         def cut(i, z):  # the current network reads its block outputs through a stop-gradient
             current[i] = z
-            return z.detach()
+            return z if i == last else z.detach()
 
         def inject(i, z0):  # the initial network carries the current block output's gradient path
-            return z0 + (current[i] - current[i].detach())
+            return z0 if i == last else z0 + (current[i] - current[i].detach())
 
         with step.autocast():
             logits = model(x, tap=cut)
@@ -308,7 +313,8 @@ class DirectFeedback(GradientProvider):
         outputs = []
 
         def cut(i, z):
-            outputs.append(z)
+            if i < len(model.blocks):  # block outputs; the readout's input (index L) is already cut
+                outputs.append(z)
             return z.detach()
 
         with step.autocast():

@@ -9,7 +9,8 @@ every (channel, row, column), over the batch.
 Layout, as the original: block l is ``[activation of the previous block's output] -> linear/conv -> batch norm``;
 after the last block the activation, (CNN) global average pooling and a linear readout scaled 1/sqrt(width). The
 block outputs z_l (post batch norm, pre activation) are where the learning rules of ``instill.rules`` tap the
-network: ``model(x, tap=fn)`` replaces each z_l by ``fn(l, z_l)``. Module names: ``blocks.<l>.layer`` and ``head``.
+network: ``model(x, tap=fn)`` replaces each z_l by ``fn(l, z_l)`` and the readout's input (after activation and
+pooling) by ``fn(L, a)``, L the number of blocks. Module names: ``blocks.<l>.layer`` and ``head``.
 
 Every layer can run with a fixed feedback matrix (``layer.feedback``): the forward value is unchanged, the gradient
 to the layer's input goes through the feedback instead of the weight (feedback alignment, Align-prop).
@@ -148,12 +149,11 @@ class NTKNet(nn.Module):
             z = block(z)
             if tap is not None:
                 z = tap(i, z)
-        return self.readout(z)
-
-    def readout(self, z: torch.Tensor) -> torch.Tensor:
-        """Logits from the last block's output: activation, pooling (CNN), head."""
         a = ACTIVATIONS[self.activation](z)
-        return self.head(a.mean((2, 3)) if self.conv else a)
+        a = a.mean((2, 3)) if self.conv else a
+        if tap is not None:  # the readout's input (activation, pooled) is tapped too, as index len(blocks)
+            a = tap(len(self.blocks), a)
+        return self.head(a)
 
     def readout_parameters(self) -> list[str]:
         return ["head.weight", "head.bias"]
