@@ -13,7 +13,7 @@ training, e the error dL/df of the *current* network's logits):
   readout learns locally. Surrogate: the initial network's block l+1 reads z0_l + z_l - sg(z_l), the current
   network reads sg(z_l); the last block's output enters through the readout's input instead (a0 + a - sg(a) after
   the current activation and pooling, as the original); loss (f + f0 - sg(f0) - y)². The RNN injects every state
-  into both the linearised recurrence and its readout (the original: the recurrence only).
+  into the linearised recurrence (its readout reads the linearised states), as the original.
 - ``align_prop``: back-propagation with every layer's weight replaced by its initial value in the backward pass
   (feedback alignment with B = W0), current derivatives and batch norm.
 - ``fa``: the same with independent random feedback drawn like the weights (NTK-scaled).
@@ -126,7 +126,7 @@ class InitialNetwork:
         self.live = set(getattr(model, "live_params", ()))
 
     def forward(self, model: nn.Module, x: torch.Tensor, *, grad_of: list[str] = (), live_grad: bool = False,
-                tap=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                tap=None, **options) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(θ0's output, the tensors of ``grad_of`` it was computed from, requiring grad)."""
         current = dict(model.named_parameters())
         values = {}
@@ -135,7 +135,7 @@ class InitialNetwork:
                 values[name] = current[name] if live_grad else current[name].detach()
             else:
                 values[name] = value.detach().requires_grad_(name in grad_of)
-        kwargs = {} if tap is None else {"tap": tap}
+        kwargs = {**options, **({} if tap is None else {"tap": tap})}
         return functional_call(model, values, (x,), kwargs), [values[n] for n in grad_of]
 
     def state_dict(self) -> dict[str, Any]:
@@ -230,11 +230,16 @@ class AlignAda(AlignZero):
 
         with step.autocast():
             logits = model(x, tap=cut)
-            f0, _ = self.initial.forward(model, x, tap=inject)
+            f0, _ = self.initial.forward(model, x, tap=inject, **self._lin_options(model))
             surrogate = full(logits) + full(f0) - full(f0.detach())
         loss = self.criterion(surrogate, y)  # its value is the current network's loss
         (loss * step.scale).backward()
         return loss.detach(), {}
+
+    @staticmethod
+    def _lin_options(model) -> dict[str, Any]:
+        """The RNN's linearised copy reads the current states in its recurrence only, as the original."""
+        return {"tap_readout": False} if hasattr(model, "recurrent") else {}
 
 
 @RULES.register("align_ada")

@@ -190,7 +190,7 @@ def test_rnn_align_zero_and_ada_against_unrolled_reference():
             f, f0 = unroll(params, x).detach(), unroll(lin, x)
             grads = torch.autograd.grad(crit(f + f0 - f0.detach(), y), list(lin.values()))
             want = dict(zip(lin, grads))
-        else:  # real states through stop-gradients, the linearised RNN reads z0 + z - sg(z) at every state
+        else:  # real states through stop-gradients, the linearised recurrence reads h0 + h - sg(h)
             real = {}
             p = dict(params)
 
@@ -206,11 +206,11 @@ def test_rnn_align_zero_and_ada_against_unrolled_reference():
 
             n = lin["recurrent.weight"].shape[0]
             h, outs = inject(0, lin["init_state"]), []
-            for t in range(x.shape[1]):
-                h = torch.relu(x[:, t:t + 1] @ lin["input.weight"].T + lin["input.bias"]
-                               + h @ lin["recurrent.weight"].T / math.sqrt(n))
-                h = inject(t + 1, h)
-                outs.append(h @ lin["head.weight"].T / math.sqrt(n) + lin["head.bias"])
+            for t in range(x.shape[1]):  # the original: the readout reads the linearised state itself
+                raw = torch.relu(x[:, t:t + 1] @ lin["input.weight"].T + lin["input.bias"]
+                                 + h @ lin["recurrent.weight"].T / math.sqrt(n))
+                h = inject(t + 1, raw)
+                outs.append(raw @ lin["head.weight"].T / math.sqrt(n) + lin["head.bias"])
             f0 = torch.cat(outs, 1)
             grads = torch.autograd.grad(crit(f + f0 - f0.detach(), y), list(p.values()))
             want = dict(zip(p, grads))

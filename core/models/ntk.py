@@ -203,7 +203,7 @@ class AddRNN(nn.Module):
 
     The initial state is trainable, one row per batch slot (``batch_slots``), as the original; a batch must have
     exactly that many sequences. ``model(x, tap=fn)`` replaces every state h_t (t = 0 is the initial state) by
-    ``fn(t, h_t)``, in both the recurrence and the readout. Inputs (batch, T) in {0, 1}; outputs (batch, T).
+    ``fn(t, h_t)``, in both the recurrence and the readout (``tap_readout=False``: the recurrence only). Inputs (batch, T) in {0, 1}; outputs (batch, T).
     """
 
     live_params = ("init_state",)  # the original's linearised copy starts from the trained initial state
@@ -215,17 +215,17 @@ class AddRNN(nn.Module):
         self.head = NTKLinear(hidden, 1, parameterisation)
         self.init_state = nn.Parameter(torch.zeros(batch_slots, hidden))
 
-    def forward(self, x: torch.Tensor, tap: Optional[Tap] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tap: Optional[Tap] = None, tap_readout: bool = True) -> torch.Tensor:
+        """``tap_readout=False``: the readout reads the untapped states (the tap acts on the recurrence only)."""
         if x.shape[0] != self.init_state.shape[0]:
             raise UserError(f"add_rnn: a batch of {x.shape[0]} sequences, but the trainable initial state has "
                             f"{self.init_state.shape[0]} slots (set the batch sizes to model.batch_slots)")
         h = self.init_state if tap is None else tap(0, self.init_state)
         outputs = []
         for t in range(x.shape[1]):
-            h = torch.relu(self.input(x[:, t:t + 1]) + self.recurrent(h))
-            if tap is not None:
-                h = tap(t + 1, h)
-            outputs.append(self.head(h))
+            raw = torch.relu(self.input(x[:, t:t + 1]) + self.recurrent(h))
+            h = raw if tap is None else tap(t + 1, raw)
+            outputs.append(self.head(h if tap_readout else raw))
         return torch.cat(outputs, 1)
 
     def readout_parameters(self) -> list[str]:
