@@ -128,3 +128,16 @@ def test_train_rule_in_the_base_stage_and_resume_keeps_the_initial_network(workd
     resumed = train("part", 3, resume=True)
     for a, b in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_cifar_shaped_cnn_on_a_local_image_folder(workdir):
+    """CIFAR-10 or KMNIST exported as an image folder (never downloaded) trains the original's CIFAR shape."""
+    from tests.test_folders import class_folder
+
+    class_folder(workdir / "images", per_class=6)
+    assert run_cli("align", "configs/tiny_align.yaml", "--set", "data={name: image_folder, train_dir: images, "
+                   "resolution: 8, val_fraction: 0.2, test_fraction: 0.2}", "--set",
+                   "model={name: ntk_cnn, shape: cifar, width: 2}", "--set", "align.rules=[backprop,align_ada]",
+                   "--set", "align.widths=null", "--set", "train.epochs=1", "--set", "train.batch_size=6") == 0
+    rows = _rows("checkpoints/tiny_align/results.csv")
+    assert [r["rule"] for r in rows] == ["backprop", "align_ada"] and rows[0]["align/blocks.6.layer"]
