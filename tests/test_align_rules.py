@@ -31,7 +31,8 @@ def _moved(model):
 
 
 def _grads(rule, model, x, y, seed=5):
-    provider = build_rule(rule, RuleContext(model, None, mse, seed))
+    loss = lambda m, b: (mse(m(b[0]), b[1]), {})  # noqa: E731 - what the stage's objective would give
+    provider = build_rule(rule, RuleContext(model, loss, mse, seed))
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     _moved(model)
     model.zero_grad(set_to_none=True)
@@ -89,12 +90,13 @@ def batch():
 
 def test_backprop_align_prop_fa_against_hand_written(batch):
     x, y = batch
-    for rule in ("align_prop", "fa"):
+    for rule in ("backprop", "align_prop", "fa"):
         model = _mlp()
         provider, initial, got = _grads(rule, model, x, y)
         current = {n: p.detach() for n, p in model.named_parameters()}
         inputs, zs, f = _forward(current, x)
-        feedback = initial if rule == "align_prop" else {f"{n}.weight": m for n, m in provider.matrices.items()}
+        feedback = {"backprop": current, "align_prop": initial}.get(rule) or {
+            f"{n}.weight": m for n, m in provider.matrices.items()}
         want = _layer_grads(inputs, _backward(_error(f, y), zs, feedback, zs), current)
         for name, g in want.items():
             torch.testing.assert_close(got[name], g, msg=f"{rule} {name}")
