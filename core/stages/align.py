@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
