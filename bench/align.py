@@ -8,7 +8,9 @@ backprop's error) is reported as its extra cost over a backprop step, against a 
 dense alignment score of all four layers at width 1024 against one backprop step.
 
 Targets: align_zero, align_ada <= 2.2x backprop; align_prop, fa, dfa <= 1.3x; last_layer <= 0.6x; baseline extra
-<= 1.2x an align_zero step; exact scores < 1 backprop step. Timing: the variants alternate (``--repeats`` rounds
+<= 1.2x an align_zero step; exact scores < 1 backprop step (a dense 1024 x 1024 layer's exact score needs at
+least one 1024^3 matmul, more FLOPs than a batch-100 step of the whole network; the bench also reports the scores
+against the preset's epoch of 13 steps, since they are computed once per evaluation). Timing: the variants alternate (``--repeats`` rounds
 after warm-up, order rotated each round); a ratio is the median of the per-round ratios. Run on a quiet machine:
 ``python bench/align.py`` or ``--quick`` (width 256, fewer rounds). The last line printed is one JSON object.
 """
@@ -104,7 +106,9 @@ def main() -> None:
     score_ratio = round(median_ratio(times["exact_scores"], base), 3)
     result.update({"ratio_to_backprop": ratios, "baseline_extra_over_align_zero": baseline_ratio,
                    "tracked_step_over_backprop": round(median_ratio(times["backprop+baseline"], base), 3),
-                   "exact_scores_over_backprop_step": score_ratio})
+                   "exact_scores_over_backprop_step": score_ratio,
+                   # scores are computed per evaluation, not per step: against the preset's epoch of 13 steps
+                   "exact_scores_over_preset_epoch": round(score_ratio / 13, 3)})
     met = {rule: ratios[rule] <= target for rule, target in RULE_TARGETS.items()}
     met["baseline"] = baseline_ratio <= 1.2
     met["exact_scores"] = score_ratio < 1.0
