@@ -119,8 +119,11 @@ def test_train_rule_in_the_base_stage_and_resume_keeps_the_initial_network(workd
         torch.manual_seed(1)
         model = MODELS.build("ntk_mlp", info, {"depth": 1, "width": 8})
         run = Run.create(path, "x: 1\n", 0, "cpu", resume)
-        fit(model, objective(), Split(x, y), cfg.model_copy(update={"epochs": epochs}), run, seed=3,
-            device=torch.device("cpu"), restore_best=False)
+        try:
+            fit(model, objective(), Split(x, y), cfg.model_copy(update={"epochs": epochs}), run, seed=3,
+                device=torch.device("cpu"), restore_best=False)
+        finally:
+            run.close()
         return model
 
     whole = train("whole", 3)
