@@ -170,9 +170,11 @@ def plot_bars(path: str | Path, values: dict[str, Any], *, title: str, ylabel: s
 
 
 def plot_lines(path: str | Path, series: dict[str, list[tuple[float, ...]]], *, title: str, xlabel: str,
-               ylabel: str, logx: bool = False) -> Optional[Path]:
+               ylabel: str, logx: bool = False, styles: Optional[dict[str, dict[str, Any]]] = None
+               ) -> Optional[Path]:
     """One line per named series of (x, y) points (accuracy against n per condition, ...); a point given as
-    (x, y, spread) gets an error bar of +- spread."""
+    (x, y, spread) gets an error bar of +- spread; ``styles`` gives a series' matplotlib line keywords (color,
+    linestyle, ...)."""
     if not series:
         return None
     plt = _pyplot()
@@ -181,10 +183,11 @@ def plot_lines(path: str | Path, series: dict[str, list[tuple[float, ...]]], *, 
         points = sorted(points)
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         spreads = [p[2] if len(p) > 2 else 0.0 for p in points]
+        style = {"marker": "o", "label": label, **(styles or {}).get(label, {})}
         if any(spreads):
-            ax.errorbar(xs, ys, yerr=spreads, marker="o", capsize=3, label=label)
+            ax.errorbar(xs, ys, yerr=spreads, capsize=3, **style)
         else:
-            ax.plot(xs, ys, marker="o", label=label)
+            ax.plot(xs, ys, **style)
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
