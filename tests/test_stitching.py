@@ -276,7 +276,8 @@ def test_self_stitch_stage_zero_epochs_keeps_the_logits(workdir):
     (["stitch.rank=2", "stitch.mask=semi_match"], "low-rank"),
     (["stitch.front.run=nowhere"], "nowhere is not a directory"),
     (["stitch.front_layers=layers.0.0.weight"], "is a parameter, not a module"),
-    (["data.val_fraction=0.001"], "cka_unbiased needs at least 4 samples, the validation split gives 2"),
+    (["data.val_fraction=0.001", "stitch.measures=[cka_unbiased]"],
+     "cka_unbiased needs at least 4 samples, the validation split gives 2"),
 ])
 def test_stitch_bad_input(workdir, capsys, overrides, message):
     args = ["configs/tiny_stitch.yaml"]
