@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import UserError, did_you_mean
-from .registry import DATASETS, MODELS, Registry, describe_error
+from .registry import DATASETS, MODELS, RULES, Registry, describe_error
 
 
 class Section(BaseModel):
@@ -139,6 +139,17 @@ class TrainConfig(Section):
         "first", description="on a tie of the selection metric, keep the first best or take the later one")
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
     progress: bool = Field(True, description="tqdm progress bars (shown on a terminal only)")
+    rule: str = Field("backprop", description="how a step's gradients are produced: backprop, align_zero, "
+                                              "align_ada, align_prop, fa, dfa, last_layer (instill.rules)")
+
+    @field_validator("rule")
+    @classmethod
+    def _known_rule(cls, name: str) -> str:
+        try:
+            RULES.get(name)
+        except UserError as err:
+            raise ValueError(str(err)) from None
+        return name
 
 
 class RunConfig(Section):

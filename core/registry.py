@@ -153,7 +153,9 @@ def _import_builtins() -> None:
         _BUILTINS_IMPORTED = True
         from .data import registered as _data  # noqa: F401
         from .models import registered as _models  # noqa: F401
+        from . import rules as _rules  # noqa: F401
 
 
 DATASETS = Registry("dataset")
 MODELS = Registry("model")
+RULES = Registry("learning rule")

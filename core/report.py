@@ -170,9 +170,11 @@ def plot_bars(path: str | Path, values: dict[str, Any], *, title: str, ylabel: s
 
 
 def plot_lines(path: str | Path, series: dict[str, list[tuple[float, ...]]], *, title: str, xlabel: str,
-               ylabel: str, logx: bool = False) -> Optional[Path]:
+               ylabel: str, logx: bool = False, styles: Optional[dict[str, dict[str, Any]]] = None
+               ) -> Optional[Path]:
     """One line per named series of (x, y) points (accuracy against n per condition, ...); a point given as
-    (x, y, spread) gets an error bar of +- spread."""
+    (x, y, spread) gets an error bar of +- spread; ``styles`` gives a series' matplotlib line keywords (color,
+    linestyle, ...)."""
     if not series:
         return None
     plt = _pyplot()
@@ -181,10 +183,11 @@ def plot_lines(path: str | Path, series: dict[str, list[tuple[float, ...]]], *, 
         points = sorted(points)
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         spreads = [p[2] if len(p) > 2 else 0.0 for p in points]
+        style = {"marker": "o", "label": label, **(styles or {}).get(label, {})}
         if any(spreads):
-            ax.errorbar(xs, ys, yerr=spreads, marker="o", capsize=3, label=label)
+            ax.errorbar(xs, ys, yerr=spreads, capsize=3, **style)
         else:
-            ax.plot(xs, ys, marker="o", label=label)
+            ax.plot(xs, ys, **style)
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
@@ -197,18 +200,12 @@ def plot_lines(path: str | Path, series: dict[str, list[tuple[float, ...]]], *, 
     return Path(path)
 
 
-def plot_heatmap(values, rows: list[str], cols: list[str], *, path: str | Path | None = None, title: str = "",
-                 xlabel: str = "", ylabel: str = "", annotate: Optional[bool] = None,
-                 limits: Optional[tuple[float, float]] = None):
-    """A matrix (rows x cols, NaN cells left blank) with its row and column names on the axes; written to ``path``
-    when given. ``annotate``: print each value in its cell (default: when there are at most 16 x 16 cells).
-    Returns the matplotlib figure (closed once saved to ``path``)."""
+def _draw_heatmap(fig, ax, values, rows: list[str], cols: list[str], *, title: str, xlabel: str, ylabel: str,
+                  annotate: Optional[bool], limits: Optional[tuple[float, float]]) -> None:
     import numpy as np
 
-    plt = _pyplot()
     values = np.asarray(values, dtype=float)
     annotate = values.shape[0] <= 16 and values.shape[1] <= 16 if annotate is None else annotate
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.55 * len(cols) + 2.5), max(3.5, 0.45 * len(rows) + 2)))
     vmin, vmax = limits if limits is not None else (None, None)
     image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
     fig.colorbar(image, ax=ax)
@@ -224,6 +221,18 @@ def plot_heatmap(values, rows: list[str], cols: list[str], *, path: str | Path |
             if np.isfinite(value):
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
                         color="black" if value > middle else "white")
+
+
+def plot_heatmap(values, rows: list[str], cols: list[str], *, path: str | Path | None = None, title: str = "",
+                 xlabel: str = "", ylabel: str = "", annotate: Optional[bool] = None,
+                 limits: Optional[tuple[float, float]] = None):
+    """A matrix (rows x cols, NaN cells left blank) with its row and column names on the axes; written to ``path``
+    when given. ``annotate``: print each value in its cell (default: when there are at most 16 x 16 cells).
+    Returns the matplotlib figure (closed once saved to ``path``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.55 * len(cols) + 2.5), max(3.5, 0.45 * len(rows) + 2)))
+    _draw_heatmap(fig, ax, values, rows, cols, title=title, xlabel=xlabel, ylabel=ylabel, annotate=annotate,
+                  limits=limits)
     fig.tight_layout()
     if path is not None:
         _save_figure(fig, path)
@@ -236,6 +245,8 @@ def _save_figure(fig, path: str | Path) -> None:
         atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
         _pyplot().close(fig)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sweeps: one row per point (per result row of a point), and the mean, spread and count over seeds
 
@@ -381,17 +392,25 @@ def _user_error(message: str):
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    import csv
-    import io
+    from .run import atomic_write_csv
 
-    from .run import atomic_write_text
-
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_csv(path, rows)
+def plot_heatmaps(path: str | Path, matrices: dict[str, Any], *, rows: list[str], cols: list[str], xlabel: str = "",
+                  ylabel: str = "", limits: Optional[tuple[float, float]] = (0.0, 1.0)) -> Optional[Path]:
+    """Several matrices over the same rows and columns side by side, one heatmap per title (the stitched accuracy
+    of every layer pair beside the CKA of the same layers, say)."""
+    if not matrices:
+        return None
+    plt = _pyplot()
+    width = max(4.5, 0.55 * len(cols) + 2.5)
+    fig, axes = plt.subplots(1, len(matrices), figsize=(width * len(matrices), max(3.5, 0.45 * len(rows) + 2)),
+                             squeeze=False)
+    for ax, (title, values) in zip(axes[0], matrices.items()):
+        _draw_heatmap(fig, ax, values, rows, cols, title=title, xlabel=xlabel, ylabel=ylabel, annotate=None,
+                      limits=limits)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    return Path(path)
 
 
 def _pyplot():

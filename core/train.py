@@ -32,7 +32,8 @@ from . import dist
 from .config import OptimizerConfig, ScheduleConfig, TrainConfig
 from .data import BatchLoader, Split
 from .errors import UserError
-from .run import TIMING_PREFIX, Run, fault_point, has_state, rng_state, set_rng_state
+from .rules import Backprop, GradientProvider, RuleContext, StepContext, build_rule
+from .run import TIMING_PREFIX, Run, derive_seed, fault_point, has_state, rng_state, set_rng_state
 
 IGNORE_INDEX = -100
 
@@ -51,6 +52,8 @@ class Objective:
     on_epoch_start(epoch) -> {name: float} logged with the epoch's evaluation (a temperature, say)
     after_step(): after every optimizer step (restore frozen weights, say)
     step: the number of optimizer steps taken so far, kept current by the loop for ``loss`` to read
+    criterion(logits, targets) -> loss: what learning rules other than backprop (``train.rule``) differentiate
+    gradients: a gradient provider that replaces the one ``train.rule`` names (backprop with a monitor, say)
     """
 
     loss: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
@@ -59,6 +62,8 @@ class Objective:
     on_epoch_start: Optional[Callable[[int], dict[str, float]]] = None
     after_step: Optional[Callable[[], None]] = None
     step: int = 0
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda logits, y: classification_loss(logits, y)
+    gradients: Optional[GradientProvider] = None
 
 
 @dataclass
@@ -234,6 +239,9 @@ class _Loop:
         total = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         self.optimizer = build_optimizer(params if params is not None else model.parameters(), cfg.optimizer)
+        # How a step's gradients are produced (train.rule); its initial network is the model as training starts.
+        self.rule = objective.gradients or build_rule(cfg.rule, RuleContext(
+            dist.unwrap(self.model), objective.loss, objective.criterion, derive_seed(seed, "rule")))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg.schedule, s, self.steps_per_epoch, self.total_steps))
         self.tracker = _Tracker(cfg.select_mode, cfg.select_ties)
@@ -259,7 +267,7 @@ class _Loop:
             "batch_in_epoch": self.batch_in_epoch, "step": self.step, "sums": self.sums, "counts": self.counts,
             "epoch_logs": self.epoch_logs, "best_value": self.tracker.best_value, "best_row": self.tracker.best_row,
             "since_best": self.tracker.since_best, "best_weights": self.best_weights, "history": self.history,
-            "elapsed": self.elapsed, "stop_reason": self.stop_reason,
+            "elapsed": self.elapsed, "stop_reason": self.stop_reason, "rule": self.rule.state_dict(),
         }
 
     def save(self) -> None:
@@ -280,6 +288,7 @@ class _Loop:
         self.tracker.since_best, self.best_weights = state["since_best"], state["best_weights"]
         self.history, self.elapsed = state["history"], state["elapsed"]
         self.stop_reason = state.get("stop_reason", "epochs")  # a run that had decided to stop stays stopped
+        self.rule.load_state_dict(state.get("rule", {}))
         set_rng_state(state["rng"])
         self.run_dir.truncate_metrics(after_step=self.step)
 
@@ -354,8 +363,12 @@ class _Loop:
     def _train_batch(self, batch, group_size: int) -> None:
         x, y = (t.to(self.device, non_blocking=True) for t in batch)
         self.objective.step = self.step
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            loss, logs = self.objective.loss(self.model, (x, y))
+        # Gradients land in .grad before the finiteness check; no rank steps the optimizer on a non-finite loss.
+        step = StepContext(1 / group_size, self.optimizer.param_groups[0]["lr"], lambda: torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.autocast))
+        # Back-propagation runs through the DDP wrapper; the other rules average their gradients over ranks.
+        model = self.model if isinstance(self.rule, Backprop) else dist.unwrap(self.model)
+        loss, logs = self.rule.gradients(model, (x, y), step)
         value = loss.item()
         finite = math.isfinite(value)
         # Under DDP every rank must stop together: one that went on would wait forever in the gradient all-reduce.
@@ -363,7 +376,6 @@ class _Loop:
             what = value if not finite else "non-finite on another rank"
             raise DivergedError(f"the loss became {what} at step {self.step + 1} (epoch {self.epoch + 1}); the run "
                                 f"stopped: {self._what_is_kept()} (lower the learning rate or clip gradients)")
-        (loss / group_size).backward()
         for name, v in {"train_loss": value, **logs}.items():
             self.sums[name] = self.sums.get(name, 0.0) + float(v)
             self.counts[name] = self.counts.get(name, 0) + 1

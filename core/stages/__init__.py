@@ -28,7 +28,8 @@ from ..registry import DATASETS, MODELS
 from ..run import TIMING_PREFIX, Run, derive_seed, draw_seed, has_state, is_finished, seed_everything
 from ..train import classification_loss, evaluate_classification, logits_of, predict, resolve_device
 
-STAGES = ("ablate", "base", "compare", "guide", "transfer")  # modules of this package, imported when a stage runs
+# modules of this package, imported when a stage runs
+STAGES = ("ablate", "align", "base", "compare", "guide", "stitch", "transfer")
 
 
 def stage_module(stage: str):

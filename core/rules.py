@@ -1,0 +1,373 @@
+"""Learning rules as gradient providers: ``train.rule`` picks how the training loop gets a batch's gradients.
+
+Every rule leaves its update in ``param.grad`` (scaled by ``StepContext.scale`` for gradient accumulation); the
+optimizer, schedule, evaluation, checkpoints, resume and replay stay the training loop's. The rules follow
+Boopathy & Fiete (2022) and their code's stop-gradient surrogates exactly (θ0 is the network at the start of
+training, e the error dL/df of the *current* network's logits):
+
+- ``backprop``: the stage's own loss, back-propagated (the loop's behaviour before rules existed).
+- ``align_zero``: ΔW = -η (∂f_θ0(x)/∂θ)ᵀ e: the initial network's Jacobian (its activations, ReLU derivatives and
+  batch statistics on this batch) driven by the current error; surrogate loss (sg(f) + f0 - sg(f0) - y)².
+- ``align_ada``: current presynaptic activity; the error goes back through the initial network (θ0's weights and
+  nonlinearity derivatives) to each block's output, then through the current block's own batch norm into W_l; the
+  readout learns locally. Surrogate: the initial network's block l+1 reads z0_l + z_l - sg(z_l), the current
+  network reads sg(z_l); the last block's output enters through the readout's input instead (a0 + a - sg(a) after
+  the current activation and pooling, as the original); loss (f + f0 - sg(f0) - y)². The RNN injects every state
+  into the linearised recurrence (its readout reads the linearised states), as the original.
+- ``align_prop``: back-propagation with every layer's weight replaced by its initial value in the backward pass
+  (feedback alignment with B = W0), current derivatives and batch norm.
+- ``fa``: the same with independent random feedback drawn like the weights (NTK-scaled).
+- ``dfa``: each block output's gradient is act'(z_l) ⊙ B_l e with B_l ~ N(0, 1/dim(z_l)) of shape dim(z_l) x K
+  (dense over positions and channels, as the original); every layer's input is stop-gradient, the readout local.
+- ``last_layer``: only the readout (``model.readout_parameters()``) learns.
+
+The initial network is copied when training starts and saved with the loop's state (a resumed run keeps its θ0);
+random feedback comes from its own seeded generators, so every rule starts from the same initial weights (the
+original drew FA/DFA feedback between the forward weights). Rules other than backprop and align_zero need a model
+that the rules can tap (``ntk_mlp``, ``ntk_cnn``, ``add_rnn``); dfa needs the blocks of ``ntk_mlp``/``ntk_cnn``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from . import dist
+from .errors import UserError
+from .models.ntk import ACTIVATIONS
+from .registry import RULES
+from .run import derive_seed
+
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StepContext:
+    """What the loop tells a rule about the step: the gradient scale, the learning rate the optimizer will use,
+    and the forward-pass context (bf16 autocast on CUDA)."""
+
+    scale: float = 1.0
+    lr: float = 0.0
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext
+
+
+@dataclass
+class RuleContext:
+    """What a rule's builder receives: the (unwrapped) model at the start of training, the stage's objective
+    (``loss(model, batch)`` and ``criterion(logits, targets)``) and the seed of its feedback stream."""
+
+    model: nn.Module
+    loss: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+    criterion: Criterion
+    seed: int
+
+
+class GradientProvider:
+    """Computes a batch's loss and adds its rule's parameter gradients (times ``step.scale``) into ``.grad``."""
+
+    def gradients(self, model: nn.Module, batch: Any, step: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def build_rule(name: str, ctx: RuleContext) -> GradientProvider:
+    """The provider of rule ``name`` for ``ctx.model``; UserError when the model cannot take the rule."""
+    return RULES.build(name, ctx, {})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 when autocast made it half precision (losses are computed in full precision)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def output_error(logits: torch.Tensor, y: torch.Tensor, criterion: Criterion) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, e = dloss/dlogits) at the given logits."""
+    f = full(logits.detach()).requires_grad_()
+    loss = criterion(f, y)
+    (e,) = torch.autograd.grad(loss, f)
+    return loss.detach(), e
+
+
+def add_gradients(params: list[nn.Parameter], grads, scale: float) -> None:
+    """param.grad += scale * grad (averaged over ranks under torchrun, as DDP would)."""
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        g = g * scale
+        if dist.world_size() > 1:
+            torch.distributed.all_reduce(g)
+            g /= dist.world_size()
+        p.grad = g if p.grad is None else p.grad + g
+
+
+class InitialNetwork:
+    """A frozen copy θ0 of a model's parameters and buffers, evaluated with ``torch.func.functional_call``.
+
+    ``model.live_params`` (the RNN's trainable initial state) enter with their current value, as the original.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.tensors = {k: v.detach().clone() for k, v in {**dict(model.named_parameters()),
+                                                            **dict(model.named_buffers())}.items()}
+        self.live = set(getattr(model, "live_params", ()))
+
+    def forward(self, model: nn.Module, x: torch.Tensor, *, grad_of: list[str] = (), live_grad: bool = False,
+                tap=None, **options) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(θ0's output, the tensors of ``grad_of`` it was computed from, requiring grad)."""
+        current = dict(model.named_parameters())
+        values = {}
+        for name, value in self.tensors.items():
+            if name in self.live:
+                values[name] = current[name] if live_grad else current[name].detach()
+            else:
+                values[name] = value.detach().requires_grad_(name in grad_of)
+        kwargs = {**options, **({} if tap is None else {"tap": tap})}
+        return functional_call(model, values, (x,), kwargs), [values[n] for n in grad_of]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"initial": self.tensors}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "initial" in state:
+            self.tensors = state["initial"]
+
+
+def _needs(model: nn.Module, rule: str, what: str, ok: bool) -> None:
+    if not ok:
+        raise UserError(f"train.rule: {rule} needs {what}; model {type(model).__name__} has none (use ntk_mlp, "
+                        f"ntk_cnn or add_rnn, or rule backprop / align_zero)")
+
+
+def _tappable(model: nn.Module, rule: str) -> None:
+    _needs(model, rule, "a model whose block outputs the rules can tap (a forward(x, tap=...))",
+           hasattr(model, "layer_names") and hasattr(model, "readout_parameters"))
+
+
+def _trainable(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [n for n, _ in named], [p for _, p in named]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rules
+
+
+class Backprop(GradientProvider):
+    def __init__(self, loss):
+        self.loss = loss
+
+    def gradients(self, model, batch, step):
+        with step.autocast():
+            loss, logs = self.loss(model, batch)
+        (loss * step.scale).backward()
+        return loss, logs
+
+
+@RULES.register("backprop")
+def backprop(ctx: RuleContext) -> GradientProvider:
+    """Back-propagation of the stage's loss."""
+    return Backprop(ctx.loss)
+
+
+class AlignZero(GradientProvider):
+    def __init__(self, model: nn.Module, criterion: Criterion):
+        self.initial, self.criterion = InitialNetwork(model), criterion
+
+    def gradients(self, model, batch, step):
+        x, y = batch
+        with torch.no_grad(), step.autocast():
+            logits = model(x)
+        loss, e = output_error(logits, y, self.criterion)
+        names, params = _trainable(model)
+        with step.autocast():
+            f0, inputs = self.initial.forward(model, x, grad_of=names, live_grad=True)
+        # The live parameters are the model's own: their gradient lands in .grad through add_gradients only.
+        grads = torch.autograd.grad(full(f0), inputs, e, allow_unused=True)
+        add_gradients(params, grads, step.scale)
+        return loss, {}
+
+    def state_dict(self):
+        return self.initial.state_dict()
+
+    def load_state_dict(self, state):
+        self.initial.load_state_dict(state)
+
+
+@RULES.register("align_zero")
+def align_zero(ctx: RuleContext) -> GradientProvider:
+    """Align-zero: the initial network's Jacobian, transposed, times the current error."""
+    return AlignZero(ctx.model, ctx.criterion)
+
+
+class AlignAda(AlignZero):
+    def gradients(self, model, batch, step):
+        x, y = batch
+        current = {}
+        # As the original: the last block's output reaches the readout through the activation and pooling of the
+        # current network, cut (and injected) at the readout's input; the other blocks are cut at their output.
+        last = len(model.blocks) - 1 if hasattr(model, "blocks") else None
+
+        def cut(i, z):  # the current network reads its block outputs through a stop-gradient
+            current[i] = z
+            return z if i == last else z.detach()
+
+        def inject(i, z0):  # the initial network carries the current block output's gradient path
+            return z0 if i == last else z0 + (current[i] - current[i].detach())
+
+        with step.autocast():
+            logits = model(x, tap=cut)
+            f0, _ = self.initial.forward(model, x, tap=inject, **self._lin_options(model))
+            surrogate = full(logits) + full(f0) - full(f0.detach())
+        loss = self.criterion(surrogate, y)  # its value is the current network's loss
+        (loss * step.scale).backward()
+        return loss.detach(), {}
+
+    @staticmethod
+    def _lin_options(model) -> dict[str, Any]:
+        """The RNN's linearised copy reads the current states in its recurrence only, as the original."""
+        return {"tap_readout": False} if hasattr(model, "recurrent") else {}
+
+
+@RULES.register("align_ada")
+def align_ada(ctx: RuleContext) -> GradientProvider:
+    """Align-ada: current activity, the error back-propagated through the initial network."""
+    _tappable(ctx.model, "align_ada")
+    return AlignAda(ctx.model, ctx.criterion)
+
+
+def feedback_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers that can run with a feedback matrix, by name."""
+    return {name: m for name, m in model.named_modules() if hasattr(m, "feedback") and hasattr(m, "weight")}
+
+
+class Feedback(GradientProvider):
+    """Back-propagation with fixed feedback matrices in place of the weights in the backward pass."""
+
+    def __init__(self, model: nn.Module, criterion: Criterion, matrices: dict[str, torch.Tensor]):
+        self.criterion, self.matrices = criterion, matrices
+
+    def gradients(self, model, batch, step):
+        x, y = batch
+        layers = feedback_layers(model)
+        try:
+            for name, matrix in self.matrices.items():
+                layers[name].feedback = matrix.to(layers[name].weight)
+            with step.autocast():
+                loss = self.criterion(full(model(x)), y)
+            (loss * step.scale).backward()
+        finally:
+            for name in self.matrices:
+                layers[name].feedback = None
+        return loss.detach(), {}
+
+    def state_dict(self):
+        return {"feedback": self.matrices}
+
+    def load_state_dict(self, state):
+        self.matrices = state.get("feedback", self.matrices)
+
+
+@RULES.register("align_prop")
+def align_prop(ctx: RuleContext) -> GradientProvider:
+    """Align-prop: feedback alignment whose feedback matrices are the initial forward weights."""
+    layers = feedback_layers(ctx.model)
+    _needs(ctx.model, "align_prop", "layers that take a feedback matrix", bool(layers))
+    return Feedback(ctx.model, ctx.criterion, {n: m.weight.detach().clone() for n, m in layers.items()})
+
+
+@RULES.register("fa")
+def fa(ctx: RuleContext) -> GradientProvider:
+    """Feedback alignment: fixed random feedback drawn like each layer's weights (from the feedback stream)."""
+    layers = feedback_layers(ctx.model)
+    _needs(ctx.model, "fa", "layers that take a feedback matrix", bool(layers))
+    matrices = {}
+    for name, m in layers.items():
+        gen = torch.Generator().manual_seed(derive_seed(ctx.seed, "feedback", name))
+        matrices[name] = (torch.randn(m.weight.shape, generator=gen, dtype=m.weight.dtype) * m.init_std).to(m.weight)
+    return Feedback(ctx.model, ctx.criterion, matrices)
+
+
+class DirectFeedback(GradientProvider):
+    def __init__(self, model: nn.Module, criterion: Criterion, seed: int):
+        self.criterion, self.seed = criterion, seed
+        self.matrices: dict[int, torch.Tensor] = {}
+
+    def _matrix(self, i: int, dim: int, classes: int, like: torch.Tensor) -> torch.Tensor:
+        """B_l ~ N(0, 1/dim), drawn from block l's own generator the first time its shape is known."""
+        if i not in self.matrices:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, "direct_feedback", i))
+            self.matrices[i] = torch.randn(dim, classes, generator=gen, dtype=like.dtype) / dim ** 0.5
+        return self.matrices[i].to(like)
+
+    def gradients(self, model, batch, step):
+        x, y = batch
+        outputs = []
+
+        def cut(i, z):
+            if i < len(model.blocks):  # block outputs; the readout's input (index L) is already cut
+                outputs.append(z)
+            return z.detach()
+
+        with step.autocast():
+            logits = full(model(x, tap=cut))
+            proj = sum(ACTIVATIONS[model.activation](z).flatten(1).to(logits.dtype)
+                       @ self._matrix(i, z[0].numel(), logits.shape[1], logits) for i, z in enumerate(outputs))
+        loss = self.criterion(logits + proj - proj.detach(), y)
+        (loss * step.scale).backward()
+        return loss.detach(), {}
+
+    def state_dict(self):
+        return {"direct_feedback": self.matrices}
+
+    def load_state_dict(self, state):
+        self.matrices = state.get("direct_feedback", self.matrices)
+
+
+@RULES.register("dfa")
+def dfa(ctx: RuleContext) -> GradientProvider:
+    """Direct feedback alignment: a fixed random projection of the output error to every block."""
+    _needs(ctx.model, "dfa", "a registered readout fed by blocks (ntk_mlp or ntk_cnn)",
+           hasattr(ctx.model, "blocks") and hasattr(ctx.model, "readout_parameters"))
+    return DirectFeedback(ctx.model, ctx.criterion, ctx.seed)
+
+
+class LastLayer(GradientProvider):
+    def __init__(self, criterion: Criterion):
+        self.criterion = criterion
+
+    def gradients(self, model, batch, step):
+        x, y = batch
+        readout = set(model.readout_parameters())
+        frozen = [p for n, p in model.named_parameters() if n not in readout and p.requires_grad]
+        try:
+            for p in frozen:  # no graph through the frozen layers: the forward costs what inference costs
+                p.requires_grad_(False)
+            with step.autocast():
+                loss = self.criterion(full(model(x)), y)
+            (loss * step.scale).backward()
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        return loss.detach(), {}
+
+
+@RULES.register("last_layer")
+def last_layer(ctx: RuleContext) -> GradientProvider:
+    """Only the readout learns (the RNN's readout and its trainable initial state)."""
+    _needs(ctx.model, "last_layer", "a registered readout (readout_parameters)",
+           hasattr(ctx.model, "readout_parameters"))
+    return LastLayer(ctx.criterion)

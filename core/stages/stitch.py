@@ -1,0 +1,594 @@
+"""The ``stitch`` stage (Csiszarik et al. 2021, "Similarity and Matching of Neural Network Representations"):
+the front model up to a layer, a trained stitching transform, the end model from a layer on (``instill.stitching``).
+
+Both models are frozen and stay in evaluation mode throughout; only the transform trains. Every pair of
+``stitch.front_layers`` x ``stitch.end_layers`` (or ``pairs: zip``: the i-th with the i-th) is one stitch: one pair
+writes its files into the run directory, several run as sub-runs (one directory each, a resumed sweep skips the
+finished ones) and the run directory gets ``matrix.csv`` and ``matrix.png``: the relative accuracy (label-free data:
+the agreement with the end model) of every pair after training, beside the CKA of the same two layers before
+stitching and the CKA of the stitched activations with the end model's.
+
+One stitch: the least-squares map of the front activation onto the end activation is fitted on the training split
+in one streaming pass (``ps_inv``, float64 normal equations); the mask (semi-match masks from correlations on the
+training split) and the init are applied; the transform trains with the objective (``target``: hard labels, soft
+targets of model 1 / model 2 / both with a temperature, or ``match``: mean squared error to the end activation; plus
+``l1`` times mean |W| and ``cka`` times CKA(transformed, end activation), which penalises similarity when positive
+and rewards it when negative). The preset is the original's recipe: Adam 1e-3, 30 epochs, batch 128 (last partial
+batch dropped), learning rate x0.1 after 1/3 and 2/3 of the epochs. Data without augmentation (every registered
+dataset) have the front model's activations, and whatever else the objective reads from the frozen models, computed
+once and cached (``cache: auto``).
+
+Writes per stitch: ``transform_before``, ``transform_after`` and ``transform_ps_inv`` (``.safetensors`` + ``.json``),
+metrics per epoch (``curves.png``), ``results.csv`` with one row per variant (``front`` and ``end``: the two models
+alone; ``before``, ``after``: the stitched network with the transform before and after training; ``ps_inv``: with
+the least-squares map) and split: accuracy, relative accuracy (stitched / end model), agreement with the end
+model's predictions, cross-entropy and KL divergence to the end model's softmax, the right/wrong overlap with the end
+model (rr, rw, wr, ww as fractions), the similarity measures between transformed and end activations, their mean
+squared difference and R^2; and ``results.png``.
+
+Raises UserError before the run directory exists: a model source that cannot be loaded or does not fit the data, a
+layer that is not in its model (nearest names listed), two activations that no transform of this kind connects, an
+init or mask that does not fit the map (identity between different widths, a mask on a low-rank map), labels needed
+(``hard``) but the data have none, an unknown similarity measure.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, confloat, conint, conlist, field_validator, model_validator
+
+from ..config import OptimizerConfig, RunConfig, ScheduleConfig, Section, TrainConfig
+from ..data import DataBundle, Split
+from ..errors import UserError
+from ..models.vision import check_accepts
+from ..report import format_table, plot_bars, plot_heatmaps, plot_run
+from ..run import Run, atomic_write_csv, derive_seed
+from ..similarity import cka, get_similarity
+from ..sources import LoadedModel, ModelSource, load_model_source
+from ..stitching import (INITS, MASKS, TARGETS, Head, LinearStats, Side, StitchTransform, Tail, agreement_metrics,
+                         freeze, init_matrix, layout_of, make_mask, target_loss)
+from ..train import Objective, fit
+from . import Context, build_data, resolve_upstream
+
+PS_INV_MAX_INPUTS = 8192  # (d_in + 1)^2 float64 normal equations: 0.5 GB at this width
+VARIANTS = ("front", "end", "before", "after", "ps_inv")
+
+
+class StitchTrainConfig(TrainConfig):
+    """The original's recipe as the defaults: Adam 1e-3, 30 epochs, batch 128, last partial batch dropped, the
+    learning rate x0.1 after 1/3 and 2/3 of the epochs (unless a schedule is given)."""
+
+    epochs: int = Field(30, ge=0)
+    batch_size: int = Field(128, ge=1)
+    drop_last: bool = True
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(name="Adam", lr=1e-3))
+    select_metric: str = Field("val_agreement", description="kept for the log; the stitch keeps its last weights")
+
+    @model_validator(mode="after")
+    def _thirds(self):
+        if "schedule" not in self.model_fields_set:
+            self.__dict__["schedule"] = ScheduleConfig(name="step", step_epochs=max(1, math.ceil(self.epochs / 3)),
+                                                       gamma=0.1)
+        return self
+
+
+class StitchSection(Section):
+    front: ModelSource = Field(description="the front model: {run: DIR} (a base config file runs first when "
+                                           "missing) or {name: REGISTERED, weights: FILE}")
+    end: ModelSource = Field(description="the end model, in the same forms")
+    front_layers: conlist(str, min_length=1) = Field(description="front layer name(s), as in named_modules()")
+    end_layers: conlist(str, min_length=1) = Field(description="end layer name(s)")
+    pairs: Literal["all", "zip"] = Field("all", description="all: every front x end layer; zip: i-th with i-th")
+    transform: Literal["affine", "flatten"] = Field("affine", description="affine: channel map shared over positions "
+                                                    "(1x1 conv); flatten: one linear map over C x H x W")
+    rank: Optional[conint(ge=1)] = Field(None, description="low-rank W = U V of this rank")
+    bias: bool = True
+    resize: Literal["bilinear", "nearest", "area"] = "bilinear"
+    front_layout: Literal["auto", "map", "tokens", "vector"] = "auto"
+    end_layout: Literal["auto", "map", "tokens", "vector"] = "auto"
+    init: Literal[INITS] = "random"
+    mask: Literal[MASKS] = "identity"
+    target: Literal[TARGETS] = "hard"
+    temperature: confloat(gt=0) = 1.0
+    l1: confloat(ge=0) = Field(0.0, description="weight of mean |W|")
+    cka: float = Field(0.0, description="weight of CKA(transformed, end activation): > 0 penalises, < 0 rewards")
+    measures: list[str] = Field(default_factory=lambda: ["cka", "cka_unbiased", "procrustes", "svcca"],
+                                description="similarity measures between transformed and end activations")
+    similarity_samples: conint(ge=4) = Field(2000, description="evaluation samples the measures use (at most)")
+    data_seed: Union[Literal["run", "end"], conint(ge=0)] = Field(
+        "end", description="seed of the data splits: end (the end model's run seed, so the stitch is evaluated on "
+                           "the end model's own held-out split; the run seed when the end is no run), run, or a number")
+    cache: Literal["auto", "on", "off"] = Field("auto", description="cache what the frozen models compute (auto: "
+                                                "when the data have no augmentation)")
+
+    @field_validator("front_layers", "end_layers", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("measures")
+    @classmethod
+    def _known_measures(cls, names: list[str]) -> list[str]:
+        for name in names:
+            try:
+                get_similarity(name)
+            except UserError as err:
+                raise ValueError(str(err)) from None
+        return names
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.pairs == "zip" and len(self.front_layers) != len(self.end_layers):
+            raise ValueError(f"pairs: zip needs as many front as end layers, got {len(self.front_layers)} and "
+                             f"{len(self.end_layers)}")
+        if self.rank is not None and self.mask != "identity":
+            raise ValueError("a mask restricts single entries of W; a low-rank W = U V has none (drop rank or mask)")
+        if self.transform == "flatten" and self.mask in ("semi_match", "abs_semi_match"):
+            raise ValueError(f"mask {self.mask} matches channels; transform: flatten has none")
+        return self
+
+
+class Config(RunConfig):
+    stitch: StitchSection
+    train: StitchTrainConfig = Field(default_factory=StitchTrainConfig)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _no_model_section(cls, value):
+        if value is not None:
+            raise ValueError("the models are stitch.front and stitch.end, so this stage takes no model section")
+        return value
+
+
+# ----------------------------------------------------------------------------------------------------- inputs
+
+def resolve_runs(spec: StitchSection) -> None:
+    """A ``run:`` that names a base config becomes its run directory (run first when missing), so the snapshot
+    names what was stitched."""
+    for key, source in (("stitch.front", spec.front), ("stitch.end", spec.end)):
+        if source.run is not None and Path(source.run).suffix in (".yaml", ".yml"):
+            source.run = resolve_upstream(source.run, "base", f"{key}.run")
+
+
+def data_seed(cfg: Config, seed: int) -> int:
+    """The seed the data splits are drawn with (``stitch.data_seed``)."""
+    choice, end = cfg.stitch.data_seed, cfg.stitch.end
+    if isinstance(choice, int):
+        return choice
+    if choice == "end" and end.run is not None:
+        try:
+            return int((Path(end.run) / "seed.txt").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            raise UserError(f"stitch.data_seed: end: {end.run}/seed.txt is missing or unreadable") from None
+    return seed
+
+
+def load_source(source: ModelSource, key: str, data_info: dict) -> LoadedModel:
+    """The frozen model a source names (``instill.sources``), checked against the data."""
+    loaded = load_model_source(source, data_info, key=key)
+    check_accepts(loaded.model, {"input_shape": data_info["input_shape"]})
+    freeze(loaded.model)
+    return loaded
+
+
+def layer_pairs(spec: StitchSection) -> list[tuple[str, str]]:
+    if spec.pairs == "zip":
+        return list(zip(spec.front_layers, spec.end_layers))
+    return [(f, e) for f in spec.front_layers for e in spec.end_layers]
+
+
+def labelled(data: DataBundle) -> bool:
+    """Labels to score against: ``info`` says so (crops do not) and no sample of train or val lacks one."""
+    return bool(data.info.get("labeled", True) and data.info.get("num_classes")) and \
+        all(bool((s.y >= 0).all()) for s in (data.train, data.val))
+
+
+@dataclass
+class Stitch:
+    """One pair's frozen pieces and its transform."""
+
+    front_layer: str
+    end_layer: str
+    head: Head
+    end_head: Head
+    tail: Tail
+    transform: StitchTransform
+
+
+def build_stitch(spec: StitchSection, front: LoadedModel, end: LoadedModel, front_layer: str, end_layer: str,
+                 sample: torch.Tensor) -> Stitch:
+    """Split both models at their layers and build the transform; UserErrors for names and shapes."""
+    head, end_head = Head(front.model, front_layer), Head(end.model, end_layer)
+    tail = Tail(end.model, end_layer)
+    with torch.no_grad():
+        a, b = head(sample), end_head(sample)
+    for what, act in (("front", a), ("end", b)):
+        if act.shape[0] != len(sample):
+            raise UserError(f"stitch: {what} layer gives shape {tuple(act.shape)}, whose first axis is not the batch")
+    sides = [Side(tuple(t.shape[1:]), layout_of(tuple(t.shape[1:]), declared))
+             for t, declared in ((a, spec.front_layout), (b, spec.end_layout))]
+    try:
+        transform = StitchTransform(*sides, kind=spec.transform, rank=spec.rank, bias=spec.bias, resize=spec.resize)
+    except UserError as err:
+        raise UserError(f"stitch: {front_layer} -> {end_layer}: {err}") from None
+    if spec.init in ("identity", "perm") and transform.d_in != transform.d_out:
+        raise UserError(f"stitch.init {spec.init}: {front_layer} -> {end_layer} maps {transform.d_in} to "
+                        f"{transform.d_out} channels; it needs as many of each")
+    if spec.mask == "random_permutation" and transform.d_in != transform.d_out:
+        raise UserError(f"stitch.mask random_permutation: {front_layer} -> {end_layer} maps {transform.d_in} to "
+                        f"{transform.d_out} channels; a permutation needs as many of each")
+    if spec.init in ("ps_inv", "procrustes") or spec.mask in ("semi_match", "abs_semi_match"):
+        if transform.d_in > PS_INV_MAX_INPUTS:
+            raise UserError(f"stitch.init {spec.init}: the least-squares fit of {front_layer} -> {end_layer} has "
+                            f"{transform.d_in} inputs (at most {PS_INV_MAX_INPUTS}; use transform: affine)")
+    with torch.no_grad():
+        out = tail(transform(a), sample)
+    if out.shape[0] != len(sample):
+        raise UserError(f"stitch: the end model's tail after {end_layer} gives shape {tuple(out.shape)}")
+    return Stitch(front_layer, end_layer, head, end_head, tail, transform)
+
+
+def prepare(cfg: Config) -> None:
+    """Load both models and build every pair's stitch on a few training samples: names, shapes, init, mask."""
+    spec = cfg.stitch
+    resolve_runs(spec)
+    data = build_data(cfg, data_seed(cfg, cfg.reproducibility.random_seed))
+    if spec.target in ("hard",) and not labelled(data):
+        raise UserError(f"stitch.target hard needs labels; data {cfg.data.name} has none (use soft_2)")
+    front = load_source(spec.front, "stitch.front", data.info)
+    end = load_source(spec.end, "stitch.end", data.info)
+    for split_name, split in (("val", data.val), ("train", data.train)):
+        if len(split) < 2:
+            raise UserError(f"data: the {split_name} split has {len(split)} samples; a stitch needs at least 2")
+    evaluated = min(spec.similarity_samples, len(data.val))
+    for name in spec.measures:
+        if evaluated < get_similarity(name).min_samples:
+            raise UserError(f"stitch.measures: {name} needs at least {get_similarity(name).min_samples} samples, "
+                            f"the validation split gives {evaluated}")
+    if spec.cka and cfg.train.batch_size < 2:
+        raise UserError(f"stitch.cka: the CKA term needs batches of at least 2 samples, train.batch_size is "
+                        f"{cfg.train.batch_size}")
+    sample = data.train.x[:4]
+    for front_layer, end_layer in layer_pairs(spec):
+        build_stitch(spec, front, end, front_layer, end_layer, sample)
+
+
+# ----------------------------------------------------------------------------------------------------- views
+
+class Views:
+    """What the frozen models give for samples of a split, computed once (``cached``) or per batch.
+
+    Keys: ``a`` (front activation), ``b`` (end activation), ``front_logits``, ``end_logits``, ``x`` (the input,
+    for a hook-fallback tail).
+    """
+
+    def __init__(self, stitch: Stitch, front: LoadedModel, end: LoadedModel, split: Split, needs: set[str],
+                 cached: bool, batch_size: int, device: torch.device):
+        self.stitch, self.front, self.end, self.split = stitch, front, end, split
+        self.needs, self.batch_size, self.device = needs, batch_size, device
+        self.cache: Optional[dict[str, torch.Tensor]] = None
+        if cached:
+            chunks = [self._compute(split.x[i:i + batch_size]) for i in range(0, len(split), batch_size)]
+            self.cache = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+
+    @torch.no_grad()
+    def _compute(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = x.to(self.device)
+        out = {"a": self.stitch.head(x)}
+        if "b" in self.needs:
+            out["b"] = self.stitch.end_head(x)
+        if "front_logits" in self.needs:
+            out["front_logits"] = self.front.model(x)
+        if "end_logits" in self.needs:
+            out["end_logits"] = self.end.model(x)
+        if "x" in self.needs:
+            out["x"] = x
+        return out
+
+    def get(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.cache is None:
+            return self._compute(self.split.x[index])
+        return {k: v[index.to(v.device)] for k, v in self.cache.items()}
+
+    def batches(self, limit: Optional[int] = None):
+        n = len(self.split) if limit is None else min(limit, len(self.split))
+        for i in range(0, n, self.batch_size):
+            index = torch.arange(i, min(i + self.batch_size, n))
+            yield index, self.get(index)
+
+
+# ----------------------------------------------------------------------------------------------------- one stitch
+
+def main(ctx: Context) -> dict[str, Any]:
+    cfg, spec = ctx.cfg, ctx.cfg.stitch
+    data = build_data(cfg, data_seed(cfg, ctx.seed))
+    front = load_source(spec.front, "stitch.front", data.info)
+    end = load_source(spec.end, "stitch.end", data.info)
+    for source in (front, end):
+        source.model.to(ctx.device)
+    pairs = layer_pairs(spec)
+    if len(pairs) == 1:
+        row = run_pair(ctx, ctx.run, data, front, end, *pairs[0])
+        return {"results": [row]}
+    rows = ctx.run.sweep([(pair_name(f, e), lambda sub, f=f, e=e: run_pair(ctx, sub, data, front, end, f, e))
+                          for f, e in pairs])
+    for i, row in enumerate(rows):
+        ctx.run.log_metrics({"step": i + 1, **{k: v for k, v in row.items() if isinstance(v, (int, float, str))}})
+    if ctx.run.writes:
+        write_matrix(ctx.run.path, spec, rows)
+    return {"results": rows}
+
+
+def pair_name(front_layer: str, end_layer: str) -> str:
+    return f"{front_layer}--{end_layer}"
+
+
+def run_pair(ctx: Context, run: Run, data: DataBundle, front: LoadedModel, end: LoadedModel, front_layer: str,
+             end_layer: str) -> dict[str, Any]:
+    """Fit, train and evaluate one stitch; write its files into ``run``; its summary row."""
+    cfg, spec, device = ctx.cfg, ctx.cfg.stitch, ctx.device
+    stitch = build_stitch(spec, front, end, front_layer, end_layer, data.train.x[:4].to(device))
+    transform = stitch.transform.to(device)
+    has_labels = labelled(data)
+    cached = spec.cache == "on" or (spec.cache == "auto" and not data.info.get("augmentation"))
+    train_needs = {"b"} | _target_needs(spec.target)
+    if spec.target != "match" and not stitch.tail.traced:
+        train_needs.add("x")
+    eval_needs = {"b", "front_logits", "end_logits"} | ({"x"} if not stitch.tail.traced else set())
+    batch = cfg.train.eval_batch_size
+    train_views = Views(stitch, front, end, data.train, train_needs, cached, batch, device)
+    eval_splits = {k: v for k, v in data.eval_sets().items() if len(v)}
+    eval_views = {name: Views(stitch, front, end, split, eval_needs, cached, batch, device)
+                  for name, split in eval_splits.items()}
+
+    stats = fit_statistics(transform, train_views)
+    generator = torch.Generator().manual_seed(derive_seed(ctx.seed, "init", front_layer, end_layer) % 2**63)
+    mask = make_mask(spec.mask, transform.d_out, transform.d_in, generator, stats)
+    ps_w, ps_b = stats.solve(mask) if stats else (None, None)
+    if spec.init == "ps_inv" and spec.rank is not None:
+        u, v, b = stats.reduced_rank(spec.rank)
+        transform.set_factors(u, v, b)
+    else:
+        w, b = (ps_w, ps_b) if spec.init == "ps_inv" else init_matrix(spec.init, transform.d_out, transform.d_in,
+                                                                      generator, stats, mask)
+        transform.set_matrix(w, b)
+    if mask is not None:
+        transform.set_mask(mask)
+    variants = {"before": copy.deepcopy(transform)}
+    _save_transform(run, "transform_before", transform, spec, front_layer, end_layer)
+    if ps_w is not None:
+        ps_inv = _copy_with(transform, ps_w, ps_b)
+        variants["ps_inv"] = ps_inv
+        _save_transform(run, "transform_ps_inv", ps_inv, spec, front_layer, end_layer)
+
+    def evaluate(t):
+        return {f"val_{k}": v for k, v in evaluate_stitch(stitch, t, eval_views["val"], has_labels,
+                                                          ["cka"], spec.similarity_samples).items()}
+
+    objective = Objective(_loss(spec, stitch, train_views, has_labels), evaluate)
+    train_split = Split(torch.arange(len(data.train)), data.train.y)  # batches of indices into the views
+    fit(transform, objective, train_split, cfg.train, run, seed=derive_seed(ctx.seed, "batches"), device=device,
+        restore_best=False)
+    variants["after"] = transform
+    _save_transform(run, "transform_after", transform, spec, front_layer, end_layer)
+
+    table = evaluate_variants(stitch, variants, eval_views, has_labels, spec)
+    summary = {"front_layer": front_layer, "end_layer": end_layer, "front_traced": stitch.head.traced,
+               "end_traced": stitch.tail.traced, "front_shape": list(transform.front.shape),
+               "end_shape": list(transform.end.shape)}
+    if stats is not None:
+        summary.update(ps_inv_train_r2=stats.r2(ps_w, ps_b),
+                       before_train_r2=stats.r2(variants["before"].matrix(), variants["before"].bias),
+                       after_train_r2=stats.r2(transform.matrix(), transform.bias))
+    summary["raw_cka"] = raw_cka(stitch, eval_views["val"], spec.similarity_samples)
+    for row in table:
+        summary.update({f"{row['split']}_{row['variant']}_{k}": v for k, v in row.items()
+                            if isinstance(v, float)})
+    if run.writes:
+        _write_table(run.path, table)
+        plot_run(run.path)
+    return summary
+
+
+def _target_needs(target: str) -> set[str]:
+    return {"soft_1": {"front_logits"}, "soft_2": {"end_logits"}, "soft_12": {"front_logits", "end_logits"},
+            "soft_1_plus_2": {"front_logits", "end_logits"}}.get(target, set())
+
+
+def fit_statistics(transform: StitchTransform, views: Views) -> Optional[LinearStats]:
+    """The least-squares statistics of the front rows against the end rows over the training split (one pass);
+    None when the map is too wide for them (a wide ``flatten``)."""
+    if transform.d_in > PS_INV_MAX_INPUTS:
+        return None
+    stats = LinearStats(transform.d_in, transform.d_out)
+    with torch.no_grad():
+        for _, v in views.batches():
+            stats.update(*transform.fit_rows(v["a"], v["b"]))
+    return stats
+
+
+def _loss(spec: StitchSection, stitch: Stitch, views: Views, has_labels: bool) -> Callable:
+    def loss(transform, batch):
+        index, y = batch
+        v = views.get(index.cpu())
+        t = transform(v["a"])
+        logs: dict[str, float] = {}
+        if spec.target == "match":
+            value = F.mse_loss(t, v["b"])
+        else:
+            logits = stitch.tail(t, v.get("x"))
+            value = target_loss(spec.target, logits, y if has_labels else None, v.get("front_logits"),
+                                v.get("end_logits"), spec.temperature)
+        logs["task_loss"] = value.item()
+        if spec.l1:
+            penalty = transform.l1()
+            value = value + spec.l1 * penalty
+            logs["l1"] = penalty.item()
+        if spec.cka:
+            similarity = cka(t, v["b"])
+            value = value + spec.cka * similarity
+            logs["train_cka"] = similarity.item()
+        return value, logs
+
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate_stitch(stitch: Stitch, transform: Optional[StitchTransform], views: Views, has_labels: bool,
+                    measures: list[str], max_samples: int) -> dict[str, float]:
+    """The functional and representational figures of the stitched network (or, with ``transform`` None, the end
+    model itself) on one split."""
+    sums: dict[str, float] = {}
+    kept_t, kept_b, n = [], [], 0
+    sq_err = sq_tot = 0.0
+    b_sum = b_sq = None
+    for index, v in views.batches():
+        t = v["b"] if transform is None else transform(v["a"])
+        logits = v["end_logits"] if transform is None else stitch.tail(t, v.get("x"))
+        y = views.split.y[index].to(logits.device) if has_labels else None
+        for k, value in agreement_metrics(logits, v["end_logits"], y).items():
+            sums[k] = sums.get(k, 0.0) + float(value)
+        diff = (t - v["b"]).double()
+        sq_err += float((diff ** 2).sum())
+        flat_b = v["b"].double().flatten(1)
+        b_sum = flat_b.sum(0) if b_sum is None else b_sum + flat_b.sum(0)
+        b_sq = float((flat_b ** 2).sum()) + (b_sq or 0.0)
+        n += len(index)
+        if sum(len(k) for k in kept_t) < max_samples:
+            kept_t.append(t.cpu())
+            kept_b.append(v["b"].cpu())
+    sq_tot = b_sq - float((b_sum ** 2).sum()) / n
+    out = {"agreement": sums["agreement"] / n, "ce_to_end": sums["ce_to_end"] / n, "kl_to_end": sums["kl_to_end"] / n,
+           "l2": sq_err / (n * math.prod(views.stitch.transform.end.shape)),
+           "r2": 1 - sq_err / sq_tot if sq_tot > 0 else float("nan")}
+    if has_labels:
+        out.update(acc=sums["acc"] / n, end_acc=sums["end_acc"] / n,
+                   rel_acc=sums["acc"] / sums["end_acc"] if sums["end_acc"] else float("nan"),
+                   **{k: sums[k] / n for k in ("rr", "rw", "wr", "ww")})
+    t_all, b_all = torch.cat(kept_t)[:max_samples], torch.cat(kept_b)[:max_samples]
+    for name in measures:
+        out[name] = _measure(name, t_all, b_all)
+    return out
+
+
+def _measure(name: str, x: torch.Tensor, y: torch.Tensor) -> float:
+    measure = get_similarity(name)
+    if len(x) < measure.min_samples:
+        raise UserError(f"stitch.measures: {name} needs at least {measure.min_samples} evaluation samples, got "
+                        f"{len(x)}")
+    return float(measure(x, y))
+
+
+@torch.no_grad()
+def raw_cka(stitch: Stitch, views: Views, max_samples: int) -> float:
+    """CKA of the two layers' own activations (front against end), before any stitching."""
+    a, b = [], []
+    for _, v in views.batches(limit=max_samples):
+        a.append(v["a"].cpu())
+        b.append(v["b"].cpu())
+    return float(cka(torch.cat(a), torch.cat(b)))
+
+
+@torch.no_grad()
+def front_accuracy(views: Views) -> dict[str, float]:
+    correct = agree = n = 0
+    for index, v in views.batches():
+        pred = v["front_logits"].argmax(-1)
+        correct += int((pred == views.split.y[index].to(pred.device)).sum())
+        agree += int((pred == v["end_logits"].argmax(-1)).sum())
+        n += len(index)
+    return {"acc": correct / n, "agreement": agree / n}
+
+
+def evaluate_variants(stitch: Stitch, variants: dict[str, StitchTransform], views: dict[str, Views],
+                      has_labels: bool, spec: StitchSection) -> list[dict[str, Any]]:
+    """One row per (split, variant): the two models alone, and the stitched network with each transform."""
+    rows = []
+    for split, split_views in views.items():
+        front = front_accuracy(split_views)
+        end = evaluate_stitch(stitch, None, split_views, has_labels, [], 4)
+        rows.append({"split": split, "variant": "front", "agreement": front["agreement"],
+                     **({"acc": front["acc"], "rel_acc": front["acc"] / end["acc"] if end["acc"] else float("nan")}
+                        if has_labels else {})})
+        rows.append({"split": split, "variant": "end", **{k: end[k] for k in ("agreement", "acc", "rel_acc")
+                                                           if k in end}})
+        for name in ("before", "after", "ps_inv"):
+            if name in variants:
+                rows.append({"split": split, "variant": name,
+                             **evaluate_stitch(stitch, variants[name], split_views, has_labels, spec.measures,
+                                               spec.similarity_samples)})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------- files
+
+def _copy_with(transform: StitchTransform, w: torch.Tensor, b: torch.Tensor) -> StitchTransform:
+    """A full-rank copy of ``transform`` holding (w, b)."""
+    copy = StitchTransform(transform.front, transform.end, kind=transform.kind, rank=None,
+                           bias=transform.bias is not None, resize=transform.resize)
+    copy.mask.copy_(transform.mask)
+    copy.set_matrix(w, b)
+    return copy.to(transform.mask.device)
+
+
+def _save_transform(run: Run, name: str, transform: StitchTransform, spec: StitchSection, front_layer: str,
+                    end_layer: str) -> None:
+    meta = {"front_layer": front_layer, "end_layer": end_layer, "kind": transform.kind,
+            "rank": str(transform.rank), "front_shape": str(list(transform.front.shape)),
+            "end_shape": str(list(transform.end.shape))}
+    run.save_weights(name, transform, metadata=meta)
+    run.write_json(f"{name}.json", meta)
+
+
+RESULT_COLUMNS = ["split", "variant", "acc", "rel_acc", "agreement", "ce_to_end", "kl_to_end", "rr", "rw", "wr", "ww",
+                  "l2", "r2"]
+
+
+def _write_table(path: Path, table: list[dict[str, Any]]) -> None:
+    columns = [c for c in RESULT_COLUMNS if any(c in r for r in table)]
+    columns += [k for r in table for k in r if k not in columns and k not in ("end_acc",)]
+    columns = list(dict.fromkeys(columns))
+    atomic_write_csv(path / "results.csv", table, columns)
+    headline = "rel_acc" if any("rel_acc" in r for r in table) else "agreement"
+    splits = dict.fromkeys(r["split"] for r in table)
+    bars = {split: {r["variant"]: r.get(headline, float("nan")) for r in table if r["split"] == split}
+            for split in splits}
+    plot_bars(path / "results.png", bars, title=f"{headline} per variant", ylabel=headline)
+    print(f"\nresults.csv ({path.name}):\n" + format_table([{c: _short(r.get(c, "")) for c in columns[:13]}
+                                                           for r in table]))
+
+
+def _short(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else value
+
+
+def write_matrix(path: Path, spec: StitchSection, rows: list[dict[str, Any]]) -> None:
+    """matrix.csv and matrix.png: per (front, end) layer pair, the stitched function after training beside the CKA
+    of the two layers and of the stitched activations."""
+    headline = "val_after_rel_acc" if "val_after_rel_acc" in rows[0] else "val_after_agreement"
+    columns = ["front_layer", "end_layer", headline, "val_ps_inv_rel_acc" if "val_ps_inv_rel_acc" in rows[0] else
+               "val_ps_inv_agreement", "raw_cka", "val_after_cka"]
+    columns = [c for c in columns if c in rows[0]]
+    atomic_write_csv(path / "matrix.csv", rows, columns)
+    fronts = list(dict.fromkeys(r["front_layer"] for r in rows))
+    ends = list(dict.fromkeys(r["end_layer"] for r in rows))
+
+    def grid(key):
+        values = {(r["front_layer"], r["end_layer"]): r.get(key, float("nan")) for r in rows}
+        return [[values.get((f, e), float("nan")) for e in ends] for f in fronts]
+
+    label = headline.removeprefix("val_after_").replace("_", " ")
+    plot_heatmaps(path / "matrix.png", {f"stitched {label} (after training)": grid(headline),
+                                        "CKA(front layer, end layer)": grid("raw_cka"),
+                                        "CKA(stitched, end layer)": grid("val_after_cka")},
+                  rows=fronts, cols=ends, ylabel="front layer", xlabel="end layer")
+    print("\nmatrix.csv:\n" + format_table([{c: _short(r.get(c, "")) for c in columns} for r in rows]))
