@@ -251,7 +251,8 @@ def _save_figure(fig, path: str | Path) -> None:
 # Sweeps: one row per point (per result row of a point), and the mean, spread and count over seeds
 
 SWEEP_SEED_KEYS = ("reproducibility.random_seed", "reproducibility.reproduce")
-RESULT_ID_KEYS = ("condition", "n_disambiguation")  # what tells a stage's result rows apart
+# what tells a stage's result rows apart (transfer: condition and n; guide: condition; align: rule, width, data limit)
+RESULT_ID_KEYS = ("condition", "n_disambiguation", "rule", "width", "data_limit")
 NOT_METRICS = {"seed", "duration_s", "steps", "best_epoch", "epoch", "step", "lr", "n_disambiguation"}
 
 
