@@ -107,6 +107,11 @@ class AlignmentLoss:
         self.guide_capture = FeatureCapture(guide, sorted({module_of(k) for k in guide_keys}),
                                             batch_axes=guide_batch_axes, keys=guide_keys,
                                             transform=self._summaries).open()
+        # Each forward of the target starts afresh: a forward made outside a training step (an evaluation under
+        # no_grad, say) would otherwise leave its captures in front of the next training forward's, whose calls
+        # would then be counted as second calls and dropped, and the alignment term would carry no gradient.
+        self._fresh_forward = target.register_forward_pre_hook(lambda module, args: self._discard_stale())
+        self._target = target
 
     # --- what is compared --------------------------------------------------------------------------------------
 
@@ -151,11 +156,35 @@ class AlignmentLoss:
             self.guide(guide_input)
         return self.guide_capture.pop()
 
+    def _discard_stale(self) -> None:
+        self.target_capture.pop()  # what an earlier forward of the target left (nothing while paused or closed)
+
     def __call__(self, guide_input: torch.Tensor, real: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The alignment term for the target forward that just ran, and each pair's similarity for the log."""
+        """The alignment term for the target forward that just ran, and each pair's similarity for the log.
+
+        Args:
+            guide_input: the guide's input for this batch (the target's input, or noise of its kind).
+            real: token-wise only: a (batch, time) bool mask of the real (not padding) positions.
+
+        Returns:
+            (alpha-weighted alignment loss, {"sim/<target>~<guide>": similarity} for the log).
+
+        Raises:
+            UserError: the target ran no forward since the last call (or it was paused), or, with gradients
+                enabled, its last forward ran without them (under ``torch.no_grad``), so the loss would train nothing.
+        """
         self._set_real(real)
         targets = self.target_capture.pop()
+        missing = [pair.target for pair in self.pairs if pair.target not in targets]
+        if missing:
+            raise UserError(f"alignment loss: no capture of target layer {missing[0]!r}: run the target's forward "
+                            "on this batch right before the alignment loss (and not inside paused())")
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self._target.parameters()) and not any(
+                targets[pair.target].requires_grad for pair in self.pairs):
+            raise UserError("alignment loss: the target's last forward ran without gradients (under torch.no_grad, "
+                            "an evaluation?), so this loss would train nothing: run the training forward on this "
+                            "batch right before the alignment loss")
         guides = self.guide_summaries(guide_input)
         terms, logs = [], {}
         for pair in self.pairs:
@@ -187,5 +216,6 @@ class AlignmentLoss:
     def close(self) -> None:
         """Remove both sides' hooks for good (guidance over)."""
         self.closed = True
+        self._fresh_forward.remove()
         self.guide_capture.close()
         self.target_capture.close()
