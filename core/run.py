@@ -158,8 +158,14 @@ def has_state(path: str | Path) -> bool:
     return (path / "state.pt").is_file() or any(path.glob("*/state.pt"))
 
 
-def choose_run_dir(output_dir: str | Path, resume: bool) -> tuple[Path, Optional[Path]]:
-    """(directory to write, original run being replayed or None) for a new run or a resumed one."""
+def choose_run_dir(output_dir: str | Path, resume: bool, config_yaml: Optional[str] = None
+                   ) -> tuple[Path, Optional[Path]]:
+    """(directory to write, original run being replayed or None) for a new run or a resumed one.
+
+    Where ``output_dir`` holds a finished run, a rerun of that very run (``config_yaml``, seed included, is the
+    recorded ``config.yaml``) is a replay, written to ``<dir>-replay-<k>``; any other run is a new one, written to
+    ``<dir>-<k>`` (k = 2, 3, ...) and compared with nothing.
+    """
     out = Path(output_dir)
     if resume:
         if not has_state(out):
@@ -170,18 +176,48 @@ def choose_run_dir(output_dir: str | Path, resume: bool) -> tuple[Path, Optional
     if not out.exists() or _abandoned(out):
         return out, None
     if is_finished(out):
-        k = 1
-        while Path(f"{out}-replay-{k}").exists() and not _abandoned(Path(f"{out}-replay-{k}")):
+        replay = config_yaml is None or is_replay_of(out, config_yaml)
+        k = 1 if replay else 2
+        pattern = f"{out}-replay-{{}}" if replay else f"{out}-{{}}"
+        while Path(pattern.format(k)).exists() and not _abandoned(Path(pattern.format(k))):
             k += 1
-        return Path(f"{out}-replay-{k}"), out
+        return Path(pattern.format(k)), out if replay else None
     if has_state(out):
         raise UserError(f"{out} holds an unfinished run: continue it with --resume, or choose another --out")
     raise UserError(f"{out} exists and is not a run directory: choose another --out")
 
 
+def is_replay_of(run_dir: Path, config_yaml: str) -> bool:
+    """Whether ``config_yaml`` (a resolved snapshot, seed included) asks for the run recorded in ``run_dir``: every
+    recorded key has the same value (keys the recorded snapshot lacks, options added since, are not compared)."""
+    import yaml
+
+    try:
+        recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return _holds(yaml.safe_load(config_yaml), recorded)
+
+
+def _holds(new: Any, recorded: Any) -> bool:
+    if isinstance(recorded, dict):
+        return isinstance(new, dict) and all(k in new and _holds(new[k], v) for k, v in recorded.items())
+    return new == recorded
+
+
 def _abandoned(path: Path) -> bool:
     """A run directory that holds nothing worth keeping: created, but stopped before its first saved state."""
     return (path / "seed.txt").is_file() and not has_state(path) and not is_finished(path)
+
+
+def _with_output_dir(config_yaml: str, path: Path) -> str:
+    import yaml
+
+    snapshot = yaml.safe_load(config_yaml)
+    if not isinstance(snapshot, dict) or "output_dir" not in snapshot:
+        return config_yaml
+    snapshot["output_dir"] = str(path)
+    return yaml.safe_dump(snapshot, sort_keys=False)
 
 
 def git_commit() -> Optional[str]:
@@ -243,8 +279,10 @@ class Run:
     @classmethod
     def create(cls, output_dir: str | Path, config_yaml: str, seed: int, device: str, resume: bool) -> "Run":
         """Create (or reopen, with ``resume``) the run directory, writing config, seed and environment at once."""
-        path, replay_of = dist.broadcast(lambda: choose_run_dir(output_dir, resume))
+        path, replay_of = dist.broadcast(lambda: choose_run_dir(output_dir, resume, config_yaml))
         run = cls(path, replay_of=replay_of, resumed=resume)
+        if replay_of is None and not resume and path != Path(output_dir):  # a new run beside a finished one
+            config_yaml = _with_output_dir(config_yaml, path)  # its snapshot replays into its own directory
         if run.writes and not resume:
             run._create_files(config_yaml, seed, device)
         if resume:

@@ -30,6 +30,8 @@ def test_import_instill_is_cheap_and_exposes_the_api_lazily():
 def test_every_public_name_has_args_returns_raises_docs():
     from instill import api
 
+    assert set(api.__all__) == instill._API_NAMES  # the lazy table and the API agree
+
     for name in ("find_subnetwork", "measure_similarity", "alignment_loss"):
         doc = getattr(api, name).__doc__
         assert all(part in doc for part in ("Args:", "Returns:", "Raises:")), name
