@@ -229,9 +229,31 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
-    """Apply ``section.key=value`` strings; values are parsed as YAML, so they are typed like the file."""
+def component_paths(schema: type[BaseModel], prefix: str = "") -> set[str]:
+    """Dotted paths of the sections of ``schema`` that name a registry entry (``model``, ``data``, a guide, ...)."""
+    import typing
+
+    paths = set()
+    for name, field in schema.model_fields.items():
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        for kind in candidates:
+            if isinstance(kind, type) and issubclass(kind, Component):
+                paths.add(prefix + name)
+            elif isinstance(kind, type) and issubclass(kind, Section):
+                paths |= component_paths(kind, f"{prefix}{name}.")
+    return paths
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--set",
+                    components: set[str] = frozenset()) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings; values are parsed as YAML, so they are typed like the file.
+
+    Setting ``<component>.name`` (for the dotted paths in ``components``) to another entry drops the options the
+    file gave the previous entry (the new one would reject them) and says which on stderr; options set by earlier
+    overrides stay.
+    """
     raw = copy.deepcopy(raw)
+    overridden: set[str] = set()
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
@@ -247,7 +269,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--
             if not isinstance(child, dict):
                 raise UserError(f"{source} {item!r}: {part!r} is a value, not a section")
             node = child
+        section = ".".join(parts[:-1])
+        if parts[-1] == "name" and section in components and node.get("name", value) != value:
+            dropped = [k for k in node if k != "name" and f"{section}.{k}" not in overridden]
+            for option in dropped:
+                del node[option]
+            if dropped:
+                import sys
+
+                print(f"{source} {item}: dropped {', '.join(f'{section}.{k}' for k in dropped)} (options of "
+                      f"{node['name']})", file=sys.stderr)
         node[parts[-1]] = value
+        overridden.add(key.strip())
     return raw
 
 
@@ -263,7 +296,7 @@ def validate(raw: dict[str, Any], schema: type[RunConfig], source: str) -> RunCo
 
 def load_config(path: str | Path, schema: type[RunConfig], stage: str, overrides: list[str] = ()) -> RunConfig:
     """Read, merge, override and validate a config for ``stage``; fill ``name`` and ``output_dir``."""
-    raw = apply_overrides(read_yaml(path), list(overrides))
+    raw = apply_overrides(read_yaml(path), list(overrides), components=component_paths(schema))
     declared = raw.setdefault("stage", stage)
     if declared != stage:
         raise UserError(f"{path}: stage: this config is for stage {declared!r}, but this script runs {stage!r}")

@@ -46,6 +46,12 @@ class Registry:
 
         return wrap
 
+    def entries(self) -> list[Entry]:
+        """Every registered entry (prefixed ones as ``<prefix>:<name>``), by name."""
+        _import_builtins()
+        return [self._entries[n] for n in sorted(self._entries)] + [
+            dataclasses.replace(self._prefixes[p], name=f"{p}:<name>") for p in sorted(self._prefixes)]
+
     def names(self) -> list[str]:
         return sorted(self._entries) + sorted(f"{p}:<name>" for p in self._prefixes)
 

@@ -47,6 +47,24 @@ from .errors import UserError
 from .masks import check_masks, listing, mask_density
 
 CONDITIONS = ("subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet", "sampled_complement")
+
+
+def condition_help() -> dict[str, str]:
+    """Each condition's description, read from the table in this module's docstring (its one source)."""
+    import re
+
+    described: dict[str, str] = {}
+    current = None
+    for line in (__doc__ or "").splitlines():
+        row = re.match(r"``(\w+)``\s+(.*)", line)
+        if row and row.group(1) in CONDITIONS and row.group(1) not in described:
+            current = row.group(1)
+            described[current] = row.group(2).strip()
+        elif current and line.startswith(" " * 23) and line.strip():
+            described[current] += " " + line.strip()
+        else:
+            current = None
+    return {c: described.get(c, "") for c in CONDITIONS}
 NonMasked = Literal["inherit", "reinit"]
 BatchNorm = Literal["inherit", "reset", "freeze"]
 

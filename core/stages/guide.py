@@ -45,7 +45,12 @@ from . import (Context, build_data, check_data_fits, evaluate_task, make_loss, r
                          summary_metrics)
 from ..train import Objective, fit, resolve_device
 
-CONDITIONS = ("unguided", "guided_untrained", "guided_trained")
+CONDITION_HELP = {
+    "unguided": "the task loss alone",
+    "guided_untrained": "task loss + alignment to a randomly initialised guide built from guidance.guide",
+    "guided_trained": "task loss + alignment to the trained guide of guidance.guide_run",
+}
+CONDITIONS = tuple(CONDITION_HELP)
 DEFAULT_LAYERS = [f"type:{t.__name__}" for t in DEFAULT_TYPES]
 
 
