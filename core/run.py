@@ -249,9 +249,16 @@ def environment(device: str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "world_size": dist.world_size(),
         "command": [sys.executable] + sys.argv,
+        "outside_code": _outside_code(),
         "start_time": _now(),
         "end_time": None,
     }
+
+
+def _outside_code() -> dict[str, Any]:
+    from .registry import outside_code
+
+    return outside_code()
 
 
 def _now() -> str:
