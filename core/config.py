@@ -147,6 +147,14 @@ class TrainConfig(Section):
     progress: bool = Field(True, description="tqdm progress bars (shown on a terminal only)")
 
 
+class LoggingConfig(Section):
+    """Optional sinks fed with the rows of metrics.jsonl (``instill.loggers``); neither package is required."""
+
+    tensorboard: bool = Field(False, description="TensorBoard event files in <run>/tensorboard/")
+    wandb: bool = Field(False, description="a Weights & Biases run in offline mode in <run>/wandb/")
+    wandb_project: str = Field("instill", description="the W&B project name recorded in the offline run")
+
+
 class RunConfig(Section):
     """Sections every stage has. Stages subclass it to add their own."""
 
@@ -157,6 +165,7 @@ class RunConfig(Section):
     data: DataConfig
     model: Optional[ModelConfig] = Field(None, description="required where the stage builds a fresh model")
     train: TrainConfig = Field(default_factory=TrainConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------

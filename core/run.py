@@ -278,6 +278,8 @@ class Run:
         self.resumed = resumed
         self.writes = dist.is_main()
         self.top: Run = self  # the run directory whose env.json counts the time (itself, or a sub-run's parent)
+        self.sinks: list = []  # optional loggers fed with every metrics row (instill.loggers)
+        self._open_sinks: Optional[Callable[[Path], list]] = None
         self._started = time.perf_counter()
         self._elapsed_before = 0.0  # seconds the processes before this one spent on the run
 
@@ -315,7 +317,20 @@ class Run:
         sub.top = self.top
         if sub.writes:
             path.mkdir(parents=True, exist_ok=True)
+        if self._open_sinks is not None:
+            sub.attach_sinks(self._open_sinks)
         return sub
+
+    def attach_sinks(self, open_sinks: Optional[Callable[[Path], list]]) -> None:
+        """Feed every metrics row to the loggers ``open_sinks(path)`` opens (here and in each sub-run)."""
+        self._open_sinks = open_sinks
+        if open_sinks is not None and self.writes:
+            self.sinks = open_sinks(self.path)
+
+    def close_sinks(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
     def sweep(self, jobs: list[tuple[str, Callable[["Run"], dict[str, Any]]]]) -> list[dict[str, Any]]:
         """Run each ``(name, job)`` in its own sub-run and return their summaries, in order.
@@ -327,7 +342,10 @@ class Run:
             sub = self.child(name)
             done = read_json(sub.path / "summary.json") if is_finished(sub.path) else None
             if done is None:
-                done = {"status": "finished", **job(sub)}
+                try:
+                    done = {"status": "finished", **job(sub)}
+                finally:
+                    sub.close_sinks()
                 sub.write_json("summary.json", done)
             rows.append({k: v for k, v in done.items() if k != "status"})
         return rows
@@ -348,6 +366,8 @@ class Run:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row, default=_json_default) + "\n")
         self._write_csv(self.metrics())
+        for sink in self.sinks:
+            sink.log(row)
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop rows logged after the saved state (they will be logged again when the run resumes)."""
@@ -420,6 +440,7 @@ class Run:
             env["end_time"], env["elapsed_s"] = _now(), round(self.elapsed_s(), 3)
             atomic_write_json(self.path / "env.json", env)
         self.write_json("summary.json", {"status": "finished", **summary})
+        self.close_sinks()
 
     def discard_if_empty(self) -> None:
         """Remove a directory this process created that holds no saved state yet (a failed start)."""

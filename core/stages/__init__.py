@@ -20,6 +20,8 @@ from .. import dist
 from ..config import RunConfig, load_config, to_yaml
 from ..data import DataBundle, DataContext, Split
 from ..errors import UserError
+from ..loggers import check_available as check_loggers
+from ..loggers import sink_factory
 from ..metrics import shape_bias
 from ..models.vision import check_accepts
 from ..registry import DATASETS, MODELS
@@ -84,10 +86,12 @@ def execute(cfg: RunConfig, *, resume: bool = False) -> Path:
     seed = repro.random_seed if repro.reproduce else dist.broadcast(draw_seed)
     cfg.reproducibility = repro.model_copy(update={"reproduce": True, "random_seed": seed})  # snapshot replays
     seed_everything(seed, repro.deterministic)
+    check_loggers(cfg.logging)
     prepare = getattr(module, "prepare", None)
     if prepare is not None:  # upstream runs and input checks, before the run directory exists
         prepare(cfg)
     run = Run.create(cfg.output_dir, to_yaml(cfg), seed, str(device), resume)
+    run.attach_sinks(sink_factory(cfg.logging, cfg.name, cfg.model_dump(mode="json")))
     seed_everything(seed, repro.deterministic)  # the same RNG state whatever prepare() consumed
     verb = "resuming" if resume else ("replaying into" if run.replay_of else "writing")
     if dist.is_main():
@@ -95,6 +99,7 @@ def execute(cfg: RunConfig, *, resume: bool = False) -> Path:
     try:
         summary = module.main(Context(cfg, run, seed, device))
     except (UserError, KeyboardInterrupt) as err:
+        run.close_sinks()
         run.discard_if_empty()  # stopped before any state was saved: nothing to keep, nothing to resume
         run.record_elapsed()  # a resumed run goes on counting from here
         if isinstance(err, KeyboardInterrupt):
