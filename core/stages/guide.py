@@ -38,7 +38,7 @@ from ..features import DEFAULT_TYPES, probe
 from ..guidance import AlignmentLoss, compared_rows, resolve_pairs
 from ..models import load_model
 from ..registry import MODELS
-from ..report import format_table, plot_bars
+from ..report import describe, format_table, plot_bars, plot_runs
 from ..run import atomic_write_text, derive_seed, seed_everything
 from ..similarity import get_similarity
 from . import (Context, build_data, check_data_fits, evaluate_task, make_loss, resolve_upstream,
@@ -278,6 +278,7 @@ def _write_results(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
         atomic_write_text(ctx.run.path / "results.csv", buffer.getvalue())
         headline = "test_acc" if "test_acc" in rows[0] else metric_columns[0]
         plot_bars(ctx.run.path / "results.png", {r["condition"]: r[headline] for r in rows},
-                  title=f"{headline} per condition", ylabel=headline)
+                  title=f"{describe(headline)} per condition", ylabel=describe(headline))
+        plot_runs(ctx.run.path)  # curves.png of each condition's training
         print("\nresults.csv:\n" + format_table(table))
     return {"results": rows}
