@@ -18,7 +18,7 @@ from pydantic import field_validator
 
 from .. import dist
 from ..config import RunConfig, load_config, to_yaml
-from ..data import DataBundle, DataContext, Split
+from ..data import DataBundle, DataContext, Split, batches
 from ..errors import UserError
 from ..loggers import check_available as check_loggers
 from ..loggers import sink_factory
@@ -194,7 +194,7 @@ def evaluate_task(model: torch.nn.Module, splits: dict[str, Split], info: dict, 
     for shape_set, texture_set in pairs.items():
         if shape_set not in splits or texture_set not in splits:
             continue
-        pred = predict(model, splits[shape_set].x, batch_size, device)
+        pred = torch.cat([predict(model, x, batch_size, device) for x, _ in batches(splits[shape_set], batch_size)])
         bias = shape_bias(pred, splits[shape_set].y, splits[texture_set].y, info["num_classes"])
         prefix = "" if shape_set == "cue_conflict" else f"{shape_set}_"
         metrics[f"{prefix}shape_bias"] = bias.overall

@@ -132,7 +132,7 @@ def prepare(cfg: Config) -> None:
     if spec.tokenwise and "vocab_size" not in data.info:
         raise UserError(f"guidance.tokenwise: token-wise similarity needs token sequences; data {cfg.data.name} "
                         f"has none")
-    batch = tuple(t[: cfg.train.batch_size].to(device) for t in (data.train.x, data.train.y))
+    batch = (data.train.head(cfg.train.batch_size).to(device), data.train.y[: cfg.train.batch_size].to(device))
     target = MODELS.build(cfg.model.name, data.info, cfg.model.params).to(device)  # each check closes its hooks
     for condition in guided:
         guide = build_guide(cfg, seed, condition, data.info).to(device)
@@ -169,7 +169,7 @@ def build_guide(cfg: Config, seed: int, condition: str, info: dict) -> torch.nn.
 
 
 def _sample(data, device: torch.device) -> torch.Tensor:
-    return data.train.x[: min(8, len(data.train))].to(device)
+    return data.train.head(8).to(device)
 
 
 def _alignment_inputs(spec: GuidanceSection, batch, info: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
