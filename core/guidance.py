@@ -27,6 +27,8 @@ from .errors import UserError
 
 @dataclass(frozen=True)
 class LayerPair:
+    """One aligned pair: a target layer, a guide layer (capture keys) and the weight of its term."""
+
     target: str
     guide: str
     weight: float = 1.0
@@ -86,6 +88,22 @@ class AlignmentLoss:
     ``real`` (a (batch, time) bool mask, ``instill.data.sequences.real_positions``) marks the real positions; without
     it every position is real. ``steps``: guidance only for the first N optimizer steps (``active``); then the
     hooks are removed, so the target's forwards copy nothing and the guide no longer runs.
+
+    Each forward of the target starts a fresh capture, and a loss whose last target forward ran without gradients
+    raises (see ``__call__``): an evaluation forward in a user's loop can neither leave a stale capture nor make the
+    loss silently train nothing. ``instill.alignment_loss`` builds one from layer names.
+
+    Args:
+        target: the network being trained.
+        guide: the guide network (put in eval mode and frozen).
+        pairs: the aligned layer pairs (capture keys of each side).
+        similarity: a measure name (``instill.measures()``).
+        alpha: the loss weight; reduce: ``sum`` or ``mean`` over pairs; tokenwise: see above.
+        target_batch_axes / guide_batch_axes: ``{layer: batch axis}`` for layers that are not batch first.
+        steps: guide only the first N optimizer steps.
+
+    Raises:
+        UserError: a layer name that is not in its model, an unknown measure.
     """
 
     def __init__(self, target: nn.Module, guide: nn.Module, pairs: list[LayerPair], *, similarity: str = "cka",

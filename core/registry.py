@@ -99,7 +99,8 @@ class Registry:
         return sorted(self._entries) + sorted(f"{p}:<name>" for p in self._prefixes)
 
     def get(self, name: str) -> Entry:
-        _import_builtins()
+        if name not in self._entries:
+            _import_builtin(self.kind, name)
         if name in self._entries:
             return self._entries[name]
         head = name.split(":", 1)[0]
@@ -287,6 +288,32 @@ def _origin_record(target: Any, origin: str) -> dict[str, Any]:
     except Exception:  # metadata of an odd installation: the file path still says where the code was
         pass
     return record
+
+
+# The module that registers each shipped entry: a config imports only the modules it names, so --validate and the
+# start of a run stay cheap (tests/test_registry.py keeps this table equal to what the modules register).
+BUILTIN_MODULES = {
+    "dataset": {"digits": "data.images", "mnist5k": "data.images", "image_folder": "data.folders",
+                "shapes": "data.shapes", "arithmetic": "data.arithmetic", "copy_paste": "data.sequences",
+                "parity": "data.sequences", "grammar": "data.sequences", "text": "data.sequences"},
+    "model": {"fcn": "models.vision", "convnet": "models.vision", "timm": "models.vision",
+              "torchvision": "models.vision", "gpt2": "models.gpt2", "deep_fcn": "models.deep",
+              "wide_fcn": "models.deep", "noresnet": "models.deep", "rnn": "models.sequence",
+              "lstm": "models.sequence", "gru": "models.sequence", "transformer": "models.sequence",
+              "rnn_classifier": "models.sequence", "transformer_classifier": "models.sequence"},
+}
+
+
+def _import_builtin(kind: str, name: str) -> None:
+    """Import the module that registers ``name`` (``timm:x``: the ``timm`` prefix's), or every shipped module
+    when the name is not a shipped one (for the error message's list of known names)."""
+    import importlib
+
+    module = BUILTIN_MODULES[kind].get(name) or BUILTIN_MODULES[kind].get(name.split(":", 1)[0])
+    if module is None:
+        _import_builtins()
+    else:
+        importlib.import_module(f".{module}", __package__)
 
 
 _BUILTINS_IMPORTED = False
