@@ -1,7 +1,7 @@
 """instill's Python API: its systems on your own ``nn.Module`` and ``DataLoader``, without a config or a run directory.
 
-Everything here is also importable from the top level (``import instill; instill.measure_similarity(x, y)``); the package
-imports it lazily, so ``import instill`` costs nothing until a name is used. These names are the stable surface;
+Everything here is also importable from the top level (``import instill; instill.measure_similarity(x, y)``); the
+package imports it lazily, so ``import instill`` costs nothing until a name is used. These names are the stable surface;
 the modules behind them (``instill.masks``, ``instill.guidance``, ...) hold the details and may change.
 
 Masks (subnetwork discovery and transfer, ``instill.masks`` and ``instill.transfer``)::

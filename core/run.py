@@ -1,10 +1,11 @@
 """Run directories: seed, config snapshot, environment, metrics log, weights, resume state, replay check.
 
-The contract (docs/design.md): ``config.yaml`` (resolved, with ``reproduce: true`` and the seed filled in, so rerunning it
-replays the run), ``seed.txt``, ``env.json``, ``metrics.jsonl`` + ``metrics.csv``, ``summary.json``, weights as
-safetensors, ``state.pt``, plots. A run is finished once ``summary.json`` says so; a finished run is never
-overwritten: running its config again writes ``<dir>-replay-<k>`` and compares the metrics. Every file is written
-atomically (temporary file, then rename), so an interrupted run leaves either the old file or the new one.
+The contract (docs/design.md): ``config.yaml`` (resolved, with ``reproduce: true`` and the seed filled in, so
+rerunning it replays the run), ``seed.txt``, ``env.json``, ``metrics.jsonl`` + ``metrics.csv``, ``summary.json``,
+weights as safetensors, ``state.pt``, plots. A run is finished once ``summary.json`` says so; a finished run is never
+overwritten: running its very config again writes ``<dir>-replay-<k>`` and compares the metrics, and any other run
+aimed at it writes ``<dir>-<k>``. Every file is written atomically (temporary file, then rename), so an interrupted
+run leaves either the old file or the new one.
 """
 
 from __future__ import annotations

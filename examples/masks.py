@@ -1,6 +1,6 @@
 """Find a subnetwork in your own trained model, save it, load it back and transplant it into a fresh model.
 
-    python examples/masks.py [OUT_DIR]        # writes OUT_DIR/mask.safetensors + mask.json (default checkpoints/example_mask)
+    python examples/masks.py [OUT_DIR]   # writes OUT_DIR/mask.safetensors + mask.json (default: checkpoints/example_mask)
 """
 
 import sys
