@@ -38,7 +38,6 @@ class Split:
     def subset(self, index: torch.Tensor) -> "Split":
         return Split(self.x[index], self.y[index])
 
-
     def head(self, n: int) -> torch.Tensor:
         """The first ``n`` inputs (a probe batch)."""
         return self.x[:n]
@@ -50,6 +49,10 @@ class StreamSplit:
 
     ``y`` holds every target up front (labels are cheap; evaluation and class counts read them); ``workers`` is the
     DataLoader's ``num_workers``. ``x`` decodes every item: for small sets and tests only.
+
+    Random transforms inside a dataset draw from each worker's generators, seeded from the run: a run replays
+    exactly, but an epoch resumed in the middle hands its batches to the workers in another order, so with
+    ``workers > 0`` only deterministic items resume bit for bit (image folders' are).
     """
 
     dataset: Any
