@@ -238,29 +238,39 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def component_paths(schema: type[BaseModel], prefix: str = "") -> set[str]:
-    """Dotted paths of the sections of ``schema`` that name a registry entry (``model``, ``data``, a guide, ...)."""
+def component_paths(schema: type[BaseModel], prefix: str = "") -> dict[str, Registry]:
+    """Dotted paths of the sections of ``schema`` that name a registry entry (``model``, ``data``, a guide, ...),
+    with that registry."""
     import typing
 
-    paths = set()
+    paths: dict[str, Registry] = {}
     for name, field in schema.model_fields.items():
         candidates = [field.annotation, *typing.get_args(field.annotation)]
         for kind in candidates:
             if isinstance(kind, type) and issubclass(kind, Component):
-                paths.add(prefix + name)
+                paths[prefix + name] = kind.registry
             elif isinstance(kind, type) and issubclass(kind, Section):
-                paths |= component_paths(kind, f"{prefix}{name}.")
+                paths.update(component_paths(kind, f"{prefix}{name}."))
     return paths
 
 
+def _options_of(registry: Registry, name: Any) -> set[str] | None:
+    """The option names of entry ``name``, or None when it is no known entry (validation will say so)."""
+    try:
+        return set(registry.get(str(name)).params.model_fields)
+    except UserError:
+        return None
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--set",
-                    components: set[str] = frozenset()) -> dict[str, Any]:
+                    components: dict[str, Registry] | None = None) -> dict[str, Any]:
     """Apply ``section.key=value`` strings; values are parsed as YAML, so they are typed like the file.
 
     Setting ``<component>.name`` (for the dotted paths in ``components``) to another entry drops the options the
-    file gave the previous entry (the new one would reject them) and says which on stderr; options set by earlier
+    file gave the previous entry that the new one does not take, and says which on stderr; options set by earlier
     overrides stay.
     """
+    components = components or {}
     raw = copy.deepcopy(raw)
     overridden: set[str] = set()
     for item in overrides:
@@ -280,7 +290,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--
             node = child
         section = ".".join(parts[:-1])
         if parts[-1] == "name" and section in components and node.get("name", value) != value:
-            dropped = [k for k in node if k != "name" and f"{section}.{k}" not in overridden]
+            takes = _options_of(components[section], value)
+            dropped = [k for k in node if k != "name" and f"{section}.{k}" not in overridden
+                       and takes is not None and k not in takes]
             for option in dropped:
                 del node[option]
             if dropped:
