@@ -111,10 +111,13 @@ def _conditions_listing(kind: str) -> list[str]:
 
 def main(stage: str, argv: Optional[list[str]] = None) -> int:
     args = parse_args(stage, argv)
-    from . import dist
-    from .config import to_yaml
-    from .stages import Interrupted, execute, load_stage_config
-
+    try:
+        from . import dist  # torch: seconds of importing, during which Ctrl-C must not print a traceback
+        from .config import to_yaml
+        from .stages import Interrupted, execute, load_stage_config
+    except KeyboardInterrupt:
+        print("\ninterrupted before the run started: nothing written", file=sys.stderr)
+        return 130
     try:
         cfg = load_stage_config(args.config, stage, args.overrides, args.out)
         if args.print_config:
@@ -123,7 +126,7 @@ def main(stage: str, argv: Optional[list[str]] = None) -> int:
         if args.validate:
             print(f"{args.config}: valid {stage} config")
             return 0
-        execute(cfg, resume=args.resume)
+        execute(cfg, resume=args.resume, overrides=args.overrides if args.resume else [])
         return 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -146,7 +149,16 @@ def main(stage: str, argv: Optional[list[str]] = None) -> int:
 
 
 def entry(stage: str) -> None:
-    sys.exit(main(stage))
+    sys.exit(quiet_interrupt(main, stage))
+
+
+def quiet_interrupt(function, *args) -> int:
+    """``function(*args)``'s exit code; Ctrl-C anywhere in it (an import, argument parsing) is one line, code 130."""
+    try:
+        return function(*args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 def console_main(argv: Optional[list[str]] = None) -> None:
@@ -170,4 +182,4 @@ def console_main(argv: Optional[list[str]] = None) -> None:
               "`instill STAGE --help` shows a stage's config sections; README.md and docs/design.md explain them.",
               file=sys.stdout if asked else sys.stderr)
         sys.exit(0 if asked else 2)
-    sys.exit(main(argv[0], argv[1:]))
+    sys.exit(quiet_interrupt(main, argv[0], argv[1:]))

@@ -127,7 +127,8 @@ class EarlyStopConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(10, ge=0)
     max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="a last, smaller batch is used unless drop_last; a training set "
+                                                   "with no full batch under drop_last is refused")
     eval_batch_size: int = Field(1024, ge=1)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -193,7 +194,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
-    resolved = path.resolve()
+    resolved = Path(os.path.realpath(path))  # unlike Path.resolve, never raises on a symlink loop
     if resolved in chain:
         raise UserError(f"{path}: extends: forms a cycle ({' -> '.join(str(p) for p in chain + (path,))})")
     raw = _parse_yaml_file(path)
@@ -207,12 +208,18 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
 
 
 def _parse_yaml_file(path: Path) -> dict[str, Any]:
+    from .run import NotRegularFile, read_regular_bytes
+
     try:
-        text = path.read_text()
+        text = read_regular_bytes(path).decode()  # only a regular file: reading a FIFO would wait forever
     except FileNotFoundError:
         raise UserError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: cannot read config file ({err.__class__.__name__}: {err})") from None
+    except NotRegularFile:
+        raise UserError(f"{path}: cannot read config file (not a regular file)") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read config file ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: cannot read config file (not UTF-8 text: {err.reason} at byte {err.start})") from None
     try:
         raw = parse_yaml(text)
     except yaml.YAMLError as err:

@@ -5,9 +5,10 @@
         features = capture.pop()   # {"layer1.0.conv1": (n, ...), "fc": (n, ...)}, in execution order
 
 Layers are chosen by module name (as in ``model.named_modules()``, a ``module.`` prefix of DDP/DataParallel
-wrappers may be left out), by module type (``nn.Linear``, or the string ``"type:Linear"`` from a config), or both.
-``DEFAULT_TYPES`` is the original guidance code's selection plus GRU and transformer encoder layers;
-``ORIGINAL_TYPES`` is exactly its list. A name that is not in the model raises a UserError naming the nearest names.
+wrappers may be left out), by a glob pattern of names (``bn*``, ``layer?.0.conv1``), by module type (``nn.Linear``,
+or the string ``"type:Linear"`` from a config), or any mix. A name that is not in the model, or a pattern that
+matches none, raises a UserError naming the nearest names. ``DEFAULT_TYPES`` is the original guidance code's
+selection plus GRU and transformer encoder layers; ``ORIGINAL_TYPES`` is exactly its list.
 
 What a capture is:
 
@@ -34,6 +35,7 @@ setting the first one found, in whatever order they close.
 from __future__ import annotations
 
 import difflib
+import fnmatch
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -78,6 +80,21 @@ def _resolve_name(name: str, modules: Mapping[str, nn.Module], params: set[str])
     raise UserError(f"no layer {name!r} in {type(modules['']).__name__}; {hint}")
 
 
+def is_glob(name: str) -> bool:
+    """A layer name with shell wildcards (``layer1.*.bn?``) selects every module name it matches."""
+    return any(c in name for c in "*?[")
+
+
+def _glob_names(pattern: str, modules: Mapping[str, nn.Module]) -> set[str]:
+    matched = {name for name in modules if name and fnmatch.fnmatchcase(name, pattern)}
+    if not matched:
+        near = difflib.get_close_matches(pattern.replace("*", "").replace("?", ""), [n for n in modules if n], n=5,
+                                         cutoff=0.3)
+        hint = f"nearest: {', '.join(near)}" if near else f"the model has e.g. {', '.join(list(modules)[1:6])}"
+        raise UserError(f"no layer matches {pattern!r} in {type(modules['']).__name__}; {hint}")
+    return matched
+
+
 def select_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec]) -> dict[str, nn.Module]:
     """``{name: module}`` for the given names and types, in the model's registration order, each module once."""
     specs = [layers] if isinstance(layers, (str, type)) else list(layers)
@@ -85,7 +102,9 @@ def select_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec]) -> 
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     names = [spec for spec in specs if isinstance(spec, str) and not spec.startswith("type:")]
     kinds = [spec.removeprefix("type:") if isinstance(spec, str) else spec for spec in specs if spec not in names]
-    wanted = {_resolve_name(name, modules, params) for name in names}
+    wanted = set()
+    for name in names:
+        wanted |= _glob_names(name, modules) if is_glob(name) else {_resolve_name(name, modules, params)}
     by_type = {name for name, module in model.named_modules() if name and any(_type_matches(k, module) for k in kinds)}
     if kinds and not by_type:
         labels = ", ".join(k if isinstance(k, str) else k.__name__ for k in kinds)

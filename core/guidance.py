@@ -17,12 +17,14 @@ from __future__ import annotations
 import contextlib
 import difflib
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .errors import UserError
+from .similarity import DegenerateActivations, NonFiniteActivations
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ def resolve_pairs(spec: str | Sequence[Mapping[str, Any]], target_keys: Sequence
         for pair in pairs:
             if getattr(pair, attr) not in keys:
                 near = difflib.get_close_matches(getattr(pair, attr), keys, n=3)
-                raise UserError(f"guidance.layer_map: {side} layer {getattr(pair, attr)!r} is not captured"
+                raise UserError(f"{side} layer {getattr(pair, attr)!r} is not captured"
                                 + (f"; nearest: {', '.join(near)}" if near else f"; captured: {', '.join(keys[:6])}"))
     return pairs
 
@@ -122,9 +124,9 @@ class AlignmentLoss:
         target_keys, guide_keys = [p.target for p in pairs], [p.guide for p in pairs]
         self.target_capture = FeatureCapture(target, sorted({module_of(k) for k in target_keys}),
                                              batch_axes=target_batch_axes, keys=target_keys).open()
-        self.guide_capture = FeatureCapture(guide, sorted({module_of(k) for k in guide_keys}),
-                                            batch_axes=guide_batch_axes, keys=guide_keys,
-                                            transform=self._summaries).open()
+        guide_layers = sorted({module_of(k) for k in guide_keys})
+        self.guide_capture = FeatureCapture(guide, guide_layers, batch_axes=guide_batch_axes, keys=guide_keys,
+                                            transform={m: partial(self._summaries, m) for m in guide_layers}).open()
         # Each forward of the target starts afresh: a forward made outside a training step (an evaluation under
         # no_grad, say) would otherwise leave its captures in front of the next training forward's, whose calls
         # would then be counted as second calls and dropped, and the alignment term would carry no gradient.
@@ -138,7 +140,7 @@ class AlignmentLoss:
         if self.tokenwise is None:
             return [capture]
         if capture.dim() < 3 or (self._real is not None and capture.shape[:2] != self._real.shape):
-            raise UserError(f"guidance.tokenwise: a capture of shape {tuple(capture.shape)} is not (batch, time, "
+            raise UserError(f"tokenwise={self.tokenwise}: a capture of shape {tuple(capture.shape)} is not (batch, time, "
                             f"...) like the input {tuple(self._real.shape) if self._real is not None else ''}")
         if self.tokenwise == "rows":
             rows = capture.flatten(0, 1)
@@ -147,8 +149,11 @@ class AlignmentLoss:
             return [capture[:, t] for t in range(capture.shape[1])]
         return [capture[:, t].index_select(0, samples) for t, samples in self._rows]
 
-    def _summaries(self, capture: torch.Tensor) -> list[Any]:
-        return [self.measure.summarize(view) for view in self._views(capture)]
+    def _summaries(self, layer: str, capture: torch.Tensor) -> list[Any]:
+        try:
+            return [self.measure.summarize(view) for view in self._views(capture)]
+        except DegenerateActivations as err:
+            raise DegenerateActivations(f"guide layer {layer!r}: {err}") from None
 
     def _set_real(self, real: torch.Tensor | None) -> None:
         """Index the real rows once per step (every pair and both sides use them): with padding, the flat indices
@@ -164,7 +169,7 @@ class AlignmentLoss:
         by_position = real.t().nonzero()[:, 1].split(counts)  # sample indices, grouped by position
         self._rows = [(t, samples) for t, samples in enumerate(by_position) if counts[t] >= self.measure.min_samples]
         if not self._rows:
-            raise UserError(f"guidance.tokenwise: no position has {self.measure.min_samples} real samples in a "
+            raise UserError(f"tokenwise=positions: no position has {self.measure.min_samples} real samples in a "
                             f"batch of {len(real)} (use a larger batch)")
 
     # --- the loss ----------------------------------------------------------------------------------------------
@@ -180,6 +185,10 @@ class AlignmentLoss:
     def __call__(self, guide_input: torch.Tensor, real: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, dict[str, float]]:
         """The alignment term for the target forward that just ran, and each pair's similarity for the log.
+
+        Non-finite activations give a NaN term, so that the training loop's guard stops the run with its message
+        (the step, the last saved state); a layer the measure cannot compare (constant over the batch, or too few
+        samples) raises ``DegenerateActivations`` naming the pair.
 
         Args:
             guide_input: the guide's input for this batch (the target's input, or noise of its kind).
@@ -203,15 +212,28 @@ class AlignmentLoss:
             raise UserError("alignment loss: the target's last forward ran without gradients (under torch.no_grad, "
                             "an evaluation?), so this loss would train nothing: run the training forward on this "
                             "batch right before the alignment loss")
-        guides = self.guide_summaries(guide_input)
+        try:
+            guides = self.guide_summaries(guide_input)
+        except NonFiniteActivations:
+            return self._non_finite()
         terms, logs = [], {}
         for pair in self.pairs:
-            sims = [self.measure.with_summary(view, summary)
-                    for view, summary in zip(self._views(targets[pair.target]), guides[pair.guide], strict=True)]
+            try:
+                sims = [self.measure.with_summary(view, summary)
+                        for view, summary in zip(self._views(targets[pair.target]), guides[pair.guide], strict=True)]
+            except NonFiniteActivations:
+                return self._non_finite()
+            except DegenerateActivations as err:
+                raise DegenerateActivations(f"target layer {pair.target!r} (paired with guide layer "
+                                            f"{pair.guide!r}): {err}") from None
             terms.append(pair.weight * sum(1 - sim for sim in sims))
             logs[f"sim/{pair.target}~{pair.guide}"] = torch.stack(sims).mean().item()
         total = torch.stack(terms).sum() if self.reduce == "sum" else torch.stack(terms).mean()
         return self.alpha * total, logs
+
+    def _non_finite(self) -> tuple[torch.Tensor, dict[str, float]]:
+        nan = float("nan")
+        return torch.tensor(nan), {f"sim/{p.target}~{p.guide}": nan for p in self.pairs}
 
     # --- hooks -------------------------------------------------------------------------------------------------
 

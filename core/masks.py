@@ -29,8 +29,10 @@ evaluation mode (dropout off, batch-norm statistics frozen) whatever mode the wr
 
 Artifact: ``mask.safetensors`` (one bool tensor per parameter name, in the parameter's shape) and ``mask.json``
 (method, hyperparameters with the layer selection, per-layer and global density, a hash of the base model's weights,
-the base run relative to the mask directory). ``load_mask`` checks names (against the recorded selection), shapes
-and the hash and names exactly what does not match.
+the base run relative to the mask directory, and the content hash of ``mask.safetensors``). ``load_mask`` checks
+names (against the recorded selection), shapes, that the file is the one ``mask.json`` describes (content hash,
+kept counts, the base hash stamped in the file; artifacts from before the content hash by their kept counts only)
+and the base weights' hash, and names exactly what does not match.
 
 NeuroSurgeon 0.1.0 masks convert into an artifact (``wrapped_model.*`` or the research code's ``root_model.*`` keys):
 
@@ -60,7 +62,7 @@ METHODS = ("continuous_sparsification", "hard_concrete", "magnitude")
 UNITS = ("weight", "neuron")
 MASK_FILE = "mask.safetensors"
 META_FILE = "mask.json"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: mask.json records mask_hash, the content hash of mask.safetensors
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -111,7 +113,7 @@ class MaskConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise UserError(f"mask: {message}")
+                raise UserError(message)  # the ablate config names the section
 
     def hyperparameters(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -204,7 +206,7 @@ def _match(entry: str, model: nn.Module, modules, canonical, mask_bias: bool) ->
     for name, module in named:
         kind = kind_of(module)
         if kind is None and not _is_glob(entry):
-            raise UserError(f"mask layers: {entry!r} is a {type(module).__name__}, which has no maskable weight "
+            raise UserError(f"layers entry {entry!r} is a {type(module).__name__}, which has no maskable weight "
                             f"(supported types: {', '.join(kinds)}; or name a parameter)")
         hits += _module_params(module, kind, canonical, mask_bias) if kind else []
     if hits:
@@ -230,7 +232,7 @@ def _no_match_message(entry: str, modules, canonical) -> str:
     names = list(layer_kinds()) + [name for name, _ in modules] + list(canonical.values())
     hint = difflib.get_close_matches(entry, names, n=3)
     near = f"; nearest names: {', '.join(hint)}" if hint else ""
-    return (f"mask layers: {entry!r} matches no maskable weight (use a layer type such as "
+    return (f"layers entry {entry!r} matches no maskable weight (use a layer type such as "
             f"{', '.join(layer_kinds())}, or a module or parameter name pattern){near}")
 
 
@@ -511,6 +513,8 @@ def read_neurosurgeon_state(path: str | Path) -> dict[str, torch.Tensor]:
     """A NeuroSurgeon ``CircuitModel`` state dict from a ``torch.save`` file (tensors only: no code is unpickled)."""
     import pickle
 
+    if os.path.lexists(path) and not Path(path).is_file():  # a FIFO would block the reader forever
+        raise UserError(f"{path}: cannot read a NeuroSurgeon state dict (not a regular file)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -602,14 +606,15 @@ def import_neurosurgeon(state_dict: str | Path, base: str | Path, out: str | Pat
 
     ``out`` gets ``mask.safetensors``, ``mask.json`` (with the base weights' hash and ``base_run``) and a
     ``summary.json``, so the transfer stage takes it as ``transfer.mask``. Nothing is written unless every check
-    passes; an existing mask in ``out`` is never overwritten.
+    passes; ``out`` must be new (or an empty directory): an existing run or folder is never written into.
     """
     from .models import load_model
     from .run import is_finished
 
     out = Path(out)
-    if (out / MASK_FILE).exists() or (out / META_FILE).exists():
-        raise UserError(f"{out} already holds a mask; choose another --out")
+    if os.path.lexists(out) and not (out.is_dir() and not any(out.iterdir())):  # never into a run or a user's folder
+        raise UserError(f"--out {out} already exists and is not an empty directory (a finished run is never "
+                        "rewritten): choose a new --out")
     if not is_finished(base):
         raise UserError(f"--base: {base} is not a finished run directory")
     model, _, _ = load_model(base)
@@ -647,14 +652,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 # ----------------------------------------------------------------------------------------------------- artifact
 
-def weights_hash(model: nn.Module) -> str:
-    """sha256 over the model's state dict (names, dtypes, shapes, bytes), in name order."""
+def tensors_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over named tensors (names, dtypes, shapes, bytes), in name order."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return digest.hexdigest()
+
+
+def weights_hash(model: nn.Module) -> str:
+    """sha256 over the model's state dict (names, dtypes, shapes, bytes), in name order."""
+    return tensors_hash(model.state_dict())
 
 
 def mask_density(masks: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -692,20 +702,26 @@ def save_mask(directory: str | Path, masks: Mapping[str, torch.Tensor], base_mod
     masks = {name: m.detach().cpu().contiguous() for name, m in masks.items()}
     density = mask_density(masks)
     meta = {"version": ARTIFACT_VERSION, "method": method, "hyperparameters": hyperparameters,
-            "base_hash": weights_hash(base_model), "density": density["density"], "kept": density["kept"],
+            "base_hash": weights_hash(base_model), "mask_hash": tensors_hash(masks),
+            "density": density["density"], "kept": density["kept"],
             "total": density["total"], "layers": density["layers"], **(extra or {})}
     if base_run is not None:
         meta["base_run"] = os.path.relpath(base_run, directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create {directory}: {err.strerror or err}") from None
     atomic_save(directory / MASK_FILE, lambda tmp: save_file(masks, tmp, metadata={"base_hash": meta["base_hash"]}))
     atomic_write_json(directory / META_FILE, meta)
     return meta
 
 
 def read_mask_meta(directory: str | Path) -> dict[str, Any]:
+    from .run import read_regular_bytes
+
     path = Path(directory) / META_FILE
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(read_regular_bytes(path))  # a FIFO is refused, not waited on
     except FileNotFoundError:
         raise UserError(f"{path}: mask metadata not found (is {Path(directory)} a mask directory?)") from None
     except (OSError, UnicodeDecodeError, ValueError):
@@ -761,8 +777,8 @@ def load_mask(directory: str | Path, base_model: nn.Module, expected: Optional[I
         ``{parameter name: bool tensor in the parameter's shape}`` (True: in the subnetwork).
 
     Raises:
-        UserError: a missing or unreadable file, names or shapes that do not fit ``base_model``, non-bool masks, or
-            (with ``check_hash``) other base weights.
+        UserError: a missing or unreadable file, names or shapes that do not fit, a mask file that is not the one
+            ``mask.json`` describes (changed or replaced after saving), or other base weights (``check_hash``).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -770,6 +786,8 @@ def load_mask(directory: str | Path, base_model: nn.Module, expected: Optional[I
     path = Path(directory) / MASK_FILE
     meta = read_mask_meta(directory)
     try:
+        if path.exists() and not path.is_file():  # a FIFO would block the reader forever
+            raise OSError(f"{path.name} is not a regular file")
         masks = load_file(path)
     except FileNotFoundError:
         raise UserError(f"{path}: mask file not found") from None
@@ -779,12 +797,40 @@ def load_mask(directory: str | Path, base_model: nn.Module, expected: Optional[I
         _check_known(masks, dict(base_model.named_parameters()), str(path))  # the plainest message first
         expected = recorded_selection(meta.get("hyperparameters"), base_model, str(path))
     check_masks(masks, base_model, expected, source=str(path))
+    _check_integrity(path, masks, meta)
     if check_hash:
         actual = weights_hash(base_model)
         if meta.get("base_hash") != actual:
             raise UserError(f"{path}: the mask was found on other base weights (hash {str(meta.get('base_hash'))[:12]} "
                             f"in {META_FILE}, this model hashes to {actual[:12]})")
     return masks
+
+
+def _check_integrity(path: Path, masks: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    """The mask file is the one ``mask.json`` describes: its content hash (``mask_hash``), the kept count of every
+    layer and the base hash in its own metadata all agree with the record. Artifacts written before ``mask_hash``
+    (version 1) are checked by their kept counts only, which an edit that keeps every layer's count would pass."""
+    from safetensors import safe_open
+
+    changed = f"{path} does not match {META_FILE}"
+    recorded_layers = meta.get("layers") if isinstance(meta.get("layers"), Mapping) else {}
+    density = mask_density(masks)
+    counts = [f"{name} keeps {layer['kept']} ({recorded_layers[name].get('kept')} recorded)"
+              for name, layer in density["layers"].items()
+              if isinstance(recorded_layers.get(name), Mapping) and recorded_layers[name].get("kept") != layer["kept"]]
+    if "kept" in meta and meta["kept"] != density["kept"] and not counts:
+        counts = [f"{density['kept']} kept ({meta['kept']} recorded)"]
+    if counts:
+        raise UserError(f"{changed}: {listing(counts, limit=2)}; the mask was changed or replaced after it was saved")
+    recorded = meta.get("mask_hash")
+    if recorded is not None and recorded != tensors_hash(masks):
+        raise UserError(f"{changed}: its content hash differs from mask_hash {str(recorded)[:12]} (same kept counts); "
+                        f"the mask was changed or replaced after it was saved")
+    with safe_open(path, "pt") as handle:
+        stamped = (handle.metadata() or {}).get("base_hash")
+    if stamped is not None and stamped != meta.get("base_hash"):
+        raise UserError(f"{changed}: it was saved for base weights {stamped[:12]}, {META_FILE} records "
+                        f"{str(meta.get('base_hash'))[:12]}; the mask file was replaced by another run's")
 
 
 def check_masks(masks: Mapping[str, torch.Tensor], model: nn.Module, expected: Optional[Iterable[str]] = None,

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from .run import has_state, read_json, read_metrics
+from .run import atomic_save, has_state, read_json, read_metrics
 
 KEY_METRICS = ("test_acc", "val_acc", "textured_acc", "shape_only_acc", "shape_bias")
 RUN_FILES = ("config.yaml", "seed.txt", "env.json", "metrics.jsonl", "summary.json", "state.pt")
@@ -195,8 +195,7 @@ def plot_run(path: str | Path) -> Optional[Path]:
     fig.suptitle(path.name if path.parent.name in ("", ".") else f"{path.parent.name} / {path.name}")
     fig.tight_layout()
     out = path / "curves.png"
-    fig.savefig(out, dpi=DPI)
-    plt.close(fig)
+    _save_figure(fig, out)
     return out
 
 
@@ -240,8 +239,7 @@ def plot_bars(path: str | Path, values: dict[str, Any], *, title: str, ylabel: s
     if grouped:  # beside the axes: over the bars it would hide the tallest
         ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save_figure(fig, path)
     return Path(path)
 
 
@@ -266,9 +264,49 @@ def plot_lines(path: str | Path, series: dict[str, list[tuple[float, float]]], *
     _honest_ylim(ax, [y for points in series.values() for _, y in points], fraction)
     ax.legend(fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save_figure(fig, path)
     return Path(path)
+
+
+def plot_heatmap(values, rows: list[str], cols: list[str], *, path: str | Path | None = None, title: str = "",
+                 xlabel: str = "", ylabel: str = "", annotate: Optional[bool] = None,
+                 limits: Optional[tuple[float, float]] = None):
+    """A matrix (rows x cols, NaN cells left blank) with its row and column names on the axes; written to ``path``
+    when given. ``annotate``: print each value in its cell (default: when there are at most 16 x 16 cells).
+    Returns the matplotlib figure (closed once saved to ``path``)."""
+    import numpy as np
+
+    plt = _pyplot()
+    values = np.asarray(values, dtype=float)
+    annotate = values.shape[0] <= 16 and values.shape[1] <= 16 if annotate is None else annotate
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.55 * len(cols) + 2.5), max(3.5, 0.45 * len(rows) + 2)))
+    vmin, vmax = limits if limits is not None else (None, None)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+    fig.colorbar(image, ax=ax)
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if annotate:
+        finite = values[np.isfinite(values)]
+        middle = (finite.min() + finite.max()) / 2 if finite.size else 0
+        for (i, j), value in np.ndenumerate(values):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                        color="black" if value > middle else "white")
+    fig.tight_layout()
+    if path is not None:
+        _save_figure(fig, path)
+    return fig
+
+
+def _save_figure(fig, path: str | Path) -> None:
+    """Write a PNG atomically (a kill leaves the old plot or the new one) and close the figure."""
+    try:
+        atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
+    finally:
+        _pyplot().close(fig)
 
 
 def _pyplot():

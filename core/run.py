@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -20,7 +22,9 @@ import os
 import platform
 import random
 import shutil
+import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -70,6 +74,11 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+# What state.pt holds besides tensors and plain values: NumPy's generator state (an array of its dtype).
+_STATE_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                  getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -79,21 +88,106 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Files: permissions, regular files only, write errors, the crash hook of the tests
+
+
+def user_mode(directory: bool = False) -> int:
+    """The mode the user's umask gives a new file (0666 & ~umask) or directory (0777 & ~umask).
+
+    ``tempfile`` creates 0600 files and 0700 directories; every file of a run directory gets this mode instead.
+    """
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux reports it without changing it (os.umask can only read it by setting it, which races threads)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class NotRegularFile(OSError):
+    """A path that names a FIFO, a device, a socket or a directory where a regular file was expected."""
+
+
+def read_regular_bytes(path: str | Path) -> bytes:
+    """The bytes of the regular file ``path``; NotRegularFile for anything else (reading a FIFO would block forever).
+
+    The file is opened without blocking and checked on the open descriptor, so nothing can swap it in between.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def check_regular_file(path: str | Path, what: str) -> Path:
+    """``path`` if it names a regular file (symlinks followed); a UserError saying what it is otherwise."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{path}: {what} is not a regular file")
+    return path
+
+
+def write_error(path: str | Path, err: BaseException) -> UserError:
+    """The one-line error for a file that could not be written (full disk, read-only, permissions, long name)."""
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+    return UserError(f"cannot write {path}: {reason}")
+
+
+def _disk_full(directory: Path) -> bool:
+    try:
+        return os.statvfs(directory).f_bavail == 0
+    except OSError:
+        return False
+
+
+_fault_count = 0
+
+
+def fault_point() -> None:
+    """Test hook: with ``INSTILL_KILL_AT=N`` in the environment, the N-th call in this process kills it with SIGKILL,
+    a crash at that very moment (no handler, no cleanup); ``INSTILL_KILL_SIGNAL=SIGINT`` sends Ctrl-C's signal
+    instead. Called between the steps of every file write and after every optimizer step, so a test can stop a run
+    anywhere, not only where it saves its state."""
+    global _fault_count
+    _fault_count += 1
+    at = os.environ.get("INSTILL_KILL_AT")
+    if at and _fault_count == int(at):
+        os.kill(os.getpid(), getattr(signal, os.environ.get("INSTILL_KILL_SIGNAL", "SIGKILL")))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Atomic files
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+
+    atomic_save(path, write)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -105,22 +199,42 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_save(path: str | Path, save_fn) -> None:
-    """Call ``save_fn(tmp_path)`` and move the result into place: for writers that want a file name."""
+    """Call ``save_fn(tmp_path)`` and move the result into place; the file gets the mode of the user's umask.
+
+    Raises:
+        UserError: the file could not be written (full disk, read-only file system, no permission, ...); the old
+            file, if any, stays as it was and no temporary file is left behind.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, user_mode())
+        os.close(fd)
         save_fn(tmp)
+        os.chmod(tmp, user_mode())  # some writers (safetensors) create the file anew, with their own mode
+        fault_point()
         os.replace(tmp, path)
+        fault_point()
+    except OSError as err:
+        _remove_quietly(tmp)
+        raise write_error(path, err) from None
+    except Exception as err:  # torch and safetensors report a full disk as their own errors
+        full = _disk_full(path.parent)
+        _remove_quietly(tmp)
+        if full:
+            raise write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from None
+        raise
     except BaseException:
         _remove_quietly(tmp)
         raise
 
 
-def _remove_quietly(path: str) -> None:
+def _remove_quietly(path: Optional[str]) -> None:
     try:
-        os.remove(path)
-    except FileNotFoundError:
+        if path is not None:
+            os.remove(path)
+    except OSError:
         pass
 
 
@@ -135,17 +249,19 @@ def _json_default(obj):
 
 
 def read_json(path: str | Path) -> Optional[dict]:
-    """The JSON object in ``path``, or None when the file is missing or unreadable."""
+    """The JSON object in ``path``, or None when the file is missing, unreadable or not a regular file."""
     try:
-        with open(path) as f:
-            value = json.load(f)
+        value = json.loads(read_regular_bytes(path))
         return value if isinstance(value, dict) else None
     except (OSError, ValueError):
         return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Run directory
+# Run directory: who owns it, what it holds
+
+LOCK_FILE = ".instill-run"  # in every run directory instill creates: marks it as instill's, locked by its writer
+STAGING_PREFIX = ".instill-staging-"  # a run directory being built, renamed into place once complete
 
 
 def is_finished(path: str | Path) -> bool:
@@ -159,33 +275,127 @@ def has_state(path: str | Path) -> bool:
     return (path / "state.pt").is_file() or any(path.glob("*/state.pt"))
 
 
-def choose_run_dir(output_dir: str | Path, resume: bool, config_yaml: Optional[str] = None
-                   ) -> tuple[Path, Optional[Path]]:
-    """(directory to write, original run being replayed or None) for a new run or a resumed one.
+def run_state(path: str | Path) -> str:
+    """``finished``; ``damaged`` (a summary.json that does not say finished: unreadable, cut off, not a file);
+    ``unfinished`` (saved training state to continue from); or ``empty`` (no work saved yet)."""
+    path = Path(path)
+    if os.path.lexists(path / "summary.json"):
+        return "finished" if is_finished(path) else "damaged"
+    return "unfinished" if has_state(path) else "empty"
 
-    Where ``output_dir`` holds a finished run, a rerun of that very run (``config_yaml``, seed included, is the
-    recorded ``config.yaml``) is a replay, written to ``<dir>-replay-<k>``; any other run is a new one, written to
-    ``<dir>-<k>`` (k = 2, 3, ...) and compared with nothing.
+
+class RunLock:
+    """An exclusive lock (``flock``) on a run directory's LOCK_FILE, held by the one process that writes the run.
+
+    The kernel drops the lock when its process ends, however it ends (kill -9 included): a lock that cannot be
+    taken always has a live owner, and a directory whose lock is free has none. The file names the owner (pid,
+    host, start) for the message a second process gets.
+    """
+
+    def __init__(self, fd: int, directory: Path):
+        self.fd: Optional[int] = fd
+        self.directory = directory
+
+    @classmethod
+    def try_take(cls, directory: Path, create: bool = False, record: bool = True) -> Optional["RunLock"]:
+        """The lock, or None while another process holds it; ``record``: name this process in the file (not done
+        when only looking: a finished or damaged run stays byte for byte as it was).
+
+        Raises:
+            FileNotFoundError: the directory has no lock file (and ``create`` is false).
+            OSError: the lock file cannot be opened.
+        """
+        flags = os.O_RDWR | (os.O_CREAT if create else 0) | getattr(os, "O_NOFOLLOW", 0)
+        fd = os.open(directory / LOCK_FILE, flags, user_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        lock = cls(fd, directory)
+        if record:
+            lock.record()
+        return lock
+
+    def record(self) -> None:
+        """Name this process as the owner in the lock file (what a second launch is told)."""
+        owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, owner + b"\n", 0)
+
+    @classmethod
+    def take(cls, directory: Path, create: bool = False, record: bool = True) -> "RunLock":
+        """The lock; a UserError naming the live process that holds it otherwise."""
+        lock = cls.try_take(directory, create, record)
+        if lock is None:
+            raise UserError(f"{directory} is in use by {lock_owner(directory)}: wait for it to end, or choose "
+                            "another --out")
+        return lock
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the only descriptor of the open file drops the flock
+            self.fd = None
+
+
+def lock_owner(directory: Path) -> str:
+    """Who holds the lock of ``directory``, as the lock file records it."""
+    try:
+        owner = json.loads(read_regular_bytes(directory / LOCK_FILE))
+        return f"process {owner['pid']} on {owner['host']} (since {owner['since']})"
+    except (OSError, ValueError, KeyError, TypeError):  # the owner is writing its record right now
+        return "another process"
+
+
+def claim_run_dir(output_dir: str | Path, resume: bool, populate: Callable[..., None],
+                  config_yaml: Optional[str] = None) -> tuple[Path, Optional[Path], RunLock, bool]:
+    """Take ownership of the run directory this launch writes: (directory, original run being replayed or None,
+    its lock, whether it holds state to resume from). ``populate(dir)`` writes a new run's first files.
+
+    A new directory is built under a hidden name and renamed into place, so it appears complete and already locked;
+    a finished run is replayed into ``<dir>-replay-<k>`` when this launch is that very run (``config_yaml``, seed
+    included, is its recorded ``config.yaml``; see ``is_replay_of``), and any other launch aimed at it is a new run
+    in ``<dir>-<k>`` (k = 2, 3, ...), whose snapshot names that directory (``populate(dir, final=...)``) and which is
+    compared with nothing; only a directory instill created (it has LOCK_FILE) that
+    holds no saved state and no summary is ever emptied and reused. ``--resume`` of a directory that holds no saved
+    state yet starts it again from its own config and seed.
+
+    Raises:
+        UserError: another live process owns the directory (named); it holds an unfinished run (without
+            ``resume``), a finished, damaged or foreign one (with it); it is not instill's; it cannot be created.
     """
     out = Path(output_dir)
     if resume:
-        if not has_state(out):
-            raise UserError(f"--resume: {out} holds no unfinished run to resume (no state.pt)")
-        if is_finished(out):
-            raise UserError(f"--resume: {out} already finished; rerun its config.yaml to replay it")
-        return out, None
-    if not out.exists() or _abandoned(out):
-        return out, None
-    if is_finished(out):
-        replay = config_yaml is None or is_replay_of(out, config_yaml)
-        k = 1 if replay else 2
-        pattern = f"{out}-replay-{{}}" if replay else f"{out}-{{}}"
-        while Path(pattern.format(k)).exists() and not _abandoned(Path(pattern.format(k))):
+        return _claim_for_resume(out, populate)
+    candidate, replay_of, renamed, k = out, None, False, 0
+    for _ in range(1000):  # each pass claims, moves on to the next replay name, or retries a vanished directory
+        fill = (lambda d, final=candidate: populate(d, final=final)) if renamed else populate
+        lock = _create(candidate, fill)
+        if lock is not None:
+            return candidate, replay_of, lock, False
+        status, lock = _inspect(candidate)
+        if status == "gone":
+            continue
+        if status == "empty":
+            lock.record()
+            _reset(candidate, fill)
+            return candidate, replay_of, lock, False
+        if lock is not None:
+            lock.release()
+        if status == "finished" and replay_of is None and not renamed \
+                and config_yaml is not None and not is_replay_of(candidate, config_yaml):
+            renamed, k = True, 1  # another run beside a finished one: a new name, no comparison
+        if renamed:  # an interrupted new run keeps its name too
             k += 1
-        return Path(pattern.format(k)), out if replay else None
-    if has_state(out):
+            candidate = Path(f"{out}-{k}")
+            continue
+        if status == "finished" or replay_of is not None:  # an interrupted replay keeps its name too
+            replay_of = replay_of or candidate
+            k += 1
+            candidate = Path(f"{out}-replay-{k}")
+            continue
         raise UserError(f"{out} holds an unfinished run: continue it with --resume, or choose another --out")
-    raise UserError(f"{out} exists and is not a run directory: choose another --out")
+    raise UserError(f"{out}: could not claim a run directory (it keeps changing under another process)")
 
 
 def is_replay_of(run_dir: Path, config_yaml: str) -> bool:
@@ -195,7 +405,7 @@ def is_replay_of(run_dir: Path, config_yaml: str) -> bool:
 
     try:
         recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):
         return False
     return _holds(yaml.safe_load(config_yaml), recorded)
 
@@ -206,12 +416,8 @@ def _holds(new: Any, recorded: Any) -> bool:
     return new == recorded
 
 
-def _abandoned(path: Path) -> bool:
-    """A run directory that holds nothing worth keeping: created, but stopped before its first saved state."""
-    return (path / "seed.txt").is_file() and not has_state(path) and not is_finished(path)
-
-
 def _with_output_dir(config_yaml: str, path: Path) -> str:
+    """The snapshot of a run renamed beside a finished one: its output_dir is its own directory, so it replays."""
     import yaml
 
     snapshot = yaml.safe_load(config_yaml)
@@ -219,6 +425,160 @@ def _with_output_dir(config_yaml: str, path: Path) -> str:
         return config_yaml
     snapshot["output_dir"] = str(path)
     return yaml.safe_dump(snapshot, sort_keys=False)
+
+
+def _claim_for_resume(out: Path, populate: Callable[[Path], None]) -> tuple[Path, None, RunLock, bool]:
+    if not os.path.lexists(out):
+        raise UserError(f"--resume: {out} does not exist: there is no run to resume")
+    ours = (out / LOCK_FILE).is_file()
+    if not out.is_dir() or not (ours or (out / "config.yaml").is_file()):
+        raise UserError(f"--resume: {out} is not a run directory")
+    status = run_state(out)
+    if status == "finished":
+        raise UserError(f"--resume: {out} already finished; rerun its config.yaml to replay it")
+    if status == "damaged":
+        raise UserError(_damaged(out))
+    if status == "empty" and not ours:
+        raise UserError(f"--resume: {out} holds no unfinished run to resume (no state.pt)")
+    lock = _take(out, create=True)  # a run directory of an earlier version has no lock file yet
+    if run_state(out) != status:  # its owner changed it before we held the lock: look again
+        lock.release()
+        return _claim_for_resume(out, populate)
+    if status == "unfinished":
+        _remove_temporaries(out)
+    else:
+        _reset(out, populate)  # killed before its first saved state: start it again, with its own config and seed
+    return out, None, lock, status == "unfinished"
+
+
+def _remove_temporaries(directory: Path) -> None:
+    """Remove the temporary files of atomic writes that a killed process left in a run directory we now own."""
+    for tmp in directory.rglob(".*.tmp"):
+        _remove_quietly(str(tmp))
+
+
+def _take(directory: Path, create: bool = False, record: bool = True) -> RunLock:
+    try:
+        return RunLock.take(directory, create, record)
+    except OSError as err:
+        raise UserError(f"{directory}: cannot lock {LOCK_FILE} ({err.strerror or err})") from None
+
+
+def _damaged(path: Path) -> str:
+    return (f"{path} is a damaged run: its summary.json is unreadable or does not say finished; nothing in it is "
+            "touched: repair or move it, or choose another --out")
+
+
+def _inspect(directory: Path) -> tuple[str, Optional[RunLock]]:
+    """(what the existing ``directory`` holds, its lock when instill created it): ``gone`` when it vanished."""
+    if not os.path.lexists(directory):
+        return "gone", None
+    if not directory.is_dir():
+        raise UserError(f"{directory} exists and is not a directory: choose another --out")
+    ours = (directory / LOCK_FILE).is_file()
+    if run_state(directory) == "damaged":  # looked at, never locked: it stays byte for byte as it is
+        raise UserError(_damaged(directory))
+    lock = None
+    if ours:
+        try:
+            lock = _take(directory, record=False)
+        except UserError:
+            if not os.path.lexists(directory / LOCK_FILE):  # removed by its owner meanwhile
+                return "gone", None
+            raise
+    status = run_state(directory)
+    if status == "damaged":
+        lock and lock.release()
+        raise UserError(_damaged(directory))
+    if status == "empty" and not ours:
+        if any(os.path.lexists(directory / name) for name in ("seed.txt", "config.yaml", "env.json")):
+            raise UserError(f"{directory} was not created by this version of instill (it has no {LOCK_FILE}), so "
+                            "it is never overwritten: move it, or choose another --out")
+        raise UserError(f"{directory} exists and is not a run directory: choose another --out")
+    return status, lock
+
+
+def _create(directory: Path, populate: Callable[[Path], None]) -> Optional[RunLock]:
+    """Build the run directory under a hidden name and rename it into place: its lock, or None when it exists."""
+    if os.path.lexists(directory) and not _is_empty_dir(directory):
+        return None
+    parent = directory.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create run directory {directory}: {err.strerror or err}") from None
+    _remove_stale_staging(parent)
+    staging, lock = None, None
+    try:
+        staging = Path(tempfile.mkdtemp(dir=parent, prefix=STAGING_PREFIX))
+        os.chmod(staging, user_mode(directory=True))
+        lock = RunLock.try_take(staging, create=True)
+        populate(staging)
+        fault_point()
+        os.rename(staging, directory)  # fails when the directory appeared meanwhile (another launch won)
+        lock.directory = directory
+        return lock
+    except BaseException as err:
+        if lock is not None:
+            lock.release()
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError):
+            if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                return None
+            raise UserError(f"cannot create run directory {directory}: {err.strerror or err}") from None
+        raise
+
+
+def _is_empty_dir(path: Path) -> bool:
+    try:
+        return path.is_dir() and not path.is_symlink() and not any(os.scandir(path))
+    except OSError:
+        return False
+
+
+def _remove_stale_staging(parent: Path) -> None:
+    """Remove hidden directories that launches killed while building them (their lock is free)."""
+    try:
+        candidates = [p for p in parent.iterdir() if p.name.startswith(STAGING_PREFIX) and p.is_dir()]
+    except OSError:
+        return
+    for staging in candidates:
+        try:
+            lock = RunLock.try_take(staging)
+        except FileNotFoundError:  # killed before it locked, or being built this very moment: wait a minute
+            if time.time() - staging.stat().st_mtime > 60:
+                shutil.rmtree(staging, ignore_errors=True)
+            continue
+        except OSError:
+            continue
+        if lock is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            lock.release()
+
+
+def _reset(directory: Path, populate: Callable[[Path], None]) -> None:
+    """Empty a run directory instill created that holds no saved work (we hold its lock), then populate it."""
+    try:
+        for entry in os.scandir(directory):
+            if entry.name == LOCK_FILE:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.remove(entry.path)
+        populate(directory)
+    except OSError as err:
+        raise UserError(f"cannot prepare run directory {directory}: {err.strerror or err}") from None
+
+
+def _populate(directory: Path, config_yaml: str, seed: int, device: str) -> None:
+    """A new run's first files: config.yaml (replays the run), seed.txt, env.json."""
+    for name, text in (("config.yaml", config_yaml), ("seed.txt", f"{seed}\n"),
+                       ("env.json", json.dumps(environment(device), indent=2) + "\n")):
+        with open(directory / name, "w") as f:
+            f.write(text)
+        fault_point()
 
 
 def git_commit() -> Optional[str]:
@@ -279,37 +639,44 @@ class Run:
         self.resumed = resumed
         self.writes = dist.is_main()
         self.top: Run = self  # the run directory whose env.json counts the time (itself, or a sub-run's parent)
-        self.sinks: list = []  # optional loggers fed with every metrics row (instill.loggers)
-        self._open_sinks: Optional[Callable[[Path], list]] = None
         self._started = time.perf_counter()
         self._elapsed_before = 0.0  # seconds the processes before this one spent on the run
+        self._lock: Optional[RunLock] = None  # held by the process that claimed the directory (rank 0)
+        self.sinks: list = []  # optional loggers fed with every metrics row (instill.loggers)
+        self._open_sinks: Optional[Callable[[Path], list]] = None
 
     # --- creation -------------------------------------------------------------------------------------------
 
     @classmethod
     def create(cls, output_dir: str | Path, config_yaml: str, seed: int, device: str, resume: bool) -> "Run":
-        """Create (or reopen, with ``resume``) the run directory, writing config, seed and environment at once."""
-        path, replay_of = dist.broadcast(lambda: choose_run_dir(output_dir, resume, config_yaml))
-        run = cls(path, replay_of=replay_of, resumed=resume)
-        if replay_of is None and not resume and path != Path(output_dir):  # a new run beside a finished one
-            config_yaml = _with_output_dir(config_yaml, path)  # its snapshot replays into its own directory
-        if run.writes and not resume:
-            run._create_files(config_yaml, seed, device)
-        if resume:
+        """Claim (see ``claim_run_dir``) and open the run directory, writing config, seed and environment at once.
+
+        The returned run holds the directory's lock until ``close`` (or the end of the process).
+        """
+        lock: Optional[RunLock] = None
+
+        def claim() -> tuple[Path, Optional[Path], bool]:
+            nonlocal lock
+            def populate(directory: Path, final: Optional[Path] = None) -> None:
+                _populate(directory, config_yaml if final is None else _with_output_dir(config_yaml, final), seed,
+                          device)
+
+            path, replay_of, lock, resumed = claim_run_dir(output_dir, resume, populate, config_yaml)
+            return path, replay_of, resumed
+
+        path, replay_of, resumed = dist.broadcast(claim)
+        run = cls(path, replay_of=replay_of, resumed=resumed)
+        run._lock = lock
+        if resumed:
             run._elapsed_before = float((read_json(path / "env.json") or {}).get("elapsed_s", 0.0))
         dist.barrier()
         return run
 
-    def _create_files(self, config_yaml: str, seed: int, device: str) -> None:
-        # Build everything in a hidden sibling, then rename: the directory appears complete or not at all.
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.tmp-"))
-        (staging / "config.yaml").write_text(config_yaml)
-        (staging / "seed.txt").write_text(f"{seed}\n")
-        (staging / "env.json").write_text(json.dumps(environment(device), indent=2) + "\n")
-        if self.path.exists():  # an abandoned directory (see _abandoned): nothing in it to keep
-            shutil.rmtree(self.path)
-        os.rename(staging, self.path)
+    def close(self) -> None:
+        """Release the run directory's lock (another process may then resume or replay it)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def child(self, name: str) -> "Run":
         """A sub-run in ``<run>/<name>/`` (one condition of a sweep), resumable on its own."""
@@ -317,7 +684,10 @@ class Run:
         sub = Run(path, resumed=(path / "state.pt").exists())
         sub.top = self.top
         if sub.writes:
-            path.mkdir(parents=True, exist_ok=True)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise write_error(path, err) from None
         if self._open_sinks is not None:
             sub.attach_sinks(self._open_sinks)
         return sub
@@ -364,11 +734,22 @@ class Run:
         """Append one evaluation's figures to metrics.jsonl and rewrite metrics.csv with the same rows."""
         if not self.writes:
             return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row, default=_json_default) + "\n")
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row, default=_json_default) + "\n")
+        except OSError as err:
+            raise write_error(self.metrics_path, err) from None
+        fault_point()
         self._write_csv(self.metrics())
         for sink in self.sinks:
             sink.log(row)
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Replace metrics.jsonl and metrics.csv with ``rows``: for figures derived from sub-runs, which a resumed
+        sweep derives again (appending them would log the rows before the interruption twice)."""
+        if self.writes:
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+            self._write_csv(rows)
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop rows logged after the saved state (they will be logged again when the run resumes)."""
@@ -402,19 +783,29 @@ class Run:
         """Wall-clock seconds spent on this run so far, over every process that worked on it (resumes add up)."""
         return self._elapsed_before + time.perf_counter() - self._started
 
-    def record_elapsed(self) -> None:
-        """Store ``elapsed_s`` in env.json, where a resumed run reads it back (nothing when the directory is gone)."""
+    def record_elapsed(self, quiet: bool = False) -> None:
+        """Store ``elapsed_s`` in env.json, where a resumed run reads it back (nothing when the directory is gone).
+
+        ``quiet``: a failed write is ignored (the run is already stopping for another reason, reported instead).
+        """
         env = read_json(self.path / "env.json") if self.writes else None
         if env is not None:
             env["elapsed_s"] = round(self.elapsed_s(), 3)
-            atomic_write_json(self.path / "env.json", env)
+            try:
+                atomic_write_json(self.path / "env.json", env)
+            except UserError:
+                if not quiet:
+                    raise
 
     def load_state(self) -> Optional[dict[str, Any]]:
         path = self.path / "state.pt"
-        if not path.exists():
+        if not os.path.lexists(path):
             return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+        if not path.is_file():  # a FIFO would block the reader forever
+            raise UserError(f"{path}: saved state is not a regular file")
+        try:  # tensors, numbers, strings and NumPy's RNG arrays only: a planted file cannot run code
+            with torch.serialization.safe_globals(_STATE_GLOBALS):
+                return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # a truncated or foreign file: the user must decide, we must not guess
             raise UserError(f"{path}: cannot read saved state ({err.__class__.__name__}); it may be corrupt") from None
 
@@ -443,18 +834,19 @@ class Run:
         self.write_json("summary.json", {"status": "finished", **summary})
         self.close_sinks()
 
-    def discard_if_empty(self) -> None:
-        """Remove a directory this process created that holds no saved state yet (a failed start)."""
-        if self.writes and not self.resumed and self.path.exists() and not has_state(self.path) \
-                and not is_finished(self.path):
+    def discard_if_empty(self) -> bool:
+        """Remove the directory this process claimed when it holds no saved work yet (a failed start); True if so."""
+        if self.writes and self._lock is not None and not self.resumed and run_state(self.path) == "empty":
             shutil.rmtree(self.path, ignore_errors=True)
+            return True
+        return False
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The rows of ``<path>/metrics.jsonl``: none when it is missing or unreadable, only JSON objects otherwise."""
     try:
-        text = (Path(path) / "metrics.jsonl").read_bytes().decode(errors="replace")
-    except OSError:  # missing, or not a readable file
+        text = read_regular_bytes(Path(path) / "metrics.jsonl").decode(errors="replace")
+    except OSError:  # missing, or not a readable regular file (a FIFO would block forever)
         return []
     rows = []
     for line in text.splitlines():

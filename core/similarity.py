@@ -13,7 +13,7 @@ Linear CKA (Kornblith et al. 2019). With ``K = X X^T``, ``L = Y Y^T`` and a cent
   ``<C(K), C(L)> = n (n-3) HSIC_u(K, L)`` exactly, so the ratio is the unbiased CKA. Needs n >= 4.
 
 How it is computed. ``H`` is never built: ``H K H`` is ``K`` minus its row and column means plus its mean, O(n^2)
-after the one O(n^2 d) product, with the original's value and rounding. ``gram`` has a hand-written backward, one
+after the one O(n^2 d) product (see "Large common offsets" below). ``gram`` has a hand-written backward, one
 matmul ``(G + G^T) X`` where autograd does two. The O(n^2) part has an analytic backward too: both centrings are
 orthogonal projections (self-adjoint, idempotent), so the gradient with respect to ``K`` is ``dCKA/dC(K)`` itself.
 When the features are narrower than the batch, the feature form ``||Y_c^T X_c||^2 / (||X_c^T X_c|| ||Y_c^T Y_c||)``
@@ -22,10 +22,19 @@ for instance in its forward hook, dropping the activation at once, and call ``ck
 ``cka_summary`` / ``cka_with_summary`` do the same but keep the features instead when they are narrower than the
 batch (token-level rows: n x d is then smaller than n x n, and the feature form far cheaper).
 
-Constant layers. A side whose centred features hold at most ``eps`` of their energy (``||X_c||^2 <= eps ||X||^2``:
-features constant over the batch, or a mean so far above their spread that the dtype keeps only rounding of the
-centred Gram matrix) has CKA 0 with a zero gradient, never NaN. By default ``eps`` is 8 machine epsilons of the
-computation's dtype (1e-6 in float32).
+Inputs a measure cannot compare raise instead of giving a plausible number, the same way in every measure and
+form: ``NonFiniteActivations`` for NaN or inf, ``DegenerateActivations`` for fewer samples than the measure needs
+(``Similarity.min_samples``: 3, 4 for unbiased CKA; with 2 samples CKA, Procrustes, RSA and CCA are 1 whatever the
+activations) and for a side constant over its samples. Constant means that the centred features hold at most
+``eps`` of their energy (``||X_c||^2 <= eps ||X||^2``: features equal for every sample, or a mean so far above their
+spread that the dtype keeps only rounding); by default ``eps`` is 8 machine epsilons of the computation's dtype
+(1e-6 in float32). The CCA family also refuses a side whose numerical rank reaches n - 1 (every canonical
+correlation is then 1). Both are ``UserError`` subclasses; each check costs one synchronisation per side.
+
+Large common offsets. A Gram matrix of uncentred features holds numbers of the size of the offset squared, and
+float32 then loses the spread to rounding (0.485 instead of 0.960 at an offset of 1000). The Gram form reads the
+rounding error off the product (``||X||^2 / ||X_c||^2``, from its trace and sum) and, when it is too large, centres
+the features first (O(n d)) and multiplies again: usual activations pay nothing (see ``_checked_gram``).
 
 The other measures: RSA (the original's variant and the classic one), orthogonal Procrustes, and the CCA family
 (mean CCA, SVCCA, PWCCA). ``SIMILARITIES`` names them all for configs.
@@ -47,7 +56,18 @@ from .errors import UserError
 
 EPS_ULPS = 8  # default eps, in machine epsilons: a side whose centred features hold less energy is constant
 TINY = 1e-15  # floor of a norm we divide by: far below real activations, and its square is a normal float32
+# The fewest samples each measure needs. With two samples the centred rows are +-v: CKA, Procrustes, the original
+# RSA and CCA are then 1 whatever the activations, and the classic RSA has a single distance to correlate.
+MIN_SAMPLES = 3
 UNBIASED_MIN_SAMPLES = 4  # HSIC_u divides by n (n - 3)
+
+
+class NonFiniteActivations(UserError):
+    """A similarity was given activations (or a Gram matrix) holding NaN or inf."""
+
+
+class DegenerateActivations(UserError):
+    """A similarity was given activations it cannot compare: constant over the samples, or too few samples."""
 
 
 # ----------------------------------------------------------------------------------------------------- numerics
@@ -74,13 +94,62 @@ def as_samples(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).to(dtype)
 
 
-def _check_samples(n_x: int, n_y: int, unbiased: bool = False) -> None:
+def _check_samples(n_x: int, n_y: int, minimum: int = MIN_SAMPLES, what: str = "this similarity") -> None:
+    """Both sides hold the same number of samples, at least ``minimum`` (the measure's ``Similarity.min_samples``)."""
     if n_x != n_y:
         raise UserError(f"similarity between {n_x} and {n_y} samples: both sides need the same batch "
                         f"(check the declared batch axis of both layers)")
-    if unbiased and n_x < UNBIASED_MIN_SAMPLES:
-        raise UserError(f"unbiased CKA needs at least {UNBIASED_MIN_SAMPLES} samples, got {n_x} (use a larger batch "
-                        f"or drop the last incomplete batch)")
+    if n_x < minimum:
+        raise DegenerateActivations(f"{what} needs at least {minimum} samples, got {n_x} (use a larger batch or drop "
+                                    f"the last incomplete batch)")
+
+
+def _raise_non_finite(t: Tensor, side: str) -> None:
+    bad = int((~torch.isfinite(t)).sum())
+    if bad == 0:  # finite values whose sums overflow
+        raise NonFiniteActivations(f"similarity: {side} holds values too large for {t.dtype} (their sums overflow)")
+    raise NonFiniteActivations(f"similarity: {side} holds NaN or inf ({bad} of {t.numel()} values)")
+
+
+def _check_centred(x: Tensor, side: str, mean: Tensor, centred_energy: Tensor, eps: float | None) -> None:
+    """Raise unless ``x`` (n, d) is finite and varies over its samples, from its column means and ``||X_c||^2``.
+
+    Constant means that the centred features hold at most ``eps`` of the energy, ``||X_c||^2 <= eps ||X||^2``
+    (features equal for every sample, or a mean so far above their spread that the dtype keeps only its rounding);
+    ``||X||^2 = ||X_c||^2 + n ||mean||^2``. A NaN or inf in ``x`` makes its column mean non-finite, so the check
+    reads no more than the means: one synchronisation, no pass over ``x`` unless something is wrong.
+    """
+    mean, centred_energy = mean.detach(), centred_energy.detach()
+    energy = centred_energy + x.shape[0] * mean.square().sum()
+    finite, varies = torch.stack([torch.isfinite(mean).all() & torch.isfinite(centred_energy),
+                                  centred_energy > _eps(eps, x.dtype) * energy]).tolist()
+    if not finite:
+        _raise_non_finite(x, side)
+    if not varies:
+        raise DegenerateActivations(f"similarity: {side} is constant over the {x.shape[0]} samples (a collapsed or "
+                                    f"dead layer); no similarity is defined for it")
+
+
+def _checked_centred(x: Tensor, side: str, eps: float | None = None) -> Tensor:
+    """``x`` (n, d) with its column means removed, after checking that it is finite and varies over the samples
+    (see ``_check_centred``)."""
+    mean = x.mean(0, keepdim=True)
+    xc = x - mean
+    _check_centred(x, side, mean, torch.linalg.vector_norm(xc.detach()).square(), eps)
+    return xc
+
+
+def _check_gram(k: Tensor, side: str, eps: float | None) -> None:
+    """A Gram matrix (raw or centred; stacks allowed) is finite and its samples vary (trace of ``H K H``)."""
+    n = k.shape[-1]
+    energy = k.diagonal(dim1=-2, dim2=-1).sum(-1)  # ||X||^2
+    varying = energy - k.sum((-2, -1)) / n  # ||X_c||^2 = trace(H K H)
+    finite, varies = torch.stack([torch.isfinite(k).all(), (varying > _eps(eps, k.dtype) * energy).all()]).tolist()
+    if not finite:
+        _raise_non_finite(k, side)
+    if not varies:
+        raise DegenerateActivations(f"similarity: the Gram matrix {side} is of samples that are constant (a "
+                                    f"collapsed or dead layer); no similarity is defined for it")
 
 
 def _unit(a: Tensor, norm: Tensor) -> Tensor:
@@ -123,9 +192,53 @@ def center_gram(k: Tensor) -> Tensor:
     return k - row_means - row_means.mT + row_means.mean(-2, keepdim=True)
 
 
-def centered_gram(x: Tensor) -> Tensor:
-    """``H X X^T H``: what a frozen side's hook keeps (n x n) instead of its activation, for ``cka_with_gram``."""
-    return center_gram(gram(x))
+PRECISE_GRAM = 1e-6  # largest relative rounding error accepted in a Gram matrix centred after the product
+
+
+def _checked_gram(x: Tensor, side: str, eps: float | None = None) -> Tensor:
+    """A Gram matrix of samples ``x`` (n, d) whose centring ``H K H`` is correct in float32 whatever the features'
+    common offset: ``X X^T``, or ``X_c X_c^T`` when the offset dominates. Callers centre it (``center_gram``, or
+    ``_CenteredCosine``), which the gradient below relies on.
+
+    Centring the Gram matrix after the product subtracts numbers of the size of the offset squared: its rounding
+    error relative to ``H K H`` is about the machine epsilon times ``||X||^2 / ||X_c||^2`` (0.485 instead of 0.960
+    at an offset of 1000 in float32). Both norms are read off ``K`` (its trace, and the trace minus its sum / n). When
+    that error exceeds ``PRECISE_GRAM`` the features are centred first (O(n d)) and the product taken again; usual
+    activations (post-ReLU maps have ``||X||^2 / ||X_c||^2`` of 1.5 to 3) keep the one product and no extra pass.
+
+    On the centred path the mean is held constant for the gradient, which is exact: the centring projects any
+    gradient onto centred matrices ``G`` (``1^T G = 0``), so the Gram's gradient ``(G + G^T) X_c`` already has the
+    zero column means that the mean's own backward would subtract. On the usual path the values and their bits are
+    those of the plain product, as before this check existed (recorded runs replay exactly).
+
+    Raises:
+        NonFiniteActivations: ``x`` holds NaN or inf.
+        DegenerateActivations: ``x`` is constant over its samples.
+    """
+    k = _Gram.apply(x)
+    raw = k.detach()
+    energy, total = raw.diagonal().sum(), raw.sum()
+    finite, precise = torch.stack([torch.isfinite(energy) & torch.isfinite(total),
+                                   energy * torch.finfo(x.dtype).eps < PRECISE_GRAM * (energy - total / len(x))
+                                   ]).tolist()
+    if not finite:
+        _raise_non_finite(x, side)
+    if not precise:  # the common offset dominates (or the layer is constant): centre the features first
+        mean = x.detach().mean(0, keepdim=True)
+        k = _Gram.apply(x - mean)
+        _check_centred(x, side, mean, k.detach().diagonal().sum(), eps)
+    return k
+
+
+def centered_gram(x: Tensor, eps: float | None = None) -> Tensor:
+    """``H X X^T H``: what a frozen side's hook keeps (n x n) instead of its activation, for ``cka_with_gram``.
+
+    Raises:
+        NonFiniteActivations: ``x`` holds NaN or inf.
+        DegenerateActivations: ``x`` is constant over its samples (see ``_checked_centred``).
+    """
+    with full_precision(x.device.type):
+        return center_gram(_checked_gram(as_samples(x), "x", eps))
 
 
 def _u_center(k: Tensor) -> Tensor:
@@ -142,52 +255,66 @@ def _eps(eps: float | None, dtype: torch.dtype) -> float:
     return EPS_ULPS * torch.finfo(dtype).eps if eps is None else eps
 
 
-def _inverse_norm(centred: Tensor, k: Tensor, eps: float) -> Tensor:
-    """``1 / ||centred||`` per matrix, and 0 where the side is constant (see the module docstring)."""
-    n = k.shape[-1]
-    energy = k.diagonal(dim1=-2, dim2=-1).sum(-1)  # ||X||^2
-    varying = energy - k.sum((-2, -1)) / n  # ||X_c||^2 = trace(H K H)
-    norm = torch.linalg.vector_norm(centred, dim=(-2, -1)).clamp_min(TINY)
-    return torch.where(varying > eps * energy, 1 / norm, torch.zeros_like(norm))
-
-
 class _CenteredCosine(torch.autograd.Function):
     """CKA of Gram matrices ``(..., n, n)``: centre both, take the cosine; the backward in closed form.
 
     With ``a = C(K)``, ``b = C(L)`` and ``cka = <a, b> / (|a| |b|)``: ``dcka/dK = (b / |b| - cka a / |a|) / |a|``
-    (``C`` is an orthogonal projection and both terms lie in its range).
+    (``C`` is an orthogonal projection and both terms lie in its range). The callers have checked that neither
+    side is constant; the norms' floor only keeps a U-centred matrix that happens to vanish finite.
     """
 
     @staticmethod
-    def forward(ctx: Any, k: Tensor, l: Tensor, unbiased: bool, eps: float | None) -> Tensor:
-        eps = _eps(eps, k.dtype)
+    def forward(ctx: Any, k: Tensor, l: Tensor, unbiased: bool) -> Tensor:
         centre = _u_center if unbiased else (lambda m: m)
         a, b = centre(center_gram(k)), centre(center_gram(l))
-        inv_a, inv_b = _inverse_norm(a, k, eps), _inverse_norm(b, l, eps)
+        inv_a = 1 / torch.linalg.vector_norm(a, dim=(-2, -1)).clamp_min(TINY)
+        inv_b = 1 / torch.linalg.vector_norm(b, dim=(-2, -1)).clamp_min(TINY)
         cka = (a * b).sum((-2, -1)) * inv_a * inv_b
         ctx.save_for_backward(a, b, inv_a, inv_b, cka)
         return cka
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         a, b, inv_a, inv_b, cka = ctx.saved_tensors
         grad, inv_a, inv_b, cka = (t[..., None, None] for t in (grad, inv_a, inv_b, cka))
         grad_k = grad * inv_a * (b * inv_b - cka * a * inv_a) if ctx.needs_input_grad[0] else None
         grad_l = grad * inv_b * (a * inv_a - cka * b * inv_b) if ctx.needs_input_grad[1] else None
-        return grad_k, grad_l, None, None
+        return grad_k, grad_l, None
+
+
+def _cka_min_samples(unbiased: bool) -> int:
+    return UNBIASED_MIN_SAMPLES if unbiased else MIN_SAMPLES
+
+
+def _cosine_of_grams(k: Tensor, l: Tensor, unbiased: bool) -> Tensor:
+    _check_samples(k.shape[-1], l.shape[-1], _cka_min_samples(unbiased), "unbiased CKA" if unbiased else "CKA")
+    dtype = torch.promote_types(torch.promote_types(k.dtype, l.dtype), torch.float32)
+    with full_precision(k.device.type):
+        return _CenteredCosine.apply(k.to(dtype), l.to(dtype), unbiased)
 
 
 def cka_from_grams(k: Tensor, l: Tensor, unbiased: bool = False, eps: float | None = None) -> Tensor:
-    """Linear CKA of two Gram matrices, raw or doubly centred (``(..., n, n)``: a stack gives one value per pair)."""
-    _check_samples(k.shape[-1], l.shape[-1], unbiased)
-    dtype = torch.promote_types(torch.promote_types(k.dtype, l.dtype), torch.float32)
-    with full_precision(k.device.type):
-        return _CenteredCosine.apply(k.to(dtype), l.to(dtype), unbiased, eps)
+    """Linear CKA of two Gram matrices, raw or doubly centred (``(..., n, n)``: a stack gives one value per pair).
+
+    Raises:
+        NonFiniteActivations: a Gram matrix holds NaN or inf.
+        DegenerateActivations: fewer samples than CKA needs, or a raw Gram matrix of constant samples (a centred
+            one has lost its offset and cannot tell: ``centered_gram`` checks the features it is made of).
+    """
+    _check_gram(k, "k", eps)
+    _check_gram(l, "l", eps)
+    return _cosine_of_grams(k, l, unbiased)
 
 
 def cka_with_gram(x: Tensor, guide_gram: Tensor, unbiased: bool = False, eps: float | None = None) -> Tensor:
-    """Linear CKA of activations ``x`` against a cached Gram matrix of the other side (raw or ``centered_gram``)."""
-    return cka_from_grams(gram(x), guide_gram, unbiased, eps)
+    """Linear CKA of activations ``x`` against a cached Gram matrix of the other side (raw or ``centered_gram``).
+
+    Raises:
+        NonFiniteActivations, DegenerateActivations: as ``cka`` and ``cka_from_grams``.
+    """
+    _check_gram(guide_gram, "guide_gram", eps)
+    with full_precision(x.device.type):
+        return _cosine_of_grams(_checked_gram(as_samples(x), "x", eps), guide_gram, unbiased)
 
 
 # ----------------------------------------------------------------------------------------------------- CKA
@@ -197,14 +324,10 @@ def _gram_form_is_cheaper(n: int, d_x: int, d_y: int) -> bool:
     return n * (d_x + d_y) <= d_x * d_y + d_x * d_x + d_y * d_y
 
 
-def _center_features(x: Tensor) -> Tensor:
-    """Columns centred, then scaled to unit Frobenius norm (CKA and the other measures are scale-invariant)."""
-    x = x - x.mean(0, keepdim=True)
-    return _unit(x, torch.linalg.vector_norm(x))
-
-
-def _varies(x: Tensor, eps: float | None) -> Tensor:
-    return (x - x.mean(0, keepdim=True)).square().sum() > _eps(eps, x.dtype) * x.square().sum()
+def _center_features(x: Tensor, side: str = "x", eps: float | None = None) -> Tensor:
+    """Checked, centred columns scaled to unit Frobenius norm (CKA and the other measures are scale-invariant)."""
+    xc = _checked_centred(x, side, eps)
+    return _unit(xc, torch.linalg.vector_norm(xc))
 
 
 def _feature_hsic(xc: Tensor, yc: Tensor, cross: Tensor, unbiased: bool) -> Tensor:
@@ -217,22 +340,26 @@ def _feature_hsic(xc: Tensor, yc: Tensor, cross: Tensor, unbiased: bool) -> Tens
 
 
 def _feature_cka(x: Tensor, y: Tensor, unbiased: bool, eps: float | None) -> Tensor:
-    xc, yc = _center_features(x), _center_features(y)
+    xc, yc = _center_features(x, "x", eps), _center_features(y, "y", eps)
     hsic = partial(_feature_hsic, unbiased=unbiased)
     xy = hsic(xc, yc, (xc.mT @ yc).square().sum())
     xx = hsic(xc, xc, (xc.mT @ xc).square().sum())
     yy = hsic(yc, yc, (yc.mT @ yc).square().sum())
-    value = _cosine(xy, xx.clamp_min(0), yy.clamp_min(0))
-    return torch.where(_varies(x, eps) & _varies(y, eps), value, torch.zeros_like(value))
+    return _cosine(xy, xx.clamp_min(0), yy.clamp_min(0))
 
 
 def cka(x: Tensor, y: Tensor, unbiased: bool = False, eps: float | None = None) -> Tensor:
-    """Linear CKA of ``x`` (n, ...) and ``y`` (n, ...); the Gram or feature form, whichever costs less."""
+    """Linear CKA of ``x`` (n, ...) and ``y`` (n, ...); the Gram or feature form, whichever costs less.
+
+    Raises:
+        NonFiniteActivations: either side holds NaN or inf.
+        DegenerateActivations: fewer than 3 samples (4 unbiased), or a side constant over its samples.
+    """
     with full_precision(x.device.type):
         x, y = as_samples(x), as_samples(y)
-        _check_samples(x.shape[0], y.shape[0], unbiased)
+        _check_samples(x.shape[0], y.shape[0], _cka_min_samples(unbiased), "unbiased CKA" if unbiased else "CKA")
         if _gram_form_is_cheaper(x.shape[0], x.shape[1], y.shape[1]):
-            return cka_from_grams(_Gram.apply(x), _Gram.apply(y), unbiased, eps)
+            return _cosine_of_grams(_checked_gram(x, "x", eps), _checked_gram(y, "y", eps), unbiased)
         return _feature_cka(x, y, unbiased, eps)
 
 
@@ -245,9 +372,14 @@ class CKASummary:
 
 
 def cka_summary(y: Tensor) -> CKASummary:
-    """The smaller of ``centered_gram(y)`` (n x n) and the flattened features (n x d), for ``cka_with_summary``."""
+    """The smaller of ``centered_gram(y)`` (n x n) and the flattened features (n x d), for ``cka_with_summary``.
+
+    Raises:
+        NonFiniteActivations, DegenerateActivations: as ``centered_gram``.
+    """
     samples = as_samples(y)
     if samples.shape[1] < samples.shape[0]:
+        _checked_centred(samples, "y")  # raise here, in the guide's hook, as the Gram form does
         return CKASummary(features=samples)
     return CKASummary(gram=centered_gram(samples))
 
@@ -269,9 +401,15 @@ def similarity_matrix(x: Tensor, variant: RSAVariant = "original") -> Tensor:
 
     ``original``: cosine similarities of the samples (rows l2-normalised, not centred), as the original code.
     ``classic``: the correlation-distance RDM, 1 - Pearson correlation between samples' patterns.
+
+    Raises:
+        NonFiniteActivations: ``x`` holds NaN or inf.
+        DegenerateActivations: fewer than 3 samples, or ``x`` constant over its samples.
     """
     with full_precision(x.device.type):
         x = as_samples(x)
+        _check_samples(x.shape[0], x.shape[0], MIN_SAMPLES, "RSA")
+        _checked_centred(x, "x")
         if variant == "classic":
             x = x - x.mean(1, keepdim=True)
         x = _unit(x, torch.linalg.vector_norm(x, dim=1, keepdim=True))
@@ -280,8 +418,18 @@ def similarity_matrix(x: Tensor, variant: RSAVariant = "original") -> Tensor:
 
 
 def _pearson(a: Tensor, b: Tensor) -> Tensor:
-    a, b = a - a.mean(), b - b.mean()
-    return _cosine((a * b).sum(), (a * a).sum(), (b * b).sum())
+    """Pearson correlation of two similarity matrices' entries; both must vary (and the guide's be finite)."""
+    eps = _eps(None, a.dtype)
+    ac, bc = a - a.mean(), b - b.mean()
+    finite, a_varies, b_varies = torch.stack([
+        torch.isfinite(b).all(), ac.detach().square().sum() > eps * a.detach().square().sum(),
+        bc.square().sum() > eps * b.square().sum()]).tolist()
+    if not finite:
+        _raise_non_finite(b, "guide_matrix")
+    if not (a_varies and b_varies):
+        raise DegenerateActivations(f"similarity: the similarity matrix of {'x' if not a_varies else 'the guide'} is "
+                                    f"constant (every pair of samples equally similar); RSA is not defined for it")
+    return _cosine((ac * bc).sum(), (ac * ac).sum(), (bc * bc).sum())
 
 
 def rsa_with_matrix(x: Tensor, guide_matrix: Tensor, variant: RSAVariant = "original") -> Tensor:
@@ -290,9 +438,13 @@ def rsa_with_matrix(x: Tensor, guide_matrix: Tensor, variant: RSAVariant = "orig
     ``original``: Pearson correlation of the full matrices, diagonal included (the original code).
     ``classic``: Pearson correlation of the upper triangles without the diagonal (differentiable; the rank-based
     Spearman variant is not).
+
+    Raises:
+        NonFiniteActivations: ``x`` or ``guide_matrix`` holds NaN or inf.
+        DegenerateActivations: fewer than 3 samples, ``x`` constant, or either matrix constant.
     """
+    _check_samples(as_samples(x).shape[0], guide_matrix.shape[-1], MIN_SAMPLES, "RSA")
     ours = similarity_matrix(x, variant)
-    _check_samples(ours.shape[-1], guide_matrix.shape[-1])
     theirs = guide_matrix.to(ours.dtype)
     if variant == "classic":
         rows, cols = torch.triu_indices(*ours.shape, offset=1, device=ours.device)
@@ -323,32 +475,67 @@ def _compact(xc: Tensor) -> Tensor:
 
 def procrustes(x: Tensor, y: Tensor) -> Tensor:
     """Orthogonal Procrustes similarity in [0, 1]: ``max_Q <X_c Q, Y_c> = ||X_c^T Y_c||_*`` for unit-norm, centred
-    ``X_c`` and ``Y_c`` (the Procrustes distance is ``sqrt(2 - 2 * similarity)``)."""
+    ``X_c`` and ``Y_c`` (the Procrustes distance is ``sqrt(2 - 2 * similarity)``).
+
+    Raises:
+        NonFiniteActivations: either side holds NaN or inf.
+        DegenerateActivations: fewer than 3 samples, or a side constant over its samples.
+    """
     with full_precision(x.device.type):
         x, y = as_samples(x), as_samples(y)
-        _check_samples(x.shape[0], y.shape[0])
-        xc, yc = _compact(_center_features(x)), _compact(_center_features(y))
+        _check_samples(x.shape[0], y.shape[0], MIN_SAMPLES, "Procrustes")
+        xc, yc = _compact(_center_features(x, "x")), _compact(_center_features(y, "y"))
         return torch.linalg.svdvals(xc.mT @ yc).sum()
 
 
-def _warn_if_degenerate(n: int, d: int, what: str) -> None:
-    if d >= n - 1:  # centred samples span at most n - 1 dimensions
-        warnings.warn(f"{what} with {d} features and only {n} samples (d >= n - 1): the canonical correlations are "
-                      f"trivially 1; reduce the features (svcca) or use more samples", stacklevel=3)
-
-
 def _orthonormal_basis(xc: Tensor) -> Tensor:
-    return torch.linalg.qr(_compact(xc)).Q
+    """An orthonormal basis (n x r) of the column space of ``xc``, ``r`` its numerical rank.
+
+    Rank-revealing: singular values below ``max(n, d) * machine epsilon`` of the largest count as zero (numpy's
+    ``matrix_rank``), so dead units, duplicated and collinear columns add no direction (a plain QR of a
+    rank-deficient matrix adds arbitrary ones). The gradient flows through ``X_c V_r`` with the right singular
+    vectors ``V_r`` held constant, which spans the same space; a QR of that full-rank product is differentiable.
+    """
+    compact = _compact(xc)
+    _, s, vh = torch.linalg.svd(compact.detach(), full_matrices=False)
+    tolerance = s[0] * max(compact.shape) * torch.finfo(s.dtype).eps
+    rank = int((s > tolerance).sum())
+    return torch.linalg.qr(compact @ vh[:rank].mT).Q
+
+
+def _cca_bases(x: Tensor, y: Tensor, what: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Unit centred ``x`` and the orthonormal bases of both sides, refusing inputs whose correlations are all 1.
+
+    Centred samples span at most n - 1 dimensions: a side of rank n - 1 holds every direction, so every canonical
+    correlation is 1 whatever the other side (and ``rank_x + rank_y - (n - 1)`` of them are 1 in any case).
+    """
+    x, y = as_samples(x), as_samples(y)
+    n = x.shape[0]
+    _check_samples(n, y.shape[0], MIN_SAMPLES, what)
+    xc = _center_features(x, "x")
+    qx, qy = _orthonormal_basis(xc), _orthonormal_basis(_center_features(y, "y"))
+    for side, basis in (("x", qx), ("y", qy)):
+        if basis.shape[1] >= n - 1:
+            raise DegenerateActivations(f"{what}: {side} has rank {basis.shape[1]} with only {n} samples (centred "
+                                        f"samples span n - 1 = {n - 1} dimensions), so every canonical correlation "
+                                        f"is 1; reduce the features (svcca) or use more samples")
+    trivial = qx.shape[1] + qy.shape[1] - (n - 1)
+    if trivial > 0:
+        warnings.warn(f"{what} of ranks {qx.shape[1]} and {qy.shape[1]} with only {n} samples: {trivial} canonical "
+                      f"correlations are trivially 1; reduce the features (svcca) or use more samples", stacklevel=3)
+    return xc, qx, qy
 
 
 def canonical_correlations(x: Tensor, y: Tensor) -> Tensor:
-    """The canonical correlations of ``x`` and ``y`` (centred), largest first, in [0, 1]."""
+    """The canonical correlations of ``x`` and ``y`` (centred), largest first, in [0, 1]: one per dimension of the
+    smaller of the two spans (numerical ranks, so dead units and collinear columns change nothing).
+
+    Raises:
+        NonFiniteActivations: either side holds NaN or inf.
+        DegenerateActivations: fewer than 3 samples, a side constant, or a side of rank n - 1 (all correlations 1).
+    """
     with full_precision(x.device.type):
-        x, y = as_samples(x), as_samples(y)
-        _check_samples(x.shape[0], y.shape[0])
-        for side in (x, y):
-            _warn_if_degenerate(*side.shape, "CCA")
-        qx, qy = _orthonormal_basis(_center_features(x)), _orthonormal_basis(_center_features(y))
+        _, qx, qy = _cca_bases(x, y, "CCA")
         return torch.linalg.svdvals(qx.mT @ qy).clamp(0, 1)
 
 
@@ -376,8 +563,8 @@ def svcca(x: Tensor, y: Tensor, keep: float = 0.99) -> Tensor:
         raise UserError(f"svcca keep must be in (0, 1], got {keep}")
     with full_precision(x.device.type):
         x, y = as_samples(x), as_samples(y)
-        _check_samples(x.shape[0], y.shape[0])
-        return cca(_top_directions(_center_features(x), keep), _top_directions(_center_features(y), keep))
+        _check_samples(x.shape[0], y.shape[0], MIN_SAMPLES, "SVCCA")
+        return cca(_top_directions(_center_features(x, "x"), keep), _top_directions(_center_features(y, "y"), keep))
 
 
 def pwcca(x: Tensor, y: Tensor) -> Tensor:
@@ -385,12 +572,7 @@ def pwcca(x: Tensor, y: Tensor) -> Tensor:
     each canonical variate of ``x`` accounts for, ``sum_j |<h_i, x_j>|`` (centred neurons, orthonormal variates).
     Not symmetric: the weights come from ``x``."""
     with full_precision(x.device.type):
-        x, y = as_samples(x), as_samples(y)
-        _check_samples(x.shape[0], y.shape[0])
-        for side in (x, y):
-            _warn_if_degenerate(*side.shape, "PWCCA")
-        xc, yc = _center_features(x), _center_features(y)
-        qx, qy = _orthonormal_basis(xc), _orthonormal_basis(yc)
+        xc, qx, qy = _cca_bases(x, y, "PWCCA")
         u, rho, _ = torch.linalg.svd(qx.mT @ qy, full_matrices=False)
         variates = qx @ u  # (n, k), orthonormal columns
         weights = (variates.mT @ xc).abs().sum(1)
@@ -412,7 +594,7 @@ class Similarity:
     pair: Callable[[Tensor, Tensor], Tensor]
     summarize: Callable[[Tensor], Any] = as_samples
     against: Callable[[Tensor, Any], Tensor] | None = None  # (x, summary); None: ``pair`` on the samples
-    min_samples: int = 2  # fewer samples than this give no estimate (one sample has no spread)
+    min_samples: int = MIN_SAMPLES  # fewer samples are refused (the CCA family also needs more than a side's rank)
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         return self.pair(x, y)
@@ -423,7 +605,7 @@ class Similarity:
 
 def _cka_measure(name: str, unbiased: bool) -> Similarity:
     return Similarity(name, partial(cka, unbiased=unbiased), cka_summary, partial(cka_with_summary, unbiased=unbiased),
-                      min_samples=UNBIASED_MIN_SAMPLES if unbiased else 2)
+                      min_samples=_cka_min_samples(unbiased))
 
 
 def _rsa_measure(name: str, variant: RSAVariant) -> Similarity:

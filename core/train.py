@@ -32,7 +32,7 @@ from . import dist
 from .config import OptimizerConfig, ScheduleConfig, TrainConfig
 from .data import BatchLoader, Split, batches
 from .errors import UserError
-from .run import TIMING_PREFIX, Run, rng_state, set_rng_state
+from .run import TIMING_PREFIX, Run, fault_point, has_state, rng_state, set_rng_state
 
 IGNORE_INDEX = -100
 
@@ -211,6 +211,8 @@ def fit(model: nn.Module, objective: Objective, train: Split, cfg: TrainConfig, 
     with _DeferredInterrupt() as interrupt:
         loop.interrupt = interrupt
         result = loop.run()
+    if interrupt.requested:  # Ctrl-C after the last step (its evaluation, the final save): stop now, state saved
+        raise KeyboardInterrupt
     if restore_best and result.best_weights is not None:
         dist.unwrap(loop.model).load_state_dict(result.best_weights)
     return result
@@ -223,6 +225,10 @@ class _Loop:
         self.model = dist.wrap(model, device)
         self.loader = BatchLoader(train, cfg.batch_size, shuffle=True, seed=seed, rank=dist.rank(),
                                   world_size=dist.world_size(), drop_last=cfg.drop_last)
+        if len(self.loader) == 0 and cfg.epochs > 0:  # not one optimizer step: a "finished" run of the initial model
+            share = f" ({len(train) // dist.world_size()} per process)" if dist.world_size() > 1 else ""
+            raise UserError(f"train.batch_size {cfg.batch_size} is larger than the training set of {len(train)} "
+                            f"examples{share}, and full batches only are used (drop_last): lower train.batch_size")
         self.steps_per_epoch = max(-(-len(self.loader) // cfg.grad_accum), 1)  # a last, partial group steps too
         total = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
@@ -352,13 +358,21 @@ class _Loop:
         # Under DDP every rank must stop together: one that went on would wait forever in the gradient all-reduce.
         if not dist.all_agree(finite, self.device):
             what = value if not finite else "non-finite on another rank"
-            raise DivergedError(
-                f"the loss became {what} at step {self.step + 1} (epoch {self.epoch + 1}); the run stopped and "
-                f"its last saved state stays in {self.run_dir.path} (lower the learning rate or clip gradients)")
+            raise DivergedError(f"the loss became {what} at step {self.step + 1} (epoch {self.epoch + 1}); the run "
+                                f"stopped: {self._what_is_kept()} (lower the learning rate or clip gradients)")
         (loss / group_size).backward()
         for name, v in {"train_loss": value, **logs}.items():
             self.sums[name] = self.sums.get(name, 0.0) + float(v)
             self.counts[name] = self.counts.get(name, 0) + 1
+
+    def _what_is_kept(self) -> str:
+        """Where the last saved state stays; a run without any is removed when it stops (see stages.execute)."""
+        top = self.run_dir.top
+        if (self.run_dir.path / "state.pt").is_file():
+            return f"its last saved state stays in {self.run_dir.path} (of run {top.path})"
+        if top is not self.run_dir and has_state(top.path):
+            return f"no state of this sub-run had been saved; run {top.path} keeps the finished ones"
+        return "no state had been saved yet, so nothing of the run is kept"
 
     def _optimizer_step(self) -> None:
         if self.cfg.grad_clip:
@@ -369,6 +383,7 @@ class _Loop:
         if self.objective.after_step:
             self.objective.after_step()
         self.step += 1
+        fault_point()  # the tests' crash hook: a kill -9 between two saves
 
     def _evaluate(self) -> None:
         metrics = self.objective.evaluate(dist.unwrap(self.model))

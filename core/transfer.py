@@ -289,7 +289,7 @@ def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[
     for key, value, kind in (("non_masked", non_masked, NonMasked), ("batch_norm", batch_norm, BatchNorm)):
         allowed = get_args(kind)
         if value not in allowed:
-            raise UserError(f"transfer {key} {value!r} is unknown; use {' or '.join(allowed)}")
+            raise UserError(f"{key} {value!r} is unknown; use {' or '.join(allowed)}")
     _check_same_architecture(base, fresh)
     check_masks(mask, base, source="transfer mask")
     if condition == "random_init":
@@ -365,5 +365,5 @@ def _check_same_architecture(base: nn.Module, fresh: nn.Module) -> None:
     a, b = shapes(base), shapes(fresh)
     if a != b:
         differ = sorted(set(a) ^ set(b)) or sorted(n for n in a if a[n] != b[n])
-        raise UserError(f"transfer: the fresh model's architecture differs from the base model's "
+        raise UserError(f"the fresh model's architecture differs from the base model's "
                         f"({len(differ)} tensors differ, first: {differ[0]})")

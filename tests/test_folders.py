@@ -248,3 +248,65 @@ def test_bad_folders_through_the_stage_are_one_line_and_write_nothing(workdir, t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not Path("checkpoints").exists() or not any(Path("checkpoints").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------- pixel modes
+
+def _pixels(seed: int, shape: tuple[int, ...], high: int, dtype) -> "np.ndarray":
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, high, shape, endpoint=True).astype(dtype)
+
+
+def test_every_pillow_mode_decodes_to_its_8_bit_values(tmp_path):
+    # Before: a 16-bit PNG came out nearly white (Pillow clips I;16 to 255), transparent pixels kept whatever colour
+    # the file stored under them.
+    import numpy as np
+
+    size = 16  # the resolution: resizing is then the identity and the values compare exactly
+    grey16 = _pixels(0, (size, size), 65535, np.uint16)
+    grey8 = (grey16.astype(np.uint32) * 255 + 32767) // 65535
+    alpha = _pixels(1, (size, size), 255, np.uint8)
+    grey = _pixels(2, (size, size), 255, np.uint8)
+    rgb = _pixels(3, (size, size, 3), 255, np.uint8)
+    cmy = _pixels(4, (size, size, 3), 255, np.uint8)
+    bits = _pixels(5, (size, size), 1, bool)
+    palette_index = _pixels(6, (size, size), 3, np.uint8)
+    palette = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [9, 99, 199]], dtype=np.uint8)
+
+    def over_black(colour, a):
+        return (colour.astype(np.float64) * a[..., None] / 255)
+
+    p_image = Image.fromarray(palette_index, "P")
+    p_image.putpalette(palette.flatten().tolist())
+    cases = {
+        "grey16.png": (Image.fromarray(grey16), np.repeat(grey8[..., None], 3, 2)),
+        "grey16b.tif": (Image.frombytes("I;16B", (size, size), grey16.astype(">u2").tobytes()),
+                        np.repeat(grey8[..., None], 3, 2)),
+        "la.png": (Image.fromarray(np.stack([grey, alpha], 2), "LA"), over_black(np.repeat(grey[..., None], 3, 2), alpha)),
+        "rgba.png": (Image.fromarray(np.concatenate([rgb, alpha[..., None]], 2), "RGBA"), over_black(rgb, alpha)),
+        "p_transparent.png": (p_image, np.where((palette_index == 3)[..., None], 0, palette[palette_index])),
+        "cmyk.tif": (Image.fromarray(np.concatenate([cmy, np.zeros((size, size, 1), np.uint8)], 2), "CMYK"), 255 - cmy),
+        "bits.png": (Image.fromarray(bits).convert("1"), np.repeat(bits[..., None] * 255, 3, 2)),
+        "grey.png": (Image.fromarray(grey, "L"), np.repeat(grey[..., None], 3, 2)),
+        "rgb.png": (Image.fromarray(rgb, "RGB"), rgb),
+    }
+    for name, (image, expected) in cases.items():
+        options = {"transparency": 3} if name == "p_transparent.png" else {}
+        image.save(tmp_path / name, **options)
+        with Image.open(tmp_path / name) as reopened:
+            mode = reopened.mode
+        got = folders.load_image(tmp_path / name, size).astype(np.float64)
+        assert np.abs(got - expected).max() <= 1, (name, mode)
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    assert folders.load_image(tmp_path / "grey16.png", size).mean() == pytest.approx(grey8.mean(), abs=0.01)
+
+
+@pytest.mark.parametrize("mode", ["I", "F"])
+def test_a_mode_without_a_fixed_range_is_refused_by_name(tmp_path, mode):
+    import numpy as np
+
+    values = _pixels(7, (8, 8), 70000, np.int32 if mode == "I" else np.float32)
+    Image.fromarray(values, mode).save(tmp_path / "wide.tif")
+    message = user_error(folders.load_image, tmp_path / "wide.tif", 8)
+    assert "wide.tif" in message and f"pixel mode {mode} has no fixed range" in message

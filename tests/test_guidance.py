@@ -12,7 +12,7 @@ from torch import nn
 from instill.data.sequences import real_positions
 from instill.errors import UserError
 from instill.guidance import AlignmentLoss, LayerPair, compared_rows, stretch_map
-from instill.similarity import cka
+from instill.similarity import DegenerateActivations, cka
 
 
 def names(prefix: str, n: int) -> list[str]:
@@ -185,3 +185,70 @@ def test_an_alignment_loss_after_a_no_grad_forward_raises_instead_of_training_no
         assert not alignment(x)[0].requires_grad
     alignment.close()
     assert not target._forward_pre_hooks
+# ----------------------------------------------------------------------------------------------------- bad layers
+
+class Branched(nn.Module):
+    """A classifier with a side branch ``aux`` that the alignment watches and the logits do not use."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.hidden, self.aux, self.out = nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.hidden(x))
+        self.aux(h)
+        return self.out(h)
+
+
+def branched_alignment():
+    target, guide = Branched(0), Branched(1)
+    return target, AlignmentLoss(target, guide, [LayerPair("aux", "hidden")])
+
+
+def test_a_constant_layer_in_guidance_is_an_error_naming_the_layer():
+    x = torch.randn(16, 4)
+    target, alignment = branched_alignment()
+    with torch.no_grad():
+        target.aux.weight.zero_()  # a dead layer: its output is its bias for every sample
+    target(x)
+    with pytest.raises(DegenerateActivations, match=r"target layer 'aux' \(paired with guide layer 'hidden'\): "
+                                                     r"similarity: x is constant over the 16 samples"):
+        alignment(x)
+    with torch.no_grad():
+        target.aux.weight.normal_()
+        alignment.guide.hidden.weight.zero_()
+    target(x)
+    with pytest.raises(DegenerateActivations, match="guide layer 'hidden': similarity: y is constant"):
+        alignment(x)
+    alignment.close()
+
+
+def test_non_finite_activations_in_guidance_stop_training_with_the_nan_guard(tmp_path):
+    from instill.data import Split
+    from instill.run import Run
+    from instill.train import DivergedError, Objective, TrainConfig, classification_loss, fit
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    data = Split(x, (x[:, 0] > 0).long())
+    target, alignment = branched_alignment()
+    calls = {"n": 0}
+
+    def loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the watched branch breaks; the logits stay finite
+            with torch.no_grad():
+                target.aux.weight.fill_(float("nan"))
+        inputs, labels = batch
+        task = classification_loss(model(inputs), labels)
+        assert torch.isfinite(task)
+        align, logs = alignment(inputs)
+        return task + align, logs
+
+    (tmp_path / "r").mkdir()
+    objective = Objective(loss, lambda m: {"val_acc": 0.0})
+    with pytest.raises(DivergedError, match=r"the loss became nan at step 6 \(epoch 2\)"):
+        fit(target, objective, data, TrainConfig(epochs=3, batch_size=16, select_metric="val_acc"), Run(tmp_path / "r"),
+            seed=0, device=torch.device("cpu"))
+    alignment.close()

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from instill.run import is_finished, read_metrics
 from tests.conftest import run_cli
@@ -27,6 +28,11 @@ def test_guide_conditions_share_data_and_log_alignment(workdir):
     first_losses = {c: read_metrics(root / c)[0]["task_loss" if c != "unguided" else "train_loss"]
                     for c in ("unguided", "guided_untrained")}
     assert first_losses["unguided"] == pytest.approx(first_losses["guided_untrained"], abs=0.2)
+    from instill.sources import load_model_source  # every condition's trained target is a model source
+
+    info = json.loads((root / "unguided" / "model.json").read_text())["info"]
+    targets = {c: load_model_source({"run": str(root / c)}, info).model for c in ("unguided", "guided_untrained")}
+    assert any(not torch.equal(p, q) for p, q in zip(*(t.parameters() for t in targets.values())))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -70,6 +76,8 @@ def _run(config: str, *overrides: str) -> int:
     (["guidance.guide_batch_axes={layers.9: 1}"], "no layer 'layers.9' in RecurrentClassifier"),
     (["guidance.similarity=cka_unbiased", "guidance.tokenwise=positions", "train.batch_size=3"],
      "needs at least 4 samples per batch"),
+    (["train.batch_size=2"], "similarity cka needs at least 3 samples per batch"),  # CKA of 2 samples is always 1
+    (["guidance.similarity=procrustes", "train.batch_size=2"], "similarity procrustes needs at least 3 samples"),
 ])
 def test_bad_pairs_are_caught_before_the_run_directory_exists(workdir, capsys, overrides, message):
     assert _run("configs/tiny_guide_parity.yaml", *overrides) == 2

@@ -449,6 +449,53 @@ def test_loading_checks_names_against_the_recorded_selection(tmp_path, edit, mes
         load_mask(tmp_path, model)
 
 
+def test_a_mask_changed_or_swapped_after_saving_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_gpt2(seed=17)
+    for name, seed in (("a", 18), ("b", 19)):  # two discoveries on the same base
+        masked = MaskedModel(model, MaskConfig(layers=("Conv1D",)))
+        randomize(masked, seed=seed)
+        masked.save(tmp_path / name)
+    path = tmp_path / "a" / "mask.safetensors"
+    original = path.read_bytes()
+    meta = read_mask_meta(tmp_path / "a")
+    assert meta["version"] == 2 and len(meta["mask_hash"]) == 64
+    load_mask(tmp_path / "a", model)
+
+    def refused(message):
+        with pytest.raises(UserError, match=message) as err:
+            load_mask(tmp_path / "a", model)
+        assert "\n" not in str(err.value)
+
+    masks = load_file(path)
+    name = "transformer.h.0.attn.c_attn.weight"
+    flat = masks[name].flatten()
+    flat[(~flat).nonzero()[:300, 0]] = True  # 300 entries flipped on
+    save_file({**masks, name: flat.reshape(masks[name].shape)}, path, metadata={"base_hash": meta["base_hash"]})
+    refused(f"does not match mask.json: 1: {name} keeps")
+    path.write_bytes(original)
+    masks = load_file(path)
+    flat = masks[name].flatten()
+    i, j = flat.nonzero()[0].item(), (~flat).nonzero()[0].item()
+    flat[i], flat[j] = False, True  # same kept count, different content
+    save_file({**masks, name: flat.reshape(masks[name].shape)}, path, metadata={"base_hash": meta["base_hash"]})
+    refused("content hash differs from mask_hash")
+    path.write_bytes((tmp_path / "b" / "mask.safetensors").read_bytes())  # another run's mask swapped in
+    refused("does not match mask.json")
+    path.write_bytes(original)
+    masks = load_file(path)
+    save_file(masks, path, metadata={"base_hash": "0" * 64})  # the same masks, stamped for another base
+    refused("saved for base weights 000000000000")
+    # an artifact from before the content hash: accepted when its kept counts agree, refused otherwise
+    path.write_bytes(original)
+    old = {k: v for k, v in meta.items() if k != "mask_hash"}
+    (tmp_path / "a" / "mask.json").write_text(json.dumps({**old, "version": 1}))
+    assert load_mask(tmp_path / "a", model).keys() == masks.keys()
+    path.write_bytes((tmp_path / "b" / "mask.safetensors").read_bytes())
+    refused("keeps")
+
+
 def test_base_run_is_stored_relative_to_the_mask_directory(tmp_path, monkeypatch):
     model = tiny_gpt2(seed=16)
     (tmp_path / "runs" / "base").mkdir(parents=True)

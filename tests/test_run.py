@@ -18,7 +18,7 @@ import torch
 from instill.errors import UserError
 from instill.report import main as report_main
 from instill.report import run_status
-from instill.run import TIMING_PREFIX, atomic_write_json, choose_run_dir, read_metrics, seed_everything
+from instill.run import TIMING_PREFIX, atomic_write_json, claim_run_dir, read_metrics, seed_everything
 from tests.conftest import REPO, python_env, run_cli
 
 TINY = "configs/tiny_digits.yaml"
@@ -213,21 +213,25 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="cannot write .*summary.json: disk full"):
         atomic_write_json(target, {"v": 2})
     assert json.loads(target.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left behind
 
 
-def test_choose_run_dir_rules(tmp_path):
+def test_claim_run_dir_rules(tmp_path):
     out = tmp_path / "r"
-    assert choose_run_dir(out, resume=False) == (out, None)
-    with pytest.raises(UserError, match="no unfinished run"):
-        choose_run_dir(out, resume=True)
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="does not exist"):
+        claim_run_dir(out, resume=True, populate=lambda d: None)
+    path, replay_of, lock, resumed = claim_run_dir(out, resume=False, populate=lambda d: (d / "seed.txt").touch())
+    assert (path, replay_of, resumed) == (out, None, False) and (out / "seed.txt").is_file()
+    lock.release()
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not a run directory"):
-        choose_run_dir(out, resume=False)
+        claim_run_dir(other, resume=False, populate=lambda d: None)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
 
 
 def test_a_library_rejecting_passed_on_keywords_is_one_line_and_leaves_nothing(workdir, capsys):

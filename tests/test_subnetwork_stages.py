@@ -180,8 +180,12 @@ def test_a_mask_that_does_not_match_its_base_stops_the_transfer(in_upstream, cap
 
 def test_an_infeasible_sampled_complement_stops_before_the_first_sub_run(in_upstream, capsys):
     def dense_layer(masks, meta):
+        from instill.masks import mask_density, tensors_hash
+
         masks["transformer.h.0.mlp.c_fc.weight"][:] = True
         masks["transformer.h.0.mlp.c_fc.weight"][0, :3] = False
+        density = mask_density(masks)  # recorded as a discovery of this mask would (else its integrity check stops it)
+        meta.update({key: density[key] for key in ("kept", "total", "density", "layers")}, mask_hash=tensors_hash(masks))
 
     mask = edited_mask("dense", dense_layer)
     code = transfer("checkpoints/bad", "transfer.conditions=[subnet, sampled_complement]", mask=mask)
@@ -367,7 +371,7 @@ def test_bad_neurosurgeon_imports_are_one_line_errors_and_write_nothing(in_upstr
     torch.save(neurosurgeon_state(other, "root_model."), "other_base.pt")
     Path("garbage.pt").write_bytes(b"not a torch file")
     torch.save({"wrapped_model.transformer.wte.weight": base.transformer.wte.weight.detach()}, "no_masks.pt")
-    cases = [("no_masks.pt", ABLATE, "already holds a mask; choose another --out"),
+    cases = [("no_masks.pt", ABLATE, "already exists and is not an empty directory"),
              ("garbage.pt", "checkpoints/tiny_math_base", "cannot read a NeuroSurgeon state dict"),
              ("missing.pt", "checkpoints/tiny_math_base", "NeuroSurgeon state dict not found"),
              ("no_masks.pt", "checkpoints/tiny_math_base", "holds no *_mask_params"),
@@ -380,3 +384,11 @@ def test_bad_neurosurgeon_imports_are_one_line_errors_and_write_nothing(in_upstr
         assert masks_cli(["import-neurosurgeon", state, "--base", base_dir, "--out", out]) == 2
         one_line_error(capsys, message)
     assert sorted(Path("checkpoints").iterdir()) == before
+    # A finished base run as --out: its summary.json was overwritten (issue 11, item 3).
+    torch.save(neurosurgeon_state(base, "wrapped_model."), "circuit.pt")
+    summary = Path("checkpoints/tiny_math_base/summary.json").read_bytes()
+    assert masks_cli(["import-neurosurgeon", "circuit.pt", "--base", "checkpoints/tiny_math_base", "--out",
+                      "checkpoints/tiny_math_base"]) == 2
+    one_line_error(capsys, "already exists and is not an empty directory")
+    assert Path("checkpoints/tiny_math_base/summary.json").read_bytes() == summary
+    assert not Path("checkpoints/tiny_math_base/mask.json").exists()

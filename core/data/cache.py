@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from ..run import user_mode
 
 DEFAULT_LIMIT_MB = 2048
 
@@ -30,7 +33,7 @@ def cached_tensors(cache_dir: str | os.PathLike, kind: str, key: dict,
     """
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"{kind}-{digest}.safetensors"
-    if path.exists():
+    if path.is_file():  # only a regular file: a FIFO in its place would block the reader forever
         try:
             tensors = load_file(path)
             os.utime(path)  # recently used: pruned last
@@ -44,13 +47,14 @@ def cached_tensors(cache_dir: str | os.PathLike, kind: str, key: dict,
         os.close(handle)
         try:
             save_file(_unshared(tensors), temp)
+            os.chmod(temp, user_mode())  # as any file the user creates, not mkstemp's 0600
             os.replace(temp, path)
         finally:
             if os.path.exists(temp):
                 os.remove(temp)
         prune(path.parent, keep=path)
-    except OSError as err:
-        warnings.warn(f"could not write the data cache {path}: {err}", stacklevel=2)
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
+        warnings.warn(f"could not write the data cache {path}: {str(err).splitlines()[0]}", stacklevel=2)
     return tensors
 
 

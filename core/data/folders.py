@@ -35,7 +35,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _CUE_CONFLICT_NAME = re.compile(r"^(?P<shape>[^\d-]+)\d+-(?P<texture>[^\d-]+)\d+$")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: 16-bit and transparent images decode to their values
 
 
 # ---------------------------------------------------------------------------------------------------- listing
@@ -93,14 +93,45 @@ def parse_cue_conflict_name(path: str | Path) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------------------------------- loading
 
+# Modes whose channels are 8-bit, which Pillow converts to RGB itself; those with an alpha channel (or a palette with
+# a transparent entry) are composited over black first, so that a transparent pixel is black whatever colour the
+# file stores under it.
+_EIGHT_BIT_MODES = frozenset({"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def _as_rgb(image):
+    """``image`` as 8-bit RGB with its values kept: 16-bit greyscale (``I;16*``) scaled by 255/65535, alpha
+    composited over black; a mode without a fixed range (32-bit ``I``, float ``F``) is refused by name."""
+    from PIL import Image
+
+    mode = image.mode
+    if mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.uint32)  # numpy honours the mode's byte order
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    if mode in _EIGHT_BIT_MODES:
+        return image.convert("RGB")
+    raise ValueError(f"pixel mode {mode} has no fixed range to map to 8 bits (save it as 8- or 16-bit greyscale "
+                     f"or RGB)")  # load_image names the file
+
+
 def load_image(path: Path, resolution: int) -> np.ndarray:
-    """(resolution, resolution, 3) uint8: shorter side resized to ``resolution``, then centre-cropped."""
+    """(resolution, resolution, 3) uint8: shorter side resized to ``resolution``, then centre-cropped.
+
+    Every mode Pillow opens with a fixed range is decoded to its 8-bit values (see ``_as_rgb``).
+
+    Raises:
+        UserError: the file is not an image Pillow reads, or its pixel mode has no fixed range (``I``, ``F``).
+    """
     from PIL import Image  # torchvision installs Pillow; imported here so the module loads without it
 
     try:
         with Image.open(path) as image:
             image.draft("RGB", (resolution, resolution))  # JPEG: decode at a reduced scale, much faster
-            image = image.convert("RGB")
+            image = _as_rgb(image)
             width, height = image.size
             scale = resolution / min(width, height)
             size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))

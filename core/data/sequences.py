@@ -22,6 +22,7 @@ task                      x                                          y
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections import Counter
@@ -211,7 +212,8 @@ GRAMMAR_CORPUS = Path(__file__).resolve().parent / "corpus" / "grammar.txt"
 def _read_text(path: str) -> str:
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"data text: path {path} not found")
+        what = "is not a regular file" if os.path.lexists(file) else "not found"  # a FIFO would block the reader
+        raise UserError(f"data text: path {path} {what}")
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:

@@ -50,22 +50,30 @@ def build_fresh(model_cfg: dict[str, Any], info: dict[str, Any]) -> torch.nn.Mod
 
 def load_model(run_dir: str | Path, name: str = "model") -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
     """(model with trained weights, model config, data facts) from a run directory written by ``save_model``."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_model as load_weights
+
+    from ..run import read_regular_bytes
 
     run_dir = Path(run_dir)
     sidecar, weights = run_dir / f"{name}.json", run_dir / f"{name}.safetensors"
     for path in (sidecar, weights):
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"{path} not found: {run_dir} holds no trained model named {name!r}")
+        if not path.is_file():  # a FIFO would block the reader forever
+            raise UserError(f"{path} is not a regular file: {run_dir} holds no readable model named {name!r}")
     try:
-        meta = json.loads(sidecar.read_text())
+        meta = json.loads(read_regular_bytes(sidecar))
         model_cfg, info = dict(meta["model"]), meta["info"]
-    except (ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{sidecar}: unreadable model description") from None
     info["input_shape"] = tuple(info.get("input_shape", ()))
     model = build_fresh(model_cfg, info)
     try:
         load_weights(model, str(weights))
+    except SafetensorError as err:  # empty, truncated, or not a safetensors file at all
+        raise UserError(f"{weights} is not a readable safetensors file ({_first_detail(err)}); the run that wrote "
+                        "it may have been cut off, or the file replaced") from None
     except (RuntimeError, OSError, ValueError) as err:
         raise UserError(f"{weights} does not match model {model_cfg['name']!r}: {_first_detail(err)}") from None
     return model, model_cfg, info

@@ -17,7 +17,7 @@ import torch
 from pydantic import field_validator
 
 from .. import dist
-from ..config import RunConfig, load_config, to_yaml
+from ..config import RunConfig, load_config, read_yaml, to_yaml
 from ..data import DataBundle, DataContext, Split, batches
 from ..errors import UserError
 from ..loggers import check_available as check_loggers
@@ -28,7 +28,7 @@ from ..registry import DATASETS, MODELS
 from ..run import TIMING_PREFIX, Run, draw_seed, has_state, is_finished, seed_everything
 from ..train import classification_loss, evaluate_classification, logits_of, predict, resolve_device
 
-STAGES = ("ablate", "base", "guide", "transfer")  # modules of this package, imported when a stage runs
+STAGES = ("ablate", "base", "compare", "guide", "transfer")  # modules of this package, imported when a stage runs
 
 
 def stage_module(stage: str):
@@ -73,11 +73,23 @@ class Interrupted(KeyboardInterrupt):
         self.path, self.resumable, self.upstream = path, resumable, False
 
 
-def execute(cfg: RunConfig, *, resume: bool = False) -> Path:
-    """Run a stage end to end; returns its run directory. UserErrors leave nothing half-written behind."""
+RESUME_OVERRIDES = ("train.threads", "train.progress")  # what --set may change on --resume: not the results
+
+
+def execute(cfg: RunConfig, *, resume: bool = False, overrides: list[str] = ()) -> Path:
+    """Run a stage end to end; returns its run directory. UserErrors leave nothing half-written behind.
+
+    Args:
+        cfg: the validated config.
+        resume: continue the unfinished run in ``cfg.output_dir`` with the config (and seed) it started with.
+        overrides: the ``--set`` items given with ``resume``; only RESUME_OVERRIDES keys are accepted.
+
+    Raises:
+        UserError: bad input, checked before the run directory is claimed where possible.
+    """
     module = stage_module(cfg.stage)
     if resume:  # continue with the very config (and seed) the run started with
-        cfg = load_stage_config(Path(cfg.output_dir) / "config.yaml", cfg.stage, out=cfg.output_dir)
+        cfg = _resumed_config(cfg, overrides)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
@@ -92,22 +104,63 @@ def execute(cfg: RunConfig, *, resume: bool = False) -> Path:
         prepare(cfg)
     run = Run.create(cfg.output_dir, to_yaml(cfg), seed, str(device), resume)
     run.attach_sinks(sink_factory(cfg.logging, cfg.name, cfg.model_dump(mode="json")))
+    try:
+        return _run_stage(module, cfg, run, seed, device, resume)
+    finally:
+        run.close_sinks()
+        run.close()
+
+
+def _resumed_config(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """The config a run started with, from its config.yaml; ``--set`` items may only repeat its values (the same
+    command again) or change RESUME_OVERRIDES."""
+    out = Path(cfg.output_dir)
+    if not out.exists():
+        raise UserError(f"--resume: {out} does not exist: there is no run to resume")
+    config = out / "config.yaml"
+    if not config.is_file():
+        raise UserError(f"--resume: {out} is not a run directory (no config.yaml)")
+    stored = load_stage_config(config, cfg.stage, out=cfg.output_dir)
+    kept = _dump_without(stored, RESUME_OVERRIDES)
+    for item in overrides:
+        changed = load_stage_config(config, cfg.stage, [item], out=cfg.output_dir)
+        if _dump_without(changed, RESUME_OVERRIDES) != kept:
+            raise UserError(f"--resume continues a run with its own config.yaml; --set {item} would change it "
+                            f"(with --resume, --set may change only {', '.join(RESUME_OVERRIDES)})")
+    return load_stage_config(config, cfg.stage, list(overrides), out=cfg.output_dir)
+
+
+def _dump_without(cfg: RunConfig, keys: tuple[str, ...]) -> dict[str, Any]:
+    dump = cfg.model_dump(mode="json")
+    for key in keys:
+        *sections, leaf = key.split(".")
+        node = dump
+        for section in sections:
+            node = node.get(section) or {}
+        node.pop(leaf, None)
+    return dump
+
+
+def _run_stage(module, cfg: RunConfig, run: Run, seed: int, device: torch.device, resume: bool) -> Path:
+    repro = cfg.reproducibility
     seed_everything(seed, repro.deterministic)  # the same RNG state whatever prepare() consumed
-    verb = "resuming" if resume else ("replaying into" if run.replay_of else "writing")
+    verb = "resuming" if run.resumed else ("replaying into" if run.replay_of else "writing")
     if dist.is_main():
         print(f"{cfg.stage}: {verb} {run.path} (seed {seed})", flush=True)
     try:
         summary = module.main(Context(cfg, run, seed, device))
+        summary = {"stage": cfg.stage, "name": cfg.name, "seed": seed, "duration_s": round(run.elapsed_s(), 2),
+                   **summary}
+        run.finish(summary)
     except (UserError, KeyboardInterrupt) as err:
         run.close_sinks()
-        run.discard_if_empty()  # stopped before any state was saved: nothing to keep, nothing to resume
-        run.record_elapsed()  # a resumed run goes on counting from here
+        if isinstance(err, KeyboardInterrupt) and is_finished(run.path):  # Ctrl-C after its last write: complete
+            return run.path
+        if not run.discard_if_empty():  # stopped before any state was saved: nothing to keep, nothing to resume
+            run.record_elapsed(quiet=True)  # a resumed run goes on counting from here
         if isinstance(err, KeyboardInterrupt):
             raise Interrupted(run.path, has_state(run.path)) from None
         raise
-    summary = {"stage": cfg.stage, "name": cfg.name, "seed": seed, "duration_s": round(run.elapsed_s(), 2),
-               **summary}
-    run.finish(summary)
     return run.path
 
 
@@ -129,6 +182,9 @@ def check_data_fits(model_info: dict, data_info: dict, model_desc: str, key: str
     Compared: ``vocab_size`` (and the vocabulary itself where both runs list one) for tokens, else ``input_shape``
     (sequence models read any length); ``num_classes`` always.
     """
+    kinds = ["token sequences" if "vocab_size" in info else "images" for info in (model_info, data_info)]
+    if kinds[0] != kinds[1]:
+        raise UserError(f"{key}: these data are {kinds[1]}, but {model_desc} was built for {kinds[0]}")
     facts = ["vocab_size", "num_classes"] if "vocab_size" in data_info else ["input_shape", "num_classes"]
     if "vocab" in model_info and "vocab" in data_info:
         facts.append("vocab")
@@ -157,6 +213,10 @@ def resolve_upstream(ref: str, stage: str, key: str) -> str:
         return str(path)
     if path.suffix not in (".yaml", ".yml"):
         raise UserError(f"{key}: {ref} is neither a run directory nor a config file")
+    declared = _stage_of(read_yaml(path))
+    if declared is not None and declared != stage:
+        raise UserError(f"{key}: {path} is a config of the {declared} stage; {key} takes a {stage} run directory or "
+                        f"a {stage} config")
     cfg = load_stage_config(path, stage)
     if is_finished(cfg.output_dir):
         return cfg.output_dir
@@ -169,6 +229,17 @@ def resolve_upstream(ref: str, stage: str, key: str) -> str:
     except Interrupted as err:
         err.upstream = True  # rerunning the downstream command resumes it; --resume would name the wrong stage
         raise
+
+
+STAGE_SECTIONS = {"mask": "ablate", "transfer": "transfer", "guidance": "guide"}  # sections only that stage has
+
+
+def _stage_of(raw: dict[str, Any]) -> Optional[str]:
+    """The stage a config is for: its ``stage:`` key, or the section only that stage has (None: can't tell)."""
+    if raw.get("stage") is not None:
+        return str(raw["stage"])
+    found = next((stage for section, stage in STAGE_SECTIONS.items() if section in raw), None)
+    return found or ("base" if raw.get("model") is not None and "base" not in raw else None)
 
 
 def make_loss(scope: str) -> Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]:

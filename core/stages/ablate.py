@@ -20,6 +20,7 @@ import torch
 from pydantic import Field
 
 from ..config import TrainConfig
+from ..errors import UserError
 from ..masks import MaskConfig, MaskedModel, mask_density
 from ..models import load_model
 from ..report import plot_bars, plot_run
@@ -45,6 +46,7 @@ class Config(UsesBaseModel):
 
 def prepare(cfg: Config) -> None:
     cfg.base = resolve_upstream(cfg.base, "base", "base")
+    load_model(cfg.base)  # an unreadable or mismatched checkpoint stops here, before the run directory exists
 
 
 def main(ctx: Context) -> dict[str, Any]:
@@ -52,7 +54,10 @@ def main(ctx: Context) -> dict[str, Any]:
     data = ctx.build_data()
     base, _, base_info = load_model(cfg.base)
     check_compatible(base, base_info, data.info)
-    masked = MaskedModel(base, cfg.mask).to(ctx.device)
+    try:
+        masked = MaskedModel(base, cfg.mask).to(ctx.device)
+    except UserError as err:
+        raise UserError(f"mask: {err}") from None
     eval_batch = cfg.train.eval_batch_size
     task_loss = make_loss(cfg.loss_scope)
 

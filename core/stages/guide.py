@@ -12,7 +12,8 @@ Options: alpha; sum or mean over pairs; the similarity measure; guidance only fo
 (then the hooks are removed); noise inputs for the guide; token-wise similarity for sequences (``positions``, the
 original's sum over positions, or ``rows``; trailing padding left out); each side's batch axis by layer name.
 Every evaluation logs the task loss, the alignment loss and each pair's similarity. Writes ``results.csv`` (one
-row per condition with the task metrics), ``results.png`` and ``summary.json``.
+row per condition with the task metrics), ``results.png``, ``summary.json``, and each condition's trained target
+(``<condition>/model.safetensors`` + ``model.json``, a model source for compare and stitch).
 
 Before the run directory exists (``prepare``), each guide is built and one alignment loss is evaluated on a
 training batch, so these raise a UserError with nothing written: a layer name that is not in a model (with the
@@ -36,7 +37,7 @@ from ..data.sequences import real_positions
 from ..errors import UserError
 from ..features import DEFAULT_TYPES, probe
 from ..guidance import AlignmentLoss, compared_rows, resolve_pairs
-from ..models import load_model
+from ..models import load_model, save_model
 from ..registry import MODELS
 from ..report import describe, format_table, plot_bars, plot_runs
 from ..run import atomic_write_text, derive_seed, seed_everything
@@ -132,6 +133,9 @@ def prepare(cfg: Config) -> None:
     if spec.tokenwise and "vocab_size" not in data.info:
         raise UserError(f"guidance.tokenwise: token-wise similarity needs token sequences; data {cfg.data.name} "
                         f"has none")
+    if len(data.train) < cfg.train.batch_size:  # the guided conditions train on full batches only
+        raise UserError(f"train.batch_size {cfg.train.batch_size} is larger than the training set of "
+                        f"{len(data.train)} examples: guidance uses full batches only; lower train.batch_size")
     batch = (data.train.head(cfg.train.batch_size).to(device), data.train.y[: cfg.train.batch_size].to(device))
     target = MODELS.build(cfg.model.name, data.info, cfg.model.params).to(device)  # each check closes its hooks
     for condition in guided:
@@ -140,9 +144,14 @@ def prepare(cfg: Config) -> None:
         try:
             with torch.no_grad():
                 target(batch[0])
-                alignment(*_alignment_inputs(spec, batch, data.info))
+                loss, _ = alignment(*_alignment_inputs(spec, batch, data.info))
+        except UserError as err:
+            raise UserError(f"guidance ({condition}, similarity {spec.similarity}): {err}") from None
         finally:
             alignment.close()
+        if not torch.isfinite(loss):
+            raise UserError(f"guidance ({condition}): the alignment loss is {loss.item()} on the first training "
+                            f"batch: a paired layer's activations hold NaN or inf")
 
 
 def main(ctx: Context) -> dict[str, Any]:
@@ -152,8 +161,9 @@ def main(ctx: Context) -> dict[str, Any]:
               for c in cfg.guidance.conditions if c != "unguided"}
     rows = ctx.run.sweep([(c, lambda sub, c=c: _train_condition(ctx, sub, c, data, guides.get(c)))
                           for c in cfg.guidance.conditions])
-    for i, row in enumerate(rows):
-        ctx.run.log_metrics({"step": i + 1, **{k: v for k, v in row.items() if not isinstance(v, (dict, list))}})
+    # Written whole, not appended: a resumed sweep derives every row again.
+    ctx.run.write_metrics([{"step": i + 1, **{k: v for k, v in row.items() if not isinstance(v, (dict, list))}}
+                           for i, row in enumerate(rows)])
     return _write_results(ctx, rows)
 
 
@@ -195,7 +205,10 @@ def _train_condition(ctx: Context, sub, condition: str, data, guide: Optional[to
             return value, {}
         if not guided:
             return value, {"task_loss": value.item(), "align_loss": 0.0}
-        align, sims = alignment(*_alignment_inputs(spec, batch, data.info))
+        try:
+            align, sims = alignment(*_alignment_inputs(spec, batch, data.info))
+        except UserError as err:  # a layer that became constant, say; a NaN reaches the loop's guard instead
+            raise UserError(f"guidance ({condition}) at step {objective.step + 1}: {err}") from None
         return value + align, {"task_loss": value.item(), "align_loss": align.item(), **sims}
 
     def evaluate(model):
@@ -212,6 +225,7 @@ def _train_condition(ctx: Context, sub, condition: str, data, guide: Optional[to
         if alignment is not None:
             alignment.close()
     final = evaluate_task(target, data.eval_sets(), data.info, eval_batch, ctx.device)
+    save_model(sub, "model", target, cfg.model.model_dump(), data.info)  # for compare/stitch (instill.sources)
     if data.info.get("vocab_size") and "num_classes" not in data.info:  # next-token prediction, not parity
         final["test_perplexity"] = math.exp(min(final["test_loss"], 50.0))
     pairs = [] if alignment is None else [f"{p.target}~{p.guide}" for p in alignment.pairs]
@@ -234,8 +248,11 @@ def _alignment(spec: GuidanceSection, target, guide, sample: torch.Tensor) -> Al
     target_keys, guide_keys = list(target_shapes), list(guide_shapes)
     if spec.drop_last_layer:
         target_keys, guide_keys = target_keys[:-1], guide_keys[:-1]
-    pairs = resolve_pairs([p.model_dump() for p in spec.layer_map] if isinstance(spec.layer_map, list)
-                          else spec.layer_map, target_keys, guide_keys)
+    try:
+        pairs = resolve_pairs([p.model_dump() for p in spec.layer_map] if isinstance(spec.layer_map, list)
+                              else spec.layer_map, target_keys, guide_keys)
+    except UserError as err:
+        raise UserError(f"guidance.layer_map: {err}") from None
     if not pairs:
         raise UserError("guidance: the layer map pairs no layers (does each side capture at least two layers?)")
     for pair in pairs:

@@ -8,7 +8,8 @@ for image tasks), every condition and every learning rate, one sub-run trains th
 sees the same batches; the learning-rate sweep stops once a rate reaches ``transfer.lr_stop_at``.
 
 Writes one sub-directory per (n, condition, lr) with its own metrics and state (an interrupted sweep resumes where
-it stopped), ``accuracy_logs.csv`` (token tasks: one row per (n, condition) with the best learning rate) or
+it stopped) and its trained model (``model.safetensors`` + ``model.json``, a model source for compare and
+stitch), ``accuracy_logs.csv`` (token tasks: one row per (n, condition) with the best learning rate) or
 ``results.csv`` (image tasks: textured and shape-only accuracy and shape bias per condition), plots, and
 ``summary.json``. Raises UserError, before the run directory exists, for an unknown condition, an empty n list, a
 learning rate <= 0, a ``model:`` section (the model is the base run's), a mask whose names, shapes or base-weights
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -28,7 +30,7 @@ from pydantic import Field, confloat, conlist, field_validator
 from ..config import Section
 from ..errors import UserError
 from ..masks import base_run_of, load_mask
-from ..models import build_fresh, load_model
+from ..models import build_fresh, load_model, save_model
 from ..report import format_table, plot_bars, plot_lines, plot_runs
 from ..run import atomic_write_text, derive_seed, seed_everything
 from . import (Context, UsesBaseModel, build_data, check_compatible, evaluate_task, make_loss,
@@ -89,6 +91,10 @@ def prepare(cfg: Config) -> None:
     _, _, _, mask = _inputs(spec.mask)
     for condition in spec.conditions:  # feasibility depends on the condition and the mask, not on n or lr
         check_condition(condition, mask)
+    kept = sum(int(m.sum()) for m in mask.values())
+    if kept == 0 and {"subnet", "subnet_trainable", "sampled_subnet"} & set(spec.conditions):
+        print(f"warning: the mask in {spec.mask} keeps no weight (density 0): subnet conditions start from the "
+              "fresh model alone", file=sys.stderr, flush=True)
 
 
 def _inputs(mask_dir: str):
@@ -106,7 +112,8 @@ def main(ctx: Context) -> dict[str, Any]:
         check_compatible(base, base_info, data.info)
         for condition in spec.conditions:
             rows.append(_sweep_lrs(ctx, n, condition, data, base, model_cfg, base_info, mask))
-            ctx.run.log_metrics({"step": len(rows), **_flat(rows[-1])})
+            # Rewritten whole, not appended: a resumed sweep derives the rows before its interruption again.
+            ctx.run.write_metrics([{"step": i + 1, **_flat(row)} for i, row in enumerate(rows)])
     return _write_results(ctx, rows)
 
 
@@ -151,6 +158,7 @@ def _train_condition(ctx: Context, sub, n, condition, lr, data, base, model_cfg,
     result = fit(start.model, objective, data.train, train_cfg, sub, seed=derive_seed(ctx.seed, "batches", n),
                  device=ctx.device)
     final = evaluate_task(start.model, data.eval_sets(), data.info, eval_batch, ctx.device)
+    save_model(sub, "model", start.model, model_cfg, base_info)  # for compare/stitch (instill.sources)
     return {"n_disambiguation": n, "condition": condition, "lr": lr, "seed": ctx.seed,
             "best_eval_acc": result.best[train_cfg.select_metric], "best_epoch": result.best.get("epoch"),
             "steps": result.steps, **start.info, **summary_metrics(final)}

@@ -1,0 +1,179 @@
+"""Speed of the layer-similarity comparison against the peer tool torch-cka, measured side by side in one process.
+
+Setup: two ConvNets of the registry (``convnet``, eight 3x3 conv blocks 16-16-32-32-32-64-64-64, strides
+1,1,2,1,1,2,1,1, different seeds) on 2,048 natural-image crops (``crops``, 3x32x32), batches of 256 (the original's
+``compare_nets.py`` default), the outputs of all 8 blocks of each: an 8 x 8 matrix of minibatch linear CKA
+(unbiased HSIC summed over batches, Nguyen et al. 2021).
+
+* ``ours``: ``instill.compare.compare_models(..., measures=["cka_minibatch"])``: one Gram matrix per layer per batch,
+  U-centred once, all 64 pairs from one matmul, accumulated in float64 on the device, one transfer at the end.
+* ``torch_cka``: ``torch_cka.CKA(...).compare(loader)`` (pip install torch-cka, a benchmark-only extra:
+  ``pip install -e .[bench]``): per pair it recomputes both layers' self-HSIC, with O(n^3) ``trace(K @ L)`` products,
+  and synchronises on every value (``.item()``).
+
+Both see the same batches in the same order; the two matrices must agree within 1e-4 (torch-cka computes in
+float32). Timing: the tools alternate (``--repeats`` rounds after one warm-up); a ratio is the median of per-round
+ratios. torch-cka runs as its README calls it (recording autograd graphs: ``speedup_vs_torch_cka``, the target
+>= 5x) and under ``torch.no_grad()`` (``speedup_vs_torch_cka_no_grad``). Both tools must run the two models'
+forward passes, timed alone as ``forwards_s``; ``speedup_beyond_forwards`` compares the work each adds to them. On a
+CPU the forward passes are a large share of the total, which bounds the overall ratio.
+Without torch-cka the bench times ``run_textbook`` (its algorithm written out) and says so (``peer``;
+``speedup_vs_torch_cka`` is null). ``python bench/compare.py`` or ``--quick`` (256 images, seconds). Run on a
+quiet machine (``uptime``). The last line printed is one JSON object with ``speedup_vs_torch_cka``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import statistics
+import time
+import warnings
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from instill.compare import compare_models
+from instill.data import DataContext
+from instill.registry import DATASETS, MODELS
+
+CHANNELS = [16, 16, 32, 32, 32, 64, 64, 64]
+STRIDES = [1, 1, 2, 1, 1, 2, 1, 1]
+LAYERS = [f"layers.{i}" for i in range(len(CHANNELS))]
+
+
+def _models(info: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(MODELS.build("convnet", info, {"channels": CHANNELS, "strides": STRIDES}).eval())
+    return models[0], models[1]
+
+
+def run_ours(model_a, model_b, loader, device) -> torch.Tensor:
+    result = compare_models(model_a, model_b, loader, layers_a=LAYERS, measures=["cka_minibatch"], device=device)
+    return torch.from_numpy(result.matrix("cka_minibatch"))
+
+
+def run_torch_cka(model_a, model_b, loader, device, no_grad: bool = False) -> torch.Tensor:
+    """torch-cka as its README calls it (``CKA(...).compare(loader)``, which records autograd graphs), or under
+    ``torch.no_grad()`` (``no_grad``: the peer at its best)."""
+    from contextlib import nullcontext
+
+    from torch_cka import CKA
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cka = CKA(model_a, model_b, model1_name="a", model2_name="b", model1_layers=LAYERS, model2_layers=LAYERS,
+                  device=str(device))
+        with torch.no_grad() if no_grad else nullcontext():
+            cka.compare(loader)
+    for model in (model_a, model_b):  # torch-cka leaves its hooks on the models: remove them for the next round
+        for module in model.modules():
+            module._forward_hooks.clear()
+    return cka.hsic_matrix.detach().double().cpu()
+
+
+def run_textbook(model_a, model_b, loader, device) -> torch.Tensor:
+    """torch-cka's algorithm written out, for machines without it: per pair, both Gram matrices and three unbiased
+    HSIC estimates with O(n^3) ``trace(K @ L)``, each synchronised with ``.item()``."""
+    from instill.features import FeatureCapture
+
+    def hsic(k, l):
+        n = k.shape[0]
+        ones = torch.ones(n, 1, device=k.device)
+        value = torch.trace(k @ l) + ((ones.T @ k @ ones) * (ones.T @ l @ ones)).item() / ((n - 1) * (n - 2))
+        value -= (ones.T @ k @ l @ ones).item() * 2 / (n - 2)
+        return (value / (n * (n - 3))).item()
+
+    sums = torch.zeros(len(LAYERS), len(LAYERS), 3, dtype=torch.float64)
+    with torch.no_grad(), FeatureCapture(model_a, LAYERS) as capture_a, FeatureCapture(model_b, LAYERS) as capture_b:
+        for x, _ in loader:
+            model_a(x), model_b(x)
+            feats_a, feats_b = capture_a.pop(), capture_b.pop()
+            for i, name_a in enumerate(LAYERS):
+                flat = feats_a[name_a].flatten(1)
+                k = (flat @ flat.T).fill_diagonal_(0)
+                for j, name_b in enumerate(LAYERS):
+                    other = feats_b[name_b].flatten(1)
+                    l = (other @ other.T).fill_diagonal_(0)
+                    sums[i, j] += torch.tensor([hsic(k, k), hsic(k, l), hsic(l, l)], dtype=torch.float64)
+    return sums[..., 1] / (sums[..., 0] * sums[..., 2]).sqrt()
+
+
+def run_forwards(model_a, model_b, loader) -> None:
+    """The two models' forward passes alone: the floor both tools share."""
+    with torch.no_grad():
+        for x, _ in loader:
+            model_a(x), model_b(x)
+
+
+def _timed(fn, *args) -> tuple[float, torch.Tensor]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn(*args)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="256 images, one round")
+    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    images, repeats = (256, 1) if args.quick else (args.images, args.repeats)
+    device = torch.device(args.device)
+    data = DATASETS.build("crops", DataContext(seed=0), {"n_train": images, "n_val": 4, "n_test": 4})
+    model_a, model_b = (m.to(device) for m in _models(data.info))
+    loader = DataLoader(TensorDataset(data.train.x.to(device), data.train.y.to(device)), batch_size=args.batch_size,
+                        shuffle=False)
+    have_peer = importlib.util.find_spec("torch_cka") is not None
+    if not have_peer:
+        print("torch-cka is not installed (pip install -e .[bench]): timing a textbook implementation of its "
+              "algorithm instead", flush=True)
+    peer = run_torch_cka if have_peer else run_textbook
+    peer_no_grad = functools.partial(run_torch_cka, no_grad=True) if have_peer else run_textbook
+    run_ours(model_a, model_b, loader, device)  # warm-up (allocations, kernels)
+    times: dict[str, list[float]] = {"ours": [], "torch_cka": [], "torch_cka_no_grad": [], "forwards": []}
+    diffs = []
+    for _ in range(repeats):
+        t_forwards, _ = _timed(run_forwards, model_a, model_b, loader)
+        t_ours, ours = _timed(run_ours, model_a, model_b, loader, device)
+        t_peer, peer_values = _timed(peer, model_a, model_b, loader, device)
+        t_best, best = _timed(peer_no_grad, model_a, model_b, loader, device)
+        for key, value in zip(times, (t_ours, t_peer, t_best, t_forwards)):
+            times[key].append(value)
+        diffs.append(max((ours - peer_values).abs().max().item(), (ours - best).abs().max().item()))
+        print(f"round: forwards alone {t_forwards:.3f}s  ours {t_ours:.3f}s  torch-cka {t_peer:.3f}s "
+              f"(no_grad {t_best:.3f}s)  ratio {t_peer / t_ours:.2f}x  max |diff| {diffs[-1]:.2e}", flush=True)
+    print("ours (8 x 8 cka_minibatch):")
+    for name, row in zip(LAYERS, ours.tolist()):
+        print(f"  {name:9s} " + " ".join(f"{v:.3f}" for v in row))
+    max_diff = max(diffs)
+    med = {key: statistics.median(values) for key, values in times.items()}
+    ratio = lambda key: statistics.median(p / o for p, o in zip(times[key], times["ours"]))  # noqa: E731
+    beyond = statistics.median((p - f) / max(o - f, 1e-9) for p, o, f in
+                               zip(times["torch_cka"], times["ours"], times["forwards"]))
+    result = {"bench": "compare", "device": str(device), "threads": torch.get_num_threads(), "images": images,
+              "batch_size": args.batch_size, "layers": f"{len(LAYERS)}x{len(LAYERS)}",
+              **{f"{key if have_peer else key.replace('torch_cka', 'textbook')}_s": round(value, 4)
+                 for key, value in med.items()},
+              "peer": "torch-cka" if have_peer else "textbook (torch-cka not installed)",
+              "speedup_vs_peer": round(ratio("torch_cka"), 2),
+              "speedup_vs_torch_cka": round(ratio("torch_cka"), 2) if have_peer else None,
+              "speedup_vs_torch_cka_no_grad": round(ratio("torch_cka_no_grad"), 2) if have_peer else None,
+              "speedup_beyond_forwards": round(beyond, 2), "max_abs_diff": max_diff,
+              "agree_1e-4": max_diff <= 1e-4,
+              "target_met": have_peer and ratio("torch_cka") >= 5 and max_diff <= 1e-4}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
