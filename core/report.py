@@ -192,7 +192,8 @@ def plot_run(path: str | Path) -> Optional[Path]:
         _honest_ylim(ax, [r.get(k) for r in rows for k in keys], fraction)
         if keys:
             ax.legend(fontsize=9)
-    fig.suptitle(path.name if path.parent.name in ("", ".") else f"{path.parent.name} / {path.name}")
+    sub_run = (path.parent / "config.yaml").is_file()  # a sweep's condition: say whose
+    fig.suptitle(f"{path.parent.name} / {path.name}" if sub_run else path.name)
     fig.tight_layout()
     out = path / "curves.png"
     _save_figure(fig, out)
