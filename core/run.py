@@ -400,13 +400,17 @@ def claim_run_dir(output_dir: str | Path, resume: bool, populate: Callable[..., 
 
 def is_replay_of(run_dir: Path, config_yaml: str) -> bool:
     """Whether ``config_yaml`` (a resolved snapshot, seed included) asks for the run recorded in ``run_dir``: every
-    recorded key has the same value (keys the recorded snapshot lacks, options added since, are not compared)."""
+    recorded key has the same value (keys the recorded snapshot lacks, options added since, are not compared; nor is
+    ``output_dir``, which says where a run is written, not what it computes: a moved run directory replays too)."""
     import yaml
 
     try:
         recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, ValueError, yaml.YAMLError):
         return False
+    if not isinstance(recorded, dict):
+        return False
+    recorded = {k: v for k, v in recorded.items() if k != "output_dir"}
     return _holds(yaml.safe_load(config_yaml), recorded)
 
 
