@@ -95,6 +95,8 @@ def test_readme_lists_the_commands_this_test_knows():
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
 def test_every_readme_command_runs_as_shown(tmp_path, monkeypatch, capsys):
     shutil.copytree(REPO / "configs", tmp_path / "configs")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "fixtures").symlink_to(REPO / "tests" / "fixtures")  # weights the README names
     monkeypatch.chdir(tmp_path)
     for command in readme_commands():
         if command.startswith("python bench/") or command == "make bench":
