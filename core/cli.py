@@ -16,7 +16,10 @@ from .errors import UserError
 
 
 def parse_args(stage: str, argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=f"instill {stage} stage: run one YAML config")
+    wants_help = any(arg in ("-h", "--help") for arg in (sys.argv[1:] if argv is None else argv))
+    parser = argparse.ArgumentParser(description=f"instill {stage} stage: run one YAML config",
+                                     epilog=config_sections(stage) if wants_help else None,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config file (a run directory's config.yaml replays that run)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.optimizer.lr=0.01 (repeatable)")
@@ -25,6 +28,85 @@ def parse_args(stage: str, argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--validate", action="store_true", help="check the config and exit")
     return parser.parse_args(argv)
+
+
+def config_sections(stage: str) -> str:
+    """The help text's epilog: the stage config's sections with their keys, and where to find registry entries."""
+    from pydantic import BaseModel
+
+    from .config import Component
+    from .stages import stage_module
+
+    lines = ["config sections (see README.md and docs/design.md; instill list models|datasets|measures|conditions "
+             "shows what names a config can use, with their options):"]
+    for name, field in stage_module(stage).Config.model_fields.items():
+        kinds = [field.annotation, *getattr(field.annotation, "__args__", ())]
+        section = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+        if section is not None and issubclass(section, Component):
+            keys = "name: <registered name>, then that entry's options (instill list)"
+        elif section is not None:
+            keys = ", ".join(section.model_fields)
+        else:
+            keys = " ".join(filter(None, [_type_name(field.annotation), field.description]))
+        lines.append(f"  {name}: {keys}" if keys else f"  {name}")
+    return "\n".join(lines)
+
+
+def list_entries(kind: str) -> str:
+    """``instill list KIND``: each entry of a registry or set of choices with its options and one line of help."""
+    listings = {"models": _registry_listing, "datasets": _registry_listing, "measures": _measures_listing,
+                "conditions": _conditions_listing}  # the Align rules add "rules" when that system lands
+    if kind not in listings:
+        raise UserError(f"instill list: unknown kind {kind!r}; known: {', '.join(listings)}")
+    return "\n".join(listings[kind](kind))
+
+
+def _first_line(doc: Optional[str]) -> str:
+    return " ".join((doc or "").strip().split("\n\n")[0].split()).replace("``", "")
+
+
+def _type_name(annotation) -> str:
+    """``list[int]``, ``Optional[float]``, ``'relu'|'gelu'``: constraints (ge=1, ...) left out."""
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin is typing.Literal:
+        return "|".join(repr(a) for a in args)
+    if origin is typing.Union:
+        inner = [_type_name(a) for a in args if a is not type(None)]
+        return f"Optional[{', '.join(inner)}]" if len(inner) < len(args) else " | ".join(inner)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
+def _registry_listing(kind: str) -> list[str]:
+    from .registry import DATASETS, MODELS
+
+    lines = []
+    for entry in (MODELS if kind == "models" else DATASETS).entries():
+        lines.append(f"{entry.name}: {_first_line(entry.doc)}")
+        for key, field in entry.params.model_fields.items():
+            kind_name = _type_name(field.annotation)
+            default = "required" if field.is_required() else f"= {field.get_default(call_default_factory=True)!r}"
+            lines.append(f"    {key}: {kind_name} {default}")
+    return lines
+
+
+def _measures_listing(kind: str) -> list[str]:
+    from .similarity import SIMILARITIES
+
+    return [f"{name}: {_first_line(getattr(m.pair, 'func', m.pair).__doc__)}" for name, m in SIMILARITIES.items()]
+
+
+def _conditions_listing(kind: str) -> list[str]:
+    from .stages.guide import CONDITION_HELP
+    from .transfer import condition_help
+
+    return (["transfer (transfer.conditions):"] + [f"    {c}: {h}" for c, h in condition_help().items()]
+            + ["guide (guidance.conditions):"] + [f"    {c}: {h}" for c, h in CONDITION_HELP.items()])
 
 
 def main(stage: str, argv: Optional[list[str]] = None) -> int:
@@ -84,9 +166,20 @@ def console_main(argv: Optional[list[str]] = None) -> None:
     from .stages import STAGES
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "list":
+        try:
+            if len(argv) != 2:
+                raise UserError("usage: instill list models|datasets|measures|conditions")
+            print(list_entries(argv[1]))
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(err.exit_code)
+        sys.exit(0)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
+        asked = bool(argv) and argv[0] in ("-h", "--help")
         print(f"usage: instill {{{','.join(STAGES)}}} CONFIG [--set KEY=VALUE ...] [--out DIR] [--resume] "
-              "[--print-config] [--validate]",
-              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+              "[--print-config] [--validate]\n       instill list models|datasets|measures|conditions\n"
+              "`instill STAGE --help` shows a stage's config sections; README.md and docs/design.md explain them.",
+              file=sys.stdout if asked else sys.stderr)
+        sys.exit(0 if asked else 2)
     sys.exit(quiet_interrupt(main, argv[0], argv[1:]))

@@ -322,6 +322,18 @@ def probe(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec], *inputs: An
     """Capture keys in execution order with each capture's shape (batch first), from one forward under no_grad.
 
     Use it to list a model's layers before training, e.g. to build a layer map (and drop the logits layer).
+
+    Args:
+        model: the network.
+        layers: module names and/or types, as for ``FeatureCapture``.
+        *inputs: the forward's arguments (a sample batch).
+        **capture_options: further ``FeatureCapture`` options (``batch_axes``, ...).
+
+    Returns:
+        ``{capture key: shape}`` in execution order.
+
+    Raises:
+        UserError: a layer name that is not in the model, or a layer output that is not a tensor.
     """
     capture_options.setdefault("transform", lambda tensor: tuple(tensor.shape))
     with torch.no_grad(), FeatureCapture(model, layers, **capture_options) as capture:

@@ -28,6 +28,8 @@ from .similarity import DegenerateActivations, NonFiniteActivations
 
 @dataclass(frozen=True)
 class LayerPair:
+    """One aligned pair: a target layer, a guide layer (capture keys) and the weight of its term."""
+
     target: str
     guide: str
     weight: float = 1.0
@@ -91,6 +93,22 @@ class AlignmentLoss:
     ``real`` (a (batch, time) bool mask, ``instill.data.sequences.real_positions``) marks the real positions; without
     it every position is real. ``steps``: guidance only for the first N optimizer steps (``active``); then the
     hooks are removed, so the target's forwards copy nothing and the guide no longer runs.
+
+    Each forward of the target starts a fresh capture, and a loss whose last target forward ran without gradients
+    raises (see ``__call__``): an evaluation forward in a user's loop can neither leave a stale capture nor make the
+    loss silently train nothing. ``instill.alignment_loss`` builds one from layer names.
+
+    Args:
+        target: the network being trained.
+        guide: the guide network (put in eval mode and frozen).
+        pairs: the aligned layer pairs (capture keys of each side).
+        similarity: a measure name (``instill.measures()``).
+        alpha: the loss weight; reduce: ``sum`` or ``mean`` over pairs; tokenwise: see above.
+        target_batch_axes / guide_batch_axes: ``{layer: batch axis}`` for layers that are not batch first.
+        steps: guide only the first N optimizer steps.
+
+    Raises:
+        UserError: a layer name that is not in its model, an unknown measure.
     """
 
     def __init__(self, target: nn.Module, guide: nn.Module, pairs: list[LayerPair], *, similarity: str = "cka",
@@ -112,6 +130,11 @@ class AlignmentLoss:
         guide_layers = sorted({module_of(k) for k in guide_keys})
         self.guide_capture = FeatureCapture(guide, guide_layers, batch_axes=guide_batch_axes, keys=guide_keys,
                                             transform={m: partial(self._summaries, m) for m in guide_layers}).open()
+        # Each forward of the target starts afresh: a forward made outside a training step (an evaluation under
+        # no_grad, say) would otherwise leave its captures in front of the next training forward's, whose calls
+        # would then be counted as second calls and dropped, and the alignment term would carry no gradient.
+        self._fresh_forward = target.register_forward_pre_hook(lambda module, args: self._discard_stale())
+        self._target = target
 
     # --- what is compared --------------------------------------------------------------------------------------
 
@@ -160,6 +183,9 @@ class AlignmentLoss:
             self.guide(guide_input)
         return self.guide_capture.pop()
 
+    def _discard_stale(self) -> None:
+        self.target_capture.pop()  # what an earlier forward of the target left (nothing while paused or closed)
+
     def __call__(self, guide_input: torch.Tensor, real: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, dict[str, float]]:
         """The alignment term for the target forward that just ran, and each pair's similarity for the log.
@@ -167,9 +193,29 @@ class AlignmentLoss:
         Non-finite activations give a NaN term, so that the training loop's guard stops the run with its message
         (the step, the last saved state); a layer the measure cannot compare (constant over the batch, or too few
         samples) raises ``DegenerateActivations`` naming the pair.
+
+        Args:
+            guide_input: the guide's input for this batch (the target's input, or noise of its kind).
+            real: token-wise only: a (batch, time) bool mask of the real (not padding) positions.
+
+        Returns:
+            (alpha-weighted alignment loss, {"sim/<target>~<guide>": similarity} for the log).
+
+        Raises:
+            UserError: the target ran no forward since the last call (or it was paused), or, with gradients
+                enabled, its last forward ran without them (under ``torch.no_grad``), so the loss would train nothing.
         """
         self._set_real(real)
         targets = self.target_capture.pop()
+        missing = [pair.target for pair in self.pairs if pair.target not in targets]
+        if missing:
+            raise UserError(f"alignment loss: no capture of target layer {missing[0]!r}: run the target's forward "
+                            "on this batch right before the alignment loss (and not inside paused())")
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self._target.parameters()) and not any(
+                targets[pair.target].requires_grad for pair in self.pairs):
+            raise UserError("alignment loss: the target's last forward ran without gradients (under torch.no_grad, "
+                            "an evaluation?), so this loss would train nothing: run the training forward on this "
+                            "batch right before the alignment loss")
         try:
             guides = self.guide_summaries(guide_input)
         except NonFiniteActivations:
@@ -214,5 +260,6 @@ class AlignmentLoss:
     def close(self) -> None:
         """Remove both sides' hooks for good (guidance over)."""
         self.closed = True
+        self._fresh_forward.remove()
         self.guide_capture.close()
         self.target_capture.close()

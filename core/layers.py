@@ -75,7 +75,7 @@ def _data_info(name: str, params: dict[str, Any]) -> tuple[dict[str, Any], Optio
     from .registry import DATASETS
 
     data = DATASETS.build(name, DataContext(seed=0), params)
-    return data.info, data.train.x[:2]
+    return data.info, data.train.head(2)
 
 
 def _dummy(info: dict[str, Any]) -> torch.Tensor:

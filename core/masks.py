@@ -70,7 +70,19 @@ ARTIFACT_VERSION = 2  # 2: mask.json records mask_hash, the content hash of mask
 
 @dataclass(frozen=True)
 class MaskConfig:
-    """What to mask and how. ``final_temp``/``legacy_schedule`` drive ``temperature_at`` (continuous sparsification)."""
+    """What to mask and how. ``final_temp``/``legacy_schedule`` drive ``temperature_at`` (continuous sparsification).
+
+    Args:
+        layers: layer types (``Linear``, ``Conv2d``, ``Conv1D``, ``Embedding``, ...), globs over module names or over
+            parameter names.
+        method: ``continuous_sparsification``, ``hard_concrete`` or ``magnitude`` (see the module docstring).
+        unit: ``weight`` (one logit per weight) or ``neuron`` (one per output unit).
+        mask_bias: mask the selected modules' biases too.
+        l0_lambda: the weight of the L0 penalty; the other fields are each method's settings.
+
+    Raises:
+        UserError: an unknown method or unit, an empty selection, a value out of range.
+    """
 
     layers: tuple[str, ...]
     method: str = "continuous_sparsification"
@@ -349,6 +361,13 @@ class MaskedModel(nn.Module):
     ``forward`` takes the model's own arguments. After a training forward, ``l0()`` is the L0 term of that very
     forward (no second mask computation) and ``penalty()`` is ``l0_lambda * l0()``. Set ``temperature`` (or call
     ``set_epoch``) for continuous sparsification.
+
+    Args:
+        model: the trained model; its parameters are frozen (``requires_grad`` off) and it stays in eval mode.
+        config: what to mask and how (``MaskConfig``: layers, method, unit, L0 weight, schedule).
+
+    Raises:
+        UserError: a layer selection that matches no weight of ``model``.
     """
 
     def __init__(self, model: nn.Module, config: MaskConfig):
@@ -443,7 +462,11 @@ class MaskedModel(nn.Module):
         return self.config.l0_lambda * self.l0()
 
     def hard_masks(self) -> dict[str, torch.Tensor]:
-        """The binary masks, one bool tensor per parameter name in the parameter's full shape (on the CPU)."""
+        """The binary masks.
+
+        Returns:
+            One bool tensor per parameter name in the parameter's full shape, on the CPU (True: kept).
+        """
         return {t.name: m.expand(w.shape).contiguous().cpu()
                 for t, w, m in zip(self.targets, self._base, self._hard_unit_masks())}
 
@@ -463,8 +486,19 @@ class MaskedModel(nn.Module):
                 param.copy_(value.to(param.dtype))
 
     def save(self, directory: str | Path, base_run: Optional[str | Path] = None, **extra: Any) -> dict[str, Any]:
-        """Write the mask artifact of the current hard masks (``base_run``: the base model's run directory);
-        returns the metadata written."""
+        """Write the mask artifact of the current hard masks: ``mask.safetensors`` and ``mask.json``.
+
+        Args:
+            directory: where to write (created if missing); files are replaced atomically.
+            base_run: the base model's run directory, recorded relative to ``directory``.
+            **extra: further JSON-serialisable fields for ``mask.json``.
+
+        Returns:
+            The metadata written: method, hyperparameters, density per layer and overall, the base weights' hash.
+
+        Raises:
+            UserError: masks that do not fit the model (cannot happen for masks this model made).
+        """
         return save_mask(directory, self.hard_masks(), self.model, method=self.config.method,
                          hyperparameters=self.config.hyperparameters(), base_run=base_run, extra=extra)
 
@@ -635,7 +669,17 @@ def weights_hash(model: nn.Module) -> str:
 
 
 def mask_density(masks: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """Kept entries per parameter and overall."""
+    """Kept entries per parameter and overall.
+
+    Args:
+        masks: ``{parameter name: bool tensor}``.
+
+    Returns:
+        ``{"kept", "total", "density", "layers": {name: {"shape", "kept", "total", "density"}}}``.
+
+    Raises:
+        Nothing: empty masks give density 0.
+    """
     layers = {name: {"shape": list(m.shape), "kept": int(m.sum()), "total": m.numel(),
                      "density": float(m.sum()) / max(m.numel(), 1)} for name, m in masks.items()}
     kept = sum(layer["kept"] for layer in layers.values())
@@ -723,6 +767,15 @@ def load_mask(directory: str | Path, base_model: nn.Module, expected: Optional[I
 
     Names must be exactly ``expected`` if given, else exactly what the layer selection recorded in ``mask.json``
     gives on ``base_model``: a missing parameter would be inherited whole, an extra one frozen whole.
+
+    Args:
+        directory: a mask directory (``mask.safetensors`` + ``mask.json``, as ``MaskedModel.save`` writes).
+        base_model: the model the mask was found on.
+        expected: the parameter names the mask must hold (default: the recorded selection's).
+        check_hash: refuse a mask found on other weights (the hash of the base weights is recorded).
+
+    Returns:
+        ``{parameter name: bool tensor in the parameter's shape}`` (True: in the subnetwork).
 
     Raises:
         UserError: a missing or unreadable file, names or shapes that do not fit, a mask file that is not the one

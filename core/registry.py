@@ -4,6 +4,21 @@ A builder is a function ``build(ctx, *, key: type = default, ...)``. Its first p
 run supplies (seed, input shape, class count); every keyword-only parameter becomes a typed, validated config key.
 So a builder's signature is the single source of its options: the config validator, the error messages and the
 ``--print-config`` output all read it.
+
+Your own code, three ways, each validated exactly like the built-in entries:
+
+- By import path in a config: ``model: {name: "mypkg.nets:MyNet", width: 64}``. The module is imported when the
+  config names it (from the installed packages, ``PYTHONPATH``, or else the working directory). A function
+  ``build(ctx, *, ...)`` is a builder as above. A class (or a function without a leading positional parameter)
+  takes its options from all its named parameters; those named after a fact of the run are filled in instead
+  (models: ``input_shape``, ``num_classes``, ``vocab_size``, ``seq_len`` from the dataset's ``info``; datasets:
+  ``seed``, ``cache_dir``).
+- By entry point: a package declares ``[project.entry-points."instill.models"] tiny = "mypkg.nets:build_tiny"``
+  (or ``instill.datasets``) and every script knows ``name: tiny``.
+- By ``MODELS.register("name")`` / ``DATASETS.register("name")`` in code imported before the stage runs.
+
+The config snapshot keeps the name, so a replay imports the very same code path; ``env.json`` records which file
+and package version each outside entry came from.
 """
 
 from __future__ import annotations
@@ -45,16 +60,56 @@ class Registry:
 
         return wrap
 
+    @property
+    def group(self) -> str:
+        """The entry-point group through which packages add entries: ``instill.models``, ``instill.datasets``."""
+        return f"instill.{self.kind}s"
+
+    def _load_entry_points(self, wanted: str | None = None) -> bool:
+        """Register the group's entry points (only ``wanted`` when given); True when ``wanted`` is now known."""
+        from importlib.metadata import entry_points
+
+        for point in entry_points(group=self.group):
+            if point.name in self._entries or (wanted is not None and point.name != wanted):
+                continue
+            try:
+                target = point.load()
+            except Exception as err:  # a broken plug-in: say which package, do not guess
+                raise UserError(f"{self.kind} {point.name!r}: cannot load entry point {point.value} of group "
+                                f"{self.group} ({err.__class__.__name__}: {err})") from None
+            self._entries[point.name] = self._outside_entry(point.name, target, origin=point.value)
+        return wanted in self._entries
+
+    def _outside_entry(self, name: str, target: Any, origin: str) -> Entry:
+        if not callable(target):
+            raise UserError(f"{self.kind} {name!r}: {origin} is not a class or function")
+        build = target if _is_builder(target) else _fact_filling_builder(target, _FACTS[self.kind])
+        _OUTSIDE[f"{self.kind}:{name}"] = _origin_record(target, origin)
+        return Entry(name, build, _params_model(name, build), inspect.getdoc(target) or "")
+
+    def entries(self) -> list[Entry]:
+        """Every registered entry (prefixed ones as ``<prefix>:<name>``), by name; entry points included."""
+        _import_builtins()
+        self._load_entry_points()
+        return [self._entries[n] for n in sorted(self._entries)] + [
+            dataclasses.replace(self._prefixes[p], name=f"{p}:<name>") for p in sorted(self._prefixes)]
+
     def names(self) -> list[str]:
         return sorted(self._entries) + sorted(f"{p}:<name>" for p in self._prefixes)
 
     def get(self, name: str) -> Entry:
-        _import_builtins()
+        if name not in self._entries:
+            _import_builtin(self.kind, name)
         if name in self._entries:
             return self._entries[name]
         head = name.split(":", 1)[0]
         if ":" in name and head in self._prefixes:
             return self._prefixes[head]
+        if _IMPORT_PATH.fullmatch(name):
+            self._entries[name] = self._outside_entry(name, _import_object(name, self.kind), origin=name)
+            return self._entries[name]
+        if self._load_entry_points(name):
+            return self._entries[name]
         raise UserError(
             f"unknown {self.kind} {name!r}"
             + did_you_mean(name, self.names())
@@ -141,6 +196,121 @@ def _field_types(model: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(model):
         return {f.name: f.type for f in dataclasses.fields(model)}
     return {}
+
+
+_IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+# Parameters of an outside class filled from the run instead of the config (``info`` keys; DataContext fields).
+_FACTS = {"model": ("input_shape", "num_classes", "vocab_size", "seq_len"), "dataset": ("seed", "cache_dir")}
+_OUTSIDE: dict[str, dict[str, Any]] = {}  # "<kind>:<name>" -> where its code came from (for env.json)
+
+
+def outside_code() -> dict[str, dict[str, Any]]:
+    """Where each entry used so far that is not instill's own came from: import path, file, package version."""
+    return dict(_OUTSIDE)
+
+
+def _import_object(path: str, kind: str) -> Any:
+    """The object ``module:attribute`` names; the working directory is searched last, as ``python -m`` does."""
+    import importlib
+    import os
+    import sys
+
+    module_name, _, attribute = path.partition(":")
+    try:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name is None or not module_name.startswith(err.name) or os.getcwd() in sys.path:
+                raise
+            sys.path.append(os.getcwd())
+            module = importlib.import_module(module_name)
+    except Exception as err:  # the user's module: any failure to import it is theirs to see, in one line
+        raise UserError(f"{kind} {path!r}: cannot import {module_name} ({err.__class__.__name__}: {err})") from None
+    target = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            names = [n for n in vars(module) if not n.startswith("_")]
+            raise UserError(f"{kind} {path!r}: {module_name} has no {attribute!r}" + did_you_mean(part, names))
+        target = getattr(target, part)
+    return target
+
+
+def _is_builder(fn: Any) -> bool:
+    """A function ``build(ctx, *, ...)``: a leading positional parameter without default, the rest keyword-only."""
+    if inspect.isclass(fn) or not inspect.isfunction(fn):
+        return False
+    params = list(inspect.signature(fn).parameters.values())
+    return bool(params) and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                               inspect.Parameter.POSITIONAL_OR_KEYWORD) \
+        and params[0].default is inspect.Parameter.empty \
+        and all(p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD) for p in params[1:])
+
+
+def _fact_filling_builder(target: Any, facts: tuple[str, ...]) -> Callable[..., Any]:
+    """A builder for a class or plain function: its named parameters are the options, except the run's facts,
+    which come from the context (a dataset's ``info`` dict, or the DataContext)."""
+    signature = inspect.signature(target, eval_str=True)
+    named = [p for p in signature.parameters.values()
+             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    options = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in named if p.name not in facts]
+    wanted_facts = [p.name for p in named if p.name in facts]
+
+    def build(ctx, **kwargs):
+        from_run = {fact: (ctx.get(fact) if isinstance(ctx, dict) else getattr(ctx, fact, None))
+                    for fact in wanted_facts}
+        missing = [fact for fact, value in from_run.items() if value is None]
+        if missing:
+            raise UserError(f"{getattr(target, '__name__', target)} needs {', '.join(missing)}, which this run's "
+                            f"data do not provide")
+        return target(**from_run, **kwargs)
+
+    ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_ONLY)
+    build.__signature__ = inspect.Signature([ctx_param, *options])
+    build.__name__ = getattr(target, "__name__", "build")
+    return build
+
+
+def _origin_record(target: Any, origin: str) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    module = inspect.getmodule(target)
+    record = {"import_path": origin, "file": getattr(module, "__file__", None)}
+    top = (getattr(module, "__name__", "") or "").split(".")[0]
+    try:
+        distributions = md.packages_distributions().get(top, [])
+        if distributions:
+            record["package"] = f"{distributions[0]} {md.version(distributions[0])}"
+    except Exception:  # metadata of an odd installation: the file path still says where the code was
+        pass
+    return record
+
+
+# The module that registers each shipped entry: a config imports only the modules it names, so --validate and the
+# start of a run stay cheap (tests/test_registry.py keeps this table equal to what the modules register).
+BUILTIN_MODULES = {
+    "dataset": {"digits": "data.images", "mnist5k": "data.images", "image_folder": "data.folders",
+                "shapes": "data.shapes", "arithmetic": "data.arithmetic", "copy_paste": "data.sequences",
+                "parity": "data.sequences", "grammar": "data.sequences", "text": "data.sequences",
+                "crops": "data.natural", "cifar10": "data.natural", "cifar100": "data.natural"},
+    "model": {"fcn": "models.vision", "convnet": "models.vision", "timm": "models.vision",
+              "torchvision": "models.vision", "gpt2": "models.gpt2", "deep_fcn": "models.deep",
+              "wide_fcn": "models.deep", "noresnet": "models.deep", "rnn": "models.sequence",
+              "lstm": "models.sequence", "gru": "models.sequence", "transformer": "models.sequence",
+              "rnn_classifier": "models.sequence", "transformer_classifier": "models.sequence",
+              "tiny10": "models.zoo", "nbn_tiny10": "models.zoo", "lenet": "models.zoo", "resnet20": "models.zoo"},
+}
+
+
+def _import_builtin(kind: str, name: str) -> None:
+    """Import the module that registers ``name`` (``timm:x``: the ``timm`` prefix's), or every shipped module
+    when the name is not a shipped one (for the error message's list of known names)."""
+    import importlib
+
+    module = BUILTIN_MODULES[kind].get(name) or BUILTIN_MODULES[kind].get(name.split(":", 1)[0])
+    if module is None:
+        _import_builtins()
+    else:
+        importlib.import_module(f".{module}", __package__)
 
 
 _BUILTINS_IMPORTED = False

@@ -1,7 +1,7 @@
 """Tables and plots over run directories.
 
     python -m instill.report checkpoints/           one row per run: name, stage, seed, status, duration, key metrics
-    python -m instill.report checkpoints/ --plot    also write curves.png into each run directory
+    python -m instill.report checkpoints/ --plot    also write curves.png into each run (a sweep: each sub-run)
     python -m instill.report SWEEP_DIR [--metric M] [--x KEY]
                                                     a sweep: one row per point, then mean, std and count over
                                                     seeds per condition; CSVs and M-against-KEY plots in report/
@@ -118,63 +118,141 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+# Words for the names a figure shows: condition names, and the prefixes / suffixes of metric keys.
+CONDITION_WORDS = {
+    "subnet": "subnetwork (frozen)", "subnet_trainable": "subnetwork (trainable)", "full_model": "whole base model",
+    "random_init": "random initialisation", "sampled_subnet": "random subnetwork, same size",
+    "sampled_complement": "random weights outside the subnetwork", "unguided": "no guidance",
+    "guided_untrained": "guided by an untrained guide", "guided_trained": "guided by a trained guide",
+}
+_SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test", "textured": "textured",
+                "shape_only": "shape-only", "cue_conflict": "cue-conflict"}
+_METRIC_WORDS = {"acc": "accuracy", "loss": "loss", "shape_bias": "shape bias", "task_loss": "task loss",
+                 "align_loss": "alignment loss", "l0_penalty": "L0 penalty"}
+DPI = 150
+
+
+def describe(key: str) -> str:
+    """A metric key or condition name in words: ``val_acc`` -> "validation accuracy", ``subnet`` -> "subnetwork
+    (frozen)"; unknown names come back with spaces for underscores."""
+    if key in CONDITION_WORDS:
+        return CONDITION_WORDS[key]
+    if key in _METRIC_WORDS:
+        return _METRIC_WORDS[key]
+    for split, words in sorted(_SPLIT_WORDS.items(), key=lambda item: -len(item[0])):
+        for metric, metric_words in _METRIC_WORDS.items():
+            if key == f"{split}_{metric}":
+                return f"{words} {metric_words}"
+    return key.replace("_", " ")
+
+
+def _honest_ylim(ax, values: list[float], fraction: bool) -> None:
+    """A y-axis that shows differences at their size: fractions on [0, 1]; otherwise at least 10% of the values'
+    magnitude, so that a difference of 0.001 does not fill the figure."""
+    finite = [v for v in values if isinstance(v, (int, float)) and v == v and abs(v) != float("inf")]
+    if fraction:
+        ax.set_ylim(0, 1.02)
+        return
+    if not finite:
+        return
+    low, high = min(finite), max(finite)
+    least = 0.1 * max(abs(low), abs(high)) or 0.1
+    if high - low < least:
+        middle = (high + low) / 2
+        low, high = middle - least / 2, middle + least / 2
+    if min(finite) >= 0:
+        low = max(low, 0.0)
+    margin = 0.05 * (high - low)
+    ax.set_ylim(low - margin if low > 0 else low, high + margin)
+
+
+def _is_fraction(keys: list[str]) -> bool:
+    return bool(keys) and all(k.endswith(("_acc", "shape_bias")) or k in ("density",) for k in keys)
+
+
 def plot_run(path: str | Path) -> Optional[Path]:
-    """curves.png: training loss and every accuracy against the optimizer step; None when nothing was logged."""
+    """curves.png: the losses and accuracies logged at each evaluation against the optimizer step; None when
+    nothing was logged. A sweep (a run with sub-runs) has no curve of its own: see ``plot_runs``."""
     path = Path(path)
     rows = read_metrics(path)
     if not rows:
         return None
     plt = _pyplot()
     steps = [r.get("step", i) for i, r in enumerate(rows)]
-    loss_keys = [k for k in rows[-1] if k.endswith("loss") and isinstance(rows[-1][k], (int, float))]
-    acc_keys = [k for k in rows[-1] if k.endswith("_acc") and isinstance(rows[-1][k], (int, float))]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, keys, label in ((axes[0], loss_keys, "loss"), (axes[1], acc_keys, "accuracy")):
+    numbers = [k for k in rows[-1] if isinstance(rows[-1][k], (int, float)) and "/" not in k]
+    loss_keys = [k for k in numbers if k.endswith("loss")]
+    acc_keys = [k for k in numbers if k.endswith("_acc")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = ((axes[0], loss_keys, "loss (cross-entropy, nats)", False),
+              (axes[1], acc_keys, "accuracy (fraction correct)", True))
+    for ax, keys, label, fraction in panels:
         for key in keys:
-            ax.plot(steps, [r.get(key, float("nan")) for r in rows], marker=".", label=key)
+            ax.plot(steps, [r.get(key, float("nan")) for r in rows], marker=".", label=describe(key))
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=9)
+        _honest_ylim(ax, [r.get(k) for r in rows for k in keys], fraction)
         if keys:
-            ax.legend(fontsize=8)
-    fig.suptitle(path.name)
+            ax.legend(fontsize=9)
+    sub_run = (path.parent / "config.yaml").is_file()  # a sweep's condition: say whose
+    fig.suptitle(f"{path.parent.name} / {path.name}" if sub_run else path.name)
     fig.tight_layout()
     out = path / "curves.png"
     _save_figure(fig, out)
     return out
 
 
-def plot_bars(path: str | Path, values: dict[str, Any], *, title: str, ylabel: str) -> Optional[Path]:
+def plot_runs(path: str | Path) -> list[Path]:
+    """curves.png for a run, or for each sub-run of a sweep (whose own metrics are one row per condition, not a
+    training curve)."""
+    path = Path(path)
+    subs = sub_runs(path)
+    written = [plot_run(sub) for sub in subs] if subs else [plot_run(path)]
+    return [p for p in written if p is not None]
+
+
+def plot_bars(path: str | Path, values: dict[str, Any], *, title: str, ylabel: str,
+              fraction: Optional[bool] = None) -> Optional[Path]:
     """A bar chart of named values (mask density per layer, ...), or grouped bars of several series given as
-    ``{series: {name: value}}`` (accuracy and shape bias per condition, ...)."""
+    ``{series: {name: value}}`` (accuracy and shape bias per condition, ...). Names and series are shown in words
+    (``describe``); ``fraction`` (default: every value in [0, 1]) puts the y-axis on [0, 1]."""
     if not values:
         return None
     grouped = all(isinstance(v, dict) for v in values.values())
     series = values if grouped else {"": values}
     names = list(dict.fromkeys(name for bars in series.values() for name in bars))
+    heights = [v for bars in series.values() for v in bars.values()]
+    if fraction is None:
+        fraction = all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in heights)
     plt = _pyplot()
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(names) * len(series) + 2), 4))
+    labels = [describe(name) for name in names]
+    long_labels = max(len(label) for label in labels) > 12 or len(names) > 8
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(names) * len(series) + 2.5), 4.6 if long_labels else 4))
     for i, (label, bars) in enumerate(series.items()):
         offsets = [k + (i - (len(series) - 1) / 2) * width for k in range(len(names))]
-        ax.bar(offsets, [bars.get(name, float("nan")) for name in names], width, label=label or None)
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.bar(offsets, [bars.get(name, float("nan")) for name in names], width,
+               label=describe(label) if label else None)
+    ax.set_xticks(range(len(names)), labels, rotation=30 if long_labels else 0, ha="right" if long_labels else "center",
+                  fontsize=9)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    if grouped:
-        ax.legend(fontsize=8)
+    _honest_ylim(ax, heights + [0.0], fraction)
+    if grouped:  # beside the axes: over the bars it would hide the tallest
+        ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     _save_figure(fig, path)
     return Path(path)
 
 
 def plot_lines(path: str | Path, series: dict[str, list[tuple[float, ...]]], *, title: str, xlabel: str,
-               ylabel: str, logx: bool = False, styles: Optional[dict[str, dict[str, Any]]] = None
-               ) -> Optional[Path]:
-    """One line per named series of (x, y) points (accuracy against n per condition, ...); a point given as
-    (x, y, spread) gets an error bar of +- spread; ``styles`` gives a series' matplotlib line keywords (color,
-    linestyle, ...)."""
+               ylabel: str, logx: bool = False, fraction: bool = False,
+               styles: Optional[dict[str, dict[str, Any]]] = None) -> Optional[Path]:
+    """One line per named series of (x, y) points (accuracy against n per condition, ...), named in words in the
+    legend; a point given as (x, y, spread) gets an error bar of +- spread; ``fraction`` puts the y-axis on [0, 1];
+    ``styles`` gives a series' matplotlib line keywords (color, linestyle, ...)."""
     if not series:
         return None
     plt = _pyplot()
@@ -183,7 +261,7 @@ def plot_lines(path: str | Path, series: dict[str, list[tuple[float, ...]]], *, 
         points = sorted(points)
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         spreads = [p[2] if len(p) > 2 else 0.0 for p in points]
-        style = {"marker": "o", "label": label, **(styles or {}).get(label, {})}
+        style = {"marker": "o", "label": describe(label), **(styles or {}).get(label, {})}
         if any(spreads):
             ax.errorbar(xs, ys, yerr=spreads, capsize=3, **style)
         else:
@@ -194,7 +272,9 @@ def plot_lines(path: str | Path, series: dict[str, list[tuple[float, ...]]], *, 
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.tick_params(labelsize=9)
+    _honest_ylim(ax, [p[1] for points in series.values() for p in points], fraction)
+    ax.legend(fontsize=9)
     fig.tight_layout()
     _save_figure(fig, path)
     return Path(path)
@@ -242,7 +322,7 @@ def plot_heatmap(values, rows: list[str], cols: list[str], *, path: str | Path |
 def _save_figure(fig, path: str | Path) -> None:
     """Write a PNG atomically (a kill leaves the old plot or the new one) and close the figure."""
     try:
-        atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
     finally:
         _pyplot().close(fig)
 
@@ -251,7 +331,8 @@ def _save_figure(fig, path: str | Path) -> None:
 # Sweeps: one row per point (per result row of a point), and the mean, spread and count over seeds
 
 SWEEP_SEED_KEYS = ("reproducibility.random_seed", "reproducibility.reproduce")
-RESULT_ID_KEYS = ("condition", "n_disambiguation")  # what tells a stage's result rows apart
+# what tells a stage's result rows apart (transfer: condition and n; guide: condition; align: rule, width, data limit)
+RESULT_ID_KEYS = ("condition", "n_disambiguation", "rule", "width", "data_limit")
 NOT_METRICS = {"seed", "duration_s", "steps", "best_epoch", "epoch", "step", "lr", "n_disambiguation"}
 
 
@@ -459,12 +540,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.plot:
         for path in runs:
             try:
-                written = plot_run(path)
+                written = plot_runs(path)
             except Exception as err:  # one bad run must not stop the others' plots
                 print(f"{path.name}: no plot ({err.__class__.__name__}: {err})", file=sys.stderr)
                 continue
-            if written:
-                print(f"wrote {written}")
+            for figure in written:
+                print(f"wrote {figure}")
     return 0
 
 

@@ -1,10 +1,11 @@
 """Run directories: seed, config snapshot, environment, metrics log, weights, resume state, replay check.
 
-The contract (DESIGN.md): ``config.yaml`` (resolved, with ``reproduce: true`` and the seed filled in, so rerunning it
-replays the run), ``seed.txt``, ``env.json``, ``metrics.jsonl`` + ``metrics.csv``, ``summary.json``, weights as
-safetensors, ``state.pt``, plots. A run is finished once ``summary.json`` says so; a finished run is never
-overwritten: running its config again writes ``<dir>-replay-<k>`` and compares the metrics. Every file is written
-atomically (temporary file, then rename), so an interrupted run leaves either the old file or the new one.
+The contract (docs/design.md): ``config.yaml`` (resolved, with ``reproduce: true`` and the seed filled in, so
+rerunning it replays the run), ``seed.txt``, ``env.json``, ``metrics.jsonl`` + ``metrics.csv``, ``summary.json``,
+weights as safetensors, ``state.pt``, plots. A run is finished once ``summary.json`` says so; a finished run is never
+overwritten: running its very config again writes ``<dir>-replay-<k>`` and compares the metrics, and any other run
+aimed at it writes ``<dir>-<k>``. Every file is written atomically (temporary file, then rename), so an interrupted
+run leaves either the old file or the new one.
 """
 
 from __future__ import annotations
@@ -403,13 +404,16 @@ def lock_owner(directory: Path) -> str:
         return "another process"
 
 
-def claim_run_dir(output_dir: str | Path, resume: bool, populate: Callable[[Path], None]
-                  ) -> tuple[Path, Optional[Path], RunLock, bool]:
+def claim_run_dir(output_dir: str | Path, resume: bool, populate: Callable[..., None],
+                  config_yaml: Optional[str] = None) -> tuple[Path, Optional[Path], RunLock, bool]:
     """Take ownership of the run directory this launch writes: (directory, original run being replayed or None,
     its lock, whether it holds state to resume from). ``populate(dir)`` writes a new run's first files.
 
     A new directory is built under a hidden name and renamed into place, so it appears complete and already locked;
-    a finished run is replayed into ``<dir>-replay-<k>``; only a directory instill created (it has LOCK_FILE) that
+    a finished run is replayed into ``<dir>-replay-<k>`` when this launch is that very run (``config_yaml``, seed
+    included, is its recorded ``config.yaml``; see ``is_replay_of``), and any other launch aimed at it is a new run
+    in ``<dir>-<k>`` (k = 2, 3, ...), whose snapshot names that directory (``populate(dir, final=...)``) and which is
+    compared with nothing; only a directory instill created (it has LOCK_FILE) that
     holds no saved state and no summary is ever emptied and reused. ``--resume`` of a directory that holds no saved
     state yet starts it again from its own config and seed.
 
@@ -420,9 +424,10 @@ def claim_run_dir(output_dir: str | Path, resume: bool, populate: Callable[[Path
     out = Path(output_dir)
     if resume:
         return _claim_for_resume(out, populate)
-    candidate, replay_of, k = out, None, 0
+    candidate, replay_of, renamed, k = out, None, False, 0
     for _ in range(1000):  # each pass claims, moves on to the next replay name, or retries a vanished directory
-        lock = _create(candidate, populate)
+        fill = (lambda d, final=candidate: populate(d, final=final)) if renamed else populate
+        lock = _create(candidate, fill)
         if lock is not None:
             return candidate, replay_of, lock, False
         status, lock = _inspect(candidate)
@@ -430,10 +435,17 @@ def claim_run_dir(output_dir: str | Path, resume: bool, populate: Callable[[Path
             continue
         if status == "empty":
             lock.record()
-            _reset(candidate, populate)
+            _reset(candidate, fill)
             return candidate, replay_of, lock, False
         if lock is not None:
             lock.release()
+        if status == "finished" and replay_of is None and not renamed \
+                and config_yaml is not None and not is_replay_of(candidate, config_yaml):
+            renamed, k = True, 1  # another run beside a finished one: a new name, no comparison
+        if renamed:  # an interrupted new run keeps its name too
+            k += 1
+            candidate = Path(f"{out}-{k}")
+            continue
         if status == "finished" or replay_of is not None:  # an interrupted replay keeps its name too
             replay_of = replay_of or candidate
             k += 1
@@ -441,6 +453,39 @@ def claim_run_dir(output_dir: str | Path, resume: bool, populate: Callable[[Path
             continue
         raise UserError(f"{out} holds an unfinished run: continue it with --resume, or choose another --out")
     raise UserError(f"{out}: could not claim a run directory (it keeps changing under another process)")
+
+
+def is_replay_of(run_dir: Path, config_yaml: str) -> bool:
+    """Whether ``config_yaml`` (a resolved snapshot, seed included) asks for the run recorded in ``run_dir``: every
+    recorded key has the same value (keys the recorded snapshot lacks, options added since, are not compared; nor is
+    ``output_dir``, which says where a run is written, not what it computes: a moved run directory replays too)."""
+    import yaml
+
+    try:
+        recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    if not isinstance(recorded, dict):
+        return False
+    recorded = {k: v for k, v in recorded.items() if k != "output_dir"}
+    return _holds(yaml.safe_load(config_yaml), recorded)
+
+
+def _holds(new: Any, recorded: Any) -> bool:
+    if isinstance(recorded, dict):
+        return isinstance(new, dict) and all(k in new and _holds(new[k], v) for k, v in recorded.items())
+    return new == recorded
+
+
+def _with_output_dir(config_yaml: str, path: Path) -> str:
+    """The snapshot of a run renamed beside a finished one: its output_dir is its own directory, so it replays."""
+    import yaml
+
+    snapshot = yaml.safe_load(config_yaml)
+    if not isinstance(snapshot, dict) or "output_dir" not in snapshot:
+        return config_yaml
+    snapshot["output_dir"] = str(path)
+    return yaml.safe_dump(snapshot, sort_keys=False)
 
 
 def _claim_for_resume(out: Path, populate: Callable[[Path], None]) -> tuple[Path, None, RunLock, bool]:
@@ -626,9 +671,16 @@ def environment(device: str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "world_size": dist.world_size(),
         "command": [sys.executable] + sys.argv,
+        "outside_code": _outside_code(),
         "start_time": _now(),
         "end_time": None,
     }
+
+
+def _outside_code() -> dict[str, Any]:
+    from .registry import outside_code
+
+    return outside_code()
 
 
 def _now() -> str:
@@ -651,6 +703,8 @@ class Run:
         self._started = time.perf_counter()
         self._elapsed_before = 0.0  # seconds the processes before this one spent on the run
         self._lock: Optional[RunLock] = None  # held by the process that claimed the directory (rank 0)
+        self.sinks: list = []  # optional loggers fed with every metrics row (instill.loggers)
+        self._open_sinks: Optional[Callable[[Path], list]] = None
 
     # --- creation -------------------------------------------------------------------------------------------
 
@@ -664,8 +718,11 @@ class Run:
 
         def claim() -> tuple[Path, Optional[Path], bool]:
             nonlocal lock
-            path, replay_of, lock, resumed = claim_run_dir(
-                output_dir, resume, lambda d: _populate(d, config_yaml, seed, device))
+            def populate(directory: Path, final: Optional[Path] = None) -> None:
+                _populate(directory, config_yaml if final is None else _with_output_dir(config_yaml, final), seed,
+                          device)
+
+            path, replay_of, lock, resumed = claim_run_dir(output_dir, resume, populate, config_yaml)
             return path, replay_of, resumed
 
         path, replay_of, resumed = dist.broadcast(claim)
@@ -692,7 +749,20 @@ class Run:
                 path.mkdir(parents=True, exist_ok=True)
             except OSError as err:
                 raise write_error(path, err) from None
+        if self._open_sinks is not None:
+            sub.attach_sinks(self._open_sinks)
         return sub
+
+    def attach_sinks(self, open_sinks: Optional[Callable[[Path], list]]) -> None:
+        """Feed every metrics row to the loggers ``open_sinks(path)`` opens (here and in each sub-run)."""
+        self._open_sinks = open_sinks
+        if open_sinks is not None and self.writes:
+            self.sinks = open_sinks(self.path)
+
+    def close_sinks(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
     def sweep(self, jobs: list[tuple[str, Callable[["Run"], dict[str, Any]]]]) -> list[dict[str, Any]]:
         """Run each ``(name, job)`` in its own sub-run and return their summaries, in order.
@@ -704,7 +774,10 @@ class Run:
             sub = self.child(name)
             done = read_json(sub.path / "summary.json") if is_finished(sub.path) else None
             if done is None:
-                done = {"status": "finished", **job(sub)}
+                try:
+                    done = {"status": "finished", **job(sub)}
+                finally:
+                    sub.close_sinks()
                 sub.write_json("summary.json", done)
             rows.append({k: v for k, v in done.items() if k != "status"})
         return rows
@@ -729,6 +802,8 @@ class Run:
             raise write_error(self.metrics_path, err) from None
         fault_point()
         self._write_csv(self.metrics())
+        for sink in self.sinks:
+            sink.log(row)
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Replace metrics.jsonl and metrics.csv with ``rows``: for figures derived from sub-runs, which a resumed
@@ -811,6 +886,7 @@ class Run:
             env["end_time"], env["elapsed_s"] = _now(), round(self.elapsed_s(), 3)
             atomic_write_json(self.path / "env.json", env)
         self.write_json("summary.json", {"status": "finished", **summary})
+        self.close_sinks()
 
     def discard_if_empty(self) -> bool:
         """Remove the directory this process claimed when it holds no saved work yet (a failed start); True if so."""

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .config import OptimizerConfig, ScheduleConfig, TrainConfig
-from .data import BatchLoader, Split
+from .data import BatchLoader, Split, batches
 from .errors import UserError
 from .rules import Backprop, GradientProvider, RuleContext, StepContext, build_rule
 from .run import TIMING_PREFIX, Run, derive_seed, fault_point, has_state, rng_state, set_rng_state
@@ -131,9 +131,8 @@ def evaluate_classification(model: nn.Module, splits: dict[str, Split], batch_si
     for name, split in splits.items():
         correct = scored = 0
         loss_sum = 0.0
-        for start in range(0, len(split), batch_size):
-            x = split.x[start:start + batch_size].to(device)
-            y = split.y[start:start + batch_size].to(device)
+        for x, y in batches(split, batch_size):
+            x, y = x.to(device), y.to(device)
             logits = forward(model, x).float()
             flat_logits, flat_y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
             keep = flat_y != IGNORE_INDEX
@@ -328,9 +327,7 @@ class _Loop:
         bar = tqdm(total=len(self.loader), initial=self.batch_in_epoch, leave=False, dynamic_ncols=True,
                    desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="batch", position=1,
                    disable=not self._show_bars())
-        for i, batch in enumerate(self.loader):
-            if i < self.batch_in_epoch:  # resumed: these batches were trained before the interruption
-                continue
+        for i, batch in self.loader.iter_from(self.batch_in_epoch):  # resumed: from the next untrained batch
             self._train_batch(batch, self._group_size(i))
             bar.update(1)
             last = i + 1 == len(self.loader)

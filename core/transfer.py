@@ -48,6 +48,24 @@ from .run import derive_seed
 
 Condition = Literal["subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet", "sampled_complement"]
 CONDITIONS: tuple[str, ...] = get_args(Condition)
+
+
+def condition_help() -> dict[str, str]:
+    """Each condition's description, read from the table in this module's docstring (its one source)."""
+    import re
+
+    described: dict[str, str] = {}
+    current = None
+    for line in (__doc__ or "").splitlines():
+        row = re.match(r"``(\w+)``\s+(.*)", line)
+        if row and row.group(1) in CONDITIONS and row.group(1) not in described:
+            current = row.group(1)
+            described[current] = row.group(2).strip()
+        elif current and line.startswith(" " * 23) and line.strip():
+            described[current] += " " + line.strip()
+        else:
+            current = None
+    return {c: described.get(c, "") for c in CONDITIONS}
 NonMasked = Literal["inherit", "reinit"]
 BatchNorm = Literal["inherit", "reset", "freeze"]
 
@@ -237,9 +255,25 @@ def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[
                legacy_sampling: bool = False, seed: int = 0, zero_grads: bool = False) -> Transplant:
     """Build ``condition``'s starting model in ``fresh`` (modified in place and returned in the Transplant).
 
-    ``base``: the trained model; ``mask``: bool per parameter name (True = in the subnetwork); ``seed`` drives the
-    sampled conditions (one independent draw per parameter, so a parameter's sample does not depend on others);
-    ``zero_grads``: zero the frozen entries' gradients too (see ``FrozenEntries``; use it with gradient clipping).
+    Args:
+        condition: one of ``CONDITIONS`` (see the module docstring's table).
+        base: the trained model the mask was found on.
+        fresh: a freshly initialised model of the same architecture; it becomes the starting model.
+        mask: ``{parameter name: bool tensor}`` (True = in the subnetwork), e.g. from ``load_mask``.
+        non_masked: ``inherit`` the base's parameters without a mask, or ``reinit`` (keep the fresh ones).
+        batch_norm: ``inherit``, ``reset`` or ``freeze`` the batch-norm statistics.
+        freeze: keep the transplanted entries fixed (sampled conditions too); ``subnet_trainable`` never freezes.
+        legacy_sampling: the original code's sampled baselines (see the module docstring).
+        seed: drives the sampled conditions (one independent draw per parameter).
+        zero_grads: zero the frozen entries' gradients too (see ``FrozenEntries``; use it with gradient clipping).
+
+    Returns:
+        A ``Transplant``: train ``.model`` (in ``.train_mode(model)``) and call ``.after_step()`` after every
+        optimizer step, which writes the frozen entries back.
+
+    Raises:
+        UserError: an unknown condition or option, architectures that differ, a mask that does not fit ``base``, or
+            a sampled condition that cannot be drawn from this mask.
     """
     check_condition(condition, mask)
     for key, value, kind in (("non_masked", non_masked, NonMasked), ("batch_norm", batch_norm, BatchNorm)):

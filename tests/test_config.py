@@ -130,3 +130,24 @@ def test_entry_script_exit_code_in_a_subprocess(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "train.epocs" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_switching_a_component_by_name_drops_the_old_entrys_options(capsys):
+    from instill.registry import MODELS
+
+    raw = {"model": {"name": "convnet", "channels": [8], "strides": [1], "batch_norm": False},
+           "train": {"optimizer": {"name": "AdamW"}}}
+    out = apply_overrides(raw, ["model.width=64", "model.name=fcn", "train.optimizer.name=SGD"],
+                          components={"model": MODELS})
+    assert out["model"] == {"name": "fcn", "width": 64, "batch_norm": False}  # set here, or taken by fcn: kept
+    assert "dropped model.channels, model.strides (options of convnet)" in capsys.readouterr().err
+    assert apply_overrides(raw, ["model.name=convnet"], components={"model": MODELS})["model"] == raw["model"]
+    assert apply_overrides(raw, ["model.name=nonet"], components={"model": MODELS})["model"]["channels"] == [8]
+
+
+def test_set_model_name_timm_validates_without_the_previous_models_keys(capsys):
+    from tests.conftest import REPO, run_cli
+
+    assert run_cli("base", str(REPO / "configs/vision_base_digits.yaml"), "--set", "model.name=timm:resnet18",
+                   "--validate") == 0
+    assert "dropped model.channels, model.strides" in capsys.readouterr().err

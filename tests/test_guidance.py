@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from instill.data.sequences import real_positions
+from instill.errors import UserError
 from instill.guidance import AlignmentLoss, LayerPair, compared_rows, stretch_map
 from instill.similarity import DegenerateActivations, cka
 
@@ -144,6 +145,46 @@ def test_guidance_steps_close_the_hooks_once_guidance_ends():
     assert not target.mix._forward_hooks
 
 
+# ----------------------------------------------------------------------------------------------------- user loops
+
+def mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def test_an_evaluation_forward_between_training_steps_leaves_no_stale_capture():
+    # A user's loop evaluates under no_grad, then trains: the alignment term must come from the training forward.
+    target, guide = mlp(0), mlp(1)
+    alignment = AlignmentLoss(target, guide, [LayerPair("2", "2")])
+    x = torch.randn(16, 6)
+    with torch.no_grad():
+        target(torch.randn(32, 6))  # evaluation on another batch size
+    target(x)
+    loss, _ = alignment(x)
+    assert loss.requires_grad
+    loss.backward()
+    assert target[2].weight.grad is not None and target[2].weight.grad.abs().sum() > 0
+    expected = 1 - cka(target[2](target[1](target[0](x))), guide[2](guide[1](guide[0](x))))
+    assert torch.allclose(loss.detach(), expected.detach(), atol=1e-6)
+    alignment.close()
+
+
+def test_an_alignment_loss_after_a_no_grad_forward_raises_instead_of_training_nothing():
+    target, guide = mlp(0), mlp(1)
+    alignment = AlignmentLoss(target, guide, [LayerPair("2", "2")])
+    x = torch.randn(16, 6)
+    target(x)
+    with torch.no_grad():
+        target(x)  # the last forward before the loss carries no gradient
+    with pytest.raises(UserError, match="without gradients"):
+        alignment(x)
+    with pytest.raises(UserError, match="no capture"):
+        alignment(x)  # and no forward at all since the last call
+    with torch.no_grad():  # a loss evaluated under no_grad on purpose (a check, a validation figure) is fine
+        target(x)
+        assert not alignment(x)[0].requires_grad
+    alignment.close()
+    assert not target._forward_pre_hooks
 # ----------------------------------------------------------------------------------------------------- bad layers
 
 class Branched(nn.Module):

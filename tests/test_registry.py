@@ -91,3 +91,31 @@ def test_keywords_a_library_rejects_are_user_errors_but_builder_bugs_keep_their_
     with pytest.raises(TypeError, match="unexpected keyword argument 'sise'") as caught:
         widgets.build("buggy", None, {"kwargs": {"colour": "blue"}})
     assert not isinstance(caught.value, UserError)
+
+
+def test_the_table_of_shipped_modules_names_exactly_what_they_register():
+    import importlib
+
+    from instill.registry import BUILTIN_MODULES, DATASETS, MODELS, _import_builtins
+
+    _import_builtins()
+    for kind, registry in (("dataset", DATASETS), ("model", MODELS)):
+        shipped = {e.name.split(":")[0] for e in registry.entries() if e.build.__module__.startswith("instill.")}
+        assert set(BUILTIN_MODULES[kind]) == shipped, kind
+        for name, module in BUILTIN_MODULES[kind].items():
+            entry = registry.get(name if name not in ("timm", "torchvision") else f"{name}:x")
+            assert entry.build.__module__ == importlib.import_module(f"instill.{module}").__name__, name
+
+
+def test_validating_a_digits_config_imports_no_other_shipped_module():
+    import subprocess
+    import sys
+
+    code = ("import sys; from instill.cli import main; main('base', ['configs/vision_base_digits.yaml', "
+            "'--validate']); print(sorted(m for m in sys.modules if m.startswith('instill.data.') "
+            "or m.startswith('instill.models.')))")
+    from tests.conftest import REPO
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert "instill.data.sequences" not in out and "instill.models.gpt2" not in out, out
+    assert "instill.data.images" in out and "instill.models.vision" in out, out

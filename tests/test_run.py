@@ -69,11 +69,31 @@ def test_seed_everything_seeds_python_numpy_and_torch():
     assert all(a != b for a, b in zip(draws(), first))
 
 
-def test_replay_detects_a_difference(workdir):
+def test_replay_detects_a_difference(workdir, monkeypatch):
     assert run_cli("base", TINY, "--out", "checkpoints/a") == 0
-    assert run_cli("base", "checkpoints/a/config.yaml", "--set", "train.optimizer.lr=0.01") == 0
+    from instill import train
+
+    monkeypatch.setattr(train, "lr_factor", lambda *args: 0.5)  # the same config computing something else
+    assert run_cli("base", "checkpoints/a/config.yaml") == 0
     replay = json.loads(Path("checkpoints/a-replay-1/replay.json").read_text())
     assert replay["matches"] is False and replay["max_abs_diff"] > 0
+
+
+def test_a_new_run_beside_a_finished_one_is_numbered_not_a_replay(workdir, capsys):
+    import yaml
+
+    assert run_cli("base", TINY, "--out", "checkpoints/a") == 0
+    assert run_cli("base", TINY, "--out", "checkpoints/a") == 0  # a new seed: a new run, as `make demo` twice
+    assert run_cli("base", "checkpoints/a/config.yaml", "--set", "train.optimizer.lr=0.01") == 0  # another config
+    out = capsys.readouterr().out
+    assert "replay" not in out and "DIFFERS" not in out
+    assert not list(Path("checkpoints").glob("a-replay-*"))
+    for k in (2, 3):
+        run = Path(f"checkpoints/a-{k}")
+        assert (run / "summary.json").is_file() and not (run / "replay.json").exists()
+        assert yaml.safe_load((run / "config.yaml").read_text())["output_dir"] == str(run)
+    assert run_cli("base", "checkpoints/a-2/config.yaml") == 0  # its snapshot replays it, beside it
+    assert json.loads(Path("checkpoints/a-2-replay-1/replay.json").read_text())["matches"] is True
 
 
 def interrupt_at(monkeypatch, step: int):

@@ -1,7 +1,11 @@
-"""Datasets as in-memory tensors, and the one batch loader every stage uses.
+"""Datasets as in-memory tensors or streamed map-style datasets, and the one batch loader every stage uses.
 
-Every dataset instill ships fits in memory, so a split is a tuple of tensors (inputs, targets) and batches are
-slices of a seeded permutation: no worker processes, no per-item Python, and the same order on every replay.
+A split that fits in memory is a ``Split`` of tensors (inputs, targets): batches are slices of a seeded
+permutation, with no worker processes, no per-item Python, and the same order on every replay. Data that do not
+fit are a ``StreamSplit``: a map-style ``torch.utils.data.Dataset`` read by a ``DataLoader`` with worker processes,
+in the very same seeded order of indices, so that a stream is seeded, sharded under DDP and resumable exactly like
+the in-memory path (a resumed epoch starts at its next batch without reading the ones before). Image folders
+stream.
 """
 
 from __future__ import annotations
@@ -35,6 +39,87 @@ class Split:
 
     def subset(self, index: torch.Tensor) -> "Split":
         return Split(self.x[index], self.y[index])
+
+    def head(self, n: int) -> torch.Tensor:
+        """The first ``n`` inputs (a probe batch)."""
+        return self.x[:n]
+
+
+@dataclass
+class StreamSplit:
+    """One split read item by item from a map-style Dataset whose items are ``(input, target)``.
+
+    ``y`` holds every target up front (labels are cheap; evaluation and class counts read them); ``workers`` is the
+    DataLoader's ``num_workers``. ``x`` decodes every item: for small sets and tests only.
+
+    Random transforms inside a dataset draw from each worker's generators, seeded from the run: a run replays
+    exactly, but an epoch resumed in the middle hands its batches to the workers in another order, so with
+    ``workers > 0`` only deterministic items resume bit for bit (image folders' are).
+    """
+
+    dataset: Any
+    y: torch.Tensor
+    workers: int = 0
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: torch.Tensor) -> "StreamSplit":
+        from torch.utils.data import Subset
+
+        return StreamSplit(Subset(self.dataset, index.tolist()), self.y[index], self.workers)
+
+    def head(self, n: int) -> torch.Tensor:
+        return torch.stack([self.dataset[i][0] for i in range(min(n, len(self)))])
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.head(len(self))
+
+    def batches(self, index_batches: list[list[int]], seed: int = 0):
+        """(inputs, targets) for each list of indices, in order, read by ``workers`` processes."""
+        from torch.utils.data import DataLoader
+
+        if not index_batches:
+            return iter(())
+        loader = DataLoader(self.dataset, batch_sampler=index_batches, num_workers=self.workers,
+                            worker_init_fn=_seed_worker if self.workers else None,
+                            generator=torch.Generator().manual_seed(seed))
+        return _one_line_errors(iter(loader))
+
+
+def _one_line_errors(batches):
+    """A UserError raised in a worker process comes back wrapped in its traceback: keep its own line."""
+    from ..errors import UserError
+
+    try:
+        yield from batches
+    except UserError as err:
+        lines = str(err).strip().splitlines()
+        last = lines[-1] if lines else ""
+        raise UserError(last.split("UserError: ", 1)[-1]) from None
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Each worker's Python and NumPy generators from torch's per-worker seed (itself from the loader's generator),
+    so random transforms in a dataset replay exactly."""
+    import random
+
+    import numpy as np
+
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def batches(split: "Split | StreamSplit", batch_size: int):
+    """The split's (inputs, targets) in order, ``batch_size`` at a time (evaluation)."""
+    if isinstance(split, StreamSplit):
+        yield from split.batches([list(range(i, min(i + batch_size, len(split))))
+                                  for i in range(0, len(split), batch_size)])
+        return
+    for start in range(0, len(split), batch_size):
+        yield split.x[start:start + batch_size], split.y[start:start + batch_size]
 
 
 @dataclass
@@ -95,7 +180,16 @@ class BatchLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
+        return (batch for _, batch in self.iter_from(0))
+
+    def iter_from(self, start: int):
+        """``(i, batch)`` for the epoch's batches from batch ``start`` on (a resumed epoch reads no earlier one)."""
         order = self._indices()
-        for i in range(len(self)):
-            index = order[i * self.batch_size : (i + 1) * self.batch_size]
-            yield self.split.x[index], self.split.y[index]
+        spans = [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(start, len(self))]
+        if isinstance(self.split, StreamSplit):
+            seed = derive_seed(self.seed, self.epoch, legacy="epoch")
+            stream = self.split.batches([span.tolist() for span in spans], seed=seed)
+            yield from enumerate(stream, start)
+            return
+        for i, index in enumerate(spans, start):
+            yield i, (self.split.x[index], self.split.y[index])

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from . import DataBundle, DataContext, Split, seeded_split
+from . import DataBundle, DataContext, Split, StreamSplit, seeded_split
 from .cache import cached_tensors
 from .shapes import to_float
 from ..errors import UserError
@@ -143,6 +143,20 @@ def load_image(path: Path, resolution: int) -> np.ndarray:
         raise UserError(f"cannot read image {str(path)!r}: {reason}") from None
 
 
+def check_images(paths: list[Path]) -> None:
+    """UserError for the first file that is not a readable image, from its header alone (no pixels decoded): a
+    streamed folder is checked so before anything is written."""
+    from PIL import Image
+
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.size  # noqa: B018 - reading the header is the check
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise UserError(f"cannot read image {str(path)!r}: {reason}") from None
+
+
 def load_images(paths: list[Path], resolution: int) -> torch.Tensor:
     """(N, 3, resolution, resolution) uint8."""
     stack = np.stack([load_image(p, resolution) for p in paths])
@@ -224,15 +238,32 @@ class _Pixels:
         return x
 
 
-def _split_train(x: torch.Tensor, y: torch.Tensor, fractions: tuple[float, float], seed: int,
-                 train_dir: str) -> tuple[Split, Split, Split]:
-    train, val, test = seeded_split(len(y), fractions, seed)
+class FolderImages:
+    """A map-style dataset of listed images, decoded one at a time when a batch needs them (``StreamSplit``):
+    item ``i`` is (float32 (3, H, W) pixels, class id), decoded exactly as the in-memory path decodes."""
+
+    def __init__(self, items: list[tuple[Path, int]], resolution: int, pixels: "_Pixels"):
+        self.items, self.resolution, self.pixels = items, resolution, pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[i]
+        image = torch.from_numpy(load_image(path, self.resolution).copy()).permute(2, 0, 1).contiguous()
+        return self.pixels(image[None])[0], label
+
+
+def _split_train(split: Split | StreamSplit, fractions: tuple[float, float], seed: int,
+                 train_dir: str) -> tuple[Split | StreamSplit, ...]:
+    n = len(split)
+    train, val, test = seeded_split(n, fractions, seed)
     for name, index, fraction in (("val", val, fractions[0]), ("test", test, fractions[1])):
         if fraction > 0 and len(index) == 0:
-            raise UserError(f"train_dir {train_dir!r} has {len(y)} images: too few for {name}_fraction {fraction}")
+            raise UserError(f"train_dir {train_dir!r} has {n} images: too few for {name}_fraction {fraction}")
     if len(train) == 0:
-        raise UserError(f"train_dir {train_dir!r} has {len(y)} images: none left for training after the split")
-    return Split(x[train], y[train]), Split(x[val], y[val]), Split(x[test], y[test])
+        raise UserError(f"train_dir {train_dir!r} has {n} images: none left for training after the split")
+    return split.subset(train), split.subset(val), split.subset(test)
 
 
 @DATASETS.register("image_folder")
@@ -249,8 +280,12 @@ def build_image_folder(
     eval_dirs: dict[str, str] = {},  # noqa: B006 - the registry reads defaults, it never mutates them
     cue_conflict_dir: str = "",
     normalize: Literal["none", "imagenet"] = "none",
+    stream: bool = True,
+    workers: Annotated[int, Field(ge=0)] = 2,
 ) -> DataBundle:
-    """Images in ImageFolder layout (``<dir>/<class>/<image>``), all held in memory at ``resolution`` pixels.
+    """Images in ImageFolder layout (``<dir>/<class>/<image>``) at ``resolution`` pixels, streamed: each batch is
+    decoded by ``workers`` DataLoader processes when training reaches it (``stream: false``: all decoded up front
+    into memory, cached under the cache directory; the cue-conflict set is always held in memory).
 
     ``val_dir`` / ``test_dir`` left empty: split off ``train_dir`` with the run seed (``val_fraction``,
     ``test_fraction``). ``classes``: the class folders to use (``imagenet16``: the 16 classes of Geirhos et al.);
@@ -268,13 +303,16 @@ def build_image_folder(
     conflict = list_cue_conflict(cue_conflict_dir, names) if cue_conflict_dir else None
     pixels = _Pixels(normalize)
 
-    def split_of(items: list[tuple[Path, int]]) -> Split:
+    def split_of(items: list[tuple[Path, int]]) -> Split | StreamSplit:
+        if stream:
+            check_images([path for path, _ in items])
+            labels = torch.tensor([label for _, label in items], dtype=torch.long)
+            return StreamSplit(FolderImages(items, resolution, pixels), labels, workers)
         x, y = _load_listed(items, resolution, ctx)
         return Split(pixels(x), y)
 
-    x, y = _load_listed(train_items, resolution, ctx)
     fractions = (0.0 if val_dir else val_fraction, 0.0 if test_dir else test_fraction)
-    train, val, test = _split_train(pixels(x), y, fractions, ctx.seed, train_dir)
+    train, val, test = _split_train(split_of(train_items), fractions, ctx.seed, train_dir)
     val = split_of(held_out["val"]) if "val" in held_out else val
     test = split_of(held_out["test"]) if "test" in held_out else test
     info = {"input_shape": (3, resolution, resolution), "num_classes": len(names), "class_names": names}

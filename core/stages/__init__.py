@@ -20,8 +20,10 @@ from pydantic import field_validator
 
 from .. import dist
 from ..config import RunConfig, load_config, read_yaml, to_yaml
-from ..data import DataBundle, DataContext, Split
+from ..data import DataBundle, DataContext, Split, batches
 from ..errors import UserError
+from ..loggers import check_available as check_loggers
+from ..loggers import sink_factory
 from ..metrics import shape_bias
 from ..models.vision import check_accepts
 from ..registry import DATASETS, MODELS
@@ -99,13 +101,16 @@ def execute(cfg: RunConfig, *, resume: bool = False, overrides: list[str] = ()) 
     seed = repro.random_seed if repro.reproduce else dist.broadcast(draw_seed)
     cfg.reproducibility = repro.model_copy(update={"reproduce": True, "random_seed": seed})  # snapshot replays
     seed_everything(seed, repro.deterministic)
+    check_loggers(cfg.logging)
     prepare = getattr(module, "prepare", None)
     if prepare is not None:  # upstream runs and input checks, before the run directory exists
         prepare(cfg)
     run = Run.create(cfg.output_dir, to_yaml(cfg), seed, str(device), resume)
+    run.attach_sinks(sink_factory(cfg.logging, cfg.name, cfg.model_dump(mode="json")))
     try:
         return _run_stage(module, cfg, run, seed, device, resume)
     finally:
+        run.close_sinks()
         run.close()
 
 
@@ -151,6 +156,7 @@ def _run_stage(module, cfg: RunConfig, run: Run, seed: int, device: torch.device
                    **summary}
         run.finish(summary)
     except (UserError, KeyboardInterrupt) as err:
+        run.close_sinks()
         if isinstance(err, KeyboardInterrupt) and is_finished(run.path):  # Ctrl-C after its last write: complete
             return run.path
         if not run.discard_if_empty():  # stopped before any state was saved: nothing to keep, nothing to resume
@@ -317,7 +323,7 @@ def evaluate_task(model: torch.nn.Module, splits: dict[str, Split], info: dict, 
     for shape_set, texture_set in pairs.items():
         if shape_set not in splits or texture_set not in splits:
             continue
-        pred = predict(model, splits[shape_set].x, batch_size, device)
+        pred = torch.cat([predict(model, x, batch_size, device) for x, _ in batches(splits[shape_set], batch_size)])
         bias = shape_bias(pred, splits[shape_set].y, splits[texture_set].y, info["num_classes"])
         prefix = "" if shape_set == "cue_conflict" else f"{shape_set}_"
         metrics[f"{prefix}shape_bias"] = bias.overall

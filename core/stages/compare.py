@@ -101,7 +101,7 @@ def prepare(cfg: Config) -> None:
                         f"HSIC), but compare.batch_size is {spec.batch_size} and {n} samples are compared")
     model_a, model_b = _load(cfg, cfg.reproducibility.random_seed, data.info)
     device = resolve_device(cfg.train.device)
-    sample = split.x[: min(4, len(split))].to(device)
+    sample = split.head(4).to(device)
     features = []
     for key, loaded, layers in (("layers_a", model_a, spec.layers_a), ("layers_b", model_b, spec.layers_b or
                                                                           spec.layers_a)):

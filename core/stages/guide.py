@@ -37,14 +37,19 @@ from ..features import DEFAULT_TYPES, probe
 from ..guidance import AlignmentLoss, LayerMap, Reduce, Tokenwise, compared_rows, resolve_pairs
 from ..models import load_model, save_model
 from ..registry import MODELS
-from ..report import format_table, plot_bars
+from ..report import describe, format_table, plot_bars, plot_runs
 from ..run import atomic_write_csv, derive_seed, seed_everything
 from ..similarity import SIMILARITIES, get_similarity
 from . import (LossScope, Context, build_data, check_data_fits, evaluate_task, make_loss, resolve_upstream,
                          summary_metrics)
 from ..train import Objective, fit, resolve_device
 
-CONDITIONS = ("unguided", "guided_untrained", "guided_trained")
+CONDITION_HELP = {
+    "unguided": "the task loss alone",
+    "guided_untrained": "task loss + alignment to a randomly initialised guide built from guidance.guide",
+    "guided_trained": "task loss + alignment to the trained guide of guidance.guide_run",
+}
+CONDITIONS = tuple(CONDITION_HELP)
 DEFAULT_LAYERS = [f"type:{t.__name__}" for t in DEFAULT_TYPES]
 
 
@@ -129,7 +134,7 @@ def prepare(cfg: Config) -> None:
     if len(data.train) < cfg.train.batch_size:  # the guided conditions train on full batches only
         raise UserError(f"train.batch_size {cfg.train.batch_size} is larger than the training set of "
                         f"{len(data.train)} examples: guidance uses full batches only; lower train.batch_size")
-    batch = tuple(t[: cfg.train.batch_size].to(device) for t in (data.train.x, data.train.y))
+    batch = (data.train.head(cfg.train.batch_size).to(device), data.train.y[: cfg.train.batch_size].to(device))
     target = MODELS.build(cfg.model.name, data.info, cfg.model.params).to(device)  # each check closes its hooks
     for condition in guided:
         guide = build_guide(cfg, seed, condition, data.info).to(device)
@@ -172,7 +177,7 @@ def build_guide(cfg: Config, seed: int, condition: str, info: dict) -> torch.nn.
 
 
 def _sample(data, device: torch.device) -> torch.Tensor:
-    return data.train.x[: min(8, len(data.train))].to(device)
+    return data.train.head(8).to(device)
 
 
 def _alignment_inputs(spec: GuidanceSection, batch, info: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -284,6 +289,7 @@ def _write_results(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
         atomic_write_csv(ctx.run.path / "results.csv", table, columns)
         headline = "test_acc" if "test_acc" in rows[0] else metric_columns[0]
         plot_bars(ctx.run.path / "results.png", {r["condition"]: r[headline] for r in rows},
-                  title=f"{headline} per condition", ylabel=headline)
+                  title=f"{describe(headline)} per condition", ylabel=describe(headline))
+        plot_runs(ctx.run.path)  # curves.png of each condition's training
         print("\nresults.csv:\n" + format_table(table))
     return {"results": rows}

@@ -29,7 +29,7 @@ from ..config import Section
 from ..errors import UserError, did_you_mean
 from ..masks import base_run_of, load_mask
 from ..models import build_fresh, load_model, save_model
-from ..report import format_table, plot_bars, plot_lines
+from ..report import format_table, plot_bars, plot_lines, plot_runs
 from ..run import atomic_write_csv, derive_seed, seed_everything
 from . import (LossScope, Context, UsesBaseModel, build_data, check_compatible, evaluate_task, make_loss,
                          resolve_upstream, summary_metrics)
@@ -177,6 +177,7 @@ def _write_results(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
     if ctx.run.writes:
         atomic_write_csv(ctx.run.path / name, rows, columns)
         _plot(ctx.run.path, rows, by_n)
+        plot_runs(ctx.run.path)  # curves.png of each condition's training
         print(f"\n{name}:\n" + format_table([{c: r.get(c, "") for c in columns} for r in rows]))
     return {"results": [_flat(r) for r in rows], "results_file": name}
 
@@ -187,10 +188,11 @@ def _plot(path: Path, rows: list[dict[str, Any]], by_n: bool) -> None:
         for row in rows:
             series.setdefault(row["condition"], []).append((max(row["n_disambiguation"], 1), row["test_acc"]))
         plot_lines(path / "accuracy_vs_n.png", series, title="test accuracy against disambiguating examples",
-                   xlabel="n disambiguating examples (log scale)", ylabel="test accuracy", logx=True)
+                   xlabel="disambiguating training examples (log scale)", ylabel="test accuracy (fraction correct)",
+                   logx=True, fraction=True)
     elif any("shape_bias" in r for r in rows):
         figures = {key: {r["condition"]: r[key] for r in rows if key in r}
                    for key in ("textured_acc", "shape_only_acc", "shape_bias")}
         plot_bars(path / "shape_bias.png", {k: v for k, v in figures.items() if v},
                   title="test accuracy (textured, shape-only) and shape bias (cue-conflict) per condition",
-                  ylabel="fraction")
+                  ylabel="fraction (accuracy, or shape decisions)", fraction=True)

@@ -1,0 +1,39 @@
+"""The command line: ``instill list``, ``--help`` of the entry points, and every command the README shows."""
+
+from __future__ import annotations
+
+import pytest
+
+from instill.cli import console_main, list_entries, main
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("models", ["convnet: A small ConvNet", "    channels: list[int] = [32, 64, 64]", "timm:<name>:"]),
+    ("datasets", ["digits: scikit-learn's 1,797 handwritten digits", "    limit: Optional[int] = None"]),
+    ("measures", ["cka: Linear CKA", "pwcca: Projection-weighted CCA"]),
+    ("conditions", ["    subnet: masked-in weights", "    sampled_complement: the same count",
+                    "    guided_trained: task loss"]),
+])
+def test_instill_list_prints_entries_with_options_and_help(kind, expected):
+    text = list_entries(kind).splitlines()
+    for line in expected:
+        assert any(row.startswith(line) for row in text), (line, text[:8])
+
+
+def test_instill_list_rejects_an_unknown_kind(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        console_main(["list", "modles"])
+    assert exit_.value.code == 2 and "unknown kind 'modles'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage, section", [("base", "model: name: <registered name>"),
+                                            ("ablate", "mask: "), ("transfer", "transfer: "),
+                                            ("guide", "guidance: conditions, guide")])
+def test_help_shows_the_config_sections_and_points_to_instill_list(stage, section, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(stage, ["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "instill list" in out and f"\n  {section}" in out
+    with pytest.raises(SystemExit):
+        console_main(["--help"])
+    assert "instill list" in capsys.readouterr().out
