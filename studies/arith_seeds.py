@@ -2,6 +2,7 @@
 
     python studies/arith_seeds.py run TAG --seeds 10 [--base-set K=V ...] [--ablate-set K=V ...]
                                           [--transfer-set K=V ...] [--base-from TAG] [--mask-from TAG]
+                                          [--transfer-seed-from TAG]
     python studies/arith_seeds.py summary TAG [TAG ...] [--against TAG]
 
 ``run`` trains seed after seed, one process at a time on one thread, into ``checkpoints/arith/TAG/s<k>/{base,ablate,
@@ -9,7 +10,10 @@ transfer}``. Every stage draws its seed from entropy (the configs' ``reproducibi
 directory records it and replays. A stage whose run directory is finished is skipped, so rerunning the same command
 continues an interrupted study; ``--seeds`` counts seed directories, so raising it adds seeds. ``--base-from`` and
 ``--mask-from`` reuse another study's base runs (or masks) seed for seed, so a variant of a downstream stage is
-compared on the very same upstream models (paired); the upstream is then not trained again.
+compared on the very same upstream models (paired); the upstream is then not trained again. ``--transfer-seed-from``
+replays that study's transfer seed (its run's drawn seed, ``reproducibility.reproduce: true``): every condition then
+sees the same data, initialisation and batches as there, so a variant that changes only some conditions need not
+rerun the others (``summary --against`` fills the missing conditions from that study, seed for seed).
 
 The transfer is cut to n = 400 and the conditions subnet, random_init and sampled_subnet (``CUT``): every sub-run
 of the transfer stage derives its data, initialisation and batches from the run seed, n, and the condition, so the
@@ -80,7 +84,13 @@ def run(args: argparse.Namespace) -> None:
             run_stage("ablate", mask, [f"base={base}", *args.ablate_set])
         if not finished(mask):
             raise SystemExit(f"no finished ablate run in {mask}")
-        run_stage("transfer", seed_dir / "transfer", [f"transfer.mask={mask}", *CUT, *args.transfer_set])
+        replay = []
+        if args.transfer_seed_from:
+            source = STUDIES / args.transfer_seed_from / f"s{k}" / "transfer"
+            if not finished(source):
+                raise SystemExit(f"no finished transfer run in {source}")
+            replay = ["reproducibility.reproduce=true", f"reproducibility.random_seed={read(source / 'summary.json')['seed']}"]
+        run_stage("transfer", seed_dir / "transfer", [f"transfer.mask={mask}", *CUT, *replay, *args.transfer_set])
 
 
 def read(path: Path) -> dict:
@@ -97,11 +107,12 @@ def seed_rows(tag: str) -> list[dict]:
         summary = read(transfer / "summary.json")
         cfg_mask = mask_dir_of(transfer)
         ablate = read(cfg_mask / "summary.json")
-        base_dir = Path(read(cfg_mask / "mask.json").get("base_run", "")) if (cfg_mask / "mask.json").is_file() \
-            else None
+        base_ref = read(cfg_mask / "mask.json").get("base_run") if (cfg_mask / "mask.json").is_file() else None
+        base_dir = cfg_mask / base_ref if base_ref else None  # stored relative to the mask directory
         base = read(base_dir / "summary.json") if base_dir and finished(base_dir) else {}
-        row = {"seed": seed_dir.name, "base_steps": base.get("steps"), "density": ablate.get("density"),
-               "mask_acc": ablate.get("val_acc"), "transfer_seed": summary.get("seed")}
+        row = {"seed": seed_dir.name, "base_seed": base.get("seed"), "mask_seed": ablate.get("seed"),
+               "transfer_seed": summary.get("seed"), "base_steps": base.get("steps"),
+               "density": ablate.get("density"), "mask_acc": ablate.get("val_acc")}
         for result in summary["results"]:
             row[f"{result['condition']}@{result['n_disambiguation']}"] = result["test_acc"]
         rows.append(row)
@@ -130,6 +141,12 @@ def stats(values: list[float]) -> str:
 def summary(args: argparse.Namespace) -> None:
     for tag in args.tags:
         rows = seed_rows(tag)
+        if args.against and tag != args.against:  # conditions a replayed variant did not rerun: the same as there
+            other = {row["seed"]: row for row in seed_rows(args.against)}
+            for row in rows:
+                if row["seed"] in other and row["transfer_seed"] == other[row["seed"]]["transfer_seed"]:
+                    for key, value in other[row["seed"]].items():
+                        row.setdefault(key, value)
         print(f"== {tag}: {len(rows)} finished seeds")
         if not rows:
             continue
@@ -140,18 +157,19 @@ def summary(args: argparse.Namespace) -> None:
                     row[f"sub-rand@{n}"] = row[f"subnet@{n}"] - row.get(f"random_init@{n}", float("nan"))
                     row[f"sub-samp@{n}"] = row[f"subnet@{n}"] - row.get(f"sampled_subnet@{n}", float("nan"))
         columns = list(dict.fromkeys(key for row in rows for key in row))
-        print("  ".join(f"{c:>14}" for c in columns))
+        width = {c: max(len(c), *(len(fmt(row.get(c))) for row in rows)) for c in columns}
+        print("  ".join(f"{c:>{width[c]}}" for c in columns))
         for row in rows:
-            print("  ".join(f"{fmt(row.get(c)):>14}" for c in columns))
+            print("  ".join(f"{fmt(row.get(c)):>{width[c]}}" for c in columns))
         for column in columns:
             values = [row[column] for row in rows if isinstance(row.get(column), (int, float))
                       and not math.isnan(row[column])]
-            if values and column not in ("transfer_seed",):
+            if values and not column.endswith("_seed"):
                 print(f"  {column:>22}: {stats(values)}")
         for n in ns:
             gains = [row[f"sub-rand@{n}"] for row in rows if f"sub-rand@{n}" in row]
             print(f"  n={n}: subnet - random_init >= 0.25 on {sum(g >= 0.25 for g in gains)} of {len(gains)} seeds")
-        if args.against:
+        if args.against and tag != args.against:
             other = {row["seed"]: row for row in seed_rows(args.against)}
             for key in [c for c in columns if c.startswith(("sub-samp@", "subnet@", "sampled_subnet@"))]:
                 diffs = [row[key] - other[row["seed"]][key] for row in rows
@@ -178,6 +196,7 @@ def main() -> None:
     go.add_argument("--transfer-set", action="append", default=[], metavar="K=V")
     go.add_argument("--base-from", help="reuse this study's base runs (seed for seed)")
     go.add_argument("--mask-from", help="reuse this study's masks (seed for seed)")
+    go.add_argument("--transfer-seed-from", help="replay this study's transfer seeds (seed for seed)")
     show = commands.add_parser("summary", help="tables of finished seeds")
     show.add_argument("tags", nargs="+")
     show.add_argument("--against", help="paired differences with this study")
