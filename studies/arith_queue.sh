@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The issue-14 study queue: seed after seed, the baseline pipeline, then transfer variants on its base and mask.
+# Variants with --transfer-seed-from replay the baseline's transfer seed (paired: same data, initialisation and
+# batches; only the conditions a variant changes are rerun). One process at a time on one thread; each
+# `run ... --seeds k` call only does seed k's missing stages, so killing this loop between calls and starting it
+# again loses nothing.
+#     nohup bash studies/arith_queue.sh 10 > checkpoints/arith/queue.out 2>&1 &
+#     .venv/bin/python studies/arith_seeds.py summary baseline inherit_only legacy reinit retransfer --against baseline
+set -e
+cd "$(dirname "$0")/.."
+py=.venv/bin/python
+paired="--mask-from baseline --transfer-seed-from baseline"
+for k in $(seq 1 "${1:-10}"); do
+  $py studies/arith_seeds.py run baseline --seeds "$k"
+  # control: embeddings, norms and biases inherited, (almost) no masked weight transplanted: a magnitude mask keeping
+  # the largest 0.1% of each masked weight matrix, in the subnet condition
+  $py studies/arith_seeds.py run inherit_only --seeds "$k" --base-from baseline --transfer-seed-from baseline \
+      --ablate-set mask.method=magnitude --ablate-set mask.prune_fraction=0.999 --transfer-set 'transfer.conditions=[subnet]'
+  # the original's sampled baseline (it kept N - k random weights): only sampled_subnet changes
+  $py studies/arith_seeds.py run legacy --seeds "$k" $paired --transfer-set transfer.legacy_sampling=true \
+      --transfer-set 'transfer.conditions=[sampled_subnet]'
+  # embeddings, norms and biases fresh (the paper's wording): random_init does not change
+  $py studies/arith_seeds.py run reinit --seeds "$k" $paired --transfer-set transfer.non_masked=reinit \
+      --transfer-set 'transfer.conditions=[subnet,sampled_subnet]'
+  # the same mask, a fresh transfer seed (new data draw, initialisation and batches): the transfer's own variance
+  $py studies/arith_seeds.py run retransfer --seeds "$k" --mask-from baseline
+done
