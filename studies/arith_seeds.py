@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> None:
             source = STUDIES / args.transfer_seed_from / f"s{k}" / "transfer"
             if not finished(source):
                 raise SystemExit(f"no finished transfer run in {source}")
-            replay = ["reproducibility.reproduce=true", f"reproducibility.random_seed={read(source / 'summary.json')['seed']}"]
+            seed = read(source / "summary.json")["seed"]
+            replay = ["reproducibility.reproduce=true", f"reproducibility.random_seed={seed}"]
         run_stage("transfer", seed_dir / "transfer", [f"transfer.mask={mask}", *CUT, *replay, *args.transfer_set])
 
 

@@ -7,7 +7,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # The package, the tests, the benchmarks and every entry script (math/, vision/, the top-level ones, examples/).
-TARGETS = ["core", "tests", "bench", "math", "vision", "examples", *sorted(p.name for p in ROOT.glob("*.py"))]
+TARGETS = ["core", "tests", "bench", "math", "vision", "examples", "studies",
+           *sorted(p.name for p in ROOT.glob("*.py"))]
 
 
 def test_ruff_finds_nothing():
