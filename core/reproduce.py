@@ -308,6 +308,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", default="checkpoints/reproduce", help="folder of the sweeps")
     parser.add_argument("--report", default="reports/reproduce", help="folder of the report")
     parser.add_argument("--report-only", action="store_true", help="write the report from the sweeps that ran")
+    parser.add_argument("--validate", action="store_true",
+                        help="check the manifest and every claim's config at every seed, then exit")
     args = parser.parse_args(argv)
     from .sweep import prepare_spec, run_sweep
 
@@ -321,6 +323,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not args.report_only:
             spec = build_sweep(manifest, args.scale, args.seeds, args.executor, args.workers)
             sweep = prepare_spec(spec, f"{args.manifest} ({args.scale} scale)", sweep_dir)
+            if args.validate:  # prepare_spec checked every point and wrote nothing
+                print(f"{args.manifest}: {len(sweep.points)} valid points ({args.scale} scale, {args.seeds} seed(s))")
+                return 0
             status = run_sweep(sweep)
             failed = sum(s["state"] != "finished" for s in status.values())
         sweeps = {scale: Path(args.out) / f"{scale}-seeds{args.seeds}" for scale in SCALES}
@@ -345,4 +350,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The importable module's main, not this __main__ copy's: pydantic resolves the manifest's (postponed)
+    # annotations in the module its models belong to, which is not this namespace when run through runpy.
+    from instill.reproduce import main as reproduce_main
+
+    sys.exit(reproduce_main())

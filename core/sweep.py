@@ -566,4 +566,8 @@ def _point_main(sweep_dir: str, name: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The importable module's main, not this __main__ copy's: pydantic resolves the sweep file's (postponed)
+    # annotations in the module its models belong to, which is not this namespace when run through runpy.
+    from instill.sweep import main as sweep_main
+
+    sys.exit(sweep_main())

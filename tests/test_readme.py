@@ -39,7 +39,7 @@ def stage_of(script: str) -> str:
 
 def run(command: str, capsys) -> tuple[int, str]:
     """Run one README command in the current directory; returns (exit code, what it printed)."""
-    argv = shlex.split(command)
+    argv = shlex.split(command, comments=True)
     while "=" in argv[0]:  # an environment setting before the command (OMP_NUM_THREADS=1 python ...)
         argv = argv[1:]
     if argv[0] == "make":
@@ -47,6 +47,9 @@ def run(command: str, capsys) -> tuple[int, str]:
         if target == "test":  # this very suite
             return 0, ""
         recipe = re.search(rf"^{target}:.*\n\t(.*)", (REPO / "Makefile").read_text(), flags=re.M).group(1)
+        for name, default in re.findall(r"^(\w+) \?= *(.*)$", (REPO / "Makefile").read_text(), flags=re.M):
+            recipe = recipe.replace(f"$({name})", default)  # the Makefile's defaults (PY, SEEDS, SCALE, ...)
+        recipe = re.sub(r"\$\(if \$\(filter [^)]*\)[^)]*\)", "local", recipe)  # SCALE=cpu's executor
         return run(recipe.replace("$(PY)", "python") + " --validate", capsys)
     if argv[0] == "torchrun":  # its script and arguments, validated in one process
         argv = ["python", *[a for a in argv[1:] if not a.startswith("--nproc")]] + ["--validate"]
@@ -95,6 +98,7 @@ def test_readme_lists_the_commands_this_test_knows():
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
 def test_every_readme_command_runs_as_shown(tmp_path, monkeypatch, capsys):
     shutil.copytree(REPO / "configs", tmp_path / "configs")
+    shutil.copy(REPO / "reproduce.yaml", tmp_path / "reproduce.yaml")  # make reproduce reads the manifest
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "fixtures").symlink_to(REPO / "tests" / "fixtures")  # weights the README names
     monkeypatch.chdir(tmp_path)

@@ -177,7 +177,9 @@ def test_a_damaged_upstream_run_is_never_deleted_or_rerun(workdir, finished_base
     one_line(capsys, "checkpoints/tiny_digits is a damaged run", "nothing in it is touched")
     assert run_cli("base", TINY) == 2
     one_line(capsys, "is a damaged run")
-    assert snapshot(base) == before and sorted(os.listdir("checkpoints")) == ["tiny_digits"]
+    # beside it only the lock by which parallel sweep points wait for one upstream run (core.stages.upstream_lock)
+    assert snapshot(base) == before and sorted(os.listdir("checkpoints")) in (["tiny_digits"],
+                                                                             [".tiny_digits.lock", "tiny_digits"])
 
 
 def test_an_abandoned_run_of_ours_is_reused_but_a_finished_one_replayed(workdir, finished_base, capsys):
