@@ -311,6 +311,8 @@ def _import_builtin(kind: str, name: str) -> None:
     when the name is not a shipped one (for the error message's list of known names)."""
     import importlib
 
+    if kind not in BUILTIN_MODULES:
+        return  # a registry filled by the module that defines its entries (learning rules): nothing to import
     module = BUILTIN_MODULES[kind].get(name) or BUILTIN_MODULES[kind].get(name.split(":", 1)[0])
     if module is None:
         _import_builtins()

@@ -115,6 +115,12 @@ class SweepFile(_Strict):
     sweep: SweepSpec
 
 
+# Run as ``runpy.run_module(..., alter_sys=False)`` (the README test), ``__module__`` names a module that is not this
+# namespace, so pydantic cannot resolve the postponed annotations by itself: resolve them here, from this frame.
+for _model in (ExecutorSettings, SweepSpec, SweepFile):
+    _model.model_rebuild(force=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Points
 

@@ -13,6 +13,7 @@ from instill.cli import console_main, list_entries, main
     ("measures", ["cka: Linear CKA", "pwcca: Projection-weighted CCA"]),
     ("conditions", ["    subnet: masked-in weights", "    sampled_complement: the same count",
                     "    guided_trained: task loss"]),
+    ("rules", ["align_zero: Align-zero: the initial network's Jacobian", "fa: Feedback alignment", "backprop: "]),
 ])
 def test_instill_list_prints_entries_with_options_and_help(kind, expected):
     text = list_entries(kind).splitlines()
