@@ -296,13 +296,15 @@ BUILTIN_MODULES = {
     "dataset": {"digits": "data.images", "mnist5k": "data.images", "image_folder": "data.folders",
                 "shapes": "data.shapes", "arithmetic": "data.arithmetic", "copy_paste": "data.sequences",
                 "parity": "data.sequences", "grammar": "data.sequences", "text": "data.sequences",
-                "crops": "data.natural", "cifar10": "data.natural", "cifar100": "data.natural"},
+                "crops": "data.natural", "cifar10": "data.natural", "cifar100": "data.natural",
+                "add_task": "data.add", "legacy_add_data": "data.add"},
     "model": {"fcn": "models.vision", "convnet": "models.vision", "timm": "models.vision",
               "torchvision": "models.vision", "gpt2": "models.gpt2", "deep_fcn": "models.deep",
               "wide_fcn": "models.deep", "noresnet": "models.deep", "rnn": "models.sequence",
               "lstm": "models.sequence", "gru": "models.sequence", "transformer": "models.sequence",
               "rnn_classifier": "models.sequence", "transformer_classifier": "models.sequence",
-              "tiny10": "models.zoo", "nbn_tiny10": "models.zoo", "lenet": "models.zoo", "resnet20": "models.zoo"},
+              "tiny10": "models.zoo", "nbn_tiny10": "models.zoo", "lenet": "models.zoo", "resnet20": "models.zoo",
+              "ntk_mlp": "models.ntk", "ntk_cnn": "models.ntk", "add_rnn": "models.ntk"},
 }
 
 
