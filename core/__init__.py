@@ -12,7 +12,9 @@ __version__ = "0.1.0"
 _API_NAMES = frozenset({
     "MaskConfig", "MaskedModel", "find_subnetwork", "load_mask", "mask_density", "transplant", "Transplant",
     "TRANSFER_CONDITIONS", "measure_similarity", "measures", "alignment_loss", "AlignmentLoss", "LayerPair",
-    "FeatureCapture", "probe", "UserError",
+    "FeatureCapture", "probe", "UserError", "compare_models", "Comparison", "stitch_models", "StitchedNet",
+    "StitchTransform", "learning_rule", "learning_rules", "GradientProvider", "StepContext", "alignment_scores",
+    "AlignmentBaseline",
 })
 
 

@@ -41,8 +41,8 @@ def config_sections(stage: str) -> str:
     from .config import Component
     from .stages import stage_module
 
-    lines = ["config sections (see README.md and docs/design.md; instill list models|datasets|measures|conditions "
-             "shows what names a config can use, with their options):"]
+    lines = ["config sections (see README.md and docs/design.md; instill list "
+             "models|datasets|measures|conditions|rules shows what names a config can use, with their options):"]
     for name, field in stage_module(stage).Config.model_fields.items():
         kinds = [field.annotation, *getattr(field.annotation, "__args__", ())]
         section = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
@@ -59,7 +59,7 @@ def config_sections(stage: str) -> str:
 def list_entries(kind: str) -> str:
     """``instill list KIND``: each entry of a registry or set of choices with its options and one line of help."""
     listings = {"models": _registry_listing, "datasets": _registry_listing, "measures": _measures_listing,
-                "conditions": _conditions_listing}  # the Align rules add "rules" when that system lands
+                "conditions": _conditions_listing, "rules": _rules_listing}
     if kind not in listings:
         raise UserError(f"instill list: unknown kind {kind!r}; known: {', '.join(listings)}")
     return "\n".join(listings[kind](kind))
@@ -111,6 +111,12 @@ def _conditions_listing(kind: str) -> list[str]:
 
     return (["transfer (transfer.conditions):"] + [f"    {c}: {h}" for c, h in condition_help().items()]
             + ["guide (guidance.conditions):"] + [f"    {c}: {h}" for c, h in CONDITION_HELP.items()])
+
+
+def _rules_listing(kind: str) -> list[str]:
+    from .registry import RULES
+
+    return [f"{entry.name}: {_first_line(entry.doc)}" for entry in RULES.entries()]
 
 
 def main(stage: str, argv: Optional[list[str]] = None) -> int:
@@ -190,16 +196,18 @@ def console_main(argv: Optional[list[str]] = None) -> None:
     if argv and argv[0] == "list":
         try:
             if len(argv) != 2:
-                raise UserError("usage: instill list models|datasets|measures|conditions")
-            print(list_entries(argv[1]))
+                raise UserError("usage: instill list models|datasets|measures|conditions|rules")
+            print(list_entries(argv[1]), flush=True)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(err.exit_code)
+        except BrokenPipeError:  # `instill list models | head`: the reader has all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         sys.exit(0)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
         asked = bool(argv) and argv[0] in ("-h", "--help")
         print(f"usage: instill {{{','.join(STAGES)}}} CONFIG [--set KEY=VALUE ...] [--out DIR] [--resume] "
-              "[--print-config] [--validate]\n       instill list models|datasets|measures|conditions\n"
+              "[--print-config] [--validate]\n       instill list models|datasets|measures|conditions|rules\n"
               "`instill STAGE --help` shows a stage's config sections; README.md and docs/design.md explain them.",
               file=sys.stdout if asked else sys.stderr)
         sys.exit(0 if asked else 2)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from instill.cli import console_main, list_entries, main
@@ -13,6 +16,7 @@ from instill.cli import console_main, list_entries, main
     ("measures", ["cka: Linear CKA", "pwcca: Projection-weighted CCA"]),
     ("conditions", ["    subnet: masked-in weights", "    sampled_complement: the same count",
                     "    guided_trained: task loss"]),
+    ("rules", ["align_zero: Align-zero: the initial network's Jacobian", "fa: Feedback alignment", "backprop: "]),
 ])
 def test_instill_list_prints_entries_with_options_and_help(kind, expected):
     text = list_entries(kind).splitlines()
@@ -24,6 +28,15 @@ def test_instill_list_rejects_an_unknown_kind(capsys):
     with pytest.raises(SystemExit) as exit_:
         console_main(["list", "modles"])
     assert exit_.value.code == 2 and "unknown kind 'modles'" in capsys.readouterr().err
+
+
+def test_instill_list_into_a_closed_pipe_ends_quietly():
+    """``instill list models | head -1``: the reader goes away before we write; no BrokenPipeError traceback."""
+    child = subprocess.Popen([sys.executable, "-c", "from instill.cli import console_main; console_main()",
+                              "list", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # our read end closes before the child has imported anything, so its first write fails
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 0 and err == "", err
 
 
 @pytest.mark.parametrize("stage, section", [("base", "model: name: <registered name>"),
