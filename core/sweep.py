@@ -84,7 +84,7 @@ class SlurmSettings(_Strict):
 
 
 class ExecutorSettings(_Strict):
-    kind: Literal["auto", "local", "slurm"] = Field("auto", description="auto: slurm when sbatch is on the PATH")
+    kind: Literal["auto", "local", "slurm"] = Field("auto", description="auto: slurm where a SLURM controller answers")
     workers: Optional[int] = Field(None, ge=1, description="local: parallel points (default: the CPU cores)")
     threads: int = Field(1, ge=1, description="torch threads per point (local workers and SLURM jobs)")
     slurm: SlurmSettings = Field(default_factory=SlurmSettings)
@@ -264,19 +264,33 @@ def prepare_spec(spec: SweepSpec, source: str, sweep_dir: Path, executor: Option
 
 
 def choose_executor(kind: str, source: str) -> str:
-    """``local`` or ``slurm``; ``auto`` is slurm where ``sbatch`` is on the PATH.
+    """``local`` or ``slurm``; ``auto`` is slurm where a SLURM controller answers.
 
     Raises:
-        UserError: slurm asked for where sbatch is missing.
+        UserError: slurm asked for where sbatch is missing or no controller answers.
     """
-    has_sbatch = shutil.which("sbatch") is not None
-    if kind == "auto":
-        return "slurm" if has_sbatch else "local"
-    if kind == "slurm" and not has_sbatch:
-        raise UserError(f"{source}: executor slurm: sbatch is not on the PATH (no SLURM here); use local or auto")
-    if kind not in ("local", "slurm"):
+    if kind not in ("auto", "local", "slurm"):
         raise UserError(f"{source}: executor {kind!r}: expected auto, local or slurm")
+    if kind == "local":
+        return kind
+    problem = slurm_problem()
+    if kind == "auto":
+        return "local" if problem else "slurm"
+    if problem:
+        raise UserError(f"{source}: executor slurm: {problem}; use local or auto")
     return kind
+
+
+def slurm_problem() -> Optional[str]:
+    """Why no job could be submitted here, or None. ``sbatch`` on the PATH is not enough: a laptop with the client
+    installed and no controller running would fail only at submission, after the sweep directory exists."""
+    if shutil.which("sbatch") is None:
+        return "sbatch is not on the PATH (no SLURM here)"
+    try:
+        answered = subprocess.run(["scontrol", "ping"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        answered = False
+    return None if answered else "the SLURM controller does not answer (scontrol ping)"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -195,6 +195,25 @@ def test_bad_sweeps_write_nothing_and_exit_2(workdir, monkeypatch, capsys, body,
     assert not Path("checkpoints").exists()
 
 
+def test_sbatch_without_a_controller_runs_local_under_auto_and_refuses_slurm(workdir, monkeypatch, capsys, tmp_path):
+    """A laptop with SLURM's client installed and no controller: auto must not submit jobs that can never run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, body in (("sbatch", "echo 'sbatch: error: Unable to contact slurm controller' >&2; exit 1"),
+                       ("scontrol", "echo 'Slurmctld(primary) at vm is DOWN'; exit 1")):
+        (bin_dir / tool).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    from instill.sweep import choose_executor
+
+    assert choose_executor("auto", "s.yaml") == "local"
+    write_sweep("bad.yaml", f"config: {TINY}\nstage: base\ngrid: {{train.epochs: [1]}}\nexecutor: {{kind: slurm}}")
+    assert sweep_main(["bad.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "the SLURM controller does not answer (scontrol ping)" in err and err.count("\n") == 1, err
+    assert not Path("checkpoints").exists()
+
+
 def test_a_sweep_directory_of_another_grid_is_refused(workdir, capsys):
     seeds_sweep(seeds=(1,))
     assert sweep_main(["s.yaml"]) == 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -12,16 +11,17 @@ from pathlib import Path
 import pytest
 
 from instill.run import is_finished
-from instill.sweep import main as sweep_main
+from instill.sweep import main as sweep_main, slurm_problem
 
 # In CI (.ci/run sets INSTILL_REQUIRE_SLURM=1) a missing cluster is a failure, not a skip.
-if shutil.which("sbatch") is None and os.environ.get("INSTILL_REQUIRE_SLURM") != "1":
-    pytest.skip("sbatch is not on the PATH: no SLURM cluster here (tools/slurm/start.sh starts one, as root)",
+NO_CLUSTER = slurm_problem()
+if NO_CLUSTER and os.environ.get("INSTILL_REQUIRE_SLURM") != "1":
+    pytest.skip(f"no SLURM cluster here: {NO_CLUSTER} (tools/slurm/start.sh starts one, as root)",
                 allow_module_level=True)
 
 
 def test_sweep_runs_as_a_slurm_job_array(workdir, capsys):
-    assert shutil.which("sbatch"), "INSTILL_REQUIRE_SLURM=1 but sbatch is not on the PATH"
+    assert NO_CLUSTER is None, f"INSTILL_REQUIRE_SLURM=1 but {NO_CLUSTER}"
     Path("s.yaml").write_text("""sweep:
   config: configs/tiny_digits.yaml
   stage: base
