@@ -280,7 +280,7 @@ def _all_outputs(model: nn.Module, x: torch.Tensor, types: tuple[type, ...]) -> 
 
 def guided_steps(setup: StepSetup) -> tuple[dict[str, Callable[[], None]], Callable[[], None]]:
     """The timed steps (each on its own copy of the target) and a function that releases their hooks."""
-    from instill.stages import make_loss
+    from instill.stages.task import make_loss
     from instill.stages.guide import _alignment
 
     x, y = setup.batch

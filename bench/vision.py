@@ -68,7 +68,7 @@ def training_epoch(cfg, data, device: torch.device, seed: int) -> None:
     """One epoch of ``instill.train.fit`` on the preset (evaluation left out: it is not part of producing batches)."""
     from instill.registry import MODELS
     from instill.run import Run
-    from instill.stages import make_loss
+    from instill.stages.task import make_loss
     from instill.train import Objective, fit
 
     torch.manual_seed(seed)

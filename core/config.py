@@ -199,12 +199,23 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML file, with ``extends:`` resolved (paths relative to the including file)."""
-    return _read_with_extends(Path(path), chain=())
+def read_yaml(path: str | Path, components: dict[str, Registry] | None = None) -> dict[str, Any]:
+    """The mapping in a YAML file, with ``extends:`` resolved (paths relative to the including file).
+
+    Args:
+        path: the YAML file.
+        components: dotted paths of the sections that name a registry entry (``component_paths``): where a file
+            names another entry than the file it extends, the parent's options that the new entry does not take
+            are dropped (and named on stderr), as ``--set <section>.name=...`` does.
+    Returns:
+        The merged mapping.
+    Raises:
+        UserError: a missing, unreadable or invalid file, or an ``extends:`` cycle.
+    """
+    return _read_with_extends(Path(path), chain=(), components=components or {})
 
 
-def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+def _read_with_extends(path: Path, chain: tuple[Path, ...], components: dict[str, Registry]) -> dict[str, Any]:
     resolved = Path(os.path.realpath(path))  # unlike Path.resolve, never raises on a symlink loop
     if resolved in chain:
         raise UserError(f"{path}: extends: forms a cycle ({' -> '.join(str(p) for p in chain + (path,))})")
@@ -214,8 +225,40 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         return raw
     if not isinstance(parent, str):
         raise UserError(f"{path}: extends: expected a file path, got {parent!r}")
-    base = _read_with_extends(path.parent / parent, chain + (resolved,))
+    base = _read_with_extends(path.parent / parent, chain + (resolved,), components)
+    for section, registry in components.items():
+        old, new = _node_at(base, section), _node_at(raw, section)
+        if old is not None and new is not None and "name" in new:
+            keep = {f"{section}.{k}" for k in new}  # what this file sets itself stays
+            _switch_component(old, section, new["name"], registry, keep, f"{path}: extends: {parent}:")
     return deep_merge(base, raw)
+
+
+def _node_at(raw: dict[str, Any], dotted: str) -> dict[str, Any] | None:
+    """The mapping at a dotted section path, or None where there is none."""
+    node: Any = raw
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else None
+
+
+def _switch_component(node: dict[str, Any], section: str, name: Any, registry: Registry, keep: set[str],
+                      where: str) -> None:
+    """Before ``node`` (a component section) names entry ``name`` instead of its own: drop its options that
+    ``name`` does not take, except the dotted keys in ``keep``, and say which on stderr. Nothing is dropped when
+    the name stays or is no known entry (validation names the latter)."""
+    if node.get("name", name) == name:
+        return
+    takes = _options_of(registry, name)
+    dropped = [k for k in node if k != "name" and f"{section}.{k}" not in keep and takes is not None
+               and k not in takes]
+    for option in dropped:
+        del node[option]
+    if dropped:
+        import sys
+
+        print(f"{where} dropped {', '.join(f'{section}.{k}' for k in dropped)} (options of {node['name']})",
+              file=sys.stderr)
 
 
 def _parse_yaml_file(path: Path) -> dict[str, Any]:
@@ -302,17 +345,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str = "--
         key = key.strip()
         section, _, leaf = key.rpartition(".")
         node = _section_node(raw, key, f"{source} {item!r}")
-        if leaf == "name" and section in components and node.get("name", value) != value:
-            takes = _options_of(components[section], value)
-            dropped = [k for k in node if k != "name" and f"{section}.{k}" not in overridden
-                       and takes is not None and k not in takes]
-            for option in dropped:
-                del node[option]
-            if dropped:
-                import sys
-
-                print(f"{source} {item}: dropped {', '.join(f'{section}.{k}' for k in dropped)} (options of "
-                      f"{node['name']})", file=sys.stderr)
+        if leaf == "name" and section in components:
+            _switch_component(node, section, value, components[section], overridden, f"{source} {item}:")
         node[leaf] = value
         overridden.add(key)
     return raw
@@ -367,7 +401,8 @@ def load_config(path: str | Path, schema: type[RunConfig], stage: str, overrides
 
     ``overrides`` are ``--set`` strings; ``values`` typed values by dotted key (a sweep point's), applied after them.
     """
-    raw = apply_overrides(read_yaml(path), list(overrides), components=component_paths(schema))
+    components = component_paths(schema)
+    raw = apply_overrides(read_yaml(path, components), list(overrides), components=components)
     if values:
         raw = apply_values(raw, values, str(path))
     declared = raw.setdefault("stage", stage)

@@ -143,10 +143,10 @@ def _from_run(path: Path, checkpoint: str, data_info: Optional[dict[str, Any]], 
     from .masks import META_FILE, base_run_of, load_mask
     from .models import load_model
     from .run import is_finished
-    from .stages import check_data_fits
+    from .stages.compatibility import check_data_fits
 
     if path.suffix in (".yaml", ".yml"):  # a base config: its run directory, trained first when missing
-        from .stages import resolve_upstream
+        from .stages.upstream import resolve_upstream
 
         path = Path(resolve_upstream(str(path), "base", f"{key}.run"))
     if not path.is_dir():

@@ -145,6 +145,19 @@ def test_switching_a_component_by_name_drops_the_old_entrys_options(capsys):
     assert apply_overrides(raw, ["model.name=nonet"], components={"model": MODELS})["model"]["channels"] == [8]
 
 
+def test_extends_that_switches_the_model_drops_the_parents_options_of_the_old_one(tmp_path, capsys):
+    write(tmp_path / "parent.yaml", "data: {name: digits, limit: 100}\n"
+          "model: {name: convnet, channels: [8], strides: [1], batch_norm: false}\ntrain: {epochs: 1, threads: 1}\n")
+    child = write(tmp_path / "child.yaml", "extends: parent.yaml\nmodel: {name: fcn, width: 16}\n")
+    cfg = load_stage_config(child, "base")
+    assert cfg.model.name == "fcn" and cfg.model.params["width"] == 16 and cfg.model.params["batch_norm"] is False
+    assert "extends: parent.yaml: dropped model.channels, model.strides (options of convnet)" in \
+        capsys.readouterr().err
+    same = write(tmp_path / "same.yaml", "extends: parent.yaml\nmodel: {name: convnet, batch_norm: true}\n")
+    assert load_stage_config(same, "base").model.params["channels"] == [8]  # same entry: everything kept
+    assert "dropped" not in capsys.readouterr().err
+
+
 def test_set_model_name_timm_validates_without_the_previous_models_keys(capsys):
     from tests.conftest import REPO, run_cli
 

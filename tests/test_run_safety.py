@@ -177,7 +177,7 @@ def test_a_damaged_upstream_run_is_never_deleted_or_rerun(workdir, finished_base
     one_line(capsys, "checkpoints/tiny_digits is a damaged run", "nothing in it is touched")
     assert run_cli("base", TINY) == 2
     one_line(capsys, "is a damaged run")
-    # beside it only the lock by which parallel sweep points wait for one upstream run (core.stages.upstream_lock)
+    # beside it only the lock by which parallel sweep points wait for one upstream run (stages.upstream)
     assert snapshot(base) == before and sorted(os.listdir("checkpoints")) in (["tiny_digits"],
                                                                              [".tiny_digits.lock", "tiny_digits"])
 
@@ -344,7 +344,7 @@ def test_upstream_of_the_wrong_stage_and_data_of_the_wrong_kind(workdir, capsys)
     assert run_cli("transfer", "configs/tiny_shapes_transfer.yaml", "--set", f"transfer.mask={TINY}") == 2
     one_line(capsys, f"transfer.mask: {TINY} is a config of the base stage")
     assert not Path("checkpoints").exists()
-    from instill.stages import check_data_fits
+    from instill.stages.compatibility import check_data_fits
 
     with pytest.raises(UserError, match="these data are token sequences, but the base model was built for images"):
         check_data_fits({"input_shape": [1, 8, 8], "num_classes": 10}, {"vocab_size": 21, "num_classes": 7},

@@ -90,7 +90,7 @@ def test_ablate_bad_input(workdir, capsys):
 def test_sequence_loss_scope_is_the_hugging_face_causal_lm_loss():
     from instill.data import DataContext
     from instill.registry import DATASETS, MODELS
-    from instill.stages import make_loss
+    from instill.stages.task import make_loss
 
     data = DATASETS.build("arithmetic", DataContext(seed=0), {"max": 20, "n_train": 64})
     model = MODELS.build("gpt2", data.info, {"n_layer": 1, "n_embd": 16, "n_head": 2}).eval()

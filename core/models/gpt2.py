@@ -5,7 +5,7 @@ the integers of ``instill.data.arithmetic``. It is the plain HF class, so parame
 (``transformer.h.0.attn.c_attn.weight``, ...) and masks or NeuroSurgeon checkpoints name the same tensors.
 
 Scoring: the answer is predicted by the logits at ``info["answer_position"]`` (the SEP token); the data's targets
-hold it there and -100 elsewhere, so the shared loss and accuracy (``instill.stages.make_loss``,
+hold it there and -100 elsewhere, so the shared loss and accuracy (``instill.stages.task.make_loss``,
 ``instill.train.evaluate_classification``) score the answer only. ``loss_scope: sequence`` gives instead the original
 code's causal-LM loss over every next token, which includes the unpredictable ``b`` token and so sits at ln(max)/3
 even for a perfect model.

@@ -24,8 +24,10 @@ from ..errors import UserError
 from ..masks import MaskConfig, MaskedModel, mask_density
 from ..models import load_model
 from ..report import plot_bars, plot_run
-from . import (LossScope, Context, UsesBaseModel, check_compatible, evaluate_task, make_loss, resolve_upstream,
-                         summary_metrics)
+from .compatibility import UsesBaseModel, check_compatible
+from .runner import Context
+from .task import LossScope, evaluate_task, make_loss, summary_metrics
+from .upstream import resolve_upstream
 from ..train import Objective, fit
 
 MaskConfig.__pydantic_config__ = {"extra": "forbid"}  # the library dataclass doubles as the config section

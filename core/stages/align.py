@@ -37,7 +37,8 @@ from ..report import format_table, plot_lines
 from ..rules import RuleContext, build_rule
 from ..run import atomic_write_csv, derive_seed, read_metrics, seed_everything
 from ..train import Objective, fit
-from . import Context, build_data, summary_metrics
+from .runner import Context, build_data
+from .task import summary_metrics
 
 
 class HutchinsonSection(Section):

@@ -15,7 +15,8 @@ from ..config import ModelConfig, RunConfig
 from ..models import save_model
 from ..models.vision import check_accepts
 from ..report import plot_run
-from . import Context, LossScope, evaluate_task, make_loss, summary_metrics
+from .runner import Context
+from .task import LossScope, evaluate_task, make_loss, summary_metrics
 from ..train import Objective, fit
 
 

@@ -33,7 +33,7 @@ from ..report import format_table
 from ..run import atomic_write_text, derive_seed, seed_everything
 from ..sources import LoadedModel, ModelSource, describe, load_model_source
 from ..train import resolve_device
-from . import Context, build_data
+from .runner import Context, build_data
 
 
 class CompareSection(Section):

@@ -40,8 +40,10 @@ from ..registry import MODELS
 from ..report import describe, format_table, plot_bars, plot_runs
 from ..run import atomic_write_csv, derive_seed, seed_everything
 from ..similarity import SIMILARITIES, get_similarity
-from . import (LossScope, Context, build_data, check_data_fits, evaluate_task, make_loss, resolve_upstream,
-                         summary_metrics)
+from .compatibility import check_data_fits
+from .runner import Context, build_data
+from .task import LossScope, evaluate_task, make_loss, summary_metrics
+from .upstream import resolve_upstream
 from ..train import Objective, fit, resolve_device
 
 CONDITION_HELP = {

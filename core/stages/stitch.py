@@ -55,7 +55,8 @@ from ..sources import LoadedModel, ModelSource, load_model_source
 from ..stitching import (INITS, MASKS, TARGETS, Head, LinearStats, Side, StitchTransform, Tail, agreement_metrics,
                          freeze, init_matrix, layout_of, make_mask, target_loss)
 from ..train import Objective, fit
-from . import Context, build_data, resolve_upstream
+from .runner import Context, build_data
+from .upstream import resolve_upstream
 
 PS_INV_MAX_INPUTS = 8192  # (d_in + 1)^2 float64 normal equations: 0.5 GB at this width
 VARIANTS = ("front", "end", "before", "after", "ps_inv")

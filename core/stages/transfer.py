@@ -31,8 +31,10 @@ from ..masks import base_run_of, load_mask
 from ..models import build_fresh, load_model, save_model
 from ..report import format_table, plot_bars, plot_lines, plot_runs
 from ..run import atomic_write_csv, derive_seed, seed_everything
-from . import (LossScope, Context, UsesBaseModel, build_data, check_compatible, evaluate_task, make_loss,
-                         resolve_upstream, summary_metrics)
+from .compatibility import UsesBaseModel, check_compatible
+from .runner import Context, build_data
+from .task import LossScope, evaluate_task, make_loss, summary_metrics
+from .upstream import resolve_upstream
 from ..train import Objective, fit
 from ..transfer import CONDITIONS, BatchNorm, NonMasked, check_condition, transplant
 

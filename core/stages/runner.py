@@ -1,0 +1,162 @@
+"""The stage runner: every stage is run the same way (seed, device, run directory, finish or clean up).
+
+A stage module defines ``Config`` (a ``RunConfig`` subclass with the stage's own sections) and ``main(ctx)``, which
+does the work and returns the summary; ``execute`` wraps it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .. import dist
+from ..config import RunConfig, load_config, to_yaml
+from ..data import DataBundle, DataContext
+from ..errors import UserError
+from ..loggers import check_available as check_loggers
+from ..loggers import sink_factory
+from ..registry import DATASETS, MODELS
+from ..run import Run, draw_seed, has_state, is_finished, seed_everything
+from ..train import resolve_device
+
+# modules of this package, imported when a stage runs
+STAGES = ("ablate", "align", "base", "compare", "guide", "stitch", "transfer")
+
+
+def stage_module(stage: str):
+    if stage not in STAGES:
+        raise UserError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+    return importlib.import_module(f".{stage}", __package__)  # the stages package
+
+
+@dataclass
+class Context:
+    """What a stage's ``main`` works with."""
+
+    cfg: RunConfig
+    run: Run
+    seed: int
+    device: torch.device
+
+    def build_data(self) -> DataBundle:
+        return build_data(self.cfg, self.seed)
+
+    def build_model(self, info: dict) -> torch.nn.Module:
+        return MODELS.build(self.cfg.model.name, info, self.cfg.model.params)
+
+
+def build_data(cfg: RunConfig, seed: int) -> DataBundle:
+    return DATASETS.build(cfg.data.name, DataContext(seed=seed), cfg.data.params)
+
+
+def load_stage_config(path: str | Path, stage: str, overrides: list[str] = (), out: Optional[str] = None,
+                      values: Optional[dict[str, Any]] = None) -> RunConfig:
+    cfg = load_config(path, stage_module(stage).Config, stage, overrides, values)
+    if out is not None:
+        cfg.output_dir = out
+    return cfg
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; ``resumable`` when its run directory holds saved state to continue from."""
+
+    def __init__(self, path: Path, resumable: bool):
+        super().__init__(str(path))
+        self.path, self.resumable, self.upstream = path, resumable, False
+
+
+RESUME_OVERRIDES = ("train.threads", "train.progress")  # what --set may change on --resume: not the results
+
+
+def execute(cfg: RunConfig, *, resume: bool = False, overrides: list[str] = ()) -> Path:
+    """Run a stage end to end; returns its run directory. UserErrors leave nothing half-written behind.
+
+    Args:
+        cfg: the validated config.
+        resume: continue the unfinished run in ``cfg.output_dir`` with the config (and seed) it started with.
+        overrides: the ``--set`` items given with ``resume``; only RESUME_OVERRIDES keys are accepted.
+
+    Raises:
+        UserError: bad input, checked before the run directory is claimed where possible.
+    """
+    module = stage_module(cfg.stage)
+    if resume:  # continue with the very config (and seed) the run started with
+        cfg = _resumed_config(cfg, overrides)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    dist.init(device)  # before the seed is drawn: rank 0 draws it and the others must receive it
+    repro = cfg.reproducibility
+    seed = repro.random_seed if repro.reproduce else dist.broadcast(draw_seed)
+    cfg.reproducibility = repro.model_copy(update={"reproduce": True, "random_seed": seed})  # snapshot replays
+    seed_everything(seed, repro.deterministic)
+    check_loggers(cfg.logging)
+    prepare = getattr(module, "prepare", None)
+    if prepare is not None:  # upstream runs and input checks, before the run directory exists
+        prepare(cfg)
+    run = Run.create(cfg.output_dir, to_yaml(cfg), seed, str(device), resume)
+    run.attach_sinks(sink_factory(cfg.logging, cfg.name, cfg.model_dump(mode="json")))
+    try:
+        return _run_stage(module, cfg, run, seed, device, resume)
+    finally:
+        run.close_sinks()
+        run.close()
+
+
+def _resumed_config(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """The config a run started with, from its config.yaml; ``--set`` items may only repeat its values (the same
+    command again) or change RESUME_OVERRIDES."""
+    out = Path(cfg.output_dir)
+    if not out.exists():
+        raise UserError(f"--resume: {out} does not exist: there is no run to resume")
+    config = out / "config.yaml"
+    if not config.is_file():
+        raise UserError(f"--resume: {out} is not a run directory (no config.yaml)")
+    stored = load_stage_config(config, cfg.stage, out=cfg.output_dir)
+    kept = _dump_without(stored, RESUME_OVERRIDES)
+    for item in overrides:
+        changed = load_stage_config(config, cfg.stage, [item], out=cfg.output_dir)
+        if _dump_without(changed, RESUME_OVERRIDES) != kept:
+            raise UserError(f"--resume continues a run with its own config.yaml; --set {item} would change it "
+                            f"(with --resume, --set may change only {', '.join(RESUME_OVERRIDES)})")
+    return load_stage_config(config, cfg.stage, list(overrides), out=cfg.output_dir)
+
+
+def _dump_without(cfg: RunConfig, keys: tuple[str, ...]) -> dict[str, Any]:
+    dump = cfg.model_dump(mode="json")
+    for key in keys:
+        *sections, leaf = key.split(".")
+        node = dump
+        for section in sections:
+            node = node.get(section) or {}
+        node.pop(leaf, None)
+    return dump
+
+
+def _run_stage(module, cfg: RunConfig, run: Run, seed: int, device: torch.device, resume: bool) -> Path:
+    repro = cfg.reproducibility
+    seed_everything(seed, repro.deterministic)  # the same RNG state whatever prepare() consumed
+    verb = "resuming" if run.resumed else ("replaying into" if run.replay_of else "writing")
+    if dist.is_main():
+        print(f"{cfg.stage}: {verb} {run.path} (seed {seed})", flush=True)
+    try:
+        summary = module.main(Context(cfg, run, seed, device))
+        summary = {"stage": cfg.stage, "name": cfg.name, "seed": seed, "duration_s": round(run.elapsed_s(), 2),
+                   **summary}
+        run.finish(summary)
+    except (UserError, KeyboardInterrupt) as err:
+        run.close_sinks()
+        if isinstance(err, KeyboardInterrupt) and is_finished(run.path):  # Ctrl-C after its last write: complete
+            return run.path
+        if not run.discard_if_empty():  # stopped before any state was saved: nothing to keep, nothing to resume
+            run.record_elapsed(quiet=True)  # a resumed run goes on counting from here
+        if isinstance(err, KeyboardInterrupt):
+            raise Interrupted(run.path, has_state(run.path)) from None
+        raise
+    return run.path
+
+

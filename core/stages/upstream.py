@@ -1,0 +1,108 @@
+"""Upstream runs: a stage that needs another's output names it by run directory or by config file; a missing
+output whose config is named is produced first (``resolve_upstream``)."""
+
+from __future__ import annotations
+
+import fcntl
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .. import dist
+from ..config import RunConfig, read_yaml
+from ..errors import UserError
+from ..run import derive_seed, has_state, is_finished
+from .runner import Interrupted, execute, load_stage_config
+
+
+@dataclass
+class UpstreamPlacement:
+    """Where upstream runs named by config file go: ``root/<name>``, seeded from ``seed`` when it is set (so that
+    every point of a sweep trains its own base and mask, replayably, instead of sharing one)."""
+
+    root: Path
+    seed: Optional[int] = None
+
+
+_placement: Optional[UpstreamPlacement] = None
+
+
+@contextmanager
+def upstream_runs_in(placement: Optional[UpstreamPlacement]):
+    """Within this block, ``resolve_upstream`` writes upstream runs named by config file per ``placement``."""
+    global _placement
+    before, _placement = _placement, placement
+    try:
+        yield
+    finally:
+        _placement = before
+
+
+@contextmanager
+def _upstream_lock(output_dir: str):
+    """One process at a time produces an upstream run (parallel sweep points may name the same one). Under
+    torchrun the ranks produce it together, so they take no lock."""
+    if dist.world_size() > 1:
+        yield
+        return
+    out = Path(output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def resolve_upstream(ref: str, stage: str, key: str) -> str:
+    """The finished run directory that ``ref`` names: a run directory, or a config file (run now if needed)."""
+    path = Path(ref)
+    if path.is_dir():
+        if not is_finished(path):
+            raise UserError(f"{key}: {path} is not a finished run directory")
+        return str(path)
+    if path.suffix not in (".yaml", ".yml"):
+        raise UserError(f"{key}: {ref} is neither a run directory nor a config file")
+    declared = _stage_of(read_yaml(path))
+    if declared is not None and declared != stage:
+        raise UserError(f"{key}: {path} is a config of the {declared} stage; {key} takes a {stage} run directory or "
+                        f"a {stage} config")
+    cfg = load_stage_config(path, stage)
+    if _placement is not None:
+        cfg.output_dir = str(_placement.root / cfg.name)
+        if _placement.seed is not None and not cfg.reproducibility.reproduce:
+            cfg.reproducibility = cfg.reproducibility.model_copy(
+                update={"reproduce": True, "random_seed": derive_seed(_placement.seed, "upstream", cfg.name)})
+    if is_finished(cfg.output_dir):
+        return cfg.output_dir
+    with _upstream_lock(cfg.output_dir):
+        return _produce_upstream(cfg, path, key)
+
+
+def _produce_upstream(cfg: RunConfig, path: Path, key: str) -> str:
+    if is_finished(cfg.output_dir):  # another process made it while this one waited for the lock
+        return cfg.output_dir
+    unfinished = has_state(cfg.output_dir)  # an upstream run interrupted earlier: continue it
+    if dist.is_main():
+        what = "unfinished, so resuming" if unfinished else "missing, so running"
+        print(f"{key}: {cfg.output_dir} is {what} {path} first", flush=True)
+    try:
+        return str(execute(cfg, resume=unfinished))
+    except Interrupted as err:
+        err.upstream = True  # rerunning the downstream command resumes it; --resume would name the wrong stage
+        raise
+
+
+STAGE_SECTIONS = {"mask": "ablate", "transfer": "transfer", "guidance": "guide"}  # sections only that stage has
+
+
+def _stage_of(raw: dict[str, Any]) -> Optional[str]:
+    """The stage a config is for: its ``stage:`` key, or the section only that stage has (None: can't tell)."""
+    if raw.get("stage") is not None:
+        return str(raw["stage"])
+    found = next((stage for section, stage in STAGE_SECTIONS.items() if section in raw), None)
+    return found or ("base" if raw.get("model") is not None and "base" not in raw else None)
+
+
