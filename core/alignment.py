@@ -123,7 +123,7 @@ def check_layers(requested: Optional[list[str]], available: list[str]) -> list[s
     for name in requested:
         if name not in available:
             hint = nearest(name, available)
-            raise UserError(f"align.score_layers: no layer {name!r} in the model" +
+            raise UserError(f"no layer {name!r} in the model" +
                             (f" (nearest: {', '.join(hint)})" if hint else "") + f"; layers: {', '.join(available)}")
     return list(requested)
 

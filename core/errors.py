@@ -5,10 +5,32 @@ is a bug in instill and keeps its traceback.
 """
 
 
+from contextlib import contextmanager
+
+
 class UserError(ValueError):
     """Bad input from the user: printed as one line, exit code 2, nothing written."""
 
     exit_code = 2
+
+
+@contextmanager
+def under_key(key: str):
+    """Name the config key a library call was given: a ``UserError`` raised inside comes out as ``key: message``.
+
+    Library functions never name YAML keys in their messages (their caller may not be a config at all); the stage
+    that passes a config value into one wraps the call in ``with under_key("align.score_layers"):``.
+
+    Args:
+        key: the dotted config key (or a section, or a label such as ``stitch: a -> b``).
+
+    Raises:
+        UserError: the one raised inside, its message prefixed with ``key``.
+    """
+    try:
+        yield
+    except UserError as err:
+        raise UserError(f"{key}: {err}") from None
 
 
 def nearest(name: str, choices, n: int = 3, cutoff: float = 0.6) -> list[str]:

@@ -148,7 +148,7 @@ class InitialNetwork:
 
 def _needs(model: nn.Module, rule: str, what: str, ok: bool) -> None:
     if not ok:
-        raise UserError(f"train.rule: {rule} needs {what}; model {type(model).__name__} has none (use ntk_mlp, "
+        raise UserError(f"{rule} needs {what}; model {type(model).__name__} has none (use ntk_mlp, "
                         f"ntk_cnn or add_rnn, or rule backprop / align_zero)")
 
 

@@ -48,7 +48,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, under_key
 from .registry import MODELS
 
 
@@ -193,7 +193,8 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 # ----------------------------------------------------------------------------------------------------- registry
 
 def _from_registry(source: ModelSource, data_info: dict[str, Any], key: str) -> LoadedModel:
-    model = MODELS.build(source.name, data_info, source.params)
+    with under_key(key):
+        model = MODELS.build(source.name, data_info, source.params)
     model_cfg = {"name": source.name, **source.params}
     if source.weights is None:
         return LoadedModel(model, f"{source.name} (fresh)", "fresh", model_cfg, dict(data_info))

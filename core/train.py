@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import dist
 from .config import OptimizerConfig, ScheduleConfig, TrainConfig
 from .data import BatchLoader, Split, batches
-from .errors import UserError
+from .errors import UserError, under_key
 from .rules import Backprop, GradientProvider, RuleContext, StepContext, build_rule
 from .run import TIMING_PREFIX, Run, derive_seed, fault_point, has_state, rng_state, set_rng_state
 
@@ -239,8 +239,9 @@ class _Loop:
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         self.optimizer = build_optimizer(params if params is not None else model.parameters(), cfg.optimizer)
         # How a step's gradients are produced (train.rule); its initial network is the model as training starts.
-        self.rule = objective.gradients or build_rule(cfg.rule, RuleContext(
-            dist.unwrap(self.model), objective.loss, objective.criterion, derive_seed(seed, "rule")))
+        with under_key("train.rule"):
+            self.rule = objective.gradients or build_rule(cfg.rule, RuleContext(
+                dist.unwrap(self.model), objective.loss, objective.criterion, derive_seed(seed, "rule")))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg.schedule, s, self.steps_per_epoch, self.total_steps))
         self.tracker = _Tracker(cfg.select_mode, cfg.select_ties)

@@ -51,11 +51,11 @@ def test_data_limits_keep_the_held_out_sets(workdir):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model={name: add_rnn, width: 4}", "dfa needs"),
+    ("model={name: add_rnn, width: 4}", "align.rules: dfa needs"),
     ("align.widths=[0]", "align.widths.0"),
     ("align.widths=[100000]", "align.widths.0"),
     ("align.data_limits=[5000]", "the training split has 100"),
-    ("align.score_layers=[blocks.0.layr]", "nearest: blocks.0.layer"),
+    ("align.score_layers=[blocks.0.layr]", "align.score_layers: no layer 'blocks.0.layr' in the model (nearest: blocks.0.layer"),
     ("align.rules=[backprop,dfx]", "unknown learning rule 'dfx'"),
     ("train.rule=align_zeroo", "did you mean 'align_zero'"),
     ("model.width=0", "model: width: Input should be greater than or equal to 1"),

@@ -62,3 +62,32 @@ def test_a_streamed_run_resumes_mid_epoch_to_the_same_metrics(workdir, tmp_path,
         assert run_cli("base", config, "--out", "checkpoints/cut", *settings) == 130
     assert run_cli("base", config, "--out", "checkpoints/cut", "--resume") == 0
     assert comparable(read_metrics("checkpoints/cut")) == comparable(read_metrics("checkpoints/whole"))
+
+
+def test_a_streamed_folder_decodes_lazily_and_a_stitch_reads_each_image_a_bounded_number_of_times(
+        workdir, tmp_path, monkeypatch):
+    """Building a streamed folder decodes nothing; a probe batch decodes its own items; the stitch stage, whose
+    activation cache used to take every split's pixels whole for every chunk, decodes each image a few times."""
+    import yaml
+
+    from instill.data import DataContext
+    from instill.data import folders
+    from tests.test_folders import class_folder
+
+    decoded = []
+    real = folders.load_image
+    monkeypatch.setattr(folders, "load_image", lambda path, resolution: decoded.append(path) or real(path, resolution))
+    root = class_folder(tmp_path / "train", per_class=10)  # 30 images
+    data = folders.build_image_folder(DataContext(seed=1), train_dir=str(root), resolution=8, workers=0)
+    assert decoded == [] and len(data.train) + len(data.val) + len(data.test) == 30
+    assert data.train.head(3).shape == (3, 3, 8, 8) and len(decoded) == 3
+    decoded.clear()
+    convnet = {"name": "convnet", "channels": [4, 4], "strides": [2, 1]}
+    config = {"data": {"name": "image_folder", "train_dir": str(root), "resolution": 8, "workers": 0},
+              "stitch": {"front": convnet, "end": convnet, "front_layers": ["layers.0.1"], "end_layers": ["layers.1.1"],
+                         "measures": ["cka"], "similarity_samples": 4},
+              "train": {"epochs": 2, "batch_size": 4, "eval_batch_size": 2, "threads": 1, "progress": False}}
+    (tmp_path / "stitch.yaml").write_text(yaml.safe_dump(config))
+    assert run_cli("stitch", str(tmp_path / "stitch.yaml"), "--out", "checkpoints/stitch", *SEEDED) == 0
+    # every image once for each split's cached activations, plus probe batches: never a split per chunk
+    assert 0 < len(decoded) <= 2 * 30, len(decoded)

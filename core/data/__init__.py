@@ -44,13 +44,18 @@ class Split:
         """The first ``n`` inputs (a probe batch)."""
         return self.x[:n]
 
+    def inputs(self, index: torch.Tensor) -> torch.Tensor:
+        """The inputs at ``index`` (int64 positions), stacked."""
+        return self.x[index]
+
 
 @dataclass
 class StreamSplit:
     """One split read item by item from a map-style Dataset whose items are ``(input, target)``.
 
     ``y`` holds every target up front (labels are cheap; evaluation and class counts read them); ``workers`` is the
-    DataLoader's ``num_workers``. ``x`` decodes every item: for small sets and tests only.
+    DataLoader's ``num_workers``. ``inputs`` reads the items asked for; ``x`` decodes every item (small sets and
+    tests only: no stage reads it).
 
     Random transforms inside a dataset draw from each worker's generators, seeded from the run: a run replays
     exactly, but an epoch resumed in the middle hands its batches to the workers in another order, so with
@@ -70,7 +75,12 @@ class StreamSplit:
         return StreamSplit(Subset(self.dataset, index.tolist()), self.y[index], self.workers)
 
     def head(self, n: int) -> torch.Tensor:
-        return torch.stack([self.dataset[i][0] for i in range(min(n, len(self)))])
+        """The first ``n`` inputs, read now (a probe batch)."""
+        return self.inputs(torch.arange(min(n, len(self))))
+
+    def inputs(self, index: torch.Tensor) -> torch.Tensor:
+        """The inputs at ``index`` (int64 positions), read now, one item at a time: only those are decoded."""
+        return torch.stack([self.dataset[i][0] for i in index.tolist()])
 
     @property
     def x(self) -> torch.Tensor:

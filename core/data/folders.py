@@ -2,8 +2,10 @@
 
 ``root/<class name>/<image>``: class ids follow the sorted class names (never the file system's listing order, which
 made the original code's labels non-portable). Every image is decoded with PIL, its shorter side resized to the
-configured resolution and centre-cropped to a square, and all of them held in memory as one uint8 tensor (cached
-under the run's cache_dir, keyed by the file listing, sizes and modification times).
+configured resolution and centre-cropped to a square. By default the folders stream: an image is decoded when a batch
+needs it (``FolderImages``), never all up front; with ``stream: false`` (and for the cue-conflict stimuli) all of them
+are held in memory as one uint8 tensor (cached under the run's cache_dir, keyed by the file listing, sizes and
+modification times).
 
 Cue-conflict stimuli (``texture-vs-shape/stimuli/style-transfer-preprocessed-512``) are named
 ``<shape class><n>-<texture class><m>.png``, e.g. ``airplane1-bicycle2.png``, and usually sit in a folder named after

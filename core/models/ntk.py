@@ -186,9 +186,9 @@ def ntk_cnn(info: dict, *, shape: Literal["cifar", "kmnist", "imagenet", "custom
     layers, kmnist 3, imagenet 7; ``custom`` takes ``strides``), batch-statistics norm, global average pooling,
     linear readout."""
     if (shape == "custom") != (strides is not None):
-        raise UserError("model.strides: give strides exactly when shape is custom")
+        raise UserError("strides: give strides exactly when shape is custom")
     if kernel % 2 == 0:
-        raise UserError(f"model.kernel: {kernel} is even; SAME padding needs an odd kernel")
+        raise UserError(f"kernel {kernel} is even; SAME padding needs an odd kernel")
     if len(info["input_shape"]) != 3:
         raise UserError(f"model ntk_cnn needs images (C, H, W); the data give shape {info['input_shape']}")
     c_in, blocks = info["input_shape"][0], []

@@ -76,7 +76,7 @@ def convnet(info: dict, *, channels: list[conint(ge=1)] = [32, 64, 64],
     """A small ConvNet; ``strides`` defaults to 2 for every block (downsample early: cheap on a CPU)."""
     strides = strides if strides is not None else [2] * len(channels)
     if len(strides) != len(channels):
-        raise UserError(f"model.strides: {len(strides)} strides for {len(channels)} conv blocks")
+        raise UserError(f"{len(strides)} strides for {len(channels)} conv blocks")
     return ConvNet(info["input_shape"][0], info["num_classes"], channels, strides, batch_norm)
 
 

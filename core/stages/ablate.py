@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 
 from ..config import Ties, TrainConfig
-from ..errors import UserError
+from ..errors import under_key
 from ..masks import MaskConfig, MaskedModel, mask_density
 from ..models import load_model
 from ..report import plot_bars, plot_run
@@ -56,10 +56,8 @@ def main(ctx: Context) -> dict[str, Any]:
     data = ctx.build_data()
     base, _, base_info = load_model(cfg.base)
     check_compatible(base, base_info, data.info)
-    try:
+    with under_key("mask"):
         masked = MaskedModel(base, cfg.mask).to(ctx.device)
-    except UserError as err:
-        raise UserError(f"mask: {err}") from None
     eval_batch = cfg.train.eval_batch_size
     task_loss = make_loss(cfg.loss_scope)
 

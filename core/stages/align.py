@@ -30,7 +30,7 @@ from pydantic import Field, confloat, conint, conlist, field_validator
 
 from ..alignment import CHANCE, AlignmentBaseline, check_layers
 from ..config import ModelConfig, RunConfig, Section
-from ..errors import UserError
+from ..errors import UserError, under_key
 from ..models.ntk import MAX_WIDTH
 from ..registry import MODELS, RULES
 from ..report import format_table, plot_lines
@@ -98,9 +98,11 @@ def prepare(cfg: Config) -> None:
     model = _build_model(cfg, data.info, (spec.widths or [None])[0])
     criterion = make_criterion(spec, data.info)
     for rule in spec.rules:
-        build_rule(rule, RuleContext(model, None, criterion, 0))
+        with under_key("align.rules"):
+            build_rule(rule, RuleContext(model, None, criterion, 0))
     if spec.scores and "backprop" in spec.rules:
-        check_layers(spec.score_layers, _layer_names(model))
+        with under_key("align.score_layers"):
+            check_layers(spec.score_layers, _layer_names(model))
 
 
 def _layer_names(model: torch.nn.Module) -> list[str]:
@@ -114,7 +116,8 @@ def _build_model(cfg: Config, info: dict, width: Optional[int]) -> torch.nn.Modu
     params = dict(cfg.model.params)
     if width is not None:
         params["width"] = width
-    return MODELS.build(cfg.model.name, info, params)
+    with under_key("model"):
+        return MODELS.build(cfg.model.name, info, params)
 
 
 def make_criterion(spec: AlignSection, info: dict):
@@ -137,8 +140,8 @@ def evaluate_splits(model: torch.nn.Module, splits: dict[str, Any], criterion, b
     for name, split in splits.items():
         chunks = max(1, math.ceil(len(split) / batch_size))
         loss = correct = 0.0
-        for x, y in zip(torch.tensor_split(split.x, chunks), torch.tensor_split(split.y, chunks)):
-            x, y = x.to(device), y.to(device)
+        for index in torch.tensor_split(torch.arange(len(split)), chunks):
+            x, y = split.inputs(index).to(device), split.y[index].to(device)
             out = model(x).float()
             loss += float(criterion(out, y)) * len(y)
             if classify:
@@ -187,7 +190,9 @@ def _train(ctx: Context, sub, data, rule: str, width: Optional[int], lr: float, 
     batch = train_cfg.eval_batch_size
     tracker = None
     if rule == "backprop" and spec.scores:
-        tracker = AlignmentBaseline(model, criterion, check_layers(spec.score_layers, _layer_names(model)),
+        with under_key("align.score_layers"):
+            layers = check_layers(spec.score_layers, _layer_names(model))
+        tracker = AlignmentBaseline(model, criterion, layers,
                                     method=spec.score_method, chance=tuple(spec.chance),
                                     seed=derive_seed(ctx.seed, "probes"), hutchinson=spec.hutchinson.model_dump())
     # Regression (the Add task) is watched on the whole training and test sets, as the original reports them.

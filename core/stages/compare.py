@@ -27,7 +27,7 @@ from pydantic import Field, conlist, field_validator
 from ..compare import MEASURES, UNBIASED_MIN_BATCH, Spatial, check_sample_counts, compare_models, get_measure
 from ..config import RunConfig, Section
 from ..data import BatchLoader
-from ..errors import UserError
+from ..errors import UserError, under_key
 from ..features import probe
 from ..report import format_table
 from ..run import atomic_write_text, derive_seed, seed_everything
@@ -106,10 +106,11 @@ def prepare(cfg: Config) -> None:
     for key, loaded, layers in (("layers_a", model_a, spec.layers_a), ("layers_b", model_b, spec.layers_b or
                                                                           spec.layers_a)):
         try:
-            shapes = probe(loaded.model.to(device), layers, sample)
-        except UserError as err:
-            raise UserError(f"compare.{key}: {err}") from None
-        except (RuntimeError, ValueError) as err:
+            with under_key(f"compare.{key}"):
+                shapes = probe(loaded.model.to(device), layers, sample)
+        except UserError:
+            raise
+        except (RuntimeError, ValueError) as err:  # the model's own forward rejects the inputs
             raise UserError(f"compare: {loaded.label} cannot take the {cfg.data.name} inputs of shape "
                             f"{tuple(sample.shape[1:])}: {(str(err).splitlines() or [''])[0][:160]}") from None
         pooled = {k: (s[1] if spec.spatial == "mean" and len(s) > 2 else _prod(s[1:])) for k, s in shapes.items()

@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field, conlist, field_validator, model_validator
 
 from ..config import ModelConfig, RunConfig, Section
 from ..data.sequences import real_positions
-from ..errors import UserError
+from ..errors import UserError, under_key
 from ..features import DEFAULT_TYPES, probe
 from ..guidance import AlignmentLoss, LayerMap, Reduce, Tokenwise, compared_rows, resolve_pairs
 from ..models import load_model, save_model
@@ -137,16 +137,15 @@ def prepare(cfg: Config) -> None:
         raise UserError(f"train.batch_size {cfg.train.batch_size} is larger than the training set of "
                         f"{len(data.train)} examples: guidance uses full batches only; lower train.batch_size")
     batch = (data.train.head(cfg.train.batch_size).to(device), data.train.y[: cfg.train.batch_size].to(device))
-    target = MODELS.build(cfg.model.name, data.info, cfg.model.params).to(device)  # each check closes its hooks
+    with under_key("model"):
+        target = MODELS.build(cfg.model.name, data.info, cfg.model.params).to(device)  # each check closes its hooks
     for condition in guided:
         guide = build_guide(cfg, seed, condition, data.info).to(device)
         alignment = _alignment(spec, target, guide, batch[0])
         try:
-            with torch.no_grad():
+            with torch.no_grad(), under_key(f"guidance ({condition}, similarity {spec.similarity})"):
                 target(batch[0])
                 loss, _ = alignment(*_alignment_inputs(spec, batch, data.info))
-        except UserError as err:
-            raise UserError(f"guidance ({condition}, similarity {spec.similarity}): {err}") from None
         finally:
             alignment.close()
         if not torch.isfinite(loss):
@@ -175,7 +174,8 @@ def build_guide(cfg: Config, seed: int, condition: str, info: dict) -> torch.nn.
         check_data_fits(guide_info, info, f"the guide in {spec.guide_run}", key=f"data ({cfg.data.name})")
         return guide
     seed_everything(derive_seed(seed, "guide"), cfg.reproducibility.deterministic)
-    return MODELS.build(spec.guide.name, info, spec.guide.params)
+    with under_key("guidance.guide"):
+        return MODELS.build(spec.guide.name, info, spec.guide.params)
 
 
 def _sample(data, device: torch.device) -> torch.Tensor:
@@ -205,10 +205,9 @@ def _train_condition(ctx: Context, sub, condition: str, data, guide: Optional[to
             return value, {}
         if not guided:
             return value, {"task_loss": value.item(), "align_loss": 0.0}
-        try:
+        # a layer that became constant, say, is a UserError; a NaN reaches the loop's guard instead
+        with under_key(f"guidance ({condition}) at step {objective.step + 1}"):
             align, sims = alignment(*_alignment_inputs(spec, batch, data.info))
-        except UserError as err:  # a layer that became constant, say; a NaN reaches the loop's guard instead
-            raise UserError(f"guidance ({condition}) at step {objective.step + 1}: {err}") from None
         return value + align, {"task_loss": value.item(), "align_loss": align.item(), **sims}
 
     def evaluate(model):
@@ -248,11 +247,9 @@ def _alignment(spec: GuidanceSection, target, guide, sample: torch.Tensor) -> Al
     target_keys, guide_keys = list(target_shapes), list(guide_shapes)
     if spec.drop_last_layer:
         target_keys, guide_keys = target_keys[:-1], guide_keys[:-1]
-    try:
+    with under_key("guidance.layer_map"):
         pairs = resolve_pairs([p.model_dump() for p in spec.layer_map] if isinstance(spec.layer_map, list)
                               else spec.layer_map, target_keys, guide_keys)
-    except UserError as err:
-        raise UserError(f"guidance.layer_map: {err}") from None
     if not pairs:
         raise UserError("guidance: the layer map pairs no layers (does each side capture at least two layers?)")
     for pair in pairs:

@@ -16,7 +16,7 @@ import torch
 from .. import dist
 from ..config import RunConfig, load_config, to_yaml
 from ..data import DataBundle, DataContext
-from ..errors import UserError
+from ..errors import UserError, under_key
 from ..loggers import check_available as check_loggers
 from ..loggers import sink_factory
 from ..registry import DATASETS, MODELS
@@ -46,7 +46,8 @@ class Context:
         return build_data(self.cfg, self.seed)
 
     def build_model(self, info: dict) -> torch.nn.Module:
-        return MODELS.build(self.cfg.model.name, info, self.cfg.model.params)
+        with under_key("model"):
+            return MODELS.build(self.cfg.model.name, info, self.cfg.model.params)
 
 
 def build_data(cfg: RunConfig, seed: int) -> DataBundle:

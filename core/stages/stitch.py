@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from pydantic import Field, confloat, conint, conlist, field_validator, model_validator
 
 from ..config import OptimizerConfig, RunConfig, ScheduleConfig, Section, TrainConfig
-from ..data import DataBundle, Split
-from ..errors import UserError
+from ..data import DataBundle, Split, batches
+from ..errors import UserError, under_key
 from ..models.vision import check_accepts
 from ..report import format_table, plot_bars, plot_heatmaps, plot_run
 from ..run import Run, atomic_write_csv, derive_seed
@@ -215,10 +215,8 @@ def build_stitch(spec: StitchSection, front: LoadedModel, end: LoadedModel, fron
             raise UserError(f"stitch: {what} layer gives shape {tuple(act.shape)}, whose first axis is not the batch")
     sides = [Side(tuple(t.shape[1:]), layout_of(tuple(t.shape[1:]), declared))
              for t, declared in ((a, spec.front_layout), (b, spec.end_layout))]
-    try:
+    with under_key(f"stitch: {front_layer} -> {end_layer}"):
         transform = StitchTransform(*sides, kind=spec.transform, rank=spec.rank, bias=spec.bias, resize=spec.resize)
-    except UserError as err:
-        raise UserError(f"stitch: {front_layer} -> {end_layer}: {err}") from None
     if spec.init in ("identity", "perm") and transform.d_in != transform.d_out:
         raise UserError(f"stitch.init {spec.init}: {front_layer} -> {end_layer} maps {transform.d_in} to "
                         f"{transform.d_out} channels; it needs as many of each")
@@ -256,7 +254,7 @@ def prepare(cfg: Config) -> None:
     if spec.cka and cfg.train.batch_size < 2:
         raise UserError(f"stitch.cka: the CKA term needs batches of at least 2 samples, train.batch_size is "
                         f"{cfg.train.batch_size}")
-    sample = data.train.x[:4]
+    sample = data.train.head(4)
     for front_layer, end_layer in layer_pairs(spec):
         build_stitch(spec, front, end, front_layer, end_layer, sample)
 
@@ -276,7 +274,7 @@ class Views:
         self.needs, self.batch_size, self.device = needs, batch_size, device
         self.cache: Optional[dict[str, torch.Tensor]] = None
         if cached:
-            chunks = [self._compute(split.x[i:i + batch_size]) for i in range(0, len(split), batch_size)]
+            chunks = [self._compute(x) for x, _ in batches(split, batch_size)]  # a stream decodes each item once
             self.cache = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
 
     @torch.no_grad()
@@ -295,7 +293,7 @@ class Views:
 
     def get(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.cache is None:
-            return self._compute(self.split.x[index])
+            return self._compute(self.split.inputs(index))
         return {k: v[index.to(v.device)] for k, v in self.cache.items()}
 
     def batches(self, limit: Optional[int] = None):
@@ -335,7 +333,7 @@ def run_pair(ctx: Context, run: Run, data: DataBundle, front: LoadedModel, end: 
              end_layer: str) -> dict[str, Any]:
     """Fit, train and evaluate one stitch; write its files into ``run``; its summary row."""
     cfg, spec, device = ctx.cfg, ctx.cfg.stitch, ctx.device
-    stitch = build_stitch(spec, front, end, front_layer, end_layer, data.train.x[:4].to(device))
+    stitch = build_stitch(spec, front, end, front_layer, end_layer, data.train.head(4).to(device))
     transform = stitch.transform.to(device)
     has_labels = labelled(data)
     cached = spec.cache == "on" or (spec.cache == "auto" and not data.info.get("augmentation"))
