@@ -55,7 +55,7 @@ def test_data_limits_keep_the_held_out_sets(workdir):
     ("align.widths=[0]", "align.widths.0"),
     ("align.widths=[100000]", "align.widths.0"),
     ("align.data_limits=[5000]", "the training split has 100"),
-    ("align.score_layers=[blocks.0.layr]", "align.score_layers: no layer 'blocks.0.layr' in the model (nearest: blocks.0.layer"),
+    ("align.score_layers=[blocks.0.layr]", "align.score_layers: no layer 'blocks.0.layr' in the model (nearest"),
     ("align.rules=[backprop,dfx]", "unknown learning rule 'dfx'"),
     ("train.rule=align_zeroo", "did you mean 'align_zero'"),
     ("model.width=0", "model: width: Input should be greater than or equal to 1"),
