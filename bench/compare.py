@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from instill.compare import compare_models
-from instill.data import DataContext
+from instill.data import DataContext, DatasetInfo
 from instill.registry import DATASETS, MODELS
 
 CHANNELS = [16, 16, 32, 32, 32, 64, 64, 64]
@@ -44,7 +44,7 @@ STRIDES = [1, 1, 2, 1, 1, 2, 1, 1]
 LAYERS = [f"layers.{i}" for i in range(len(CHANNELS))]
 
 
-def _models(info: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
+def _models(info: DatasetInfo) -> tuple[torch.nn.Module, torch.nn.Module]:
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)

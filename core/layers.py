@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from .data.info import DatasetInfo
 from .errors import UserError
 
 
@@ -70,7 +71,7 @@ def _parse_sets(items: Sequence[str], what: str) -> dict[str, Any]:
     return out
 
 
-def _data_info(name: str, params: dict[str, Any]) -> tuple[dict[str, Any], Optional[torch.Tensor]]:
+def _data_info(name: str, params: dict[str, Any]) -> tuple[DatasetInfo, Optional[torch.Tensor]]:
     from .data import DataContext
     from .registry import DATASETS
 
@@ -78,9 +79,9 @@ def _data_info(name: str, params: dict[str, Any]) -> tuple[dict[str, Any], Optio
     return data.info, data.train.head(2)
 
 
-def _dummy(info: dict[str, Any]) -> torch.Tensor:
-    shape = tuple(info["input_shape"])
-    if info.get("vocab_size"):
+def _dummy(info: DatasetInfo) -> torch.Tensor:
+    shape = tuple(info.input_shape)
+    if info.vocab_size:
         return torch.zeros((2, *shape), dtype=torch.long)
     return torch.zeros((2, *shape))
 
@@ -93,7 +94,7 @@ def load_for_listing(spec: str, model: Optional[str], options: dict[str, Any], d
 
     path = Path(spec)
     if path.is_dir():
-        loaded = load_model_source({"run": spec}, {}, key="SPEC", check_data=False)
+        loaded = load_model_source({"run": spec}, None, key="SPEC", check_data=False)
         return loaded.model, _dummy(loaded.info), f"{loaded.label} ({loaded.model_cfg.get('name')})"
     info, sample = _data_info(data, data_options)
     if path.is_file():

@@ -27,7 +27,7 @@ import dataclasses
 import inspect
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
@@ -45,8 +45,9 @@ class Entry:
 class Registry:
     """Name -> builder, with a pydantic model of the builder's keyword-only parameters."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, prepare: Optional[Callable[[Any], Any]] = None):
         self.kind = kind
+        self.prepare = prepare  # turns what build() is given into what every builder receives
         self._entries: dict[str, Entry] = {}
         self._prefixes: dict[str, Entry] = {}
 
@@ -130,6 +131,8 @@ class Registry:
         kwargs = self.validate(name, params)
         if name != entry.name:  # prefixed entry: pass the part after the colon
             kwargs["name"] = name.split(":", 1)[1]
+        if self.prepare is not None:
+            ctx = self.prepare(ctx)
         try:
             return entry.build(ctx, **kwargs)
         except TypeError as err:
@@ -199,7 +202,7 @@ def _field_types(model: Any) -> dict[str, Any]:
 
 
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
-# Parameters of an outside class filled from the run instead of the config (``info`` keys; DataContext fields).
+# Parameters of an outside class filled from the run instead of the config (DatasetInfo and DataContext fields).
 _FACTS = {"model": ("input_shape", "num_classes", "vocab_size", "seq_len"), "dataset": ("seed", "cache_dir")}
 _OUTSIDE: dict[str, dict[str, Any]] = {}  # "<kind>:<name>" -> where its code came from (for env.json)
 
@@ -248,7 +251,7 @@ def _is_builder(fn: Any) -> bool:
 
 def _fact_filling_builder(target: Any, facts: tuple[str, ...]) -> Callable[..., Any]:
     """A builder for a class or plain function: its named parameters are the options, except the run's facts,
-    which come from the context (a dataset's ``info`` dict, or the DataContext)."""
+    which come from the context (a dataset's ``DatasetInfo``, or the DataContext)."""
     signature = inspect.signature(target, eval_str=True)
     named = [p for p in signature.parameters.values()
              if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
@@ -256,8 +259,7 @@ def _fact_filling_builder(target: Any, facts: tuple[str, ...]) -> Callable[..., 
     wanted_facts = [p.name for p in named if p.name in facts]
 
     def build(ctx, **kwargs):
-        from_run = {fact: (ctx.get(fact) if isinstance(ctx, dict) else getattr(ctx, fact, None))
-                    for fact in wanted_facts}
+        from_run = {fact: getattr(ctx, fact, None) for fact in wanted_facts}
         missing = [fact for fact, value in from_run.items() if value is None]
         if missing:
             raise UserError(f"{getattr(target, '__name__', target)} needs {', '.join(missing)}, which this run's "
@@ -325,11 +327,18 @@ def _import_builtins() -> None:
     global _BUILTINS_IMPORTED
     if not _BUILTINS_IMPORTED:
         _BUILTINS_IMPORTED = True
+        from . import rules as _rules  # noqa: F401
         from .data import registered as _data  # noqa: F401
         from .models import registered as _models  # noqa: F401
-        from . import rules as _rules  # noqa: F401
+
+
+def _dataset_info(info: Any) -> Any:
+    """A model builder always receives a ``DatasetInfo``; a caller may give a mapping of its names."""
+    from .data.info import DatasetInfo
+
+    return DatasetInfo.of(info)
 
 
 DATASETS = Registry("dataset")
-MODELS = Registry("model")
+MODELS = Registry("model", prepare=_dataset_info)
 RULES = Registry("learning rule")

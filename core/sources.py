@@ -48,6 +48,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from .data.info import DatasetInfo
 from .errors import UserError, under_key
 from .registry import MODELS
 
@@ -93,16 +94,17 @@ class LoadedModel:
     label: str  # for tables and plots
     kind: str  # base | ablate | run | weights | fresh
     model_cfg: dict[str, Any] = field(default_factory=dict)  # {name: ..., <builder options>}: rebuilds the architecture
-    info: dict[str, Any] = field(default_factory=dict)  # the data facts the model was built for
+    info: Optional[DatasetInfo] = None  # what the data the model was built for provide
 
 
-def load_model_source(source: ModelSource | dict[str, Any], data_info: dict[str, Any], *, key: str = "model",
+def load_model_source(source: ModelSource | dict[str, Any], data_info: Optional[DatasetInfo], *, key: str = "model",
                       freeze: bool = True, check_data: bool = True) -> LoadedModel:
     """The model a source names, checked against the data it will see.
 
     Args:
         source: a ``ModelSource`` (or its dict form, validated here).
-        data_info: the run's ``DataBundle.info``: sizes a registered architecture; a run's model must match it.
+        data_info: the run's ``DataBundle.info``: sizes a registered architecture; a run's model must match it
+            (None only to inspect a run directory's model, with ``check_data`` off).
         key: the config key of the source, for error messages ("model_a").
         freeze: eval mode and ``requires_grad_(False)`` (both models of a comparison or a stitch are frozen).
         check_data: check that a run directory's model was built for ``data_info`` (off only to inspect a model).
@@ -139,7 +141,7 @@ def _validated(raw: dict[str, Any], key: str) -> ModelSource:
 
 # ----------------------------------------------------------------------------------------------------- run dirs
 
-def _from_run(path: Path, checkpoint: str, data_info: Optional[dict[str, Any]], key: str) -> LoadedModel:
+def _from_run(path: Path, checkpoint: str, data_info: Optional[DatasetInfo], key: str) -> LoadedModel:
     from .masks import META_FILE, base_run_of, load_mask
     from .models import load_model
     from .run import is_finished
@@ -192,14 +194,14 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 
 # ----------------------------------------------------------------------------------------------------- registry
 
-def _from_registry(source: ModelSource, data_info: dict[str, Any], key: str) -> LoadedModel:
+def _from_registry(source: ModelSource, data_info: DatasetInfo, key: str) -> LoadedModel:
     with under_key(key):
         model = MODELS.build(source.name, data_info, source.params)
     model_cfg = {"name": source.name, **source.params}
     if source.weights is None:
-        return LoadedModel(model, f"{source.name} (fresh)", "fresh", model_cfg, dict(data_info))
+        return LoadedModel(model, f"{source.name} (fresh)", "fresh", model_cfg, data_info)
     load_weights_file(model, source.weights, label=source.name, key=f"{key}.weights")
-    return LoadedModel(model, f"{source.name} <- {_short(source.weights)}", "weights", model_cfg, dict(data_info))
+    return LoadedModel(model, f"{source.name} <- {_short(source.weights)}", "weights", model_cfg, data_info)
 
 
 def _short(path: str, parts: int = 3) -> str:
@@ -276,7 +278,7 @@ def load_weights_file(model: nn.Module, path: str | Path, *, label: str = "model
     return model
 
 
-def guess_architecture(state: dict[str, torch.Tensor], info: dict[str, Any]) -> Optional[dict[str, Any]]:
+def guess_architecture(state: dict[str, torch.Tensor], info: DatasetInfo) -> Optional[dict[str, Any]]:
     """The zoo model config (``{"name": ..., <options>}``) whose state dict ``state`` fits exactly, sized for
     ``info``; None if none does. Used by ``python -m instill.layers`` on a bare weights file."""
     candidates: list[dict[str, Any]] = [{"name": "tiny10"}, {"name": "nbn_tiny10"}, {"name": "lenet"}]

@@ -110,8 +110,8 @@ def test_transfer_bundle_shares_data_across_calls_and_has_the_eval_sets():
 
 def test_registered_dataset_targets_score_the_answer_only():
     data = DATASETS.build("arithmetic", DataContext(seed=2), {"max": 60, "n_train": 500, "n_val": 100})
-    assert data.info["vocab_size"] == 61 and data.info["seq_len"] == 4
-    assert data.info["answer_position"] == ar.ANSWER_POSITION == 2
+    assert data.info.vocab_size == 61 and data.info.seq_len == 4
+    assert data.info.answer_position == ar.ANSWER_POSITION == 2
     y = data.train.y
     assert torch.equal(y[:, 2], data.train.x[:, 3])
     assert bool((y[:, [0, 1, 3]] == ar.IGNORE_INDEX).all())

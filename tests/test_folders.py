@@ -97,8 +97,8 @@ def test_geirhos_sixteen_classes_load_in_sorted_order(tmp_path):
         png(root / name / "a.JPEG")
     bundle = build_image_folder(DataContext(0, str(tmp_path / "c")), train_dir=str(root), classes="imagenet16",
                                 val_dir=str(root), test_dir=str(root), resolution=16)
-    assert bundle.info["class_names"] == sorted(folders.GEIRHOS_16_CLASSES) == list(folders.GEIRHOS_16_CLASSES)
-    assert bundle.info["num_classes"] == 16 and sorted(bundle.train.y.tolist()) == list(range(16))
+    assert bundle.info.class_names == tuple(sorted(folders.GEIRHOS_16_CLASSES)) == folders.GEIRHOS_16_CLASSES
+    assert bundle.info.num_classes == 16 and sorted(bundle.train.y.tolist()) == list(range(16))
 
 
 def test_cue_conflict_names_parse():
@@ -149,7 +149,7 @@ def test_bundle_splits_with_the_seed_and_attaches_eval_sets(tmp_path):
     everything = torch.cat([bundle.train.x, bundle.val.x, bundle.test.x]).flatten(1)
     assert bundle.train.x.dtype == torch.float32 and float(everything.max()) == 1.0
     assert sorted(bundle.extra_eval) == ["cue_conflict", "cue_conflict_texture", "pooled"]
-    assert bundle.info["cue_conflict_same_class_excluded"] == 1
+    assert bundle.info.facts["cue_conflict_same_class_excluded"] == 1
     conflict, texture = bundle.extra_eval["cue_conflict"], bundle.extra_eval["cue_conflict_texture"]
     assert torch.equal(conflict.x, texture.x) and (conflict.y != texture.y).all()
     again = build_image_folder(ctx, **kwargs)

@@ -34,7 +34,7 @@ class TinyNet(nn.Module):
 
 def build_wide(info, *, width: int = 32):
     """A builder in instill's own form."""
-    return TinyNet(info["input_shape"], info["num_classes"], hidden=width)
+    return TinyNet(info.input_shape, info.num_classes, hidden=width)
 '''
 
 DATA = '''

@@ -62,10 +62,10 @@ def test_image_datasets_are_seeded_and_split():
     b = DATASETS.build("digits", DataContext(seed=1), {})
     c = DATASETS.build("digits", DataContext(seed=2), {})
     assert torch.equal(a.train.y, b.train.y) and not torch.equal(a.train.y, c.train.y)
-    assert len(a.train) + len(a.val) + len(a.test) == 1797 and a.info["input_shape"] == (1, 8, 8)
+    assert len(a.train) + len(a.val) + len(a.test) == 1797 and a.info.input_shape == (1, 8, 8)
     mnist = DATASETS.build("mnist5k", DataContext(seed=0), {})
     assert len(mnist.train) + len(mnist.val) + len(mnist.test) == 5000
-    assert mnist.info["input_shape"] == (1, 28, 28)
+    assert mnist.info.input_shape == (1, 28, 28)
     assert len(set(mnist.test.y[:100].tolist())) > 5  # shuffled: the file is sorted by class
 
 

@@ -39,7 +39,7 @@ def test_sequence_model_forward_backward(name, params, task, task_params):
     model = MODELS.build(name, data.info, params)
     x, y = data.train.x, data.train.y
     logits = model(x)
-    expected = (len(x), data.info["num_classes"]) if task == "parity" else (*x.shape, data.info["vocab_size"])
+    expected = (len(x), data.info.num_classes) if task == "parity" else (*x.shape, data.info.vocab_size)
     assert logits.shape == expected
     classification_loss(logits, y).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

@@ -29,8 +29,8 @@ def test_generation_is_a_function_of_the_seed():
 
 def test_bundle_shapes_dtypes_and_ranges(tmp_path):
     bundle = build_shapes(DataContext(0, str(tmp_path)), num_classes=5, resolution=64, **SMALL)
-    assert bundle.info["input_shape"] == (3, 64, 64) and bundle.info["num_classes"] == 5
-    assert bundle.info["class_names"] == list(shapes.SHAPES)[:5]
+    assert bundle.info.input_shape == (3, 64, 64) and bundle.info.num_classes == 5
+    assert bundle.info.class_names == tuple(shapes.SHAPES)[:5]
     assert set(bundle.extra_eval) == {"textured", "shape_only", "cue_conflict", "cue_conflict_texture"}
     for name, split in {"train": bundle.train, **bundle.eval_sets()}.items():
         assert split.x.dtype == torch.float32 and split.x.shape[1:] == (3, 64, 64), name
@@ -77,7 +77,7 @@ def test_bundle_cue_conflict_pair_shares_images(tmp_path):
     bundle = build_shapes(DataContext(1, str(tmp_path)), **SMALL)
     shape_set, texture_set = bundle.extra_eval["cue_conflict"], bundle.extra_eval["cue_conflict_texture"]
     assert torch.equal(shape_set.x, texture_set.x) and (shape_set.y != texture_set.y).all()
-    assert bundle.info["cue_conflict_pairs"] == {"cue_conflict": "cue_conflict_texture"}
+    assert bundle.info.cue_conflict_pairs == {"cue_conflict": "cue_conflict_texture"}
 
 
 def test_variants_select_the_training_images(tmp_path):

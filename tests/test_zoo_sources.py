@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from instill.data import DataContext
+from instill.data import DataContext, DatasetInfo
 from instill.errors import UserError
 from instill.registry import DATASETS, MODELS
 from instill.sources import guess_architecture, load_model_source, read_state_dict
@@ -56,7 +56,7 @@ def test_crops_are_seeded_label_free_natural_images(crops):
     other = DATASETS.build("crops", DataContext(seed=1), {"n_train": 256, "n_val": 8, "n_test": 8})
     assert torch.equal(crops.train.x, again.train.x) and not torch.equal(crops.train.x, other.train.x)
     assert crops.train.x.shape == (256, 3, 32, 32) and (crops.train.y == -1).all()
-    assert crops.info == {"input_shape": (3, 32, 32), "num_classes": 10, "labeled": False}
+    assert crops.info == DatasetInfo((3, 32, 32), num_classes=10, labeled=False) and crops.info.modality == "image"
     assert not torch.equal(crops.train.x, crops.val.x[:1].expand(256, -1, -1, -1))
 
 
@@ -200,7 +200,7 @@ def test_cifar10_reads_torchvisions_layout(tmp_path):
     _write_cifar10(tmp_path)
     data = DATASETS.build("cifar10", DataContext(seed=0), {"root": str(tmp_path), "val_fraction": 0.1})
     assert len(data.train) == 90 and len(data.val) == 10 and len(data.test) == 20
-    assert data.train.x.shape[1:] == (3, 32, 32) and data.info["num_classes"] == 10
+    assert data.train.x.shape[1:] == (3, 32, 32) and data.info.num_classes == 10
 
 
 def test_cifar_folder_missing_or_malformed_is_one_line(tmp_path):

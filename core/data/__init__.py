@@ -17,6 +17,10 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from ..run import derive_seed
+from .info import DatasetInfo, Modality
+
+__all__ = ["BatchLoader", "DataBundle", "DataContext", "DatasetInfo", "Modality", "Split", "StreamSplit", "batches",
+           "seeded_split"]
 
 
 @dataclass
@@ -134,16 +138,20 @@ def batches(split: "Split | StreamSplit", batch_size: int):
 
 @dataclass
 class DataBundle:
-    """train / val / test splits, any further named evaluation sets, and facts a model builder needs.
+    """train / val / test splits, any further named evaluation sets, and what the data provide (``info``).
 
-    ``info`` holds at least ``input_shape`` (per sample) and ``num_classes`` (or ``vocab_size`` for sequences).
+    ``info`` is a ``DatasetInfo``; a plain mapping of its attribute names (a user's builder may give one) is
+    turned into one here, and a UserError names what does not fit.
     """
 
     train: Split
     val: Split
     test: Split
-    info: dict[str, Any]
+    info: DatasetInfo
     extra_eval: dict[str, Split] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.info = DatasetInfo.of(self.info)
 
     def eval_sets(self) -> dict[str, Split]:
         return {"val": self.val, "test": self.test, **self.extra_eval}

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from pydantic import conint
 
-from . import DataBundle, DataContext, Split
+from . import DataBundle, DataContext, DatasetInfo, Split
 from ..errors import UserError
 from ..registry import DATASETS
 
@@ -41,7 +41,7 @@ def _bundle(ctx: DataContext, train: int, test: int, val: int, length: int, t1: 
     x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
     cut = lambda a, b: Split(x[a:b], y[a:b])  # noqa: E731
     return DataBundle(train=cut(0, train), test=cut(train, train + test), val=cut(train + test, train + test + val),
-                      info={"input_shape": (length,), "num_outputs": length, "task": "regression"})
+                      info=DatasetInfo((length,), num_outputs=length, regression=True))
 
 
 @DATASETS.register("add_task")

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 from pydantic import conint
 
-from . import DataBundle, DataContext, Split
+from . import DataBundle, DataContext, DatasetInfo, Split
 from ..errors import UserError, did_you_mean
 from ..registry import DATASETS
 from ..run import derive_seed
@@ -152,9 +152,10 @@ def to_split(rows: torch.Tensor) -> Split:
     return Split(rows.clone(), y)
 
 
-def info(*, task: str, modulus: int, numbers: int) -> dict:
-    return {"vocab_size": numbers + 1, "seq_len": SEQ_LEN, "answer_position": ANSWER_POSITION,
-            "input_shape": (SEQ_LEN,), "sep_token": numbers, "modulus": modulus, "task": task}
+def info(*, task: str, modulus: int, numbers: int, **facts) -> DatasetInfo:
+    """Rows of ``SEQ_LEN`` tokens over ``numbers + 1`` ids (the last is SEP), answered at ``ANSWER_POSITION``."""
+    return DatasetInfo((SEQ_LEN,), vocab_size=numbers + 1, seq_len=SEQ_LEN, answer_position=ANSWER_POSITION,
+                       facts={"sep_token": numbers, "modulus": modulus, "task": task, **facts})
 
 
 def _check(modulus: int, numbers: int) -> None:
@@ -183,8 +184,8 @@ def transfer_bundle(seed: int, n_disambiguation: int, *, task: str = TARGET_TASK
     evals = {"ambiguous": to_split(ambiguous)}
     evals.update({name: to_split(relabel(test, name, modulus)) for name in map(canonical_task, competing)})
     return DataBundle(train=to_split(torch.cat([ambiguous, extra])), val=to_split(val), test=to_split(test),
-                      info={**info(task=task, modulus=modulus, numbers=numbers),
-                            "n_disambiguation": n_disambiguation}, extra_eval=evals)
+                      info=info(task=task, modulus=modulus, numbers=numbers, n_disambiguation=n_disambiguation),
+                      extra_eval=evals)
 
 
 @DATASETS.register("arithmetic")

@@ -15,6 +15,7 @@ standard shape-bias protocol.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from . import DataBundle, DataContext, Split, StreamSplit, seeded_split
+from . import DataBundle, DataContext, DatasetInfo, Split, StreamSplit, seeded_split
 from .cache import cached_tensors
 from .shapes import to_float
 from ..errors import UserError
@@ -317,14 +318,14 @@ def build_image_folder(
     train, val, test = _split_train(split_of(train_items), fractions, ctx.seed, train_dir)
     val = split_of(held_out["val"]) if "val" in held_out else val
     test = split_of(held_out["test"]) if "test" in held_out else test
-    info = {"input_shape": (3, resolution, resolution), "num_classes": len(names), "class_names": names}
+    info = DatasetInfo((3, resolution, resolution), num_classes=len(names), class_names=names)
     extra = {name: split_of(items) for name, items in extra_items.items()}
     if conflict is not None:
         kept, shapes, textures, same_class = conflict
         x = pixels(_cached_images(kept, resolution, ctx))  # one tensor, two label sets: shape and texture
         extra.update(cue_conflict=Split(x, torch.tensor(shapes)), cue_conflict_texture=Split(x, torch.tensor(textures)))
-        info.update(cue_conflict_pairs={"cue_conflict": "cue_conflict_texture"},
-                    cue_conflict_same_class_excluded=same_class)
+        info = dataclasses.replace(info, cue_conflict_pairs={"cue_conflict": "cue_conflict_texture"},
+                                   facts={"cue_conflict_same_class_excluded": same_class})
     return DataBundle(train=train, val=val, test=test, info=info, extra_eval=extra)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from pydantic import confloat, conint
 
-from . import DataBundle, DataContext, Split, seeded_split
+from . import DataBundle, DataContext, DatasetInfo, Split, seeded_split
 from ..errors import UserError
 from ..registry import DATASETS
 
@@ -32,7 +32,7 @@ def bundle_from_arrays(images: np.ndarray, labels: np.ndarray, ctx: DataContext,
     x = (x - mean) / std
     return DataBundle(
         train=Split(x[train], y[train]), val=Split(x[val], y[val]), test=Split(x[test], y[test]),
-        info={"input_shape": tuple(x.shape[1:]), "num_classes": len(class_names), "class_names": class_names},
+        info=DatasetInfo(tuple(x.shape[1:]), num_classes=len(class_names), class_names=tuple(class_names)),
     )
 
 

@@ -3,7 +3,7 @@ from a local folder in torchvision's format.
 
 ``crops``: random squares cut from the two photographs ``sklearn.datasets.load_sample_images`` ships (china.jpg and
 flower.jpg, 427x640 each), drawn by the run seed (each split from its own stream), resized to ``resolution``.
-They carry no labels (``y`` is -1 everywhere, ``info["labeled"]`` is False): they serve label-free uses such as
+They carry no labels (``y`` is -1 everywhere, ``info.labeled`` is False): they serve label-free uses such as
 comparing or stitching networks trained on CIFAR when CIFAR itself is not at hand.
 
 ``cifar10`` / ``cifar100``: the python-pickle batches that ``torchvision.datasets.CIFAR10(download=True)`` leaves
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from . import DataBundle, DataContext, Split, seeded_split
+from . import DataBundle, DataContext, DatasetInfo, Split, seeded_split
 from ..errors import UserError
 from ..models.zoo import CIFAR_MEAN, CIFAR_STD
 from ..registry import DATASETS
@@ -86,7 +86,7 @@ def crops(ctx: DataContext, *, n_train: Annotated[int, Field(ge=1)] = 4096,
         generator = torch.Generator().manual_seed(derive_seed(ctx.seed, offset, legacy="offset"))
         x = _normalized(draw_crops(photos, n, crop_size, resolution, generator), normalize)
         splits[name] = Split(x, torch.full((n,), -1, dtype=torch.long))
-    info = {"input_shape": (3, resolution, resolution), "num_classes": num_classes, "labeled": False}
+    info = DatasetInfo((3, resolution, resolution), num_classes=num_classes, labeled=False)
     return DataBundle(splits["train"], splits["val"], splits["test"], info)
 
 
@@ -150,7 +150,7 @@ def _cifar_bundle(train: list[Path], test: Path, label_key: str, num_classes: in
     keep, val, _ = seeded_split(len(y), (val_fraction, 0.0), ctx.seed)
     if limit is not None:
         keep = keep[:limit]
-    info = {"input_shape": (3, 32, 32), "num_classes": num_classes, "class_names": class_names}
+    info = DatasetInfo((3, 32, 32), num_classes=num_classes, class_names=class_names)
     return DataBundle(Split(_normalized(x[keep], normalize), y[keep]), Split(_normalized(x[val], normalize), y[val]),
                       Split(_normalized(x_test, normalize), y_test), info)
 

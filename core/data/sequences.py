@@ -32,7 +32,7 @@ from typing import Literal, Optional
 import torch
 from pydantic import confloat, conint
 
-from . import DataBundle, DataContext, Split
+from . import DataBundle, DataContext, DatasetInfo, Split
 from . import grammar as pcfg
 from ..errors import UserError
 from ..registry import DATASETS
@@ -127,9 +127,9 @@ def copy_paste(ctx: DataContext, *, symbols: conint(ge=1) = 10, min_len: conint(
     val, _ = copy_paste_split(n_val, **options, generator=_generator(ctx.seed, "copy_paste:val"))
     test, test_symbols = copy_paste_split(n_test, **options, generator=_generator(ctx.seed, "copy_paste:test"))
     seq_len = 2 * max_len + 1
-    info = {"vocab_size": symbols + 3, "seq_len": seq_len, "input_shape": (seq_len,), "pad_token": PAD,
-            "sep_token": symbols + 1, "eos_token": symbols + 2, "symbols": symbols, "ignore_index": IGNORE_INDEX,
-            "scored": SCORED + ": the copied symbols and EOS (extra set 'test_symbols': the copied symbols only)"}
+    info = DatasetInfo((seq_len,), vocab_size=symbols + 3, seq_len=seq_len, pad_token=PAD, facts={
+        "sep_token": symbols + 1, "eos_token": symbols + 2, "symbols": symbols, "ignore_index": IGNORE_INDEX,
+        "scored": SCORED + ": the copied symbols and EOS (extra set 'test_symbols': the copied symbols only)"})
     return DataBundle(train=train, val=val, test=test, info=info, extra_eval={"test_symbols": test_symbols})
 
 
@@ -156,8 +156,8 @@ def parity(ctx: DataContext, *, min_len: conint(ge=1) = 2, max_len: conint(ge=1)
     split = {name: parity_split(size, min_len=min_len, max_len=max_len,
                                 generator=_generator(ctx.seed, f"parity:{name}"))
              for name, size in (("train", n_train), ("val", n_val), ("test", n_test))}
-    info = {"vocab_size": 3, "num_classes": 2, "seq_len": max_len, "input_shape": (max_len,), "pad_token": PAD,
-            "class_names": ["even", "odd"]}
+    info = DatasetInfo((max_len,), vocab_size=3, num_classes=2, seq_len=max_len, pad_token=PAD,
+                       class_names=("even", "odd"))
     return DataBundle(**split, info=info)
 
 
@@ -169,9 +169,9 @@ def lm_blocks(tokens: torch.Tensor, seq_len: int) -> Split:
     return Split(tokens[: n * seq_len].view(n, seq_len).clone(), tokens[1 : n * seq_len + 1].view(n, seq_len).clone())
 
 
-def _lm_info(vocab: list[str], seq_len: int, **facts) -> dict:
-    return {"vocab_size": len(vocab), "seq_len": seq_len, "input_shape": (seq_len,), "pad_token": PAD,
-            "vocab": vocab, "scored": SCORED + ": every next token", **facts}
+def _lm_info(vocab: list[str], seq_len: int, **facts) -> DatasetInfo:
+    return DatasetInfo((seq_len,), vocab_size=len(vocab), seq_len=seq_len, pad_token=PAD, vocab=tuple(vocab),
+                       facts={"scored": SCORED + ": every next token", **facts})
 
 
 @DATASETS.register("grammar")
@@ -234,7 +234,7 @@ def text_file(ctx: DataContext, *, path: Optional[str] = None, level: Literal["c
 
     The token stream is split in order (train first, then val, then test: no block is shared, as WikiText's
     files) and each part is cut into blocks of ``seq_len``. The vocabulary is the whole file's (``<pad>`` = 0,
-    ``<unk>`` = 1 for tokens beyond the ``max_vocab`` most frequent); ``info["vocab"]`` lists it by id. The seed
+    ``<unk>`` = 1 for tokens beyond the ``max_vocab`` most frequent); ``info.vocab`` lists it by id. The seed
     plays no part: the file alone decides the data.
     """
     path = str(GRAMMAR_CORPUS) if path is None else path

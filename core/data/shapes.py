@@ -30,7 +30,7 @@ from typing import Annotated, Callable, Literal
 import torch
 from pydantic import Field
 
-from . import DataBundle, DataContext, Split
+from . import DataBundle, DataContext, DatasetInfo, Split
 from .cache import cached_tensors
 from ..errors import UserError
 from ..registry import DATASETS
@@ -361,7 +361,7 @@ def build_shapes(
     ``textured`` and ``shape_only`` (the same test draws, with and without texture), ``cue_conflict`` (shape of
     class i, texture of class j != i, labelled by shape) and ``cue_conflict_texture`` (the very same images
     labelled by texture). Shape bias = shape accuracy / (shape accuracy + texture accuracy) over that pair, which
-    ``info["cue_conflict_pairs"]`` names; ``instill.metrics.shape_bias`` gives it per class from predictions.
+    ``info.cue_conflict_pairs`` names; ``instill.metrics.shape_bias`` gives it per class from predictions.
     Images are float32 (3, H, W) in [0, 1].
     """
     spec = ShapesSpec(num_classes, resolution, texture_background, texture_contrast, texture_frequency,
@@ -377,9 +377,9 @@ def build_shapes(
         train=Split(to_float(t["train_x"]), t["train_y"]),
         val=Split(to_float(t["val_x"]), t["val_y"]),
         test=Split(to_float(t["test_x"]), t["test_y"]),
-        info={"input_shape": (3, resolution, resolution), "num_classes": num_classes, "class_names": shape_names,
-              "texture_names": list(TEXTURES)[:num_classes], "cue_conflict_pairs": {"cue_conflict":
-                                                                                    "cue_conflict_texture"}},
+        info=DatasetInfo((3, resolution, resolution), num_classes=num_classes, class_names=shape_names,
+                         cue_conflict_pairs={"cue_conflict": "cue_conflict_texture"},
+                         facts={"texture_names": list(TEXTURES)[:num_classes]}),
         extra_eval={
             "textured": Split(to_float(t["test_textured"]), t["test_y"]),
             "shape_only": Split(to_float(t["test_shape_only"]), t["test_y"]),

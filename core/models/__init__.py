@@ -1,7 +1,8 @@
 """Model registry entries live in submodules; ``instill.registry.MODELS`` holds them.
 
-A model builder is ``build(info, *, key=default, ...)`` where ``info`` is the dataset's ``DataBundle.info``
-(``input_shape``, ``num_classes``, ``vocab_size``, ...) and the keyword-only parameters are the config's keys.
+A model builder is ``build(info, *, key=default, ...)`` where ``info`` is the dataset's ``DatasetInfo``
+(``info.input_shape``, ``info.num_classes``, ``info.vocab_size``, ...) and the keyword-only parameters are the
+config's keys.
 
 A trained model is stored as ``<name>.safetensors`` plus ``<name>.json`` (the model config and the data facts it
 was built for), so a later stage rebuilds the very architecture without rebuilding the data.
@@ -15,29 +16,17 @@ from typing import Any
 
 import torch
 
+from ..data.info import DatasetInfo
 from ..errors import UserError
 
 
-def json_facts(info: dict[str, Any]) -> dict[str, Any]:
-    """The JSON-representable entries of a dataset's ``info`` (tensors and the like are left out)."""
-    facts = {}
-    for key, value in info.items():
-        value = list(value) if isinstance(value, tuple) else value
-        try:
-            json.dumps(value)
-        except TypeError:
-            continue
-        facts[key] = value
-    return facts
-
-
-def save_model(run, name: str, model: torch.nn.Module, model_cfg: dict[str, Any], info: dict[str, Any]) -> None:
+def save_model(run, name: str, model: torch.nn.Module, model_cfg: dict[str, Any], info: DatasetInfo) -> None:
     """``<name>.safetensors`` and its ``<name>.json`` sidecar in the run directory."""
     run.save_weights(name, model, metadata={"model": model_cfg["name"]})
-    run.write_json(f"{name}.json", {"model": model_cfg, "info": json_facts(info)})
+    run.write_json(f"{name}.json", {"model": model_cfg, "info": info.to_dict()})
 
 
-def build_fresh(model_cfg: dict[str, Any], info: dict[str, Any]) -> torch.nn.Module:
+def build_fresh(model_cfg: dict[str, Any], info: DatasetInfo) -> torch.nn.Module:
     """The architecture a saved model config describes, freshly initialised. A pretrained request is dropped: the
     weights come from the run directory, or are meant to be fresh (a random initialisation to compare against)."""
     from ..registry import MODELS
@@ -48,7 +37,7 @@ def build_fresh(model_cfg: dict[str, Any], info: dict[str, Any]) -> torch.nn.Mod
     return MODELS.build(model_cfg["name"], info, params)
 
 
-def load_model(run_dir: str | Path, name: str = "model") -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+def load_model(run_dir: str | Path, name: str = "model") -> tuple[torch.nn.Module, dict[str, Any], DatasetInfo]:
     """(model with trained weights, model config, data facts) from a run directory written by ``save_model``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model as load_weights
@@ -64,10 +53,11 @@ def load_model(run_dir: str | Path, name: str = "model") -> tuple[torch.nn.Modul
             raise UserError(f"{path} is not a regular file: {run_dir} holds no readable model named {name!r}")
     try:
         meta = json.loads(read_regular_bytes(sidecar))
-        model_cfg, info = dict(meta["model"]), meta["info"]
-    except (OSError, ValueError, KeyError, TypeError):
+        model_cfg, info = dict(meta["model"]), DatasetInfo.from_dict(meta["info"])
+    except UserError as err:
+        raise UserError(f"{sidecar}: unreadable model description ({err})") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"{sidecar}: unreadable model description") from None
-    info["input_shape"] = tuple(info.get("input_shape", ()))
     model = build_fresh(model_cfg, info)
     try:
         load_weights(model, str(weights))

@@ -23,6 +23,7 @@ import torch
 from pydantic import confloat, conint
 from torch import nn
 
+from ..data.info import DatasetInfo
 from .vision import Activation, fcn
 from ..registry import MODELS
 
@@ -36,7 +37,7 @@ EXPANSION = {"basic": 1, "bottleneck": 4}
 
 
 @MODELS.register("deep_fcn")
-def deep_fcn(info: dict, *, depth: conint(ge=1) = 24, width: conint(ge=1) = 256, batch_norm: bool = True,
+def deep_fcn(info: DatasetInfo, *, depth: conint(ge=1) = 24, width: conint(ge=1) = 256, batch_norm: bool = True,
              dropout: confloat(ge=0, lt=1) = 0.1, activation: Activation = "relu") -> nn.Module:
     """Deep FCN: many narrow Linear (+ BatchNorm) + ReLU + Dropout blocks on flattened pixels.
 
@@ -46,7 +47,7 @@ def deep_fcn(info: dict, *, depth: conint(ge=1) = 24, width: conint(ge=1) = 256,
 
 
 @MODELS.register("wide_fcn")
-def wide_fcn(info: dict, *, depth: conint(ge=1) = 3, width: conint(ge=1) = 2048, batch_norm: bool = True,
+def wide_fcn(info: DatasetInfo, *, depth: conint(ge=1) = 3, width: conint(ge=1) = 2048, batch_norm: bool = True,
              dropout: confloat(ge=0, lt=1) = 0.0, activation: Activation = "relu") -> nn.Module:
     """Wide FCN: a few very wide Linear + BatchNorm + ReLU blocks. Paper: 3 x 8192; default 3 x 2048 (CPU scale)."""
     return fcn(info, depth=depth, width=width, batch_norm=batch_norm, dropout=dropout, activation=activation)
@@ -116,11 +117,11 @@ class NoResNet(nn.Module):
 
 
 @MODELS.register("noresnet")
-def noresnet(info: dict, *, depth: Literal[18, 34, 50] = 18, width: conint(ge=1) = 64, residual: bool = False,
+def noresnet(info: DatasetInfo, *, depth: Literal[18, 34, 50] = 18, width: conint(ge=1) = 64, residual: bool = False,
              batch_norm: bool = True, stem: Literal["small", "imagenet"] = "small") -> nn.Module:
     """ResNet-``depth`` layout without residual connections (the paper's Deep ConvNet); ``residual: true`` keeps them.
 
     ``width`` is the first stage's channels (64 in ResNets; stages double it). ``stem: small`` keeps full
     resolution for small images (three stride-2 stages: 32 px -> 4 px); ``imagenet`` is torchvision's stem.
     """
-    return NoResNet(info["input_shape"][0], info["num_classes"], depth, width, residual, batch_norm, stem)
+    return NoResNet(info.input_shape[0], info.num_classes, depth, width, residual, batch_norm, stem)

@@ -4,7 +4,7 @@ The model is built from a ``GPT2Config`` (layers, width, heads, dropout): no dow
 the integers of ``instill.data.arithmetic``. It is the plain HF class, so parameter names are HF's
 (``transformer.h.0.attn.c_attn.weight``, ...) and masks or NeuroSurgeon checkpoints name the same tensors.
 
-Scoring: the answer is predicted by the logits at ``info["answer_position"]`` (the SEP token); the data's targets
+Scoring: the answer is predicted by the logits at ``info.answer_position`` (the SEP token); the data's targets
 hold it there and -100 elsewhere, so the shared loss and accuracy (``instill.stages.task.make_loss``,
 ``instill.train.evaluate_classification``) score the answer only. ``loss_scope: sequence`` gives instead the original
 code's causal-LM loss over every next token, which includes the unpredictable ``b`` token and so sits at ln(max)/3
@@ -18,12 +18,13 @@ from typing import Literal
 from pydantic import confloat, conint
 from torch import nn
 
+from ..data.info import DatasetInfo
 from ..errors import UserError
 from ..registry import MODELS
 
 
 @MODELS.register("gpt2")
-def gpt2(info: dict, *, n_layer: conint(ge=1) = 2, n_embd: conint(ge=1) = 128, n_head: conint(ge=1) = 4,
+def gpt2(info: DatasetInfo, *, n_layer: conint(ge=1) = 2, n_embd: conint(ge=1) = 128, n_head: conint(ge=1) = 4,
          dropout: confloat(ge=0, lt=1) = 0.1, attn_dropout: confloat(ge=0, lt=1) = 0.1,
          activation: Literal["gelu_new", "gelu", "relu", "silu", "tanh"] = "gelu_new",
          init_std: confloat(gt=0) = 0.02) -> nn.Module:
@@ -35,9 +36,9 @@ def gpt2(info: dict, *, n_layer: conint(ge=1) = 2, n_embd: conint(ge=1) = 128, n
 
     if n_embd % n_head:
         raise UserError(f"model gpt2: n_embd {n_embd} is not divisible by n_head {n_head}")
-    if "vocab_size" not in info:
+    if info.vocab_size is None:
         raise UserError("model gpt2 needs a token dataset (its info has no vocab_size); try data: arithmetic")
-    config = GPT2Config(vocab_size=info["vocab_size"], n_positions=info.get("seq_len", info["input_shape"][0]),
+    config = GPT2Config(vocab_size=info.vocab_size, n_positions=(info.seq_len or info.input_shape[0]),
                         n_embd=n_embd, n_layer=n_layer, n_head=n_head, resid_pdrop=dropout, embd_pdrop=dropout,
                         attn_pdrop=attn_dropout, activation_function=activation, initializer_range=init_std,
                         bos_token_id=None, eos_token_id=None, use_cache=False)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from pydantic import conint
 from torch import nn
 
+from ..data.info import DatasetInfo
 from ..errors import UserError
 from ..registry import MODELS
 
@@ -167,18 +168,18 @@ Width = conint(ge=1, le=MAX_WIDTH)
 
 
 @MODELS.register("ntk_mlp")
-def ntk_mlp(info: dict, *, depth: conint(ge=1, le=64) = 3, width: Width = 256, batch_norm: bool = True,
+def ntk_mlp(info: DatasetInfo, *, depth: conint(ge=1, le=64) = 3, width: Width = 256, batch_norm: bool = True,
             activation: Literal["relu", "tanh"] = "relu", parameterisation: Parameterisation = "ntk") -> NTKNet:
     """NTK-parameterised MLP: ``depth`` hidden layers of ``width`` units (batch-statistics norm), linear readout."""
-    fan_in, blocks = math.prod(info["input_shape"]), []
+    fan_in, blocks = math.prod(info.input_shape), []
     for i in range(depth):
         blocks.append(Block(NTKLinear(fan_in, width, parameterisation), i > 0, batch_norm, activation))
         fan_in = width
-    return NTKNet(blocks, NTKLinear(width, info["num_classes"], parameterisation), False, activation)
+    return NTKNet(blocks, NTKLinear(width, info.num_classes, parameterisation), False, activation)
 
 
 @MODELS.register("ntk_cnn")
-def ntk_cnn(info: dict, *, shape: Literal["cifar", "kmnist", "imagenet", "custom"] = "kmnist",
+def ntk_cnn(info: DatasetInfo, *, shape: Literal["cifar", "kmnist", "imagenet", "custom"] = "kmnist",
             strides: Optional[list[conint(ge=1, le=8)]] = None, width: Width = 64, kernel: conint(ge=1, le=11) = 3,
             batch_norm: bool = True, activation: Literal["relu", "tanh"] = "relu",
             parameterisation: Parameterisation = "ntk") -> NTKNet:
@@ -189,13 +190,13 @@ def ntk_cnn(info: dict, *, shape: Literal["cifar", "kmnist", "imagenet", "custom
         raise UserError("strides: give strides exactly when shape is custom")
     if kernel % 2 == 0:
         raise UserError(f"kernel {kernel} is even; SAME padding needs an odd kernel")
-    if len(info["input_shape"]) != 3:
-        raise UserError(f"model ntk_cnn needs images (C, H, W); the data give shape {info['input_shape']}")
-    c_in, blocks = info["input_shape"][0], []
+    if len(info.input_shape) != 3:
+        raise UserError(f"model ntk_cnn needs images (C, H, W); the data give shape {info.input_shape}")
+    c_in, blocks = info.input_shape[0], []
     for i, stride in enumerate(strides if shape == "custom" else CNN_SHAPES[shape]):
         blocks.append(Block(NTKConv2d(c_in, width, kernel, stride, parameterisation), i > 0, batch_norm, activation))
         c_in = width
-    return NTKNet(blocks, NTKLinear(width, info["num_classes"], parameterisation), True, activation)
+    return NTKNet(blocks, NTKLinear(width, info.num_classes, parameterisation), True, activation)
 
 
 class AddRNN(nn.Module):
@@ -237,7 +238,7 @@ class AddRNN(nn.Module):
 
 
 @MODELS.register("add_rnn")
-def add_rnn(info: dict, *, width: Width = 64, batch_slots: conint(ge=1) = 50,
+def add_rnn(info: DatasetInfo, *, width: Width = 64, batch_slots: conint(ge=1) = 50,
             parameterisation: Parameterisation = "ntk") -> AddRNN:
     """The Add task's ReLU RNN of ``width`` units with a trainable initial state per batch slot."""
     return AddRNN(width, batch_slots, parameterisation)

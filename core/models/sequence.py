@@ -38,6 +38,7 @@ import torch
 from pydantic import confloat, conint
 from torch import nn
 
+from ..data.info import DatasetInfo
 from ..errors import UserError
 from ..registry import MODELS
 
@@ -46,15 +47,15 @@ Cell = Literal["rnn", "lstm", "gru"]
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
 
-def _require(info: dict, model: str, *, classifier: bool) -> None:
+def _require(info: DatasetInfo, model: str, *, classifier: bool) -> None:
     """The data must be tokens, and a classification task exactly when the model is a classifier."""
-    if "vocab_size" not in info:
+    if info.vocab_size is None:
         raise UserError(f"model {model} needs token data (its info has no vocab_size): "
                         "try data copy_paste, parity, grammar or text")
-    if classifier and "num_classes" not in info:
+    if classifier and info.num_classes is None:
         raise UserError(f"model {model} classifies sequences, but the data is next-token prediction: "
                         "use rnn, lstm, gru or transformer")
-    if not classifier and "num_classes" in info:
+    if not classifier and info.num_classes is not None:
         raise UserError(f"model {model} predicts a token per position, but the data labels whole sequences: "
                         "use rnn_classifier or transformer_classifier")
 
@@ -194,24 +195,24 @@ class TransformerClassifier(TransformerStack):
         return self.head(pooled)
 
 
-def _transformer_options(info: dict, model: str, d_model: int, nhead: int, num_layers: int, dim_feedforward: int,
+def _transformer_options(info: DatasetInfo, model: str, d_model: int, nhead: int, num_layers: int, dim_feedforward: int,
                          dropout: float, tied: bool, norm_first: bool) -> dict:
     if d_model % nhead:
         raise UserError(f"model {model}: d_model {d_model} is not divisible by nhead {nhead}")
     return dict(d_model=d_model, nhead=nhead, num_layers=num_layers, dim_feedforward=dim_feedforward,
-                dropout=dropout, tied=tied, norm_first=norm_first, max_len=info.get("seq_len", 512))
+                dropout=dropout, tied=tied, norm_first=norm_first, max_len=(info.seq_len or 512))
 
 
 # ----------------------------------------------------------------------------------------------------- registry
 
-def _recurrent_lm(info: dict, model: str, cell: str, embed_dim: int, hidden_size: int, num_layers: int,
+def _recurrent_lm(info: DatasetInfo, model: str, cell: str, embed_dim: int, hidden_size: int, num_layers: int,
                   dropout: float) -> nn.Module:
     _require(info, model, classifier=False)
-    return RecurrentLM(info["vocab_size"], cell, embed_dim, hidden_size, num_layers, dropout)
+    return RecurrentLM(info.vocab_size, cell, embed_dim, hidden_size, num_layers, dropout)
 
 
 @MODELS.register("rnn")
-def rnn(info: dict, *, cell: Cell = "rnn", embed_dim: conint(ge=1) = 64, hidden_size: conint(ge=1) = 64,
+def rnn(info: DatasetInfo, *, cell: Cell = "rnn", embed_dim: conint(ge=1) = 64, hidden_size: conint(ge=1) = 64,
         num_layers: conint(ge=1) = 2, dropout: confloat(ge=0, lt=1) = 0.0) -> nn.Module:
     """Recurrent language model: (batch, time) ids -> (batch, time, vocab) logits; ``cell`` rnn (tanh), lstm, gru.
 
@@ -222,21 +223,21 @@ def rnn(info: dict, *, cell: Cell = "rnn", embed_dim: conint(ge=1) = 64, hidden_
 
 
 @MODELS.register("lstm")
-def lstm(info: dict, *, embed_dim: conint(ge=1) = 64, hidden_size: conint(ge=1) = 64, num_layers: conint(ge=1) = 2,
-         dropout: confloat(ge=0, lt=1) = 0.0) -> nn.Module:
+def lstm(info: DatasetInfo, *, embed_dim: conint(ge=1) = 64, hidden_size: conint(ge=1) = 64,
+         num_layers: conint(ge=1) = 2, dropout: confloat(ge=0, lt=1) = 0.0) -> nn.Module:
     """``rnn`` with LSTM layers: (batch, time) ids -> (batch, time, vocab) logits."""
     return _recurrent_lm(info, "lstm", "lstm", embed_dim, hidden_size, num_layers, dropout)
 
 
 @MODELS.register("gru")
-def gru(info: dict, *, embed_dim: conint(ge=1) = 64, hidden_size: conint(ge=1) = 64, num_layers: conint(ge=1) = 2,
-        dropout: confloat(ge=0, lt=1) = 0.0) -> nn.Module:
+def gru(info: DatasetInfo, *, embed_dim: conint(ge=1) = 64, hidden_size: conint(ge=1) = 64,
+        num_layers: conint(ge=1) = 2, dropout: confloat(ge=0, lt=1) = 0.0) -> nn.Module:
     """``rnn`` with GRU layers: (batch, time) ids -> (batch, time, vocab) logits."""
     return _recurrent_lm(info, "gru", "gru", embed_dim, hidden_size, num_layers, dropout)
 
 
 @MODELS.register("transformer")
-def transformer(info: dict, *, d_model: conint(ge=1) = 64, nhead: conint(ge=1) = 4, num_layers: conint(ge=1) = 4,
+def transformer(info: DatasetInfo, *, d_model: conint(ge=1) = 64, nhead: conint(ge=1) = 4, num_layers: conint(ge=1) = 4,
                 dim_feedforward: conint(ge=1) = 64, dropout: confloat(ge=0, lt=1) = 0.1, tied: bool = False,
                 norm_first: bool = False) -> nn.Module:
     """Causal Transformer language model: (batch, time) ids -> (batch, time, vocab) logits.
@@ -247,11 +248,11 @@ def transformer(info: dict, *, d_model: conint(ge=1) = 64, nhead: conint(ge=1) =
     _require(info, "transformer", classifier=False)
     options = _transformer_options(info, "transformer", d_model, nhead, num_layers, dim_feedforward, dropout, tied,
                                    norm_first)
-    return TransformerLM(info["vocab_size"], **options)
+    return TransformerLM(info.vocab_size, **options)
 
 
 @MODELS.register("rnn_classifier")
-def rnn_classifier(info: dict, *, cell: Cell = "rnn", embed_dim: conint(ge=1) = 16,
+def rnn_classifier(info: DatasetInfo, *, cell: Cell = "rnn", embed_dim: conint(ge=1) = 16,
                    hidden_size: conint(ge=1) = 64, num_layers: conint(ge=1) = 2,
                    dropout: confloat(ge=0, lt=1) = 0.0) -> nn.Module:
     """Sequence classifier (the paper's parity RNN): (batch, time) ids -> (batch, classes) logits.
@@ -259,12 +260,12 @@ def rnn_classifier(info: dict, *, cell: Cell = "rnn", embed_dim: conint(ge=1) = 
     Reads the recurrent output at the last real token. Defaults: CPU-scale parity guide (2 x 64).
     """
     _require(info, "rnn_classifier", classifier=True)
-    return RecurrentClassifier(info["vocab_size"], info["num_classes"], cell, embed_dim, hidden_size, num_layers,
+    return RecurrentClassifier(info.vocab_size, info.num_classes, cell, embed_dim, hidden_size, num_layers,
                                dropout)
 
 
 @MODELS.register("transformer_classifier")
-def transformer_classifier(info: dict, *, d_model: conint(ge=1) = 64, nhead: conint(ge=1) = 4,
+def transformer_classifier(info: DatasetInfo, *, d_model: conint(ge=1) = 64, nhead: conint(ge=1) = 4,
                            num_layers: conint(ge=1) = 4, dim_feedforward: conint(ge=1) = 128,
                            dropout: confloat(ge=0, lt=1) = 0.1, tied: bool = False,
                            norm_first: bool = False) -> nn.Module:
@@ -276,4 +277,4 @@ def transformer_classifier(info: dict, *, d_model: conint(ge=1) = 64, nhead: con
     _require(info, "transformer_classifier", classifier=True)
     options = _transformer_options(info, "transformer_classifier", d_model, nhead, num_layers, dim_feedforward,
                                    dropout, tied, norm_first)
-    return TransformerClassifier(info["vocab_size"], info["num_classes"], **options)
+    return TransformerClassifier(info.vocab_size, info.num_classes, **options)

@@ -15,6 +15,7 @@ import torch
 from pydantic import confloat, conint
 from torch import nn
 
+from ..data.info import DatasetInfo
 from ..errors import UserError, did_you_mean
 from ..registry import MODELS
 
@@ -44,10 +45,10 @@ class FCN(nn.Module):
 
 
 @MODELS.register("fcn")
-def fcn(info: dict, *, depth: conint(ge=0) = 3, width: conint(ge=1) = 256, batch_norm: bool = False,
+def fcn(info: DatasetInfo, *, depth: conint(ge=0) = 3, width: conint(ge=1) = 256, batch_norm: bool = False,
         dropout: confloat(ge=0, lt=1) = 0.0, activation: Activation = "relu") -> nn.Module:
     """Fully connected network on flattened pixels: deep (large ``depth``) or wide (large ``width``)."""
-    return FCN(math.prod(info["input_shape"]), info["num_classes"], depth, width, batch_norm, dropout, activation)
+    return FCN(math.prod(info.input_shape), info.num_classes, depth, width, batch_norm, dropout, activation)
 
 
 class ConvNet(nn.Module):
@@ -71,13 +72,13 @@ class ConvNet(nn.Module):
 
 
 @MODELS.register("convnet")
-def convnet(info: dict, *, channels: list[conint(ge=1)] = [32, 64, 64],
+def convnet(info: DatasetInfo, *, channels: list[conint(ge=1)] = [32, 64, 64],
             strides: Optional[list[conint(ge=1, le=4)]] = None, batch_norm: bool = True) -> nn.Module:
     """A small ConvNet; ``strides`` defaults to 2 for every block (downsample early: cheap on a CPU)."""
     strides = strides if strides is not None else [2] * len(channels)
     if len(strides) != len(channels):
         raise UserError(f"{len(strides)} strides for {len(channels)} conv blocks")
-    return ConvNet(info["input_shape"][0], info["num_classes"], channels, strides, batch_norm)
+    return ConvNet(info.input_shape[0], info.num_classes, channels, strides, batch_norm)
 
 
 def _load_local_weights(model: nn.Module, pretrained: bool, weights_path: Optional[str], label: str) -> nn.Module:
@@ -131,24 +132,24 @@ def _sized_for_data(create, size_key: str, size, kwargs: dict, reserved: tuple[s
 
 
 @MODELS.register("timm", prefix=True)
-def timm_model(info: dict, *, name: str, pretrained: bool = False, weights_path: Optional[str] = None,
+def timm_model(info: DatasetInfo, *, name: str, pretrained: bool = False, weights_path: Optional[str] = None,
                kwargs: dict = {}) -> nn.Module:
     """``timm:<name>``: any timm architecture, sized for the data's channels and classes."""
     import timm
 
     if name not in timm.list_models():
         raise UserError(f"model timm:{name}: unknown timm model" + did_you_mean(name, timm.list_models()))
-    _, height, width = info["input_shape"]
+    _, height, width = info.input_shape
     model = _sized_for_data(
-        lambda **kw: timm.create_model(name, pretrained=False, num_classes=info["num_classes"],
-                                       in_chans=info["input_shape"][0], **kw),
+        lambda **kw: timm.create_model(name, pretrained=False, num_classes=info.num_classes,
+                                       in_chans=info.input_shape[0], **kw),
         "img_size", height if height == width else (height, width), kwargs,
         ("num_classes", "in_chans", "pretrained", "pretrained_cfg"), f"timm:{name}")
     return _load_local_weights(model, pretrained, weights_path, f"timm:{name}")
 
 
 @MODELS.register("torchvision", prefix=True)
-def torchvision_model(info: dict, *, name: str, pretrained: bool = False, weights_path: Optional[str] = None,
+def torchvision_model(info: DatasetInfo, *, name: str, pretrained: bool = False, weights_path: Optional[str] = None,
                       kwargs: dict = {}) -> nn.Module:
     """``torchvision:<name>``: any torchvision classification model, sized for the data's channels and classes."""
     import torchvision
@@ -157,9 +158,9 @@ def torchvision_model(info: dict, *, name: str, pretrained: bool = False, weight
     if name not in known:
         raise UserError(f"model torchvision:{name}: unknown model" + did_you_mean(name, known))
     model = _sized_for_data(
-        lambda **kw: torchvision.models.get_model(name, weights=None, num_classes=info["num_classes"], **kw),
-        "image_size", info["input_shape"][1], kwargs, ("num_classes", "weights"), f"torchvision:{name}")
-    _adapt_first_conv(model, info["input_shape"][0])
+        lambda **kw: torchvision.models.get_model(name, weights=None, num_classes=info.num_classes, **kw),
+        "image_size", info.input_shape[1], kwargs, ("num_classes", "weights"), f"torchvision:{name}")
+    _adapt_first_conv(model, info.input_shape[0])
     return _load_local_weights(model, pretrained, weights_path, f"torchvision:{name}")
 
 
@@ -176,10 +177,10 @@ def _adapt_first_conv(model: nn.Module, channels: int) -> None:
             return
 
 
-def check_accepts(model: nn.Module, info: dict, device: torch.device = torch.device("cpu")) -> None:
+def check_accepts(model: nn.Module, info: DatasetInfo, device: torch.device = torch.device("cpu")) -> None:
     """A dry forward pass on two zero samples, so a resolution or class count the model cannot take is a UserError."""
-    shape = tuple(info["input_shape"])
-    dtype = torch.long if info.get("vocab_size") else torch.float32
+    shape = tuple(info.input_shape)
+    dtype = torch.long if info.vocab_size else torch.float32
     was_training = model.training
     model.eval()
     try:
@@ -191,6 +192,6 @@ def check_accepts(model: nn.Module, info: dict, device: torch.device = torch.dev
     finally:
         model.train(was_training)
     out = getattr(out, "logits", out)
-    classes = info.get("num_classes")
+    classes = info.num_classes
     if classes and isinstance(out, torch.Tensor) and out.shape[-1] != classes:
         raise UserError(f"the model's head gives {out.shape[-1]} outputs but the data has {classes} classes")

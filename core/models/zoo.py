@@ -18,6 +18,7 @@ import torch
 from pydantic import conint
 from torch import nn
 
+from ..data.info import DatasetInfo
 from ..errors import UserError
 from ..registry import MODELS
 
@@ -32,8 +33,8 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int = 0) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def _check_resolution(label: str, info: dict, minimum: int) -> None:
-    shape = tuple(info["input_shape"])
+def _check_resolution(label: str, info: DatasetInfo, minimum: int) -> None:
+    shape = tuple(info.input_shape)
     if len(shape) != 3:
         raise UserError(f"model {label}: needs images (channels, height, width), the data give shape {shape}")
     if min(shape[1:]) < minimum:
@@ -78,18 +79,18 @@ def _tiny10_min_size() -> int:
 
 
 @MODELS.register("tiny10")
-def tiny10(info: dict) -> nn.Module:
+def tiny10(info: DatasetInfo) -> nn.Module:
     """Tiny10 (the original's ``tiny10``): 8 unpadded convolutions 16,16,32s2,32,32,64s2,64,64(1x1) with batch norm;
     layers ``bn1`` .. ``bn8`` are 16x30x30 ... 64x2x2 on 32x32 inputs."""
     _check_resolution("tiny10", info, _tiny10_min_size())
-    return Tiny10(info["input_shape"][0], info["num_classes"], batch_norm=True)
+    return Tiny10(info.input_shape[0], info.num_classes, batch_norm=True)
 
 
 @MODELS.register("nbn_tiny10")
-def nbn_tiny10(info: dict) -> nn.Module:
+def nbn_tiny10(info: DatasetInfo) -> nn.Module:
     """Tiny10 without batch norm (the original's ``nbn_tiny10``)."""
     _check_resolution("nbn_tiny10", info, _tiny10_min_size())
-    return Tiny10(info["input_shape"][0], info["num_classes"], batch_norm=False)
+    return Tiny10(info.input_shape[0], info.num_classes, batch_norm=False)
 
 
 class LeNet(nn.Module):
@@ -118,12 +119,12 @@ class LeNet(nn.Module):
 
 
 @MODELS.register("lenet")
-def lenet(info: dict) -> nn.Module:
+def lenet(info: DatasetInfo) -> nn.Module:
     """LeNet-5 with ReLU and max pooling (the original's ``lenet``); fc1 is sized by the resolution (400 inputs at
     32x32)."""
     _check_resolution("lenet", info, 16)
-    _, height, width = info["input_shape"]
-    return LeNet(info["input_shape"][0], info["num_classes"], height, width)
+    _, height, width = info.input_shape
+    return LeNet(info.input_shape[0], info.num_classes, height, width)
 
 
 class Add(nn.Module):
@@ -185,8 +186,8 @@ class ResNet20(nn.Module):
 
 
 @MODELS.register("resnet20")
-def resnet20(info: dict, *, width: conint(ge=1, le=64) = 1) -> nn.Module:
+def resnet20(info: DatasetInfo, *, width: conint(ge=1, le=64) = 1) -> nn.Module:
     """CIFAR ResNet-20 of width multiplier ``width`` (the original's ``resnet20_w{k}``; 272,474 parameters at k=1
     with 10 classes)."""
     _check_resolution("resnet20", info, 4)
-    return ResNet20(info["input_shape"][0], info["num_classes"], width)
+    return ResNet20(info.input_shape[0], info.num_classes, width)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, confloat, conint, conlist, field_validator
 
+from ..data.info import DatasetInfo
 from ..alignment import CHANCE, AlignmentBaseline, check_layers
 from ..config import ModelConfig, RunConfig, Section
 from ..errors import UserError, under_key
@@ -84,7 +85,7 @@ def prepare(cfg: Config) -> None:
     """Check every combination's inputs (see the module docstring) before anything is written."""
     spec = cfg.align
     data = build_data(cfg, cfg.reproducibility.random_seed)
-    regression = data.info.get("task") == "regression"
+    regression = data.info.regression
     if regression and spec.loss == "cross_entropy":
         raise UserError(f"align.loss: cross_entropy needs classes; data {cfg.data.name} is a regression task")
     if spec.widths is not None and "width" not in cfg.model.params:
@@ -112,7 +113,7 @@ def _layer_names(model: torch.nn.Module) -> list[str]:
             and m.weight.dim() in (2, 4)]
 
 
-def _build_model(cfg: Config, info: dict, width: Optional[int]) -> torch.nn.Module:
+def _build_model(cfg: Config, info: DatasetInfo, width: Optional[int]) -> torch.nn.Module:
     params = dict(cfg.model.params)
     if width is not None:
         params["width"] = width
@@ -120,14 +121,14 @@ def _build_model(cfg: Config, info: dict, width: Optional[int]) -> torch.nn.Modu
         return MODELS.build(cfg.model.name, info, params)
 
 
-def make_criterion(spec: AlignSection, info: dict):
+def make_criterion(spec: AlignSection, info: DatasetInfo):
     """The loss of (logits, targets): mse on one-hot - offset (mean over samples and classes), the Add task's
     mse (summed over time, mean over sequences, as the original) or cross-entropy."""
-    if info.get("task") == "regression":
+    if info.regression:
         return lambda out, y: (out - y).square().sum(1).mean()
     if spec.loss == "cross_entropy":
         return lambda logits, y: F.cross_entropy(logits, y)
-    classes, offset = info["num_classes"], spec.target_offset
+    classes, offset = info.num_classes, spec.target_offset
     return lambda logits, y: (logits - (F.one_hot(y, classes).to(logits.dtype) - offset)).square().mean()
 
 
@@ -183,7 +184,7 @@ def _train(ctx: Context, sub, data, rule: str, width: Optional[int], lr: float, 
     deterministic = cfg.reproducibility.deterministic
     seed_everything(derive_seed(ctx.seed, "init", width), deterministic)  # every rule: the same initial weights
     model = _build_model(cfg, data.info, width).to(ctx.device)
-    classify = data.info.get("task") != "regression"
+    classify = not data.info.regression
     criterion = make_criterion(spec, data.info)
     train_cfg = cfg.train.model_copy(update={
         "rule": rule, "optimizer": cfg.train.optimizer.model_copy(update={"lr": lr})})

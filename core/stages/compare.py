@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, conlist, field_validator
 
+from ..data.info import DatasetInfo
 from ..compare import MEASURES, UNBIASED_MIN_BATCH, Spatial, check_sample_counts, compare_models, get_measure
 from ..config import RunConfig, Section
 from ..data import BatchLoader
@@ -73,7 +74,7 @@ class Config(RunConfig):
         return value
 
 
-def _load(cfg: Config, seed: int, info: dict[str, Any]) -> tuple[LoadedModel, LoadedModel]:
+def _load(cfg: Config, seed: int, info: DatasetInfo) -> tuple[LoadedModel, LoadedModel]:
     """Both models; a fresh (weights-less) registered model is initialised from its own stream of the run seed."""
     loaded = []
     for key in ("model_a", "model_b"):

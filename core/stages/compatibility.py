@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import field_validator
 
+from ..data.info import DatasetInfo
 from ..config import RunConfig
 from ..errors import UserError
 from ..models.vision import check_accepts
@@ -22,29 +23,30 @@ class UsesBaseModel(RunConfig):
         return value
 
 
-def check_data_fits(model_info: dict, data_info: dict, model_desc: str, key: str = "data") -> None:
+_KIND_WORDS = {"tokens": "token sequences", "image": "images", "vector": "vectors"}
+
+
+def check_data_fits(model_info: DatasetInfo, data_info: DatasetInfo, model_desc: str, key: str = "data") -> None:
     """UserError unless this run's data have the inputs and classes a saved model was built for.
 
     Compared: ``vocab_size`` (and the vocabulary itself where both runs list one) for tokens, else ``input_shape``
     (sequence models read any length); ``num_classes`` always.
     """
-    kinds = ["token sequences" if "vocab_size" in info else "images" for info in (model_info, data_info)]
+    kinds = [_KIND_WORDS[info.modality] for info in (model_info, data_info)]
     if kinds[0] != kinds[1]:
         raise UserError(f"{key}: these data are {kinds[1]}, but {model_desc} was built for {kinds[0]}")
-    facts = ["vocab_size", "num_classes"] if "vocab_size" in data_info else ["input_shape", "num_classes"]
-    if "vocab" in model_info and "vocab" in data_info:
+    facts = ["vocab_size", "num_classes"] if data_info.modality == "tokens" else ["input_shape", "num_classes"]
+    if model_info.vocab is not None and data_info.vocab is not None:
         facts.append("vocab")
     show = lambda fact, v: f"of {len(v)} tokens" if fact == "vocab" else v  # noqa: E731
     for fact in facts:
-        theirs, ours = model_info.get(fact), data_info.get(fact)
-        if fact == "input_shape":
-            theirs, ours = (None if v is None else tuple(v) for v in (theirs, ours))
+        theirs, ours = getattr(model_info, fact), getattr(data_info, fact)
         if theirs != ours:
             raise UserError(f"{key}: {fact} is {show(fact, ours)} but {model_desc} was built for "
                             f"{show(fact, theirs)}")
 
 
-def check_compatible(model: torch.nn.Module, model_info: dict, data_info: dict) -> None:
+def check_compatible(model: torch.nn.Module, model_info: DatasetInfo, data_info: DatasetInfo) -> None:
     """UserError unless the data fit the base model: the inputs and classes it was built for, and a dry forward."""
     check_data_fits(model_info, data_info, "the base model")
     check_accepts(model, data_info)

@@ -30,6 +30,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 from pydantic import BaseModel, Field, conlist, field_validator, model_validator
 
+from ..data.info import DatasetInfo
 from ..config import ModelConfig, RunConfig, Section
 from ..data.sequences import real_positions
 from ..errors import UserError, under_key
@@ -130,7 +131,7 @@ def prepare(cfg: Config) -> None:
         return
     seed, device = cfg.reproducibility.random_seed, resolve_device(cfg.train.device)
     data = build_data(cfg, seed)
-    if spec.tokenwise and "vocab_size" not in data.info:
+    if spec.tokenwise and data.info.vocab_size is None:
         raise UserError(f"guidance.tokenwise: token-wise similarity needs token sequences; data {cfg.data.name} "
                         f"has none")
     if len(data.train) < cfg.train.batch_size:  # the guided conditions train on full batches only
@@ -166,7 +167,7 @@ def main(ctx: Context) -> dict[str, Any]:
     return _write_results(ctx, rows)
 
 
-def build_guide(cfg: Config, seed: int, condition: str, info: dict) -> torch.nn.Module:
+def build_guide(cfg: Config, seed: int, condition: str, info: DatasetInfo) -> torch.nn.Module:
     """The trained guide of ``guide_run`` (built for this run's data), or a fresh one from its own seed."""
     spec = cfg.guidance
     if condition == "guided_trained":
@@ -182,10 +183,10 @@ def _sample(data, device: torch.device) -> torch.Tensor:
     return data.train.head(8).to(device)
 
 
-def _alignment_inputs(spec: GuidanceSection, batch, info: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _alignment_inputs(spec: GuidanceSection, batch, info: DatasetInfo) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """What the alignment loss takes for a batch: the guide's input and, token-wise, the real positions."""
     x, y = batch
-    real = real_positions(x, y) if spec.tokenwise and "pad_token" in info else None
+    real = real_positions(x, y) if spec.tokenwise and info.pad_token is not None else None
     return _guide_input(x, info, spec.noise_inputs), real
 
 
@@ -225,7 +226,7 @@ def _train_condition(ctx: Context, sub, condition: str, data, guide: Optional[to
             alignment.close()
     final = evaluate_task(target, data.eval_sets(), data.info, eval_batch, ctx.device)
     save_model(sub, "model", target, cfg.model.model_dump(), data.info)  # for compare/stitch (instill.sources)
-    if data.info.get("vocab_size") and "num_classes" not in data.info:  # next-token prediction, not parity
+    if data.info.next_token:  # next-token prediction, not parity
         final["test_perplexity"] = math.exp(min(final["test_loss"], 50.0))
     pairs = [] if alignment is None else [f"{p.target}~{p.guide}" for p in alignment.pairs]
     return {"condition": condition, "seed": ctx.seed, "steps": result.steps, "best_epoch": result.best.get("epoch"),
@@ -271,12 +272,12 @@ def _check_rows(pair, target_shape: tuple, guide_shape: tuple, sequence: tuple, 
                     f"shape {guide_shape}: {need}")
 
 
-def _guide_input(x: torch.Tensor, info: dict, noise: bool) -> torch.Tensor:
+def _guide_input(x: torch.Tensor, info: DatasetInfo, noise: bool) -> torch.Tensor:
     """The batch itself, or noise of its kind: random tokens, or clamp(N(0,1) + 0.1 N(0,1), 0, 1) images."""
     if not noise:
         return x
-    if info.get("vocab_size"):
-        return torch.randint(0, info["vocab_size"], x.shape, device=x.device)
+    if info.vocab_size:
+        return torch.randint(0, info.vocab_size, x.shape, device=x.device)
     return (torch.randn_like(x) + 0.1 * torch.randn_like(x)).clamp(0, 1)
 
 

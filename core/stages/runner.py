@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..data.info import DatasetInfo
 from .. import dist
 from ..config import RunConfig, load_config, to_yaml
 from ..data import DataBundle, DataContext
@@ -45,7 +46,7 @@ class Context:
     def build_data(self) -> DataBundle:
         return build_data(self.cfg, self.seed)
 
-    def build_model(self, info: dict) -> torch.nn.Module:
+    def build_model(self, info: DatasetInfo) -> torch.nn.Module:
         with under_key("model"):
             return MODELS.build(self.cfg.model.name, info, self.cfg.model.params)
 

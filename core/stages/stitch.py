@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, confloat, conint, conlist, field_validator, model_validator
 
+from ..data.info import DatasetInfo
 from ..config import OptimizerConfig, RunConfig, ScheduleConfig, Section, TrainConfig
 from ..data import DataBundle, Split, batches
 from ..errors import UserError, under_key
@@ -171,10 +172,10 @@ def data_seed(cfg: Config, seed: int) -> int:
     return seed
 
 
-def load_source(source: ModelSource, key: str, data_info: dict) -> LoadedModel:
+def load_source(source: ModelSource, key: str, data_info: DatasetInfo) -> LoadedModel:
     """The frozen model a source names (``instill.sources``), checked against the data."""
     loaded = load_model_source(source, data_info, key=key)
-    check_accepts(loaded.model, {"input_shape": data_info["input_shape"]})
+    check_accepts(loaded.model, DatasetInfo(data_info.input_shape))  # real-valued inputs; any head
     freeze(loaded.model)
     return loaded
 
@@ -187,7 +188,7 @@ def layer_pairs(spec: StitchSection) -> list[tuple[str, str]]:
 
 def labelled(data: DataBundle) -> bool:
     """Labels to score against: ``info`` says so (crops do not) and no sample of train or val lacks one."""
-    return bool(data.info.get("labeled", True) and data.info.get("num_classes")) and \
+    return bool(data.info.labeled and data.info.num_classes) and \
         all(bool((s.y >= 0).all()) for s in (data.train, data.val))
 
 
@@ -336,7 +337,7 @@ def run_pair(ctx: Context, run: Run, data: DataBundle, front: LoadedModel, end: 
     stitch = build_stitch(spec, front, end, front_layer, end_layer, data.train.head(4).to(device))
     transform = stitch.transform.to(device)
     has_labels = labelled(data)
-    cached = spec.cache == "on" or (spec.cache == "auto" and not data.info.get("augmentation"))
+    cached = spec.cache == "on" or (spec.cache == "auto" and not data.info.augmentation)
     train_needs = {"b"} | _target_needs(spec.target)
     if spec.target != "match" and not stitch.tail.traced:
         train_needs.add("x")
