@@ -2,8 +2,9 @@
 
 Prints, last, one JSON object:
 
-* ``validate_ratio``: median wall time of ``python vision/vision_base.py configs/vision_base_digits.yaml
-  --validate`` (the README's command) divided by the median of ``python -c "import torch"``. Target <= 1.2.
+* ``validate_ratio``: wall time of ``python vision/vision_base.py configs/vision_base_digits.yaml --validate``
+  (the README's command) over that of ``python -c "import torch"``, the median of the per-round ratios. Target
+  <= 1.2.
 * ``help_ratio``: the same for ``python vision/vision_base.py --help``. Target <= 1.2.
 * ``transfer_validate_ratio``: ``python math/transfer.py configs/math_2l_transfer.yaml --validate`` (token data
   and a GPT-2 model, a different set of libraries) against the same baseline.
@@ -11,8 +12,8 @@ Prints, last, one JSON object:
   ``load_before`` (1-minute load average when the bench started: on a shared machine every process is slower, and
   the ratios are what to read).
 
-The commands run alternately (torch, validate, help, transfer, torch, ...) so that a change of the machine's load
-falls on all of them alike. Run from the repository root: ``python bench/startup.py`` (5 runs each) or
+The commands run in turns, in a rotated order (``timing.interleaved_times``), so that a change of the machine's
+load falls on all of them alike. Run from the repository root: ``python bench/startup.py`` (5 runs each) or
 ``--quick`` (2 runs each).
 """
 
@@ -26,6 +27,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from timing import interleaved_times, median_ratio
 
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = {
@@ -54,15 +57,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     runs = args.runs or (2 if args.quick else 5)
     load = os.getloadavg()[0]
-    timed(COMMANDS["torch"])  # warm the file cache once, untimed
-    times: dict[str, list[float]] = {name: [] for name in COMMANDS}
-    for _ in range(runs):
-        for name, command in COMMANDS.items():
-            times[name].append(timed(command))
+    walls: dict[str, list[float]] = {name: [] for name in COMMANDS}
+    steps = {name: (lambda name=name: walls[name].append(timed(COMMANDS[name]))) for name in COMMANDS}
+    interleaved_times(steps, runs, warmup=1)  # the first round warms the file cache, untimed
+    times = {name: values[1:] for name, values in walls.items()}
     medians = {name: statistics.median(values) for name, values in times.items()}
     for name, values in times.items():
         print(f"{name:18s} median {medians[name]:.2f} s  ({', '.join(f'{v:.2f}' for v in values)})", flush=True)
-    result = {f"{name}_ratio": round(medians[name] / medians["torch"], 3) for name in COMMANDS if name != "torch"}
+    result = {f"{name}_ratio": round(median_ratio(times[name], times["torch"]), 3) for name in COMMANDS
+              if name != "torch"}
     result.update({f"{name}_s": round(value, 3) for name, value in medians.items()})
     result.update(runs=runs, load_before=round(load, 2))
     print(json.dumps(result))
