@@ -103,8 +103,8 @@ def load_model_source(source: ModelSource | dict[str, Any], data_info: Optional[
 
     Args:
         source: a ``ModelSource`` (or its dict form, validated here).
-        data_info: the run's ``DataBundle.info``: sizes a registered architecture; a run's model must match it
-            (None only to inspect a run directory's model, with ``check_data`` off).
+        data_info: the run's ``DataBundle.info`` (or a mapping of its names): sizes a registered architecture; a
+            run's model must match it (None only to inspect a run directory's model, with ``check_data`` off).
         key: the config key of the source, for error messages ("model_a").
         freeze: eval mode and ``requires_grad_(False)`` (both models of a comparison or a stitch are frozen).
         check_data: check that a run directory's model was built for ``data_info`` (off only to inspect a model).
@@ -119,6 +119,8 @@ def load_model_source(source: ModelSource | dict[str, Any], data_info: Optional[
     """
     if isinstance(source, dict):
         source = _validated(source, key)
+    if data_info is not None:
+        data_info = DatasetInfo.of(data_info)
     if source.run is not None:
         loaded = _from_run(Path(source.run), source.checkpoint, data_info if check_data else None, key)
     else:

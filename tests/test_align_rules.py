@@ -12,6 +12,7 @@ from instill.registry import MODELS
 from instill.rules import RuleContext, StepContext, build_rule
 
 INFO = {"input_shape": (1, 3, 3), "num_classes": 4}
+ADD_INFO = {"input_shape": (6,), "num_outputs": 6, "regression": True}  # the Add task (add_rnn reads none)
 
 
 def mse(f, y):
@@ -165,7 +166,7 @@ def test_align_zero_with_batch_norm_is_the_initial_jacobian(batch):
 
 def test_rnn_align_zero_and_ada_against_unrolled_reference():
     torch.manual_seed(0)
-    model = MODELS.build("add_rnn", {}, {"width": 5, "batch_slots": 3}).double()
+    model = MODELS.build("add_rnn", ADD_INFO, {"width": 5, "batch_slots": 3}).double()
     x, y = torch.randint(0, 2, (3, 6)).double(), torch.rand(3, 6).double()
     crit = lambda out, t: (out - t).square().sum(1).mean()  # noqa: E731
 
@@ -221,7 +222,7 @@ def test_rnn_align_zero_and_ada_against_unrolled_reference():
 
 
 def test_rules_the_model_cannot_take():
-    rnn = MODELS.build("add_rnn", {}, {"width": 4, "batch_slots": 2})
+    rnn = MODELS.build("add_rnn", ADD_INFO, {"width": 4, "batch_slots": 2})
     with pytest.raises(UserError, match="dfa needs"):
         build_rule("dfa", RuleContext(rnn, None, mse, 0))
     fcn = MODELS.build("fcn", INFO, {"width": 4, "depth": 1})

@@ -98,7 +98,7 @@ def test_tokenwise_rows_is_one_cka_over_the_real_sample_token_rows():
 
 
 def test_closing_an_alignment_restores_the_fast_path_and_removes_every_hook():
-    info = {"vocab_size": 6, "seq_len": 5}
+    info = {"input_shape": (5,), "vocab_size": 6, "seq_len": 5}
     from instill.registry import MODELS
 
     target = MODELS.build("transformer", info, {"d_model": 8, "nhead": 2, "num_layers": 2, "dim_feedforward": 8})
@@ -115,7 +115,7 @@ def test_closing_an_alignment_restores_the_fast_path_and_removes_every_hook():
 
 
 def test_a_tied_guide_summarizes_only_its_paired_applications():
-    info = {"vocab_size": 6, "seq_len": 5}
+    info = {"input_shape": (5,), "vocab_size": 6, "seq_len": 5}
     from instill.registry import MODELS
 
     target = MODELS.build("rnn", info, {"embed_dim": 4, "hidden_size": 4})

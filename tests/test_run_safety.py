@@ -347,8 +347,8 @@ def test_upstream_of_the_wrong_stage_and_data_of_the_wrong_kind(workdir, capsys)
     from instill.stages.compatibility import check_data_fits
 
     with pytest.raises(UserError, match="these data are token sequences, but the base model was built for images"):
-        check_data_fits({"input_shape": [1, 8, 8], "num_classes": 10}, {"vocab_size": 21, "num_classes": 7},
-                        "the base model")
+        check_data_fits({"input_shape": [1, 8, 8], "num_classes": 10},
+                        {"input_shape": [4], "vocab_size": 21, "num_classes": 7}, "the base model")
 
 
 def test_a_nan_stop_in_a_sweep_says_what_is_kept(workdir, monkeypatch, capsys):

@@ -140,7 +140,7 @@ def test_text_file_char_level(tmp_path):
     path.write_text(text)
     data = build("text", path=str(path), seq_len=10)
     vocab = data.info.vocab
-    assert vocab[:2] == ["<pad>", "<unk>"] and data.info.vocab_size == len(vocab) == 2 + len(set(text))
+    assert vocab[:2] == ("<pad>", "<unk>") and data.info.vocab_size == len(vocab) == 2 + len(set(text))
     decoded = "".join(vocab[i] for i in data.train.x.flatten().tolist())
     assert text.startswith(decoded)
     assert torch.equal(data.train.x[:, 1:], data.train.y[:, :-1])

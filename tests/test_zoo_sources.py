@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -178,7 +179,7 @@ def test_every_stage_run_directory_is_a_model_source(shapes_runs):
     sub_run = next((runs / "tiny_shapes_transfer").glob("subnet-lr*"))
     sub = load_model_source({"run": str(sub_run)}, info)
     assert sub.kind == "run"
-    other = {**info, "num_classes": 5}
+    other = dataclasses.replace(info, num_classes=5, class_names=None)
     with pytest.raises(UserError, match="num_classes"):
         load_model_source({"run": str(runs / "tiny_shapes_base")}, other)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import torch
 from pydantic import confloat, conint
@@ -177,8 +177,12 @@ def _adapt_first_conv(model: nn.Module, channels: int) -> None:
             return
 
 
-def check_accepts(model: nn.Module, info: DatasetInfo, device: torch.device = torch.device("cpu")) -> None:
-    """A dry forward pass on two zero samples, so a resolution or class count the model cannot take is a UserError."""
+def check_accepts(model: nn.Module, info: DatasetInfo | Mapping[str, Any],
+                  device: torch.device = torch.device("cpu")) -> None:
+    """A dry forward pass on two zero samples, so a resolution or class count the model cannot take is a UserError.
+
+    ``info``: a ``DatasetInfo`` or a mapping of its names."""
+    info = DatasetInfo.of(info)
     shape = tuple(info.input_shape)
     dtype = torch.long if info.vocab_size else torch.float32
     was_training = model.training

@@ -30,8 +30,10 @@ def check_data_fits(model_info: DatasetInfo, data_info: DatasetInfo, model_desc:
     """UserError unless this run's data have the inputs and classes a saved model was built for.
 
     Compared: ``vocab_size`` (and the vocabulary itself where both runs list one) for tokens, else ``input_shape``
-    (sequence models read any length); ``num_classes`` always.
+    (sequence models read any length); ``num_classes`` always. Either description may be a mapping of the names of
+    ``DatasetInfo`` (a saved ``model.json``'s ``info``).
     """
+    model_info, data_info = DatasetInfo.of(model_info), DatasetInfo.of(data_info)
     kinds = [_KIND_WORDS[info.modality] for info in (model_info, data_info)]
     if kinds[0] != kinds[1]:
         raise UserError(f"{key}: these data are {kinds[1]}, but {model_desc} was built for {kinds[0]}")
