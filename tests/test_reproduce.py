@@ -114,3 +114,35 @@ def test_unknown_claim_id_is_refused(workdir, capsys):
     Path("m.yaml").write_text(TINY_MANIFEST)
     assert reproduce_main(["--manifest", "m.yaml", "--claims", "tiny_parit"]) == 2
     assert "no claim 'tiny_parit'" in capsys.readouterr().err
+
+
+STITCH_MANIFEST = """claims:
+  - id: tiny_stitch
+    system: stitching (tiny)
+    claim: a trained stitch of two tiny ConvNets keeps more of the end model's accuracy than its least-squares init
+    config: configs/tiny_stitch.yaml
+    stage: stitch
+    metric: test_rel_acc
+    where: {front_layer: layers.1, end_layer: layers.1}
+    treatment: {variant: after}
+    control: {variant: ps_inv}
+    margin: 5.0
+    paper: {treatment: null, control: null, source: none}
+"""
+
+
+def test_stitch_claims_read_one_row_per_layer_pair_and_variant(workdir, capsys):
+    """A stitch point's result rows are its layer pairs x variants (front, end, before, after, ps_inv), so a claim
+    compares the trained stitch with another variant of the same pair; the numbers are the pair's results.csv."""
+    Path("m.yaml").write_text(STITCH_MANIFEST)
+    assert reproduce_main(["--manifest", "m.yaml", "--seeds", "1", "--workers", "1"]) == 0
+    assert "tiny_stitch (cpu): not at this scale" in capsys.readouterr().out
+    pair = Path("checkpoints/reproduce/cpu-seeds1/tiny_stitch-random_seed=1/layers.1--layers.1")
+    import csv
+
+    with open(pair / "results.csv") as f:
+        table = {(r["split"], r["variant"]): float(r["rel_acc"]) for r in csv.DictReader(f)}
+    md = Path("reports/reproduce/index.md").read_text()
+    after, ps_inv = table["test", "after"], table["test", "ps_inv"]
+    assert f"seed 1: treatment {after:.4g}, control {ps_inv:.4g}, effect {after - ps_inv:.4g}" in md
+    assert Path("reports/reproduce/tiny_stitch-cpu.png").is_file()
