@@ -573,8 +573,8 @@ def _run_slurm(sweep: Sweep, todo: list[str], done) -> None:
 
 
 def _submit_array(sweep: Sweep, todo: list[str], folder: Path) -> dict[str, Any]:
-    """Submit ``todo`` as one job array; each point's state records its job id (``submitted``) before anything
-    else can happen, so that a rerun finds the job."""
+    """Submit ``todo`` as one job array; each point's state records its job id (``submitted``), so that a rerun
+    finds the job, unless the job was quicker and has already written its outcome."""
     import submitit
 
     s = sweep.spec.executor.slurm
@@ -593,10 +593,13 @@ def _submit_array(sweep: Sweep, todo: list[str], folder: Path) -> dict[str, Any]
         params["slurm_additional_parameters"] = dict(s.additional)
     executor.update_parameters(**params)
     n = len(todo)
+    records = {name: read_json(sweep.path / "points" / f"{name}.json") for name in todo}
     jobs = executor.map_array(run_point, [str(sweep.path.resolve())] * n, todo,
                               [sweep.spec.executor.threads] * n, [processes] * n)
     (sweep.path / "points").mkdir(exist_ok=True)
     for name, job in zip(todo, jobs):
+        if read_json(sweep.path / "points" / f"{name}.json") != records[name]:
+            continue  # its job already ran and wrote its outcome (which names the job too)
         atomic_write_json(sweep.path / "points" / f"{name}.json",
                           {"name": name, "state": "submitted", "slurm_job": job.job_id,
                            "submitted_at": round(time.time(), 3)})

@@ -79,7 +79,7 @@ def _wait_for(condition, seconds: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_rerun_adopts_a_queued_job_instead_of_submitting_again(workdir):
+def test_rerun_adopts_a_queued_job_instead_of_submitting_again(workdir, capsys):
     """The first run submits the point held (sbatch --hold) and is stopped while the job is still PENDING; the
     rerun finds the job id in the point's state, waits for that job (no second submission: one job in squeue and
     in sacct) and reports its result once the job is released and has run."""
@@ -109,9 +109,8 @@ def test_rerun_adopts_a_queued_job_instead_of_submitting_again(workdir):
         assert first.wait(30) == 130
         assert _squeue(name) == [f"{job} PENDING"]
         # a local rerun leaves the point to its queued job instead of running it here as well
-        local = subprocess.run(command + ["--executor", "local"], env=python_env(), capture_output=True, text=True,
-                               timeout=120)
-        assert local.returncode == 1 and f"queued: 000-random_seed=7: SLURM job {job} is PENDING" in local.stdout
+        assert sweep_main(["s.yaml", "--executor", "local"]) == 1
+        assert f"queued: 000-random_seed=7: SLURM job {job} is PENDING" in capsys.readouterr().out
         assert not Path(f"checkpoints/{sweep_name}/000-random_seed=7").exists()
 
         rerun = subprocess.Popen(command, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
