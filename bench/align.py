@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from typing import Callable
 
 import torch
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from instill.alignment import AlignmentBaseline
 from instill.registry import MODELS, RULES
 from instill.rules import RuleContext, StepContext, build_rule
+from timing import interleaved_times, median_ratio
 
 RULE_TARGETS = {"align_zero": 2.2, "align_ada": 2.2, "align_prop": 1.3, "fa": 1.3, "dfa": 1.3, "last_layer": 0.6}
 INFO = {"input_shape": (1, 8, 8), "num_classes": 10}
@@ -37,25 +37,6 @@ INFO = {"input_shape": (1, 8, 8), "num_classes": 10}
 
 def mse(logits, y):
     return (logits - (F.one_hot(y, 10).float() - 0.1)).square().mean()
-
-
-def interleaved_times(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each step, the steps alternating in a rotated order so that drifting noise hits all."""
-    names = list(steps)
-    for _ in range(warmup):
-        for name in names:
-            steps[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(repeats):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def median_ratio(numerator: list[float], denominator: list[float]) -> float:
-    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 def training_step(model, provider, batch) -> Callable[[], None]:

@@ -37,7 +37,6 @@ import copy
 import dataclasses
 import json
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -47,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from instill.similarity import centered_gram, cka_with_gram, gram
+from timing import interleaved_times, median_ratio
 
 
 @dataclass
@@ -61,27 +61,6 @@ class Size:
 
 
 QUICK = Size(n=32, widths=(64, 2048), repeats=3, warmup=1, square=256)
-
-
-# ----------------------------------------------------------------------------------------------------- timing
-
-def interleaved_times(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each step, the steps alternating in a rotated order so that drifting noise hits all."""
-    names = list(steps)
-    for _ in range(warmup):
-        for name in names:
-            steps[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(repeats):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def median_ratio(numerator: list[float], denominator: list[float]) -> float:
-    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 # ----------------------------------------------------------------------------------------------------- CKA

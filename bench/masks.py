@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 
 from instill.masks import MaskConfig, MaskedModel
 from instill.transfer import transplant
+from timing import interleaved_times, median_ratio
 
 
 @dataclass
@@ -79,26 +79,6 @@ def batch(size: Size, n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor
 
 def answer_loss(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, 2].float(), answer)
-
-
-def interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each step, the steps taking turns (in a rotating order) so drifting noise hits all."""
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for i in range(repeats):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def ratio(times: dict[str, list[float]], a: str, b: str) -> float:
-    """Median over rounds of time(a) / time(b)."""
-    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 def median_ms(times: dict[str, list[float]], name: str) -> float:
@@ -239,22 +219,23 @@ def transfer_steps(size: Size, fused: bool = False, zero_grads: bool = False) ->
 def run(size: Size) -> dict[str, float]:
     steps = {"ours": ours_discovery_step(size), "neurosurgeon": neurosurgeon_discovery_step(size),
              "plain": plain_forward_backward(size)}
-    discovery = interleaved(steps, size.repeats, size.warmup)
+    discovery = interleaved_times(steps, size.repeats, size.warmup)
     # what the masks add on top of the plain forward+backward, ours over NeuroSurgeon's (per round, then median)
     overhead = statistics.median((o - p) / max(n - p, 1e-9) for o, n, p in
                                  zip(discovery["ours"], discovery["neurosurgeon"], discovery["plain"]))
     moved, plain = transfer_steps(size)
-    transfer = interleaved({"moved": moved, "plain": plain}, size.repeats, size.warmup)
-    fused = interleaved(dict(zip(("moved", "plain"), transfer_steps(size, fused=True))), size.repeats, size.warmup)
-    hooked = interleaved(dict(zip(("moved", "plain"), transfer_steps(size, zero_grads=True))), size.repeats,
-                         size.warmup)
+    transfer = interleaved_times({"moved": moved, "plain": plain}, size.repeats, size.warmup)
+    fused = interleaved_times(dict(zip(("moved", "plain"), transfer_steps(size, fused=True))), size.repeats,
+                              size.warmup)
+    hooked = interleaved_times(dict(zip(("moved", "plain"), transfer_steps(size, zero_grads=True))), size.repeats,
+                               size.warmup)
     memory, high = memory_ratios(size, size.density), memory_ratios(size, size.high_density)
-    result = {"discovery_vs_plain": ratio(discovery, "ours", "plain"),
-              "discovery_vs_neurosurgeon": ratio(discovery, "ours", "neurosurgeon"),
+    result = {"discovery_vs_plain": median_ratio(discovery["ours"], discovery["plain"]),
+              "discovery_vs_neurosurgeon": median_ratio(discovery["ours"], discovery["neurosurgeon"]),
               "mask_overhead_vs_neurosurgeon": overhead,
-              "transfer_vs_plain": ratio(transfer, "moved", "plain"),
-              "transfer_vs_plain_fused_adamw": ratio(fused, "moved", "plain"),
-              "transfer_zero_grads_vs_plain": ratio(hooked, "moved", "plain"),
+              "transfer_vs_plain": median_ratio(transfer["moved"], transfer["plain"]),
+              "transfer_vs_plain_fused_adamw": median_ratio(fused["moved"], fused["plain"]),
+              "transfer_zero_grads_vs_plain": median_ratio(hooked["moved"], hooked["plain"]),
               "transfer_memory_vs_plain": memory["model"],
               "transfer_training_memory_vs_plain": memory["training"],
               "transfer_memory_vs_plain_high_density": high["model"],

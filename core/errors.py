@@ -40,3 +40,26 @@ def did_you_mean(name: str, choices) -> str:
     """
     hint = nearest(name, choices, n=1)
     return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
+def exit_code_of(body, interrupted: str = "interrupted") -> int:
+    """Run ``body()`` as a command: its exit code, a UserError as its one line on stderr and its code, Ctrl-C as
+    ``interrupted`` on stderr and 130 (the one place the command-line tools turn these into exit codes).
+
+    Args:
+        body: a callable with no arguments returning an exit code.
+        interrupted: the line printed after Ctrl-C (say how to resume, where one can).
+
+    Returns:
+        The exit code.
+    """
+    import sys
+
+    try:
+        return body()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        return 130

@@ -54,7 +54,7 @@ from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, get_args
 import torch
 from torch import nn
 
-from .errors import UserError, nearest
+from .errors import UserError, exit_code_of, nearest
 from .run import atomic_save, atomic_write_json
 
 MaskMethod = Literal["continuous_sparsification", "hard_concrete", "magnitude"]
@@ -630,7 +630,6 @@ def import_neurosurgeon(state_dict: str | Path, base: str | Path, out: str | Pat
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m instill.masks import-neurosurgeon STATE_DICT --base RUN_DIR --out DIR [--method ...]``."""
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(prog="python -m instill.masks", description="mask artifact tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -642,11 +641,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     convert.add_argument("--method", choices=NEUROSURGEON_METHODS, default="continuous_sparsification",
                          help="the NeuroSurgeon mask method (it decides how logits become the hard mask)")
     args = parser.parse_args(argv)
-    try:
-        meta = import_neurosurgeon(args.state_dict, args.base, args.out, args.method)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    return exit_code_of(lambda: _import_command(args))
+
+
+def _import_command(args) -> int:
+    meta = import_neurosurgeon(args.state_dict, args.base, args.out, args.method)
     print(f"{args.out}: {len(meta['layers'])} masks, density {meta['density']:.4f} (of {meta['total']} weights)")
     return 0
 

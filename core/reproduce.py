@@ -27,7 +27,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config import read_yaml
-from .errors import UserError
+from .errors import UserError, exit_code_of
 from .registry import describe_error
 
 SCALES = ("cpu", "paper")
@@ -316,34 +316,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--validate", action="store_true",
                         help="check the manifest and every claim's config at every seed, then exit")
     args = parser.parse_args(argv)
+    return exit_code_of(lambda: _reproduce_command(args), "interrupted: rerun the same command to resume")
+
+
+def _reproduce_command(args: argparse.Namespace) -> int:
     from .sweep import prepare_spec, run_sweep
 
-    try:
-        if args.seeds < 1 or (args.workers is not None and args.workers < 1):
-            raise UserError("--seeds and --workers must be at least 1")
-        only = [c.strip() for c in args.claims.split(",")] if args.claims else None
-        manifest = load_manifest(args.manifest, only)  # the claims to run; the report shows every claim
-        sweep_dir = Path(args.out) / f"{args.scale}-seeds{args.seeds}"
-        failed = 0
-        if not args.report_only:
-            spec = build_sweep(manifest, args.scale, args.seeds, args.executor, args.workers)
-            sweep = prepare_spec(spec, f"{args.manifest} ({args.scale} scale)", sweep_dir)
-            if args.validate:  # prepare_spec checked every point and wrote nothing
-                print(f"{args.manifest}: {len(sweep.points)} valid points ({args.scale} scale, {args.seeds} seed(s))")
-                return 0
-            status = run_sweep(sweep)
-            failed = sum(s["state"] != "finished" for s in status.values())
-        sweeps = {scale: Path(args.out) / f"{scale}-seeds{args.seeds}" for scale in SCALES}
-        sweeps = {scale: path for scale, path in sweeps.items() if (path / "sweep.json").is_file()}
-        if not sweeps:
-            raise UserError(f"no sweep in {args.out} for {args.seeds} seed(s): run without --report-only first")
-        results = write_report(load_manifest(args.manifest), sweeps, Path(args.report), args.manifest)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
+    if args.seeds < 1 or (args.workers is not None and args.workers < 1):
+        raise UserError("--seeds and --workers must be at least 1")
+    only = [c.strip() for c in args.claims.split(",")] if args.claims else None
+    manifest = load_manifest(args.manifest, only)  # the claims to run; the report shows every claim
+    sweep_dir = Path(args.out) / f"{args.scale}-seeds{args.seeds}"
+    failed = 0
+    if not args.report_only:
+        spec = build_sweep(manifest, args.scale, args.seeds, args.executor, args.workers)
+        sweep = prepare_spec(spec, f"{args.manifest} ({args.scale} scale)", sweep_dir)
+        if args.validate:  # prepare_spec checked every point and wrote nothing
+            print(f"{args.manifest}: {len(sweep.points)} valid points ({args.scale} scale, {args.seeds} seed(s))")
+            return 0
+        status = run_sweep(sweep)
+        failed = sum(s["state"] != "finished" for s in status.values())
+    sweeps = {scale: Path(args.out) / f"{scale}-seeds{args.seeds}" for scale in SCALES}
+    sweeps = {scale: path for scale, path in sweeps.items() if (path / "sweep.json").is_file()}
+    if not sweeps:
+        raise UserError(f"no sweep in {args.out} for {args.seeds} seed(s): run without --report-only first")
+    results = write_report(load_manifest(args.manifest), sweeps, Path(args.report), args.manifest)
     for claim_id, by_scale in results.items():
         if not by_scale:
             print(f"{claim_id}: not run")

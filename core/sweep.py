@@ -52,7 +52,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .config import read_yaml
-from .errors import UserError
+from .errors import UserError, exit_code_of
 from .registry import describe_error
 from .run import atomic_write_json, has_state, is_finished, read_json
 
@@ -629,26 +629,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0 if outcome["state"] == "finished" else 1
     if args.sweep is None:
         parser.error("the sweep file is required")
+    return exit_code_of(lambda: _sweep_command(args), "interrupted: rerun the same command to resume the sweep")
+
+
+def _sweep_command(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
-        print("error: --workers must be at least 1", file=sys.stderr)
-        return 2
-    try:
-        sweep = prepare(args.sweep, args.out, args.executor, args.workers)
-        if args.validate:
-            print(f"{args.sweep}: valid sweep of {len(sweep.points)} points ({sweep.executor} executor)")
-            return 0
-        if args.list:
-            for p in sweep.points:
-                state = point_state(sweep.path, p["name"]) if sweep.path.exists() else "pending"
-                print(f"{p['name']}  {state}  {p['config']}  {json.dumps(p['values'], default=str)}")
-            return 0
-        status = run_sweep(sweep)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command to resume the sweep", file=sys.stderr)
-        return 130
+        raise UserError("--workers must be at least 1")
+    sweep = prepare(args.sweep, args.out, args.executor, args.workers)
+    if args.validate:
+        print(f"{args.sweep}: valid sweep of {len(sweep.points)} points ({sweep.executor} executor)")
+        return 0
+    if args.list:
+        for p in sweep.points:
+            state = point_state(sweep.path, p["name"]) if sweep.path.exists() else "pending"
+            print(f"{p['name']}  {state}  {p['config']}  {json.dumps(p['values'], default=str)}")
+        return 0
+    status = run_sweep(sweep)
     failed = {n: s for n, s in status.items() if s["state"] != "finished"}
     print(f"sweep {sweep.path}: {len(status) - len(failed)} of {len(status)} points finished")
     for name, outcome in failed.items():

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# The benchmarks import their shared helpers as `from timing import ...` (a script's folder is on its path); tests that
+# import `bench.<name>` need the same.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"

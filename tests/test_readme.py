@@ -4,7 +4,9 @@ The digits commands of "Running a config" run for real in a scratch directory, c
 ``--set train.epochs=1``; the replay command must reproduce its run exactly. Commands whose runs take minutes (the
 main job, the math and vision transfers, the guidance presets, torchrun) are checked with ``--validate`` in the
 same process: their config loads and validates, which is all a command line can get wrong before training starts.
-Commands with placeholders (``<base run>``) are checked for their sub-command's ``--help``.
+Commands with placeholders (``<base run>``) are checked for their sub-command's ``--help``. The sweep files the
+README runs are cut the same way (every point: one epoch of at most a few steps), so the report after them has real
+points to read.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from instill.cli import main as stage_main
 from tests.conftest import REPO
 
 CUT_SHORT = ["--set", "train.epochs=1"]
+CUT_SWEEP = {"train.epochs": 1, "train.max_steps": 3}
+VALIDATE_ONLY = {"instill.reproduce"}  # every claim's preset: an hour; `make reproduce` is validated the same way
 RUN_FOR_REAL = "configs/vision_base_digits.yaml"
 
 
@@ -57,6 +62,8 @@ def run(command: str, capsys) -> tuple[int, str]:
     if argv[1] == "-m":
         if "<" in command:  # placeholders: the sub-command exists and documents itself
             argv = argv[:4] + ["--help"]
+        elif argv[2] in VALIDATE_ONLY:
+            argv = argv + ["--validate"]
         code = _run_module(argv[2], argv[3:])
     elif argv[1].endswith(".py") and (REPO / argv[1]).read_text().count("entry("):
         args = argv[2:]
@@ -98,6 +105,10 @@ def test_readme_lists_the_commands_this_test_knows():
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
 def test_every_readme_command_runs_as_shown(tmp_path, monkeypatch, capsys):
     shutil.copytree(REPO / "configs", tmp_path / "configs")
+    for sweep_file in (tmp_path / "configs" / "sweeps").glob("*.yaml"):
+        spec = yaml.safe_load(sweep_file.read_text())
+        spec["sweep"]["set"] = {**spec["sweep"].get("set", {}), **CUT_SWEEP}
+        sweep_file.write_text(yaml.safe_dump(spec))
     shutil.copy(REPO / "reproduce.yaml", tmp_path / "reproduce.yaml")  # make reproduce reads the manifest
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "fixtures").symlink_to(REPO / "tests" / "fixtures")  # weights the README names

@@ -1,0 +1,31 @@
+"""Timing helpers shared by the benchmarks: steps taken in turns, compared by the median of per-round ratios.
+
+A benchmark script imports them as ``from timing import ...`` (``python bench/x.py`` puts ``bench/`` on the path);
+a test that imports ``bench.x`` puts ``bench/`` there too (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def interleaved_times(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each step, the steps alternating in a rotated order so that drifting noise hits all."""
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeats):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of numerator / denominator: a ratio that machine-wide slowdowns mostly cancel out of."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
