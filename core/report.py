@@ -331,8 +331,10 @@ def _save_figure(fig, path: str | Path) -> None:
 # Sweeps: one row per point (per result row of a point), and the mean, spread and count over seeds
 
 SWEEP_SEED_KEYS = ("reproducibility.random_seed", "reproducibility.reproduce")
-# what tells a stage's result rows apart (transfer: condition and n; guide: condition; align: rule, width, data limit)
-RESULT_ID_KEYS = ("condition", "n_disambiguation", "rule", "width", "data_limit")
+# what tells a stage's result rows apart (transfer: condition and n; guide: condition; align: rule, width, data limit;
+# stitch: the layer pair and the variant: front / end model alone, the stitch before / after training, least squares)
+RESULT_ID_KEYS = ("condition", "n_disambiguation", "rule", "width", "data_limit", "front_layer", "end_layer",
+                  "variant")
 NOT_METRICS = {"seed", "duration_s", "steps", "best_epoch", "epoch", "step", "lr", "n_disambiguation"}
 
 

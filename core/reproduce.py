@@ -202,10 +202,15 @@ def write_report(manifest: Manifest, sweeps: dict[str, Path], out: Path, source:
             sweep_rows_, keys = rows[scale]
             prefix = point_prefix(config)
             result = claim_result(claim, sweep_rows_, prefix)
-            mine = [r for r in sweep_rows_ if str(r.get("point", "")).startswith(f"{prefix}-")]
             x = claim.plot.get("x")
-            picture = plot_sweep(out / f"{claim.id}-{scale}.png", mine, [k for k in keys if k in ("condition",
-                                 "n_disambiguation")], claim.metric, x if x in keys else None)
+            # the rows the claim reads (its where, but along the plot's x), one bar or line per treatment / control
+            # key value (condition, rule, variant, ...)
+            where = {k: v for k, v in claim.where.items() if k != x}
+            mine = [r for r in sweep_rows_ if str(r.get("point", "")).startswith(f"{prefix}-")
+                    and (r.get("state") != "finished" or all(r.get(k) == v for k, v in where.items()))]
+            sides = {*claim.treatment, *claim.control}
+            picture = plot_sweep(out / f"{claim.id}-{scale}.png", mine, [k for k in keys if k in sides or k == x],
+                                 claim.metric, x if x in keys else None)
             result["plot"] = picture.name if picture else None
             result["config"] = config
             results[claim.id][scale] = result

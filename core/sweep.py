@@ -25,7 +25,9 @@ listed by ``python -m instill.report``). The sweep directory also holds ``sweep.
 Running the same sweep again skips finished points, resumes interrupted ones from their saved state and reruns
 failed ones; a failed point never stops the others. Explicit points may be added to an existing sweep directory;
 another grid, ``set`` or ``upstream`` is another sweep (``--out``). A SLURM sweep waits for its job array; if this
-process is stopped while jobs still run, a rerun submits the unfinished points again (it does not adopt the jobs).
+process is stopped while jobs still run, a rerun adopts them: each point's SLURM job id is recorded in its state
+(``points/<name>.json``, ``submitted``) when it is submitted, and a point whose job is still queued or running
+(``squeue``) is waited for, never submitted again.
 """
 
 from __future__ import annotations
@@ -304,8 +306,8 @@ def point_state(sweep_dir: Path, name: str) -> str:
     if is_finished(run_dir):
         return "finished"
     recorded = read_json(sweep_dir / "points" / f"{name}.json") or {}
-    if recorded.get("state") == "failed":
-        return "failed"
+    if recorded.get("state") in ("failed", "submitted"):  # submitted: to SLURM, whose job may still be queued
+        return recorded["state"]
     return "interrupted" if has_state(run_dir) else "pending"
 
 
@@ -326,6 +328,10 @@ def run_point(sweep_dir: str | Path, name: str, threads: int = 1, processes: int
     started = time.time()
     outcome: dict[str, Any] = {"name": name, "state": "failed", "error": None, "started_at": round(started, 3),
                                "host": os.uname().nodename, "job_id": os.environ.get("SLURM_JOB_ID")}
+    if os.environ.get("SLURM_ARRAY_TASK_ID"):  # the id it was submitted as (array_task), as squeue and sacct know it
+        outcome["slurm_job"] = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    elif os.environ.get("SLURM_JOB_ID"):
+        outcome["slurm_job"] = os.environ["SLURM_JOB_ID"]
     (sweep_dir / "logs").mkdir(exist_ok=True)
     log_path = sweep_dir / "logs" / f"{name}.log"
     try:
@@ -421,10 +427,25 @@ def run_sweep(sweep: Sweep, *, progress=print) -> dict[str, dict[str, Any]]:
         extra = f": {outcome['error']}" if outcome.get("error") else ""
         progress(f"  {outcome['name']}: {outcome['state']} ({outcome.get('duration_s', 0):.1f} s){extra}")
 
+    if todo and sweep.executor == "local":
+        todo = _without_queued_slurm_jobs(sweep, todo, done)
     if todo:
         run = _run_local if sweep.executor == "local" else _run_slurm
         run(sweep, todo, done)
     return status
+
+
+def _without_queued_slurm_jobs(sweep: Sweep, todo: list[str], done) -> list[str]:
+    """A local rerun of a sweep submitted to SLURM leaves the points whose job is still queued or running to that
+    job (state ``queued``), so that no point runs twice at once."""
+    submitted = [n for n in todo if point_state(sweep.path, n) == "submitted"]
+    if not submitted or slurm_problem() is not None:  # no controller: no job of it can still run
+        return todo
+    queued = live_slurm_jobs(sweep.path, submitted)
+    for name, (job_id, state) in queued.items():
+        done({"name": name, "state": "queued", "slurm_job": job_id,
+              "error": f"SLURM job {job_id} is {state}: rerun with the slurm executor to wait for it"})
+    return [n for n in todo if n not in queued]
 
 
 def write_record(sweep: Sweep) -> None:
@@ -481,31 +502,60 @@ def _run_local(sweep: Sweep, todo: list[str], done) -> None:
             raise
 
 
+SLURM_ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
+                "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
+
+
+def slurm_job_state(job_id: str) -> Optional[str]:
+    """The queue's state of a SLURM job (``PENDING``, ``RUNNING``, ...; an array task as ``ARRAY_TASK``), or None
+    once it has left the queue. squeue, not sacct: sacct lists no task of a job array that has not started.
+
+    Raises:
+        UserError: squeue cannot say (the controller does not answer): resubmitting could run a point twice.
+    """
+    try:
+        answer = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                                timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise UserError(f"cannot ask SLURM about job {job_id} (squeue: {_one_line(err)}); nothing submitted") \
+            from None
+    if answer.returncode != 0:
+        if "invalid job id" in answer.stderr.lower():  # gone from the queue (finished long enough ago)
+            return None
+        raise UserError(f"cannot ask SLURM about job {job_id} (squeue: {answer.stderr.strip()}); nothing "
+                        "submitted") from None
+    states = answer.stdout.split()
+    return states[0] if states else None
+
+
+def live_slurm_jobs(sweep_dir: Path, names: list[str]) -> dict[str, tuple[str, str]]:
+    """The points among ``names`` submitted to SLURM whose job is still queued or running: name -> (job id,
+    state). A rerun waits for these jobs instead of submitting the points again."""
+    live = {}
+    for name in names:
+        recorded = read_json(sweep_dir / "points" / f"{name}.json") or {}
+        job_id = recorded.get("slurm_job")
+        if recorded.get("state") == "submitted" and isinstance(job_id, str):
+            state = slurm_job_state(job_id)
+            if state in SLURM_ACTIVE:
+                live[name] = (job_id, state)
+    return live
+
+
 def _run_slurm(sweep: Sweep, todo: list[str], done) -> None:
-    """One SLURM job array through submitit: a task per point, at most ``array_parallelism`` at once."""
+    """One SLURM job array through submitit: a task per point, at most ``array_parallelism`` at once. Points whose
+    job from an earlier run is still queued or running are adopted: waited for, not submitted again."""
     import submitit
 
-    s = sweep.spec.executor.slurm
-    processes = s.processes_per_point or (s.gpus_per_node if s.gpus_per_node > 1 else 1)
-    executor = submitit.AutoExecutor(folder=str(sweep.path / "slurm" / "%j"), cluster="slurm")
-    params: dict[str, Any] = {"timeout_min": s.time_min, "cpus_per_task": s.cpus_per_task, "nodes": 1,
-                              "tasks_per_node": 1, "slurm_array_parallelism": s.array_parallelism,
-                              "name": f"instill-{sweep.path.name}"}
-    if s.partition:
-        params["slurm_partition"] = s.partition
-    if s.gpus_per_node:
-        params["gpus_per_node"] = s.gpus_per_node
-    if s.mem_gb:
-        params["mem_gb"] = s.mem_gb
-    if s.additional:
-        params["slurm_additional_parameters"] = dict(s.additional)
-    executor.update_parameters(**params)
-    n = len(todo)
-    jobs = executor.map_array(run_point, [str(sweep.path.resolve())] * n, todo,
-                              [sweep.spec.executor.threads] * n, [processes] * n)
-    atomic_write_json(sweep.path / "slurm" / "jobs.json", {name: job.job_id for name, job in zip(todo, jobs)})
-    print(f"  submitted job array {jobs[0].job_id.split('_')[0]} ({n} tasks)", flush=True)
-    pending = dict(zip(todo, jobs))
+    folder = sweep.path / "slurm" / "%j"
+    adopted = live_slurm_jobs(sweep.path, todo)
+    pending: dict[str, Any] = {}
+    for name, (job_id, state) in adopted.items():
+        pending[name] = submitit.SlurmJob(folder=folder, job_id=job_id)
+        print(f"  {name}: adopted SLURM job {job_id} ({state}), not submitted again", flush=True)
+    todo = [name for name in todo if name not in adopted]
+    if todo:
+        pending.update(_submit_array(sweep, todo, folder))
     while pending:
         for name, job in list(pending.items()):
             if not job.done():
@@ -520,6 +570,44 @@ def _run_slurm(sweep: Sweep, todo: list[str], done) -> None:
                       "duration_s": outcome.get("duration_s", 0)})
         if pending:
             time.sleep(1.0)
+
+
+def _submit_array(sweep: Sweep, todo: list[str], folder: Path) -> dict[str, Any]:
+    """Submit ``todo`` as one job array; each point's state records its job id (``submitted``), so that a rerun
+    finds the job, unless the job was quicker and has already written its outcome."""
+    import submitit
+
+    s = sweep.spec.executor.slurm
+    processes = s.processes_per_point or (s.gpus_per_node if s.gpus_per_node > 1 else 1)
+    executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+    params: dict[str, Any] = {"timeout_min": s.time_min, "cpus_per_task": s.cpus_per_task, "nodes": 1,
+                              "tasks_per_node": 1, "slurm_array_parallelism": s.array_parallelism,
+                              "name": f"instill-{sweep.path.name}"}
+    if s.partition:
+        params["slurm_partition"] = s.partition
+    if s.gpus_per_node:
+        params["gpus_per_node"] = s.gpus_per_node
+    if s.mem_gb:
+        params["mem_gb"] = s.mem_gb
+    if s.additional:
+        params["slurm_additional_parameters"] = dict(s.additional)
+    executor.update_parameters(**params)
+    n = len(todo)
+    records = {name: read_json(sweep.path / "points" / f"{name}.json") for name in todo}
+    jobs = executor.map_array(run_point, [str(sweep.path.resolve())] * n, todo,
+                              [sweep.spec.executor.threads] * n, [processes] * n)
+    (sweep.path / "points").mkdir(exist_ok=True)
+    for name, job in zip(todo, jobs):
+        if read_json(sweep.path / "points" / f"{name}.json") != records[name]:
+            continue  # its job already ran and wrote its outcome (which names the job too)
+        atomic_write_json(sweep.path / "points" / f"{name}.json",
+                          {"name": name, "state": "submitted", "slurm_job": job.job_id,
+                           "submitted_at": round(time.time(), 3)})
+    jobs_file = sweep.path / "slurm" / "jobs.json"  # every job of the sweep, the earlier submissions' too
+    atomic_write_json(jobs_file, {**(read_json(jobs_file) or {}), **{name: job.job_id for name, job in
+                                                                     zip(todo, jobs)}})
+    print(f"  submitted job array {jobs[0].job_id.split('_')[0]} ({n} tasks)", flush=True)
+    return dict(zip(todo, jobs))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -315,15 +315,32 @@ def main(ctx: Context) -> dict[str, Any]:
         source.model.to(ctx.device)
     pairs = layer_pairs(spec)
     if len(pairs) == 1:
-        row = run_pair(ctx, ctx.run, data, front, end, *pairs[0])
-        return {"results": [row]}
-    rows = ctx.run.sweep([(pair_name(f, e), lambda sub, f=f, e=e: run_pair(ctx, sub, data, front, end, f, e))
-                          for f, e in pairs])
-    for i, row in enumerate(rows):
-        ctx.run.log_metrics({"step": i + 1, **{k: v for k, v in row.items() if isinstance(v, (int, float, str))}})
-    if ctx.run.writes:
-        write_matrix(ctx.run.path, spec, rows)
-    return {"results": rows}
+        rows = [run_pair(ctx, ctx.run, data, front, end, *pairs[0])]
+    else:
+        rows = ctx.run.sweep([(pair_name(f, e), lambda sub, f=f, e=e: run_pair(ctx, sub, data, front, end, f, e))
+                              for f, e in pairs])
+        for i, row in enumerate(rows):
+            ctx.run.log_metrics({"step": i + 1, **{k: v for k, v in row.items()
+                                                   if isinstance(v, (int, float, str))}})
+        if ctx.run.writes:
+            write_matrix(ctx.run.path, spec, rows)
+    return {"pairs": rows, "results": variant_rows(rows)}
+
+
+def variant_rows(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The result rows a sweep report and ``make reproduce`` compare: one per layer pair and variant (``front``,
+    ``end``, ``before``, ``after``, ``ps_inv``), its figures per split (``test_acc``, ``val_rel_acc``, ...), from
+    each pair's flat summary row (``test_after_acc``, ...)."""
+    rows = []
+    for pair in pairs:
+        for variant in VARIANTS:
+            figures = {f"{split}_{key[len(split) + len(variant) + 2:]}": value for key, value in pair.items()
+                       for split in pair.get("splits", ("val", "test")) if key.startswith(f"{split}_{variant}_")
+                       and isinstance(value, (int, float))}
+            if figures:
+                rows.append({"front_layer": pair["front_layer"], "end_layer": pair["end_layer"], "variant": variant,
+                             **figures})
+    return rows
 
 
 def pair_name(front_layer: str, end_layer: str) -> str:
@@ -382,7 +399,7 @@ def run_pair(ctx: Context, run: Run, data: DataBundle, front: LoadedModel, end: 
     table = evaluate_variants(stitch, variants, eval_views, has_labels, spec)
     summary = {"front_layer": front_layer, "end_layer": end_layer, "front_traced": stitch.head.traced,
                "end_traced": stitch.tail.traced, "front_shape": list(transform.front.shape),
-               "end_shape": list(transform.end.shape)}
+               "end_shape": list(transform.end.shape), "splits": list(eval_views)}
     if stats is not None:
         summary.update(ps_inv_train_r2=stats.r2(ps_w, ps_b),
                        before_train_r2=stats.r2(variants["before"].matrix(), variants["before"].bias),
