@@ -477,7 +477,8 @@ def _run_local(sweep: Sweep, todo: list[str], done) -> None:
     # fork shares the imports; where it is unsafe (macOS) or missing, spawn imports them again in each worker
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     queue = list(todo)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                             initializer=_own_progress_lock) as pool:
         pending: dict[Any, str] = {}
         try:
             while pending or queue:
@@ -500,6 +501,17 @@ def _run_local(sweep: Sweep, todo: list[str], done) -> None:
         except KeyboardInterrupt:  # the workers got the Ctrl-C too: their points save their state and return
             queue.clear()
             raise
+
+
+def _own_progress_lock() -> None:
+    """A worker's own lock for tqdm's progress bars. tqdm's default lock is a multiprocessing lock inherited from
+    this process: a worker killed while holding it (out of memory, kill -9) would leave every other worker, and this
+    process, waiting for it forever at their next progress bar."""
+    import threading
+
+    from tqdm.auto import tqdm
+
+    tqdm.set_lock(threading.RLock())
 
 
 SLURM_ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",

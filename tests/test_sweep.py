@@ -173,6 +173,40 @@ executor: {kind: local, workers: 2}""")
     assert "by condition" in out and "random_init" in out
 
 
+KILLED_HOLDING_THE_PROGRESS_LOCK = """
+import json, os
+from tqdm.auto import tqdm
+from instill.stages import base
+from instill.sweep import main as sweep_main
+
+tqdm.get_lock()  # this process made tqdm's lock before forking, as after any in-process run with a progress bar
+original_main = base.main
+
+
+def dying_main(ctx):
+    if ctx.seed == 2:
+        tqdm.get_lock().acquire()  # killed while a progress bar holds the lock
+        os._exit(3)
+    return original_main(ctx)
+
+
+base.main = dying_main
+assert sweep_main(["s.yaml"]) == 1
+base.main = original_main
+assert sweep_main(["s.yaml"]) == 0
+tqdm(total=1, disable=True).close()  # and this process can still draw a progress bar
+print("finished", json.load(open("checkpoints/s/status.json"))["counts"])
+"""
+
+
+def test_a_worker_killed_holding_the_progress_bar_lock_blocks_nobody(workdir):
+    seeds_sweep(seeds=(1, 2, 3))
+    Path("killed.py").write_text(KILLED_HOLDING_THE_PROGRESS_LOCK)
+    proc = subprocess.run([sys.executable, "killed.py"], env=python_env(), capture_output=True, text=True,
+                          timeout=600)  # a deadlock fails here, not by hanging the suite
+    assert proc.returncode == 0 and "finished {'finished': 3}" in proc.stdout, proc.stderr[-2000:]
+
+
 BAD = [
     ("grid: {train.epoch: [1, 2]}", "unknown key 'train.epoch' (did you mean 'epochs'?)"),
     ("grid: {}", "the grid is empty and there are no points"),
