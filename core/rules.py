@@ -1,6 +1,8 @@
 """Learning rules as gradient providers: ``train.rule`` picks how the training loop gets a batch's gradients.
 
-Every rule leaves its update in ``param.grad`` (scaled by ``StepContext.scale`` for gradient accumulation); the
+Every rule leaves its update in ``param.grad`` (scaled by ``StepContext.scale`` for gradient accumulation), computed
+from its own process's batch: under torchrun back-propagation runs through DistributedDataParallel, and for every
+other rule the loop averages ``.grad`` over the ranks before the optimizer step (``dist.average_gradients``). The
 optimizer, schedule, evaluation, checkpoints, resume and replay stay the training loop's. The rules follow
 Boopathy & Fiete (2022) and their code's stop-gradient surrogates exactly (θ0 is the network at the start of
 training, e the error dL/df of the *current* network's logits):
@@ -37,7 +39,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from . import dist
 from .errors import UserError
 from .models.ntk import ACTIVATIONS
 from .registry import RULES
@@ -103,14 +104,11 @@ def output_error(logits: torch.Tensor, y: torch.Tensor, criterion: Criterion) ->
 
 
 def add_gradients(params: list[nn.Parameter], grads, scale: float) -> None:
-    """param.grad += scale * grad (averaged over ranks under torchrun, as DDP would)."""
+    """param.grad += scale * grad (the training loop averages them over ranks under torchrun)."""
     for p, g in zip(params, grads):
         if g is None:
             continue
         g = g * scale
-        if dist.world_size() > 1:
-            torch.distributed.all_reduce(g)
-            g /= dist.world_size()
         p.grad = g if p.grad is None else p.grad + g
 
 

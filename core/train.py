@@ -387,6 +387,8 @@ class _Loop:
         return "no state had been saved yet, so nothing of the run is kept"
 
     def _optimizer_step(self) -> None:
+        if not isinstance(self.rule, Backprop):  # DDP averaged backprop's; the other rules' are this rank's own
+            dist.average_gradients(self.model.parameters())
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
