@@ -240,7 +240,8 @@ class _Loop:
         self.optimizer = build_optimizer(params if params is not None else model.parameters(), cfg.optimizer)
         # How a step's gradients are produced (train.rule); its initial network is the model as training starts.
         self.rule = objective.gradients or build_rule(cfg.rule, RuleContext(
-            dist.unwrap(self.model), objective.loss, objective.criterion, derive_seed(seed, "rule")))
+            dist.unwrap(self.model), objective.loss, objective.criterion, derive_seed(seed, "rule")),
+            cfg.rule_builder_options())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg.schedule, s, self.steps_per_epoch, self.total_steps))
         self.tracker = _Tracker(cfg.select_mode, cfg.select_ties)

@@ -20,7 +20,7 @@ CIFAR = """stage: align
 data: {name: cifar10, root: data}
 model: {name: ntk_cnn, shape: cifar, width: 2}
 train: {epochs: 1, batch_size: 18, eval_batch_size: 100, optimizer: {name: SGD, lr: 2.0}, progress: false,
-        threads: 1}
+        threads: 1, rule_options: {dfa: {feedback: pooled}}}
 align: {rules: [backprop, align_ada, dfa]}
 """
 

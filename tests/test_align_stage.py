@@ -59,6 +59,9 @@ def test_data_limits_keep_the_held_out_sets(workdir):
     ("align.rules=[backprop,dfx]", "unknown learning rule 'dfx'"),
     ("train.rule=align_zeroo", "did you mean 'align_zero'"),
     ("model.width=0", "model: width: Input should be greater than or equal to 1"),
+    ("train.rule_options={dfa: {feedback: sparse}}", "train.rule_options: dfa: feedback: Input should be"),
+    ("train.rule_options={dfa: {feedbak: pooled}}", "did you mean 'feedback'"),
+    ("train.rule_options={dfx: {}}", "unknown learning rule 'dfx'"),
 ])
 def test_align_bad_input(workdir, capsys, override, message):
     args = ["configs/tiny_align.yaml", "--set", override]

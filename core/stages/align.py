@@ -99,7 +99,7 @@ def prepare(cfg: Config) -> None:
     model = _build_model(cfg, data.info, (spec.widths or [None])[0])
     criterion = make_criterion(spec, data.info)
     for rule in spec.rules:
-        build_rule(rule, RuleContext(model, None, criterion, 0))
+        build_rule(rule, RuleContext(model, None, criterion, 0), cfg.train.rule_builder_options(rule))
     if spec.scores and "backprop" in spec.rules:
         check_layers(spec.score_layers, _layer_names(model))
 
