@@ -49,12 +49,15 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-def _kmnist_folder(root: Path, classes: int = 3, per_class: int = 8) -> None:
+def random_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 28, mode: str = "L") -> None:
+    """``root/<class>/<i>.png`` of random pixels: every image distinct (solid colours give a batch two or three
+    distinct inputs, after which a narrow net's batch-statistics norm can leave a layer's update exactly zero)."""
     rng = np.random.default_rng(0)
+    shape = (size, size) if mode == "L" else (size, size, 3)
     for c in range(classes):
         (root / str(c)).mkdir(parents=True)
         for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), mode="L").save(root / str(c) / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(root / str(c) / f"{i}.png")
 
 
 def test_align_on_cifar10_batches_with_the_cifar_shaped_cnn(workdir):
@@ -72,7 +75,7 @@ def test_align_on_cifar10_batches_with_the_cifar_shaped_cnn(workdir):
 
 
 def test_align_on_a_kmnist_image_folder_with_data_limits(workdir):
-    _kmnist_folder(workdir / "kmnist")  # 24 images: 12 train, 6 val, 6 test
+    random_image_folder(workdir / "kmnist")  # 24 grayscale 28x28 images: 12 train, 6 val, 6 test
     Path("kmnist.yaml").write_text(KMNIST)
     assert run_cli("align", "kmnist.yaml") == 0
     rows = _rows("checkpoints/kmnist/results.csv")

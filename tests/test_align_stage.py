@@ -139,9 +139,9 @@ def test_train_rule_in_the_base_stage_and_resume_keeps_the_initial_network(workd
 
 def test_cifar_shaped_cnn_on_a_local_image_folder(workdir):
     """CIFAR-10 or KMNIST exported as an image folder (never downloaded) trains the original's CIFAR shape."""
-    from tests.test_folders import class_folder
+    from tests.test_align_folders import random_image_folder
 
-    class_folder(workdir / "images", per_class=6)
+    random_image_folder(workdir / "images", per_class=6, size=12, mode="RGB")
     assert run_cli("align", "configs/tiny_align.yaml", "--set", "data={name: image_folder, train_dir: images, "
                    "resolution: 8, val_fraction: 0.2, test_fraction: 0.2}", "--set",
                    "model={name: ntk_cnn, shape: cifar, width: 2}", "--set", "align.rules=[backprop,align_ada]",
