@@ -101,7 +101,7 @@ def build_rule(name: str, ctx: RuleContext, options: Optional[dict[str, Any]] = 
     try:
         return RULES.build(name, ctx, options or {})
     except ValueError as err:  # the options failed the builder's signature
-        raise UserError(f"train.rule_options.{name}: {err}") from None
+        raise UserError(f"rule {name}: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

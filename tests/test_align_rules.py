@@ -422,5 +422,5 @@ def test_dfa_pooled_is_per_channel_scaled_and_mlps_ignore_the_option():
     for other in mlp_grads[1:]:
         for a, b in zip(mlp_grads[0], other):
             assert torch.equal(a, b)
-    with pytest.raises(UserError, match="rule_options.dfa: feedback"):
+    with pytest.raises(UserError, match="rule dfa: feedback: Input should be"):
         build_rule("dfa", RuleContext(model, None, mse, 5), {"feedback": "sparse"})

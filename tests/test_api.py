@@ -140,7 +140,7 @@ def test_learning_rule_fills_grad_for_a_users_model():
     pooled = instill.learning_rule("dfa", cnn, criterion=lambda f, t: f.square().mean(), options={"feedback": "pooled"})
     pooled.gradients(cnn, (torch.randn(4, 1, 4, 4), torch.zeros(4, dtype=torch.long)), instill.StepContext())
     assert [tuple(b.shape) for b in pooled.matrices.values()] == [(2, 3)] * 3  # C x K per block, not (C·H·W) x K
-    with pytest.raises(UserError, match="rule_options.dfa: feedback"):
+    with pytest.raises(UserError, match="rule dfa: feedback: Input should be"):
         instill.learning_rule("dfa", cnn, options={"feedback": "sparse"})
 
 
