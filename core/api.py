@@ -378,7 +378,8 @@ def learning_rules() -> list[str]:
 
 
 def learning_rule(name: str, model: nn.Module, *, criterion: Optional[Callable[[torch.Tensor, torch.Tensor],
-                  torch.Tensor]] = None, seed: int = 0) -> GradientProvider:
+                  torch.Tensor]] = None, seed: int = 0, options: Optional[dict[str, Any]] = None
+                  ) -> GradientProvider:
     """A learning rule (Boopathy & Fiete 2022) that puts a batch's update into your model's ``.grad``.
 
     Build it when training starts: the rules that need the initial network copy ``model``'s weights now (theta0).
@@ -395,13 +396,14 @@ def learning_rule(name: str, model: nn.Module, *, criterion: Optional[Callable[[
         model: the network at the start of training.
         criterion: ``criterion(logits, targets)``; default cross-entropy.
         seed: seeds the random feedback of ``fa`` and ``dfa``.
+        options: the rule's options (``instill list rules``), e.g. ``{"feedback": "pooled"}`` for ``dfa``.
 
     Returns:
         The ``GradientProvider``: ``gradients(model, (inputs, targets), StepContext)`` returns ``(loss, logs)``;
         ``state_dict()`` / ``load_state_dict()`` keep theta0 and the feedback for a resumed run.
 
     Raises:
-        UserError: an unknown rule (nearest names listed) or a model the rule cannot tap.
+        UserError: an unknown rule (nearest names listed) or option, or a model the rule cannot tap.
     """
     criterion = criterion or (lambda logits, y: nn.functional.cross_entropy(logits, y))
 
@@ -410,7 +412,7 @@ def learning_rule(name: str, model: nn.Module, *, criterion: Optional[Callable[[
         return criterion(logits_of(net(x)), y), {}
 
     learning_rules()  # registers the rules before the lookup
-    return build_rule(name, RuleContext(model, loss, criterion, seed))
+    return build_rule(name, RuleContext(model, loss, criterion, seed), options)
 
 
 def alignment_scores(model: nn.Module, layers: Optional[Sequence[str]] = None, *,

@@ -59,7 +59,7 @@ def config_sections(stage: str) -> str:
 def list_entries(kind: str) -> str:
     """``instill list KIND``: each entry of a registry or set of choices with its options and one line of help."""
     listings = {"models": _registry_listing, "datasets": _registry_listing, "measures": _measures_listing,
-                "conditions": _conditions_listing, "rules": _rules_listing}
+                "conditions": _conditions_listing, "rules": _registry_listing}
     if kind not in listings:
         raise UserError(f"instill list: unknown kind {kind!r}; known: {', '.join(listings)}")
     return "\n".join(listings[kind](kind))
@@ -87,10 +87,10 @@ def _type_name(annotation) -> str:
 
 
 def _registry_listing(kind: str) -> list[str]:
-    from .registry import DATASETS, MODELS
+    from .registry import DATASETS, MODELS, RULES
 
     lines = []
-    for entry in (MODELS if kind == "models" else DATASETS).entries():
+    for entry in {"models": MODELS, "datasets": DATASETS, "rules": RULES}[kind].entries():
         lines.append(f"{entry.name}: {_first_line(entry.doc)}")
         for key, field in entry.params.model_fields.items():
             kind_name = _type_name(field.annotation)
@@ -113,10 +113,6 @@ def _conditions_listing(kind: str) -> list[str]:
             + ["guide (guidance.conditions):"] + [f"    {c}: {h}" for c, h in CONDITION_HELP.items()])
 
 
-def _rules_listing(kind: str) -> list[str]:
-    from .registry import RULES
-
-    return [f"{entry.name}: {_first_line(entry.doc)}" for entry in RULES.entries()]
 
 
 def main(stage: str, argv: Optional[list[str]] = None) -> int:

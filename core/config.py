@@ -149,6 +149,10 @@ class TrainConfig(Section):
     rule: str = Field("backprop", description="how a step's gradients are produced: backprop, align_zero, "
                                               "align_ada, align_prop, fa, dfa, last_layer (instill.rules)")
 
+    rule_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="options of learning rules, by rule name: {dfa: {feedback: pooled}} "
+                                          "(instill list rules shows each rule's options)")
+
     @field_validator("rule")
     @classmethod
     def _known_rule(cls, name: str) -> str:
@@ -157,6 +161,24 @@ class TrainConfig(Section):
         except UserError as err:
             raise ValueError(str(err)) from None
         return name
+
+    @field_validator("rule_options")
+    @classmethod
+    def _known_rule_options(cls, options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, values in options.items():
+            try:
+                RULES.get(name)
+            except UserError as err:
+                raise ValueError(str(err)) from None
+            try:
+                RULES.validate(name, values)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+        return options
+
+    def rule_builder_options(self, rule: Optional[str] = None) -> dict[str, Any]:
+        """The options configured for ``rule`` (default: ``self.rule``)."""
+        return dict(self.rule_options.get(rule or self.rule, {}))
 
 
 class LoggingConfig(Section):

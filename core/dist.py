@@ -74,6 +74,25 @@ def all_agree(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def average_gradients(params) -> None:
+    """Replace every ``param.grad`` by its mean over the ranks (one all-reduce of the flattened gradients); what
+    DistributedDataParallel does for back-propagation, for gradients produced outside its forward and backward.
+
+    Args:
+        params: the parameters; those without a gradient are skipped (every rank must skip the same ones).
+    """
+    if not active():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch_dist.all_reduce(flat)
+    flat /= world_size()
+    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(mean.view_as(g))
+
+
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DistributedDataParallel when running under torchrun, the model itself otherwise."""
     if not active():

@@ -1,6 +1,8 @@
 """Learning rules as gradient providers: ``train.rule`` picks how the training loop gets a batch's gradients.
 
-Every rule leaves its update in ``param.grad`` (scaled by ``StepContext.scale`` for gradient accumulation); the
+Every rule leaves its update in ``param.grad`` (scaled by ``StepContext.scale`` for gradient accumulation), computed
+from its own process's batch: under torchrun back-propagation runs through DistributedDataParallel, and for every
+other rule the loop averages ``.grad`` over the ranks before the optimizer step (``dist.average_gradients``). The
 optimizer, schedule, evaluation, checkpoints, resume and replay stay the training loop's. The rules follow
 Boopathy & Fiete (2022) and their code's stop-gradient surrogates exactly (θ0 is the network at the start of
 training, e the error dL/df of the *current* network's logits):
@@ -18,8 +20,11 @@ training, e the error dL/df of the *current* network's logits):
   (feedback alignment with B = W0), current derivatives and batch norm.
 - ``fa``: the same with independent random feedback drawn like the weights (NTK-scaled).
 - ``dfa``: each block output's gradient is act'(z_l) ⊙ B_l e with B_l ~ N(0, 1/dim(z_l)) of shape dim(z_l) x K
-  (dense over positions and channels, as the original); every layer's input is stop-gradient, the readout local.
+  (dense over positions and channels, as the original; option ``feedback: per_channel`` or ``pooled`` for a C x K
+  B_l on conv blocks, see ``DirectFeedback``); every layer's input is stop-gradient, the readout local.
 - ``last_layer``: only the readout (``model.readout_parameters()``) learns.
+
+Options of a rule are its builder's keywords (``train.rule_options: {dfa: {feedback: pooled}}``).
 
 The initial network is copied when training starts and saved with the loop's state (a resumed run keeps its θ0);
 random feedback comes from its own seeded generators, so every rule starts from the same initial weights (the
@@ -31,13 +36,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Literal, Optional
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from . import dist
 from .errors import UserError
 from .models.ntk import ACTIVATIONS
 from .registry import RULES
@@ -80,9 +84,26 @@ class GradientProvider:
         pass
 
 
-def build_rule(name: str, ctx: RuleContext) -> GradientProvider:
-    """The provider of rule ``name`` for ``ctx.model``; UserError when the model cannot take the rule."""
-    return RULES.build(name, ctx, {})
+def build_rule(name: str, ctx: RuleContext, options: Optional[dict[str, Any]] = None) -> GradientProvider:
+    """The provider of rule ``name`` for ``ctx.model``.
+
+    Args:
+        name: a registered rule (``instill list rules``).
+        ctx: the model at the start of training, the objective and the feedback seed.
+        options: the rule's options (keywords of its builder, e.g. ``{"feedback": "pooled"}`` for ``dfa``).
+
+    Returns:
+        The gradient provider.
+
+    Raises:
+        UserError: an unknown rule or option, or a model that cannot take the rule.
+    """
+    try:
+        return RULES.build(name, ctx, options or {})
+    except UserError:  # the rule's own refusal names the rule already
+        raise
+    except ValueError as err:  # the options failed the builder's signature
+        raise UserError(f"rule {name}: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,14 +124,11 @@ def output_error(logits: torch.Tensor, y: torch.Tensor, criterion: Criterion) ->
 
 
 def add_gradients(params: list[nn.Parameter], grads, scale: float) -> None:
-    """param.grad += scale * grad (averaged over ranks under torchrun, as DDP would)."""
+    """param.grad += scale * grad (the training loop averages them over ranks under torchrun)."""
     for p, g in zip(params, grads):
         if g is None:
             continue
         g = g * scale
-        if dist.world_size() > 1:
-            torch.distributed.all_reduce(g)
-            g /= dist.world_size()
         p.grad = g if p.grad is None else p.grad + g
 
 
@@ -301,17 +319,49 @@ def fa(ctx: RuleContext) -> GradientProvider:
     return Feedback(ctx.model, ctx.criterion, matrices)
 
 
+DirectFeedbackShape = Literal["dense", "pooled", "per_channel"]
+
+
 class DirectFeedback(GradientProvider):
-    def __init__(self, model: nn.Module, criterion: Criterion, seed: int):
-        self.criterion, self.seed = criterion, seed
+    """DFA: the readout learns locally; every block output z_l gets act'(z_l) ⊙ (B_l e) as its gradient, through
+    the surrogate ``proj_l(a_l) - sg(proj_l(a_l))`` added to the logits (a_l = act(z_l), the layers' inputs cut).
+
+    ``feedback`` says how B_l spans a conv block's (C, H, W) output (a dense block, H = W = 1, takes the same B
+    under every option, so the MLPs' updates do not depend on it); K is the number of outputs:
+
+    - ``dense`` (the original): proj = flatten(a) B, B ~ N(0, 1/(CHW)) of shape (C·H·W) x K: memory C·H·W·K floats
+      per block (a CIFAR net at width 512: 32·32·512·10 = 5.2 M floats, 21 MB, per 32x32 block).
+    - ``per_channel``: B ~ N(0, 1/(CHW)) of shape C x K, shared by every position: proj = (Σ_hw a) B, so every
+      position of channel c receives (B e)_c, with the per-position magnitude of ``dense`` (its learning rates
+      carry over); memory C·K.
+    - ``pooled``: the global average pool first, then B ~ N(0, 1/C) of shape C x K: proj = mean_hw(a) B, a random
+      readout of the block at the NTK scale of the model's own readout; every position receives (B e)_c / (HW);
+      memory C·K. Its update is ``per_channel``'s direction scaled by 1/sqrt(HW) in expectation (a different
+      draw).
+
+    B_l comes from block l's own seeded generator (``derive_seed(seed, "direct_feedback", l)``), drawn the first
+    time the block's output shape is known, and is saved with the loop's state.
+    """
+
+    def __init__(self, model: nn.Module, criterion: Criterion, seed: int, feedback: DirectFeedbackShape = "dense"):
+        self.criterion, self.seed, self.feedback = criterion, seed, feedback
         self.matrices: dict[int, torch.Tensor] = {}
 
-    def _matrix(self, i: int, dim: int, classes: int, like: torch.Tensor) -> torch.Tensor:
-        """B_l ~ N(0, 1/dim), drawn from block l's own generator the first time its shape is known."""
+    def _matrix(self, i: int, z: torch.Tensor, classes: int, like: torch.Tensor) -> torch.Tensor:
+        """B_l for block output ``z`` (N, C[, H, W]), drawn from block l's own generator the first time."""
         if i not in self.matrices:
+            channels, positions = z.shape[1], z[0, 0].numel()
+            rows = channels * positions if self.feedback == "dense" else channels
+            spread = channels if self.feedback == "pooled" else channels * positions  # B ~ N(0, 1/spread)
             gen = torch.Generator().manual_seed(derive_seed(self.seed, "direct_feedback", i))
-            self.matrices[i] = torch.randn(dim, classes, generator=gen, dtype=like.dtype) / dim ** 0.5
+            self.matrices[i] = torch.randn(rows, classes, generator=gen, dtype=like.dtype) / spread ** 0.5
         return self.matrices[i].to(like)
+
+    def _activity(self, a: torch.Tensor) -> torch.Tensor:
+        """What B_l reads of a block's activation: every unit (dense), or per channel its sum or mean."""
+        if a.dim() == 2 or self.feedback == "dense":
+            return a.flatten(1)
+        return a.sum((2, 3)) if self.feedback == "per_channel" else a.mean((2, 3))
 
     def gradients(self, model, batch, step):
         x, y = batch
@@ -324,8 +374,8 @@ class DirectFeedback(GradientProvider):
 
         with step.autocast():
             logits = full(model(x, tap=cut))
-            proj = sum(ACTIVATIONS[model.activation](z).flatten(1).to(logits.dtype)
-                       @ self._matrix(i, z[0].numel(), logits.shape[1], logits) for i, z in enumerate(outputs))
+            proj = sum(self._activity(ACTIVATIONS[model.activation](z)).to(logits.dtype)
+                       @ self._matrix(i, z, logits.shape[1], logits) for i, z in enumerate(outputs))
         loss = self.criterion(logits + proj - proj.detach(), y)
         (loss * step.scale).backward()
         return loss.detach(), {}
@@ -338,11 +388,12 @@ class DirectFeedback(GradientProvider):
 
 
 @RULES.register("dfa")
-def dfa(ctx: RuleContext) -> GradientProvider:
-    """Direct feedback alignment: a fixed random projection of the output error to every block."""
+def dfa(ctx: RuleContext, *, feedback: DirectFeedbackShape = "dense") -> GradientProvider:
+    """Direct feedback alignment: a fixed random projection of the output error to every block (``feedback``:
+    dense over a conv block's positions and channels as the original, per_channel, or pooled)."""
     _needs(ctx.model, "dfa", "a registered readout fed by blocks (ntk_mlp or ntk_cnn)",
            hasattr(ctx.model, "blocks") and hasattr(ctx.model, "readout_parameters"))
-    return DirectFeedback(ctx.model, ctx.criterion, ctx.seed)
+    return DirectFeedback(ctx.model, ctx.criterion, ctx.seed, feedback)
 
 
 class LastLayer(GradientProvider):

@@ -241,7 +241,8 @@ class _Loop:
         # How a step's gradients are produced (train.rule); its initial network is the model as training starts.
         with under_key("train.rule"):
             self.rule = objective.gradients or build_rule(cfg.rule, RuleContext(
-                dist.unwrap(self.model), objective.loss, objective.criterion, derive_seed(seed, "rule")))
+                dist.unwrap(self.model), objective.loss, objective.criterion, derive_seed(seed, "rule")),
+                cfg.rule_builder_options())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg.schedule, s, self.steps_per_epoch, self.total_steps))
         self.tracker = _Tracker(cfg.select_mode, cfg.select_ties)
@@ -388,6 +389,8 @@ class _Loop:
         return "no state had been saved yet, so nothing of the run is kept"
 
     def _optimizer_step(self) -> None:
+        if not isinstance(self.rule, Backprop):  # DDP averaged backprop's; the other rules' are this rank's own
+            dist.average_gradients(self.model.parameters())
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()

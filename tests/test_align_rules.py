@@ -344,3 +344,84 @@ def test_parameterisations():
     # batch-statistics norm at test time too: a sample's output depends on the rest of its batch
     x = torch.randn(5, 400)
     assert not torch.allclose(ntk.eval()(x)[:2], ntk(x[:2]))
+
+
+def _conv_forward(params, x, strides):
+    """The no-batch-norm NTK CNN by hand: (layer inputs, block outputs z_l, pooled readout input, logits)."""
+    a, inputs, zs = x, [], []
+    for i, stride in enumerate(strides):
+        w, b = params[f"blocks.{i}.layer.weight"], params[f"blocks.{i}.layer.bias"]
+        inputs.append(a)
+        z = F.conv2d(a, w / math.sqrt(w[0].numel()), b, stride, w.shape[-1] // 2)
+        zs.append(z)
+        a = torch.relu(z)
+    pooled = a.mean((2, 3))
+    w = params["head.weight"]
+    return inputs, zs, pooled, pooled @ w.T / math.sqrt(w.shape[1]) + params["head.bias"]
+
+
+@pytest.mark.parametrize("feedback", ["dense", "per_channel", "pooled"])
+def test_dfa_conv_feedback_options_against_hand_written(feedback):
+    """dense: B of (C·H·W) x K; per_channel: C x K shared by every position; pooled: mean over positions, then
+    C x K. The conv weight gradient by hand: Σ over samples and positions of δ times the input patch."""
+    torch.manual_seed(0)
+    info, strides = {"input_shape": (2, 5, 5), "num_classes": 4}, [1, 2]
+    model = MODELS.build("ntk_cnn", info, {"shape": "custom", "strides": strides, "width": 3,
+                                           "batch_norm": False}).double()
+    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 4, (6,))
+    provider = build_rule("dfa", RuleContext(model, None, mse, 5), {"feedback": feedback})
+    _moved(model)
+    model.zero_grad(set_to_none=True)
+    provider.gradients(model, (x, y), StepContext())
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    inputs, zs, pooled, f = _conv_forward(params, x, strides)
+    e = _error(f, y)
+    for i, (a, z) in enumerate(zip(inputs, zs)):
+        n, c, h, w = z.shape
+        b = provider.matrices[i]
+        assert b.shape == ((c * h * w, 4) if feedback == "dense" else (c, 4))  # the memory of B_l
+        if feedback == "dense":
+            g = (e @ b.T).reshape(n, c, h, w)
+        else:
+            g = (e @ b.T)[:, :, None, None].expand(n, c, h, w) / (h * w if feedback == "pooled" else 1)
+        delta = g * (z > 0)
+        weight = params[f"blocks.{i}.layer.weight"]
+        patches = F.unfold(a, weight.shape[-1], padding=weight.shape[-1] // 2, stride=strides[i])  # (N, C_in k², L)
+        want_w = torch.einsum("ncl,nkl->ck", delta.flatten(2), patches).reshape(weight.shape)
+        torch.testing.assert_close(model.blocks[i].layer.weight.grad, want_w / math.sqrt(weight[0].numel()),
+                                   msg=f"{feedback} block {i} weight")
+        torch.testing.assert_close(model.blocks[i].layer.bias.grad, delta.sum((0, 2, 3)), msg=f"{feedback} {i} bias")
+    torch.testing.assert_close(model.head.weight.grad, e.T @ pooled / math.sqrt(3))  # the readout: local
+
+
+def test_dfa_pooled_is_per_channel_scaled_and_mlps_ignore_the_option():
+    """The same generator draws both C x K matrices: pooled's B (N(0, 1/C)) is per_channel's (N(0, 1/(CHW)))
+    times sqrt(HW), so its conv updates are per_channel's divided by sqrt(HW) of each block; on an MLP every
+    option is the dense rule."""
+    torch.manual_seed(0)
+    info = {"input_shape": (1, 6, 6), "num_classes": 4}
+    x, y = torch.randn(5, 1, 6, 6, dtype=torch.float64), torch.randint(0, 4, (5,))
+    grads, matrices = {}, {}
+    for feedback in ("per_channel", "pooled"):
+        torch.manual_seed(0)
+        model = MODELS.build("ntk_cnn", info, {"shape": "custom", "strides": [1, 2], "width": 3}).double()
+        provider = build_rule("dfa", RuleContext(model, None, mse, 9), {"feedback": feedback})
+        provider.gradients(model, (x, y), StepContext())
+        grads[feedback] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        matrices[feedback] = provider.matrices
+    for i, positions in enumerate((36, 9)):  # 6x6, then 3x3 after the stride-2 conv
+        torch.testing.assert_close(matrices["pooled"][i], matrices["per_channel"][i] * positions ** 0.5)
+        torch.testing.assert_close(grads["pooled"][f"blocks.{i}.layer.weight"],
+                                   grads["per_channel"][f"blocks.{i}.layer.weight"] / positions ** 0.5)
+    x, y = torch.randn(7, 1, 3, 3, dtype=torch.float64), torch.randint(0, 4, (7,))
+    mlp_grads = []
+    for feedback in ("dense", "per_channel", "pooled"):
+        model = _mlp(batch_norm=True)
+        build_rule("dfa", RuleContext(model, None, mse, 5), {"feedback": feedback}).gradients(
+            model, (x, y), StepContext())
+        mlp_grads.append([p.grad for p in model.parameters()])
+    for other in mlp_grads[1:]:
+        for a, b in zip(mlp_grads[0], other):
+            assert torch.equal(a, b)
+    with pytest.raises(UserError, match="rule dfa: feedback: Input should be"):
+        build_rule("dfa", RuleContext(model, None, mse, 5), {"feedback": "sparse"})

@@ -59,6 +59,9 @@ def test_data_limits_keep_the_held_out_sets(workdir):
     ("align.rules=[backprop,dfx]", "unknown learning rule 'dfx'"),
     ("train.rule=align_zeroo", "did you mean 'align_zero'"),
     ("model.width=0", "model: width: Input should be greater than or equal to 1"),
+    ("train.rule_options={dfa: {feedback: sparse}}", "train.rule_options: dfa: feedback: Input should be"),
+    ("train.rule_options={dfa: {feedbak: pooled}}", "did you mean 'feedback'"),
+    ("train.rule_options={dfx: {}}", "unknown learning rule 'dfx'"),
 ])
 def test_align_bad_input(workdir, capsys, override, message):
     args = ["configs/tiny_align.yaml", "--set", override]
@@ -136,9 +139,9 @@ def test_train_rule_in_the_base_stage_and_resume_keeps_the_initial_network(workd
 
 def test_cifar_shaped_cnn_on_a_local_image_folder(workdir):
     """CIFAR-10 or KMNIST exported as an image folder (never downloaded) trains the original's CIFAR shape."""
-    from tests.test_folders import class_folder
+    from tests.test_align_folders import random_image_folder
 
-    class_folder(workdir / "images", per_class=6)
+    random_image_folder(workdir / "images", per_class=6, size=12, mode="RGB")
     assert run_cli("align", "configs/tiny_align.yaml", "--set", "data={name: image_folder, train_dir: images, "
                    "resolution: 8, val_fraction: 0.2, test_fraction: 0.2}", "--set",
                    "model={name: ntk_cnn, shape: cifar, width: 2}", "--set", "align.rules=[backprop,align_ada]",

@@ -13,6 +13,7 @@ from torch import nn
 
 import instill
 from instill.errors import UserError
+from instill.registry import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,6 +136,12 @@ def test_learning_rule_fills_grad_for_a_users_model():
         instill.learning_rule("align_zer", model)
     with pytest.raises(UserError, match="needs"):
         instill.learning_rule("dfa", model)  # a plain Sequential has no blocks the rule can tap
+    cnn = MODELS.build("ntk_cnn", {"input_shape": (1, 4, 4), "num_classes": 3}, {"width": 2})
+    pooled = instill.learning_rule("dfa", cnn, criterion=lambda f, t: f.square().mean(), options={"feedback": "pooled"})
+    pooled.gradients(cnn, (torch.randn(4, 1, 4, 4), torch.zeros(4, dtype=torch.long)), instill.StepContext())
+    assert [tuple(b.shape) for b in pooled.matrices.values()] == [(2, 3)] * 3  # C x K per block, not (C·H·W) x K
+    with pytest.raises(UserError, match="rule dfa: feedback: Input should be"):
+        instill.learning_rule("dfa", cnn, options={"feedback": "sparse"})
 
 
 def test_alignment_scores_track_backprop_and_reject_unknown_layers():

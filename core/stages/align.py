@@ -1,6 +1,7 @@
 """The ``align`` stage: backprop-free learning rules against back-propagation, and input-weight alignment scores.
 
-For every combination of ``align.data_limits`` (training images kept; the held-out sets keep their size),
+For every combination of ``align.data_limits`` (training images kept, through the dataset's ``limit`` key or a seeded
+subset of its training split; the held-out sets keep their size),
 ``align.widths`` (the model's ``width``), ``align.lrs`` and ``align.rules``, one sub-run trains the model with that
 rule (``train.rule``, ``instill.rules``) through the one training loop. Every rule at a given width starts from the
 same initial weights and sees the same batches. Loss: ``mse`` on (one-hot - target_offset) as the original (summed
@@ -21,6 +22,7 @@ regression task.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Literal, Optional
 
@@ -31,6 +33,7 @@ from pydantic import Field, confloat, conint, conlist, field_validator
 from ..data.info import DatasetInfo
 from ..alignment import CHANCE, AlignmentBaseline, check_layers
 from ..config import ModelConfig, RunConfig, Section
+from ..data import DataBundle
 from ..errors import UserError, under_key
 from ..models.ntk import MAX_WIDTH
 from ..registry import MODELS, RULES
@@ -54,7 +57,8 @@ class AlignSection(Section):
         None, description="model widths to sweep (default: the model's)")
     lrs: Optional[conlist(confloat(gt=0), min_length=1)] = Field(None, description="learning rates (default: train's)")
     data_limits: Optional[conlist(conint(ge=1), min_length=1)] = Field(
-        None, description="training-set sizes to sweep (the held-out sets keep their size)")
+        None, description="training-set sizes to sweep (the dataset's limit key, else a seeded subset of its "
+                          "training split; the held-out sets keep their size)")
     loss: Literal["mse", "cross_entropy"] = Field("mse", description="mse on (one-hot - target_offset), or CE")
     target_offset: float = Field(0.1, description="mse targets are one-hot minus this (the original: 0.1)")
     scores: bool = Field(True, description="alignment scores on the backprop sub-runs, at every evaluation")
@@ -91,8 +95,6 @@ def prepare(cfg: Config) -> None:
     if spec.widths is not None and "width" not in cfg.model.params:
         raise UserError(f"align.widths: model {cfg.model.name} has no width key")
     if spec.data_limits is not None:
-        if "limit" not in cfg.data.params:
-            raise UserError(f"align.data_limits: data {cfg.data.name} has no limit key")
         if max(spec.data_limits) > len(data.train):
             raise UserError(f"align.data_limits: {max(spec.data_limits)} training examples requested, but the "
                             f"training split has {len(data.train)}")
@@ -100,7 +102,7 @@ def prepare(cfg: Config) -> None:
     criterion = make_criterion(spec, data.info)
     for rule in spec.rules:
         with under_key("align.rules"):
-            build_rule(rule, RuleContext(model, None, criterion, 0))
+            build_rule(rule, RuleContext(model, None, criterion, 0), cfg.train.rule_builder_options(rule))
     if spec.scores and "backprop" in spec.rules:
         with under_key("align.score_layers"):
             check_layers(spec.score_layers, _layer_names(model))
@@ -157,7 +159,7 @@ def main(ctx: Context) -> dict[str, Any]:
     cfg, spec = ctx.cfg, ctx.cfg.align
     rows = []
     for limit in spec.data_limits or [None]:
-        data = build_data(_with_limit(cfg, limit), ctx.seed)
+        data = _limited_data(cfg, limit, ctx.seed)
         for width in spec.widths or [None]:
             for lr in spec.lrs or [cfg.train.optimizer.lr]:
                 for rule in spec.rules:
@@ -170,12 +172,19 @@ def main(ctx: Context) -> dict[str, Any]:
     return _write_results(ctx, rows)
 
 
-def _with_limit(cfg: Config, limit: Optional[int]) -> Config:
+def _limited_data(cfg: Config, limit: Optional[int], seed: int) -> DataBundle:
+    """The data with ``limit`` training examples: through the dataset's own ``limit`` key where it has one (digits,
+    mnist5k, cifar10: its statistics then come from the kept examples), else a seeded random subset of the training
+    split (image folders, say; the smaller limits' subsets are nested in the larger ones'). Held-out sets unchanged."""
     if limit is None:
-        return cfg
-    data_cfg = cfg.data.model_copy(update={})
-    data_cfg.__pydantic_extra__ = {**cfg.data.params, "limit": limit}
-    return cfg.model_copy(update={"data": data_cfg})
+        return build_data(cfg, seed)
+    if "limit" in cfg.data.params:
+        data_cfg = cfg.data.model_copy(update={})
+        data_cfg.__pydantic_extra__ = {**cfg.data.params, "limit": limit}
+        return build_data(cfg.model_copy(update={"data": data_cfg}), seed)
+    data = build_data(cfg, seed)
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(derive_seed(seed, "data_limit")))
+    return dataclasses.replace(data, train=data.train.subset(order[:limit]))
 
 
 def _train(ctx: Context, sub, data, rule: str, width: Optional[int], lr: float, limit: Optional[int]
