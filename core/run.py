@@ -10,6 +10,7 @@ run leaves either the old file or the new one.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import errno
@@ -607,9 +608,10 @@ def _remove_stale_staging(parent: Path) -> None:
     for staging in candidates:
         try:
             lock = RunLock.try_take(staging)
-        except FileNotFoundError:  # killed before it locked, or being built this very moment: wait a minute
-            if time.time() - staging.stat().st_mtime > 60:
-                shutil.rmtree(staging, ignore_errors=True)
+        except FileNotFoundError:  # killed before it locked, or being built or renamed into place this very moment
+            with contextlib.suppress(OSError):  # (renamed: its owner won; not ours to touch either way)
+                if time.time() - staging.stat().st_mtime > 60:  # locked within a minute if its launch is alive
+                    shutil.rmtree(staging, ignore_errors=True)
             continue
         except OSError:
             continue

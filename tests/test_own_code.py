@@ -83,7 +83,7 @@ def own_package(tmp_path_factory):
 
 def write_config(path: Path, data: dict, model: dict) -> str:
     path.write_text(yaml.safe_dump({"data": data, "model": model, "train": {
-        "epochs": 2, "batch_size": 32, "threads": 1, "optimizer": {"name": "AdamW", "lr": 0.01}}}))
+        "epochs": 10, "batch_size": 32, "threads": 1, "optimizer": {"name": "AdamW", "lr": 0.03}}}))
     return str(path)
 
 
@@ -119,7 +119,7 @@ def test_entry_points_register_a_packages_models_and_datasets_for_every_script(o
                           {"name": "user_wide", "width": 12})
     assert run_cli("base", config) == 0
     summary = json.loads((workdir / "checkpoints/plugged/summary.json").read_text())
-    assert summary["test_acc"] > 0.5
+    assert summary["test_acc"] > 0.5  # 3 blobs 3 sd apart (chance 0.33): the bar says it trained
     from instill.cli import list_entries
 
     assert "user_wide: A builder in instill's own form." in list_entries("models")

@@ -154,6 +154,24 @@ def test_the_lock_is_free_once_its_process_is_gone(tmp_path):
 # --------------------------------------------------------------------------- items 2, 3: what may be removed
 
 
+def test_a_staging_directory_renamed_into_place_while_another_launch_cleans_up(tmp_path, monkeypatch):
+    """Two sweep workers creating runs side by side: the one cleaning up stale staging directories must not fail
+    when the other's staging directory is renamed into place between listing and looking (seen in a 2-worker
+    reproduce run as a missing-folder error)."""
+    from instill import run
+
+    staging = tmp_path / f"{run.STAGING_PREFIX}abc"
+    staging.mkdir()
+
+    def renamed_meanwhile(directory, create=False, record=True):
+        os.rename(staging, tmp_path / "the_run")  # the other launch won the race
+        raise FileNotFoundError(directory / LOCK_FILE)
+
+    monkeypatch.setattr(run.RunLock, "try_take", staticmethod(renamed_meanwhile))
+    run._remove_stale_staging(tmp_path)
+    assert (tmp_path / "the_run").is_dir()
+
+
 def test_a_users_folder_with_a_seed_txt_is_never_deleted(workdir, capsys):
     folder = Path("mydata")
     folder.mkdir()
