@@ -1,6 +1,6 @@
 """Seed study of the 2-layer arithmetic preset (issue 14): the whole pipeline (base, ablate, transfer) on fresh seeds.
 
-    python studies/arith_seeds.py run TAG --seeds 10 [--base-set K=V ...] [--ablate-set K=V ...]
+    python studies/arith_seeds.py run TAG --seeds 10 [--start K] [--base-set K=V ...] [--ablate-set K=V ...]
                                           [--transfer-set K=V ...] [--base-from TAG] [--mask-from TAG]
                                           [--transfer-seed-from TAG]
     python studies/arith_seeds.py summary TAG [TAG ...] [--against TAG]
@@ -68,7 +68,7 @@ def run_stage(stage: str, out: Path, overrides: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    for k in range(1, args.seeds + 1):
+    for k in range(args.start, args.seeds + 1):
         seed_dir = STUDIES / args.tag / f"s{k}"
         seed_dir.mkdir(parents=True, exist_ok=True)
         print(f"{args.tag} s{k}", flush=True)
@@ -192,6 +192,7 @@ def main() -> None:
     go = commands.add_parser("run", help="train seeds of one study")
     go.add_argument("tag")
     go.add_argument("--seeds", type=int, default=10)
+    go.add_argument("--start", type=int, default=1, help="begin at seed directory s<start> (two queues side by side)")
     go.add_argument("--base-set", action="append", default=[], metavar="K=V")
     go.add_argument("--ablate-set", action="append", default=[], metavar="K=V")
     go.add_argument("--transfer-set", action="append", default=[], metavar="K=V")
