@@ -160,7 +160,7 @@ def test_compare_stage_writes_csv_heatmaps_and_summary(workdir):
     summary = json.loads((out / "summary.json").read_text())
     matrix = np.array(summary["matrices"]["cka_minibatch"])
     assert matrix.shape == (8, 8) and summary["layers_a"] == [f"bn{i}" for i in range(1, 9)]
-    # two seeds of one architecture: bn3..bn6 match. Over 6 crop draws (64 crops each) these four values ranged
+    # two seeds of one architecture: bn3..bn6 match. Over 5 crop draws (64 crops each) these four values ranged
     # 0.855-0.994, and one earlier draw gave 0.7999; unrelated layers score 0.28-0.44 (the bn1/bn2 rows).
     assert np.all(np.diag(matrix)[2:6] > 0.7)
 
