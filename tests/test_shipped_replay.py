@@ -1,4 +1,5 @@
-"""Shipped configs replay bit for bit on the CPU (cut short with --set): run, then rerun the snapshot."""
+"""Shipped configs of every kind of stage replay bit for bit on the CPU (cut short with --set): run, then rerun
+the snapshot."""
 
 from __future__ import annotations
 
@@ -17,9 +18,20 @@ from tests.conftest import REPO, run_cli
                                    "train.eval_every=5"]),
     ("base", "vision_shapes_fcn_base.yaml", ["data.n_train=300", "data.n_val=60", "data.n_test=60",
                                              "train.epochs=1"]),
+    ("align", "align_add.yaml", ["train.epochs=2", "align.widths=[8]", "data.train=200", "data.test=100",
+                                 "data.val=100"]),
+    ("align", "align_digits.yaml", ["train.epochs=1", "align.widths=[32]"]),
+    ("guide", "guide_lm.yaml", ["train.epochs=1", "train.max_steps=6"]),
+    ("guide", "guide_copy_paste.yaml", ["data.n_train=64", "data.n_val=32", "data.n_test=32", "train.epochs=1",
+                                        "train.batch_size=16"]),
+    ("compare", "compare_tiny10_crops.yaml", ["data.n_val=256", "compare.full_samples=128"]),
+    ("stitch", "stitch_tiny10_crops.yaml", ["data.n_train=128", "data.n_val=64", "data.n_test=64", "train.epochs=1",
+                                            "stitch.similarity_samples=64"]),
 ])
 def test_a_shipped_config_replays_exactly(tmp_path, monkeypatch, capsys, script_stage, config, cut):
     shutil.copytree(REPO / "configs", tmp_path / "configs")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "fixtures").symlink_to(REPO / "tests" / "fixtures")  # the original's weights
     monkeypatch.chdir(tmp_path)
     settings = [arg for item in cut for arg in ("--set", item)] + ["--set", "train.threads=1"]
     assert run_cli(script_stage, f"configs/{config}", *settings) == 0
