@@ -272,8 +272,9 @@ def _switch_component(node: dict[str, Any], section: str, name: Any, registry: R
     if node.get("name", name) == name:
         return
     takes = _options_of(registry, name)
-    dropped = [k for k in node if k != "name" and f"{section}.{k}" not in keep and takes is not None
-               and k not in takes]
+    if takes is None:
+        return
+    dropped = [k for k in node if k != "name" and f"{section}.{k}" not in keep and k not in takes]
     for option in dropped:
         del node[option]
     if dropped:
