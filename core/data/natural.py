@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from . import DataBundle, DataContext, DatasetInfo, Split, seeded_split
+from .images import packaged_file
 from ..errors import UserError
 from ..models.zoo import CIFAR_MEAN, CIFAR_STD
 from ..registry import DATASETS
@@ -50,10 +51,13 @@ def _normalized(x: torch.Tensor, normalize: str) -> torch.Tensor:
 @functools.lru_cache(maxsize=1)
 def _photographs() -> torch.Tensor:
     """The two photographs, uint8 (2, 3, 427, 640); decoded once per process (callers must not modify them)."""
-    from sklearn.datasets import load_sample_images
+    from PIL import Image
 
-    images = load_sample_images().images
-    return torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in images])
+    images = []
+    for name in ("china.jpg", "flower.jpg"):  # load_sample_images' order (sorted file names)
+        with Image.open(packaged_file("crops", "sklearn", "datasets", "images", name)) as image:
+            images.append(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1))
+    return torch.stack(images)
 
 
 def draw_crops(photos: torch.Tensor, n: int, crop_size: int, resolution: int, generator: torch.Generator
