@@ -390,7 +390,8 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, loader: Iterable[Any]
         loader: an iterable of batches (tensor, or tuple/list whose first element is the input).
         layers_a, layers_b: module names, glob patterns (``bn*``), and/or types (``type:Conv2d``), as
             ``instill.features`` selects them; ``layers_b`` defaults to ``layers_a``. Layer order is the order in
-            which the layers run. A layer called more than once per forward is compared at its first call.
+            which the layers run. A layer called more than once per forward (a weight-tied block applied four
+            times, a ReLU module reused in a block) gives one row per call: ``name``, ``name@1``, ...
         measures: names from ``MEASURES`` (see the module docstring).
         full_samples: the cap on the samples that full-data measures keep (they need them all at once).
         max_samples: stop after this many samples (default: the whole loader).
@@ -449,14 +450,16 @@ def _stream(model_a, model_b, capture_a, capture_b, loader, measures, full_sampl
         x = x.to(device)
         try:
             model_a(x)
-            model_b(x)
+            if model_b is not model_a:  # a self-comparison: both captures hook the one forward
+                model_b(x)
         except (RuntimeError, ValueError) as err:
             raise UserError(f"compare: the models cannot take inputs of shape {tuple(x.shape)}: "
                             f"{(str(err).splitlines() or [''])[0][:200]}") from None
         got_a, got_b = capture_a.pop(strict=True), capture_b.pop(strict=True)
-        if names_a is None:  # first batch: fix the layer order, choose the comparable pairs
-            names_a = [k for k in got_a if "@" not in k]
-            names_b = [k for k in got_b if "@" not in k]
+        if names_a is None:  # first batch: fix the layer order (every call of every layer), choose the pairs
+            names_a, names_b = list(got_a), list(got_b)
+        _check_same_calls(got_a, names_a, labels[0])
+        _check_same_calls(got_b, names_b, labels[1])
         if grams_only:
             streams = streams or {"cka_minibatch": _MinibatchCKA(len(names_a), len(names_b), device)}
             streams["cka_minibatch"].update([got_a[k] for k in names_a], [got_b[k] for k in names_b], grams=True)
@@ -491,6 +494,14 @@ def _stream(model_a, model_b, capture_a, capture_b, loader, measures, full_sampl
             values = _full_matrix(name, feats_a, feats_b)
             _add_rows(result, name, values, names_a, names_b, kept)
     return result
+
+
+def _check_same_calls(got: dict[str, Tensor], names: list[str], label: str) -> None:
+    """A layer must run as often in every batch: its calls are the rows of the comparison."""
+    if list(got) != names:
+        changed = sorted(set(got) ^ set(names))
+        raise UserError(f"compare: the layers of {label} ran a different number of times in a later batch than in the "
+                        f"first ({', '.join(changed[:4])}): their calls cannot be matched across batches")
 
 
 def check_sample_counts(measures: Sequence[str], n: int, features_a: dict[str, int], features_b: dict[str, int]

@@ -46,6 +46,55 @@ def test_a_model_compared_with_itself_gives_one_on_the_diagonal_for_every_measur
     assert abs(off) < 0.9  # other layers are not the same (unbiased CKA may dip below 0)
 
 
+class _Tied(nn.Module):
+    """One block applied three times (a weight-tied stack), then a readout; ``steps`` can change between calls."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.block, self.head = nn.Linear(6, 8), nn.Sequential(nn.Linear(8, 8), nn.Tanh()), nn.Linear(8, 3)
+        self.steps = 3
+
+    def forward(self, x):
+        h = self.embed(x)
+        for _ in range(self.steps):
+            h = self.block(h)
+        return self.head(h)
+
+
+def _vectors(n: int = 96, batch: int = 32) -> BatchLoader:
+    x = torch.randn(n, 6, generator=torch.Generator().manual_seed(0))
+    return BatchLoader(Split(x, torch.zeros(n, dtype=torch.long)), batch, shuffle=True, seed=0)
+
+
+def test_a_layer_called_several_times_gives_a_row_per_call():
+    model = _Tied()
+    result = compare_models(model, model, _vectors(), layers_a=["block", "head"], measures=["cka_minibatch", "cka"])
+    assert result.layers_a == result.layers_b == ["block", "block@1", "block@2", "head"]
+    for measure in ("cka_minibatch", "cka"):
+        matrix = result.matrix(measure)
+        np.testing.assert_allclose(np.diag(matrix), 1.0, atol=1e-6)
+        assert matrix[0, 2] < 0.999  # the first and the third call see different inputs
+    with FeatureCapture(model, ["block"]) as capture, torch.no_grad():
+        model(_vectors().split.x[:32])
+        third = capture.pop()["block@2"]
+    with torch.no_grad():
+        expected = model.block(model.block(model.block(model.embed(_vectors().split.x[:32]))))
+    torch.testing.assert_close(third, expected)
+
+
+def test_a_layer_whose_number_of_calls_changes_between_batches_is_refused():
+    class Shrinking(_Tied):
+        def forward(self, x):
+            out = super().forward(x)
+            self.steps = 2  # from the second batch on, one call fewer
+            return out
+
+    model = Shrinking()
+    with pytest.raises(UserError, match=r"ran a different number of times in a later batch.*block@2"):
+        compare_models(model, _Tied(), _vectors(), layers_a=["block"], measures=["cka_minibatch"])
+
+
 def test_minibatch_cka_is_the_ratio_of_summed_unbiased_hsic():
     """Against a textbook HSIC_u (Song et al. 2012, eq. 5) in float64, summed over the same batches."""
     a, b = _convnet(0), _convnet(1)

@@ -114,8 +114,7 @@ def prepare(cfg: Config) -> None:
         except (RuntimeError, ValueError) as err:  # the model's own forward rejects the inputs
             raise UserError(f"compare: {loaded.label} cannot take the {cfg.data.name} inputs of shape "
                             f"{tuple(sample.shape[1:])}: {(str(err).splitlines() or [''])[0][:160]}") from None
-        pooled = {k: (s[1] if spec.spatial == "mean" and len(s) > 2 else _prod(s[1:])) for k, s in shapes.items()
-                  if "@" not in k}
+        pooled = {k: (s[1] if spec.spatial == "mean" and len(s) > 2 else _prod(s[1:])) for k, s in shapes.items()}
         features.append(pooled)
     full = [m for m in spec.measures if not MEASURES[m].streaming]
     check_sample_counts(full, n_full, *features)
