@@ -9,14 +9,11 @@ the run's state and exits with code 130, after which ``--resume`` continues it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
-import threading
 from typing import Optional
 
-from .errors import UserError
+from .errors import UserError, exit_on_interrupt
 
 
 def parse_args(stage: str, argv: Optional[list[str]]) -> argparse.Namespace:
@@ -117,7 +114,7 @@ def _conditions_listing(kind: str) -> list[str]:
 
 def main(stage: str, argv: Optional[list[str]] = None) -> int:
     args = parse_args(stage, argv)
-    with _exit_on_interrupt():  # torch: seconds of importing, during which Ctrl-C must not print a traceback
+    with exit_on_interrupt():  # torch: seconds of importing, during which Ctrl-C must not print a traceback
         from . import dist
         from .config import to_yaml
         from .stages import Interrupted, execute, load_stage_config
@@ -149,26 +146,6 @@ def main(stage: str, argv: Optional[list[str]] = None) -> int:
         return 130
     finally:
         dist.cleanup()
-
-
-@contextlib.contextmanager
-def _exit_on_interrupt():
-    """Ctrl-C inside the block ends the process at once with one line and code 130. A KeyboardInterrupt raised in
-    the middle of importing torch or numpy leaves half-initialised modules whose next import (by the interpreter's
-    own shutdown, say) fails with a traceback, so the signal must never become an exception there."""
-    def leave(signum, frame):
-        os.write(2, b"\ninterrupted before the run started: nothing written\n")
-        os._exit(130)
-
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # ignored (a background job), or
-        yield                                                                 # someone else's handler: left alone
-        return
-    previous = signal.signal(signal.SIGINT, leave)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def entry(stage: str) -> None:

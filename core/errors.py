@@ -5,6 +5,11 @@ is a bug in instill and keeps its traceback.
 """
 
 
+import importlib
+import os
+import signal
+import sys
+import threading
 from contextlib import contextmanager
 
 
@@ -85,3 +90,34 @@ def exit_code_of(body, interrupted: str = "interrupted") -> int:
     except KeyboardInterrupt:
         print(f"\n{interrupted}", file=sys.stderr)
         return 130
+
+
+@contextmanager
+def exit_on_interrupt(message: str = "interrupted before the run started: nothing written"):
+    """Ctrl-C inside the block ends the process at once with ``message`` on stderr and code 130. A
+    KeyboardInterrupt raised in the middle of importing torch or numpy leaves half-initialised modules whose next
+    import (by the interpreter's own shutdown, say) fails with a traceback, so the signal must never become an
+    exception there. Outside the main thread, or where SIGINT is ignored (a background job) or has someone else's
+    handler, the block runs untouched."""
+    def leave(signum, frame):
+        os.write(2, f"\n{message}\n".encode())
+        os._exit(130)
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_module(name: str) -> None:
+    """``python -m instill.NAME``: import the module (the importable copy, not runpy's ``__main__`` one, in which
+    pydantic would not resolve the module's postponed annotations) with Ctrl-C ending the process quietly, then exit
+    with its ``main()``'s code; ``main`` itself turns Ctrl-C into a line and 130 as every command does."""
+    with exit_on_interrupt("interrupted"):
+        main = importlib.import_module(name).main
+    sys.exit(main())

@@ -14,6 +14,11 @@ forward pass says so. Bad input: one line on stderr, exit code 2.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m instill.layers: nothing below runs in this copy
+    from instill.errors import run_module
+
+    run_module("instill.layers")
+
 import argparse
 import sys
 from pathlib import Path
@@ -137,7 +142,3 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{sum(p.numel() for p in model.parameters())} parameters")
     print(format_table(rows))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

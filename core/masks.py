@@ -41,6 +41,11 @@ NeuroSurgeon 0.1.0 masks convert into an artifact (``wrapped_model.*`` or the re
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m instill.masks: nothing below runs in this copy
+    from instill.errors import run_module
+
+    run_module("instill.masks")
+
 import fnmatch
 import hashlib
 import json
@@ -870,11 +875,3 @@ def listing(names: Sequence[str], limit: int = 3) -> str:
     """A count and the first few names, for one-line messages: ``5: a, b, c, ... (+2)``."""
     shown = ", ".join(names[:limit])
     return f"{len(names)}: {shown}" + (f", ... (+{len(names) - limit})" if len(names) > limit else "")
-
-
-if __name__ == "__main__":
-    import sys
-
-    from .masks import main as _main  # the importable module's main, not this __main__ copy's
-
-    sys.exit(_main())

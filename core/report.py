@@ -13,6 +13,11 @@ report never crashes on them.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m instill.report: nothing below runs in this copy
+    from instill.errors import run_module
+
+    run_module("instill.report")
+
 import argparse
 import sys
 from pathlib import Path
@@ -549,7 +554,3 @@ def main(argv: Optional[list[str]] = None) -> int:
             for figure in written:
                 print(f"wrote {figure}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,10 +17,14 @@ between), ``not run`` (no finished run: the failure is listed). ``--scale paper`
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m instill.reproduce: nothing below runs in this copy
+    from instill.errors import run_module
+
+    run_module("instill.reproduce")
+
 import argparse
 import html
 import statistics
-import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -349,11 +353,3 @@ def _reproduce_command(args: argparse.Namespace) -> int:
                   f"{r['n']} seed(s)")
     print(f"wrote {Path(args.report) / 'index.html'} and {Path(args.report) / 'index.md'}")
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    # The importable module's main, not this __main__ copy's: pydantic resolves the manifest's (postponed)
-    # annotations in the module its models belong to, which is not this namespace when run through runpy.
-    from instill.reproduce import main as reproduce_main
-
-    sys.exit(reproduce_main())

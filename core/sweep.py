@@ -32,6 +32,11 @@ process is stopped while jobs still run, a rerun adopts them: each point's SLURM
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m instill.sweep: nothing below runs in this copy
+    from instill.errors import run_module
+
+    run_module("instill.sweep")
+
 import argparse
 import contextlib
 import hashlib
@@ -673,11 +678,3 @@ def _point_main(sweep_dir: str, name: str) -> dict[str, Any]:
         with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
             return _run_in_process(Path(sweep_dir), name, 1)
     return run_point(sweep_dir, name)
-
-
-if __name__ == "__main__":
-    # The importable module's main, not this __main__ copy's: pydantic resolves the sweep file's (postponed)
-    # annotations in the module its models belong to, which is not this namespace when run through runpy.
-    from instill.sweep import main as sweep_main
-
-    sys.exit(sweep_main())

@@ -427,3 +427,26 @@ def test_every_file_of_a_run_follows_the_umask(workdir):
              if mode != (0o750 if (root / name).is_dir() else 0o640)}
     assert not wrong, wrong
     assert {LOCK_FILE, "state.pt", "metrics.jsonl", "summary.json"} <= {Path(n).name for n in modes}
+
+
+INTERRUPT_WHILE_IMPORTING = """
+import os, runpy, signal, sys
+
+class PressCtrlC:  # Ctrl-C the moment the first heavy import starts, as a user would in the first seconds
+    def find_spec(self, name, path=None, target=None):
+        if name in ("torch", "numpy", "pydantic"):
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, PressCtrlC())
+runpy.run_module(sys.argv[1], run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("module", ["instill.report", "instill.masks", "instill.reproduce", "instill.sweep",
+                                    "instill.layers"])
+def test_ctrl_c_while_a_python_m_tool_imports_prints_one_line(module, workdir):
+    run = subprocess.run([sys.executable, "-c", INTERRUPT_WHILE_IMPORTING, module, "checkpoints"], env=python_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stderr) == (130, "\ninterrupted\n"), run.stderr
