@@ -94,3 +94,39 @@ def test_every_rule_under_torchrun_matches_one_process_on_the_global_batch(workd
     assert one and one.keys() == two.keys()
     for key in one:
         assert one[key] == pytest.approx(two[key], abs=1e-4), key
+
+
+def test_a_torchrun_run_killed_mid_training_resumes_to_the_same_files(workdir):
+    """kill -9 of one rank at a random optimizer step (a lost process or node): torchrun tears the job down, and
+    ``torchrun ... --resume`` ends with the files of an uninterrupted torchrun run (timing figures aside)."""
+    import os
+    import random
+
+    from instill.run import is_finished
+    from tests.conftest import REPO
+    from tests.test_crash_resume import assert_same_run
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed beside this python")
+    Path("dist.yaml").write_text(CONFIG.replace(", ".join(RULES), "backprop, align_ada, dfa")
+                                 .replace("epochs: 2", "epochs: 3"))
+
+    def launch(out: str, *extra: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
+        env = python_env()
+        if kill_at is not None:  # every rank counts its fault points (rank 0 also its file writes): one dies first
+            env["INSTILL_KILL_AT"] = str(kill_at)
+        return subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(REPO / "align.py"), "dist.yaml",
+                               "--out", out, *extra], env=env, capture_output=True, text=True, timeout=300)
+
+    whole = launch("checkpoints/whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    steps_per_rank = 3 * 3 * 4  # rules x epochs x (80 images / 2 ranks / batches of 10)
+    kill_at = random.Random(os.urandom(8)).randint(2, steps_per_rank - 2)
+    what = f"killed at fault point {kill_at}"
+    killed = launch("checkpoints/killed", kill_at=kill_at)
+    assert killed.returncode != 0 and not is_finished("checkpoints/killed"), f"{what}: the run was not stopped"
+    resume = ["--resume"] if Path("checkpoints/killed").exists() else []  # killed before its directory appeared
+    resumed = launch("checkpoints/killed", *resume)
+    assert resumed.returncode == 0, f"{what}: {resumed.stderr[-3000:]}"
+    assert_same_run(Path("checkpoints/whole"), Path("checkpoints/killed"), what)
