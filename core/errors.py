@@ -80,8 +80,6 @@ def exit_code_of(body, interrupted: str = "interrupted") -> int:
     Returns:
         The exit code.
     """
-    import sys
-
     try:
         return body()
     except UserError as err:
