@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError, nearest
+from .errors import UserError, nearest, under_key
 from . import dist
 from .rules import Backprop, InitialNetwork, full, output_error
 from .run import derive_seed
@@ -45,8 +45,12 @@ def dense_score(d: torch.Tensor, d_b: torch.Tensor) -> float:
 
 
 def _ratio(cross, own, base) -> float:
-    if not (own > 0 and base > 0):
-        raise UserError("alignment score: an update is zero (nothing was trained yet?)")
+    if not own > 0:
+        raise UserError("alignment score: the layer's weights have not changed (no gradient reached it: dead units, "
+                        "or nothing was trained yet)")
+    if not base > 0:
+        raise UserError("alignment score: the baseline update is zero (no error reached the layer through the "
+                        "initial network: dead units)")
     value = float(cross / (own * base))
     if value != value:
         raise UserError("alignment score: not finite (the weights diverged)")
@@ -196,12 +200,13 @@ class AlignmentBaseline(Backprop):
         for name, w in zip(self.layers, self.weights):
             current, start, d_b = params[w].detach(), self.initial.tensors[w], self.baseline[w]
             d = current - start
-            out[f"align/{name}"] = self.score(name, d, d_b)
             seed = derive_seed(self.seed, "shuffle", name)
-            if "shuffled_weights" in self.chance:
-                out[f"align_shuffled_weights/{name}"] = self.score(name, shuffled(current, seed) - start, d_b)
-            if "shuffled_update" in self.chance:
-                out[f"align_shuffled_update/{name}"] = self.score(name, shuffled(d, seed), d_b)
+            with under_key(f"layer {name}"):
+                out[f"align/{name}"] = self.score(name, d, d_b)
+                if "shuffled_weights" in self.chance:
+                    out[f"align_shuffled_weights/{name}"] = self.score(name, shuffled(current, seed) - start, d_b)
+                if "shuffled_update" in self.chance:
+                    out[f"align_shuffled_update/{name}"] = self.score(name, shuffled(d, seed), d_b)
         return out
 
     def state_dict(self):

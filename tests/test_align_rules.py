@@ -242,8 +242,10 @@ def test_dense_score_formula_and_chance():
     d_b = torch.randn(5, 9)
     ref = (d @ d_b.T).norm() ** 2 / ((d @ d.T).norm() * (d_b @ d_b.T).norm())
     assert dense_score(d, d_b) == pytest.approx(float(ref))
-    with pytest.raises(UserError, match="zero"):
+    with pytest.raises(UserError, match="weights have not changed"):
         dense_score(torch.zeros(5, 9), d)
+    with pytest.raises(UserError, match="baseline update is zero"):
+        dense_score(d, torch.zeros(5, 9))
     assert sorted(shuffled(d, 1).flatten().tolist()) == sorted(d.flatten().tolist())
 
 
