@@ -21,7 +21,8 @@ training, e the error dL/df of the *current* network's logits):
 - ``fa``: the same with independent random feedback drawn like the weights (NTK-scaled).
 - ``dfa``: each block output's gradient is act'(z_l) ⊙ B_l e with B_l ~ N(0, 1/dim(z_l)) of shape dim(z_l) x K
   (dense over positions and channels, as the original; option ``feedback: per_channel`` or ``pooled`` for a C x K
-  B_l on conv blocks, see ``DirectFeedback``); every layer's input is stop-gradient, the readout local.
+  B_l on conv blocks, see ``DirectFeedback``; ``regenerate: true`` draws B_l from its seed at every step instead
+  of keeping it); every layer's input is stop-gradient, the readout local.
 - ``last_layer``: only the readout (``model.readout_parameters()``) learns.
 
 Options of a rule are its builder's keywords (``train.rule_options: {dfa: {feedback: pooled}}``).
@@ -340,22 +341,30 @@ class DirectFeedback(GradientProvider):
       draw).
 
     B_l comes from block l's own seeded generator (``derive_seed(seed, "direct_feedback", l)``), drawn the first
-    time the block's output shape is known, and is saved with the loop's state.
+    time the block's output shape is known, and is saved with the loop's state. ``regenerate: true`` keeps no B:
+    it draws B_l again from that generator at every step (the same matrix, so the same updates), trading a draw of
+    its C·H·W·K normals per block and step for the memory of ``dense`` (an ImageNet-sized 112x112x64 block with
+    1000 classes: 800 M floats, 3.2 GB) and for nothing in the saved state.
     """
 
-    def __init__(self, model: nn.Module, criterion: Criterion, seed: int, feedback: DirectFeedbackShape = "dense"):
-        self.criterion, self.seed, self.feedback = criterion, seed, feedback
+    def __init__(self, model: nn.Module, criterion: Criterion, seed: int, feedback: DirectFeedbackShape = "dense",
+                 regenerate: bool = False):
+        self.criterion, self.seed, self.feedback, self.regenerate = criterion, seed, feedback, regenerate
         self.matrices: dict[int, torch.Tensor] = {}
 
     def _matrix(self, i: int, z: torch.Tensor, classes: int, like: torch.Tensor) -> torch.Tensor:
-        """B_l for block output ``z`` (N, C[, H, W]), drawn from block l's own generator the first time."""
-        if i not in self.matrices:
-            channels, positions = z.shape[1], z[0, 0].numel()
-            rows = channels * positions if self.feedback == "dense" else channels
-            spread = channels if self.feedback == "pooled" else channels * positions  # B ~ N(0, 1/spread)
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, "direct_feedback", i))
-            self.matrices[i] = torch.randn(rows, classes, generator=gen, dtype=like.dtype) / spread ** 0.5
-        return self.matrices[i].to(like)
+        """B_l for block output ``z`` (N, C[, H, W]), drawn from block l's own generator the first time (every
+        time when regenerating)."""
+        if i in self.matrices:
+            return self.matrices[i].to(like)
+        channels, positions = z.shape[1], z[0, 0].numel()
+        rows = channels * positions if self.feedback == "dense" else channels
+        spread = channels if self.feedback == "pooled" else channels * positions  # B ~ N(0, 1/spread)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "direct_feedback", i))
+        matrix = torch.randn(rows, classes, generator=gen, dtype=like.dtype) / spread ** 0.5
+        if not self.regenerate:
+            self.matrices[i] = matrix
+        return matrix.to(like)
 
     def _activity(self, a: torch.Tensor) -> torch.Tensor:
         """What B_l reads of a block's activation: every unit (dense), or per channel its sum or mean."""
@@ -388,12 +397,13 @@ class DirectFeedback(GradientProvider):
 
 
 @RULES.register("dfa")
-def dfa(ctx: RuleContext, *, feedback: DirectFeedbackShape = "dense") -> GradientProvider:
+def dfa(ctx: RuleContext, *, feedback: DirectFeedbackShape = "dense", regenerate: bool = False) -> GradientProvider:
     """Direct feedback alignment: a fixed random projection of the output error to every block (``feedback``:
-    dense over a conv block's positions and channels as the original, per_channel, or pooled)."""
+    dense over a conv block's positions and channels as the original, per_channel, or pooled; ``regenerate``:
+    draw B from its seed at every step instead of keeping it)."""
     _needs(ctx.model, "dfa", "a registered readout fed by blocks (ntk_mlp or ntk_cnn)",
            hasattr(ctx.model, "blocks") and hasattr(ctx.model, "readout_parameters"))
-    return DirectFeedback(ctx.model, ctx.criterion, ctx.seed, feedback)
+    return DirectFeedback(ctx.model, ctx.criterion, ctx.seed, feedback, regenerate)
 
 
 class LastLayer(GradientProvider):

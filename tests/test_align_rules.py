@@ -427,3 +427,31 @@ def test_dfa_pooled_is_per_channel_scaled_and_mlps_ignore_the_option():
             assert torch.equal(a, b)
     with pytest.raises(UserError, match="rule dfa: feedback: Input should be"):
         build_rule("dfa", RuleContext(model, None, mse, 5), {"feedback": "sparse"})
+
+
+@pytest.mark.parametrize("feedback", ["dense", "pooled"])
+def test_dfa_regenerating_b_every_step_gives_the_kept_b_updates_and_keeps_nothing(feedback):
+    """regenerate: B_l is drawn again from block l's seed at every step: over two optimizer steps the weights equal
+    those of the rule that keeps B, bit for bit, and the provider holds (and saves) no matrix."""
+    info = {"input_shape": (2, 5, 5), "num_classes": 4}
+    weights, providers = {}, {}
+    for regenerate in (False, True):
+        torch.manual_seed(0)
+        model = MODELS.build("ntk_cnn", info, {"shape": "custom", "strides": [1, 2], "width": 4}).double()
+        provider = build_rule("dfa", RuleContext(model, None, mse, 11), {"feedback": feedback,
+                                                                         "regenerate": regenerate})
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            x = torch.randn(6, 2, 5, 5, dtype=torch.float64, generator=gen)
+            y = torch.randint(0, 4, (6,), generator=gen)
+            provider.gradients(model, (x, y), StepContext())
+            opt.step()
+            opt.zero_grad()
+        weights[regenerate], providers[regenerate] = model.state_dict(), provider
+    assert len(providers[False].matrices) == 2 and providers[True].state_dict() == {"direct_feedback": {}}
+    for name, value in weights[False].items():
+        assert torch.equal(value, weights[True][name]), name
+    torch.manual_seed(0)
+    start = MODELS.build("ntk_cnn", info, {"shape": "custom", "strides": [1, 2], "width": 4}).double().state_dict()
+    assert not torch.equal(start["blocks.0.layer.weight"], weights[True]["blocks.0.layer.weight"])  # it trained
