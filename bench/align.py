@@ -13,7 +13,9 @@ least one 1024^3 matmul, more FLOPs than a batch-100 step of the whole network; 
 against the preset's epoch of 13 steps, since they are computed once per evaluation). Timing: the variants alternate
 (``--repeats`` rounds
 after warm-up, order rotated each round); a ratio is the median of the per-round ratios. Run on a quiet machine:
-``python bench/align.py`` or ``--quick`` (width 256, fewer rounds). The last line printed is one JSON object.
+``python bench/align.py`` or ``--quick`` (width 256, fewer rounds); ``--device cuda`` (the default where CUDA is
+available) times on the GPU, synchronising after every step, where a step is bound by kernel launches rather than by
+FLOPs and the exact scores' large matmuls are cheap. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -51,20 +53,30 @@ def training_step(model, provider, batch) -> Callable[[], None]:
     return step
 
 
+def synchronised(step: Callable[[], None]) -> Callable[[], None]:
+    def run():
+        step()
+        torch.cuda.synchronize()
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="width 256, few rounds (seconds)")
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    device = torch.device(args.device)
     width = args.width or (256 if args.quick else 1024)
     repeats = args.repeats or (5 if args.quick else 15)
     torch.manual_seed(0)
-    batch = (torch.randn(100, 1, 8, 8), torch.randint(0, 10, (100,)))
+    batch = (torch.randn(100, 1, 8, 8, device=device), torch.randint(0, 10, (100,), device=device))
 
     def fresh():
         torch.manual_seed(1)
-        return MODELS.build("ntk_mlp", INFO, {"depth": 3, "width": width, "batch_norm": True})
+        return MODELS.build("ntk_mlp", INFO, {"depth": 3, "width": width, "batch_norm": True}).to(device)
 
     def loss(model, b):
         return mse(model(b[0]), b[1]), {}
@@ -77,10 +89,12 @@ def main() -> None:
     tracker = AlignmentBaseline(tracked, mse, tracked.layer_names(), chance=())
     steps["backprop+baseline"] = training_step(tracked, tracker, batch)
     steps["exact_scores"] = lambda: tracker.scores(tracked)
+    if device.type == "cuda":  # a step's time is its kernels' time, not their launch
+        steps = {name: synchronised(step) for name, step in steps.items()}
     times = interleaved_times(steps, repeats, warmup=2)
 
     base = times["backprop"]
-    result = {"width": width, "repeats": repeats,
+    result = {"device": str(device), "width": width, "repeats": repeats,
               "step_ms": {k: round(1000 * statistics.median(v), 2) for k, v in times.items()}}
     ratios = {rule: round(median_ratio(times[rule], base), 3) for rule in RULE_TARGETS}
     extra = [t - b for t, b in zip(times["backprop+baseline"], base)]
