@@ -321,6 +321,36 @@ def fa(ctx: RuleContext) -> GradientProvider:
 
 
 DirectFeedbackShape = Literal["dense", "pooled", "per_channel"]
+FEEDBACK_CHUNK = 1 << 24  # entries of a regenerated B drawn at a time (64 MB of float32)
+
+
+def feedback_pieces(seed: int, block: int, rows: int, classes: int) -> list[tuple[int, int]]:
+    """DFA's B of one block as consecutive pieces of rows, [(rows, seed)], of at most ``FEEDBACK_CHUNK`` entries
+    each; the first piece's seed is the kept B's."""
+    step = max(1, FEEDBACK_CHUNK // classes)
+    return [(min(step, rows - start), derive_seed(seed, "direct_feedback", block, *([j] if j else [])))
+            for j, start in enumerate(range(0, rows, step))]
+
+
+def draw_feedback(rows: int, classes: int, seed: int, spread: int, dtype: torch.dtype) -> torch.Tensor:
+    """``rows`` x ``classes`` entries ~ N(0, 1/spread) from ``seed`` (on the CPU, so every device draws the same)."""
+    return torch.randn(rows, classes, generator=torch.Generator().manual_seed(seed), dtype=dtype) / spread ** 0.5
+
+
+class _RegeneratedFeedback(torch.autograd.Function):
+    """Forward zeros (N, K): DFA's surrogate ``proj - sg(proj)`` is zero in value. Backward g B_lᵀ, with B_l drawn
+    again piece by piece and never held whole."""
+
+    @staticmethod
+    def forward(ctx, activity, pieces, classes, spread):
+        ctx.pieces, ctx.spread = pieces, spread
+        return activity.new_zeros(activity.shape[0], classes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = [grad @ draw_feedback(rows, grad.shape[1], seed, ctx.spread, grad.dtype).to(grad.device).T
+                 for rows, seed in ctx.pieces]
+        return torch.cat(parts, 1), None, None, None
 
 
 class DirectFeedback(GradientProvider):
@@ -341,10 +371,14 @@ class DirectFeedback(GradientProvider):
       draw).
 
     B_l comes from block l's own seeded generator (``derive_seed(seed, "direct_feedback", l)``), drawn the first
-    time the block's output shape is known, and is saved with the loop's state. ``regenerate: true`` keeps no B:
-    it draws B_l again from that generator at every step (the same matrix, so the same updates), trading a draw of
-    its C·H·W·K normals per block and step for the memory of ``dense`` (an ImageNet-sized 112x112x64 block with
-    1000 classes: 800 M floats, 3.2 GB) and for nothing in the saved state.
+    time the block's output shape is known, and is saved with the loop's state. ``regenerate: true`` never holds
+    B_l whole: the surrogate's backward draws it again, ``FEEDBACK_CHUNK`` entries of rows at a time, and multiplies
+    the error by each piece, so a step holds one piece (64 MB) where ``dense`` would hold C·H·W·K floats (an
+    ImageNet-sized 112x112x64 block with 1000 classes: 800 M floats, 3.2 GB), and nothing is saved; the price is a
+    draw of B_l's normals per block and step. The first piece comes from block l's generator as above, so a B_l
+    that fits in one piece (every MLP and CIFAR-sized block) is the kept one: the same updates up to float rounding
+    (the kept B's surrogate adds a_l B_l to the logits and subtracts it again, which rounds; the regenerated one
+    adds zeros); piece j > 0 from ``derive_seed(seed, "direct_feedback", l, j)``, another draw of the same law.
     """
 
     def __init__(self, model: nn.Module, criterion: Criterion, seed: int, feedback: DirectFeedbackShape = "dense",
@@ -352,19 +386,26 @@ class DirectFeedback(GradientProvider):
         self.criterion, self.seed, self.feedback, self.regenerate = criterion, seed, feedback, regenerate
         self.matrices: dict[int, torch.Tensor] = {}
 
-    def _matrix(self, i: int, z: torch.Tensor, classes: int, like: torch.Tensor) -> torch.Tensor:
-        """B_l for block output ``z`` (N, C[, H, W]), drawn from block l's own generator the first time (every
-        time when regenerating)."""
-        if i in self.matrices:
-            return self.matrices[i].to(like)
+    def _shape(self, z: torch.Tensor) -> tuple[int, int]:
+        """(rows of B_l, spread) for block output ``z`` (N, C[, H, W]); B_l ~ N(0, 1/spread)."""
         channels, positions = z.shape[1], z[0, 0].numel()
         rows = channels * positions if self.feedback == "dense" else channels
-        spread = channels if self.feedback == "pooled" else channels * positions  # B ~ N(0, 1/spread)
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, "direct_feedback", i))
-        matrix = torch.randn(rows, classes, generator=gen, dtype=like.dtype) / spread ** 0.5
+        return rows, channels if self.feedback == "pooled" else channels * positions
+
+    def _matrix(self, i: int, z: torch.Tensor, classes: int, like: torch.Tensor) -> torch.Tensor:
+        """B_l, drawn from block l's own generator the first time."""
+        if i not in self.matrices:
+            rows, spread = self._shape(z)
+            self.matrices[i] = draw_feedback(rows, classes, derive_seed(self.seed, "direct_feedback", i), spread,
+                                             like.dtype)
+        return self.matrices[i].to(like)
+
+    def _projection(self, i: int, z: torch.Tensor, activity: torch.Tensor, classes: int) -> torch.Tensor:
+        """(N, K) whose backward sends activity the gradient g B_lᵀ; its value only matters as ``proj - sg(proj)``."""
         if not self.regenerate:
-            self.matrices[i] = matrix
-        return matrix.to(like)
+            return activity @ self._matrix(i, z, classes, activity)
+        rows, spread = self._shape(z)
+        return _RegeneratedFeedback.apply(activity, feedback_pieces(self.seed, i, rows, classes), classes, spread)
 
     def _activity(self, a: torch.Tensor) -> torch.Tensor:
         """What B_l reads of a block's activation: every unit (dense), or per channel its sum or mean."""
@@ -383,8 +424,8 @@ class DirectFeedback(GradientProvider):
 
         with step.autocast():
             logits = full(model(x, tap=cut))
-            proj = sum(self._activity(ACTIVATIONS[model.activation](z)).to(logits.dtype)
-                       @ self._matrix(i, z, logits.shape[1], logits) for i, z in enumerate(outputs))
+            proj = sum(self._projection(i, z, self._activity(ACTIVATIONS[model.activation](z)).to(logits.dtype),
+                                        logits.shape[1]) for i, z in enumerate(outputs))
         loss = self.criterion(logits + proj - proj.detach(), y)
         (loss * step.scale).backward()
         return loss.detach(), {}

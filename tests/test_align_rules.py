@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from instill.alignment import AlignmentBaseline, conv_score, dense_score, hutchinson_score, shuffled
 from instill.errors import UserError
 from instill.registry import MODELS
+from instill import rules
 from instill.rules import RuleContext, StepContext, build_rule
 
 INFO = {"input_shape": (1, 3, 3), "num_classes": 4}
@@ -429,29 +430,53 @@ def test_dfa_pooled_is_per_channel_scaled_and_mlps_ignore_the_option():
         build_rule("dfa", RuleContext(model, None, mse, 5), {"feedback": "sparse"})
 
 
-@pytest.mark.parametrize("feedback", ["dense", "pooled"])
-def test_dfa_regenerating_b_every_step_gives_the_kept_b_updates_and_keeps_nothing(feedback):
-    """regenerate: B_l is drawn again from block l's seed at every step: over two optimizer steps the weights equal
-    those of the rule that keeps B, bit for bit, and the provider holds (and saves) no matrix."""
+def _dfa_cnn_steps(options, steps=2, matrices=None):
+    """Weights of a small NTK CNN after ``steps`` SGD steps of dfa with ``options`` (``matrices``: the kept B to
+    use), and the provider."""
     info = {"input_shape": (2, 5, 5), "num_classes": 4}
-    weights, providers = {}, {}
-    for regenerate in (False, True):
-        torch.manual_seed(0)
-        model = MODELS.build("ntk_cnn", info, {"shape": "custom", "strides": [1, 2], "width": 4}).double()
-        provider = build_rule("dfa", RuleContext(model, None, mse, 11), {"feedback": feedback,
-                                                                         "regenerate": regenerate})
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(2):
-            x = torch.randn(6, 2, 5, 5, dtype=torch.float64, generator=gen)
-            y = torch.randint(0, 4, (6,), generator=gen)
-            provider.gradients(model, (x, y), StepContext())
-            opt.step()
-            opt.zero_grad()
-        weights[regenerate], providers[regenerate] = model.state_dict(), provider
-    assert len(providers[False].matrices) == 2 and providers[True].state_dict() == {"direct_feedback": {}}
-    for name, value in weights[False].items():
-        assert torch.equal(value, weights[True][name]), name
     torch.manual_seed(0)
-    start = MODELS.build("ntk_cnn", info, {"shape": "custom", "strides": [1, 2], "width": 4}).double().state_dict()
-    assert not torch.equal(start["blocks.0.layer.weight"], weights[True]["blocks.0.layer.weight"])  # it trained
+    model = MODELS.build("ntk_cnn", info, {"shape": "custom", "strides": [1, 2], "width": 4}).double()
+    provider = build_rule("dfa", RuleContext(model, None, mse, 11), options)
+    provider.matrices.update(matrices or {})
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64, generator=gen), torch.randint(0, 4, (6,), generator=gen)
+        provider.gradients(model, (x, y), StepContext())
+        opt.step()
+        opt.zero_grad()
+    return model.state_dict(), provider
+
+
+@pytest.mark.parametrize("feedback", ["dense", "pooled"])
+def test_dfa_regenerating_b_gives_the_kept_b_updates_and_keeps_nothing(feedback):
+    """regenerate: B_l is drawn again from block l's seed in every backward; a B_l of one piece is the kept one, so
+    two SGD steps give the kept rule's weights (up to the rounding of the kept surrogate's a B - a B), and the
+    provider holds and saves no matrix."""
+    kept, kept_provider = _dfa_cnn_steps({"feedback": feedback})
+    regenerated, provider = _dfa_cnn_steps({"feedback": feedback, "regenerate": True})
+    assert len(kept_provider.matrices) == 2 and provider.matrices == {}
+    assert provider.state_dict() == {"direct_feedback": {}}
+    start, _ = _dfa_cnn_steps({"feedback": feedback}, steps=0)
+    assert not torch.equal(start["blocks.0.layer.weight"], regenerated["blocks.0.layer.weight"])  # it trained
+    for name, value in kept.items():
+        torch.testing.assert_close(regenerated[name], value, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_dfa_regenerates_a_large_b_in_pieces_of_their_own_seeds(monkeypatch):
+    """A B_l beyond FEEDBACK_CHUNK entries is drawn in pieces of rows, each from its own seed, never whole: the
+    updates are those of the kept rule given the concatenated pieces as its B."""
+    monkeypatch.setattr(rules, "FEEDBACK_CHUNK", 24)  # 6 rows of 4 classes per piece; block 0's B has 100 rows
+    drawn = []
+    real_draw = rules.draw_feedback
+    monkeypatch.setattr(rules, "draw_feedback", lambda *a: drawn.append(a[0]) or real_draw(*a))
+    regenerated, _ = _dfa_cnn_steps({"feedback": "dense", "regenerate": True}, steps=1)
+    assert max(drawn) == 6 and len(drawn) == 17 + 6  # block 0: 4 x 5 x 5 = 100 rows; block 1: 4 x 3 x 3 = 36
+    pieces = {i: torch.cat([real_draw(rows, 4, seed, spread, torch.float64)
+                            for rows, seed in rules.feedback_pieces(11, i, spread, 4)])
+              for i, spread in enumerate((100, 36))}
+    seeds = [seed for _, seed in rules.feedback_pieces(11, 0, 100, 4)]
+    assert len(set(seeds)) == 17 and seeds[0] == rules.derive_seed(11, "direct_feedback", 0)  # the kept B's first
+    kept, _ = _dfa_cnn_steps({"feedback": "dense"}, steps=1, matrices=pieces)
+    for name, value in kept.items():
+        torch.testing.assert_close(regenerated[name], value, rtol=1e-12, atol=1e-12, msg=name)
