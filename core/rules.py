@@ -334,7 +334,8 @@ def feedback_pieces(seed: int, block: int, rows: int, classes: int) -> list[tupl
 
 def draw_feedback(rows: int, classes: int, seed: int, spread: int, dtype: torch.dtype) -> torch.Tensor:
     """``rows`` x ``classes`` entries ~ N(0, 1/spread) from ``seed`` (on the CPU, so every device draws the same)."""
-    return torch.randn(rows, classes, generator=torch.Generator().manual_seed(seed), dtype=dtype) / spread ** 0.5
+    normals = torch.randn(rows, classes, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return normals.div_(spread ** 0.5)  # in place: a dense B is the largest tensor of a DFA step
 
 
 class _RegeneratedFeedback(torch.autograd.Function):
