@@ -6,7 +6,7 @@ Two DFA steps of an NTK CNN with one 3x3 conv block of ``width`` channels on 64x
 per mode the peak RSS growth over the steps and the seconds per step (the kept mode's first step draws B), then one
 JSON object with ``memory_ratio`` (regenerated / kept) and ``time_ratio``. Target: the regenerated mode holds one
 64 MB piece of B at a time, so its growth stays a small fraction of the kept B's size. ``--quick``: width 16.
-Measured (stop 18, width 64, 2-core machine with another job on the second core): kept +1,027 MB and 2.87 s per
+Measured (stop 18, width 64, 2-core machine while two training runs used both cores): kept +1,027 MB and 2.87 s per
 step, regenerated +88 MB and 3.52 s (memory 0.085x, time 1.23x). Before the kept B was scaled in place, kept took
 +2,015 MB (the draw and its scaled copy) and 6.05 s.
 """
