@@ -86,9 +86,42 @@ def check_regular_file(path: str | Path, what: str) -> Path:
 
 
 def write_error(path: str | Path, err: BaseException) -> UserError:
-    """The one-line error for a file that could not be written (full disk, read-only, permissions, long name)."""
+    """The one-line error for a file that could not be written (full disk, read-only, permissions, long name, a
+    file where a folder on its path should be)."""
+    if isinstance(err, OSError) and err.errno in (errno.EEXIST, errno.ENOTDIR):
+        in_the_way = _file_in_the_way(Path(path))
+        if in_the_way is not None:
+            return UserError(f"cannot write {path}: {in_the_way} is a file, not a folder")
     reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
     return UserError(f"cannot write {path}: {reason}")
+
+
+def _file_in_the_way(path: Path) -> Optional[Path]:
+    """The first folder on ``path``'s way (its parents, from the top) that exists and is not a folder."""
+    for folder in reversed(path.parents):
+        if os.path.lexists(folder) and not folder.is_dir():
+            return folder
+    return None
+
+
+def first_missing(path: str | Path) -> Optional[Path]:
+    """The outermost folder of ``path`` (itself included) that does not exist yet: what ``make_directory`` creates,
+    and what a writer that fails before writing anything removes again."""
+    path = Path(path)
+    missing = None
+    for folder in [path, *path.parents]:
+        if os.path.lexists(folder):
+            break
+        missing = folder
+    return missing
+
+
+def make_directory(path: str | Path) -> None:
+    """``mkdir -p``, with the one-line error of ``write_error``."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(path, err) from None
 
 
 def _disk_full(directory: Path) -> bool:
@@ -198,6 +231,28 @@ def remove_quietly(path: Optional[str]) -> None:
             os.remove(path)
     except OSError:
         pass
+
+
+def atomic_save_safetensors(path: str | Path, save_fn) -> None:
+    """``atomic_save`` of a safetensors file with its header in one order: safetensors writes the metadata in a
+    hash map's order, which changes from process to process, and an exact replay's files must be byte-identical."""
+    def save(tmp):
+        save_fn(tmp)
+        sort_safetensors_header(tmp)
+
+    atomic_save(path, save)
+
+
+def sort_safetensors_header(path: str | Path) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys, padded to its old length (the data offsets are
+    relative to the header's end, so they stay valid)."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) <= size:  # the same content: never longer, but a writer may have padded differently
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))
 
 
 def json_default(obj):

@@ -408,7 +408,9 @@ def aggregate(rows: list[dict[str, Any]], keys: list[str], metrics: list[str]) -
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         if row.get("state") == "finished":
-            groups.setdefault(tuple(repr(row.get(k, "")) for k in keys), []).append(row)
+            members = groups.setdefault(tuple(repr(row.get(k, "")) for k in keys), [])
+            if row.get("seed") in ("", None) or all(m.get("seed") != row["seed"] for m in members):
+                members.append(row)  # a seed counts once (a sweep recorded before duplicates were refused)
     table = []
     for members in groups.values():
         out = {k: members[0].get(k, "") for k in keys}

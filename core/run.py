@@ -31,8 +31,9 @@ import torch
 
 from . import dist
 from .errors import UserError
-from .files import (atomic_save, atomic_write_csv, atomic_write_json, atomic_write_text, fault_point, json_default,
-                    read_json, read_regular_bytes, remove_quietly, user_mode, write_error)
+from .files import (atomic_save, atomic_save_safetensors, atomic_write_csv, atomic_write_json, atomic_write_text,
+                    fault_point, json_default, make_directory, read_json, read_regular_bytes, remove_quietly,
+                    user_mode, write_error)
 from .seeds import STATE_GLOBALS
 
 TIMING_PREFIX = "time_"  # metrics whose names start with this are wall-clock figures, not compared on replay
@@ -79,7 +80,8 @@ class RunLock:
         self.directory = directory
 
     @classmethod
-    def try_take(cls, directory: Path, create: bool = False, record: bool = True) -> Optional["RunLock"]:
+    def try_take(cls, directory: Path, create: bool = False, record: bool = True, file: str = LOCK_FILE
+                 ) -> Optional["RunLock"]:
         """The lock, or None while another process holds it; ``record``: name this process in the file (not done
         when only looking: a finished or damaged run stays byte for byte as it was).
 
@@ -88,7 +90,7 @@ class RunLock:
             OSError: the lock file cannot be opened.
         """
         flags = os.O_RDWR | (os.O_CREAT if create else 0) | getattr(os, "O_NOFOLLOW", 0)
-        fd = os.open(directory / LOCK_FILE, flags, user_mode())
+        fd = os.open(directory / file, flags, user_mode())
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -106,11 +108,11 @@ class RunLock:
         os.pwrite(self.fd, owner + b"\n", 0)
 
     @classmethod
-    def take(cls, directory: Path, create: bool = False, record: bool = True) -> "RunLock":
+    def take(cls, directory: Path, create: bool = False, record: bool = True, file: str = LOCK_FILE) -> "RunLock":
         """The lock; a UserError naming the live process that holds it otherwise."""
-        lock = cls.try_take(directory, create, record)
+        lock = cls.try_take(directory, create, record, file)
         if lock is None:
-            raise UserError(f"{directory} is in use by {lock_owner(directory)}: wait for it to end, or choose "
+            raise UserError(f"{directory} is in use by {lock_owner(directory, file)}: wait for it to end, or choose "
                             "another --out")
         return lock
 
@@ -120,10 +122,10 @@ class RunLock:
             self.fd = None
 
 
-def lock_owner(directory: Path) -> str:
+def lock_owner(directory: Path, file: str = LOCK_FILE) -> str:
     """Who holds the lock of ``directory``, as the lock file records it."""
     try:
-        owner = json.loads(read_regular_bytes(directory / LOCK_FILE))
+        owner = json.loads(read_regular_bytes(directory / file))
         return f"process {owner['pid']} on {owner['host']} (since {owner['since']})"
     except (OSError, ValueError, KeyError, TypeError):  # the owner is writing its record right now
         return "another process"
@@ -289,10 +291,7 @@ def _create(directory: Path, populate: Callable[[Path], None]) -> Optional[RunLo
     if os.path.lexists(directory) and not _is_empty_dir(directory):
         return None
     parent = directory.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create run directory {directory}: {err.strerror or err}") from None
+    make_directory(parent)
     _remove_stale_staging(parent)
     staging, lock = None, None
     try:
@@ -312,7 +311,7 @@ def _create(directory: Path, populate: Callable[[Path], None]) -> Optional[RunLo
         if isinstance(err, OSError):
             if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
                 return None
-            raise UserError(f"cannot create run directory {directory}: {err.strerror or err}") from None
+            raise write_error(directory, err) from None
         raise
 
 
@@ -430,6 +429,7 @@ class Run:
         self._elapsed_before = 0.0  # seconds the processes before this one spent on the run
         self._lock: Optional[RunLock] = None  # held by the process that claimed the directory (rank 0)
         self.sinks: list = []  # optional loggers fed with every metrics row (instill.loggers)
+        self._sub_rows: list[dict[str, Any]] = []  # one top-level metrics row per sub-run, in order (``sweep``)
         self._open_sinks: Optional[Callable[[Path], list]] = None
 
     # --- creation -------------------------------------------------------------------------------------------
@@ -471,10 +471,10 @@ class Run:
         sub = Run(path, resumed=(path / "state.pt").exists())
         sub.top = self.top
         if sub.writes:
-            try:
-                path.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise write_error(path, err) from None
+            make_directory(path)
+            if not sub.resumed and not is_finished(path):  # rows logged before a kill that came before any state
+                for name in ("metrics.jsonl", "metrics.csv"):  # was saved: the sub-run starts over, so do they
+                    remove_quietly(path / name)
         if self._open_sinks is not None:
             sub.attach_sinks(self._open_sinks)
         return sub
@@ -506,7 +506,15 @@ class Run:
                     sub.close_sinks()
                 sub.write_json("summary.json", done)
             rows.append({k: v for k, v in done.items() if k != "status"})
+            self._log_sub_run(name, rows[-1])
         return rows
+
+    def _log_sub_run(self, name: str, row: dict[str, Any]) -> None:
+        """The top-level log of a stage that owns sub-runs: one row per sub-run, rewritten whole (never appended),
+        so that a resumed sweep, which reads the finished sub-runs' summaries back, logs each exactly once."""
+        flat = {k: v for k, v in row.items() if isinstance(v, (int, float, str)) or v is None}
+        self._sub_rows.append({"step": len(self._sub_rows) + 1, "sub_run": name, **flat})
+        self.write_metrics(self._sub_rows)
 
     # --- metrics ----------------------------------------------------------------------------------------------
 
@@ -596,7 +604,8 @@ class Run:
         from safetensors.torch import save_model
 
         target = dist.unwrap(model)
-        atomic_save(self.path / f"{name}.safetensors", lambda tmp: save_model(target, tmp, metadata=metadata))
+        atomic_save_safetensors(self.path / f"{name}.safetensors",
+                                lambda tmp: save_model(target, tmp, metadata=metadata))
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Write summary.json (marking the run finished), stamp the end time, and check a replay."""

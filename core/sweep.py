@@ -45,6 +45,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -59,8 +60,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .config import read_yaml
 from .errors import UserError, exit_code_of
 from .registry import describe_error, import_builtins
-from .files import atomic_write_json, read_json
-from .run import has_state, is_finished
+from .files import atomic_write_json, first_missing, make_directory, read_json, write_error
+from .run import RunLock, has_state, is_finished, lock_owner
 
 SEED_KEY = "reproducibility.random_seed"
 POINT_SPECIAL_KEYS = ("name", "config", "stage")  # keys of an explicit point that are not config keys
@@ -157,7 +158,20 @@ def expand_points(spec: SweepSpec, source: str) -> list[dict[str, Any]]:
             names.add(name)
             points.append({"name": name, "config": str(config), "stage": explicit.get("stage", spec.stage),
                            "values": values})
+    _refuse_identical(points, source)
     return points
+
+
+def _refuse_identical(points: list[dict[str, Any]], source: str) -> None:
+    """Two points with the same config, stage and values are one run done twice: a report would count its seed
+    twice (a mean over n = 2 of one number, std 0)."""
+    seen: dict[str, str] = {}
+    for point in points:
+        key = json.dumps([point["config"], point["stage"], point["values"]], sort_keys=True, default=str)
+        if key in seen:
+            raise UserError(f"{source}: sweep: points {seen[key]} and {point['name']} are identical (same config, "
+                            "stage and values): remove the duplicate")
+        seen[key] = point["name"]
 
 
 def _point_name(index: Optional[int], values: dict[str, Any]) -> str:
@@ -254,7 +268,7 @@ def prepare_spec(spec: SweepSpec, source: str, sweep_dir: Path, executor: Option
         point_config(point, sweep_dir / point["name"], source)
     kind = choose_executor(executor or spec.executor.kind, source)
     old = read_json(sweep_dir / "sweep.json")
-    if sweep_dir.exists() and old is None and any(sweep_dir.iterdir()):
+    if sweep_dir.exists() and old is None and any(p.name != SWEEP_LOCK for p in sweep_dir.iterdir()):
         raise UserError(f"{source}: {sweep_dir} exists and is not a sweep directory (no sweep.json): choose "
                         "another --out")
     recorded = []
@@ -415,9 +429,46 @@ def _run_under_torchrun(sweep_dir: Path, name: str, processes: int, log_path: Pa
 # Executors
 
 
+SWEEP_LOCK = ".instill-sweep"  # in every sweep directory: held by the process that runs the sweep
+
+
 def run_sweep(sweep: Sweep, *, progress=print) -> dict[str, dict[str, Any]]:
-    """Record the sweep, then run every point that is not finished; returns each point's outcome by name."""
-    write_record(sweep)
+    """Record the sweep, then run every point that is not finished; returns each point's outcome by name.
+
+    Raises:
+        UserError: another process runs a sweep in this directory (nothing is written then).
+    """
+    created = first_missing(sweep.path)
+    lock = _own_sweep_dir(sweep.path, created)
+    try:
+        try:
+            write_record(sweep)
+        except UserError:  # a read-only or full disk: leave no empty sweep directory behind
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+        return _run_owned_sweep(sweep, progress)
+    finally:
+        lock.release()
+
+
+def _own_sweep_dir(path: Path, created: Optional[Path]) -> RunLock:
+    """The sweep directory's lock (created with it): a second sweep into it would rerun points the first is
+    running and report them failed, "in use" by the first; it is refused instead, before it writes anything."""
+    make_directory(path)
+    try:
+        lock = RunLock.try_take(path, create=True, file=SWEEP_LOCK)
+    except OSError as err:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise write_error(path / SWEEP_LOCK, err) from None
+    if lock is None:
+        raise UserError(f"{path} is owned by the sweep of {lock_owner(path, SWEEP_LOCK)}: wait for it to end "
+                        "(rerunning the same command then resumes it), or choose another --out")
+    return lock
+
+
+def _run_owned_sweep(sweep: Sweep, progress) -> dict[str, dict[str, Any]]:
     status = {p["name"]: {"name": p["name"], "state": point_state(sweep.path, p["name"])} for p in sweep.points}
     todo = [name for name, s in status.items() if s["state"] != "finished"]
     for name, s in status.items():
@@ -456,7 +507,7 @@ def _without_queued_slurm_jobs(sweep: Sweep, todo: list[str], done) -> list[str]
 
 def write_record(sweep: Sweep) -> None:
     """Create the sweep directory with its ``sweep.json`` (the grid and the points)."""
-    sweep.path.mkdir(parents=True, exist_ok=True)
+    make_directory(sweep.path)
     atomic_write_json(sweep.path / "sweep.json", sweep.record)
 
 
@@ -485,7 +536,7 @@ def _run_local(sweep: Sweep, todo: list[str], done) -> None:
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     queue = list(todo)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                             initializer=_own_progress_lock) as pool:
+                             initializer=_start_worker, initargs=(os.getpid(),)) as pool:
         pending: dict[Any, str] = {}
         try:
             while pending or queue:
@@ -508,6 +559,25 @@ def _run_local(sweep: Sweep, todo: list[str], done) -> None:
         except KeyboardInterrupt:  # the workers got the Ctrl-C too: their points save their state and return
             queue.clear()
             raise
+
+
+def _start_worker(parent: int) -> None:
+    _die_with_parent(parent)
+    _own_progress_lock()
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the sweep's process ends, however it ends (kill -9 included): an orphaned worker would
+    block forever waiting for work, holding its memory. Linux delivers SIGKILL to it when its parent dies (its point
+    resumes from its last saved state on the next run); elsewhere the pool's own pipe ends it when it next waits."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _own_progress_lock() -> None:

@@ -1,9 +1,12 @@
-"""A kill -9 (and, in sweeps, a Ctrl-C) at random moments of every stage, then --resume: the run directory ends
-file for file as an uninterrupted run's (timing figures aside), and replaying it matches.
+"""A kill -9 and a Ctrl-C at random moments of every stage kind (and of a sweep), then --resume (a rerun for the
+sweep): the directory ends file for file as an uninterrupted run's (timing figures aside), and replaying it matches.
 
 The crash is real: the run goes on in a forked copy of this process (torch already imported, so each try costs
-only the run itself) that kills itself with SIGKILL at the N-th ``instill.files.fault_point`` (after every optimizer
-step and between the steps of every file write), chosen at random in each of several equal slices of the run.
+only the run itself) that sends itself SIGKILL or SIGINT at the N-th ``instill.files.fault_point`` (after every
+optimizer step and between the steps of every file write), chosen at random in each of several equal slices of the
+run. A sweep's points run in worker processes: its whole process group gets the signal, after a random delay.
+
+A new stage kind is covered by adding it to STAGES.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import json
 import os
 import random
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -21,16 +26,22 @@ import yaml
 
 from instill import files as files_module
 from instill.run import LOCK_FILE, TIMING_PREFIX, is_finished
+from instill.sweep import main as sweep_main
 from tests.conftest import CONFIGS, run_cli
 
 SEED = ["--set", "reproducibility.reproduce=true", "--set", "reproducibility.random_seed=11"]
-STAGES = {  # stage: (config, crash moments, replay the resumed run too)
-    "base": ("configs/tiny_shapes_base.yaml", 2, False),
-    "ablate": ("configs/tiny_shapes_ablate.yaml", 2, False),
-    "transfer": ("configs/tiny_shapes_transfer.yaml", 3, True),
-    "guide": ("configs/tiny_guide_parity.yaml", 3, True),
+STAGES = {  # stage: (config, crash moments, replay the resumed run too, --set items that keep it small)
+    "base": ("configs/tiny_shapes_base.yaml", 2, False, []),
+    "ablate": ("configs/tiny_shapes_ablate.yaml", 2, False, []),
+    "transfer": ("configs/tiny_shapes_transfer.yaml", 3, True, []),
+    "guide": ("configs/tiny_guide_parity.yaml", 3, True, []),
+    "align": ("configs/tiny_align.yaml", 3, True, ["align.rules=[backprop,fa,dfa]", "align.widths=[8]",
+                                                 "train.epochs=1"]),
+    "stitch": ("configs/tiny_stitch.yaml", 3, True, ["stitch.front_layers=[layers.0]"]),
+    "compare": ("configs/tiny_compare.yaml", 2, False, []),
 }
 NOT_COMPARED = {"env.json", "state.pt", LOCK_FILE}  # times, and training state that holds them
+SWEEP_NOT_COMPARED = {"logs", "points", "status.json", ".instill-sweep"}  # its bookkeeping: hosts, times, attempts
 
 
 def run_killed_at(stage: str, args: list[str], kill_at: int, signal_name: str = "SIGKILL") -> bool:
@@ -80,8 +91,11 @@ def files(root: Path) -> dict[str, Path]:
     return {str(p.relative_to(root)): p for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def assert_same_run(reference: Path, other: Path, what: str) -> None:
-    ours, theirs = files(reference), files(other)
+def assert_same_run(reference: Path, other: Path, what: str, skip: frozenset = frozenset()) -> None:
+    def kept(root):
+        return {k: v for k, v in files(root).items() if Path(k).parts[0] not in skip}
+
+    ours, theirs = kept(reference), kept(other)
     assert ours.keys() == theirs.keys(), f"{what}: files differ: {sorted(ours.keys() ^ theirs.keys())}"
     for name, path in ours.items():
         if path.name in NOT_COMPARED:
@@ -103,6 +117,8 @@ def pipeline(tmp_path_factory):
             before = files_module._fault_count
             assert run_cli(stage, STAGES[stage][0], *SEED) == 0
             counts[stage] = files_module._fault_count - before
+        for upstream in ("configs/tiny_stitch_a.yaml", "configs/tiny_stitch_b.yaml"):  # stitch's and compare's:
+            assert run_cli("base", upstream) == 0  # trained first, so that every try's fault points are the same
     finally:
         os.chdir(cwd)
     return folder, counts
@@ -112,23 +128,24 @@ def pipeline(tmp_path_factory):
 def test_kill_9_at_random_moments_then_resume_gives_identical_files(pipeline, monkeypatch, stage, capsys):
     folder, counts = pipeline
     monkeypatch.chdir(folder)
-    config, moments, replay = STAGES[stage]
+    config, moments, replay, small = STAGES[stage]
+    seed = [*SEED, *(x for item in small for x in ("--set", item))]
     name = Path(config).stem
     reference = Path("checkpoints") / name
-    if stage == "base":  # the pipeline's own run is the uninterrupted one (ablate's records a relative path)
+    if stage == "base" and not small:  # the pipeline's own run is the uninterrupted one (ablate records its path)
         points = counts[stage]
     else:
         reference = Path(f"checkpoints/{stage}-whole/{name}")
         before = files_module._fault_count
-        assert run_cli(stage, config, *SEED, "--out", str(reference)) == 0
+        assert run_cli(stage, config, *seed, "--out", str(reference)) == 0
         points = files_module._fault_count - before
     rng = random.Random(os.urandom(8))
     picks = [rng.randint(i * points // moments + 1, (i + 1) * points // moments) for i in range(moments)]
     for i, kill_at in enumerate(picks):
-        signal_name = "SIGINT" if replay and i == 1 else "SIGKILL"  # a sweep also gets a Ctrl-C at a random moment
+        signal_name = "SIGINT" if i == 1 else "SIGKILL"
         what = f"{stage} stopped by {signal_name} at fault point {kill_at} of {points}"
         out = Path(f"checkpoints/{stage}-killed-{kill_at}/{name}")  # the reference's name: plots show it
-        args = [config, *SEED, "--out", str(out)]
+        args = [config, *seed, "--out", str(out)]
         assert run_killed_at(stage, args, kill_at, signal_name), f"{what}: the run ended before the kill"
         if not is_finished(out):  # (killed after its very last write, it is)
             resume = ["--resume"] if out.exists() else []  # killed before its directory appeared: run it again
@@ -139,3 +156,63 @@ def test_kill_9_at_random_moments_then_resume_gives_identical_files(pipeline, mo
         assert run_cli(stage, str(out / "config.yaml")) == 0
         report = json.loads(Path(f"{out}-replay-1/replay.json").read_text())
         assert report["matches"] is True, report
+
+
+SWEEP = """sweep:
+  config: configs/tiny_digits.yaml
+  stage: base
+  grid: {reproducibility.random_seed: [1, 2, 3]}
+  set: {reproducibility.reproduce: true, train.epochs: 2}
+  executor: {kind: local, workers: 2}
+"""
+
+
+def sweep_stopped_after(delay: float, out: str, signal_name: str) -> None:
+    """Run the sweep in a forked child leading its own process group (its workers join it) and send the group
+    ``signal_name`` after ``delay`` seconds, as a terminal's Ctrl-C or a kill of the job would."""
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            os.setpgid(0, 0)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            code = sweep_main(["sweep.yaml", "--out", out])
+        finally:
+            os._exit(code)
+    time.sleep(delay)
+    try:
+        os.killpg(pid, getattr(signal, signal_name))
+    except ProcessLookupError:  # it had finished
+        pass
+    _, status = os.waitpid(pid, 0)
+    code = None if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    assert code in (None, 0, 130), f"the stopped sweep exited {code}"
+    if signal_name == "SIGKILL":  # nothing of the group may outlive it (a worker would still write)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+
+
+def test_sweep_stopped_at_random_moments_then_rerun_gives_identical_files(pipeline, monkeypatch, capsys):
+    folder, _ = pipeline
+    monkeypatch.chdir(folder)
+    Path("sweep.yaml").write_text(SWEEP)
+    started = time.perf_counter()
+    assert sweep_main(["sweep.yaml", "--out", "checkpoints/sweep-whole"]) == 0
+    took = time.perf_counter() - started
+    rng = random.Random(os.urandom(8))
+    for i, signal_name in enumerate(["SIGKILL", "SIGINT", "SIGKILL"]):
+        delay = rng.uniform(i * took / 3, (i + 1) * took / 3)
+        out = f"checkpoints/sweep-stopped-{i}"
+        sweep_stopped_after(delay, out, signal_name)
+        assert sweep_main(["sweep.yaml", "--out", out]) == 0, capsys.readouterr()
+        what = f"sweep stopped by {signal_name} after {delay:.2f} of {took:.2f} s"
+        assert_same_run(Path("checkpoints/sweep-whole"), Path(out), what, frozenset(SWEEP_NOT_COMPARED))
+        status = json.loads(Path(out, "status.json").read_text())
+        assert status["counts"] == {"finished": 3}, what

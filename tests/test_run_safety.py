@@ -240,7 +240,7 @@ def test_an_unreadable_model_safetensors_is_one_line_and_writes_nothing(workdir,
 def test_an_out_below_a_file_or_with_a_too_long_name_is_one_line(workdir, capsys):
     Path("afile").write_text("x")
     assert run_cli("base", TINY, *ONE_EPOCH, "--out", "afile/run") == 2
-    one_line(capsys, "cannot create run directory afile/run")
+    one_line(capsys, "cannot write afile/run: afile is a file, not a folder")
     assert run_cli("base", TINY, *ONE_EPOCH, "--out", "checkpoints/" + "x" * 300) == 2
     one_line(capsys, "File name too long")
     assert not any(Path("checkpoints").iterdir())
@@ -251,11 +251,11 @@ def test_a_read_only_output_location_is_one_line(workdir, capsys):
         Path("ro").mkdir()
         os.chmod("ro", 0o555)
         assert run_cli("base", TINY, *ONE_EPOCH, "--out", "ro/run") == 2
-        one_line(capsys, "cannot create run directory ro/run", "Permission denied")
+        one_line(capsys, "cannot write ro/run", "Permission denied")
         return
     with tmpfs(Path("ro"), "ro,size=1m"):  # root writes anywhere but on a read-only file system
         assert run_cli("base", TINY, *ONE_EPOCH, "--out", "ro/run") == 2
-        one_line(capsys, "cannot create run directory ro/run", "Read-only file system")
+        one_line(capsys, "cannot write ro/run", "Read-only file system")
 
 
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_nothing(workdir, capsys):

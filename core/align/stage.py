@@ -170,8 +170,6 @@ def main(ctx: Context) -> dict[str, Any]:
                                     + ([f"n{limit}"] if limit else []))
                     rows += ctx.run.sweep([(name, lambda sub, r=rule, w=width, l=lr, n=limit, d=data:
                                             _train(ctx, sub, d, r, w, l, n))])
-                    ctx.run.log_metrics({"step": len(rows), **{k: v for k, v in rows[-1].items()
-                                                               if isinstance(v, (int, float, str))}})
     return _write_results(ctx, rows)
 
 

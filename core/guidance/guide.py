@@ -162,9 +162,6 @@ def main(ctx: Context) -> dict[str, Any]:
               for c in cfg.guidance.conditions if c != "unguided"}
     rows = ctx.run.sweep([(c, lambda sub, c=c: _train_condition(ctx, sub, c, data, guides.get(c)))
                           for c in cfg.guidance.conditions])
-    # Written whole, not appended: a resumed sweep derives every row again.
-    ctx.run.write_metrics([{"step": i + 1, **{k: v for k, v in row.items() if not isinstance(v, (dict, list))}}
-                           for i, row in enumerate(rows)])
     return _write_results(ctx, rows)
 
 

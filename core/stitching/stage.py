@@ -322,9 +322,6 @@ def main(ctx: Context) -> dict[str, Any]:
     else:
         rows = ctx.run.sweep([(pair_name(f, e), lambda sub, f=f, e=e: run_pair(ctx, sub, data, front, end, f, e))
                               for f, e in pairs])
-        for i, row in enumerate(rows):
-            ctx.run.log_metrics({"step": i + 1, **{k: v for k, v in row.items()
-                                                   if isinstance(v, (int, float, str))}})
         if ctx.run.writes:
             write_matrix(ctx.run.path, spec, rows)
     return {"pairs": rows, "results": variant_rows(rows)}

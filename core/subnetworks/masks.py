@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError, nearest
-from ..files import atomic_save, atomic_write_json
+from ..files import atomic_save_safetensors, atomic_write_json, make_directory
 
 MaskMethod = Literal["continuous_sparsification", "hard_concrete", "magnitude"]
 METHODS: tuple[str, ...] = get_args(MaskMethod)
@@ -558,11 +558,9 @@ def save_mask(directory: str | Path, masks: Mapping[str, torch.Tensor], base_mod
             "total": density["total"], "layers": density["layers"], **(extra or {})}
     if base_run is not None:
         meta["base_run"] = os.path.relpath(base_run, directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create {directory}: {err.strerror or err}") from None
-    atomic_save(directory / MASK_FILE, lambda tmp: save_file(masks, tmp, metadata={"base_hash": meta["base_hash"]}))
+    make_directory(directory)
+    atomic_save_safetensors(directory / MASK_FILE,
+                            lambda tmp: save_file(masks, tmp, metadata={"base_hash": meta["base_hash"]}))
     atomic_write_json(directory / META_FILE, meta)
     return meta
 

@@ -112,8 +112,6 @@ def main(ctx: Context) -> dict[str, Any]:
         check_compatible(base, base_info, data.info)
         for condition in spec.conditions:
             rows.append(_sweep_lrs(ctx, n, condition, data, base, model_cfg, base_info, mask))
-            # Rewritten whole, not appended: a resumed sweep derives the rows before its interruption again.
-            ctx.run.write_metrics([{"step": i + 1, **_flat(row)} for i, row in enumerate(rows)])
     return _write_results(ctx, rows)
 
 

@@ -1,0 +1,144 @@
+"""Issue 21's defects, one test each: nothing lost, nothing silently wrong (sweeps, replays, workers, files)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from instill.report import aggregate
+from instill.run import Run
+from instill.sweep import main as sweep_main
+from tests.conftest import python_env
+from tests.test_run_safety import tmpfs
+
+TINY = "configs/tiny_digits.yaml"
+
+
+def test_safetensors_files_of_identical_saves_are_byte_identical(tmp_path):
+    """safetensors writes its metadata in a hash map's order; an exact replay's files must compare equal."""
+    model = torch.nn.Linear(3, 2)
+    metadata = {f"key_{i}": str(i) for i in range(12)}
+    run = Run(tmp_path)
+    contents = set()
+    for _ in range(6):
+        run.save_weights("w", model, metadata=metadata)
+        contents.add((tmp_path / "w.safetensors").read_bytes())
+    assert len(contents) == 1
+
+
+# ------------------------------------------------------------------------------------------------- sweeps
+
+
+def write_sweep(body: str, path: str = "s.yaml") -> str:
+    Path(path).write_text("sweep:\n" + "".join(f"  {line}\n" for line in body.strip().splitlines()))
+    return path
+
+
+@pytest.mark.parametrize("body, duplicates", [
+    ("grid: {reproducibility.random_seed: [1, 1, 2]}", "000-random_seed=1 and 001-random_seed=1"),
+    ("points: [{name: a, train.epochs: 1}, {name: b, train.epochs: 1}]", "a and b"),
+])
+def test_identical_sweep_points_are_refused_before_anything_runs(workdir, capsys, body, duplicates):
+    write_sweep(f"config: {TINY}\nstage: base\nset: {{reproducibility.reproduce: true}}\n{body}")
+    assert sweep_main(["s.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"points {duplicates} are identical" in err, err
+    assert not Path("checkpoints").exists()
+
+
+def test_a_sweep_report_counts_each_seed_once():
+    rows = [{"state": "finished", "seed": 1, "condition": "a", "acc": 0.5},
+            {"state": "finished", "seed": 1, "condition": "a", "acc": 0.5},
+            {"state": "finished", "seed": 2, "condition": "a", "acc": 0.7}]
+    table = aggregate(rows, ["condition"], ["acc"])
+    assert table[0]["acc n"] == 2 and table[0]["acc mean"] == pytest.approx(0.6)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_second_sweep_into_one_out_is_refused_and_workers_die_with_their_parent(workdir, capsys):
+    """Two defects on one running sweep (its start-up is the cost): a second launch into its --out is refused in one
+    line without touching it, and kill -9 of its main process ends its workers too."""
+    write_sweep(f"config: {TINY}\nstage: base\ngrid: {{reproducibility.random_seed: [1, 2, 3]}}\n"
+                "set: {train.epochs: 400, train.progress: false}\nexecutor: {kind: local, workers: 2}")
+    first = subprocess.Popen([sys.executable, "-m", "instill.sweep", "s.yaml"], env=python_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 120
+        while len(workers) < 2 and time.time() < deadline and first.poll() is None:
+            time.sleep(0.1)
+            workers = [p for p in _children(first.pid) if Path("checkpoints/s/logs").is_dir()]
+        assert len(workers) == 2, "the sweep's workers did not start"
+        assert sweep_main(["s.yaml"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"checkpoints/s is owned by the sweep of process {first.pid} " in err, err
+        status = json.loads(Path("checkpoints/s/status.json").read_text())
+        assert "failed" not in status["counts"], status
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        deadline = time.time() + 10
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers), "a worker outlived the sweep's process"
+    finally:
+        for pid in [first.pid, *workers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        first.wait()
+
+
+def test_a_sweep_into_a_read_only_or_full_place_or_below_a_file_is_one_line(workdir, capsys, monkeypatch):
+    write_sweep(f"config: {TINY}\nstage: base\ngrid: {{train.epochs: [1]}}")
+    Path("afile").write_text("x")
+    assert sweep_main(["s.yaml", "--out", "afile/sweep"]) == 2
+    assert capsys.readouterr().err.strip() == "error: cannot write afile/sweep: afile is a file, not a folder"
+    with tmpfs(Path("ro"), "ro,size=64k"):
+        assert sweep_main(["s.yaml", "--out", "ro/sweep"]) == 2
+        assert capsys.readouterr().err.strip() == "error: cannot write ro/sweep: Read-only file system"
+    with tmpfs(Path("full"), "size=4k"):
+        Path("full/filler").write_bytes(b"x" * 4096)
+        assert sweep_main(["s.yaml", "--out", "full/sweep"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "error: cannot write full/sweep/.instill-sweep: No space left on device", err
+        assert sorted(os.listdir("full")) == ["filler"]
+    for number in (errno.EACCES, errno.EDQUOT):  # root passes permissions; quotas need a quota-enabled disk
+        def refuse(*args, number=number, **kwargs):
+            raise OSError(number, os.strerror(number))
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "replace", refuse)
+            assert sweep_main(["s.yaml", "--out", f"out{number}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: cannot write out{number}/sweep.json: {os.strerror(number)}", err
+        assert not Path(f"out{number}").exists()
