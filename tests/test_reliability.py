@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import torch
 from instill.report import aggregate
 from instill.run import Run
 from instill.sweep import main as sweep_main
-from tests.conftest import python_env
+from tests.conftest import CONFIGS, python_env, run_cli
 from tests.test_run_safety import tmpfs
 
 TINY = "configs/tiny_digits.yaml"
@@ -142,3 +143,42 @@ def test_a_sweep_into_a_read_only_or_full_place_or_below_a_file_is_one_line(work
         err = capsys.readouterr().err.strip()
         assert err == f"error: cannot write out{number}/sweep.json: {os.strerror(number)}", err
         assert not Path(f"out{number}").exists()
+
+
+# ------------------------------------------------------------------------------------------- non-finite models
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    """The two tiny ConvNets of the stitch tests, trained once: their run directories."""
+    folder = tmp_path_factory.mktemp("models")
+    shutil.copytree(CONFIGS, folder / "configs")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        for name in ("tiny_stitch_a", "tiny_stitch_b"):
+            assert run_cli("base", f"configs/{name}.yaml") == 0
+    finally:
+        os.chdir(cwd)
+    return folder / "checkpoints"
+
+
+def poison(run_dir: Path, tensor: str, value: float) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(run_dir / "model.safetensors")
+    weights[tensor][0] = value
+    save_file(weights, run_dir / "model.safetensors")
+
+
+@pytest.mark.parametrize("stage, value", [("stitch", float("nan")), ("compare", float("inf"))])
+def test_a_model_with_non_finite_weights_is_named_in_one_line_and_nothing_is_written(workdir, two_models, capsys,
+                                                                                     stage, value):
+    shutil.copytree(two_models, "checkpoints")
+    poison(Path("checkpoints/tiny_stitch_a"), "layers.0.0.weight", value)
+    before = sorted(str(p) for p in Path("checkpoints").rglob("*"))
+    assert run_cli(stage, f"configs/tiny_{stage}.yaml") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "checkpoints/tiny_stitch_a/model.safetensors: weight 'layers.0.0.weight' holds NaN or inf" in err, err
+    assert sorted(str(p) for p in Path("checkpoints").rglob("*")) == before

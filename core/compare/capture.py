@@ -38,13 +38,14 @@ import fnmatch
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ..errors import UserError, nearest
+from ..models import check_finite_output
 
 ORIGINAL_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv2d, nn.Linear, nn.AdaptiveAvgPool2d, nn.LSTM, nn.RNN, nn.TransformerDecoderLayer, nn.LayerNorm,
@@ -208,13 +209,15 @@ class FeatureCapture:
         transform: applied to each capture inside the hook (batch axis already first); a dict applies per name.
         clone: copy kept outputs (default: when kept untransformed, or when they require grad).
         keys: capture keys (``name``, ``name@1``, ...) to keep; other calls of the hooked modules are skipped.
+        finite: the model's name: refuse (UserError) an output holding NaN or inf, naming it and the layer.
     """
 
     def __init__(self, model: nn.Module, layers: LayerSpec | Sequence[LayerSpec], *, batch_axis: int = 0,
                  batch_axes: Mapping[str, int] | None = None,
                  transform: Transform | Mapping[str, Transform] | None = None, clone: bool | None = None,
-                 keys: Sequence[str] | None = None):
+                 keys: Sequence[str] | None = None, finite: Optional[str] = None):
         self.model = model
+        self.finite = finite
         self.layers = select_layers(model, layers)
         modules = _named_modules(model)
         params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
@@ -284,6 +287,8 @@ class FeatureCapture:
             if self.keys is not None and key not in self.keys:
                 return
             tensor, batch_first = _primary_tensor(output, name)
+            if self.finite is not None:
+                check_finite_output(tensor, name, self.finite)
             if axis and not batch_first:
                 if not -tensor.dim() <= axis < tensor.dim():
                     raise UserError(f"layer {name!r}: batch axis {axis} declared, but its output has shape "

@@ -423,8 +423,8 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, loader: Iterable[Any]
     # activation at once (no copy, no n x d tensor kept past its layer).
     grams_only = measures == ["cka_minibatch"]
     options = {"transform": lambda t: linear_gram(_features(t, spatial))} if grams_only else {"clone": True}
-    capture_a = FeatureCapture(model_a, layers_a, **options)
-    capture_b = FeatureCapture(model_b, layers_b, **options)
+    capture_a = FeatureCapture(model_a, layers_a, **options, finite=labels[0])
+    capture_b = FeatureCapture(model_b, layers_b, **options, finite=labels[1])
     try:
         with torch.no_grad(), capture_a, capture_b:
             return _stream(model_a, model_b, capture_a, capture_b, loader, measures, full_samples, max_samples,

@@ -50,6 +50,7 @@ from torch import nn
 
 from ..data.info import DatasetInfo
 from ..errors import UserError, under_key
+from ..models import check_finite_weights
 from ..registry import MODELS
 
 
@@ -277,6 +278,7 @@ def load_weights_file(model: nn.Module, path: str | Path, *, label: str = "model
     if mismatch is not None:
         raise UserError(f"{key}: {path} does not match model {label}: first mismatching key {mismatch}")
     model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
+    check_finite_weights(model, f"{key}: {path}")
     return model
 
 

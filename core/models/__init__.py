@@ -66,7 +66,32 @@ def load_model(run_dir: str | Path, name: str = "model") -> tuple[torch.nn.Modul
                         "it may have been cut off, or the file replaced") from None
     except (RuntimeError, OSError, ValueError) as err:
         raise UserError(f"{weights} does not match model {model_cfg['name']!r}: {_first_detail(err)}") from None
+    check_finite_weights(model, str(weights))
     return model, model_cfg, info
+
+
+def holds_non_finite(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+
+
+def check_finite_weights(model: torch.nn.Module, what: str) -> None:
+    """Refuse a model whose weights hold NaN or inf (a diverged run, a damaged file): every figure computed from it
+    would be NaN, or fail deep inside a solver (eigh) with a message that blames something else.
+
+    Raises:
+        UserError: naming ``what`` (the model's file or source) and the first non-finite tensor.
+    """
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if holds_non_finite(tensor):
+            raise UserError(f"{what}: weight {name!r} holds NaN or inf: the model is unusable (did its training "
+                            "diverge?)")
+
+
+def check_finite_output(tensor: torch.Tensor, layer: str, what: str) -> None:
+    """Refuse a captured activation holding NaN or inf (finite weights, so the input data or an overflow)."""
+    if holds_non_finite(tensor):
+        raise UserError(f"{what}: the output of layer {layer!r} holds NaN or inf on this data (its weights are "
+                        "finite: check the input data)")
 
 
 def _first_detail(err: Exception, limit: int = 300) -> str:

@@ -49,6 +49,7 @@ from ..data.info import DatasetInfo
 from ..config import OptimizerConfig, RunConfig, ScheduleConfig, Section, TrainConfig
 from ..data import DataBundle, Split, batches
 from ..errors import UserError, under_key
+from ..models import check_finite_output
 from ..models.vision import check_accepts
 from ..report import format_table, plot_bars, plot_heatmaps, plot_run
 from ..run import Run
@@ -214,6 +215,8 @@ def build_stitch(spec: StitchSection, front: LoadedModel, end: LoadedModel, fron
     tail = Tail(end.model, end_layer)
     with torch.no_grad():
         a, b = head(sample), end_head(sample)
+    check_finite_output(a, front_layer, front.label)
+    check_finite_output(b, end_layer, end.label)
     for what, act in (("front", a), ("end", b)):
         if act.shape[0] != len(sample):
             raise UserError(f"stitch: {what} layer gives shape {tuple(act.shape)}, whose first axis is not the batch")
@@ -293,6 +296,9 @@ class Views:
             out["end_logits"] = self.end.model(x)
         if "x" in self.needs:
             out["x"] = x
+        check_finite_output(out["a"], self.stitch.front_layer, self.front.label)
+        if "b" in out:
+            check_finite_output(out["b"], self.stitch.end_layer, self.end.label)
         return out
 
     def get(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
