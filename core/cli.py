@@ -132,7 +132,10 @@ def main(stage: str, argv: Optional[list[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except Interrupted as err:
-        if err.upstream and err.resumable:
+        if err.finished:
+            print(f"\ninterrupted after the run finished: {err.path} is complete"
+                  + ("; rerun the same command to go on from it" if err.upstream else ""), file=sys.stderr)
+        elif err.upstream and err.resumable:
             print(f"\ninterrupted: state of the upstream run saved in {err.path}; rerun the same command to "
                   "continue it", file=sys.stderr)
         elif err.resumable:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from instill import files
 from instill.report import aggregate
 from instill.run import Run
 from instill.sweep import main as sweep_main
@@ -182,3 +183,53 @@ def test_a_model_with_non_finite_weights_is_named_in_one_line_and_nothing_is_wri
     assert len(err.splitlines()) == 1, err
     assert "checkpoints/tiny_stitch_a/model.safetensors: weight 'layers.0.0.weight' holds NaN or inf" in err, err
     assert sorted(str(p) for p in Path("checkpoints").rglob("*")) == before
+
+
+# ------------------------------------------------------------------------------------------------------ Ctrl-C
+
+
+def run_in_child(args: list[str], stage: str = "base", kill_at: int = 0) -> tuple[int, str]:
+    """``run_cli`` in a forked child (Ctrl-C at fault point ``kill_at`` when given): (exit code, stderr)."""
+    err_file = Path("child.err")
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            os.dup2(os.open(str(err_file), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+            sys.stderr = os.fdopen(2, "w", buffering=1)  # not pytest's capture
+            if kill_at:
+                os.environ.update(INSTILL_KILL_AT=str(kill_at), INSTILL_KILL_SIGNAL="SIGINT")
+            files._fault_count = 0
+            code = run_cli(stage, *args)
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), err_file.read_text()
+
+
+def test_ctrl_c_after_the_last_write_is_130_and_says_the_run_finished(workdir):
+    before = files._fault_count
+    assert run_cli("base", TINY, "--set", "train.epochs=1", "--out", "checkpoints/whole") == 0
+    last = files._fault_count - before
+    code, err = run_in_child([TINY, "--set", "train.epochs=1", "--out", "checkpoints/late"], kill_at=last)
+    assert code == 130, err
+    assert err.strip() == "interrupted after the run finished: checkpoints/late is complete", err
+
+
+def test_ctrl_c_swallowed_by_a_finalizer_during_the_final_plots_still_ends_with_130(workdir, monkeypatch):
+    """Python only prints "Exception ignored" for a KeyboardInterrupt raised in a finalizer; the run goes on."""
+    import instill.stages.base as base
+
+    class InterruptedWhenCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def plot_run(path):
+        InterruptedWhenCollected()  # collected at once: the Ctrl-C lands in its __del__
+
+    monkeypatch.setattr(base, "plot_run", plot_run)
+    code, err = run_in_child([TINY, "--set", "train.epochs=1", "--out", "checkpoints/plots"])
+    assert code == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted after the run finished: checkpoints/plots is complete", err

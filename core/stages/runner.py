@@ -7,6 +7,9 @@ does the work and returns the summary; ``execute`` wraps it.
 from __future__ import annotations
 
 import importlib
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -69,11 +72,35 @@ def load_stage_config(path: str | Path, stage: str, overrides: list[str] = (), o
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a run; ``resumable`` when its run directory holds saved state to continue from."""
+    """Ctrl-C during a run; ``resumable`` when its run directory holds saved state to continue from; ``finished``
+    when the run had written its last file (a Ctrl-C at its very end: nothing is lost, the user is told so)."""
 
-    def __init__(self, path: Path, resumable: bool):
+    def __init__(self, path: Path, resumable: bool, finished: bool = False):
         super().__init__(str(path))
-        self.path, self.resumable, self.upstream = path, resumable, False
+        self.path, self.resumable, self.upstream, self.finished = path, resumable, False, finished
+
+
+@contextmanager
+def _noticed_interrupts():
+    """Remember every Ctrl-C of the block, so that one raised where Python can only print "Exception ignored"
+    (a finalizer, a matplotlib callback during the final plots) still ends the command with code 130. Yields a
+    list that holds True once one came. Only in the main thread where SIGINT has its default handler (the
+    outermost run of a nested upstream one)."""
+    noticed: list[bool] = []
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield noticed
+        return
+
+    def handle(signum, frame):
+        noticed.append(True)
+        signal.default_int_handler(signum, frame)
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield noticed
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 RESUME_OVERRIDES = ("train.threads", "train.progress")  # what --set may change on --resume: not the results
@@ -108,7 +135,11 @@ def execute(cfg: RunConfig, *, resume: bool = False, overrides: list[str] = ()) 
     run = Run.create(cfg.output_dir, to_yaml(cfg), seed, str(device), resume)
     run.attach_sinks(sink_factory(cfg.logging, cfg.name, cfg.model_dump(mode="json")))
     try:
-        return _run_stage(module, cfg, run, seed, device, resume)
+        with _noticed_interrupts() as noticed:
+            path = _run_stage(module, cfg, run, seed, device, resume)
+        if noticed:  # a Ctrl-C that a finalizer swallowed: the run finished all the same
+            raise Interrupted(path, False, finished=True)
+        return path
     finally:
         run.close_sinks()
         run.close()
@@ -158,7 +189,7 @@ def _run_stage(module, cfg: RunConfig, run: Run, seed: int, device: torch.device
     except (UserError, KeyboardInterrupt) as err:
         run.close_sinks()
         if isinstance(err, KeyboardInterrupt) and is_finished(run.path):  # Ctrl-C after its last write: complete
-            return run.path
+            raise Interrupted(run.path, False, finished=True) from None
         if not run.discard_if_empty():  # stopped before any state was saved: nothing to keep, nothing to resume
             run.record_elapsed(quiet=True)  # a resumed run goes on counting from here
         if isinstance(err, KeyboardInterrupt):
