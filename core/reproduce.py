@@ -94,6 +94,7 @@ def load_manifest(path: str | Path, only: Optional[list[str]] = None) -> Manifes
         for config in filter(None, (claim.config, claim.paper_config)):
             if not Path(config).is_file():
                 raise UserError(f"{path}: claim {claim.id}: config {config} does not exist")
+        check_claim_metric(claim, str(path))
     if only:
         known = {c.id for c in manifest.claims}
         unknown = [i for i in only if i not in known]
@@ -101,6 +102,40 @@ def load_manifest(path: str | Path, only: Optional[list[str]] = None) -> Manifes
             raise UserError(f"{path}: no claim {unknown[0]!r}; claims: {', '.join(sorted(known))}")
         manifest.claims = [c for c in manifest.claims if c.id in only]
     return manifest
+
+
+# What each stage's result rows hold (the rows a claim reads): ``<split>_<figure>`` or a figure of its own. A
+# claim naming anything else would run and find no value; --validate refuses it, naming the nearest names.
+SPLITS = ("train", "train_full", "val", "test", "test_symbols", "textured", "shape_only", "cue_conflict")
+TASK_FIGURES = ("acc", "loss", "perplexity")
+STAGE_FIGURES = {
+    "base": (TASK_FIGURES, ("shape_bias",)),
+    "ablate": (TASK_FIGURES, ("shape_bias", "density")),
+    "transfer": (TASK_FIGURES, ("shape_bias", "best_eval_acc")),
+    "guide": (TASK_FIGURES, ("shape_bias", "best_eval_acc")),
+    "align": (TASK_FIGURES, ("best_train_loss", "best_test_loss")),
+    "stitch": (("acc", "end_acc", "rel_acc", "agreement", "ce_to_end", "kl_to_end", "l2", "r2", "cka", "rr", "rw",
+                "wr", "ww"), ("raw_cka",)),
+}
+
+
+def check_claim_metric(claim: Claim, source: str) -> None:
+    """Refuse a claim whose metric its stage never writes (a typo would otherwise run and read nothing).
+
+    Raises:
+        UserError: naming the claim, the metric and the nearest names its stage writes.
+    """
+    figures, own = STAGE_FIGURES.get(claim.stage, (None, ()))
+    if figures is None:  # a stage whose rows are not declared here: its runs' rows are checked after they ran
+        return
+    names = [*own, *(f"{split}_{figure}" for split in SPLITS for figure in figures)]
+    if claim.metric in names or (claim.stage == "align" and claim.metric.startswith("align")):
+        return
+    from .errors import nearest
+
+    hint = nearest(claim.metric, names, n=3)
+    raise UserError(f"{source}: claim {claim.id}: its {claim.stage} stage writes no metric {claim.metric!r}"
+                    + (f"; nearest: {', '.join(hint)}" if hint else ""))
 
 
 def point_prefix(config: str) -> str:
@@ -148,13 +183,28 @@ def claim_result(claim: Claim, rows: list[dict[str, Any]], prefix: str) -> dict[
         t, c = value(seed, claim.treatment), value(seed, claim.control)
         if isinstance(t, (int, float)) and isinstance(c, (int, float)):
             per_seed.append({"seed": seed, "treatment": t, "control": c, "effect": t - c})
-    result: dict[str, Any] = {"per_seed": per_seed, "failed": failed, "n": len(per_seed)}
+    ran = [r for r in mine if r.get("state") == "finished"]
+    result: dict[str, Any] = {"per_seed": per_seed, "failed": failed, "n": len(per_seed), "ran": len(ran)}
     for key in ("treatment", "control", "effect"):
         values = [s[key] for s in per_seed]
         result[key] = statistics.fmean(values) if values else None
         result[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
     result["verdict"] = verdict(claim, result["effect"])
+    if result["effect"] is None and ran:  # the runs ran: say what is missing, never "not run"
+        result["verdict"] = _missing(claim, ran)
     return result
+
+
+def _missing(claim: Claim, ran: list[dict[str, Any]]) -> str:
+    """Why finished runs gave no effect: the metric is in none of their rows, or no row matches a side."""
+    from .errors import nearest
+
+    names = sorted({k for r in ran for k, v in r.items() if isinstance(v, (int, float))})
+    if not any(claim.metric in r for r in ran):
+        hint = nearest(claim.metric, names, n=3)
+        return f"no value: its runs finished but write no {claim.metric}" + (f" (nearest: {', '.join(hint)})"
+                                                                               if hint else "")
+    return "no value: its runs finished but no row matches its treatment and control in every seed"
 
 
 def verdict(claim: Claim, effect: Optional[float]) -> str:
@@ -230,7 +280,7 @@ def _summary_rows(manifest: Manifest, results: dict[str, dict[str, Any]]) -> lis
             paper = claim.paper
             paper_effect = None if paper.treatment is None or paper.control is None else \
                 paper.treatment - paper.control
-            ours = "not run" if r is None or r["n"] == 0 else \
+            ours = "not run" if r is None or (r["n"] == 0 and not r.get("ran")) else "no value" if r["n"] == 0 else \
                 f"{_num(r['treatment'], r['treatment_std'])} vs {_num(r['control'], r['control_std'])} " \
                 f"(effect {_num(r['effect'], r['effect_std'])}, {r['n']} seed{'s' if r['n'] != 1 else ''})"
             table.append([claim.id, scale, f"{_num(paper.treatment)} vs {_num(paper.control)}"

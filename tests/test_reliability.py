@@ -18,9 +18,11 @@ import torch
 
 from instill import files
 from instill.report import aggregate
+from instill.reproduce import Claim, claim_result, main as reproduce_main
 from instill.run import Run
 from instill.sweep import main as sweep_main
 from tests.conftest import CONFIGS, python_env, run_cli
+from tests.test_reproduce import TINY_MANIFEST
 from tests.test_run_safety import tmpfs
 
 TINY = "configs/tiny_digits.yaml"
@@ -233,3 +235,26 @@ def test_ctrl_c_swallowed_by_a_finalizer_during_the_final_plots_still_ends_with_
     code, err = run_in_child([TINY, "--set", "train.epochs=1", "--out", "checkpoints/plots"])
     assert code == 130, err
     assert err.strip().splitlines()[-1] == "interrupted after the run finished: checkpoints/plots is complete", err
+
+
+# ----------------------------------------------------------------------------------------------- reproduce
+
+
+def test_a_claim_whose_metric_its_stage_never_writes_fails_validation_with_the_nearest_names(workdir, capsys):
+    Path("m.yaml").write_text(TINY_MANIFEST.replace("metric: test_acc", "metric: test_acc_typo"))
+    assert reproduce_main(["--manifest", "m.yaml", "--validate"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "claim tiny_parity: its guide stage writes no metric 'test_acc_typo'; nearest: test_acc" in err, err
+    assert not Path("checkpoints").exists()
+
+
+def test_a_verdict_never_says_not_run_about_runs_that_ran():
+    claim = Claim(id="c", system="s", claim="x", config="a.yaml", stage="custom", metric="test_acc_typo",
+                  treatment={"condition": "subnet"}, control={"condition": "random_init"}, margin=0.1,
+                  paper={"source": "Fig. 2"})
+    ran = [{"point": "a-random_seed=1", "state": "finished", "seed": 1, "condition": c, "test_acc": 0.5}
+           for c in ("subnet", "random_init")]
+    result = claim_result(claim, ran, "a")
+    assert "not run" not in result["verdict"]
+    assert result["verdict"] == "no value: its runs finished but write no test_acc_typo (nearest: test_acc)"
