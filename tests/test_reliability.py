@@ -258,3 +258,17 @@ def test_a_verdict_never_says_not_run_about_runs_that_ran():
     result = claim_result(claim, ran, "a")
     assert "not run" not in result["verdict"]
     assert result["verdict"] == "no value: its runs finished but write no test_acc_typo (nearest: test_acc)"
+
+
+# ------------------------------------------------------------------------------------------ smaller things
+
+
+def test_an_upstream_that_cannot_start_is_refused_without_announcing_it_or_leaving_a_lock(workdir, capsys):
+    Path("not_a_run").mkdir()
+    text = Path("configs/tiny_shapes_ablate.yaml").read_text().replace("configs/tiny_shapes_base.yaml", "not_a_run")
+    Path("configs/tiny_shapes_ablate.yaml").write_text(text)
+    assert run_cli("transfer", "configs/tiny_shapes_transfer.yaml") == 2
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and "not_a_run is not a finished run directory" in err, err
+    assert "so running" not in out, out
+    assert not Path("checkpoints").exists(), list(Path("checkpoints").rglob("*"))

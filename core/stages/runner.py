@@ -106,13 +106,15 @@ def _noticed_interrupts():
 RESUME_OVERRIDES = ("train.threads", "train.progress")  # what --set may change on --resume: not the results
 
 
-def execute(cfg: RunConfig, *, resume: bool = False, overrides: list[str] = ()) -> Path:
+def execute(cfg: RunConfig, *, resume: bool = False, overrides: list[str] = (), announce: Optional[str] = None
+            ) -> Path:
     """Run a stage end to end; returns its run directory. UserErrors leave nothing half-written behind.
 
     Args:
         cfg: the validated config.
         resume: continue the unfinished run in ``cfg.output_dir`` with the config (and seed) it started with.
         overrides: the ``--set`` items given with ``resume``; only RESUME_OVERRIDES keys are accepted.
+        announce: a line printed once the run has started (after its checks and its directory's claim).
 
     Raises:
         UserError: bad input, checked before the run directory is claimed where possible.
@@ -136,7 +138,7 @@ def execute(cfg: RunConfig, *, resume: bool = False, overrides: list[str] = ()) 
     run.attach_sinks(sink_factory(cfg.logging, cfg.name, cfg.model_dump(mode="json")))
     try:
         with _noticed_interrupts() as noticed:
-            path = _run_stage(module, cfg, run, seed, device, resume)
+            path = _run_stage(module, cfg, run, seed, device, announce)
         if noticed:  # a Ctrl-C that a finalizer swallowed: the run finished all the same
             raise Interrupted(path, False, finished=True)
         return path
@@ -175,11 +177,14 @@ def _dump_without(cfg: RunConfig, keys: tuple[str, ...]) -> dict[str, Any]:
     return dump
 
 
-def _run_stage(module, cfg: RunConfig, run: Run, seed: int, device: torch.device, resume: bool) -> Path:
+def _run_stage(module, cfg: RunConfig, run: Run, seed: int, device: torch.device, announce: Optional[str]
+               ) -> Path:
     repro = cfg.reproducibility
     seed_everything(seed, repro.deterministic)  # the same RNG state whatever prepare() consumed
     verb = "resuming" if run.resumed else ("replaying into" if run.replay_of else "writing")
     if dist.is_main():
+        if announce:
+            print(announce, flush=True)
         print(f"{cfg.stage}: {verb} {run.path} (seed {seed})", flush=True)
     try:
         summary = module.main(Context(cfg, run, seed, device))

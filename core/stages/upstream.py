@@ -12,6 +12,7 @@ from typing import Any, Optional
 from .. import dist
 from ..config import RunConfig, read_yaml
 from ..errors import UserError
+from ..files import first_missing, make_directory, remove_quietly, write_error
 from ..seeds import derive_seed
 from ..run import has_state, is_finished
 from .runner import Interrupted, execute, load_stage_config
@@ -48,13 +49,22 @@ def _upstream_lock(output_dir: str):
         yield
         return
     out = Path(output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    created = first_missing(out.parent)
+    make_directory(out.parent)
+    lock_file = out.parent / f".{out.name}.lock"
+    try:
+        with open(lock_file, "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                remove_quietly(str(lock_file))  # a waiter that opened it still gets it; it re-checks the run first
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    except OSError as err:
+        raise write_error(lock_file, err) from None
+    finally:
+        if created is not None and not any(created.iterdir()):  # an upstream that could not start: no folders
+            created.rmdir()
 
 
 def resolve_upstream(ref: str, stage: str, key: str) -> str:
@@ -86,11 +96,9 @@ def _produce_upstream(cfg: RunConfig, path: Path, key: str) -> str:
     if is_finished(cfg.output_dir):  # another process made it while this one waited for the lock
         return cfg.output_dir
     unfinished = has_state(cfg.output_dir)  # an upstream run interrupted earlier: continue it
-    if dist.is_main():
-        what = "unfinished, so resuming" if unfinished else "missing, so running"
-        print(f"{key}: {cfg.output_dir} is {what} {path} first", flush=True)
-    try:
-        return str(execute(cfg, resume=unfinished))
+    what = "unfinished, so resuming" if unfinished else "missing, so running"
+    try:  # said once the upstream run has really started, not before a refusal of its config
+        return str(execute(cfg, resume=unfinished, announce=f"{key}: {cfg.output_dir} is {what} {path} first"))
     except Interrupted as err:
         err.upstream = True  # rerunning the downstream command resumes it; --resume would name the wrong stage
         raise
