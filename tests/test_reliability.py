@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from instill import files
+from instill.errors import UserError
 from instill.report import aggregate
 from instill.reproduce import Claim, claim_result, main as reproduce_main
 from instill.run import Run
@@ -272,3 +273,21 @@ def test_an_upstream_that_cannot_start_is_refused_without_announcing_it_or_leavi
     assert len(err.strip().splitlines()) == 1 and "not_a_run is not a finished run directory" in err, err
     assert "so running" not in out, out
     assert not Path("checkpoints").exists(), list(Path("checkpoints").rglob("*"))
+
+
+def test_resume_accepts_a_set_equal_to_what_the_run_recorded_after_resolution(workdir):
+    """Up-arrow and --resume: guide_run=<config> was recorded as the run directory it resolved to."""
+    from instill.config import to_yaml
+    from instill.stages.runner import _resumed_config, load_stage_config
+
+    Path("checkpoints/tiny_digits").mkdir(parents=True)
+    Path("checkpoints/tiny_digits/config.yaml").write_text(to_yaml(load_stage_config(TINY, "base")))
+    cfg = load_stage_config("configs/tiny_guide_digits.yaml", "guide", out="checkpoints/g")
+    cfg.guidance.guide_run = "checkpoints/tiny_digits"  # as prepare() resolved it
+    Path("checkpoints/g").mkdir()
+    Path("checkpoints/g/config.yaml").write_text(to_yaml(cfg))
+    same = ["guidance.guide_run=configs/tiny_digits.yaml", "train.epochs=2"]
+    assert _resumed_config(cfg, same).guidance.guide_run == "checkpoints/tiny_digits"
+    with pytest.raises(UserError, match="would change guidance.guide_run from 'checkpoints/tiny_digits' to "
+                                        "'configs/tiny_guide_parity.yaml'"):
+        _resumed_config(cfg, ["guidance.guide_run=configs/tiny_guide_parity.yaml"])

@@ -352,7 +352,7 @@ def test_resume_messages(workdir, finished_base, capsys):
     shutil.copytree(finished_base, "checkpoints/u")
     os.remove("checkpoints/u/summary.json")
     assert run_cli("base", TINY, "--out", "checkpoints/u", "--resume", "--set", "train.optimizer.lr=0.5") == 2
-    one_line(capsys, "--set train.optimizer.lr=0.5 would change it")
+    one_line(capsys, "--set train.optimizer.lr=0.5 would change train.optimizer.lr from 0.003 to 0.5")
 
 
 def test_upstream_of_the_wrong_stage_and_data_of_the_wrong_kind(workdir, capsys):

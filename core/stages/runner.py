@@ -18,7 +18,7 @@ import torch
 
 from ..data.info import DatasetInfo
 from .. import dist
-from ..config import RunConfig, load_config, to_yaml
+from ..config import RunConfig, load_config, read_yaml, to_yaml
 from ..data import DataBundle, DataContext
 from ..errors import UserError, under_key
 from ..loggers import check_available as check_loggers
@@ -158,12 +158,37 @@ def _resumed_config(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         raise UserError(f"--resume: {out} is not a run directory (no config.yaml)")
     stored = load_stage_config(config, cfg.stage, out=cfg.output_dir)
     kept = _dump_without(stored, RESUME_OVERRIDES)
+    accepted = []
     for item in overrides:
-        changed = load_stage_config(config, cfg.stage, [item], out=cfg.output_dir)
-        if _dump_without(changed, RESUME_OVERRIDES) != kept:
-            raise UserError(f"--resume continues a run with its own config.yaml; --set {item} would change it "
-                            f"(with --resume, --set may change only {', '.join(RESUME_OVERRIDES)})")
-    return load_stage_config(config, cfg.stage, list(overrides), out=cfg.output_dir)
+        changed = _dump_without(load_stage_config(config, cfg.stage, [item], out=cfg.output_dir), RESUME_OVERRIDES)
+        key = item.partition("=")[0].strip()
+        old, new = _value_at(kept, key), _value_at(changed, key)
+        if changed == kept:
+            accepted.append(item)
+        elif not _names_run(new, old):  # a config naming the very run the stored config resolved it to: the same
+            raise UserError(f"--resume continues a run with its own config.yaml; --set {item} would change {key} "
+                            f"from {old!r} to {new!r} (with --resume, --set may change only "
+                            f"{', '.join(RESUME_OVERRIDES)})")
+    return load_stage_config(config, cfg.stage, accepted, out=cfg.output_dir)
+
+
+def _value_at(dump: dict[str, Any], key: str) -> Any:
+    node: Any = dump
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _names_run(value: Any, run_dir: Any) -> bool:
+    """Is ``value`` a config file whose run directory is ``run_dir`` (how an upstream reference is recorded)?"""
+    if not (isinstance(value, str) and value.endswith((".yaml", ".yml")) and Path(value).is_file()
+            and isinstance(run_dir, str) and (Path(run_dir) / "config.yaml").is_file()):
+        return False
+    try:
+        stage = read_yaml(Path(run_dir) / "config.yaml").get("stage")
+        return isinstance(stage, str) and Path(load_stage_config(value, stage).output_dir) == Path(run_dir)
+    except UserError:
+        return False
 
 
 def _dump_without(cfg: RunConfig, keys: tuple[str, ...]) -> dict[str, Any]:
