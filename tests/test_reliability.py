@@ -291,3 +291,19 @@ def test_resume_accepts_a_set_equal_to_what_the_run_recorded_after_resolution(wo
     with pytest.raises(UserError, match="would change guidance.guide_run from 'checkpoints/tiny_digits' to "
                                         "'configs/tiny_guide_parity.yaml'"):
         _resumed_config(cfg, ["guidance.guide_run=configs/tiny_guide_parity.yaml"])
+
+
+def test_an_integer_layer_index_is_refused_in_one_line():
+    from instill.compare.measures import compare_models
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with pytest.raises(UserError, match=r"layer 0 is not a layer name or type: .*\(the module named '0'\?\)"):
+        compare_models(model, model, [torch.randn(8, 4)], layers_a=[0, 2], measures=["cka_minibatch"])
+
+
+def test_the_root_modules_own_weights_are_maskable():
+    from instill.subnetworks.masks import MaskConfig, MaskedModel, select_targets
+
+    assert [t.name for t in select_targets(torch.nn.Linear(4, 3), ["Linear"])] == ["weight"]
+    masked = MaskedModel(torch.nn.Linear(4, 3), MaskConfig(layers=["Linear"]))
+    assert masked(torch.randn(2, 4)).shape == (2, 3)

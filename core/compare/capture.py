@@ -98,6 +98,11 @@ def select_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec]) -> 
     """``{name: module}`` for the given names and types, in the model's registration order, each module once."""
     specs = [layers] if isinstance(layers, (str, type)) else list(layers)
     modules = _named_modules(model)
+    for spec in specs:  # an index (pytorch-cka style) would silently mean different layers in different models
+        if not isinstance(spec, (str, type)):
+            hint = f" (the module named {str(spec)!r}?)" if str(spec) in modules else ""
+            raise UserError(f"layer {spec!r} is not a layer name or type: name layers as in named_modules(), "
+                            f"e.g. 'layers.0', or by type, e.g. 'type:Linear'{hint}")
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     names = [spec for spec in specs if isinstance(spec, str) and not spec.startswith("type:")]
     kinds = [spec.removeprefix("type:") if isinstance(spec, str) else spec for spec in specs if spec not in names]

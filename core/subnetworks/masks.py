@@ -197,8 +197,8 @@ def select_targets(model: nn.Module, layers: Sequence[str], mask_bias: bool = Fa
 
 def _match(entry: str, model: nn.Module, modules, canonical, mask_bias: bool) -> list[tuple[str, int]]:
     kinds = layer_kinds()
-    if entry in kinds:
-        return [hit for _, m in modules if isinstance(m, kinds[entry].cls)
+    if entry in kinds:  # the root too: a bare nn.Linear given as the model is a layer like any other
+        return [hit for _, m in [("", model), *modules] if isinstance(m, kinds[entry].cls)
                 for hit in _module_params(m, kinds[entry], canonical, mask_bias)]
     named = [(name, m) for name, m in modules if fnmatch.fnmatchcase(name, entry)]
     hits = []
