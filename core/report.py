@@ -1,7 +1,7 @@
 """Tables and plots over run directories.
 
     python -m instill.report checkpoints/           one row per run: name, stage, seed, status, duration, key metrics
-    python -m instill.report checkpoints/ --plot    also write curves.png into each run (a sweep: each sub-run)
+    python -m instill.report checkpoints/ --plot    also plot each run's curves into reports/curves/ (--plot-dir)
     python -m instill.report SWEEP_DIR [--metric M] [--x KEY]
                                                     a sweep: one row per point, then mean, std and count over
                                                     seeds per condition; CSVs and M-against-KEY plots in report/
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from .files import atomic_save, read_json
+from .files import atomic_save, make_directory, read_json
 from .run import has_state, read_metrics
 
 KEY_METRICS = ("test_acc", "val_acc", "textured_acc", "shape_only_acc", "shape_bias")
@@ -90,15 +90,26 @@ def sub_runs(path: Path) -> list[Path]:
         (p / f).is_file() for f in ("summary.json", "state.pt", "metrics.jsonl")))
 
 
-def find_runs(folder: Path) -> list[Path]:
-    """Run directories at any depth below ``folder`` (not descending into a run directory)."""
+def find_runs(folder: Path, _seen: Optional[set] = None) -> list[Path]:
+    """Run directories at any depth below ``folder`` (not descending into a run directory). A symbolic link that
+    loops (to itself, or to a folder above it) is skipped with a line on stderr, not silently."""
+    seen = set() if _seen is None else _seen
+    try:
+        real = folder.resolve(strict=True)
+    except (OSError, RuntimeError):  # RuntimeError: Python < 3.13 reports a symlink loop so
+        print(f"skipped {folder}: a symbolic link loop", file=sys.stderr)
+        return []
+    if real in seen:
+        print(f"skipped {folder}: a symbolic link to a folder already listed (a loop)", file=sys.stderr)
+        return []
+    seen.add(real)
     if is_run_dir(folder):
         return [folder]
     try:
-        children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        children = sorted(p for p in folder.iterdir() if (p.is_dir() or p.is_symlink()) and not p.name.startswith("."))
     except OSError:
         return []
-    return [run for child in children for run in find_runs(child)]
+    return [run for child in children for run in find_runs(child, seen)]
 
 
 def is_run_dir(path: Path) -> bool:
@@ -176,9 +187,9 @@ def _is_fraction(keys: list[str]) -> bool:
     return bool(keys) and all(k.endswith(("_acc", "shape_bias")) or k in ("density",) for k in keys)
 
 
-def plot_run(path: str | Path) -> Optional[Path]:
-    """curves.png: the losses and accuracies logged at each evaluation against the optimizer step; None when
-    nothing was logged. A sweep (a run with sub-runs) has no curve of its own: see ``plot_runs``."""
+def plot_run(path: str | Path, out: Optional[Path] = None) -> Optional[Path]:
+    """curves.png (or ``out``): the losses and accuracies logged at each evaluation against the optimizer step;
+    None when nothing was logged. A sweep (a run with sub-runs) has no curve of its own: see ``plot_runs``."""
     path = Path(path)
     rows = read_metrics(path)
     if not rows:
@@ -204,17 +215,23 @@ def plot_run(path: str | Path) -> Optional[Path]:
     sub_run = (path.parent / "config.yaml").is_file()  # a sweep's condition: say whose
     fig.suptitle(f"{path.parent.name} / {path.name}" if sub_run else path.name)
     fig.tight_layout()
-    out = path / "curves.png"
+    out = path / "curves.png" if out is None else out
     _save_figure(fig, out)
     return out
 
 
-def plot_runs(path: str | Path) -> list[Path]:
+def plot_runs(path: str | Path, out: Optional[Path] = None, name: str = "") -> list[Path]:
     """curves.png for a run, or for each sub-run of a sweep (whose own metrics are one row per condition, not a
-    training curve)."""
+    training curve); into ``out`` (a folder, as ``<name>[--<sub-run>]-curves.png``) instead of the runs."""
     path = Path(path)
     subs = sub_runs(path)
-    written = [plot_run(sub) for sub in subs] if subs else [plot_run(path)]
+
+    def target(sub: Optional[Path]) -> Optional[Path]:
+        if out is None:
+            return None
+        return out / ("--".join([name.replace("/", "--"), *([sub.name] if sub else [])]) + "-curves.png")
+
+    written = [plot_run(sub, target(sub)) for sub in subs] if subs else [plot_run(path, target(None))]
     return [p for p in written if p is not None]
 
 
@@ -516,7 +533,9 @@ def _pyplot():
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m instill.report", description=__doc__.splitlines()[0])
     parser.add_argument("root", nargs="?", default="checkpoints", help="a run directory or a folder of them")
-    parser.add_argument("--plot", action="store_true", help="write curves.png into each run directory")
+    parser.add_argument("--plot", action="store_true",
+                        help="write each run's training curves into --plot-dir (never into the runs)")
+    parser.add_argument("--plot-dir", default="reports/curves", help="the folder of --plot (default reports/curves)")
     parser.add_argument("--metric", action="append", default=[],
                         help="a sweep: the metric to aggregate and plot (repeatable; default: the key metrics)")
     parser.add_argument("--x", help="a sweep: the key to plot the metric against (default: n, or the first "
@@ -548,9 +567,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             pass
     print(format_table(rows))
     if args.plot:
+        from .errors import UserError
+
+        try:
+            make_directory(args.plot_dir)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return err.exit_code
         for path in runs:
+            name = path.name if path == root else str(path.relative_to(root))
             try:
-                written = plot_runs(path)
+                written = plot_runs(path, Path(args.plot_dir), name)
             except Exception as err:  # one bad run must not stop the others' plots
                 print(f"{path.name}: no plot ({err.__class__.__name__}: {err})", file=sys.stderr)
                 continue

@@ -42,7 +42,9 @@ def test_a_sweep_plots_each_condition_not_its_summary_rows(workdir, capsys):
     assert subs and all((sub / "curves.png").is_file() for sub in subs)  # written by the stage itself
     for sub in subs:
         (sub / "curves.png").unlink()
-    assert report_main([str(run.parent), "--plot"]) == 0
-    assert all((sub / "curves.png").is_file() for sub in subs) and not (run / "curves.png").exists()
-    dpi = Image.open(subs[0] / "curves.png").info["dpi"]
+    assert report_main([str(run.parent), "--plot"]) == 0  # into reports/curves/: a finished run is never touched
+    assert not any((sub / "curves.png").exists() for sub in subs) and not (run / "curves.png").exists()
+    plots = [Path(f"reports/curves/tiny_guide_digits--{sub.name}-curves.png") for sub in subs]
+    assert all(p.is_file() for p in plots)
+    dpi = Image.open(plots[0]).info["dpi"]
     assert dpi == pytest.approx((150, 150), abs=0.5)

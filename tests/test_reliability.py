@@ -307,3 +307,19 @@ def test_the_root_modules_own_weights_are_maskable():
     assert [t.name for t in select_targets(torch.nn.Linear(4, 3), ["Linear"])] == ["weight"]
     masked = MaskedModel(torch.nn.Linear(4, 3), MaskConfig(layers=["Linear"]))
     assert masked(torch.randn(2, 4)).shape == (2, 3)
+
+
+def test_report_plot_never_touches_a_finished_run_and_names_symlink_loops(workdir, capsys):
+    from instill.report import main as report_main
+
+    assert run_cli("base", TINY, "--set", "train.epochs=1", "--out", "checkpoints/done") == 0
+    before = {p: p.read_bytes() for p in Path("checkpoints/done").iterdir()}
+    os.symlink("loop", "checkpoints/loop")  # a link to itself
+    os.symlink(".", "checkpoints/self")  # a link to the folder it is in
+    capsys.readouterr()
+    assert report_main(["checkpoints", "--plot"]) == 0
+    out, err = capsys.readouterr()
+    assert {p: p.read_bytes() for p in Path("checkpoints/done").iterdir()} == before
+    assert Path("reports/curves/done-curves.png").is_file()
+    assert "skipped checkpoints/loop: a symbolic link loop" in err, err
+    assert "skipped checkpoints/self: a symbolic link to a folder already listed (a loop)" in err, err
