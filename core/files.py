@@ -97,8 +97,8 @@ def write_error(path: str | Path, err: BaseException) -> UserError:
 
 
 def _file_in_the_way(path: Path) -> Optional[Path]:
-    """The first folder on ``path``'s way (its parents, from the top) that exists and is not a folder."""
-    for folder in reversed(path.parents):
+    """The first folder on ``path``'s way (its parents from the top, then itself) that exists and is not one."""
+    for folder in [*reversed(path.parents), path]:
         if os.path.lexists(folder) and not folder.is_dir():
             return folder
     return None
