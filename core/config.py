@@ -109,7 +109,8 @@ class OptimizerConfig(Section):
 
 
 class ScheduleConfig(Section):
-    name: Literal["constant", "step", "cosine"] = "constant"
+    name: Literal["constant", "step", "cosine", "linear"] = Field(
+        "constant", description="linear: decay to 0 at the last step after warm-up (the HF Trainer's default)")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 over this many optimizer steps")
     step_epochs: int = Field(1, ge=1, description="step schedule: multiply by gamma every this many epochs")
     gamma: float = Field(0.1, gt=0)
@@ -424,8 +425,11 @@ def load_config(path: str | Path, schema: type[RunConfig], stage: str, overrides
 
     ``overrides`` are ``--set`` strings; ``values`` typed values by dotted key (a sweep point's), applied after them.
     """
+    from .migrate import translated_if_original
+
     components = component_paths(schema)
-    raw = apply_overrides(read_yaml(path, components), list(overrides), components=components)
+    raw = translated_if_original(read_yaml(path, components), path)  # the original code's YAML schema
+    raw = apply_overrides(raw, list(overrides), components=components)
     if values:
         raw = apply_values(raw, values, str(path))
     declared = raw.setdefault("stage", stage)

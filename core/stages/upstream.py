@@ -56,8 +56,14 @@ def _upstream_lock(output_dir: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def resolve_upstream(ref: str, stage: str, key: str) -> str:
-    """The finished run directory that ``ref`` names: a run directory, or a config file (run now if needed)."""
+def resolve_upstream(ref: str, stage: str, key: str, mask_base: Optional[str] = None) -> str:
+    """The finished run directory that ``ref`` names: a run directory, a config file (run now if needed), or what
+    the original code wrote (an HF checkpoint folder, a NeuroSurgeon state dict over ``mask_base``: imported)."""
+    from ..migrate.imports import resolve_imported
+
+    imported = resolve_imported(ref, stage, key, mask_base)
+    if imported is not None:
+        return imported
     path = Path(ref)
     if path.is_dir():
         if not is_finished(path):
