@@ -75,7 +75,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         if os.path.lexists(args.out):
             raise UserError(f"-o {args.out}: already exists (never overwritten); choose a new file")
-        from ..run import atomic_write_text
+        from ..files import atomic_write_text
 
         atomic_write_text(args.out, text)
         print(f"wrote {args.out} (instill stage {translation.stage})", file=sys.stderr)

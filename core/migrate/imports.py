@@ -4,7 +4,7 @@
   ``model.safetensors`` or ``pytorch_model.bin``) of a GPT-2 becomes a base run directory (``model.safetensors`` +
   ``model.json`` + a finished ``summary.json``) that the ablate and transfer stages read as ``base``.
 * A NeuroSurgeon ``best_circuit_model.pt`` (with the base it was found on) becomes a mask directory, by the
-  existing converter (``instill.masks.import_neurosurgeon``).
+  existing converter (``instill.subnetworks.neurosurgeon.import_neurosurgeon``).
 
 Imports go to ``checkpoints/imported/<folder>-<content hash>``: the same files give the same directory, made once
 and reused (another file, another directory). ``.bin`` files load with ``torch.load(weights_only=True)``; nothing
@@ -107,8 +107,8 @@ def _write_gpt2_run(tmp: Path, config: dict, weights: Path, key: str) -> None:
 
     from ..data.arithmetic import info
     from ..models import build_fresh
-    from ..run import atomic_write_json
-    from ..sources import read_state_dict
+    from ..compare.sources import read_state_dict
+    from ..files import atomic_write_json
 
     model_cfg = gpt2_model_config(config, key)
     data_info = info(task="a+ab", modulus=7, numbers=int(config.get("vocab_size", 50257)) - 1,
@@ -138,7 +138,7 @@ def neurosurgeon_file(ref: str | Path) -> Optional[Path]:
 
 def import_neurosurgeon_mask(state_file: Path, base: str, key: str = "transfer.mask") -> str:
     """The mask directory of NeuroSurgeon state dict ``state_file`` over base run ``base`` (made on first use)."""
-    from ..masks import import_neurosurgeon
+    from ..subnetworks.neurosurgeon import import_neurosurgeon
 
     if not state_file.is_file():
         raise UserError(f"{key}: {state_file} not found")
