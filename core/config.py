@@ -419,16 +419,28 @@ def validate(raw: dict[str, Any], schema: type[RunConfig], source: str) -> RunCo
         raise UserError(f"{source}: {err}") from None
 
 
+# Translators of configs in another schema (the original code bases' YAML), imported by name when a config is read:
+# they sit in a higher layer of the package (instill.migrate) and import from this module, never the other way.
+TRANSLATOR_MODULES = ("migrate",)
+
+
+def _translated(raw: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """``raw``, or the instill config a translator makes of a file in another schema."""
+    import importlib
+
+    for name in TRANSLATOR_MODULES:
+        raw = importlib.import_module(f".{name}", __package__).translated_if_original(raw, path)
+    return raw
+
+
 def load_config(path: str | Path, schema: type[RunConfig], stage: str, overrides: list[str] = (),
                 values: Optional[dict[str, Any]] = None) -> RunConfig:
     """Read, merge, override and validate a config for ``stage``; fill ``name`` and ``output_dir``.
 
     ``overrides`` are ``--set`` strings; ``values`` typed values by dotted key (a sweep point's), applied after them.
     """
-    from .migrate import translated_if_original
-
     components = component_paths(schema)
-    raw = translated_if_original(read_yaml(path, components), path)  # the original code's YAML schema
+    raw = _translated(read_yaml(path, components), path)
     raw = apply_overrides(raw, list(overrides), components=components)
     if values:
         raw = apply_values(raw, values, str(path))
