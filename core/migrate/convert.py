@@ -27,7 +27,11 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         command = []
     from .flags import ORIGINALS
 
-    parser = argparse.ArgumentParser(prog="instill convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="instill convert", description="Write an original code base's config or command line as an instill "
+        "config, with a comment per key or flag (docs/migrating.md tables them).",
+        epilog="forms: instill convert ORIGINAL.yaml [-o OUT.yaml]; instill convert --from ORIGINAL [-o OUT.yaml] "
+               "-- <original command line>")
     parser.add_argument("config", nargs="?", help="a config in the Rock-Z/instilling-inductive-bias schema")
     parser.add_argument("--from", dest="original", choices=sorted(ORIGINALS),
                         help="translate the original command line given after --")
