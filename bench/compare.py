@@ -5,7 +5,8 @@ Setup: two ConvNets of the registry (``convnet``, eight 3x3 conv blocks 16-16-32
 ``compare_nets.py`` default), the outputs of all 8 blocks of each: an 8 x 8 matrix of minibatch linear CKA
 (unbiased HSIC summed over batches, Nguyen et al. 2021).
 
-* ``ours``: ``instill.compare.compare_models(..., measures=["cka_minibatch"])``: one Gram matrix per layer per batch,
+* ``ours``: ``instill.compare.measures.compare_models(..., measures=["cka_minibatch"])``: one Gram matrix per layer per
+batch,
   U-centred once, all 64 pairs from one matmul, accumulated in float64 on the device, one transfer at the end.
 * ``torch_cka``: ``torch_cka.CKA(...).compare(loader)`` (pip install torch-cka, a benchmark-only extra:
   ``pip install -e .[bench]``): per pair it recomputes both layers' self-HSIC, with O(n^3) ``trace(K @ L)`` products,
@@ -35,7 +36,7 @@ import warnings
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from instill.compare import compare_models
+from instill.compare.measures import compare_models
 from instill.data import DataContext, DatasetInfo
 from instill.registry import DATASETS, MODELS
 
@@ -79,7 +80,7 @@ def run_torch_cka(model_a, model_b, loader, device, no_grad: bool = False) -> to
 def run_textbook(model_a, model_b, loader, device) -> torch.Tensor:
     """torch-cka's algorithm written out, for machines without it: per pair, both Gram matrices and three unbiased
     HSIC estimates with O(n^3) ``trace(K @ L)``, each synchronised with ``.item()``."""
-    from instill.features import FeatureCapture
+    from instill.compare.capture import FeatureCapture
 
     def hsic(k, l):
         n = k.shape[0]

@@ -18,7 +18,8 @@ Prints these ratios (lower is better) and, last, one JSON object with them:
   counts parameters, buffers and freezing state (params only); ``transfer_training_memory_vs_plain`` counts them
   just before an optimizer step, with gradients and AdamW state (training step). Target <= 1.1 for the training
   step at the preset's density. Each frozen entry costs its saved value and one byte for its position
-  (``instill.transfer.FrozenEntries``), whatever the density; the values cannot be dropped without reading them
+  (``instill.subnetworks.transplant.FrozenEntries``), whatever the density; the values cannot be dropped without
+  reading them
   from elsewhere, so params-only stays above 1.1.
 
 Timing: the compared steps take turns (``--repeats`` rounds after warm-up); a ratio is the median over rounds.
@@ -38,8 +39,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from instill.masks import MaskConfig, MaskedModel
-from instill.transfer import transplant
+from instill.subnetworks.masks import MaskConfig, MaskedModel
+from instill.subnetworks.transplant import transplant
 from timing import interleaved_times, median_ratio
 
 

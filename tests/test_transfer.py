@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from instill.errors import UserError
-from instill.transfer import CONDITIONS, FrozenEntries, sample_mask, transplant
+from instill.subnetworks.transplant import CONDITIONS, FrozenEntries, sample_mask, transplant
 
 MASKED = ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight",
           "transformer.h.1.mlp.c_proj.weight")
@@ -206,7 +206,7 @@ def test_sample_mask_refuses_complement_of_a_majority_mask():
 
 
 def test_check_condition_names_every_layer_a_complement_sample_cannot_fit():
-    from instill.transfer import check_condition
+    from instill.subnetworks.transplant import check_condition
 
     bias = torch.zeros(32, dtype=torch.bool)
     bias[:17] = True  # a neuron + bias mask whose bias layer keeps 17 of its 32 entries
@@ -254,7 +254,7 @@ def test_no_extra_parameters_and_compact_memory():
 
 @pytest.mark.parametrize("numel, density", [(1000, 0.3), (513, 1.0), (4096, 0.002), (70_000, 0.9)])
 def test_compact_positions_give_back_the_exact_indices(numel, density):
-    from instill.transfer import _Positions
+    from instill.subnetworks.transplant import _Positions
 
     g = torch.Generator().manual_seed(numel)
     mask = torch.rand(numel, generator=g) < density
