@@ -34,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from instill.alignment import conv_score, dense_score, hutchinson_score
+from instill.align.scores import conv_score, dense_score, hutchinson_score
 
 DENSE = [(20, 30), (64, 64), (256, 64), (10, 256), (1024, 256)]  # (out, in): the test's, digits MLP layers
 CONV = [(16, 1, 3, 1, 8), (8, 4, 3, 1, 8), (16, 16, 3, 1, 8), (16, 16, 3, 2, 8), (32, 16, 3, 2, 16), (16, 16, 3, 1, 4),
