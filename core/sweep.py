@@ -645,6 +645,26 @@ def _run_slurm(sweep: Sweep, todo: list[str], done) -> None:
     todo = [name for name in todo if name not in adopted]
     if todo:
         pending.update(_submit_array(sweep, todo, folder))
+    try:
+        _wait_for_jobs(sweep, pending, done)
+    except KeyboardInterrupt:  # Ctrl-C: no job of this sweep is left queued or running behind the user's back
+        _cancel_jobs(sweep, pending)
+        raise
+
+
+def _cancel_jobs(sweep: Sweep, pending: dict[str, Any]) -> None:
+    """Cancel the jobs still queued or running; their points resume from their saved state on the next run."""
+    for name, job in pending.items():
+        with contextlib.suppress(Exception):  # already ended, or the controller is gone: nothing left to cancel
+            job.cancel(check=False)
+        atomic_write_json(sweep.path / "points" / f"{name}.json",
+                          {"name": name, "state": "interrupted", "slurm_job": job.job_id,
+                           "error": "interrupted: its SLURM job was cancelled (rerun the sweep to resume it)"})
+    if pending:
+        print(f"  cancelled {len(pending)} SLURM job(s) of this sweep", flush=True)
+
+
+def _wait_for_jobs(sweep: Sweep, pending: dict[str, Any], done) -> None:
     while pending:
         for name, job in list(pending.items()):
             if not job.done():

@@ -323,3 +323,33 @@ def test_report_plot_never_touches_a_finished_run_and_names_symlink_loops(workdi
     assert Path("reports/curves/done-curves.png").is_file()
     assert "skipped checkpoints/loop: a symbolic link loop" in err, err
     assert "skipped checkpoints/self: a symbolic link to a folder already listed (a loop)" in err, err
+
+
+def test_ctrl_c_of_a_slurm_sweep_cancels_its_jobs(workdir, monkeypatch, capsys):
+    """No cluster needed: the jobs are stand-ins for submitit's; the waiting loop gets the Ctrl-C."""
+    import instill.sweep as sweep_module
+
+    class Job:
+        cancelled: list[str] = []
+
+        def __init__(self, job_id):
+            self.job_id = job_id
+
+        def done(self):
+            raise KeyboardInterrupt  # the Ctrl-C lands while the sweep waits
+
+        def cancel(self, check=True):
+            Job.cancelled.append(self.job_id)
+
+    write_sweep(f"config: {TINY}\nstage: base\ngrid: {{reproducibility.random_seed: [1, 2]}}")
+    sweep = sweep_module.prepare("s.yaml", executor="local")
+    sweep.path.mkdir(parents=True)
+    (sweep.path / "points").mkdir()
+    monkeypatch.setattr(sweep_module, "live_slurm_jobs", lambda path, names: {})
+    monkeypatch.setattr(sweep_module, "_submit_array",
+                        lambda sweep, todo, folder: {name: Job(f"7_{i}") for i, name in enumerate(todo)})
+    with pytest.raises(KeyboardInterrupt):
+        sweep_module._run_slurm(sweep, [p["name"] for p in sweep.points], lambda outcome: None)
+    assert Job.cancelled == ["7_0", "7_1"]
+    states = {json.loads(p.read_text())["state"] for p in (sweep.path / "points").iterdir()}
+    assert states == {"interrupted"}
