@@ -37,7 +37,7 @@ STAGES = {  # stage: (config, crash moments, replay the resumed run too, --set i
     "guide": ("configs/tiny_guide_parity.yaml", 3, True, []),
     "align": ("configs/tiny_align.yaml", 3, True, ["align.rules=[backprop,fa,dfa]", "align.widths=[8]",
                                                  "train.epochs=1"]),
-    "stitch": ("configs/tiny_stitch.yaml", 3, True, ["stitch.front_layers=[layers.0]"]),
+    "stitch": ("configs/tiny_stitch.yaml", 2, True, ["stitch.front_layers=[layers.0]"]),
     "compare": ("configs/tiny_compare.yaml", 2, False, []),
 }
 NOT_COMPARED = {"env.json", "state.pt", LOCK_FILE}  # times, and training state that holds them
