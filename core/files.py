@@ -116,12 +116,12 @@ def first_missing(path: str | Path) -> Optional[Path]:
     return missing
 
 
-def make_directory(path: str | Path) -> None:
-    """``mkdir -p``, with the one-line error of ``write_error``."""
+def make_directory(path: str | Path, target: Optional[str | Path] = None) -> None:
+    """``mkdir -p``, with the one-line error of ``write_error`` (naming ``target``, what the folder is made for)."""
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise write_error(path, err) from None
+        raise write_error(target or path, err) from None
 
 
 def _disk_full(directory: Path) -> bool:

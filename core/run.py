@@ -291,7 +291,7 @@ def _create(directory: Path, populate: Callable[[Path], None]) -> Optional[RunLo
     if os.path.lexists(directory) and not _is_empty_dir(directory):
         return None
     parent = directory.parent
-    make_directory(parent)
+    make_directory(parent, directory)
     _remove_stale_staging(parent)
     staging, lock = None, None
     try:
