@@ -69,6 +69,22 @@ def did_you_mean(name: str, choices) -> str:
     return f" (did you mean {hint[0]!r}?)" if hint else ""
 
 
+def unknown_name(kind: str, name: str, known, limit: int = 12) -> UserError:
+    """The one wording of an unknown name: ``unknown <kind> 'x' (did you mean 'y'?); known: a, b, c``.
+
+    Args:
+        kind: what the name should have named (``similarity``, ``mask method``, ``layer``).
+        name: what the user wrote.
+        known: the names that exist; the first ``limit`` (sorted) are listed, then how many more there are.
+
+    Returns:
+        The UserError to raise (a caller that must raise a plain ValueError, a pydantic validator, uses its text).
+    """
+    known = sorted(known)
+    shown = ", ".join(known[:limit]) + (f", ... (+{len(known) - limit})" if len(known) > limit else "")
+    return UserError(f"unknown {kind} {name!r}" + did_you_mean(name, known) + (f"; known: {shown}" if known else ""))
+
+
 def exit_code_of(body, interrupted: str = "interrupted") -> int:
     """Run ``body()`` as a command: its exit code, a UserError as its one line on stderr and its code, Ctrl-C as
     ``interrupted`` on stderr and 130 (the one place the command-line tools turn these into exit codes).

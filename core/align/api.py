@@ -42,9 +42,9 @@ def learning_rule(name: str, model: nn.Module, *, criterion: Optional[Callable[[
         optimizer.step()
 
     Args:
-        name: one of ``learning_rules()``: ``backprop``, ``align_zero`` (any model), ``align_ada``, ``align_prop``,
-            ``fa``, ``dfa``, ``last_layer`` (models the rules can tap: ``ntk_mlp``, ``ntk_cnn``, ``add_rnn`` of
-            ``instill.models``).
+        name: one of ``learning_rules()`` (``instill list rules``), or a rule of your own (registered, or its import
+            path); the rules other than ``backprop`` and ``align_zero`` tap only the models built for them
+            (``ntk_mlp``, ``ntk_cnn``, ``add_rnn`` of ``instill.models``).
         model: the network at the start of training.
         criterion: ``criterion(logits, targets)``; default cross-entropy.
         seed: seeds the random feedback of ``fa`` and ``dfa``.

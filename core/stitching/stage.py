@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, confloat, conint, conlist, field_validator, model_validator
 
 from ..data.info import DatasetInfo
@@ -56,8 +55,8 @@ from ..files import atomic_write_csv
 from ..seeds import derive_seed
 from ..compare.similarity import cka, get_similarity
 from ..compare.sources import LoadedModel, ModelSource, load_model_source
-from .stitch import (INITS, MASKS, TARGETS, Head, LinearStats, Side, StitchTransform, Tail, agreement_metrics, freeze,
-                     init_matrix, layout_of, make_mask, target_loss)
+from .stitch import (INITS, MASKS, Head, LinearStats, Side, StitchTransform, Tail, TargetBatch, agreement_metrics,
+                     freeze, init_matrix, layout_of, make_mask, stitch_target)
 from ..train import Objective, fit
 from ..stages.runner import Context, build_data
 from ..stages.upstream import resolve_upstream
@@ -100,7 +99,7 @@ class StitchSection(Section):
     end_layout: Literal["auto", "map", "tokens", "vector"] = "auto"
     init: Literal[INITS] = "random"
     mask: Literal[MASKS] = "identity"
-    target: Literal[TARGETS] = "hard"
+    target: str = Field("hard", description="the training objective: a stitch target (instill list stitch_targets)")
     temperature: confloat(gt=0) = 1.0
     l1: confloat(ge=0) = Field(0.0, description="weight of mean |W|")
     cka: float = Field(0.0, description="weight of CKA(transformed, end activation): > 0 penalises, < 0 rewards")
@@ -117,6 +116,15 @@ class StitchSection(Section):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("target")
+    @classmethod
+    def _known_target(cls, name: str) -> str:
+        try:
+            stitch_target(name)
+        except UserError as err:
+            raise ValueError(str(err)) from None
+        return name
 
     @field_validator("measures")
     @classmethod
@@ -243,8 +251,8 @@ def prepare(cfg: Config) -> None:
     spec = cfg.stitch
     resolve_runs(spec)
     data = build_data(cfg, data_seed(cfg, cfg.reproducibility.random_seed))
-    if spec.target in ("hard",) and not labelled(data):
-        raise UserError(f"stitch.target hard needs labels; data {cfg.data.name} has none (use soft_2)")
+    if stitch_target(spec.target).labels and not labelled(data):
+        raise UserError(f"stitch.target {spec.target} needs labels; data {cfg.data.name} has none (use soft_2)")
     front = load_source(spec.front, "stitch.front", data.info)
     end = load_source(spec.end, "stitch.end", data.info)
     for split_name, split in (("val", data.val), ("train", data.train)):
@@ -358,8 +366,9 @@ def run_pair(ctx: Context, run: Run, data: DataBundle, front: LoadedModel, end: 
     transform = stitch.transform.to(device)
     has_labels = labelled(data)
     cached = spec.cache == "on" or (spec.cache == "auto" and not data.info.augmentation)
-    train_needs = {"b"} | _target_needs(spec.target)
-    if spec.target != "match" and not stitch.tail.traced:
+    target = stitch_target(spec.target)
+    train_needs = {"b"} | set(target.needs)
+    if not target.on_activations and not stitch.tail.traced:
         train_needs.add("x")
     eval_needs = {"b", "front_logits", "end_logits"} | ({"x"} if not stitch.tail.traced else set())
     batch = cfg.train.eval_batch_size
@@ -417,11 +426,6 @@ def run_pair(ctx: Context, run: Run, data: DataBundle, front: LoadedModel, end: 
     return summary
 
 
-def _target_needs(target: str) -> set[str]:
-    return {"soft_1": {"front_logits"}, "soft_2": {"end_logits"}, "soft_12": {"front_logits", "end_logits"},
-            "soft_1_plus_2": {"front_logits", "end_logits"}}.get(target, set())
-
-
 def fit_statistics(transform: StitchTransform, views: Views) -> Optional[LinearStats]:
     """The least-squares statistics of the front rows against the end rows over the training split (one pass);
     None when the map is too wide for them (a wide ``flatten``)."""
@@ -435,17 +439,16 @@ def fit_statistics(transform: StitchTransform, views: Views) -> Optional[LinearS
 
 
 def _loss(spec: StitchSection, stitch: Stitch, views: Views, has_labels: bool) -> Callable:
+    target = stitch_target(spec.target)
+
     def loss(transform, batch):
         index, y = batch
         v = views.get(index.cpu())
         t = transform(v["a"])
         logs: dict[str, float] = {}
-        if spec.target == "match":
-            value = F.mse_loss(t, v["b"])
-        else:
-            logits = stitch.tail(t, v.get("x"))
-            value = target_loss(spec.target, logits, y if has_labels else None, v.get("front_logits"),
-                                v.get("end_logits"), spec.temperature)
+        logits = None if target.on_activations else stitch.tail(t, v.get("x"))
+        value = target(TargetBatch(logits, y if has_labels else None, v.get("front_logits"), v.get("end_logits"),
+                                   t, v.get("b"), spec.temperature))
         logs["task_loss"] = value.item()
         if spec.l1:
             penalty = transform.l1()

@@ -38,19 +38,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ..errors import UserError
+from ..registry import Registry
 from ..compare.capture import select_layers
 
 Layout = Literal["map", "tokens", "vector"]
 INITS = ("random", "identity", "perm", "ones_zeros", "ps_inv", "procrustes")
 MASKS = ("identity", "semi_match", "abs_semi_match", "random_permutation", "random_semi_match_legacy")
-TARGETS = ("hard", "soft_1", "soft_2", "soft_12", "soft_1_plus_2", "match")
 
 
 # ----------------------------------------------------------------------------------------------------- splitting
@@ -571,21 +571,68 @@ def soft_cross_entropy(logits: Tensor, target_logits: Tensor, temperature: float
     return -(F.softmax(target_logits / temperature, -1) * F.log_softmax(logits / temperature, -1)).sum(-1).mean()
 
 
-def target_loss(target: str, logits: Tensor, y: Optional[Tensor], front_logits: Optional[Tensor],
-                end_logits: Optional[Tensor], temperature: float) -> Tensor:
-    """The task term of ``TARGETS`` (``match`` has none: it is the activation loss alone)."""
-    if target == "hard":
-        return F.cross_entropy(logits, y)
-    if target == "soft_1":
-        return soft_cross_entropy(logits, front_logits, temperature)
-    if target == "soft_2":
-        return soft_cross_entropy(logits, end_logits, temperature)
-    if target == "soft_12":
-        return 0.5 * (soft_cross_entropy(logits, front_logits, temperature)
-                      + soft_cross_entropy(logits, end_logits, temperature))
-    if target == "soft_1_plus_2":
-        return soft_cross_entropy(logits, 0.5 * (front_logits + end_logits), temperature)
-    raise UserError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
+@dataclass(frozen=True)
+class TargetBatch:
+    """What a stitch target's loss sees of one batch (a tensor is None where the target does not need it)."""
+
+    logits: Optional[Tensor]  # the stitched network's output (None for a target on activations)
+    labels: Optional[Tensor]
+    front_logits: Optional[Tensor]  # the front model's output on the batch
+    end_logits: Optional[Tensor]  # the end model's output on the batch
+    transformed: Tensor  # the stitched activation, T(front activation)
+    end_activation: Optional[Tensor]  # the end model's activation at the stitched layer
+    temperature: float
+
+
+@dataclass(frozen=True)
+class StitchTarget:
+    """A stitch's training objective: ``loss(batch)`` of a ``TargetBatch``.
+
+    ``needs`` names the models' outputs it reads (each is computed only where some target needs it); ``labels``:
+    it needs the data's labels; ``on_activations``: it compares activations, so the end model's tail never runs.
+    """
+
+    loss: Callable[[TargetBatch], Tensor]
+    needs: frozenset[str] = frozenset({"front_logits", "end_logits"})
+    labels: bool = False
+    on_activations: bool = False
+
+    def __call__(self, batch: TargetBatch) -> Tensor:
+        return self.loss(batch)
+
+
+# Stitch targets, by name: a ``StitchTarget``, or a plain function ``loss(batch: TargetBatch) -> Tensor`` (it is then
+# given both models' logits). Add one with ``@TARGETS.register("name")``, an import path or an entry point of group
+# ``instill.stitch_targets`` (docs/design.md, "Extending instill"); ``instill list stitch_targets`` lists them.
+TARGETS = Registry("stitch target")
+
+
+def _soft(teacher: Callable[[TargetBatch], Tensor]) -> Callable[[TargetBatch], Tensor]:
+    return lambda b: soft_cross_entropy(b.logits, teacher(b), b.temperature)
+
+
+for _name, _target, _doc in (
+    ("hard", StitchTarget(lambda b: F.cross_entropy(b.logits, b.labels), frozenset(), labels=True),
+     "cross-entropy with the labels"),
+    ("soft_1", StitchTarget(_soft(lambda b: b.front_logits), frozenset({"front_logits"})),
+     "soft cross-entropy with the front model's output"),
+    ("soft_2", StitchTarget(_soft(lambda b: b.end_logits), frozenset({"end_logits"})),
+     "soft cross-entropy with the end model's output"),
+    ("soft_12", StitchTarget(lambda b: 0.5 * (soft_cross_entropy(b.logits, b.front_logits, b.temperature)
+                                              + soft_cross_entropy(b.logits, b.end_logits, b.temperature))),
+     "the mean of soft_1 and soft_2"),
+    ("soft_1_plus_2", StitchTarget(_soft(lambda b: 0.5 * (b.front_logits + b.end_logits))),
+     "soft cross-entropy with the mean of both models' outputs"),
+    ("match", StitchTarget(lambda b: F.mse_loss(b.transformed, b.end_activation), frozenset(), on_activations=True),
+     "mean squared difference of the stitched and the end activation (no task term)"),
+):
+    TARGETS.register(_name, doc=_doc)(_target)
+
+
+def stitch_target(name: str) -> StitchTarget:
+    """The target ``name`` names (registered, import path, entry point); a UserError otherwise."""
+    entry = TARGETS.get(name)
+    return entry.build if isinstance(entry.build, StitchTarget) else StitchTarget(entry.build)
 
 
 def agreement_metrics(logits: Tensor, end_logits: Tensor, y: Optional[Tensor]) -> dict[str, Tensor]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence, get_args
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -20,10 +20,6 @@ from ..errors import UserError, exit_code_of
 from .masks import MaskConfig, check_known, listing, make_method, save_mask
 from ..files import atomic_write_json
 
-MaskMethod = Literal["continuous_sparsification", "hard_concrete", "magnitude"]
-METHODS: tuple[str, ...] = get_args(MaskMethod)
-Unit = Literal["weight", "neuron"]
-UNITS: tuple[str, ...] = get_args(Unit)
 NEUROSURGEON_PREFIXES = ("wrapped_model.", "root_model.")
 _NEUROSURGEON_SUFFIXES = {"weight_mask_params": "weight", "bias_mask_params": "bias"}
 NEUROSURGEON_METHODS = ("continuous_sparsification", "hard_concrete")  # the NeuroSurgeon methods with logits

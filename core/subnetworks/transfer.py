@@ -3,10 +3,9 @@
 For every n in ``transfer.n_disambiguation`` (token tasks: the ambiguous rows plus n disambiguating rows; omit it
 for image tasks), every condition and every learning rate, one sub-run trains the condition's starting model
 (``instill.subnetworks.transplant.transplant``) on the same data, selecting on the validation split and stopping early
-when
-``train.early_stop`` says so. Conditions: ``subnet``, ``subnet_trainable``, ``full_model``, ``random_init``,
-``sampled_subnet``, ``sampled_complement``. Every condition at a given n starts from the same fresh weights and
-sees the same batches; the learning-rate sweep stops once a rate reaches ``transfer.lr_stop_at``.
+when ``train.early_stop`` says so. Conditions: see ``instill list conditions`` (yours registered too). Every
+condition at a given n starts from the same fresh weights and sees the same batches; the learning-rate sweep stops
+once a rate reaches ``transfer.lr_stop_at``.
 
 Writes one sub-directory per (n, condition, lr) with its own metrics and state (an interrupted sweep resumes where
 it stopped) and its trained model (``model.safetensors`` + ``model.json``, a model source for compare and
@@ -27,7 +26,7 @@ from typing import Any, Optional
 from pydantic import Field, confloat, conlist, field_validator
 
 from ..config import Section
-from ..errors import UserError, did_you_mean
+from ..errors import UserError
 from .masks import base_run_of, load_mask
 from ..models import build_fresh, load_model, save_model
 from ..report import format_table, plot_bars, plot_lines, plot_runs
@@ -64,9 +63,10 @@ class TransferSection(Section):
     @classmethod
     def _known(cls, conditions: list[str]) -> list[str]:
         for name in conditions:
-            if name not in CONDITIONS:
-                raise ValueError(f"unknown condition {name!r}" + did_you_mean(name, CONDITIONS)
-                                 + f"; known: {', '.join(CONDITIONS)}")
+            try:
+                CONDITIONS.get(name)
+            except UserError as err:
+                raise ValueError(str(err)) from None
         return conditions
 
     @field_validator("n_disambiguation")
