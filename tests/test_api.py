@@ -113,9 +113,11 @@ def test_stitch_models_trains_only_the_transform_and_rejects_bad_input():
     assert {"before_acc", "acc", "agreement", "kl_to_end"} <= set(metrics) and "fit_r2" not in metrics
     with pytest.raises(UserError, match="no layer '9'|'9'"):
         instill.stitch_models(front, end, "9", "1", loader)
-    with pytest.raises(UserError, match="unknown target"):
+    with pytest.raises(UserError, match="target match trains on activations alone"):
         instill.stitch_models(front, end, "1", "1", loader, target="match")
-    with pytest.raises(UserError, match="unknown init"):
+    with pytest.raises(UserError, match="unknown stitch target 'sfot_2' \\(did you mean 'soft_2'\\?\\)"):
+        instill.stitch_models(front, end, "1", "1", loader, target="sfot_2")
+    with pytest.raises(UserError, match="unknown stitch init"):
         instill.stitch_models(front, end, "1", "1", loader, init="eye")
 
 

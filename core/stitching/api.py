@@ -10,7 +10,7 @@ from torch import nn
 from ..errors import UserError, under_key
 from ..train import device_of, input_target_pair, logits_of
 from .stitch import (INITS, Head, LinearStats, Side, StitchedNet, StitchTransform, Tail, TargetBatch,
-                     agreement_metrics, freeze, init_matrix, layout_of, stitch_target)
+                     agreement_metrics, freeze, init_matrix, layout_of, stitch_choice, stitch_target)
 
 __all__ = ["stitch_models", "StitchedNet", "StitchTransform"]
 
@@ -60,8 +60,7 @@ def stitch_models(front: nn.Module, end: nn.Module, front_layer: str, end_layer:
         end_layer: the module name in ``end`` whose output the stitched activation replaces.
         loader: yields ``(inputs, targets)`` batches; the least-squares fit and the training use it.
         transform: ``affine`` (a 1x1 convolution / channel map shared over positions) or ``flatten``.
-        init: one of ``instill.stitching.stitch.INITS``: ``random``, ``identity``, ``perm``, ``ones_zeros``, ``ps_inv``,
-            ``procrustes``.
+        init: a stitch initialisation (``instill list stitch_inits``; yours registered, or its import path).
         rank: restrict the channel map to this rank (``ps_inv`` then becomes reduced-rank regression).
         bias: learn a bias.
         resize: how a front map is brought onto the end's grid when their sizes differ.
@@ -86,10 +85,9 @@ def stitch_models(front: nn.Module, end: nn.Module, front_layer: str, end_layer:
     """
     with under_key("stitch_models"):
         objective = stitch_target(target)
+        initialisation = stitch_choice(INITS, init)
     if objective.on_activations:
         raise UserError(f"stitch_models: target {target} trains on activations alone; use the stitch stage for it")
-    if init not in INITS:
-        raise UserError(f"stitch_models: unknown init {init!r}; known: {', '.join(INITS)}")
     device = device_of(front)
     freeze(front), freeze(end)
     head, end_head, tail = Head(front, front_layer), Head(end, end_layer), Tail(end, end_layer)
@@ -99,7 +97,7 @@ def stitch_models(front: nn.Module, end: nn.Module, front_layer: str, end_layer:
     sample = input_target_pair(first)[0][:4].to(device)
     stitch = _stitch_transform(head, end_head, tail, sample, transform, rank, bias, resize)
     stats = None
-    if init in ("ps_inv", "procrustes"):
+    if initialisation.needs_stats:
         stats = LinearStats(stitch.d_in, stitch.d_out)
         with torch.no_grad():
             for batch in loader:

@@ -56,7 +56,7 @@ from ..seeds import derive_seed
 from ..compare.similarity import cka, get_similarity
 from ..compare.sources import LoadedModel, ModelSource, load_model_source
 from .stitch import (INITS, MASKS, Head, LinearStats, Side, StitchTransform, Tail, TargetBatch, agreement_metrics,
-                     freeze, init_matrix, layout_of, make_mask, stitch_target)
+                     freeze, init_matrix, layout_of, make_mask, stitch_choice, stitch_target)
 from ..train import Objective, fit
 from ..stages.runner import Context, build_data
 from ..stages.upstream import resolve_upstream
@@ -97,8 +97,8 @@ class StitchSection(Section):
     resize: Literal["bilinear", "nearest", "area"] = "bilinear"
     front_layout: Literal["auto", "map", "tokens", "vector"] = "auto"
     end_layout: Literal["auto", "map", "tokens", "vector"] = "auto"
-    init: Literal[INITS] = "random"
-    mask: Literal[MASKS] = "identity"
+    init: str = Field("random", description="the map's initialisation (instill list stitch_inits)")
+    mask: str = Field("identity", description="which entries of the map train (instill list stitch_masks)")
     target: str = Field("hard", description="the training objective: a stitch target (instill list stitch_targets)")
     temperature: confloat(gt=0) = 1.0
     l1: confloat(ge=0) = Field(0.0, description="weight of mean |W|")
@@ -122,6 +122,15 @@ class StitchSection(Section):
     def _known_target(cls, name: str) -> str:
         try:
             stitch_target(name)
+        except UserError as err:
+            raise ValueError(str(err)) from None
+        return name
+
+    @field_validator("init", "mask")
+    @classmethod
+    def _known_choice(cls, name: str, info) -> str:
+        try:
+            stitch_choice(INITS if info.field_name == "init" else MASKS, name)
         except UserError as err:
             raise ValueError(str(err)) from None
         return name
@@ -229,13 +238,12 @@ def build_stitch(spec: StitchSection, front: LoadedModel, end: LoadedModel, fron
              for t, declared in ((a, spec.front_layout), (b, spec.end_layout))]
     with under_key(f"stitch: {front_layer} -> {end_layer}"):
         transform = StitchTransform(*sides, kind=spec.transform, rank=spec.rank, bias=spec.bias, resize=spec.resize)
-    if spec.init in ("identity", "perm") and transform.d_in != transform.d_out:
-        raise UserError(f"stitch.init {spec.init}: {front_layer} -> {end_layer} maps {transform.d_in} to "
-                        f"{transform.d_out} channels; it needs as many of each")
-    if spec.mask == "random_permutation" and transform.d_in != transform.d_out:
-        raise UserError(f"stitch.mask random_permutation: {front_layer} -> {end_layer} maps {transform.d_in} to "
-                        f"{transform.d_out} channels; a permutation needs as many of each")
-    if spec.init in ("ps_inv", "procrustes") or spec.mask in ("semi_match", "abs_semi_match"):
+    init, mask = stitch_choice(INITS, spec.init), stitch_choice(MASKS, spec.mask)
+    for key, name, choice in (("init", spec.init, init), ("mask", spec.mask, mask)):
+        if choice.square and transform.d_in != transform.d_out:
+            raise UserError(f"stitch.{key} {name}: {front_layer} -> {end_layer} maps {transform.d_in} to "
+                            f"{transform.d_out} channels; it needs as many of each")
+    if init.needs_stats or mask.needs_stats:
         if transform.d_in > PS_INV_MAX_INPUTS:
             raise UserError(f"stitch.init {spec.init}: the least-squares fit of {front_layer} -> {end_layer} has "
                             f"{transform.d_in} inputs (at most {PS_INV_MAX_INPUTS}; use transform: affine)")
