@@ -172,7 +172,7 @@ def test_layer_globs_and_unknown_layers():
     assert list(select_layers(model, ["bn*"])) == ["bn1", "bn2"]
     with pytest.raises(UserError, match="no layer matches 'fc\\*'"):
         select_layers(model, ["fc*"])
-    with pytest.raises(UserError, match="nearest: bn2, bn1"):
+    with pytest.raises(UserError, match="did you mean 'bn2' or 'bn1'"):
         compare_models(model, model, [torch.zeros(4, 3, 2, 2)], layers_a=["bn3"])
 
 
@@ -215,7 +215,7 @@ def test_compare_stage_writes_csv_heatmaps_and_summary(workdir):
 
 
 @pytest.mark.parametrize("change, message", [
-    ("layers_a: [bn9]", "compare.layers_a: no layer 'bn9' in Tiny10; nearest: bn8"),
+    ("layers_a: [bn9]", "compare.layers_a: unknown layer 'bn9' in Tiny10 (did you mean 'bn8'"),
     (f"model_b: {{name: resnet20, weights: {TINY10[10]}}}", "first mismatching key 'layer1.0.conv1.weight' is missing"),
     ("measures: [cka_minibatch, cca]", "measure cca needs more samples than features"),
     ("measures: [ckaa]", "unknown measure 'ckaa'"),

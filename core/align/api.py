@@ -8,7 +8,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, unknown_name
 from ..steps import GradientProvider, RuleContext, StepContext, build_rule
 from ..train import input_target_pair, logits_of
 from .scores import CHANCE, AlignmentBaseline, check_layers
@@ -97,9 +97,9 @@ def alignment_scores(model: nn.Module, layers: Optional[Sequence[str]] = None, *
     else:
         available = [n for n, m in model.named_modules()
                      if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() in (2, 4)]
-    unknown = set(chance) - set(CHANCE)
+    unknown = [name for name in chance if name not in CHANCE]
     if unknown:
-        raise UserError(f"alignment_scores: unknown chance control {sorted(unknown)}; known: {', '.join(CHANCE)}")
+        raise UserError(f"alignment_scores: {unknown_name('chance control', unknown[0], CHANCE)}")
     criterion = criterion or (lambda logits, y: nn.functional.cross_entropy(logits, y))
     return AlignmentBaseline(model, criterion, check_layers(list(layers or []), available), method=method,
                              chance=tuple(chance), seed=seed)
