@@ -172,7 +172,8 @@ def build_guide(cfg: Config, seed: int, condition: str, info: DatasetInfo) -> to
     """The trained guide of ``guide_run`` (built for this run's data), or a fresh one from its own seed."""
     spec = cfg.guidance
     if condition == "guided_trained":
-        guide, _, guide_info = load_model(spec.guide_run)
+        loaded = load_model(spec.guide_run)
+        guide, guide_info = loaded.model, loaded.info
         check_data_fits(guide_info, info, f"the guide in {spec.guide_run}", key=f"data ({cfg.data.name})")
         return guide
     seed_everything(derive_seed(seed, "guide"), cfg.reproducibility.deterministic)

@@ -133,7 +133,7 @@ def import_neurosurgeon(state_dict: str | Path, base: str | Path, out: str | Pat
                         "rewritten): choose a new --out")
     if not is_finished(base):
         raise UserError(f"--base: {base} is not a finished run directory")
-    model, _, _ = load_model(base)
+    model = load_model(base).model
     masks, selection = neurosurgeon_masks(read_neurosurgeon_state(state_dict), model, method, source=str(state_dict))
     meta = save_mask(out, masks, model, method=method, hyperparameters=selection, base_run=base,
                      extra={"source": "NeuroSurgeon", "state_dict": str(state_dict)})
