@@ -120,9 +120,13 @@ class Registry:
             dataclasses.replace(self._prefixes[p], name=f"{p}:<name>") for p in sorted(self._prefixes)]
 
     def names(self) -> list[str]:
-        """The registered names (shipped ones, and outside ones used or listed so far)."""
+        """Every name the registry answers to: shipped ones, the entry points of installed packages (named, not
+        imported), and import paths used so far."""
+        from importlib.metadata import entry_points
+
         self._import_builtins()
-        return sorted(self._entries) + sorted(f"{p}:<name>" for p in self._prefixes)
+        named = set(self._entries) | {point.name for point in entry_points(group=self.group)}
+        return sorted(named) + sorted(f"{p}:<name>" for p in self._prefixes)
 
     def get(self, name: str) -> Entry:
         """The entry ``name`` (or its alias, or an import path, or an entry point) names; a UserError otherwise."""
