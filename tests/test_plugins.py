@@ -165,3 +165,16 @@ def test_a_broken_or_unknown_plug_in_is_one_line(toys, workdir, capsys):
     with pytest.raises(instill.UserError, match="similarity 'instill_toys.measures:nope': instill_toys.measures "
                                                 "has no 'nope'"):
         instill.measure_similarity(torch.randn(5, 2), torch.randn(5, 2), "instill_toys.measures:nope")
+
+
+def test_shipped_entries_keep_what_recorded_runs_hold():
+    """Replay compatibility: a shipped mask method records the same mask.json hyperparameters as before plug-ins had
+    options, and the old name of cca_r2 still validates in a compare config."""
+    from instill.compare.measures import get_measure
+    from instill.subnetworks.masks import MaskConfig
+
+    recorded = MaskConfig(layers=("Linear",), method="hard_concrete").hyperparameters()
+    assert sorted(recorded) == ["concrete_temperature", "final_temp", "l0_lambda", "layers", "legacy_schedule",
+                                "mask_bias", "mask_init_fraction", "mask_init_value", "method", "prune_fraction",
+                                "stretch", "unit"]
+    assert get_measure("cca_squared").pair is get_measure("cca_r2").pair

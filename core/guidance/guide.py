@@ -41,7 +41,7 @@ from ..registry import MODELS
 from ..report import describe, format_table, plot_bars, plot_runs
 from ..files import atomic_write_csv
 from ..seeds import derive_seed, seed_everything
-from ..compare.similarity import SIMILARITIES, get_similarity
+from ..compare.similarity import get_similarity
 from ..stages.compatibility import check_data_fits
 from ..stages.runner import Context, build_data
 from ..stages.task import LossScope, evaluate_task, make_loss, summary_metrics
@@ -71,7 +71,7 @@ class GuidanceSection(Section):
     guide_run: Optional[str] = Field(None, description="trained guide: a run directory or a base config")
     alpha: float = Field(1.0, ge=0)
     reduce: Reduce = "sum"
-    similarity: str = Field("cka", description=", ".join(SIMILARITIES))
+    similarity: str = Field("cka", description="a similarity measure (instill list similarities)")
     target_layers: list[str] = Field(default_factory=lambda: list(DEFAULT_LAYERS))
     guide_layers: list[str] = Field(default_factory=lambda: list(DEFAULT_LAYERS))
     drop_last_layer: bool = Field(True, description="leave out each side's last captured layer (the logits), "
