@@ -1,9 +1,9 @@
 """Speed of the Align learning rules against back-propagation, measured side by side in one process.
 
-One training step (the rule's gradients through ``instill.rules``, then an SGD step) of the NTK MLP of
+One training step (the rule's gradients through ``instill.align.rules``, then an SGD step) of the NTK MLP of
 ``configs/align_digits.yaml`` (3 hidden layers with batch-statistics norm, 64 inputs, 10 classes, batch 100) at
 width 1024, for every rule, against the backprop step of the same network. The online alignment baseline
-(``instill.alignment.AlignmentBaseline``: backprop plus the initial network's vector-Jacobian product with
+(``instill.align.scores.AlignmentBaseline``: backprop plus the initial network's vector-Jacobian product with
 backprop's error) is reported as its extra cost over a backprop step, against a plain align_zero step; the exact
 dense alignment score of all four layers at width 1024 against one backprop step.
 
@@ -28,9 +28,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from instill.alignment import AlignmentBaseline
+from instill.align.scores import AlignmentBaseline
 from instill.registry import MODELS, RULES
-from instill.rules import RuleContext, StepContext, build_rule
+from instill.steps import RuleContext, StepContext, build_rule
 from timing import interleaved_times, median_ratio
 
 RULE_TARGETS = {"align_zero": 2.2, "align_ada": 2.2, "align_prop": 1.3, "fa": 1.3, "dfa": 1.3, "last_layer": 0.6}

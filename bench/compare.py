@@ -5,7 +5,8 @@ Setup: two ConvNets of the registry (``convnet``, eight 3x3 conv blocks 16-16-32
 ``compare_nets.py`` default), the outputs of all 8 blocks of each: an 8 x 8 matrix of minibatch linear CKA
 (unbiased HSIC summed over batches, Nguyen et al. 2021).
 
-* ``ours``: ``instill.compare.compare_models(..., measures=["cka_minibatch"])``: one Gram matrix per layer per batch,
+* ``ours``: ``instill.compare.measures.compare_models(..., measures=["cka_minibatch"])``: one Gram matrix per layer per
+batch,
   U-centred once, all 64 pairs from one matmul, accumulated in float64 on the device, one transfer at the end.
 * ``torch_cka``: ``torch_cka.CKA(...).compare(loader)`` (pip install torch-cka, a benchmark-only extra:
   ``pip install -e .[bench]``): per pair it recomputes both layers' self-HSIC, with O(n^3) ``trace(K @ L)`` products,
@@ -43,7 +44,7 @@ import warnings
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from instill.compare import compare_models
+from instill.compare.measures import compare_models
 from instill.data import DataContext, DatasetInfo
 from instill.registry import DATASETS, MODELS
 
@@ -87,7 +88,7 @@ def run_torch_cka(model_a, model_b, loader, device, no_grad: bool = False) -> to
 def run_textbook(model_a, model_b, loader, device) -> torch.Tensor:
     """torch-cka's algorithm written out, for machines without it: per pair, both Gram matrices and three unbiased
     HSIC estimates with O(n^3) ``trace(K @ L)``, each synchronised with ``.item()``."""
-    from instill.features import FeatureCapture
+    from instill.compare.capture import FeatureCapture
 
     def hsic(k, l):
         n = k.shape[0]
@@ -120,7 +121,7 @@ def run_forwards(model_a, model_b, loader) -> None:
 
 def gram_shapes(model_a, model_b, loader) -> list[tuple[int, int]]:
     """(n, d) of every Gram product compare makes: each selected layer of both models, for every batch."""
-    from instill.features import FeatureCapture
+    from instill.compare.capture import FeatureCapture
 
     shapes = []
     with torch.no_grad(), FeatureCapture(model_a, LAYERS) as capture_a, FeatureCapture(model_b, LAYERS) as capture_b:
@@ -133,7 +134,7 @@ def gram_shapes(model_a, model_b, loader) -> list[tuple[int, int]]:
 
 def bare_grams(shapes: list[tuple[int, int]], device) -> callable:
     """The floor's second part: one ``X @ X.T`` per shape, on tensors made beforehand, at compare's precision."""
-    from instill.similarity import full_precision
+    from instill.compare.similarity import full_precision
 
     made = {shape: torch.randn(shape, device=device) for shape in set(shapes)}
 

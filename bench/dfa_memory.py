@@ -27,7 +27,7 @@ def measure(mode: str, width: int) -> dict:
     import torch.nn.functional as F
 
     from instill.registry import MODELS
-    from instill.rules import RuleContext, StepContext, build_rule
+    from instill.steps import RuleContext, StepContext, build_rule
 
     torch.set_num_threads(1)
     model = MODELS.build("ntk_cnn", {"input_shape": (3, 64, 64), "num_classes": 1000},

@@ -116,8 +116,8 @@ def _autocast(device: torch.device):
 def gpt2_arithmetic(quick: bool, device: torch.device, steps: int) -> dict:
     import masks as bench
 
-    from instill.masks import MaskedModel
-    from instill.transfer import transplant
+    from instill.subnetworks.masks import MaskedModel
+    from instill.subnetworks.transplant import transplant
 
     size = bench.QUICK if quick else bench.Size(n_layer=12, n_embd=128, n_head=4, vocab=1001, discovery_batch=500,
                                                 transfer_batch=500)
@@ -161,7 +161,7 @@ def gpt2_arithmetic(quick: bool, device: torch.device, steps: int) -> dict:
 
 def tiny10_stitch(quick: bool, device: torch.device, steps: int) -> dict:
     from instill.registry import MODELS
-    from instill.stitching import Head, Side, StitchTransform, Tail, freeze, layout_of
+    from instill.stitching.stitch import Head, Side, StitchTransform, Tail, freeze, layout_of
 
     info = {"input_shape": (3, 32, 32), "num_classes": 10}
     torch.manual_seed(0)
@@ -190,7 +190,7 @@ def guide_resnet(quick: bool, device: torch.device, steps: int) -> dict:
     from instill.data import DatasetInfo
     from instill.registry import MODELS
     from instill.stages import load_stage_config
-    from instill.stages.guide import _alignment
+    from instill.guidance.guide import _alignment
 
     side, batch = (32, 8) if quick else (224, 64)
     shrink = ["model.depth=3", "model.width=32", "guidance.guide.width=8"] if quick else []

@@ -20,7 +20,7 @@ Guided-step part: one optimizer step (forward, backward, AdamW) of the copy-past
 (``configs/guide_copy_paste.yaml``: 2-layer RNN target, tied 4-layer Transformer guide, batch 128 of 41 tokens):
 
 * ``unguided``: cross-entropy alone; ``guide_forward``: the frozen guide's forward alone, under ``no_grad``.
-* ``ours``: the guide stage's step (``instill.stages.guide``): one target forward whose hooks keep the paired layers,
+* ``ours``: the guide stage's step (``instill.guidance.guide``): one target forward whose hooks keep the paired layers,
   the guide's Gram matrices computed in its hooks (only for paired layers), CKA against them, one backward.
 * ``original``: the original code's step: the target run twice (once for the cross-entropy, once for features),
   hooks registered on every module of the original's layer types for the step, every captured map kept, every
@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from instill.similarity import centered_gram, cka_with_gram, gram
+from instill.compare.similarity import centered_gram, cka_with_gram, gram
 from timing import interleaved_times, median_ratio
 
 
@@ -238,8 +238,8 @@ def original_step_loss(target: nn.Module, guide: nn.Module, x: torch.Tensor, y: 
     (the logits) is dropped; every guide map is stretched onto the target layers and its textbook CKA computed,
     but a later pair for the same target layer overwrites the earlier one (a dict keyed by target layer).
     """
-    from instill.features import DEFAULT_TYPES
-    from instill.guidance import stretch_map
+    from instill.compare.capture import DEFAULT_TYPES
+    from instill.guidance.loss import stretch_map
 
     ce = F.cross_entropy(target(x).flatten(0, -2), y.flatten(), ignore_index=-100)
     target_maps = _all_outputs(target, x, DEFAULT_TYPES)
@@ -272,7 +272,7 @@ def _all_outputs(model: nn.Module, x: torch.Tensor, types: tuple[type, ...]) -> 
 def guided_steps(setup: StepSetup) -> tuple[dict[str, Callable[[], None]], Callable[[], None]]:
     """The timed steps (each on its own copy of the target) and a function that releases their hooks."""
     from instill.stages.task import make_loss
-    from instill.stages.guide import _alignment
+    from instill.guidance.guide import _alignment
 
     x, y = setup.batch
     task_loss = make_loss(setup.cfg.loss_scope)
@@ -306,7 +306,7 @@ def guided_steps(setup: StepSetup) -> tuple[dict[str, Callable[[], None]], Calla
 def loss_gram_shapes(alignment, target: nn.Module, guide: nn.Module, x: torch.Tensor
                      ) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """((n, d) of the target's compared rows, (n, d) of the guide's) for every pair and view the loss compares."""
-    from instill.features import FeatureCapture, module_of
+    from instill.compare.capture import FeatureCapture, module_of
 
     with torch.no_grad():
         target(x)

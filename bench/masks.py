@@ -9,8 +9,8 @@ Prints these ratios (lower is better) and, last, one JSON object with them:
   continuous-sparsification layers, the same loss, its own L0). Target <= 1.
 * ``mask_overhead_vs_neurosurgeon``: (ours - plain) / (NeuroSurgeon - plain): what the masks add, compared.
 * ``transfer_vs_plain``: a training step of a transplanted ``subnet`` model (its frozen entries kept fixed by the
-  optimizer hooks of ``instill.transfer.FrozenEntries``) divided by the plain model's step, with torch's default
-  AdamW. Target <= 1.05. ``transfer_vs_plain_fused_adamw``: the same with ``AdamW(fused=True)``.
+  optimizer hooks of ``instill.subnetworks.transplant.FrozenEntries``) divided by the plain model's step, with
+  torch's default AdamW. Target <= 1.05. ``transfer_vs_plain_fused_adamw``: the same with ``AdamW(fused=True)``.
   ``transfer_zero_grads_vs_plain``: with the frozen entries' gradients zeroed as soon as they exist (``zero_grads``).
 * Memory, transplanted over plain, at the 2-layer preset's subnetwork density (``--density``, 0.24) and at a high
   density (``--high-density``, 0.76: what a legacy sampled baseline keeps, N - k): ``transfer_memory_vs_plain``
@@ -37,8 +37,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from instill.masks import MaskConfig, MaskedModel
-from instill.transfer import transplant
+from instill.subnetworks.masks import MaskConfig, MaskedModel
+from instill.subnetworks.transplant import transplant
 from timing import interleaved_times, median_ratio
 
 

@@ -130,7 +130,7 @@ def _convnets(channels: list[int], strides: list[int], device: torch.device):
 
 
 def compare_curves(quick: bool, device: torch.device, repeats: int) -> list[Curve]:
-    from instill.compare import compare_models
+    from instill.compare.measures import compare_models
 
     channels, strides = ([8, 8, 16, 16], [1, 2, 1, 2]) if quick else ([16, 16, 32, 32, 32, 64, 64, 64],
                                                                          [1, 1, 2, 1, 1, 2, 1, 1])
@@ -192,7 +192,7 @@ def guided_curve(quick: bool, device: torch.device, repeats: int) -> Curve:
 
 
 def stitch_curve(quick: bool, device: torch.device, repeats: int) -> Curve:
-    from instill.stitching import LinearStats, rows
+    from instill.stitching.stitch import LinearStats, rows
 
     channels, side, batch = (16, 8, 64) if quick else (16, 30, 128)
     block = torch.randn(batch, channels, side, side, generator=torch.Generator().manual_seed(0)).to(device)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from instill.registry import MODELS
-from instill.stitching import Head, Side, StitchTransform, Tail, freeze, layout_of
+from instill.stitching.stitch import Head, Side, StitchTransform, Tail, freeze, layout_of
 
 INFO = {"input_shape": (3, 32, 32), "num_classes": 10}
 PAPER = {"images": 50_000, "channels": 16, "side": 30}
@@ -131,7 +131,7 @@ def _fit_rss(images: int, channels: int, side: int, batch_images: int) -> int:
     """Peak resident memory (KB) of a fresh process that fits the statistics over ``images`` random images."""
     code = f"""
 import resource, torch
-from instill.stitching import LinearStats, rows
+from instill.stitching.stitch import LinearStats, rows
 torch.manual_seed(0)
 stats = LinearStats({channels}, {channels})
 for start in range(0, {images}, {batch_images}):

@@ -97,14 +97,14 @@ def _registry_listing(kind: str) -> list[str]:
 
 
 def _measures_listing(kind: str) -> list[str]:
-    from .similarity import SIMILARITIES
+    from .compare.similarity import SIMILARITIES
 
     return [f"{name}: {_first_line(getattr(m.pair, 'func', m.pair).__doc__)}" for name, m in SIMILARITIES.items()]
 
 
 def _conditions_listing(kind: str) -> list[str]:
-    from .stages.guide import CONDITION_HELP
-    from .transfer import condition_help
+    from .guidance.guide import CONDITION_HELP
+    from .subnetworks.transplant import condition_help
 
     return (["transfer (transfer.conditions):"] + [f"    {c}: {h}" for c, h in condition_help().items()]
             + ["guide (guidance.conditions):"] + [f"    {c}: {h}" for c, h in CONDITION_HELP.items()])
@@ -177,10 +177,15 @@ def console_main(argv: Optional[list[str]] = None) -> None:
         except BrokenPipeError:  # `instill list models | head`: the reader has all it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         sys.exit(0)
+    if argv and argv[0] == "import-neurosurgeon":
+        from .subnetworks.neurosurgeon import main as import_neurosurgeon
+
+        sys.exit(quiet_interrupt(import_neurosurgeon, argv[1:]))
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
         asked = bool(argv) and argv[0] in ("-h", "--help")
         print(f"usage: instill {{{','.join(STAGES)}}} CONFIG [--set KEY=VALUE ...] [--out DIR] [--resume] "
               "[--print-config] [--validate]\n       instill list models|datasets|measures|conditions|rules\n"
+              "       instill import-neurosurgeon STATE_DICT --base RUN_DIR --out DIR\n"
               "`instill STAGE --help` shows a stage's config sections; README.md and docs/design.md explain them.",
               file=sys.stdout if asked else sys.stderr)
         sys.exit(0 if asked else 2)

@@ -147,7 +147,7 @@ class TrainConfig(Section):
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
     progress: bool = Field(True, description="tqdm progress bars (shown on a terminal only)")
     rule: str = Field("backprop", description="how a step's gradients are produced: backprop, align_zero, "
-                                              "align_ada, align_prop, fa, dfa, last_layer (instill.rules)")
+                                              "align_ada, align_prop, fa, dfa, last_layer (instill.align.rules)")
 
     rule_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="options of learning rules, by rule name: {dfa: {feedback: pooled}} "
@@ -285,7 +285,7 @@ def _switch_component(node: dict[str, Any], section: str, name: Any, registry: R
 
 
 def _parse_yaml_file(path: Path) -> dict[str, Any]:
-    from .run import NotRegularFile, read_regular_bytes
+    from .files import NotRegularFile, read_regular_bytes
 
     try:
         text = read_regular_bytes(path).decode()  # only a regular file: reading a FIFO would wait forever

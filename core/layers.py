@@ -6,7 +6,7 @@
     python -m instill.layers tests/fixtures/drfrankenstein/Tiny10/CIFAR10/in0-gn0/110000.pt   # a weights file
 
 A weights file names its architecture with ``--model`` (and ``--set``), or the zoo model whose state dict it fits
-exactly is found (``instill.sources.guess_architecture``). Names are what configs use for ``layers_a`` /
+exactly is found (``instill.compare.sources.guess_architecture``). Names are what configs use for ``layers_a`` /
 ``layers_b`` (compare), front and end layers (stitch) and activation capture. Shapes are per sample (batch
 first dropped); a module called several times shows every call (``name@1``, ...); one that does not run in the
 forward pass says so. Bad input: one line on stderr, exit code 2.
@@ -42,7 +42,7 @@ def describe_layers(model: nn.Module, sample: torch.Tensor) -> list[dict[str, An
     Returns:
         Rows ``{"layer", "type", "output", "params"}``.
     """
-    from .features import probe
+    from .compare.capture import probe
 
     modules = dict(model.named_modules())
     names = [name for name in modules if name]
@@ -95,7 +95,7 @@ def load_for_listing(spec: str, model: Optional[str], options: dict[str, Any], d
                      data_options: dict[str, Any]) -> tuple[nn.Module, torch.Tensor, str]:
     """(model, input batch, description) for a registry name, a run directory or a weights file."""
     from .registry import MODELS
-    from .sources import guess_architecture, load_model_source, read_state_dict
+    from .compare.sources import guess_architecture, load_model_source, read_state_dict
 
     path = Path(spec)
     if path.is_dir():

@@ -90,7 +90,7 @@ class Registry:
 
     def entries(self) -> list[Entry]:
         """Every registered entry (prefixed ones as ``<prefix>:<name>``), by name; entry points included."""
-        _import_builtins()
+        import_builtins()
         self._load_entry_points()
         return [self._entries[n] for n in sorted(self._entries)] + [
             dataclasses.replace(self._prefixes[p], name=f"{p}:<name>") for p in sorted(self._prefixes)]
@@ -301,9 +301,9 @@ BUILTIN_MODULES = {
               "lstm": "models.sequence", "gru": "models.sequence", "transformer": "models.sequence",
               "rnn_classifier": "models.sequence", "transformer_classifier": "models.sequence",
               "tiny10": "models.zoo", "nbn_tiny10": "models.zoo", "lenet": "models.zoo", "resnet20": "models.zoo",
-              "ntk_mlp": "models.ntk", "ntk_cnn": "models.ntk", "add_rnn": "models.ntk"},
-    "learning rule": dict.fromkeys(("backprop", "align_zero", "align_ada", "align_prop", "fa", "dfa", "last_layer"),
-                                   "rules"),
+              "ntk_mlp": "align.ntk", "ntk_cnn": "align.ntk", "add_rnn": "align.ntk"},
+    "learning rule": {"backprop": "steps", **dict.fromkeys(("align_zero", "align_ada", "align_prop", "fa", "dfa",
+                                                           "last_layer"), "align.rules")},
 }
 
 
@@ -314,7 +314,7 @@ def _import_builtin(kind: str, name: str) -> None:
 
     module = BUILTIN_MODULES[kind].get(name) or BUILTIN_MODULES[kind].get(name.split(":", 1)[0])
     if module is None:
-        _import_builtins()
+        import_builtins()
     else:
         importlib.import_module(f".{module}", __package__)
 
@@ -322,14 +322,16 @@ def _import_builtin(kind: str, name: str) -> None:
 _BUILTINS_IMPORTED = False
 
 
-def _import_builtins() -> None:
-    """Import the modules that register the shipped datasets and models (lazily: they pull in torch)."""
+def import_builtins() -> None:
+    """Import every module that registers shipped entries, by its name in ``BUILTIN_MODULES`` (lazily: they pull in
+    torch). Naming them rather than importing them keeps the registry below the systems that fill it."""
+    import importlib
+
     global _BUILTINS_IMPORTED
     if not _BUILTINS_IMPORTED:
         _BUILTINS_IMPORTED = True
-        from . import rules as _rules  # noqa: F401
-        from .data import registered as _data  # noqa: F401
-        from .models import registered as _models  # noqa: F401
+        for module in sorted({m for table in BUILTIN_MODULES.values() for m in table.values()}):
+            importlib.import_module(f".{module}", __package__)
 
 
 def _dataset_info(info: Any) -> Any:

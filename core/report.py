@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from .run import atomic_save, has_state, read_json, read_metrics
+from .files import atomic_save, read_json
+from .run import has_state, read_metrics
 
 KEY_METRICS = ("test_acc", "val_acc", "textured_acc", "shape_only_acc", "shape_bias")
 RUN_FILES = ("config.yaml", "seed.txt", "env.json", "metrics.jsonl", "summary.json", "state.pt")
@@ -480,7 +481,7 @@ def _user_error(message: str):
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    from .run import atomic_write_csv
+    from .files import atomic_write_csv
 
     atomic_write_csv(path, rows)
 def plot_heatmaps(path: str | Path, matrices: dict[str, Any], *, rows: list[str], cols: list[str], xlabel: str = "",

@@ -11,308 +11,32 @@ run leaves either the old file or the new one.
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime as _dt
 import errno
 import fcntl
-import hashlib
-import io
 import json
 import math
 import os
 import platform
-import random
 import shutil
-import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Optional
 
-import numpy as np
 import torch
 
 from . import dist
 from .errors import UserError
+from .files import (atomic_save, atomic_write_csv, atomic_write_json, atomic_write_text, fault_point, json_default,
+                    read_json, read_regular_bytes, remove_quietly, user_mode, write_error)
+from .seeds import STATE_GLOBALS
 
 TIMING_PREFIX = "time_"  # metrics whose names start with this are wall-clock figures, not compared on replay
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Seeds
-
-
-def draw_seed() -> int:
-    """A fresh seed from the operating system's entropy (63 bits, so it fits every RNG we seed)."""
-    return int.from_bytes(os.urandom(8), "little") >> 1
-
-
-_GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constant: multiples of it spread small integers over all bits
-
-
-def _text_seed(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-# Formulas that parts of instill used before they all came here, frozen so that recorded runs replay bit for bit.
-# New code uses the default; never change one of these.
-_LEGACY: dict[str, Callable[..., int]] = {
-    "epoch": lambda seed, epoch: (seed ^ ((epoch + 1) * _GOLDEN)) % 2**63,  # BatchLoader's shuffle per epoch
-    "offset": lambda seed, offset: (seed + offset * _GOLDEN) % 2**63,  # natural images' split streams
-    "stream": lambda seed, name: _text_seed(f"{seed}:{name}"),  # shapes' named streams
-    "sampled": lambda seed, name: _text_seed(f"sampled:{seed}:{name}"),  # transfer's sampled masks per parameter
-}
-LegacySeed = Literal["epoch", "offset", "stream", "sampled"]
-
-
-def derive_seed(seed: int, *labels: Any, legacy: Optional[LegacySeed] = None) -> int:
-    """A 63-bit seed for one purpose of a run (a sub-run's initialisation, its batches, ...): stable across runs.
-
-    The one place that derives seeds from a run seed, so that two purposes never share a stream by accident.
-
-    Args:
-        seed: the run's seed.
-        labels: what the seed is for (strings, numbers); distinct labels give independent seeds.
-        legacy: one of the frozen earlier formulas (``epoch``, ``offset``, ``stream``, ``sampled``; each takes one
-            label) that existing data streams keep using so old runs replay; ``None`` for new purposes.
-
-    Returns:
-        An integer in [0, 2**63).
-    """
-    if legacy is not None:
-        return _LEGACY[legacy](seed, *labels)
-    digest = hashlib.sha256(repr((seed, *labels)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed python ``random``, NumPy and torch (all devices); optionally ask for deterministic kernels."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-# What state.pt holds besides tensors and plain values: NumPy's generator state (an array of its dtype).
-_STATE_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
-                  getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Files: permissions, regular files only, write errors, the crash hook of the tests
-
-
-def user_mode(directory: bool = False) -> int:
-    """The mode the user's umask gives a new file (0666 & ~umask) or directory (0777 & ~umask).
-
-    ``tempfile`` creates 0600 files and 0700 directories; every file of a run directory gets this mode instead.
-    """
-    return (0o777 if directory else 0o666) & ~_umask()
-
-
-def _umask() -> int:
-    try:  # Linux reports it without changing it (os.umask can only read it by setting it, which races threads)
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-class NotRegularFile(OSError):
-    """A path that names a FIFO, a device, a socket or a directory where a regular file was expected."""
-
-
-def read_regular_bytes(path: str | Path) -> bytes:
-    """The bytes of the regular file ``path``; NotRegularFile for anything else (reading a FIFO would block forever).
-
-    The file is opened without blocking and checked on the open descriptor, so nothing can swap it in between.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotRegularFile(errno.EINVAL, "not a regular file", str(path))
-        os.set_blocking(fd, True)
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def check_regular_file(path: str | Path, what: str) -> Path:
-    """``path`` if it names a regular file (symlinks followed); a UserError saying what it is otherwise."""
-    path = Path(path)
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise UserError(f"{path}: {what} not found") from None
-    except OSError as err:
-        raise UserError(f"{path}: cannot read {what} ({err.strerror or err})") from None
-    if not stat.S_ISREG(mode):
-        raise UserError(f"{path}: {what} is not a regular file")
-    return path
-
-
-def write_error(path: str | Path, err: BaseException) -> UserError:
-    """The one-line error for a file that could not be written (full disk, read-only, permissions, long name)."""
-    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
-    return UserError(f"cannot write {path}: {reason}")
-
-
-def _disk_full(directory: Path) -> bool:
-    try:
-        return os.statvfs(directory).f_bavail == 0
-    except OSError:
-        return False
-
-
-_fault_count = 0
-
-
-def fault_point() -> None:
-    """Test hook: with ``INSTILL_KILL_AT=N`` in the environment, the N-th call in this process kills it with SIGKILL,
-    a crash at that very moment (no handler, no cleanup); ``INSTILL_KILL_SIGNAL=SIGINT`` sends Ctrl-C's signal
-    instead. Called between the steps of every file write and after every optimizer step, so a test can stop a run
-    anywhere, not only where it saves its state."""
-    global _fault_count
-    _fault_count += 1
-    at = os.environ.get("INSTILL_KILL_AT")
-    if at and _fault_count == int(at):
-        os.kill(os.getpid(), getattr(signal, os.environ.get("INSTILL_KILL_SIGNAL", "SIGKILL")))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Atomic files
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-    atomic_save(path, write)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def csv_text(rows: list[dict[str, Any]], columns: Optional[list[str]] = None) -> str:
-    """The one CSV format of instill's tables (results.csv, accuracy_logs.csv, metrics.csv, similarity.csv).
-
-    Args:
-        rows: one dict per row.
-        columns: the columns in order; keys of a row outside them are left out, missing ones are empty. ``None``:
-            every key any row has, in order of first appearance.
-
-    Returns:
-        The CSV text with a header line.
-    """
-    if columns is None:
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def atomic_write_csv(path: str | Path, rows: list[dict[str, Any]], columns: Optional[list[str]] = None) -> None:
-    """Write ``rows`` as :func:`csv_text` atomically to ``path``."""
-    atomic_write_text(path, csv_text(rows, columns))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def atomic_save(path: str | Path, save_fn) -> None:
-    """Call ``save_fn(tmp_path)`` and move the result into place; the file gets the mode of the user's umask.
-
-    Raises:
-        UserError: the file could not be written (full disk, read-only file system, no permission, ...); the old
-            file, if any, stays as it was and no temporary file is left behind.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, user_mode())
-        os.close(fd)
-        save_fn(tmp)
-        os.chmod(tmp, user_mode())  # some writers (safetensors) create the file anew, with their own mode
-        fault_point()
-        os.replace(tmp, path)
-        fault_point()
-    except OSError as err:
-        _remove_quietly(tmp)
-        raise write_error(path, err) from None
-    except Exception:  # torch and safetensors report a full disk as their own errors
-        full = _disk_full(path.parent)
-        _remove_quietly(tmp)
-        if full:
-            raise write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from None
-        raise
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def _remove_quietly(path: Optional[str]) -> None:
-    try:
-        if path is not None:
-            os.remove(path)
-    except OSError:
-        pass
-
-
-def _json_default(obj):
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def read_json(path: str | Path) -> Optional[dict]:
-    """The JSON object in ``path``, or None when the file is missing, unreadable or not a regular file."""
-    try:
-        value = json.loads(read_regular_bytes(path))
-        return value if isinstance(value, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -516,7 +240,7 @@ def _claim_for_resume(out: Path, populate: Callable[[Path], None]) -> tuple[Path
 def _remove_temporaries(directory: Path) -> None:
     """Remove the temporary files of atomic writes that a killed process left in a run directory we now own."""
     for tmp in directory.rglob(".*.tmp"):
-        _remove_quietly(str(tmp))
+        remove_quietly(str(tmp))
 
 
 def _take(directory: Path, create: bool = False, record: bool = True) -> RunLock:
@@ -799,7 +523,7 @@ class Run:
             return
         try:
             with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(row, default=_json_default) + "\n")
+                f.write(json.dumps(row, default=json_default) + "\n")
         except OSError as err:
             raise write_error(self.metrics_path, err) from None
         fault_point()
@@ -811,7 +535,7 @@ class Run:
         """Replace metrics.jsonl and metrics.csv with ``rows``: for figures derived from sub-runs, which a resumed
         sweep derives again (appending them would log the rows before the interruption twice)."""
         if self.writes:
-            atomic_write_text(self.metrics_path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r, default=json_default) + "\n" for r in rows))
             self._write_csv(rows)
 
     def truncate_metrics(self, after_step: int) -> None:
@@ -860,7 +584,7 @@ class Run:
         if not path.is_file():  # a FIFO would block the reader forever
             raise UserError(f"{path}: saved state is not a regular file")
         try:  # tensors, numbers, strings and NumPy's RNG arrays only: a planted file cannot run code
-            with torch.serialization.safe_globals(_STATE_GLOBALS):
+            with torch.serialization.safe_globals(STATE_GLOBALS):
                 return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # a truncated or foreign file: the user must decide, we must not guess
             raise UserError(f"{path}: cannot read saved state ({err.__class__.__name__}); it may be corrupt") from None

@@ -58,15 +58,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .config import read_yaml
 from .errors import UserError, exit_code_of
-from .registry import describe_error
-from .run import atomic_write_json, has_state, is_finished, read_json
+from .registry import describe_error, import_builtins
+from .files import atomic_write_json, read_json
+from .run import has_state, is_finished
 
 SEED_KEY = "reproducibility.random_seed"
 POINT_SPECIAL_KEYS = ("name", "config", "stage")  # keys of an explicit point that are not config keys
 # Imported by the sweep process before it forks its local workers, so that no point pays for them: the stages,
 # the registries, and torch's compiler stack (torch.use_deterministic_algorithms imports it on first call).
-PRELOAD = [f"instill.stages.{m}" for m in ("ablate", "base", "guide", "transfer")] + [
-    "instill.data.registered", "instill.models.registered", "torch._inductor", "matplotlib.pyplot"]
+PRELOAD = ["instill.subnetworks.ablate", "instill.stages.base", "instill.guidance.guide",
+           "instill.subnetworks.transfer", "torch._inductor", "matplotlib.pyplot"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -479,6 +480,7 @@ def _run_local(sweep: Sweep, todo: list[str], done) -> None:
     os.environ.setdefault("MPLBACKEND", "Agg")  # workers only save figures
     for module in PRELOAD:
         importlib.import_module(module)
+    import_builtins()
     # fork shares the imports; where it is unsafe (macOS) or missing, spawn imports them again in each worker
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     queue = list(todo)

@@ -32,8 +32,10 @@ from . import dist
 from .config import OptimizerConfig, ScheduleConfig, TrainConfig
 from .data import BatchLoader, Split, batches
 from .errors import UserError, under_key
-from .rules import Backprop, GradientProvider, RuleContext, StepContext, build_rule
-from .run import TIMING_PREFIX, Run, derive_seed, fault_point, has_state, rng_state, set_rng_state
+from .steps import Backprop, GradientProvider, RuleContext, StepContext, build_rule
+from .run import TIMING_PREFIX, Run, has_state
+from .seeds import derive_seed, rng_state, set_rng_state
+from .files import fault_point
 
 IGNORE_INDEX = -100
 
@@ -101,6 +103,19 @@ def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps:
         progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
         return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
     return warm
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters are (the CPU for a model without any): its batches go there."""
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def input_target_pair(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a batch a user's data loader yielded; one line when it is something else."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise UserError(f"the data loader must yield (inputs, targets) batches, got {type(batch).__name__}")
 
 
 def logits_of(output: Any) -> torch.Tensor:

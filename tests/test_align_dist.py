@@ -27,7 +27,7 @@ WEIGHT_SAVING_ENTRY = """
 import torch
 from instill import dist
 from instill.cli import entry
-from instill.stages import align
+from instill.align import stage as align
 
 original_fit = align.fit
 
@@ -64,7 +64,7 @@ def test_every_rule_under_torchrun_matches_one_process_on_the_global_batch(workd
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     single = {}
-    from instill.stages import align
+    from instill.align import stage as align
 
     original_fit = align.fit
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from instill.alignment import AlignmentBaseline, conv_score, dense_score, hutchinson_score, shuffled
+from instill.align.scores import AlignmentBaseline, conv_score, dense_score, hutchinson_score, shuffled
 from instill.errors import UserError
 from instill.registry import MODELS
-from instill import rules
-from instill.rules import RuleContext, StepContext, build_rule
+from instill.align import rules
+from instill.steps import RuleContext, StepContext, build_rule
 
 INFO = {"input_shape": (1, 3, 3), "num_classes": 4}
 ADD_INFO = {"input_shape": (6,), "num_outputs": 6, "regression": True}  # the Add task (add_rnn reads none)

@@ -73,7 +73,7 @@ def test_alignment_loss_pairs_by_name_and_rejects_unknown_layers():
 
 
 def test_compare_models_is_the_compare_system():
-    from instill.compare import Comparison, compare_models
+    from instill.compare.measures import Comparison, compare_models
 
     assert instill.compare_models is compare_models and instill.Comparison is Comparison
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))

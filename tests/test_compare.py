@@ -1,4 +1,4 @@
-"""compare_models and the compare stage: self-comparison, agreement with instill.similarity, hostile input."""
+"""compare_models and the compare stage: self-comparison, agreement with instill.compare.similarity, hostile input."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from instill.compare import MEASURES, compare_models, lr_r2
+from instill.compare.measures import MEASURES, compare_models, lr_r2
 from instill.data import BatchLoader, Split
 from instill.errors import UserError
-from instill.features import FeatureCapture, select_layers
-from instill.similarity import cka, procrustes, rsa
+from instill.compare.capture import FeatureCapture, select_layers
+from instill.compare.similarity import cka, procrustes, rsa
 from tests.conftest import run_cli
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "drfrankenstein"

@@ -2,7 +2,7 @@
 file for file as an uninterrupted run's (timing figures aside), and replaying it matches.
 
 The crash is real: the run goes on in a forked copy of this process (torch already imported, so each try costs
-only the run itself) that kills itself with SIGKILL at the N-th ``instill.run.fault_point`` (after every optimizer
+only the run itself) that kills itself with SIGKILL at the N-th ``instill.files.fault_point`` (after every optimizer
 step and between the steps of every file write), chosen at random in each of several equal slices of the run.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from instill import run as run_module
+from instill import files as files_module
 from instill.run import LOCK_FILE, TIMING_PREFIX, is_finished
 from tests.conftest import CONFIGS, run_cli
 
@@ -45,7 +45,7 @@ def run_killed_at(stage: str, args: list[str], kill_at: int, signal_name: str = 
             os.dup2(devnull, 2)
             os.environ["INSTILL_KILL_AT"] = str(kill_at)
             os.environ["INSTILL_KILL_SIGNAL"] = signal_name
-            run_module._fault_count = 0
+            files_module._fault_count = 0
             code = run_cli(stage, *args)
         finally:
             os._exit(code)
@@ -100,9 +100,9 @@ def pipeline(tmp_path_factory):
     try:
         counts = {}
         for stage in ("base", "ablate"):
-            before = run_module._fault_count
+            before = files_module._fault_count
             assert run_cli(stage, STAGES[stage][0], *SEED) == 0
-            counts[stage] = run_module._fault_count - before
+            counts[stage] = files_module._fault_count - before
     finally:
         os.chdir(cwd)
     return folder, counts
@@ -119,9 +119,9 @@ def test_kill_9_at_random_moments_then_resume_gives_identical_files(pipeline, mo
         points = counts[stage]
     else:
         reference = Path(f"checkpoints/{stage}-whole/{name}")
-        before = run_module._fault_count
+        before = files_module._fault_count
         assert run_cli(stage, config, *SEED, "--out", str(reference)) == 0
-        points = run_module._fault_count - before
+        points = files_module._fault_count - before
     rng = random.Random(os.urandom(8))
     picks = [rng.randint(i * points // moments + 1, (i + 1) * points // moments) for i in range(moments)]
     for i, kill_at in enumerate(picks):

@@ -2,7 +2,7 @@
 import csv
 import io
 
-from instill.run import atomic_write_csv, csv_text
+from instill.files import atomic_write_csv, csv_text
 
 
 def test_csv_text_orders_columns_fills_gaps_and_leaves_out_extras(tmp_path):

@@ -17,9 +17,9 @@ def test_each_set_of_choices_has_one_source():
     """Config sections take their choices from the library's types, so the two cannot drift apart."""
     from typing import get_args
 
-    from instill.masks import METHODS, MaskConfig, make_method
-    from instill.stages import transfer as transfer_stage
-    from instill.transfer import CONDITIONS, BatchNorm, NonMasked
+    from instill.subnetworks.masks import METHODS, MaskConfig, make_method
+    from instill.subnetworks import transfer as transfer_stage
+    from instill.subnetworks.transplant import CONDITIONS, BatchNorm, NonMasked
 
     assert all(type(make_method(MaskConfig(layers=("*",), method=m))).__name__ for m in METHODS)
     fields = transfer_stage.TransferSection.model_fields

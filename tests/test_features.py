@@ -9,8 +9,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from instill.errors import UserError
-from instill.features import DEFAULT_TYPES, ORIGINAL_TYPES, FeatureCapture, batch_axes_of, probe, select_layers
-from instill.similarity import centered_gram, cka_with_gram
+from instill.compare.capture import DEFAULT_TYPES, ORIGINAL_TYPES, FeatureCapture, batch_axes_of, probe, select_layers
+from instill.compare.similarity import centered_gram, cka_with_gram
 
 
 class Reordered(nn.Module):

@@ -8,7 +8,7 @@ from PIL import Image
 
 from instill.data import DataContext
 from instill.data import folders
-from instill.data.folders import (build_image_folder, load_cue_conflict, load_image_folder, parse_cue_conflict_name)
+from instill.data.folders import build_image_folder, load_cue_conflict, load_image_folder, parse_cue_conflict_name
 from instill.errors import UserError
 
 COLOURS = {"cat": (255, 0, 0), "bird": (0, 255, 0), "dog": (0, 0, 255)}

@@ -11,8 +11,8 @@ from torch import nn
 
 from instill.data.sequences import real_positions
 from instill.errors import UserError
-from instill.guidance import AlignmentLoss, LayerPair, compared_rows, stretch_map
-from instill.similarity import DegenerateActivations, cka
+from instill.guidance.loss import AlignmentLoss, LayerPair, compared_rows, stretch_map
+from instill.compare.similarity import DegenerateActivations, cka
 
 
 def names(prefix: str, n: int) -> list[str]:

@@ -12,7 +12,7 @@ import torch
 from instill.registry import MODELS
 from instill.run import read_metrics
 from instill.stages import build_data, load_stage_config
-from instill.stages.guide import _alignment, _sample
+from instill.guidance.guide import _alignment, _sample
 from tests.conftest import REPO, run_cli
 
 SHIPPED = REPO / "configs"

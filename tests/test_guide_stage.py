@@ -28,7 +28,7 @@ def test_guide_conditions_share_data_and_log_alignment(workdir):
     first_losses = {c: read_metrics(root / c)[0]["task_loss" if c != "unguided" else "train_loss"]
                     for c in ("unguided", "guided_untrained")}
     assert first_losses["unguided"] == pytest.approx(first_losses["guided_untrained"], abs=0.2)
-    from instill.sources import load_model_source  # every condition's trained target is a model source
+    from instill.compare.sources import load_model_source  # every condition's trained target is a model source
 
     info = json.loads((root / "unguided" / "model.json").read_text())["info"]
     targets = {c: load_model_source({"run": str(root / c)}, info).model for c in ("unguided", "guided_untrained")}

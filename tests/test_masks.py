@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from instill.errors import UserError
-from instill.masks import (MaskConfig, MaskedModel, base_run_of, load_mask, neurosurgeon_logits, neurosurgeon_masks,
-                        read_mask_meta, save_mask, select_targets, temperature_at, weights_hash)
+from instill.subnetworks.masks import (MaskConfig, MaskedModel, base_run_of, load_mask, read_mask_meta, save_mask,
+                                       select_targets, temperature_at, weights_hash)
+from instill.subnetworks.neurosurgeon import neurosurgeon_logits, neurosurgeon_masks
 
 
 def tiny_gpt2(seed=0, n_layer=2):

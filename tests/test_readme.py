@@ -60,6 +60,8 @@ def run(command: str, capsys) -> tuple[int, str]:
         return run(recipe.replace("$(PY)", "python") + " --validate", capsys)
     if argv[0] == "torchrun":  # its script and arguments, validated in one process
         argv = ["python", *[a for a in argv[1:] if not a.startswith("--nproc")]] + ["--validate"]
+    if argv[0] == "instill":  # the console script, in this process
+        return _run_console(argv[1:] if "<" not in command else argv[1:2] + ["--help"], capsys)
     assert argv[0] == "python", command
     if argv[1] == "-m":
         if "<" in command:  # placeholders: the sub-command exists and documents itself
@@ -81,6 +83,19 @@ def run(command: str, capsys) -> tuple[int, str]:
         return proc.returncode, proc.stdout + proc.stderr
     else:  # a command this test does not know how to check must fail it, not end it early with a skip
         raise AssertionError(f"tests/test_readme.py does not know how to run: {command}")
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def _run_console(args: list[str], capsys) -> tuple[int, str]:
+    """``instill args``: the console script's main, in this process."""
+    from instill.cli import console_main
+
+    try:
+        console_main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 

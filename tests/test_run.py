@@ -18,7 +18,9 @@ import torch
 from instill.errors import UserError
 from instill.report import main as report_main
 from instill.report import run_status
-from instill.run import TIMING_PREFIX, atomic_write_json, claim_run_dir, read_metrics, seed_everything
+from instill.run import TIMING_PREFIX, claim_run_dir, read_metrics
+from instill.files import atomic_write_json
+from instill.seeds import seed_everything
 from tests.conftest import REPO, python_env, run_cli
 
 TINY = "configs/tiny_digits.yaml"

@@ -276,13 +276,13 @@ def test_a_full_disk_in_the_data_cache_costs_only_time(workdir):
 
 def test_write_errors_mid_run_are_one_line(workdir, monkeypatch, capsys):
     """The same without a tmpfs: torch.save fails the way it does on a full disk."""
-    import instill.run
+    import instill.files
 
     def full(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
     monkeypatch.setattr(torch, "save", full)
-    monkeypatch.setattr(instill.run, "_disk_full", lambda directory: True)
+    monkeypatch.setattr(instill.files, "_disk_full", lambda directory: True)
     assert run_cli("base", TINY, *ONE_EPOCH, "--out", "checkpoints/r") == 2
     one_line(capsys, "cannot write checkpoints/r/state.pt: No space left on device")
     assert os.listdir("checkpoints") == []
@@ -370,7 +370,7 @@ def test_upstream_of_the_wrong_stage_and_data_of_the_wrong_kind(workdir, capsys)
 
 
 def test_a_nan_stop_in_a_sweep_says_what_is_kept(workdir, monkeypatch, capsys):
-    from instill.stages import guide
+    from instill.guidance import guide
 
     made = []
 
@@ -401,7 +401,7 @@ def test_a_nan_stop_in_a_sweep_says_what_is_kept(workdir, monkeypatch, capsys):
 
 
 def test_an_empty_mask_is_announced(workdir, monkeypatch, capsys):
-    from instill.stages import transfer
+    from instill.subnetworks import transfer
 
     cfg = transfer.Config.model_validate({"stage": "transfer", "data": {"name": "digits", "limit": 100},
                                           "transfer": {"mask": "m", "conditions": ["subnet", "random_init"]}})
@@ -444,8 +444,7 @@ runpy.run_module(sys.argv[1], run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.parametrize("module", ["instill.report", "instill.masks", "instill.reproduce", "instill.sweep",
-                                    "instill.layers"])
+@pytest.mark.parametrize("module", ["instill.report", "instill.reproduce", "instill.sweep", "instill.layers"])
 def test_ctrl_c_while_a_python_m_tool_imports_prints_one_line(module, workdir):
     run = subprocess.run([sys.executable, "-c", INTERRUPT_WHILE_IMPORTING, module, "checkpoints"], env=python_env(),
                          capture_output=True, text=True, timeout=120)

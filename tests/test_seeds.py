@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from instill.run import derive_seed
+from instill.seeds import derive_seed
 
 SEEDS = [0, 1, 12345, 2**31 - 1, 2**63 - 1, 7_355_608_123_456_789]
 G = 0x9E3779B97F4A7C15

@@ -8,7 +8,7 @@ from torch import nn
 
 from instill.data import DataContext
 from instill.errors import UserError
-from instill.features import probe
+from instill.compare.capture import probe
 from instill.registry import DATASETS, MODELS
 from instill.train import classification_loss
 

@@ -9,7 +9,8 @@ import torch
 
 from instill.data import DataContext
 from instill.data import grammar as pcfg
-from instill.data.sequences import GRAMMAR_CORPUS, IGNORE_INDEX, PAD, UNK, real_positions
+from instill.data.grammar import GRAMMAR_CORPUS
+from instill.data.sequences import IGNORE_INDEX, PAD, UNK, real_positions
 from instill.errors import UserError
 from instill.registry import DATASETS
 

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from instill.errors import UserError
-from instill.similarity import (SIMILARITIES, DegenerateActivations, NonFiniteActivations, canonical_correlations,
-                                cca, center_gram, centered_gram, cka, cka_from_grams, cka_summary, cka_with_gram,
-                                cka_with_summary, get_similarity, gram, procrustes, pwcca, rsa, rsa_with_matrix,
-                                similarity_matrix, svcca)
+from instill.compare.similarity import (SIMILARITIES, DegenerateActivations, NonFiniteActivations,
+                                        canonical_correlations, cca, center_gram, centered_gram, cka, cka_from_grams,
+                                        cka_summary, cka_with_gram, cka_with_summary, get_similarity, gram, procrustes,
+                                        pwcca, rsa, rsa_with_matrix, similarity_matrix, svcca)
 
 SETTINGS = settings(max_examples=25, deadline=None)
 

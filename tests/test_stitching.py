@@ -14,8 +14,8 @@ from torch import nn
 
 from instill.errors import UserError
 from instill.registry import MODELS
-from instill.stitching import (Head, LinearStats, Side, StitchedNet, StitchTransform, Tail, freeze, init_matrix,
-                               layout_of, make_mask)
+from instill.stitching.stitch import (Head, LinearStats, Side, StitchedNet, StitchTransform, Tail, freeze, init_matrix,
+                                      layout_of, make_mask)
 from tests.conftest import run_cli
 
 DIGITS = {"input_shape": (1, 8, 8), "num_classes": 10}

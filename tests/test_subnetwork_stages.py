@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from instill.masks import load_mask
+from instill.subnetworks.masks import load_mask
 from instill.models import load_model
 from instill.run import is_finished, read_metrics
 from tests.conftest import CONFIGS, run_cli
@@ -180,7 +180,7 @@ def test_a_mask_that_does_not_match_its_base_stops_the_transfer(in_upstream, cap
 
 def test_an_infeasible_sampled_complement_stops_before_the_first_sub_run(in_upstream, capsys):
     def dense_layer(masks, meta):
-        from instill.masks import mask_density, tensors_hash
+        from instill.subnetworks.masks import mask_density, tensors_hash
 
         masks["transformer.h.0.mlp.c_fc.weight"][:] = True
         masks["transformer.h.0.mlp.c_fc.weight"][0, :3] = False
@@ -326,14 +326,14 @@ def neurosurgeon_state(model, prefix: str, seed: int = 3) -> dict[str, torch.Ten
 
 @pytest.mark.parametrize("prefix", ["wrapped_model.", "root_model."])
 def test_neurosurgeon_state_dict_imports_into_a_mask_the_transfer_takes(in_upstream, capsys, prefix):
-    from instill.masks import main as masks_cli
-    from instill.masks import select_targets, weights_hash
+    from instill.subnetworks.neurosurgeon import main as import_cli
+    from instill.subnetworks.masks import select_targets, weights_hash
 
     base, _, _ = load_model("checkpoints/tiny_math_base")
     state = neurosurgeon_state(base, prefix)
     torch.save(state, "circuit.pt")
     out = f"checkpoints/imported-{prefix.rstrip('.')}"
-    assert masks_cli(["import-neurosurgeon", "circuit.pt", "--base", "checkpoints/tiny_math_base", "--out", out]) == 0
+    assert import_cli(["circuit.pt", "--base", "checkpoints/tiny_math_base", "--out", out]) == 0
     masks = load_mask(out, base)
     assert list(masks) == [t.name for t in select_targets(base, ["Conv1D"])]
     for name, mask in masks.items():
@@ -355,15 +355,16 @@ def test_the_neurosurgeon_import_command_line(in_upstream):
 
     base, _, _ = load_model("checkpoints/tiny_math_base")
     torch.save(neurosurgeon_state(base, "wrapped_model."), "circuit.pt")
-    command = [sys.executable, "-m", "instill.masks", "import-neurosurgeon", "circuit.pt", "--base",
-               "checkpoints/tiny_math_base", "--out", "checkpoints/imported-cli"]
+    command = [sys.executable, "-c", "import sys; from instill.cli import console_main; console_main(sys.argv[1:])",
+               "import-neurosurgeon", "circuit.pt", "--base", "checkpoints/tiny_math_base", "--out",
+               "checkpoints/imported-cli"]
     done = subprocess.run(command, env=python_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "density" in done.stdout, done.stderr
     assert load_mask("checkpoints/imported-cli", base).keys()
 
 
 def test_bad_neurosurgeon_imports_are_one_line_errors_and_write_nothing(in_upstream, capsys):
-    from instill.masks import main as masks_cli
+    from instill.subnetworks.neurosurgeon import main as import_cli
 
     base, _, _ = load_model("checkpoints/tiny_math_base")
     other = load_model("checkpoints/tiny_math_base")[0]
@@ -382,13 +383,13 @@ def test_bad_neurosurgeon_imports_are_one_line_errors_and_write_nothing(in_upstr
     before = sorted(Path("checkpoints").iterdir())
     for state, base_dir, message in cases:
         out = ABLATE if "already" in message else "checkpoints/never"
-        assert masks_cli(["import-neurosurgeon", state, "--base", base_dir, "--out", out]) == 2
+        assert import_cli([state, "--base", base_dir, "--out", out]) == 2
         one_line_error(capsys, message)
     assert sorted(Path("checkpoints").iterdir()) == before
     # A finished base run as --out: its summary.json was overwritten (issue 11, item 3).
     torch.save(neurosurgeon_state(base, "wrapped_model."), "circuit.pt")
     summary = Path("checkpoints/tiny_math_base/summary.json").read_bytes()
-    assert masks_cli(["import-neurosurgeon", "circuit.pt", "--base", "checkpoints/tiny_math_base", "--out",
+    assert import_cli(["circuit.pt", "--base", "checkpoints/tiny_math_base", "--out",
                       "checkpoints/tiny_math_base"]) == 2
     one_line_error(capsys, "already exists and is not an empty directory")
     assert Path("checkpoints/tiny_math_base/summary.json").read_bytes() == summary

@@ -17,9 +17,10 @@ from torch import nn
 from instill.config import ScheduleConfig, TrainConfig
 from instill.data import BatchLoader, Split
 from instill.errors import UserError
-from instill.run import Run, derive_seed
+from instill.run import Run
+from instill.seeds import derive_seed
 from instill.train import (DivergedError, Objective, classification_loss, evaluate_classification, fit, lr_factor,
-                        resolve_device)
+                           resolve_device)
 
 CPU = torch.device("cpu")
 

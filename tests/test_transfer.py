@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from instill.errors import UserError
-from instill.transfer import CONDITIONS, FrozenEntries, sample_mask, transplant
+from instill.subnetworks.transplant import CONDITIONS, FrozenEntries, sample_mask, transplant
 
 MASKED = ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight",
           "transformer.h.1.mlp.c_proj.weight")
@@ -280,7 +280,7 @@ def test_sample_mask_refuses_complement_of_a_majority_mask():
 
 
 def test_check_condition_names_every_layer_a_complement_sample_cannot_fit():
-    from instill.transfer import check_condition
+    from instill.subnetworks.transplant import check_condition
 
     bias = torch.zeros(32, dtype=torch.bool)
     bias[:17] = True  # a neuron + bias mask whose bias layer keeps 17 of its 32 entries
@@ -327,7 +327,7 @@ def test_no_extra_parameters_and_one_bit_per_entry():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("factor", [1 - 0.05 * 0.5, 1 - 3e-4 * 0.01, 0.3])  # 0.3: outside the shortcut's range
 def test_decay_factors_multiply_like_torch_mul_by_the_scalar(dtype, factor):
-    from instill.transfer import _decay_factors
+    from instill.subnetworks.transplant import _decay_factors
 
     param = torch.randn(4096, generator=torch.Generator().manual_seed(0)).to(dtype)
     keep = (torch.rand(4096, generator=torch.Generator().manual_seed(1)) < 0.7).to(torch.uint8)
@@ -338,7 +338,7 @@ def test_decay_factors_multiply_like_torch_mul_by_the_scalar(dtype, factor):
 
 @pytest.mark.parametrize("shape, density", [((1000,), 0.3), ((3, 171), 1.0), ((64, 64), 0.002), ((7, 10_001), 0.9)])
 def test_bit_masks_give_back_the_exact_mask(shape, density):
-    from instill.transfer import _Bits
+    from instill.subnetworks.transplant import _Bits
 
     mask = torch.rand(shape, generator=torch.Generator().manual_seed(shape[-1])) < density
     bits = _Bits(mask, zeroed_early=False)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from instill.data.shapes import ShapesSpec, generate
-from instill.masks import load_mask
+from instill.subnetworks.masks import load_mask
 from instill.models import load_model
 from instill.run import is_finished
 from tests.conftest import CONFIGS, REPO, run_cli

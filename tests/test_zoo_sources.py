@@ -13,7 +13,7 @@ import torch
 from instill.data import DataContext, DatasetInfo
 from instill.errors import UserError
 from instill.registry import DATASETS, MODELS
-from instill.sources import guess_architecture, load_model_source, read_state_dict
+from instill.compare.sources import guess_architecture, load_model_source, read_state_dict
 from tests.conftest import run_cli
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "drfrankenstein"
@@ -40,7 +40,7 @@ def test_zoo_is_sized_by_the_data(name, params, count):
 
 
 def test_tiny10_layer_shapes_are_the_originals():
-    from instill.features import probe
+    from instill.compare.capture import probe
 
     shapes = probe(MODELS.build("tiny10", CIFAR_INFO, {}), [f"bn{i}" for i in range(1, 9)], torch.zeros(2, 3, 32, 32))
     assert [s[1:] for s in shapes.values()] == [(16, 30, 30), (16, 28, 28), (32, 13, 13), (32, 11, 11), (32, 9, 9),
@@ -162,7 +162,7 @@ def shapes_runs(tmp_path_factory):
 
 
 def test_every_stage_run_directory_is_a_model_source(shapes_runs):
-    from instill.masks import load_mask
+    from instill.subnetworks.masks import load_mask
     from instill.models import load_model
 
     runs, info = shapes_runs
@@ -257,7 +257,7 @@ def test_packaged_images_are_what_scikit_learn_loads_without_importing_it():
     photographs = torch.stack([torch.from_numpy(np.array(p)).permute(2, 0, 1) for p in load_sample_images().images])
     assert torch.equal(_photographs(), photographs)
     code = ("import sys; from instill.data import DataContext; from instill.registry import DATASETS; "
-            "import instill.data.registered; DATASETS.build('digits', DataContext(seed=0), {}); "
+            "from instill.data import images, natural; DATASETS.build('digits', DataContext(seed=0), {}); "
             "DATASETS.build('crops', DataContext(seed=0), {'n_train': 4, 'n_val': 4, 'n_test': 4}); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy', 'pandas')))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

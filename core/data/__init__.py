@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DistributedSampler
 
-from ..run import derive_seed
+from ..seeds import derive_seed
 from .info import DatasetInfo, Modality
 
 __all__ = ["BatchLoader", "DataBundle", "DataContext", "DatasetInfo", "Modality", "Split", "StreamSplit", "batches",

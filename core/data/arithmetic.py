@@ -34,7 +34,7 @@ from pydantic import conint
 from . import DataBundle, DataContext, DatasetInfo, Split
 from ..errors import UserError, did_you_mean
 from ..registry import DATASETS
-from ..run import derive_seed
+from ..seeds import derive_seed
 
 IGNORE_INDEX = -100
 SEQ_LEN = 4

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..run import user_mode
+from ..files import user_mode
 
 DEFAULT_LIMIT_MB = 2048
 

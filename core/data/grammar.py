@@ -14,7 +14,10 @@ Everything is a pure function of the ``random.Random`` passed in, so a corpus is
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Iterator
+
+GRAMMAR_CORPUS = Path(__file__).resolve().parent / "corpus" / "grammar.txt"  # shipped; this module writes it
 
 CORPUS_SEED, CORPUS_SENTENCES = 0, 6000  # the shipped corpus: about 250 KB, 54k word tokens with line breaks
 MAX_DEPTH = 6  # derivation depth (every symbol counts one); sentences average 8 words, at most ~30
@@ -94,8 +97,6 @@ def corpus(seed: int = CORPUS_SEED, sentences: int = CORPUS_SENTENCES) -> str:
 
 
 if __name__ == "__main__":
-    from .sequences import GRAMMAR_CORPUS
-
     GRAMMAR_CORPUS.parent.mkdir(exist_ok=True)
     GRAMMAR_CORPUS.write_text(corpus(), encoding="utf-8")
     print(f"wrote {GRAMMAR_CORPUS} ({GRAMMAR_CORPUS.stat().st_size} bytes)")

@@ -32,7 +32,7 @@ from .images import packaged_file
 from ..errors import UserError
 from ..models.zoo import CIFAR_MEAN, CIFAR_STD
 from ..registry import DATASETS
-from ..run import derive_seed
+from ..seeds import derive_seed
 
 Normalize = Literal["cifar", "none"]
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

@@ -36,7 +36,7 @@ from . import DataBundle, DataContext, DatasetInfo, Split
 from . import grammar as pcfg
 from ..errors import UserError
 from ..registry import DATASETS
-from ..run import derive_seed
+from ..seeds import derive_seed
 
 PAD = 0
 UNK = 1  # text vocabularies: a token outside max_vocab
@@ -206,7 +206,6 @@ def build_vocab(tokens: list[str], max_vocab: Optional[int]) -> list[str]:
     return ["<pad>", "<unk>"] + sorted(keep)
 
 
-GRAMMAR_CORPUS = Path(__file__).resolve().parent / "corpus" / "grammar.txt"
 
 
 def _read_text(path: str) -> str:
@@ -237,7 +236,7 @@ def text_file(ctx: DataContext, *, path: Optional[str] = None, level: Literal["c
     ``<unk>`` = 1 for tokens beyond the ``max_vocab`` most frequent); ``info.vocab`` lists it by id. The seed
     plays no part: the file alone decides the data.
     """
-    path = str(GRAMMAR_CORPUS) if path is None else path
+    path = str(pcfg.GRAMMAR_CORPUS) if path is None else path
     tokens = tokenize(_read_text(path), level)
     vocab = build_vocab(tokens, max_vocab)
     ids = {token: i for i, token in enumerate(vocab)}

@@ -34,7 +34,7 @@ from . import DataBundle, DataContext, DatasetInfo, Split
 from .cache import cached_tensors
 from ..errors import UserError
 from ..registry import DATASETS
-from ..run import derive_seed
+from ..seeds import derive_seed
 
 # Bump when the rendering changes, so stale caches are not reused.
 GENERATOR_VERSION = 2

@@ -42,7 +42,7 @@ def load_model(run_dir: str | Path, name: str = "model") -> tuple[torch.nn.Modul
     from safetensors import SafetensorError
     from safetensors.torch import load_model as load_weights
 
-    from ..run import read_regular_bytes
+    from ..files import read_regular_bytes
 
     run_dir = Path(run_dir)
     sidecar, weights = run_dir / f"{name}.json", run_dir / f"{name}.safetensors"

@@ -3,7 +3,8 @@
 Every builder is sized by the data facts (``info``: ``input_shape`` as (C, H, W), ``num_classes``), never by
 instantiating a dataset. Module names are the original's (``conv1``, ``bn1``, ..., ``fc``; ``layer1.0.bn2``,
 ``layer2.0.downsample.0``, ...), so the weights its authors trained load with ``strict=True`` (see
-``instill.sources.load_weights_file``); its stitchable layers (``bn1`` .. ``bn8`` of Tiny10: after the batch norm,
+``instill.compare.sources.load_weights_file``); its stitchable layers (``bn1`` .. ``bn8`` of Tiny10: after the batch
+norm,
 before the ReLU) are named the same way. Two deliberate differences that change no state-dict key: every ReLU is
 its own module and none works in place (the original's ``nn.ReLU(inplace=True)`` in ResNet blocks overwrites the
 batch norm's output that a forward hook captured), and the residual addition is a module (``add``) so that it can

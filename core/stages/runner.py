@@ -21,17 +21,22 @@ from ..errors import UserError, under_key
 from ..loggers import check_available as check_loggers
 from ..loggers import sink_factory
 from ..registry import DATASETS, MODELS
-from ..run import Run, draw_seed, has_state, is_finished, seed_everything
+from ..run import Run, has_state, is_finished
+from ..seeds import draw_seed, seed_everything
 from ..train import resolve_device
 
-# modules of this package, imported when a stage runs
-STAGES = ("ablate", "align", "base", "compare", "guide", "stitch", "transfer")
+# The module of each stage, imported by name when a run names it: the one place that knows where each system keeps
+# its stage (the systems sit above this package and import from it, never the other way round).
+STAGE_MODULES = {"base": "stages.base", "ablate": "subnetworks.ablate", "transfer": "subnetworks.transfer",
+                 "guide": "guidance.guide", "compare": "compare.stage", "stitch": "stitching.stage",
+                 "align": "align.stage"}
+STAGES = tuple(sorted(STAGE_MODULES))
 
 
 def stage_module(stage: str):
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
-    return importlib.import_module(f".{stage}", __package__)  # the stages package
+    return importlib.import_module(f"..{STAGE_MODULES[stage]}", __package__)
 
 
 @dataclass

@@ -12,7 +12,8 @@ from typing import Any, Optional
 from .. import dist
 from ..config import RunConfig, read_yaml
 from ..errors import UserError
-from ..run import derive_seed, has_state, is_finished
+from ..seeds import derive_seed
+from ..run import has_state, is_finished
 from .runner import Interrupted, execute, load_stage_config
 
 

@@ -8,7 +8,8 @@ mask of the best evaluation is kept: by default the last epoch reaching the best
 (usually the sparsest; ``train.select_ties: first`` keeps the first). The model is the base run's: a ``model:``
 section is an error.
 
-Writes ``mask.safetensors`` + ``mask.json`` (``instill.masks``), ``mask_density.png``, metrics and ``summary.json``.
+Writes ``mask.safetensors`` + ``mask.json`` (``instill.subnetworks.masks``), ``mask_density.png``, metrics and
+``summary.json``.
 Raises UserError when the data do not fit the base model or the layer selection matches no weight.
 """
 
@@ -21,13 +22,13 @@ from pydantic import Field
 
 from ..config import Ties, TrainConfig
 from ..errors import under_key
-from ..masks import MaskConfig, MaskedModel, mask_density
+from .masks import MaskConfig, MaskedModel, mask_density
 from ..models import load_model
 from ..report import plot_bars, plot_run
-from .compatibility import UsesBaseModel, check_compatible
-from .runner import Context
-from .task import LossScope, evaluate_task, make_loss, summary_metrics
-from .upstream import resolve_upstream
+from ..stages.compatibility import UsesBaseModel, check_compatible
+from ..stages.runner import Context
+from ..stages.task import LossScope, evaluate_task, make_loss, summary_metrics
+from ..stages.upstream import resolve_upstream
 from ..train import Objective, fit
 
 MaskConfig.__pydantic_config__ = {"extra": "forbid"}  # the library dataclass doubles as the config section

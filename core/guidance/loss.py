@@ -9,7 +9,7 @@ Layer maps:
 - ``uniform``: the same stretch, every mapped pair kept.
 - explicit ``{target: name, guide: name, weight: w}`` pairs.
 
-Names are capture keys (``instill.features``): a module name, ``name@k`` for its (k+1)-th call in one forward.
+Names are capture keys (``instill.compare.capture``): a module name, ``name@k`` for its (k+1)-th call in one forward.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import UserError, nearest
-from .similarity import DegenerateActivations, NonFiniteActivations
+from ..errors import UserError, nearest
+from ..compare.similarity import DegenerateActivations, NonFiniteActivations
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,8 @@ class AlignmentLoss:
                  alpha: float = 1.0, reduce: Reduce = "sum", tokenwise: Tokenwise = None,
                  target_batch_axes: Mapping[str, int] | None = None,
                  guide_batch_axes: Mapping[str, int] | None = None, steps: int | None = None):
-        from .features import FeatureCapture, module_of
-        from .similarity import get_similarity
+        from ..compare.capture import FeatureCapture, module_of
+        from ..compare.similarity import get_similarity
 
         self.pairs, self.alpha, self.reduce, self.tokenwise, self.steps = pairs, alpha, reduce, tokenwise, steps
         self.measure = get_similarity(similarity)

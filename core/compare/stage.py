@@ -2,17 +2,17 @@
 
     compare:
       model_a: {name: tiny10, weights: tests/fixtures/drfrankenstein/Tiny10/CIFAR10/in0-gn0/110000.pt}
-      model_b: {run: checkpoints/shapes_base}      # any stage's run directory (see instill.sources)
+      model_b: {run: checkpoints/shapes_base}      # any stage's run directory (see instill.compare.sources)
       layers_a: ["bn*"]                            # names, glob patterns, type:Conv2d
       measures: [cka_minibatch, cka, procrustes]
 
 The split streams in shuffled minibatches (seeded); each batch makes one forward pass of each model and updates
-every measure for every pair of selected layers (``instill.compare.compare_models``). Writes ``similarity.csv``
+every measure for every pair of selected layers (``instill.compare.measures.compare_models``). Writes ``similarity.csv``
 (layer_a, layer_b, measure, value, n), ``heatmap_<measure>.png`` per measure with layer names on both axes, and
 ``summary.json`` (the matrices, both models, the sample counts, pairs left out and why).
 
 Before the run directory exists (``prepare``) the data are built, both models loaded and probed on a batch, so
-these raise a UserError with nothing written: a model source that does not load (see ``instill.sources``; a
+these raise a UserError with nothing written: a model source that does not load (see ``instill.compare.sources``; a
 weights file names its first mismatching key), a layer that is not in its model (with the nearest names), an
 unknown measure, a full-data measure that needs more samples than the split and ``full_samples`` give, a batch
 size too small for minibatch CKA.
@@ -25,20 +25,21 @@ from typing import Any, Literal, Optional
 from pydantic import Field, conlist, field_validator
 
 from ..data.info import DatasetInfo
-from ..compare import MEASURES, UNBIASED_MIN_BATCH, Spatial, check_sample_counts, compare_models, get_measure
+from .measures import MEASURES, UNBIASED_MIN_BATCH, Spatial, check_sample_counts, compare_models, get_measure
 from ..config import RunConfig, Section
 from ..data import BatchLoader
 from ..errors import UserError, under_key
-from ..features import probe
+from .capture import probe
 from ..report import format_table
-from ..run import atomic_write_text, derive_seed, seed_everything
-from ..sources import LoadedModel, ModelSource, describe, load_model_source
+from ..files import atomic_write_text
+from ..seeds import derive_seed, seed_everything
+from .sources import LoadedModel, ModelSource, describe, load_model_source
 from ..train import resolve_device
-from .runner import Context, build_data
+from ..stages.runner import Context, build_data
 
 
 class CompareSection(Section):
-    model_a: ModelSource = Field(description="run directory, or registered name + weights file (instill.sources)")
+    model_a: ModelSource = Field(description="run directory, or registered name + weights file (compare.sources)")
     model_b: ModelSource = Field(description="the same for the second model (it may name the same model)")
     layers_a: conlist(str, min_length=1) = Field(description="layers of model_a: names, globs (bn*), type:Conv2d")
     layers_b: Optional[conlist(str, min_length=1)] = Field(None, description="layers of model_b (default: layers_a)")

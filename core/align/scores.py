@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError, nearest, under_key
-from . import dist
-from .rules import Backprop, InitialNetwork, full, output_error
-from .run import derive_seed
+from ..errors import UserError, nearest, under_key
+from .. import dist
+from ..steps import Backprop
+from .rules import InitialNetwork, full, output_error
+from ..seeds import derive_seed
 
 CHANCE = ("shuffled_weights", "shuffled_update")
 

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .errors import UserError
-from .features import select_layers
+from ..errors import UserError
+from ..compare.capture import select_layers
 
 Layout = Literal["map", "tokens", "vector"]
 INITS = ("random", "identity", "perm", "ones_zeros", "ps_inv", "procrustes")

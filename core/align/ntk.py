@@ -8,7 +8,7 @@ every (channel, row, column), over the batch.
 
 Layout, as the original: block l is ``[activation of the previous block's output] -> linear/conv -> batch norm``;
 after the last block the activation, (CNN) global average pooling and a linear readout scaled 1/sqrt(width). The
-block outputs z_l (post batch norm, pre activation) are where the learning rules of ``instill.rules`` tap the
+block outputs z_l (post batch norm, pre activation) are where the learning rules of ``instill.align.rules`` tap the
 network: ``model(x, tap=fn)`` replaces each z_l by ``fn(l, z_l)`` and the readout's input (after activation and
 pooling) by ``fn(L, a)``, L the number of blocks. Module names: ``blocks.<l>.layer`` and ``head``.
 

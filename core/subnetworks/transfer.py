@@ -2,7 +2,8 @@
 
 For every n in ``transfer.n_disambiguation`` (token tasks: the ambiguous rows plus n disambiguating rows; omit it
 for image tasks), every condition and every learning rate, one sub-run trains the condition's starting model
-(``instill.transfer.transplant``) on the same data, selecting on the validation split and stopping early when
+(``instill.subnetworks.transplant.transplant``) on the same data, selecting on the validation split and stopping early
+when
 ``train.early_stop`` says so. Conditions: ``subnet``, ``subnet_trainable``, ``full_model``, ``random_init``,
 ``sampled_subnet``, ``sampled_complement``. Every condition at a given n starts from the same fresh weights and
 sees the same batches; the learning-rate sweep stops once a rate reaches ``transfer.lr_stop_at``.
@@ -27,23 +28,24 @@ from pydantic import Field, confloat, conlist, field_validator
 
 from ..config import Section
 from ..errors import UserError, did_you_mean
-from ..masks import base_run_of, load_mask
+from .masks import base_run_of, load_mask
 from ..models import build_fresh, load_model, save_model
 from ..report import format_table, plot_bars, plot_lines, plot_runs
-from ..run import atomic_write_csv, derive_seed, seed_everything
-from .compatibility import UsesBaseModel, check_compatible
-from .runner import Context, build_data
-from .task import LossScope, evaluate_task, make_loss, summary_metrics
-from .upstream import resolve_upstream
+from ..files import atomic_write_csv
+from ..seeds import derive_seed, seed_everything
+from ..stages.compatibility import UsesBaseModel, check_compatible
+from ..stages.runner import Context, build_data
+from ..stages.task import LossScope, evaluate_task, make_loss, summary_metrics
+from ..stages.upstream import resolve_upstream
 from ..train import Objective, fit
-from ..transfer import CONDITIONS, BatchNorm, NonMasked, check_condition, check_optimizer, transplant
+from .transplant import CONDITIONS, BatchNorm, NonMasked, check_condition, check_optimizer, transplant
 
 DEFAULT_CONDITIONS = ["subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet"]
 
 
 class TransferSection(Section):
     mask: str = Field(description="the discovered mask: an ablate run directory, the ablate stage's config, or a "
-                                  "mask imported with python -m instill.masks import-neurosurgeon")
+                                  "mask imported with instill import-neurosurgeon")
     conditions: conlist(str, min_length=1) = Field(default_factory=lambda: list(DEFAULT_CONDITIONS))
     n_disambiguation: Optional[conlist(int, min_length=1)] = Field(
         None, description="token tasks: the numbers of disambiguating examples to sweep over")
@@ -158,7 +160,7 @@ def _train_condition(ctx: Context, sub, n, condition, lr, data, base, model_cfg,
     result = fit(start.model, objective, data.train, train_cfg, sub, seed=derive_seed(ctx.seed, "batches", n),
                  device=ctx.device)
     final = evaluate_task(start.model, data.eval_sets(), data.info, eval_batch, ctx.device)
-    save_model(sub, "model", start.model, model_cfg, base_info)  # for compare/stitch (instill.sources)
+    save_model(sub, "model", start.model, model_cfg, base_info)  # for compare/stitch (instill.compare.sources)
     return {"n_disambiguation": n, "condition": condition, "lr": lr, "seed": ctx.seed,
             "best_eval_acc": result.best[train_cfg.select_metric], "best_epoch": result.best.get("epoch"),
             "steps": result.steps, **start.info, **summary_metrics(final)}

@@ -11,7 +11,7 @@
 ``loader`` is any iterable of batches (a ``torch.utils.data.DataLoader``, a list of tensors, ``BatchLoader``); a
 batch is an input tensor or a tuple whose first element is the input. Each batch makes one forward pass of each
 model (no gradients, evaluation mode; the models' modes are restored afterwards); forward hooks
-(``instill.features``) capture the selected layers, and every measure's statistics are updated for all pairs.
+(``instill.compare.capture``) capture the selected layers, and every measure's statistics are updated for all pairs.
 
 Measures. Streaming measures keep statistics whose size does not depend on the number of samples:
 
@@ -29,7 +29,8 @@ Measures. Streaming measures keep statistics whose size does not depend on the n
 
 Full-data measures need every sample at once (n x n or n x d matrices): they use the first ``full_samples``
 samples streamed (the loader's order; shuffled loaders give a random subset), capped explicitly, and say so in
-``n``. They are the measures of ``instill.similarity``: ``cka`` (linear CKA with the biased HSIC over all samples,
+``n``. They are the measures of ``instill.compare.similarity``: ``cka`` (linear CKA with the biased HSIC over all
+samples,
 Kornblith et al. 2019), ``cka_unbiased``, ``rsa``, ``rsa_classic``, ``procrustes``, ``cca`` (mean canonical
 correlation), ``cca_r2`` (mean squared canonical correlation, Yanai's R^2_CCA, centred), ``svcca``, ``pwcca``;
 plus ``lr_r2``: the centred linear-regression R^2, the fraction of ``b``'s variance that a linear map of ``a``
@@ -50,11 +51,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import UserError, nearest
-from .features import FeatureCapture, LayerSpec
+from ..errors import UserError, nearest
+from .capture import FeatureCapture, LayerSpec
 from .similarity import (canonical_correlations, cka_from_grams, centered_gram, pwcca, similarity_matrix, svcca,
                          full_precision, procrustes)
-from .run import csv_text
+from ..files import csv_text
 
 Spatial = Literal["flatten", "mean"]
 UNBIASED_MIN_BATCH = 4
@@ -134,7 +135,7 @@ class Comparison:
 
     def heatmap(self, measure: str, path: Optional[str] = None, *, annotate: Optional[bool] = None):
         """A heatmap of ``measure`` with layer names on both axes; saved to ``path`` when given. Returns the figure."""
-        from .report import plot_heatmap
+        from ..report import plot_heatmap
 
         return plot_heatmap(self.matrix(measure), self.layers_a, self.layers_b, path=path,
                             title=f"{measure} ({MEASURES[measure].description})", xlabel=self.labels[1],
@@ -389,7 +390,7 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, loader: Iterable[Any]
             comparison, their modes restored afterwards; no gradients are computed.
         loader: an iterable of batches (tensor, or tuple/list whose first element is the input).
         layers_a, layers_b: module names, glob patterns (``bn*``), and/or types (``type:Conv2d``), as
-            ``instill.features`` selects them; ``layers_b`` defaults to ``layers_a``. Layer order is the order in
+            ``instill.compare.capture`` selects them; ``layers_b`` defaults to ``layers_a``. Layer order is the order in
             which the layers run. A layer called more than once per forward (a weight-tied block applied four
             times, a ReLU module reused in a block) gives one row per call: ``name``, ``name@1``, ...
         measures: names from ``MEASURES`` (see the module docstring).

@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 from torch import Tensor
 
-from .errors import UserError, nearest
+from ..errors import UserError, nearest
 
 EPS_ULPS = 8  # default eps, in machine epsilons: a side whose centred features hold less energy is constant
 TINY = 1e-15  # floor of a norm we divide by: far below real activations, and its square is a normal float32

@@ -3,12 +3,13 @@
 For every combination of ``align.data_limits`` (training images kept, through the dataset's ``limit`` key or a seeded
 subset of its training split; the held-out sets keep their size),
 ``align.widths`` (the model's ``width``), ``align.lrs`` and ``align.rules``, one sub-run trains the model with that
-rule (``train.rule``, ``instill.rules``) through the one training loop. Every rule at a given width starts from the
+rule (``train.rule``, ``instill.align.rules``) through the one training loop. Every rule at a given width starts from
+the
 same initial weights and sees the same batches. Loss: ``mse`` on (one-hot - target_offset) as the original (summed
 over time, averaged over sequences for the Add task), or ``cross_entropy``.
 
 With ``align.scores`` the back-propagation sub-runs also accumulate the Align-zero baseline from their own errors
-(``instill.alignment.AlignmentBaseline``) and log, at every evaluation, each scored layer's alignment score and its
+(``instill.align.scores.AlignmentBaseline``) and log, at every evaluation, each scored layer's alignment score and its
 chance controls. Writes ``results.csv`` (one row per combination: rule, width, lr, data_limit, test accuracy and
 loss, or the best train and test loss of a regression task as the original reports, the seed and the final score
 per layer), ``accuracy_vs_width.png``, ``alignment_vs_width.png``, ``alignment_vs_epoch.png`` (the widest
@@ -31,18 +32,20 @@ import torch.nn.functional as F
 from pydantic import Field, confloat, conint, conlist, field_validator
 
 from ..data.info import DatasetInfo
-from ..alignment import CHANCE, AlignmentBaseline, check_layers
+from .scores import CHANCE, AlignmentBaseline, check_layers
 from ..config import ModelConfig, RunConfig, Section
 from ..data import DataBundle
 from ..errors import UserError, under_key
-from ..models.ntk import MAX_WIDTH
+from .ntk import MAX_WIDTH
 from ..registry import MODELS, RULES
 from ..report import format_table, plot_lines
-from ..rules import RuleContext, build_rule
-from ..run import atomic_write_csv, derive_seed, read_metrics, seed_everything
+from ..steps import RuleContext, build_rule
+from ..files import atomic_write_csv
+from ..seeds import derive_seed, seed_everything
+from ..run import read_metrics
 from ..train import Objective, fit
-from .runner import Context, build_data
-from .task import summary_metrics
+from ..stages.runner import Context, build_data
+from ..stages.task import summary_metrics
 
 
 class HutchinsonSection(Section):

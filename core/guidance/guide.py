@@ -34,17 +34,18 @@ from ..data.info import DatasetInfo
 from ..config import ModelConfig, RunConfig, Section
 from ..data.sequences import real_positions
 from ..errors import UserError, under_key
-from ..features import DEFAULT_TYPES, probe
-from ..guidance import AlignmentLoss, LayerMap, Reduce, Tokenwise, compared_rows, resolve_pairs
+from ..compare.capture import DEFAULT_TYPES, probe
+from .loss import AlignmentLoss, LayerMap, Reduce, Tokenwise, compared_rows, resolve_pairs
 from ..models import load_model, save_model
 from ..registry import MODELS
 from ..report import describe, format_table, plot_bars, plot_runs
-from ..run import atomic_write_csv, derive_seed, seed_everything
-from ..similarity import SIMILARITIES, get_similarity
-from .compatibility import check_data_fits
-from .runner import Context, build_data
-from .task import LossScope, evaluate_task, make_loss, summary_metrics
-from .upstream import resolve_upstream
+from ..files import atomic_write_csv
+from ..seeds import derive_seed, seed_everything
+from ..compare.similarity import SIMILARITIES, get_similarity
+from ..stages.compatibility import check_data_fits
+from ..stages.runner import Context, build_data
+from ..stages.task import LossScope, evaluate_task, make_loss, summary_metrics
+from ..stages.upstream import resolve_upstream
 from ..train import Objective, fit, resolve_device
 
 CONDITION_HELP = {
@@ -225,7 +226,7 @@ def _train_condition(ctx: Context, sub, condition: str, data, guide: Optional[to
         if alignment is not None:
             alignment.close()
     final = evaluate_task(target, data.eval_sets(), data.info, eval_batch, ctx.device)
-    save_model(sub, "model", target, cfg.model.model_dump(), data.info)  # for compare/stitch (instill.sources)
+    save_model(sub, "model", target, cfg.model.model_dump(), data.info)  # for compare/stitch (instill.compare.sources)
     if data.info.next_token:  # next-token prediction, not parity
         final["test_perplexity"] = math.exp(min(final["test_loss"], 50.0))
     pairs = [] if alignment is None else [f"{p.target}~{p.guide}" for p in alignment.pairs]

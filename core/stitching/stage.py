@@ -1,5 +1,6 @@
 """The ``stitch`` stage (Csiszarik et al. 2021, "Similarity and Matching of Neural Network Representations"):
-the front model up to a layer, a trained stitching transform, the end model from a layer on (``instill.stitching``).
+the front model up to a layer, a trained stitching transform, the end model from a layer on
+(``instill.stitching.stitch``).
 
 Both models are frozen and stay in evaluation mode throughout; only the transform trains. Every pair of
 ``stitch.front_layers`` x ``stitch.end_layers`` (or ``pairs: zip``: the i-th with the i-th) is one stitch: one pair
@@ -50,14 +51,16 @@ from ..data import DataBundle, Split, batches
 from ..errors import UserError, under_key
 from ..models.vision import check_accepts
 from ..report import format_table, plot_bars, plot_heatmaps, plot_run
-from ..run import Run, atomic_write_csv, derive_seed
-from ..similarity import cka, get_similarity
-from ..sources import LoadedModel, ModelSource, load_model_source
-from ..stitching import (INITS, MASKS, TARGETS, Head, LinearStats, Side, StitchTransform, Tail, agreement_metrics,
-                         freeze, init_matrix, layout_of, make_mask, target_loss)
+from ..run import Run
+from ..files import atomic_write_csv
+from ..seeds import derive_seed
+from ..compare.similarity import cka, get_similarity
+from ..compare.sources import LoadedModel, ModelSource, load_model_source
+from .stitch import (INITS, MASKS, TARGETS, Head, LinearStats, Side, StitchTransform, Tail, agreement_metrics, freeze,
+                     init_matrix, layout_of, make_mask, target_loss)
 from ..train import Objective, fit
-from .runner import Context, build_data
-from .upstream import resolve_upstream
+from ..stages.runner import Context, build_data
+from ..stages.upstream import resolve_upstream
 
 PS_INV_MAX_INPUTS = 8192  # (d_in + 1)^2 float64 normal equations: 0.5 GB at this width
 VARIANTS = ("front", "end", "before", "after", "ps_inv")
@@ -173,7 +176,7 @@ def data_seed(cfg: Config, seed: int) -> int:
 
 
 def load_source(source: ModelSource, key: str, data_info: DatasetInfo) -> LoadedModel:
-    """The frozen model a source names (``instill.sources``), checked against the data."""
+    """The frozen model a source names (``instill.compare.sources``), checked against the data."""
     loaded = load_model_source(source, data_info, key=key)
     check_accepts(loaded.model, DatasetInfo(data_info.input_shape))  # real-valued inputs; any head
     freeze(loaded.model)

@@ -20,7 +20,7 @@ the data facts it was built for, and these must match the run's data.
 
 Use from a stage::
 
-    from ..sources import ModelSource, load_model_source
+    from .sources import ModelSource, load_model_source
 
     class Config(RunConfig):
         model_a: ModelSource
@@ -48,9 +48,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from .data.info import DatasetInfo
-from .errors import UserError, under_key
-from .registry import MODELS
+from ..data.info import DatasetInfo
+from ..errors import UserError, under_key
+from ..registry import MODELS
 
 
 class ModelSource(BaseModel):
@@ -133,7 +133,7 @@ def load_model_source(source: ModelSource | dict[str, Any], data_info: Optional[
 def _validated(raw: dict[str, Any], key: str) -> ModelSource:
     from pydantic import ValidationError
 
-    from .registry import describe_error
+    from ..registry import describe_error
 
     try:
         return ModelSource.model_validate(raw)
@@ -144,13 +144,13 @@ def _validated(raw: dict[str, Any], key: str) -> ModelSource:
 # ----------------------------------------------------------------------------------------------------- run dirs
 
 def _from_run(path: Path, checkpoint: str, data_info: Optional[DatasetInfo], key: str) -> LoadedModel:
-    from .masks import META_FILE, base_run_of, load_mask
-    from .models import load_model
-    from .run import is_finished
-    from .stages.compatibility import check_data_fits
+    from ..subnetworks.masks import META_FILE, base_run_of, load_mask
+    from ..models import load_model
+    from ..run import is_finished
+    from ..stages.compatibility import check_data_fits
 
     if path.suffix in (".yaml", ".yml"):  # a base config: its run directory, trained first when missing
-        from .stages.upstream import resolve_upstream
+        from ..stages.upstream import resolve_upstream
 
         path = Path(resolve_upstream(str(path), "base", f"{key}.run"))
     if not path.is_dir():

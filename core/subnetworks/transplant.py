@@ -1,6 +1,7 @@
 """Subnetwork transplant ("subtask induction") and its baselines.
 
-Given a trained base model, a bool mask per parameter name (``instill.masks``) and a freshly initialised model of the
+Given a trained base model, a bool mask per parameter name (``instill.subnetworks.masks``) and a freshly initialised
+model of the
 same architecture, ``transplant`` builds one condition's starting model:
 
 =====================  ========================================================================================
@@ -45,9 +46,9 @@ import weakref
 import torch
 from torch import nn
 
-from .errors import UserError, did_you_mean
+from ..errors import UserError, did_you_mean
 from .masks import check_masks, listing, mask_density
-from .run import derive_seed
+from ..seeds import derive_seed
 
 Condition = Literal["subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet", "sampled_complement"]
 CONDITIONS: tuple[str, ...] = get_args(Condition)

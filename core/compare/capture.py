@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from .errors import UserError, nearest
+from ..errors import UserError, nearest
 
 ORIGINAL_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv2d, nn.Linear, nn.AdaptiveAvgPool2d, nn.LSTM, nn.RNN, nn.TransformerDecoderLayer, nn.LayerNorm,
