@@ -279,6 +279,8 @@ class _Pixels:
         if self.normalize == "imagenet":
             mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
             x = (x - mean) / std
+        elif self.normalize == "half":  # mean 0.5, std 0.5 per channel: HF ViT's feature extractor
+            x = (x - 0.5) / 0.5
         return x
 
 
@@ -323,7 +325,7 @@ def build_image_folder(
     classes: list[str] | Literal["imagenet16"] | None = None,
     eval_dirs: dict[str, str] = {},  # noqa: B006 - the registry reads defaults, it never mutates them
     cue_conflict_dir: str = "",
-    normalize: Literal["none", "imagenet"] = "none",
+    normalize: Literal["none", "imagenet", "half"] = "none",
     stream: bool = True,
     workers: Annotated[int, Field(ge=0)] = 2,
 ) -> DataBundle:
@@ -337,7 +339,8 @@ def build_image_folder(
     ids follow the sorted names. ``eval_dirs``: further named evaluation sets in the same layout (e.g. a
     mean-pooled copy of the test set). ``cue_conflict_dir``: Geirhos cue-conflict stimuli, attached as
     ``cue_conflict`` (y = shape) and ``cue_conflict_texture`` (y = texture); see ``list_cue_conflict``.
-    Inputs are float32 (3, H, W) in [0, 1], or standardised when ``normalize: imagenet``.
+    Inputs are float32 (3, H, W) in [0, 1], or standardised when ``normalize: imagenet`` (``half``:
+    mean and std 0.5, as HF ViT's feature extractor).
     """
     wanted = list(GEIRHOS_16_CLASSES) if classes == "imagenet16" else classes
     # Every listing is checked before any pixel is read, so a bad folder costs no decoding and writes no cache.

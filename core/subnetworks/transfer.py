@@ -46,6 +46,9 @@ DEFAULT_CONDITIONS = ["subnet", "subnet_trainable", "full_model", "random_init",
 class TransferSection(Section):
     mask: str = Field(description="the discovered mask: an ablate run directory, the ablate stage's config, or a "
                                   "mask imported with instill import-neurosurgeon")
+    mask_base: Optional[str] = Field(
+        None, description="with a NeuroSurgeon best_circuit_model.pt as mask: the base it was found on (a base run, "
+                          "a base config or an HF checkpoint folder)")
     conditions: conlist(str, min_length=1) = Field(default_factory=lambda: list(DEFAULT_CONDITIONS))
     n_disambiguation: Optional[conlist(int, min_length=1)] = Field(
         None, description="token tasks: the numbers of disambiguating examples to sweep over")
@@ -85,7 +88,7 @@ class Config(UsesBaseModel):
 def prepare(cfg: Config) -> None:
     """Run the upstream configs if needed, then check everything a sub-run could fail on, before any is written."""
     spec = cfg.transfer
-    spec.mask = resolve_upstream(spec.mask, "ablate", "transfer.mask")
+    spec.mask = resolve_upstream(spec.mask, "ablate", "transfer.mask", spec.mask_base)
     if spec.n_disambiguation is not None and "n_disambiguation" not in cfg.data.params:
         raise UserError(f"transfer.n_disambiguation is set but data {cfg.data.name!r} has no n_disambiguation key")
     _, _, _, mask = _inputs(spec.mask)
