@@ -41,7 +41,7 @@ from ..stages.runner import Context, build_data
 from ..stages.task import LossScope, evaluate_task, make_loss, summary_metrics
 from ..stages.upstream import resolve_upstream
 from ..train import Objective, fit
-from .transplant import CONDITIONS, BatchNorm, NonMasked, check_condition, transplant
+from .transplant import CONDITIONS, BatchNorm, NonMasked, check_condition, check_optimizer, transplant
 
 DEFAULT_CONDITIONS = ["subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet"]
 
@@ -98,6 +98,8 @@ def prepare(cfg: Config) -> None:
     mask = _inputs(spec.mask).mask
     for condition in spec.conditions:  # feasibility depends on the condition and the mask, not on n or lr
         check_condition(condition, mask)
+    if spec.freeze and set(spec.conditions) - {"subnet_trainable", "full_model", "random_init"}:
+        check_optimizer(cfg.train.optimizer.name)  # frozen entries stay fixed only under these optimizers
     kept = sum(int(m.sum()) for m in mask.values())
     if kept == 0 and {"subnet", "subnet_trainable", "sampled_subnet"} & set(spec.conditions):
         print(f"warning: the mask in {spec.mask} keeps no weight (density 0): subnet conditions start from the "
@@ -170,8 +172,7 @@ def _train_condition(ctx: Context, sub: Run, inputs: TransferInputs, data: DataB
     def evaluate(model):
         return evaluate_task(model, watched, data.info, eval_batch, ctx.device)
 
-    objective = Objective(make_loss(cfg.loss_scope), evaluate, train_mode=start.train_mode,
-                          after_step=start.after_step)
+    objective = Objective(make_loss(cfg.loss_scope), evaluate, train_mode=start.train_mode)
     seed_everything(derive_seed(ctx.seed, "train", n, condition, lr), cfg.reproducibility.deterministic)
     result = fit(start.model, objective, data.train, train_cfg, sub, seed=derive_seed(ctx.seed, "batches", n),
                  device=ctx.device)
