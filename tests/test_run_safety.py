@@ -405,7 +405,7 @@ def test_an_empty_mask_is_announced(workdir, monkeypatch, capsys):
 
     cfg = transfer.Config.model_validate({"stage": "transfer", "data": {"name": "digits", "limit": 100},
                                           "transfer": {"mask": "m", "conditions": ["subnet", "random_init"]}})
-    monkeypatch.setattr(transfer, "resolve_upstream", lambda ref, stage, key: ref)
+    monkeypatch.setattr(transfer, "resolve_upstream", lambda ref, stage, key, *_: ref)
     monkeypatch.setattr(transfer, "_inputs", lambda d: transfer.TransferInputs(None, {"w": torch.zeros(3, 3,
                                                                                            dtype=torch.bool)}))
     monkeypatch.setattr(transfer, "check_condition", lambda condition, mask: None)
