@@ -101,6 +101,19 @@ class RunLock:
             lock.record()
         return lock
 
+    @classmethod
+    def create_new(cls, directory: Path) -> "RunLock":
+        """The lock of a directory just made (a staging directory): the file is locked before it appears under its
+        name, so that another launch clearing stale staging directories never finds it created but not yet
+        locked (it would take the lock and remove the directory being built)."""
+        tmp = directory / f"{LOCK_FILE}.new"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), user_mode())
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(tmp, directory / LOCK_FILE)
+        lock = cls(fd, directory)
+        lock.record()
+        return lock
+
     def record(self) -> None:
         """Name this process as the owner in the lock file (what a second launch is told)."""
         owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}).encode()
@@ -297,7 +310,7 @@ def _create(directory: Path, populate: Callable[[Path], None]) -> Optional[RunLo
     try:
         staging = Path(tempfile.mkdtemp(dir=parent, prefix=STAGING_PREFIX))
         os.chmod(staging, user_mode(directory=True))
-        lock = RunLock.try_take(staging, create=True)
+        lock = RunLock.create_new(staging)
         populate(staging)
         fault_point()
         os.rename(staging, directory)  # fails when the directory appeared meanwhile (another launch won)
