@@ -118,13 +118,15 @@ def main(stage: str, argv: Optional[list[str]] = None) -> int:
         from . import dist
         from .config import to_yaml
         from .stages import Interrupted, execute, load_stage_config
+        from .stages.runner import validate
     try:
         cfg = load_stage_config(args.config, stage, args.overrides, args.out)
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
         if args.validate:
-            print(f"{args.config}: valid {stage} config")
+            notes = validate(cfg)
+            print(f"{args.config}: valid {stage} config" + "".join(f"\n  note: {n}" for n in notes))
             return 0
         execute(cfg, resume=args.resume, overrides=args.overrides if args.resume else [])
         return 0

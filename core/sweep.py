@@ -384,6 +384,7 @@ def _run_in_process(sweep_dir: Path, name: str, threads: int) -> dict[str, Any]:
     run_dir = sweep_dir / name
     if is_finished(run_dir):
         return {"state": "finished", "skipped": True}
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the run keeps this count (stages.runner.free_core_threads)
     torch.set_num_threads(threads)
     cfg = point_config(point, run_dir, record["source"])
     placement = None

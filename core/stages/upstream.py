@@ -14,7 +14,7 @@ from ..config import RunConfig, read_yaml
 from ..errors import UserError
 from ..seeds import derive_seed
 from ..run import has_state, is_finished
-from .runner import Interrupted, execute, load_stage_config
+from .runner import Interrupted, UpstreamPending, execute, load_stage_config, validate, validating
 
 
 @dataclass
@@ -78,6 +78,8 @@ def resolve_upstream(ref: str, stage: str, key: str) -> str:
                 update={"reproduce": True, "random_seed": derive_seed(_placement.seed, "upstream", cfg.name)})
     if is_finished(cfg.output_dir):
         return cfg.output_dir
+    if validating():  # --validate: check the upstream config (and its own upstream), train nothing
+        raise UpstreamPending(key, str(path), cfg.output_dir, validate(cfg))
     with _upstream_lock(cfg.output_dir):
         return _produce_upstream(cfg, path, key)
 
