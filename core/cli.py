@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+from pathlib import Path
 from typing import Optional
 
 from .errors import UserError, exit_on_interrupt
@@ -56,7 +58,7 @@ def config_sections(stage: str) -> str:
 def list_entries(kind: str) -> str:
     """``instill list KIND``: each entry of a registry or set of choices with its options and one line of help."""
     listings = {"models": _registry_listing, "datasets": _registry_listing, "measures": _measures_listing,
-                "conditions": _conditions_listing, "rules": _registry_listing}
+                "conditions": _conditions_listing, "rules": _registry_listing, "configs": _configs_listing}
     if kind not in listings:
         raise UserError(f"instill list: unknown kind {kind!r}; known: {', '.join(listings)}")
     return "\n".join(listings[kind](kind))
@@ -88,12 +90,36 @@ def _registry_listing(kind: str) -> list[str]:
 
     lines = []
     for entry in {"models": MODELS, "datasets": DATASETS, "rules": RULES}[kind].entries():
-        lines.append(f"{entry.name}: {_first_line(entry.doc)}")
+        help_line = _first_line(entry.doc).removeprefix(f"{entry.name}:").strip()  # a doc that opens with the name
+        lines.append(f"{entry.name}: {help_line}")
         for key, field in entry.params.model_fields.items():
             kind_name = _type_name(field.annotation)
             default = "required" if field.is_required() else f"= {field.get_default(call_default_factory=True)!r}"
             lines.append(f"    {key}: {kind_name} {default}")
     return lines
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the shipped configs, in a clone of the repository
+
+
+def _configs_listing(kind: str) -> list[str]:
+    """Each shipped config (sweeps and paper-scale ones included) with the first sentence of its header comment."""
+    if not CONFIGS.is_dir():
+        raise UserError("instill list configs: the shipped configs come with a clone of the repository; this "
+                        "installation has none")
+    return [f"{path.relative_to(CONFIGS.parent)}: {_purpose(path)}" for path in sorted(CONFIGS.rglob("*.yaml"))]
+
+
+def _purpose(path: Path, limit: int = 110) -> str:
+    """The first sentence of a config's header comment (its opening ``#`` lines), at most ``limit`` characters."""
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("#").strip())
+    text = re.sub(r":?\s*python \S+\.py \S+\.yaml:?", ".", " ".join(header))  # the command that runs it: known
+    text = (text[: text.index(". ") + 1] if ". " in text else text) or "(no header comment)"
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
 def _measures_listing(kind: str) -> list[str]:
@@ -171,7 +197,7 @@ def console_main(argv: Optional[list[str]] = None) -> None:
     if argv and argv[0] == "list":
         try:
             if len(argv) != 2:
-                raise UserError("usage: instill list models|datasets|measures|conditions|rules")
+                raise UserError("usage: instill list models|datasets|measures|conditions|rules|configs")
             print(list_entries(argv[1]), flush=True)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
@@ -186,7 +212,7 @@ def console_main(argv: Optional[list[str]] = None) -> None:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
         asked = bool(argv) and argv[0] in ("-h", "--help")
         print(f"usage: instill {{{','.join(STAGES)}}} CONFIG [--set KEY=VALUE ...] [--out DIR] [--resume] "
-              "[--print-config] [--validate]\n       instill list models|datasets|measures|conditions|rules\n"
+              "[--print-config] [--validate]\n       instill list models|datasets|measures|conditions|rules|configs\n"
               "       instill import-neurosurgeon STATE_DICT --base RUN_DIR --out DIR\n"
               "`instill STAGE --help` shows a stage's config sections; README.md and docs/design.md explain them.",
               file=sys.stdout if asked else sys.stderr)
