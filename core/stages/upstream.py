@@ -66,7 +66,7 @@ def resolve_upstream(ref: str, stage: str, key: str) -> str:
         return str(path)
     if path.suffix not in (".yaml", ".yml"):
         raise UserError(f"{key}: {ref} is neither a run directory nor a config file")
-    declared = _stage_of(read_yaml(path))
+    declared = stage_of(read_yaml(path))
     if declared is not None and declared != stage:
         raise UserError(f"{key}: {path} is a config of the {declared} stage; {key} takes a {stage} run directory or "
                         f"a {stage} config")
@@ -101,7 +101,7 @@ def _produce_upstream(cfg: RunConfig, path: Path, key: str) -> str:
 STAGE_SECTIONS = {"mask": "ablate", "transfer": "transfer", "guidance": "guide"}  # sections only that stage has
 
 
-def _stage_of(raw: dict[str, Any]) -> Optional[str]:
+def stage_of(raw: dict[str, Any]) -> Optional[str]:
     """The stage a config is for: its ``stage:`` key, or the section only that stage has (None: can't tell)."""
     if raw.get("stage") is not None:
         return str(raw["stage"])
