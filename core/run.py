@@ -411,6 +411,17 @@ def environment(device: str) -> dict[str, Any]:
     }
 
 
+def time_left(elapsed_s: float, done: float, total: float) -> str:
+    """``~2 min left`` from the rate so far (work done in ``elapsed_s`` seconds), for progress lines that a log
+    file keeps as well as a terminal; empty before any work is done or after all of it."""
+    if done <= 0 or total <= done or elapsed_s <= 0:
+        return ""
+    seconds = elapsed_s / done * (total - done)
+    shown = (f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400
+             else f"{seconds / 3600:.1f} h")
+    return f"~{shown} left"
+
+
 def _load_average() -> Optional[float]:
     """The 1-minute load average at the start (a busy machine explains a slow run), where the system has one."""
     try:
@@ -528,8 +539,8 @@ class Run:
 
         A sub-run that already finished (a resumed sweep) is not run again: its summary is read back.
         """
-        rows = []
-        for name, job in jobs:
+        rows, started, ran = [], time.perf_counter(), 0
+        for index, (name, job) in enumerate(jobs):
             sub = self.child(name)
             done = read_json(sub.path / "summary.json") if is_finished(sub.path) else None
             if done is None:
@@ -538,6 +549,11 @@ class Run:
                 finally:
                     sub.close_sinks()
                 sub.write_json("summary.json", done)
+                ran += 1
+                left = time_left(time.perf_counter() - started, ran, ran + len(jobs) - index - 1)
+                if self.writes and len(jobs) > 1:
+                    print(f"[{self.path.name}] {index + 1} of {len(jobs)} sub-runs done"
+                          + (f", {left} in this stage" if left else ""), flush=True)
             rows.append({k: v for k, v in done.items() if k != "status"})
         return rows
 

@@ -66,7 +66,7 @@ from .config import read_yaml
 from .errors import UserError, exit_code_of
 from .registry import describe_error, import_builtins
 from .files import atomic_write_json, read_json
-from .run import has_state, is_finished
+from .run import has_state, is_finished, time_left
 
 SEED_KEY = "reproducibility.random_seed"
 POINT_SPECIAL_KEYS = ("name", "config", "stage")  # keys of an explicit point that are not config keys
@@ -463,7 +463,11 @@ def _run_under_torchrun(sweep_dir: Path, name: str, processes: int, log_path: Pa
 # Executors
 
 
-def run_sweep(sweep: Sweep, *, progress=print) -> dict[str, dict[str, Any]]:
+def _print_now(line: str) -> None:
+    print(line, flush=True)  # a log file gets each line when it happens, as a terminal does
+
+
+def run_sweep(sweep: Sweep, *, progress=_print_now) -> dict[str, dict[str, Any]]:
     """Record the sweep, then run every point that is not finished; returns each point's outcome by name."""
     write_record(sweep)
     status = {p["name"]: {"name": p["name"], "state": point_state(sweep.path, p["name"])} for p in sweep.points}
@@ -475,11 +479,16 @@ def run_sweep(sweep: Sweep, *, progress=print) -> dict[str, dict[str, Any]]:
              f"{len(todo)} to run ({sweep.executor})")
     _write_status(sweep, status)
 
+    started, ended = time.perf_counter(), []
+
     def done(outcome: dict[str, Any]) -> None:
         status[outcome["name"]] = outcome
         _write_status(sweep, status)
+        ended.append(outcome["name"])
         extra = f": {outcome['error']}" if outcome.get("error") else ""
-        progress(f"  {outcome['name']}: {outcome['state']} ({outcome.get('duration_s', 0):.1f} s){extra}")
+        left = time_left(time.perf_counter() - started, len(ended), len(todo))
+        progress(f"  {outcome['name']}: {outcome['state']} ({outcome.get('duration_s', 0):.1f} s){extra} | "
+                 f"{len(ended)} of {len(todo)} done" + (f", {left} in this sweep" if left else ""))
 
     if todo and sweep.executor == "local":
         todo = _without_queued_slurm_jobs(sweep, todo, done)
