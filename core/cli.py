@@ -117,8 +117,9 @@ def _purpose(path: Path, limit: int = 110) -> str:
         if not line.startswith("#"):
             break
         header.append(line.lstrip("#").strip())
-    text = re.sub(r":?\s*python \S+\.py \S+\.yaml:?", ".", " ".join(header))  # the command that runs it: known
-    text = (text[: text.index(". ") + 1] if ". " in text else text) or "(no header comment)"
+    text = re.sub(r"[:.]?\s*python \S+\.py \S+\.yaml:?", ".", " ".join(header))  # the command that runs it: known
+    end = re.search(r"(?<! al)(?<!e\.g)\.\s(?=[A-Z(])", text)  # a sentence's end, not "et al. " or "e.g. "
+    text = (text[: end.start() + 1] if end else text) or "(no header comment)"
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 

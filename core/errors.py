@@ -142,4 +142,5 @@ def require(package: str, extra: Optional[str], feature: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec(package) is None:
-        raise UserError(f"{feature} needs the {package} package, which is not installed ({install_hint(extra, package)})")
+        raise UserError(f"{feature} needs the {package} package, which is not installed "
+                        f"({install_hint(extra, package)})")

@@ -8,7 +8,8 @@ the row's ``step``) and nothing else. Enable them in a config::
 
 Each sub-run (a sweep's condition) gets its own event files or W&B run inside its directory. Neither package is
 required: each is imported only when enabled, and enabling one that is not installed stops the run before its
-directory exists, with one line that gives the command that installs it (from a clone: ``pip install -e '.[tensorboard]'``). Nothing is sent anywhere: W&B runs offline.
+directory exists, with one line that gives the command that installs it (from a clone: ``pip install -e
+'.[tensorboard]'``). Nothing is sent anywhere: W&B runs offline.
 """
 
 from __future__ import annotations
