@@ -130,8 +130,7 @@ def validate(cfg: RunConfig) -> list[str]:
         return []
     before, _validating = _validating, True
     try:
-        seed = cfg.reproducibility.random_seed or 0  # prepare builds data and models: any seed checks them
-        seed_everything(seed, False)
+        seed = cfg.reproducibility.random_seed or 0  # prepare builds data with it: any seed checks them
         checked = cfg.model_copy(deep=True)  # prepare resolves upstream paths into its config: not into the caller's
         checked.reproducibility = checked.reproducibility.model_copy(update={"reproduce": True, "random_seed": seed})
         prepare(checked)
