@@ -21,8 +21,8 @@ from instill.cli import console_main, list_entries, main
                     "    guided_trained: task loss"]),
     ("rules", ["align_zero: Align-zero: the initial network's Jacobian", "fa: Feedback alignment", "backprop: "]),
     ("configs", ["configs/fcn.yaml: The README's main job, subtask induction into a fully connected network",
-                 "configs/vision_base_digits.yaml: A small ConvNet on scikit-learn's 8x8 digits, about 98% test accuracy in "
-                 "a few seconds on 2 CPU cores.",
+                 "configs/vision_base_digits.yaml: A small ConvNet on scikit-learn's 8x8 digits, about 98% test "
+                 "accuracy in a few seconds on 2 CPU cores.",
                  "configs/sweeps/"]),
 ])
 def test_instill_list_prints_entries_with_options_and_help(kind, expected):
