@@ -17,9 +17,10 @@ k is the number of units the subnetwork keeps in that parameter, so the sampled 
 size per layer: weights for weight masks, whole output units (neurons) for neuron masks, as NeuroSurgeon samples in
 the shape of its mask logits. ``complement_sampled`` needs k <= N - k in every parameter (NeuroSurgeon raises too).
 The random values of ``random_ablate`` are the layer type's default initialisation, as NeuroSurgeon's: a uniform
-on +-1/sqrt(fan_in) for ``Linear`` and ``Conv*d`` weights and biases (``kaiming_uniform_(a=sqrt(5))``), N(0, 0.02) weights
-and zero biases for GPT-2's ``Conv1D``; N(0, 1) for ``Embedding``; Xavier-uniform weights and zero biases for
-``MultiheadAttention``. Parameters outside the mask (embeddings, norms, unmasked biases) always keep their values.
+on +-1/sqrt(fan_in) for ``Linear`` and ``Conv*d`` weights and biases (``kaiming_uniform_(a=sqrt(5))``),
+N(0, 0.02) weights and zero biases for GPT-2's ``Conv1D``; N(0, 1) for ``Embedding``; Xavier-uniform weights and zero
+biases for ``MultiheadAttention``. Parameters outside the mask (embeddings, norms, unmasked biases) always keep their
+values.
 
 NeuroSurgeon draws one random mask or value tensor per layer and keeps it; here every drawn mode is drawn ``draws``
 times, draw d of parameter p from its own generator seeded by (seed, mode, d, p), so results replay exactly and
@@ -247,8 +248,9 @@ def _spread(values: list[float]) -> dict[str, Any]:
             "min": min(values), "max": max(values), "values": values}
 
 
-def run_ablations(model: nn.Module, masks: Mapping[str, torch.Tensor], score: Callable[[nn.Module], Mapping[str, float]],
-                  *, modes: Sequence[str] = MODES, draws: int = 5, seed: int = 0, unit: str = "weight") -> Ablations:
+def run_ablations(model: nn.Module, masks: Mapping[str, torch.Tensor],
+                  score: Callable[[nn.Module], Mapping[str, float]], *, modes: Sequence[str] = MODES, draws: int = 5,
+                  seed: int = 0, unit: str = "weight") -> Ablations:
     """Score ``model`` under each ablation mode (``draws`` times for the drawn ones), restoring its weights after.
 
     Args:
