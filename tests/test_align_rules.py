@@ -283,6 +283,26 @@ def test_hutchinson_estimates_the_exact_score():
     assert hutchinson_score(d, d + d_b, seed=3, iterations=3) == hutchinson_score(d, d + d_b, seed=3, iterations=3)
 
 
+def _zero_padded_matrix(kernel: torch.Tensor, stride: int, size: tuple[int, int]) -> torch.Tensor:
+    """The conv operator of ``kernel`` with the zero padding hutchinson_score probes, as a dense matrix."""
+    n_in = kernel.shape[1] * size[0] * size[1]
+    basis = torch.eye(n_in, dtype=kernel.dtype).reshape(n_in, kernel.shape[1], *size)
+    out = torch.nn.functional.conv2d(basis, kernel, stride=stride, padding=kernel.shape[-1] // 2)
+    return out.reshape(n_in, -1).T
+
+
+@pytest.mark.parametrize("stride, size", [(1, (5, 5)), (2, (6, 6)), (2, (7, 7))])
+def test_hutchinson_on_a_convolution_estimates_the_zero_padded_operator(stride, size):
+    torch.manual_seed(1)
+    d, d_b = torch.randn(4, 2, 3, 3, dtype=torch.float64), torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    d_b = d + d_b
+    m, m_b = _zero_padded_matrix(d, stride, size), _zero_padded_matrix(d_b, stride, size)
+    g, g_b = m.T @ m, m_b.T @ m_b
+    exact = float((g * g_b).sum() / (g.norm() * g_b.norm()))
+    got = hutchinson_score(d.float(), d_b.float(), seed=3, stride=stride, size=size, normalise=False)
+    assert got == pytest.approx(exact, abs=0.005)  # the circular operator is 0.017 away at stride 2 on 7x7
+
+
 def test_baseline_accumulates_the_initial_jacobian_driven_by_backprop_errors(batch):
     x, y = batch
     model = _mlp(batch_norm=True)

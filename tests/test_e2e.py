@@ -23,7 +23,7 @@ def test_tiny_mnist5k_convnet(workdir):
 def test_shipped_digits_config_reaches_95_percent(workdir):
     assert run_cli("base", str(REPO / "configs/vision_base_digits.yaml")) == 0
     summary = json.loads(Path("checkpoints/vision_base_digits/summary.json").read_text())
-    # 10 fresh seeds gave 0.970-0.996 (mean 0.979, sd 0.008; config header); two loaded CI-like runs gave 0.944 and
+    # 10 fresh seeds gave 0.970-0.996 (mean 0.979, sd 0.008; docs/results.md); two loaded CI-like runs gave 0.944 and
     # 0.948, so the bar sits below both: it catches a broken config or engine, not a weak seed
     assert summary["test_acc"] >= 0.93
 

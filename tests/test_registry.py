@@ -96,9 +96,9 @@ def test_keywords_a_library_rejects_are_user_errors_but_builder_bugs_keep_their_
 def test_the_table_of_shipped_modules_names_exactly_what_they_register():
     import importlib
 
-    from instill.registry import BUILTIN_MODULES, DATASETS, MODELS, _import_builtins
+    from instill.registry import BUILTIN_MODULES, DATASETS, MODELS, import_builtins
 
-    _import_builtins()
+    import_builtins()
     for kind, registry in (("dataset", DATASETS), ("model", MODELS)):
         shipped = {e.name.split(":")[0] for e in registry.entries() if e.build.__module__.startswith("instill.")}
         assert set(BUILTIN_MODULES[kind]) == shipped, kind

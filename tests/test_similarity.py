@@ -125,7 +125,8 @@ def test_cka_invariances(n, d, scale, unbiased, seed):
 
 
 def test_unbiased_cka_removes_the_bias_of_wide_independent_features():
-    # Murphy et al. / the reference notes: biased CKA of independent 1024-wide Gaussian maps at n = 256 is ~0.8
+    # Murphy et al. (ICLR 2024 Re-Align workshop), on correcting biased CKA: biased CKA of independent 1024-wide
+    # Gaussian maps at n = 256 is ~0.8
     x, y = data(256, 1024, 0, torch.float32), data(256, 1024, 1, torch.float32)
     biased, unbiased = cka(x, y).item(), cka(x, y, unbiased=True).item()
     assert 0.7 < biased < 0.9

@@ -82,7 +82,11 @@ def alignment_scores(model: nn.Module, layers: Optional[Sequence[str]] = None, *
         layers: module names of the weight layers to score (default: every linear and conv weight, or the
             model's ``layer_names()``).
         criterion: ``criterion(logits, targets)``; default cross-entropy.
-        method: ``exact`` or ``hutchinson`` (for convolutions).
+        method: ``exact`` (deterministic: the dense formula for linear layers; for convolutions the convolution
+            with circular boundaries on the layer's input map, in the Fourier domain) or ``hutchinson`` (the
+            original's seeded Gaussian-probe estimate, for linear and conv layers alike: on a linear layer it
+            estimates what ``exact`` computes; on a convolution it probes the zero-padded convolution, a different
+            operator: see ``instill.align.scores`` for the measured differences).
         chance: controls to report, a subset of ``shuffled_weights`` and ``shuffled_update``.
         seed: seeds probes and shuffles.
 

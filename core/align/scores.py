@@ -11,8 +11,13 @@ which for a dense layer is exactly ||D D_bᵀ||_F² / (||D Dᵀ||_F ||D_b D_bᵀ
 operator on the layer's input map; ``exact`` evaluates it in the Fourier domain with circular boundaries (strided
 convs through their aliasing groups: per coarse frequency A = [K̂(ω_1) ... K̂(ω_s²)], score from Σ||A A_bᴴ||²),
 ``hutchinson`` is the original's seeded probe estimator on the zero-padded conv (optionally with its per-batch
-mean-|.| renormalisation). Chance controls: ``shuffled_weights`` (the original's: the trained weight's entries
-permuted, minus W(0)) and ``shuffled_update`` (D's own entries permuted).
+mean-|.| renormalisation). On a dense layer both score the same operator. On a convolution they score different
+ones (zero padding against circular boundaries; ``exact`` also takes a side that is not a multiple of the stride up to
+one that is): measured on random updates (``studies/hutchinson_error.py``, docs/results.md), at most 0.012 apart where
+the side is a multiple of the stride and up to 0.043 for a stride-2 conv on a 7x7 map, while the estimate stayed
+within 0.0031 (dense) and 0.0007 (conv) of its own operator's exact score at 100 probes x 100 iterations.
+Chance controls: ``shuffled_weights`` (the original's: the trained weight's entries permuted, minus W(0)) and
+``shuffled_update`` (D's own entries permuted).
 """
 
 from __future__ import annotations
@@ -82,7 +87,11 @@ def hutchinson_score(d: torch.Tensor, d_b: torch.Tensor, *, seed: int, stride: i
                      size: Optional[tuple[int, int]] = None, probes: int = 100, iterations: int = 100,
                      normalise: bool = True) -> float:
     """The original's estimator: p = M_Dᵀ M_D u / C_out for Gaussian probes u, optionally renormalised by the batch
-    mean of |p|; score = Σ mean<p, p_b> / sqrt(Σ mean<p, p> Σ mean<p_b, p_b>). Seeded."""
+    mean of |p|; score = Σ mean<p, p_b> / sqrt(Σ mean<p, p> Σ mean<p_b, p_b>). Seeded.
+
+    Measured error against the exact score of the same operator at the defaults: at most 0.0031 (dense) and 0.0007
+    (conv) over 360 values; 0.0057 at 100 probes x 30 iterations (docs/results.md). An observation on random
+    updates, not a guaranteed bound."""
     gen = torch.Generator().manual_seed(seed)
     conv = d.dim() == 4
     shape = (probes, d.shape[1], *size) if conv else (probes, d.shape[1])

@@ -66,7 +66,9 @@ class AlignSection(Section):
     target_offset: float = Field(0.1, description="mse targets are one-hot minus this (the original: 0.1)")
     scores: bool = Field(True, description="alignment scores on the backprop sub-runs, at every evaluation")
     score_layers: Optional[list[str]] = Field(None, description="layers to score (default: every weight layer)")
-    score_method: Literal["exact", "hutchinson"] = "exact"
+    score_method: Literal["exact", "hutchinson"] = Field(
+        "exact", description="exact: dense formula, convs with circular boundaries; hutchinson: the original's "
+                             "probe estimate, convs zero-padded (docs/results.md has the difference)")
     chance: list[Literal[CHANCE]] = Field(default_factory=lambda: list(CHANCE))
     hutchinson: HutchinsonSection = Field(default_factory=HutchinsonSection)
 

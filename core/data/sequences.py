@@ -118,8 +118,8 @@ def copy_paste(ctx: DataContext, *, symbols: conint(ge=1) = 10, min_len: conint(
 
     Tokens: 0 PAD (also the empty answer slots), 1..symbols, SEP = symbols + 1, EOS = symbols + 2 (a target
     only). ``y`` scores the copied symbols and EOS; the extra evaluation set ``test_symbols`` (the test inputs)
-    scores the copied symbols alone (chance = 1 / symbols). Paper: 10 symbols, lengths 20-40; the default 10-20 is the
-    CPU-scale setting of the reference notes.
+    scores the copied symbols alone (chance = 1 / symbols). Paper: 10 symbols, lengths 20-40; the default 10-20 is
+    instill's CPU-scale setting (docs/papers.md).
     """
     _check_lengths("copy_paste", min_len, max_len)
     options = dict(symbols=symbols, min_len=min_len, max_len=max_len, teacher_forcing=teacher_forcing)

@@ -10,7 +10,8 @@ its own module and none works in place (the original's ``nn.ReLU(inplace=True)``
 batch norm's output that a forward hook captured), and the residual addition is a module (``add``) so that it can
 be captured by name.
 
-Inputs are expected standardised with the CIFAR statistics (``CIFAR_MEAN``, ``CIFAR_STD``), as in the original.
+Inputs are expected standardised with the CIFAR statistics (``data.natural.CIFAR_MEAN``, ``CIFAR_STD``), as in
+the original.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from ..data.info import DatasetInfo
 from ..errors import UserError
 from ..registry import MODELS
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 # (out channels, kernel, stride) of Tiny10's eight convolutions; no padding anywhere.
 TINY10_LAYERS = ((16, 3, 1), (16, 3, 1), (32, 3, 2), (32, 3, 1), (32, 3, 1), (64, 3, 2), (64, 3, 1), (64, 1, 1))

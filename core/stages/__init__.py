@@ -1,7 +1,10 @@
 """Stages: each takes a validated config and writes one run directory.
 
-A stage module (``base``, ``ablate``, ``transfer``, ``guide``, ``compare``, ``stitch``, ``align``) defines ``Config``
-(a ``RunConfig`` subclass with the stage's own sections) and ``main(ctx)``. The package's other modules:
+What every stage shares. A stage module defines ``Config`` (a ``RunConfig`` subclass with the stage's own sections)
+and ``main(ctx)``; each research system keeps its own stage in its folder (``subnetworks/ablate.py``,
+``subnetworks/transfer.py``, ``guidance/guide.py``, ``compare/stage.py``, ``stitching/stage.py``, ``align/stage.py``;
+``runner.STAGE_MODULES`` maps the stage names to them), and this package holds the base training stage (``base``)
+and the machinery:
 
 * ``runner``: ``execute`` runs a stage end to end (seed, device, run directory, finish or clean up);
 * ``upstream``: runs a stage needs, named by run directory or config file, produced first when missing;
