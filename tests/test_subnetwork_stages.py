@@ -423,6 +423,7 @@ def test_ablate_tests_its_mask_causally_on_the_subtask_and_the_base_task(in_upst
     assert ablations["full_model"]["base_task_acc"]["mean"] == base["test_acc"]
     drawn = ablations["randomly_sampled"]["subtask_acc"]
     assert len(drawn["values"]) == 5 and drawn["min"] <= drawn["mean"] <= drawn["max"]
+    assert summary["ablation/randomly_sampled/subtask_acc"] == drawn["mean"]  # flat, for sweep tables
 
 
 def test_ablations_can_be_switched_off_or_cut_to_the_subtask(in_upstream):

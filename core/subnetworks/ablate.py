@@ -145,6 +145,9 @@ def main(ctx: Context) -> dict[str, Any]:
                "kept": meta["kept"], "total": meta["total"], **summary_metrics(final)}
     if cfg.ablations.enabled:
         summary["ablations"] = causal_ablations(ctx, base, base_info, masked.hard_masks(), data)
+        summary.update({f"ablation/{mode}/{score}": figures["mean"]  # flat figures, for sweep tables
+                        for mode, scores in summary["ablations"]["modes"].items()
+                        for score, figures in scores.items() if score.endswith("_acc")})
     return summary
 
 
