@@ -449,14 +449,20 @@ def test_bad_ablation_settings_stop_before_the_run_directory(in_upstream, capsys
     assert not Path("checkpoints/bad").exists()
 
 
-def test_a_base_run_without_its_config_stops_the_base_task_ablations_before_training(in_upstream, capsys):
+def test_a_base_run_without_its_config_skips_the_base_task_unless_it_is_asked_for(in_upstream, capsys):
+    """An imported base run records no data: by default the base task is skipped with a note; base_task: true stops
+    before training."""
     shutil.copytree("checkpoints/tiny_math_base", "checkpoints/bare_base", dirs_exist_ok=True)
     Path("checkpoints/bare_base/config.yaml").unlink()
-    code = run_cli("ablate", "configs/tiny_math_ablate.yaml", "--out", "checkpoints/bad", "--set",
-                   "base=checkpoints/bare_base", "--set", SEEDED)
-    assert code == 2
-    one_line_error(capsys, "set ablations.base_task: false")
+    args = ["configs/tiny_math_ablate.yaml", "--set", "base=checkpoints/bare_base", "--set", SEEDED]
+    assert run_cli("ablate", *args, "--out", "checkpoints/bad", "--set", "ablations.base_task=true") == 2
+    one_line_error(capsys, "set ablations.base_task: false (or null)")
     assert not Path("checkpoints/bad").exists()
+    assert run_cli("ablate", *args, "--out", "checkpoints/bare_ablate", "--set", "train.epochs=1",
+                   "--set", "ablations.modes=[zero_ablate]") == 0
+    ablations = json.loads(Path("checkpoints/bare_ablate/summary.json").read_text())["ablations"]
+    assert list(ablations["modes"]["zero_ablate"]) == ["subtask_acc", "subtask_loss"]
+    assert ablations["notes"][0].startswith("base task skipped")
 
 
 @pytest.mark.parametrize("method", ["continuous_sparsification", "hard_concrete", "magnitude"])

@@ -18,15 +18,15 @@ more than half of some layer.
 Writes ``mask.safetensors`` + ``mask.json`` (``instill.subnetworks.masks``), ``mask_density.png``, metrics,
 ``ablations.csv`` (one row per mode and draw), ``ablations.png`` and ``summary.json`` (``ablations``: mean, standard
 deviation, minimum, maximum and every draw's value per mode and score).
-Raises UserError when the data do not fit the base model, the layer selection matches no weight, or the base run
-records no data for the base-task ablations (``ablations.base_task: false`` skips them), before the run directory
-exists.
+Raises UserError when the data do not fit the base model, the layer selection matches no weight, or
+``ablations.base_task: true`` and the base run records no data (no ``config.yaml``; by default the base task is then
+skipped with a note), before the run directory exists.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import torch
 from pydantic import Field, conlist, field_validator
@@ -62,7 +62,9 @@ class AblationsSection(Section):
                     "(NeuroSurgeon 0.1.0's ablation modes; instill.subnetworks.ablations)")
     draws: int = Field(5, ge=1, description="random draws of random_ablate, randomly_sampled and complement_sampled")
     split: Literal["val", "test"] = Field("test", description="the split of each data set that is scored")
-    base_task: bool = Field(True, description="also score the base task: the base run's data and seed")
+    base_task: Optional[bool] = Field(
+        None, description="also score the base task (the base run's data and seed, from its config.yaml): true, "
+                          "false, or null: where the base run records them (an imported base may not)")
 
     @field_validator("modes")
     @classmethod
@@ -86,7 +88,7 @@ def prepare(cfg: Config) -> None:
     cfg.base = resolve_upstream(cfg.base, "base", "base")
     base, _, _ = load_model(cfg.base)  # an unreadable or mismatched checkpoint stops here, before the run directory
     if cfg.ablations.enabled:  # what the ablations could fail on, checked before anything trains
-        if cfg.ablations.base_task:
+        if cfg.ablations.base_task is True:
             base_task_config(cfg.base)
         if "random_ablate" in cfg.ablations.modes:
             with under_key("mask"):
@@ -101,7 +103,7 @@ def base_task_config(base_run: str) -> RunConfig:
     path = Path(base_run) / "config.yaml"
     if not path.is_file():
         raise UserError(f"ablations.base_task: {path} not found, so the base task's data are unknown; set "
-                        f"ablations.base_task: false to score the subtask only")
+                        f"ablations.base_task: false (or null) to score the subtask only")
     with under_key("ablations.base_task"):
         return load_stage_config(path, str(read_yaml(path).get("stage") or "base"))
 
@@ -156,13 +158,15 @@ def causal_ablations(ctx: Context, base: torch.nn.Module, base_info, masks: dict
     """Score the base model under each ablation mode on the subtask (and base task) data; write ablations.csv and
     ablations.png; the summary's ``ablations`` entry."""
     cfg, spec = ctx.cfg, ctx.cfg.ablations
-    splits = {"subtask": data.eval_sets()[spec.split]}
-    if spec.base_task:
+    splits, notes = {"subtask": data.eval_sets()[spec.split]}, []
+    if spec.base_task is None and not (Path(cfg.base) / "config.yaml").is_file():
+        notes.append(f"base task skipped: the base run {cfg.base} records no config.yaml (data and seed)")
+    elif spec.base_task is not False:
         base_cfg = base_task_config(cfg.base)
         base_data = build_data(base_cfg, base_cfg.reproducibility.random_seed)  # the base run's very splits
         check_compatible(base, base_info, base_data.info)
         splits["base_task"] = base_data.eval_sets()[spec.split]
-    modes, notes = list(spec.modes), []
+    modes = list(spec.modes)
     if "complement_sampled" in modes:
         try:
             check_complement(unit_masks(base, masks, cfg.mask.unit))
