@@ -27,7 +27,19 @@ Guided-step part: one optimizer step (forward, backward, AdamW) of the copy-past
   guide map stretched onto the target layers with a textbook CKA per mapped pair (dense n x n centring matrices,
   each Gram matrix built twice), the overwritten pairs computed too, then one backward.
 
-Targets: ``ours / (unguided + guide_forward) <= 1.25``; the original's ratio is reported beside it.
+* ``loss_grams``: the loss's own matrix products timed alone as bare matmuls on tensors of the same shapes made
+  beforehand: per compared pair, the target's Gram ``X X^T``, the guide's ``Y Y^T`` and the target Gram's backward
+  ``(G + G^T) X`` (at the preset: two pairs of 128 x 2,624 activations, six products of 44 M multiply-adds).
+
+Targets: ``over_floor`` = ours / (unguided + guide_forward + loss_grams) <= 1.05 (the floor's time is ``floor_ms``);
+``ours / (unguided + guide_forward) <= 1.25`` (``ours_ratio``); the original's ratio is reported beside them.
+Where ours spends its time beyond the floor (each phase of one step timed with ``perf_counter`` in one process, 30
+alternating rounds, one thread, load 3.9-4.3, so within +-10%): the target's forward with its capture hooks
++1-2 ms (the copy of each captured RNN output), the guide's forward with the Gram hooks about the two guide Gram
+products, the CKA terms about the two target Gram products plus the centring and checks (n x n work, under 1 ms),
+the backward about the two Gram backward products, the AdamW step the same. Timed as whole steps in turns,
+``over_floor`` came out at 1.03 in a full run (load 3.6-4.7) and 1.12-1.18 in shorter runs at batch 32-128 on the
+same shared 2-core machine, whose other processes' noise 10-25 rounds do not average out.
 """
 
 from __future__ import annotations
@@ -286,8 +298,41 @@ def guided_steps(setup: StepSetup) -> tuple[dict[str, Callable[[], None]], Calla
         _train_step(optimizers["original"], loss)
 
     models["unguided"].train(), models["ours"].train(), models["original"].train()
-    return ({"unguided": unguided, "guide_forward": guide_forward, "ours": ours, "original": original},
-            alignment.close)
+    grams = bare_loss_grams(loss_gram_shapes(alignment, models["ours"], own_guide, x))
+    return ({"unguided": unguided, "guide_forward": guide_forward, "loss_grams": grams, "ours": ours,
+             "original": original}, alignment.close)
+
+
+def loss_gram_shapes(alignment, target: nn.Module, guide: nn.Module, x: torch.Tensor
+                     ) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """((n, d) of the target's compared rows, (n, d) of the guide's) for every pair and view the loss compares."""
+    from instill.compare.capture import FeatureCapture, module_of
+
+    with torch.no_grad():
+        target(x)
+        targets = alignment.target_capture.pop()
+        keys = [pair.guide for pair in alignment.pairs]
+        with FeatureCapture(guide, sorted({module_of(k) for k in keys}), keys=keys) as capture:
+            guide(x)
+            guides = capture.pop()
+    flat = lambda view: (view.shape[0], view[0].numel())  # noqa: E731
+    return [(flat(t), flat(g)) for pair in alignment.pairs
+            for t, g in zip(alignment._views(targets[pair.target]), alignment._views(guides[pair.guide]))]
+
+
+def bare_loss_grams(shapes: list[tuple[tuple[int, int], tuple[int, int]]]) -> Callable[[], None]:
+    """The loss's own matrix products as bare matmuls on tensors made beforehand: per compared pair the target's
+    Gram ``X X^T``, the guide's ``Y Y^T`` and the target Gram's backward, one (n x n) @ (n x d) product."""
+    made = {shape: torch.randn(shape) for pair in shapes for shape in pair}
+    upstream = {n: torch.randn(n, n) for (n, _), _ in shapes}
+
+    def run() -> None:
+        with torch.no_grad():
+            for t_shape, g_shape in shapes:
+                x, y = made[t_shape], made[g_shape]
+                torch.mm(x, x.T), torch.mm(y, y.T), torch.mm(upstream[t_shape[0]], x)
+
+    return run
 
 
 def run_guided_step(repeats: int, warmup: int, batch_size: int | None = None, overrides: list[str] = ()
@@ -300,17 +345,22 @@ def run_guided_step(repeats: int, warmup: int, batch_size: int | None = None, ov
     finally:
         release()
     floor = [u + g for u, g in zip(times["unguided"], times["guide_forward"])]
+    full_floor = [f + g for f, g in zip(floor, times["loss_grams"])]
     ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
     result = {"batch": len(setup.batch[0]), "seq_len": setup.batch[0].shape[1],
               **{f"{name}_ms": float(f"{value:.4g}") for name, value in ms.items()},
+              "floor_ms": float(f"{statistics.median(full_floor) * 1e3:.4g}"),
+              "over_floor": float(f"{median_ratio(times['ours'], full_floor):.4g}"),
               "ours_ratio": float(f"{median_ratio(times['ours'], floor):.4g}"),
               "original_ratio": float(f"{median_ratio(times['original'], floor):.4g}"),
               "original_over_ours": float(f"{median_ratio(times['original'], times['ours']):.4g}")}
-    result["targets_met"] = {"ours_ratio": result["ours_ratio"] <= 1.25}
+    result["targets_met"] = {"ours_ratio": result["ours_ratio"] <= 1.25,
+                             "over_floor": result["over_floor"] <= 1.05}
     print(f"guided step (copy-paste preset, batch {result['batch']} x {result['seq_len']} tokens): unguided "
-          f"{ms['unguided']:.1f} ms + guide forward {ms['guide_forward']:.1f} ms; ours {ms['ours']:.1f} ms = "
-          f"{result['ours_ratio']:.2f}x (target <= 1.25); original {ms['original']:.1f} ms = "
-          f"{result['original_ratio']:.2f}x ({result['original_over_ours']:.1f}x ours)")
+          f"{ms['unguided']:.1f} ms + guide forward {ms['guide_forward']:.1f} ms + the loss's Gram products "
+          f"{ms['loss_grams']:.1f} ms; ours {ms['ours']:.1f} ms = {result['over_floor']:.3f}x that floor "
+          f"(target <= 1.05), {result['ours_ratio']:.2f}x the first two (target <= 1.25); original "
+          f"{ms['original']:.1f} ms = {result['original_ratio']:.2f}x ({result['original_over_ours']:.1f}x ours)")
     return result
 
 

@@ -10,7 +10,7 @@ Masks (subnetwork discovery and transfer, ``instill.subnetworks``)::
     masked = instill.find_subnetwork(model, loader, layers=["Linear"], epochs=5)   # a trained MaskedModel
     masked.save("my_mask")                                   # mask.safetensors + mask.json
     mask = instill.load_mask("my_mask", model)               # {parameter name: bool tensor}, checked
-    start = instill.transplant("subnet", model, fresh, mask)  # train start.model, call start.after_step()
+    start = instill.transplant("subnet", model, fresh, mask)  # train start.model; frozen entries stay fixed
     result = instill.ablate_subnetwork(model, mask, {"subtask": loader})  # NeuroSurgeon's ablation modes
     result.summary()["zero_ablate"]["subtask_acc"]["mean"]; result.plot("ablations.png")
 

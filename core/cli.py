@@ -166,6 +166,10 @@ def console_main(argv: Optional[list[str]] = None) -> None:
     from .stages import STAGES
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "convert":  # an original's config or command line -> an instill config
+        from .migrate.convert import main as convert
+
+        sys.exit(quiet_interrupt(convert, argv[1:]))
     if argv and argv[0] == "list":
         try:
             if len(argv) != 2:
@@ -186,6 +190,7 @@ def console_main(argv: Optional[list[str]] = None) -> None:
         print(f"usage: instill {{{','.join(STAGES)}}} CONFIG [--set KEY=VALUE ...] [--out DIR] [--resume] "
               "[--print-config] [--validate]\n       instill list models|datasets|measures|conditions|rules\n"
               "       instill import-neurosurgeon STATE_DICT --base RUN_DIR --out DIR\n"
+              "       instill convert ORIGINAL.yaml [-o OUT.yaml] | --from ORIGINAL [-o OUT.yaml] -- COMMAND LINE\n"
               "`instill STAGE --help` shows a stage's config sections; README.md and docs/design.md explain them.",
               file=sys.stdout if asked else sys.stderr)
         sys.exit(0 if asked else 2)

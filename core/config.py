@@ -109,7 +109,8 @@ class OptimizerConfig(Section):
 
 
 class ScheduleConfig(Section):
-    name: Literal["constant", "step", "cosine"] = "constant"
+    name: Literal["constant", "step", "cosine", "linear"] = Field(
+        "constant", description="linear: decay to 0 at the last step after warm-up (the HF Trainer's default)")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 over this many optimizer steps")
     step_epochs: int = Field(1, ge=1, description="step schedule: multiply by gamma every this many epochs")
     gamma: float = Field(0.1, gt=0)
@@ -418,6 +419,20 @@ def validate(raw: dict[str, Any], schema: type[RunConfig], source: str) -> RunCo
         raise UserError(f"{source}: {err}") from None
 
 
+# Translators of configs in another schema (the original code bases' YAML), imported by name when a config is read:
+# they sit in a higher layer of the package (instill.migrate) and import from this module, never the other way.
+TRANSLATOR_MODULES = ("migrate",)
+
+
+def _translated(raw: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """``raw``, or the instill config a translator makes of a file in another schema."""
+    import importlib
+
+    for name in TRANSLATOR_MODULES:
+        raw = importlib.import_module(f".{name}", __package__).translated_if_original(raw, path)
+    return raw
+
+
 def load_config(path: str | Path, schema: type[RunConfig], stage: str, overrides: list[str] = (),
                 values: Optional[dict[str, Any]] = None) -> RunConfig:
     """Read, merge, override and validate a config for ``stage``; fill ``name`` and ``output_dir``.
@@ -425,7 +440,8 @@ def load_config(path: str | Path, schema: type[RunConfig], stage: str, overrides
     ``overrides`` are ``--set`` strings; ``values`` typed values by dotted key (a sweep point's), applied after them.
     """
     components = component_paths(schema)
-    raw = apply_overrides(read_yaml(path, components), list(overrides), components=components)
+    raw = _translated(read_yaml(path, components), path)
+    raw = apply_overrides(raw, list(overrides), components=components)
     if values:
         raw = apply_values(raw, values, str(path))
     declared = raw.setdefault("stage", stage)

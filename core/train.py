@@ -1,7 +1,7 @@
 """The one training loop every stage uses.
 
-Features: ``device: auto|cpu|cuda``; any ``torch.optim`` optimizer by name; constant / step / cosine schedules with
-linear warm-up; gradient clipping and accumulation; bf16 autocast on CUDA; evaluation every N epochs or steps; the
+Features: ``device: auto|cpu|cuda``; any ``torch.optim`` optimizer by name; constant / step / cosine / linear schedules
+with linear warm-up; gradient clipping and accumulation; bf16 autocast on CUDA; evaluation every N epochs or steps; the
 best checkpoint by a chosen metric, early stopping on it (patience or target); a NaN/inf guard that names the step;
 state saved atomically every epoch and on Ctrl-C, so ``--resume`` ends with the same metrics as an uninterrupted
 run; DistributedDataParallel under torchrun (every rank stops together when any rank's loss stops being finite).
@@ -102,6 +102,8 @@ def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps:
         span = max(total_steps - cfg.warmup_steps, 1)
         progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
         return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if cfg.name == "linear" and step >= cfg.warmup_steps:  # transformers' get_linear_schedule_with_warmup
+        return max(0.0, (total_steps - step) / max(total_steps - cfg.warmup_steps, 1))
     return warm
 
 

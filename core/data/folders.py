@@ -146,12 +146,31 @@ def load_image(path: Path, resolution: int) -> np.ndarray:
         raise UserError(f"cannot read image {str(path)!r}: {reason}") from None
 
 
-def check_images(paths: list[Path]) -> None:
-    """UserError for the first file that is not a readable image, from its header alone (no pixels decoded): a
-    streamed folder is checked so before anything is written."""
-    from PIL import Image
+def check_images(paths: list[Path], workers: int = 0) -> None:
+    """UserError for the first file that is not a readable image, from its header alone (no pixels decoded), read
+    by ``workers`` processes (0: this one): a streamed folder is checked so before anything is written."""
+    from torch.utils.data import DataLoader
 
-    for path in paths:
+    from . import _one_line_errors
+
+    for _ in _one_line_errors(iter(DataLoader(_Headers(paths), batch_size=256, num_workers=workers,
+                                              collate_fn=len))):
+        pass
+
+
+class _Headers:
+    """Opens each listed file's header (``check_images``)."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> None:
+        from PIL import Image
+
+        path = self.paths[i]
         try:
             with Image.open(path) as image:
                 image.size  # noqa: B018 - reading the header is the check
@@ -160,10 +179,32 @@ def check_images(paths: list[Path]) -> None:
             raise UserError(f"cannot read image {str(path)!r}: {reason}") from None
 
 
-def load_images(paths: list[Path], resolution: int) -> torch.Tensor:
-    """(N, 3, resolution, resolution) uint8."""
-    stack = np.stack([load_image(p, resolution) for p in paths])
-    return torch.from_numpy(stack).permute(0, 3, 1, 2).contiguous()
+class _Decoded:
+    """The listed files as (resolution, resolution, 3) uint8 arrays, for DataLoader workers to decode."""
+
+    def __init__(self, paths: list[Path], resolution: int):
+        self.paths, self.resolution = paths, resolution
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return load_image(self.paths[i], self.resolution)
+
+
+def load_images(paths: list[Path], resolution: int, workers: int = 0) -> torch.Tensor:
+    """(N, 3, resolution, resolution) uint8, decoded by ``workers`` processes (0: in this one), in order."""
+    from torch.utils.data import DataLoader
+
+    from . import _one_line_errors
+
+    out = torch.empty(len(paths), 3, resolution, resolution, dtype=torch.uint8)
+    chunks = DataLoader(_Decoded(paths, resolution), batch_size=256, num_workers=workers, collate_fn=np.stack)
+    start = 0
+    for chunk in _one_line_errors(iter(chunks)):
+        out[start:start + len(chunk)] = torch.from_numpy(chunk).permute(0, 3, 1, 2)
+        start += len(chunk)
+    return out
 
 
 def _listing_key(paths: list[Path], resolution: int) -> dict:
@@ -172,10 +213,10 @@ def _listing_key(paths: list[Path], resolution: int) -> dict:
     return {"version": _CACHE_VERSION, "resolution": resolution, "files": stats}
 
 
-def _cached_images(paths: list[Path], resolution: int, ctx: DataContext | None) -> torch.Tensor:
+def _cached_images(paths: list[Path], resolution: int, ctx: DataContext | None, workers: int = 0) -> torch.Tensor:
     if ctx is None:
-        return load_images(paths, resolution)
-    build = lambda: {"x": load_images(paths, resolution)}  # noqa: E731
+        return load_images(paths, resolution, workers)
+    build = lambda: {"x": load_images(paths, resolution, workers)}  # noqa: E731
     return cached_tensors(ctx.cache_dir, "folder", _listing_key(paths, resolution), build)["x"]
 
 
@@ -238,6 +279,8 @@ class _Pixels:
         if self.normalize == "imagenet":
             mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
             x = (x - mean) / std
+        elif self.normalize == "half":  # mean 0.5, std 0.5 per channel: HF ViT's feature extractor
+            x = (x - 0.5) / 0.5
         return x
 
 
@@ -282,20 +325,22 @@ def build_image_folder(
     classes: list[str] | Literal["imagenet16"] | None = None,
     eval_dirs: dict[str, str] = {},  # noqa: B006 - the registry reads defaults, it never mutates them
     cue_conflict_dir: str = "",
-    normalize: Literal["none", "imagenet"] = "none",
+    normalize: Literal["none", "imagenet", "half"] = "none",
     stream: bool = True,
     workers: Annotated[int, Field(ge=0)] = 2,
 ) -> DataBundle:
     """Images in ImageFolder layout (``<dir>/<class>/<image>``) at ``resolution`` pixels, streamed: each batch is
     decoded by ``workers`` DataLoader processes when training reaches it (``stream: false``: all decoded up front
-    into memory, cached under the cache directory; the cue-conflict set is always held in memory).
+    by ``workers`` processes into memory, cached under the cache directory; the cue-conflict set is always held
+    in memory).
 
     ``val_dir`` / ``test_dir`` left empty: split off ``train_dir`` with the run seed (``val_fraction``,
     ``test_fraction``). ``classes``: the class folders to use (``imagenet16``: the 16 classes of Geirhos et al.);
     ids follow the sorted names. ``eval_dirs``: further named evaluation sets in the same layout (e.g. a
     mean-pooled copy of the test set). ``cue_conflict_dir``: Geirhos cue-conflict stimuli, attached as
     ``cue_conflict`` (y = shape) and ``cue_conflict_texture`` (y = texture); see ``list_cue_conflict``.
-    Inputs are float32 (3, H, W) in [0, 1], or standardised when ``normalize: imagenet``.
+    Inputs are float32 (3, H, W) in [0, 1], or standardised when ``normalize: imagenet`` (``half``:
+    mean and std 0.5, as HF ViT's feature extractor).
     """
     wanted = list(GEIRHOS_16_CLASSES) if classes == "imagenet16" else classes
     # Every listing is checked before any pixel is read, so a bad folder costs no decoding and writes no cache.
@@ -308,10 +353,10 @@ def build_image_folder(
 
     def split_of(items: list[tuple[Path, int]]) -> Split | StreamSplit:
         if stream:
-            check_images([path for path, _ in items])
+            check_images([path for path, _ in items], workers)
             labels = torch.tensor([label for _, label in items], dtype=torch.long)
             return StreamSplit(FolderImages(items, resolution, pixels), labels, workers)
-        x, y = _load_listed(items, resolution, ctx)
+        x, y = _load_listed(items, resolution, ctx, workers)
         return Split(pixels(x), y)
 
     fractions = (0.0 if val_dir else val_fraction, 0.0 if test_dir else test_fraction)
@@ -322,15 +367,15 @@ def build_image_folder(
     extra = {name: split_of(items) for name, items in extra_items.items()}
     if conflict is not None:
         kept, shapes, textures, same_class = conflict
-        x = pixels(_cached_images(kept, resolution, ctx))  # one tensor, two label sets: shape and texture
+        x = pixels(_cached_images(kept, resolution, ctx, workers))  # one tensor, two label sets: shape and texture
         extra.update(cue_conflict=Split(x, torch.tensor(shapes)), cue_conflict_texture=Split(x, torch.tensor(textures)))
         info = dataclasses.replace(info, cue_conflict_pairs={"cue_conflict": "cue_conflict_texture"},
                                    facts={"cue_conflict_same_class_excluded": same_class})
     return DataBundle(train=train, val=val, test=test, info=info, extra_eval=extra)
 
 
-def _load_listed(items: list[tuple[Path, int]], resolution: int, ctx: DataContext | None
+def _load_listed(items: list[tuple[Path, int]], resolution: int, ctx: DataContext | None, workers: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images and int64 labels of listed (path, class id) pairs."""
-    x = _cached_images([p for p, _ in items], resolution, ctx)
+    """uint8 images and int64 labels of listed (path, class id) pairs (decoded by ``workers`` processes)."""
+    x = _cached_images([p for p, _ in items], resolution, ctx, workers)
     return x, torch.tensor([label for _, label in items], dtype=torch.long)

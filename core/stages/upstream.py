@@ -57,8 +57,28 @@ def _upstream_lock(output_dir: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def resolve_upstream(ref: str, stage: str, key: str) -> str:
-    """The finished run directory that ``ref`` names: a run directory, or a config file (run now if needed)."""
+# Importers of what other code bases wrote (HF Trainer checkpoints, NeuroSurgeon masks), imported by name when an
+# upstream reference is resolved: they sit in a higher layer (instill.migrate) and import from this package.
+IMPORTER_MODULES = ("migrate.imports",)
+
+
+def _foreign(ref: str, stage: str, key: str, mask_base: Optional[str]) -> Optional[str]:
+    """The run directory an importer makes of ``ref`` (None: ``ref`` is an instill run or config)."""
+    import importlib
+
+    for name in IMPORTER_MODULES:
+        made = importlib.import_module(f"..{name}", __package__).resolve_imported(ref, stage, key, mask_base)
+        if made is not None:
+            return made
+    return None
+
+
+def resolve_upstream(ref: str, stage: str, key: str, mask_base: Optional[str] = None) -> str:
+    """The finished run directory that ``ref`` names: a run directory, a config file (run now if needed), or what
+    the original code wrote (an HF checkpoint folder, a NeuroSurgeon state dict over ``mask_base``: imported)."""
+    imported = _foreign(ref, stage, key, mask_base)
+    if imported is not None:
+        return imported
     path = Path(ref)
     if path.is_dir():
         if not is_finished(path):

@@ -38,7 +38,7 @@ from ..stages.runner import Context, build_data
 from ..stages.task import LossScope, evaluate_task, make_loss, summary_metrics
 from ..stages.upstream import resolve_upstream
 from ..train import Objective, fit
-from .transplant import CONDITIONS, BatchNorm, NonMasked, check_condition, transplant
+from .transplant import CONDITIONS, BatchNorm, NonMasked, check_condition, check_optimizer, transplant
 
 DEFAULT_CONDITIONS = ["subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet"]
 
@@ -46,6 +46,9 @@ DEFAULT_CONDITIONS = ["subnet", "subnet_trainable", "full_model", "random_init",
 class TransferSection(Section):
     mask: str = Field(description="the discovered mask: an ablate run directory, the ablate stage's config, or a "
                                   "mask imported with instill import-neurosurgeon")
+    mask_base: Optional[str] = Field(
+        None, description="with a NeuroSurgeon best_circuit_model.pt as mask: the base it was found on (a base run, "
+                          "a base config or an HF checkpoint folder)")
     conditions: conlist(str, min_length=1) = Field(default_factory=lambda: list(DEFAULT_CONDITIONS))
     n_disambiguation: Optional[conlist(int, min_length=1)] = Field(
         None, description="token tasks: the numbers of disambiguating examples to sweep over")
@@ -85,12 +88,14 @@ class Config(UsesBaseModel):
 def prepare(cfg: Config) -> None:
     """Run the upstream configs if needed, then check everything a sub-run could fail on, before any is written."""
     spec = cfg.transfer
-    spec.mask = resolve_upstream(spec.mask, "ablate", "transfer.mask")
+    spec.mask = resolve_upstream(spec.mask, "ablate", "transfer.mask", spec.mask_base)
     if spec.n_disambiguation is not None and "n_disambiguation" not in cfg.data.params:
         raise UserError(f"transfer.n_disambiguation is set but data {cfg.data.name!r} has no n_disambiguation key")
     _, _, _, mask = _inputs(spec.mask)
     for condition in spec.conditions:  # feasibility depends on the condition and the mask, not on n or lr
         check_condition(condition, mask)
+    if spec.freeze and set(spec.conditions) - {"subnet_trainable", "full_model", "random_init"}:
+        check_optimizer(cfg.train.optimizer.name)  # frozen entries stay fixed only under these optimizers
     kept = sum(int(m.sum()) for m in mask.values())
     if kept == 0 and {"subnet", "subnet_trainable", "sampled_subnet"} & set(spec.conditions):
         print(f"warning: the mask in {spec.mask} keeps no weight (density 0): subnet conditions start from the "
@@ -153,8 +158,7 @@ def _train_condition(ctx: Context, sub, n, condition, lr, data, base, model_cfg,
     def evaluate(model):
         return evaluate_task(model, watched, data.info, eval_batch, ctx.device)
 
-    objective = Objective(make_loss(cfg.loss_scope), evaluate, train_mode=start.train_mode,
-                          after_step=start.after_step)
+    objective = Objective(make_loss(cfg.loss_scope), evaluate, train_mode=start.train_mode)
     seed_everything(derive_seed(ctx.seed, "train", n, condition, lr), cfg.reproducibility.deterministic)
     result = fit(start.model, objective, data.train, train_cfg, sub, seed=derive_seed(ctx.seed, "batches", n),
                  device=ctx.device)

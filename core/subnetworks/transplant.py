@@ -27,11 +27,11 @@ throughout whatever the settings. Sampled conditions are frozen like ``subnet`` 
 masks into kept masks and so transplanted the complement: ``sampled_subnet`` kept N - k random entries instead of k,
 ``sampled_complement`` kept the subnetwork plus all but k of the other entries.
 
-Frozen entries cost nothing in the forward and backward passes: the model holds one ordinary weight tensor per
-parameter, and ``Transplant.after_step()``, called after every optimizer step, writes the transplanted values back
-into the frozen entries (``FrozenEntries``): whatever the optimizer does (weight decay, momentum), they never
-change. ``zero_grads=True`` also hides their gradient from the optimizer and from gradient clipping, as in the
-original code. Extra memory: per frozen entry one saved value and one byte for its position (see ``FrozenEntries``).
+Frozen entries cost nothing in the forward and backward passes and one bit each in memory: the model holds one
+ordinary weight tensor per parameter, and a hook common to all torch optimizers zeroes the frozen entries' gradients
+before each step and applies weight decay everywhere but there (``FrozenEntries``), so that the step never moves them
+(momentum, Adam moments and weight decay included) and no copy of their values is kept. ``zero_grads=True`` zeroes
+their gradient as soon as it exists, which hides it from gradient clipping too, as in the original code.
 ``check_condition`` says before any training whether a condition can be built from a mask.
 """
 
@@ -39,6 +39,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional, get_args
+
+import math
+import weakref
 
 import torch
 from torch import nn
@@ -73,105 +76,205 @@ BatchNorm = Literal["inherit", "reset", "freeze"]
 
 # ----------------------------------------------------------------------------------------------------- freezing
 
+# Optimizers whose update of an entry is exactly zero while its gradient and its state are zero (SGD with momentum,
+# the Adam family, RMSprop, ...): with the frozen entries' gradients zeroed and weight decay taken over below, their
+# step leaves frozen entries bit for bit as they were. Others (Adafactor's factored statistics, ASGD's averaging,
+# LBFGS's line search) could move them.
+FROZEN_SAFE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "Adadelta",
+                          "Rprop")
+
+
+def check_optimizer(name: str) -> None:
+    """UserError (one line) unless the optimizer ``name`` keeps frozen entries fixed (``FROZEN_SAFE_OPTIMIZERS``)."""
+    if name not in FROZEN_SAFE_OPTIMIZERS:
+        raise UserError(f"optimizer {name} cannot train a model with frozen entries (transfer with freeze): "
+                        f"use one of {', '.join(FROZEN_SAFE_OPTIMIZERS)}")
+
+
 class FrozenEntries:
-    """Keeps chosen entries of a model's parameters at fixed values through training.
+    """Keeps chosen entries of a model's parameters at fixed values through training, holding one bit per entry.
 
-    ``restore()``, called after every optimizer step, writes the saved values back into the frozen entries: whatever
-    the optimizer did (weight decay, momentum, Adam moments), they hold exactly the values they had when frozen.
-    The forward and backward passes are untouched. With ``zero_grads``, a post-accumulate-grad hook also zeroes the
-    frozen entries' gradient, so that gradient clipping and optimizers that mix entries (Adafactor, say) never see
-    them, as in the original code, where the frozen copy had no gradient; elementwise optimizers (SGD, Adam, AdamW,
-    RMSprop) give the other entries the same updates either way. The hook costs time on the CPU: a few index
-    operations per parameter, and torch's default (non-fused) Adam takes a slow ``sqrt`` path on the exact zeros it
-    leaves in the second moments. A parameter frozen entirely just stops requiring gradients.
+    Nothing is saved to restore them: the optimizer never moves them. A hook common to all torch optimizers
+    (``_before_step``) runs before each step of any optimizer that holds a parameter with frozen entries and
 
-    Memory: per frozen entry, its saved value and one byte for its position (``_Positions``).
+    * zeroes the frozen entries' gradient (so momentum and Adam moments stay exactly zero there, and the update,
+      zero over a positive denominator, is exactly zero);
+    * takes over the parameter group's weight decay for that step: it applies the same decay (decoupled,
+      ``p *= 1 - lr * wd``, or coupled, ``grad += wd * p``) to every entry of the group except the frozen ones, with
+      the same floating-point operations as torch's optimizers, then sets the group's ``weight_decay`` to 0 for the
+      step (``_after_step`` puts it back);
+    * the first time it meets an optimizer, zeroes any state it holds at frozen entries (a resumed state).
+
+    The trainable entries thus get the updates they got when frozen values were written back after each step, bit
+    for bit (tests/test_transfer.py checks it against that implementation). With ``zero_grads``, a
+    post-accumulate-grad hook zeroes the frozen entries' gradient as soon as it exists, so gradient clipping (and
+    anything else before the step) never sees them, as in the original code, where the frozen copy had no gradient;
+    without it they count in the clipping norm and are zeroed only at the step. The forward and backward passes are
+    untouched. A parameter frozen entirely just stops requiring gradients.
+
+    Memory: one bit per entry of each partly frozen parameter (``_Bits``), whatever the density; while stepping, one
+    parameter at a time, its mask unpacked (one byte per entry) and, under decoupled weight decay, a factor per entry.
+    Only the optimizers in ``FROZEN_SAFE_OPTIMIZERS`` may step such parameters (others raise ``UserError``).
     """
 
     def __init__(self, model: nn.Module, frozen: Mapping[str, torch.Tensor], zero_grads: bool = False):
         params = dict(model.named_parameters())
-        self._entries: list[_Frozen] = []
+        self._bits: list[_Bits] = []
         for name, mask in frozen.items():
             param = params[name]
             mask = mask.to(param.device, torch.bool)
             if bool(mask.all()):
                 param.requires_grad_(False)
             elif bool(mask.any()):
-                entry = _Frozen(param, mask)
-                self._entries.append(entry)
+                bits = _Bits(mask, zeroed_early=zero_grads)
+                self._bits.append(bits)
+                _register(param, bits)
                 if zero_grads:
-                    param.register_post_accumulate_grad_hook(entry.zero_grad)  # lives as long as the parameter
+                    param.register_post_accumulate_grad_hook(bits.zero_grad)  # lives as long as the parameter
 
     @property
     def count(self) -> int:
-        return sum(entry.values.numel() for entry in self._entries)
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Write every frozen entry back to its saved value (call after each optimizer step)."""
-        for entry in self._entries:
-            entry.restore()
+        return sum(bits.count for bits in self._bits)
 
     def extra_bytes(self) -> int:
-        """Memory held for freezing: positions and saved values."""
-        return sum(e.positions.nbytes() + e.values.numel() * e.values.element_size() for e in self._entries)
+        """Memory held for freezing: one bit per entry of each partly frozen parameter."""
+        return sum(bits.nbytes() for bits in self._bits)
 
 
-class _Positions:
-    """Sorted flat positions in one byte each: the offset within its block of 256 entries, plus a count per block.
+class _Bits:
+    """One parameter's trainable entries as a bit mask (eight entries a byte, 1 = trains), unpacked only in use.
 
-    Half the memory of int16 indices and a quarter of int32 ones, for 2 bytes per 256 entries of the parameter;
-    expanding them to the int64 indices that ``index_copy_`` takes is a temporary, one parameter at a time, and costs
-    about as much as that copy (a bit mask would be smaller above 12% density, but the masked copy it needs runs
-    several times slower on the CPU).
+    Unpacked (``keep``), the bits are 1 where the entry trains and 0 where it is frozen, in the gradient's floating
+    type: the optimizer hooks multiply by them, which torch vectorises, where ``masked_fill_`` and ``where`` with a
+    bool mask run several times slower on the CPU. Unpacking is one gather from a table of the 256 bytes' bits.
     """
 
-    BLOCK = 256
+    _tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-    def __init__(self, index: torch.Tensor, numel: int):
-        self.offsets = (index % self.BLOCK).to(torch.uint8)
-        blocks = -(-numel // self.BLOCK)
-        self.counts = torch.bincount(index // self.BLOCK, minlength=blocks).to(torch.int16)  # <= 256 each
+    def __init__(self, frozen: torch.Tensor, zeroed_early: bool):
+        keep = frozen.reshape(-1).logical_not()
+        self.shape, self.count, self.zeroed_early = frozen.shape, int(frozen.sum()), zeroed_early
+        padded = torch.cat([keep, keep.new_zeros(-keep.numel() % 8)]).view(-1, 8).to(torch.uint8)
+        self.packed = (padded << torch.arange(8, dtype=torch.uint8, device=keep.device)).sum(1).to(torch.uint8)
 
-    def to(self, device: torch.device) -> None:
-        if self.offsets.device != device:
-            self.offsets, self.counts = self.offsets.to(device), self.counts.to(device)
+    @classmethod
+    def _table(cls, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(256, 8): the bits of each byte value, lowest first."""
+        key = (device, dtype)
+        if key not in cls._tables:
+            cls._tables[key] = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).to(device, dtype)
+        return cls._tables[key]
 
-    def index(self) -> torch.Tensor:
-        """The int64 flat indices (on the positions' device)."""
-        starts = torch.arange(0, len(self.counts) * self.BLOCK, self.BLOCK, device=self.offsets.device)
-        index = torch.repeat_interleave(starts, self.counts.long(), output_size=self.offsets.numel())
-        return index.add_(self.offsets)
+    def keep(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """1 where the entry trains, 0 where it is frozen, in ``dtype``, the parameter's shape, on ``device`` (the
+        bits follow the parameter there, once)."""
+        if self.packed.device != device:
+            self.packed = self.packed.to(device)
+        unpacked = self._table(device, dtype).index_select(0, self.packed.int())
+        return unpacked.view(-1)[:math.prod(self.shape)].view(self.shape)
 
-    def nbytes(self) -> int:
-        return self.offsets.numel() + 2 * self.counts.numel()
-
-
-class _Frozen:
-    """One parameter's frozen entries: their positions and saved values.
-
-    It holds the Parameter, not its storage, so ``model.to(device or dtype)`` after freezing is fine: positions and
-    values follow the parameter on first use.
-    """
-
-    def __init__(self, param: nn.Parameter, mask: torch.Tensor):
-        index = mask.reshape(-1).nonzero().squeeze(1)
-        self.param = param
-        self.positions = _Positions(index, param.numel())
-        self.values = param.detach().view(-1).index_select(0, index).clone()
-
-    def _index(self, like: torch.Tensor) -> torch.Tensor:
-        self.positions.to(like.device)
-        return self.positions.index()
+    def mask(self, device: torch.device) -> torch.Tensor:
+        """The frozen entries (bool)."""
+        return self.keep(device, torch.bool).logical_not()
 
     def zero_grad(self, param: torch.Tensor) -> None:
-        param.grad.view(-1).index_fill_(0, self._index(param.grad), 0)
+        param.grad.mul_(self.keep(param.grad.device, _opmath(param.grad.dtype)))
 
-    def restore(self) -> None:
-        flat = self.param.detach().view(-1)
-        if self.values.device != flat.device or self.values.dtype != flat.dtype:
-            self.values = self.values.to(flat.device, flat.dtype)
-        flat.index_copy_(0, self._index(flat), self.values)
+    def nbytes(self) -> int:
+        return self.packed.numel()
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    """The type torch computes elementwise operations on ``dtype`` in (float for the half types)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# Every parameter with frozen entries, for the hooks common to all optimizers (registered with the first one).
+_FROZEN: Any = None
+_WEIGHT_DECAY_TAKEN: "weakref.WeakKeyDictionary[torch.optim.Optimizer, list[float]]" = weakref.WeakKeyDictionary()
+_STATE_CLEARED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+
+
+def _register(param: nn.Parameter, bits: _Bits) -> None:
+    global _FROZEN
+    if _FROZEN is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        _FROZEN = WeakIdKeyDictionary()  # entries go with their parameter
+        register_optimizer_step_pre_hook(_before_step)
+        register_optimizer_step_post_hook(_after_step)
+    _FROZEN[param] = bits
+
+
+@torch.no_grad()
+def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    groups = [(group, [(p, _FROZEN.get(p)) for p in group["params"]]) for group in optimizer.param_groups]
+    if not any(bits for _, params in groups for _, bits in params):
+        return
+    check_optimizer(type(optimizer).__name__)
+    if optimizer not in _STATE_CLEARED:
+        _clear_frozen_state(optimizer, groups)
+    adamw = isinstance(optimizer, torch.optim.AdamW)
+    taken = []
+    for group, params in groups:
+        decay = group.get("weight_decay", 0) if any(bits for _, bits in params) else 0
+        taken.append(group.get("weight_decay"))
+        decoupled = adamw or group.get("decoupled_weight_decay", False)
+        for param, bits in params:
+            if param.grad is not None:  # torch's optimizers skip a parameter without one, weight decay included
+                _guard(param, bits, group, decay, decoupled)
+        if decay:
+            group["weight_decay"] = 0
+    _WEIGHT_DECAY_TAKEN[optimizer] = taken
+
+
+def _guard(param: torch.Tensor, bits: Optional[_Bits], group: dict, decay: float, decoupled: bool) -> None:
+    """One parameter's part of ``_before_step``: the group's weight ``decay`` as torch would apply it (the same
+    operations, hence the same values), except at frozen entries, whose gradient ends zero."""
+    grad = param.grad
+    if decay and not decoupled:  # added to the gradient before the moments; under maximize after its negation
+        grad.add_(param, alpha=-decay if group.get("maximize", False) else decay)
+    if bits is None:
+        if decay and decoupled:
+            param.mul_(1 - group["lr"] * decay)
+        return
+    keep = bits.keep(param.device, _opmath(param.dtype))
+    if (decay and not decoupled) or not bits.zeroed_early:
+        grad.mul_(keep)
+    if decay and decoupled:
+        param.mul_(_decay_factors(keep, 1 - group["lr"] * decay))
+
+
+def _decay_factors(keep: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
+    """``factor`` where ``keep`` is 1, 1 where it is 0 (overwriting ``keep``), rounded to ``keep``'s type as torch's
+    ``mul_(factor)`` rounds it, so that multiplying gives the same values as that ``mul_`` at the kept entries.
+
+    ``keep * (factor - 1) + 1`` is exact: ``factor - 1`` is (Sterbenz) for factors in [0.5, 2], and adding 1 back
+    then gives ``factor`` itself.
+    """
+    if isinstance(factor, torch.Tensor) or not 0.5 <= factor <= 2:  # no exact shortcut: the slower select
+        factor = torch.as_tensor(factor, dtype=keep.dtype, device=keep.device)
+        return torch.where(keep.bool(), factor, torch.ones((), dtype=keep.dtype, device=keep.device))
+    rounded = torch.tensor(factor, dtype=keep.dtype).item()
+    return keep.mul_(rounded - 1).add_(1)
+
+
+def _clear_frozen_state(optimizer: torch.optim.Optimizer, groups: list) -> None:
+    """Zero the optimizer's state at frozen entries (a state from elsewhere, resumed, may hold momentum there)."""
+    for _, params in groups:
+        for param, bits in params:
+            for value in optimizer.state.get(param, {}).values():
+                if bits and isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    value.masked_fill_(bits.mask(value.device), 0)
+    _STATE_CLEARED.add(optimizer)
+
+
+def _after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    taken = _WEIGHT_DECAY_TAKEN.pop(optimizer, None)
+    for group, decay in zip(optimizer.param_groups, taken or ()):
+        if "weight_decay" in group:
+            group["weight_decay"] = decay
 
 
 # ----------------------------------------------------------------------------------------------------- sampling
@@ -231,7 +334,7 @@ def check_condition(condition: str, mask: Mapping[str, torch.Tensor]) -> None:
 
 @dataclass
 class Transplant:
-    """A condition's starting model; train it in ``train_mode`` and call ``after_step()`` after every step."""
+    """A condition's starting model; train it in ``train_mode`` (any optimizer of ``FROZEN_SAFE_OPTIMIZERS``)."""
 
     model: nn.Module
     condition: str
@@ -241,8 +344,7 @@ class Transplant:
     fixed_norms: list[nn.Module] = field(default_factory=list)  # batch-norm layers whose statistics stay fixed
 
     def after_step(self) -> None:
-        if self.frozen is not None:
-            self.frozen.restore()
+        """Nothing to do any more (the optimizer's step leaves frozen entries alone); kept for callers of old."""
 
     def train_mode(self, model: nn.Module) -> None:
         """``model.train()``, except the batch-norm layers of ``batch_norm="freeze"``, which stay in eval mode."""
@@ -269,8 +371,8 @@ def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[
         zero_grads: zero the frozen entries' gradients too (see ``FrozenEntries``; use it with gradient clipping).
 
     Returns:
-        A ``Transplant``: train ``.model`` (in ``.train_mode(model)``) and call ``.after_step()`` after every
-        optimizer step, which writes the frozen entries back.
+        A ``Transplant``: train ``.model`` (in ``.train_mode(model)``) with an optimizer of
+        ``FROZEN_SAFE_OPTIMIZERS``; its steps leave the frozen entries as they are.
 
     Raises:
         UserError: an unknown condition or option, architectures that differ, a mask that does not fit ``base``, or
