@@ -10,9 +10,10 @@ entropy and records it. A finished stage is skipped, so rerunning continues. Two
 (``ablations:`` section, 5 draws).
 
 ``summary`` prints per finished seed the mask's density and the test accuracy on the subtask ((a*b) mod 7) and on the
-base task ((a + a*b) mod 7) with the whole model, the subnetwork alone, the subnetwork removed (``zero_ablate``), a
-random set of the same size per layer removed (``randomly_sampled``, mean of its draws) and one drawn outside the
-subnetwork (``complement_sampled``); then the mean, standard deviation and range of each column over the seeds.
+base task ((a + a*b) mod 7) with the whole model, the subnetwork alone, the subnetwork removed (``zero_ablate``) or
+randomised (``random_ablate``), a random set of the same size per layer removed (``randomly_sampled``) and one drawn
+outside the subnetwork (``complement_sampled``), the drawn modes as the mean of their draws; then the mean, standard
+deviation and range of each column over the seeds.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "checkpoints" / "ablations"
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-MODES = ["full_model", "subnetwork", "zero_ablate", "randomly_sampled", "complement_sampled"]
+MODES = ["full_model", "subnetwork", "zero_ablate", "random_ablate", "randomly_sampled", "complement_sampled"]
 SETS = ["subtask", "base_task"]
 
 
