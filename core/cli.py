@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Optional
 
-from .errors import UserError, exit_on_interrupt
+from .errors import UserError, exit_on_interrupt, unknown_name
 
 
 def parse_args(stage: str, argv: Optional[list[str]]) -> argparse.Namespace:
@@ -38,8 +38,8 @@ def config_sections(stage: str) -> str:
     from .config import Component
     from .stages import stage_module
 
-    lines = ["config sections (see README.md and docs/design.md; instill list "
-             "models|datasets|measures|conditions|rules shows what names a config can use, with their options):"]
+    lines = [f"config sections (see README.md and docs/design.md; instill list {'|'.join(KINDS)} shows what "
+             "names a config can use, with their options):"]
     for name, field in stage_module(stage).Config.model_fields.items():
         kinds = [field.annotation, *getattr(field.annotation, "__args__", ())]
         section = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
@@ -53,13 +53,31 @@ def config_sections(stage: str) -> str:
     return "\n".join(lines)
 
 
+# What ``instill list KIND`` shows: the registry of each kind, by module and name (imported when listed).
+REGISTRIES = {"models": ("registry", "MODELS"), "datasets": ("registry", "DATASETS"), "rules": ("registry", "RULES"),
+              "similarities": ("compare.similarity", "SIMILARITIES"), "mask_methods": ("subnetworks.masks",
+                                                                                     "MASK_METHODS"),
+              "stitch_targets": ("stitching.stitch", "TARGETS"), "stitch_inits": ("stitching.stitch", "INITS"),
+              "stitch_masks": ("stitching.stitch", "MASKS"), "compare_measures": ("compare.measures", "MEASURES")}
+KINDS = (*REGISTRIES, "measures", "conditions")
+
+
 def list_entries(kind: str) -> str:
-    """``instill list KIND``: each entry of a registry or set of choices with its options and one line of help."""
-    listings = {"models": _registry_listing, "datasets": _registry_listing, "measures": _measures_listing,
-                "conditions": _conditions_listing, "rules": _registry_listing}
-    if kind not in listings:
-        raise UserError(f"instill list: unknown kind {kind!r}; known: {', '.join(listings)}")
-    return "\n".join(listings[kind](kind))
+    """``instill list KIND``: each entry of a registry with its options and one line of help."""
+    if kind == "measures":
+        return "\n".join(_measures_listing())
+    if kind == "conditions":
+        return "\n".join(_conditions_listing())
+    if kind not in REGISTRIES:
+        raise unknown_name("kind", kind, KINDS)
+    return "\n".join(_registry_listing(_registry(kind)))
+
+
+def _registry(kind: str):
+    import importlib
+
+    module, name = REGISTRIES[kind]
+    return getattr(importlib.import_module(f".{module}", __package__), name)
 
 
 def _first_line(doc: Optional[str]) -> str:
@@ -83,33 +101,31 @@ def _type_name(annotation) -> str:
     return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
 
 
-def _registry_listing(kind: str) -> list[str]:
-    from .registry import DATASETS, MODELS, RULES
-
+def _registry_listing(registry, indent: str = "") -> list[str]:
     lines = []
-    for entry in {"models": MODELS, "datasets": DATASETS, "rules": RULES}[kind].entries():
-        lines.append(f"{entry.name}: {_first_line(entry.doc)}")
+    for entry in registry.entries():
+        lines.append(f"{indent}{entry.name}: {_first_line(entry.doc)}")
         for key, field in entry.params.model_fields.items():
             kind_name = _type_name(field.annotation)
             default = "required" if field.is_required() else f"= {field.get_default(call_default_factory=True)!r}"
-            lines.append(f"    {key}: {kind_name} {default}")
+            lines.append(f"{indent}    {key}: {kind_name} {default}")
     return lines
 
 
-def _measures_listing(kind: str) -> list[str]:
-    from .compare.similarity import SIMILARITIES
+def _measures_listing() -> list[str]:
+    from .compare.measures import MEASURES
 
-    return [f"{name}: {_first_line(getattr(m.pair, 'func', m.pair).__doc__)}" for name, m in SIMILARITIES.items()]
+    return (_registry_listing(_registry("similarities"))
+            + ["compare stage only (compare.measures; every similarity above is one too):"]
+            + _registry_listing(MEASURES, indent="    "))
 
 
-def _conditions_listing(kind: str) -> list[str]:
+def _conditions_listing() -> list[str]:
     from .guidance.guide import CONDITION_HELP
     from .subnetworks.transplant import condition_help
 
     return (["transfer (transfer.conditions):"] + [f"    {c}: {h}" for c, h in condition_help().items()]
             + ["guide (guidance.conditions):"] + [f"    {c}: {h}" for c, h in CONDITION_HELP.items()])
-
-
 
 
 def main(stage: str, argv: Optional[list[str]] = None) -> int:
@@ -173,7 +189,7 @@ def console_main(argv: Optional[list[str]] = None) -> None:
     if argv and argv[0] == "list":
         try:
             if len(argv) != 2:
-                raise UserError("usage: instill list models|datasets|measures|conditions|rules")
+                raise UserError(f"usage: instill list {'|'.join(KINDS)}")
             print(list_entries(argv[1]), flush=True)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
@@ -188,7 +204,7 @@ def console_main(argv: Optional[list[str]] = None) -> None:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
         asked = bool(argv) and argv[0] in ("-h", "--help")
         print(f"usage: instill {{{','.join(STAGES)}}} CONFIG [--set KEY=VALUE ...] [--out DIR] [--resume] "
-              "[--print-config] [--validate]\n       instill list models|datasets|measures|conditions|rules\n"
+              f"[--print-config] [--validate]\n       instill list {'|'.join(KINDS)}\n"
               "       instill import-neurosurgeon STATE_DICT --base RUN_DIR --out DIR\n"
               "       instill convert ORIGINAL.yaml [-o OUT.yaml] | --from ORIGINAL [-o OUT.yaml] -- COMMAND LINE\n"
               "`instill STAGE --help` shows a stage's config sections; README.md and docs/design.md explain them.",

@@ -147,8 +147,8 @@ class TrainConfig(Section):
         "first", description="on a tie of the selection metric, keep the first best or take the later one")
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
     progress: bool = Field(True, description="tqdm progress bars (shown on a terminal only)")
-    rule: str = Field("backprop", description="how a step's gradients are produced: backprop, align_zero, "
-                                              "align_ada, align_prop, fa, dfa, last_layer (instill.align.rules)")
+    rule: str = Field("backprop", description="how a step's gradients are produced: a learning rule (instill list "
+                                              "rules; yours by import path or entry point)")
 
     rule_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="options of learning rules, by rule name: {dfa: {feedback: pooled}} "

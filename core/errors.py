@@ -55,18 +55,49 @@ def nearest(name: str, choices, n: int = 3, cutoff: float = 0.6) -> list[str]:
     return difflib.get_close_matches(name, list(choices), n=n, cutoff=cutoff)
 
 
-def did_you_mean(name: str, choices) -> str:
-    """`` (did you mean 'x'?)`` for the closest known name, or ``""`` when none is close.
+def did_you_mean(name: str, choices, n: int = 1, cutoff: float = 0.6) -> str:
+    """`` (did you mean 'x'?)`` for the closest known names (``'x' or 'y'`` for up to ``n``), or ``""`` when none
+    is close.
 
     Args:
         name: what the user wrote.
         choices: the names that exist.
+        n: at most this many suggestions.
+        cutoff: as in ``nearest``.
 
     Returns:
         The suffix to append to an error message.
     """
-    hint = nearest(name, choices, n=1)
-    return f" (did you mean {hint[0]!r}?)" if hint else ""
+    hints = nearest(name, choices, n=n, cutoff=cutoff)
+    return f" (did you mean {' or '.join(repr(h) for h in hints)}?)" if hints else ""
+
+
+def unknown_name(kind: str, name: str, known, *, where: str = "", suggestions: int = 1, limit: int = 12,
+                 cutoff: float = 0.6) -> UserError:
+    """The one wording of an unknown name: ``unknown <kind> 'x'<where> (did you mean 'y'?); known: a, b, c``.
+
+    Args:
+        kind: what the name should have named (``similarity``, ``mask method``, ``layer``).
+        name: what the user wrote.
+        known: the names that exist, in the order to list them (a set is sorted); the first ``limit`` are listed,
+            then how many more there are.
+        where: where the name was looked up (`` in Tiny10``).
+        suggestions: at most this many close names are suggested.
+        cutoff: how close a suggestion must be (``nearest``).
+
+    Returns:
+        The UserError to raise (a pydantic validator raises a ValueError with its text).
+    """
+    known = sorted(known) if isinstance(known, (set, frozenset)) else list(dict.fromkeys(known))
+    return UserError(f"unknown {kind} {name!r}{where}" + did_you_mean(name, known, suggestions, cutoff)
+                     + known_names(known, limit))
+
+
+def known_names(known, limit: int = 12) -> str:
+    """``; known: a, b, c, ... (+N)``: the end of ``unknown_name``'s wording, for messages about patterns."""
+    known = list(known)
+    shown = ", ".join(known[:limit]) + (f", ... (+{len(known) - limit})" if len(known) > limit else "")
+    return f"; known: {shown}" if known else ""
 
 
 def exit_code_of(body, interrupted: str = "interrupted") -> int:

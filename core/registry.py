@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from .errors import UserError, did_you_mean
+from .errors import UserError, did_you_mean, unknown_name
 
 
 @dataclass(frozen=True)
@@ -43,19 +43,43 @@ class Entry:
 
 
 class Registry:
-    """Name -> builder, with a pydantic model of the builder's keyword-only parameters."""
+    """Name -> builder, with a pydantic model of the builder's keyword-only parameters.
 
-    def __init__(self, kind: str, prepare: Optional[Callable[[Any], Any]] = None):
+    Every kind of named thing is one such registry: datasets, models and learning rules here; similarity measures,
+    compare measures, mask methods, stitch initialisations, masks and targets and transfer conditions next to the
+    code that uses them. What a builder is depends on the kind (its module says); how it is named, validated, listed
+    and added from outside (``@REGISTRY.register``, an import path ``pkg.module:object``, or an entry point of the
+    registry's ``group``) is the same for all.
+    """
+
+    def __init__(self, kind: str, prepare: Optional[Callable[[Any], Any]] = None, *, group: Optional[str] = None,
+                 builtins: Optional[dict[str, str]] = None, outside: Optional[Callable[[Any], Any]] = None,
+                 aliases: Optional[dict[str, str]] = None):
+        """
+        Args:
+            kind: what an entry is, in messages (``mask method``).
+            prepare: turns what ``build()`` is given into what every builder receives.
+            group: the entry-point group's name after ``instill.`` (default: the kind in plural, ``_`` for spaces).
+            builtins: name -> module (relative to the package) that registers each shipped entry, imported when a
+                config names it (``BUILTIN_MODULES``); None where the registry's module registers them itself.
+            outside: turns an object named by import path or entry point into a builder (default: used as it is).
+            aliases: old name -> current name, for names that recorded configs and run snapshots still use.
+        """
         self.kind = kind
-        self.prepare = prepare  # turns what build() is given into what every builder receives
+        self.prepare = prepare
+        self._group = group or f"{kind.replace(' ', '_')}s"
+        self._builtins = builtins
+        self._outside = outside
+        self.aliases = dict(aliases or {})
         self._entries: dict[str, Entry] = {}
         self._prefixes: dict[str, Entry] = {}
 
-    def register(self, name: str, *, prefix: bool = False):
-        """Decorator. With ``prefix=True`` the entry serves every name ``name:<rest>`` (timm:resnet18)."""
+    def register(self, name: str, *, prefix: bool = False, doc: Optional[str] = None):
+        """Decorator. With ``prefix=True`` the entry serves every name ``name:<rest>`` (timm:resnet18); ``doc``
+        replaces the object's docstring as its help text."""
 
         def wrap(fn):
-            entry = Entry(name, fn, _params_model(name, fn), inspect.getdoc(fn) or "")
+            entry = Entry(name, fn, _params_model(name, fn), doc or inspect.getdoc(fn) or "")
             (self._prefixes if prefix else self._entries)[name] = entry
             return fn
 
@@ -63,8 +87,8 @@ class Registry:
 
     @property
     def group(self) -> str:
-        """The entry-point group through which packages add entries: ``instill.models``, ``instill.datasets``."""
-        return f"instill.{self.kind}s"
+        """The entry-point group through which packages add entries: ``instill.models``, ``instill.mask_methods``."""
+        return f"instill.{self._group}"
 
     def _load_entry_points(self, wanted: str | None = None) -> bool:
         """Register the group's entry points (only ``wanted`` when given); True when ``wanted`` is now known."""
@@ -84,23 +108,31 @@ class Registry:
     def _outside_entry(self, name: str, target: Any, origin: str) -> Entry:
         if not callable(target):
             raise UserError(f"{self.kind} {name!r}: {origin} is not a class or function")
-        build = target if _is_builder(target) else _fact_filling_builder(target, _FACTS[self.kind])
+        build = self._outside(target) if self._outside is not None else target
         _OUTSIDE[f"{self.kind}:{name}"] = _origin_record(target, origin)
         return Entry(name, build, _params_model(name, build), inspect.getdoc(target) or "")
 
     def entries(self) -> list[Entry]:
         """Every registered entry (prefixed ones as ``<prefix>:<name>``), by name; entry points included."""
-        import_builtins()
+        self._import_builtins()
         self._load_entry_points()
         return [self._entries[n] for n in sorted(self._entries)] + [
             dataclasses.replace(self._prefixes[p], name=f"{p}:<name>") for p in sorted(self._prefixes)]
 
     def names(self) -> list[str]:
-        return sorted(self._entries) + sorted(f"{p}:<name>" for p in self._prefixes)
+        """Every name the registry answers to: shipped ones, the entry points of installed packages (named, not
+        imported), and import paths used so far."""
+        from importlib.metadata import entry_points
+
+        self._import_builtins()
+        named = set(self._entries) | {point.name for point in entry_points(group=self.group)}
+        return sorted(named) + sorted(f"{p}:<name>" for p in self._prefixes)
 
     def get(self, name: str) -> Entry:
-        if name not in self._entries:
-            _import_builtin(self.kind, name)
+        """The entry ``name`` (or its alias, or an import path, or an entry point) names; a UserError otherwise."""
+        name = self.aliases.get(name, name)
+        if name not in self._entries and self._builtins is not None:
+            _import_builtin(self._builtins, name)
         if name in self._entries:
             return self._entries[name]
         head = name.split(":", 1)[0]
@@ -111,11 +143,22 @@ class Registry:
             return self._entries[name]
         if self._load_entry_points(name):
             return self._entries[name]
-        raise UserError(
-            f"unknown {self.kind} {name!r}"
-            + did_you_mean(name, self.names())
-            + f"; known: {', '.join(self.names())}"
-        )
+        raise unknown_name(self.kind, name, self.names() + list(self.aliases))
+
+    def __iter__(self):
+        """The names, as ``names()`` (so ``sorted(REGISTRY)`` and ``set(REGISTRY)`` read like the tuples they were)."""
+        return iter(self.names())
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            self.get(name)
+        except UserError:
+            return False
+        return True
+
+    def _import_builtins(self) -> None:
+        if self._builtins is not None:
+            import_builtins()
 
     def validate(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
         """Validated, defaults-filled keyword arguments for ``name``; raises ValueError with a one-line reason."""
@@ -159,7 +202,11 @@ def _passed_through_keys(kwargs: dict[str, Any]) -> set[str]:
 
 def _params_model(name: str, fn) -> type[BaseModel]:
     fields = {}
-    for p in inspect.signature(fn, eval_str=True).parameters.values():
+    try:
+        parameters = inspect.signature(fn, eval_str=True).parameters.values()
+    except (TypeError, ValueError):  # an entry that is an object without a signature takes no options
+        parameters = []
+    for p in parameters:
         if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name == "name":
             continue
         annotation = p.annotation if p.annotation is not inspect.Parameter.empty else Any
@@ -307,12 +354,12 @@ BUILTIN_MODULES = {
 }
 
 
-def _import_builtin(kind: str, name: str) -> None:
+def _import_builtin(table: dict[str, str], name: str) -> None:
     """Import the module that registers ``name`` (``timm:x``: the ``timm`` prefix's), or every shipped module
     when the name is not a shipped one (for the error message's list of known names)."""
     import importlib
 
-    module = BUILTIN_MODULES[kind].get(name) or BUILTIN_MODULES[kind].get(name.split(":", 1)[0])
+    module = table.get(name) or table.get(name.split(":", 1)[0])
     if module is None:
         import_builtins()
     else:
@@ -341,6 +388,13 @@ def _dataset_info(info: Any) -> Any:
     return DatasetInfo.of(info)
 
 
-DATASETS = Registry("dataset")
-MODELS = Registry("model", prepare=_dataset_info)
-RULES = Registry("learning rule")
+def _filling_facts(facts: tuple[str, ...]) -> Callable[[Any], Callable[..., Any]]:
+    """How a dataset or model registry takes an outside object: a builder as it is, a class or plain function with
+    the run's ``facts`` filled in (``_fact_filling_builder``)."""
+    return lambda target: target if _is_builder(target) else _fact_filling_builder(target, facts)
+
+
+DATASETS = Registry("dataset", builtins=BUILTIN_MODULES["dataset"], outside=_filling_facts(_FACTS["dataset"]))
+MODELS = Registry("model", prepare=_dataset_info, builtins=BUILTIN_MODULES["model"],
+                  outside=_filling_facts(_FACTS["model"]))
+RULES = Registry("learning rule", group="rules", builtins=BUILTIN_MODULES["learning rule"])

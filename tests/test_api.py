@@ -66,7 +66,7 @@ def test_alignment_loss_pairs_by_name_and_rejects_unknown_layers():
     loss, sims = align(x)
     assert loss.requires_grad and list(sims) == ["sim/0~0"]
     align.close()
-    with pytest.raises(UserError, match="no layer '9'"):
+    with pytest.raises(UserError, match="unknown layer '9'"):
         instill.alignment_loss(target, guide, [("9", "0")])
     with pytest.raises(UserError, match="needs sample"):
         instill.alignment_loss(target, guide, "uniform")
@@ -111,11 +111,13 @@ def test_stitch_models_trains_only_the_transform_and_rejects_bad_input():
                                               target="soft_2")
     assert all(torch.equal(a, b) for a, b in zip(end_weights, end.parameters()))
     assert {"before_acc", "acc", "agreement", "kl_to_end"} <= set(metrics) and "fit_r2" not in metrics
-    with pytest.raises(UserError, match="no layer '9'|'9'"):
+    with pytest.raises(UserError, match="unknown layer '9'|'9'"):
         instill.stitch_models(front, end, "9", "1", loader)
-    with pytest.raises(UserError, match="unknown target"):
+    with pytest.raises(UserError, match="target match trains on activations alone"):
         instill.stitch_models(front, end, "1", "1", loader, target="match")
-    with pytest.raises(UserError, match="unknown init"):
+    with pytest.raises(UserError, match="unknown stitch target 'sfot_2' \\(did you mean 'soft_2'\\?\\)"):
+        instill.stitch_models(front, end, "1", "1", loader, target="sfot_2")
+    with pytest.raises(UserError, match="unknown stitch init"):
         instill.stitch_models(front, end, "1", "1", loader, init="eye")
 
 
@@ -155,7 +157,7 @@ def test_alignment_scores_track_backprop_and_reject_unknown_layers():
     scores = tracker.scores(model)
     assert set(scores) == {"align/0", "align/4", "align_shuffled_update/0", "align_shuffled_update/4"}
     assert all(0.0 <= value <= 1.0 + 1e-9 for value in scores.values())
-    with pytest.raises(UserError, match="no layer '7'"):
+    with pytest.raises(UserError, match="unknown layer '7'"):
         instill.alignment_scores(model, ["7"])
     with pytest.raises(UserError, match="chance"):
         instill.alignment_scores(model, chance=["shuffled"])

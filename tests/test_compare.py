@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from instill.compare.measures import MEASURES, compare_models, lr_r2
+from instill.compare.measures import compare_models, get_measure, lr_r2, measure_names
 from instill.data import BatchLoader, Split
 from instill.errors import UserError
 from instill.compare.capture import FeatureCapture, select_layers
@@ -35,12 +35,12 @@ def _loader(n: int = 96, batch: int = 32, seed: int = 0) -> BatchLoader:
 
 def test_a_model_compared_with_itself_gives_one_on_the_diagonal_for_every_measure():
     model = _convnet(0)
-    result = compare_models(model, model, _loader(), layers_a=["0", "2", "4", "6"], measures=list(MEASURES),
+    result = compare_models(model, model, _loader(), layers_a=["0", "2", "4", "6"], measures=measure_names(),
                             spatial="mean")
     assert result.layers_a == result.layers_b == ["0", "2", "4", "6"]
-    for measure in MEASURES:
+    for measure in measure_names():
         diagonal = np.diag(result.matrix(measure))
-        expected = 0.0 if MEASURES[measure].distance else 1.0
+        expected = 0.0 if get_measure(measure).distance else 1.0
         np.testing.assert_allclose(diagonal, expected, atol=1e-6, err_msg=measure)
     off = result.matrix("cka_minibatch")[0, 3]
     assert abs(off) < 0.9  # other layers are not the same (unbiased CKA may dip below 0)
@@ -172,7 +172,7 @@ def test_layer_globs_and_unknown_layers():
     assert list(select_layers(model, ["bn*"])) == ["bn1", "bn2"]
     with pytest.raises(UserError, match="no layer matches 'fc\\*'"):
         select_layers(model, ["fc*"])
-    with pytest.raises(UserError, match="nearest: bn2, bn1"):
+    with pytest.raises(UserError, match="did you mean 'bn2' or 'bn1'"):
         compare_models(model, model, [torch.zeros(4, 3, 2, 2)], layers_a=["bn3"])
 
 
@@ -215,7 +215,7 @@ def test_compare_stage_writes_csv_heatmaps_and_summary(workdir):
 
 
 @pytest.mark.parametrize("change, message", [
-    ("layers_a: [bn9]", "compare.layers_a: no layer 'bn9' in Tiny10; nearest: bn8"),
+    ("layers_a: [bn9]", "compare.layers_a: unknown layer 'bn9' in Tiny10 (did you mean 'bn8'"),
     (f"model_b: {{name: resnet20, weights: {TINY10[10]}}}", "first mismatching key 'layer1.0.conv1.weight' is missing"),
     ("measures: [cka_minibatch, cca]", "measure cca needs more samples than features"),
     ("measures: [ckaa]", "unknown measure 'ckaa'"),

@@ -79,8 +79,10 @@ def test_a_trained_model_is_rebuilt_from_its_run_directory(workdir):
     from instill.errors import UserError
 
     assert run_cli("base", "configs/tiny_digits.yaml") == 0
-    model, model_cfg, info = load_model("checkpoints/tiny_digits")
+    loaded = load_model("checkpoints/tiny_digits")
+    model, model_cfg, info = loaded.model, loaded.model_cfg, loaded.info
     assert model_cfg["name"] == "fcn" and info.input_shape == (1, 8, 8)
+    assert (loaded.kind, loaded.label) == ("run", "tiny_digits")
     seed = int(Path("checkpoints/tiny_digits/seed.txt").read_text())
     data = DATASETS.build("digits", DataContext(seed=seed), {"limit": 400})
     accuracy = (model(data.test.x).argmax(1) == data.test.y).float().mean().item()

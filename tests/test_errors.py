@@ -17,11 +17,11 @@ def test_each_set_of_choices_has_one_source():
     """Config sections take their choices from the library's types, so the two cannot drift apart."""
     from typing import get_args
 
-    from instill.subnetworks.masks import METHODS, MaskConfig, make_method
+    from instill.subnetworks.masks import MASK_METHODS, MaskConfig, make_method
     from instill.subnetworks import transfer as transfer_stage
     from instill.subnetworks.transplant import CONDITIONS, BatchNorm, NonMasked
 
-    assert all(type(make_method(MaskConfig(layers=("*",), method=m))).__name__ for m in METHODS)
+    assert all(type(make_method(MaskConfig(layers=("*",), method=m))).__name__ for m in MASK_METHODS.names())
     fields = transfer_stage.TransferSection.model_fields
     assert get_args(fields["batch_norm"].annotation) == get_args(BatchNorm) == ("inherit", "reset", "freeze")
     assert get_args(fields["non_masked"].annotation) == get_args(NonMasked)

@@ -199,7 +199,7 @@ def test_hooks_are_removed_on_exit_and_strict_pop():
 
 def test_unknown_layer_names_are_user_errors_with_nearest_names():
     model = Reordered()
-    with pytest.raises(UserError, match="no layer 'frist'.*nearest: first"):
+    with pytest.raises(UserError, match="unknown layer 'frist'.*did you mean 'first'"):
         FeatureCapture(model, ["frist"])
     with pytest.raises(UserError, match="is a parameter, not a module: name its module 'head'"):
         FeatureCapture(model, ["head.weight"])
@@ -249,7 +249,7 @@ def test_a_declared_batch_axis_holds_for_the_module_and_its_submodules():
         features = capture.pop()
     assert {name: tuple(t.shape) for name, t in features.items()} == {
         "0.0": (2, 6, 4), "0.1": (2, 6, 4), "0": (2, 6, 4), "1": (6, 2, 2)}
-    with pytest.raises(UserError, match="no layer '00'"):
+    with pytest.raises(UserError, match="unknown layer '00'"):
         FeatureCapture(model, ["0"], batch_axes={"00": 1})
     with FeatureCapture(model, ["1"], batch_axes={"1": 3}) as capture:
         with pytest.raises(UserError, match="layer '1': batch axis 3 declared, but its output has shape"):

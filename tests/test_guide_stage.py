@@ -36,7 +36,7 @@ def test_guide_conditions_share_data_and_log_alignment(workdir):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("guidance.target_layers=[layers.9]", "no layer 'layers.9'"),
+    ("guidance.target_layers=[layers.9]", "unknown layer 'layers.9'"),
     ("guidance.similarity=ckaa", "unknown similarity 'ckaa'"),
     ("guidance.conditions=[guided_untrained]", None),
 ])
@@ -73,7 +73,7 @@ def _run(config: str, *overrides: str) -> int:
       "guidance.layer_map=[{target: layers.0, guide: head}]"],
      "pair layers.0~head compares target shape (16, 8, 16) with guide shape (16, 2): token-wise"),
     (["guidance.target_batch_axes={layers.0: 1}"], "layer 'layers.0' gives shape (8, 16, 16), whose first axis"),
-    (["guidance.guide_batch_axes={layers.9: 1}"], "no layer 'layers.9' in RecurrentClassifier"),
+    (["guidance.guide_batch_axes={layers.9: 1}"], "unknown layer 'layers.9' in RecurrentClassifier"),
     (["guidance.similarity=cka_unbiased", "guidance.tokenwise=positions", "train.batch_size=3"],
      "needs at least 4 samples per batch"),
     (["train.batch_size=2"], "similarity cka needs at least 3 samples per batch"),  # CKA of 2 samples is always 1

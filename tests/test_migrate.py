@@ -204,7 +204,7 @@ def test_math_ablate_on_an_hf_trainer_checkpoint_folder(workdir, capsys):
     assert imported.parent == Path("checkpoints/imported") and is_finished(imported)
     from instill.models import load_model
 
-    loaded, _, _ = load_model(imported)
+    loaded = load_model(imported).model
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     summary = json.loads(Path("ablate/summary.json").read_text())
     assert 0 <= summary["density"] <= 1 and "val_acc" in summary

@@ -405,8 +405,9 @@ def test_an_empty_mask_is_announced(workdir, monkeypatch, capsys):
 
     cfg = transfer.Config.model_validate({"stage": "transfer", "data": {"name": "digits", "limit": 100},
                                           "transfer": {"mask": "m", "conditions": ["subnet", "random_init"]}})
-    monkeypatch.setattr(transfer, "resolve_upstream", lambda ref, stage, key: ref)
-    monkeypatch.setattr(transfer, "_inputs", lambda d: (None, None, None, {"w": torch.zeros(3, 3, dtype=torch.bool)}))
+    monkeypatch.setattr(transfer, "resolve_upstream", lambda ref, stage, key, *_: ref)
+    monkeypatch.setattr(transfer, "_inputs", lambda d: transfer.TransferInputs(None, {"w": torch.zeros(3, 3,
+                                                                                           dtype=torch.bool)}))
     monkeypatch.setattr(transfer, "check_condition", lambda condition, mask: None)
     transfer.prepare(cfg)
     one_line(capsys, "warning: the mask in m keeps no weight (density 0)")

@@ -70,7 +70,7 @@ def test_tied_transformer_shares_one_layer_and_untied_does_not():
     per_layer = sum(p.numel() for p in untied.layers[0].parameters())
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(untied) - count(tied) == 2 * per_layer
-    with pytest.raises(UserError, match="no layer 'layers.1'"):
+    with pytest.raises(UserError, match="unknown layer 'layers.1'"):
         probe(tied, ["layers.1"], torch.ones(2, 5, dtype=torch.long))
 
 

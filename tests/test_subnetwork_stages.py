@@ -40,14 +40,14 @@ def test_ablation_logs_and_mask_artifact(transferred):
     assert {"val_acc", "density", "mean_logit", "density/transformer.h.0.attn.c_attn.weight"} <= set(rows[0])
     meta = json.loads(Path("checkpoints/tiny_math_ablate/mask.json").read_text())
     assert 0 < meta["density"] < 1 and meta["base_run"] == "../tiny_math_base"
-    base, _, _ = load_model("checkpoints/tiny_math_base")
+    base = load_model("checkpoints/tiny_math_base").model
     masks = load_mask("checkpoints/tiny_math_ablate", base)
     assert all(m.dtype == torch.bool for m in masks.values())
     assert Path("checkpoints/tiny_math_ablate/mask_density.png").exists()
 
 
 def test_subnet_weights_stay_frozen_at_the_base_values(transferred):
-    base, _, _ = load_model("checkpoints/tiny_math_base")
+    base = load_model("checkpoints/tiny_math_base").model
     masks = load_mask("checkpoints/tiny_math_ablate", base)
     trained = torch.load("checkpoints/tiny_math_transfer/n40-subnet-lr0.003/state.pt", weights_only=False)["model"]
     base_state = base.state_dict()
@@ -63,7 +63,7 @@ def test_replaying_the_transfer_matches(transferred, capsys):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("transfer.conditions=[subnet, random]", "unknown condition 'random'"),
+    ("transfer.conditions=[subnet, random]", "unknown transfer condition 'random'"),
     ("transfer.n_disambiguation=[]", "transfer.n_disambiguation"),
     ("transfer.mask=nowhere", "neither a run directory nor a config file"),
 ])
@@ -140,7 +140,7 @@ def start_of(out: str, condition: str) -> dict[str, torch.Tensor]:
 
 
 def base_and_mask(mask_dir: str = ABLATE):
-    base, _, _ = load_model("checkpoints/tiny_math_base")
+    base = load_model("checkpoints/tiny_math_base").model
     return base.state_dict(), load_mask(mask_dir, base)
 
 
@@ -329,7 +329,7 @@ def test_neurosurgeon_state_dict_imports_into_a_mask_the_transfer_takes(in_upstr
     from instill.subnetworks.neurosurgeon import main as import_cli
     from instill.subnetworks.masks import select_targets, weights_hash
 
-    base, _, _ = load_model("checkpoints/tiny_math_base")
+    base = load_model("checkpoints/tiny_math_base").model
     state = neurosurgeon_state(base, prefix)
     torch.save(state, "circuit.pt")
     out = f"checkpoints/imported-{prefix.rstrip('.')}"
@@ -353,7 +353,7 @@ def test_the_neurosurgeon_import_command_line(in_upstream):
 
     from tests.conftest import python_env
 
-    base, _, _ = load_model("checkpoints/tiny_math_base")
+    base = load_model("checkpoints/tiny_math_base").model
     torch.save(neurosurgeon_state(base, "wrapped_model."), "circuit.pt")
     command = [sys.executable, "-c", "import sys; from instill.cli import console_main; console_main(sys.argv[1:])",
                "import-neurosurgeon", "circuit.pt", "--base", "checkpoints/tiny_math_base", "--out",
@@ -366,8 +366,8 @@ def test_the_neurosurgeon_import_command_line(in_upstream):
 def test_bad_neurosurgeon_imports_are_one_line_errors_and_write_nothing(in_upstream, capsys):
     from instill.subnetworks.neurosurgeon import main as import_cli
 
-    base, _, _ = load_model("checkpoints/tiny_math_base")
-    other = load_model("checkpoints/tiny_math_base")[0]
+    base = load_model("checkpoints/tiny_math_base").model
+    other = load_model("checkpoints/tiny_math_base").model
     with torch.no_grad():
         other.transformer.h[0].mlp.c_fc.weight.add_(1.0)
     torch.save(neurosurgeon_state(other, "root_model."), "other_base.pt")

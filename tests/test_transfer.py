@@ -309,7 +309,7 @@ def test_user_errors_are_one_line():
         with pytest.raises(UserError) as err:
             action()
         assert message in str(err.value) and "\n" not in str(err.value)
-    assert set(CONDITIONS) == {"subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet",
+    assert set(CONDITIONS.names()) == {"subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet",
                                "sampled_complement"}
 
 

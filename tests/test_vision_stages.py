@@ -65,7 +65,7 @@ def test_every_stage_reports_shape_bias_from_the_cue_conflict_pair(in_pipeline):
 
 
 def test_the_mask_covers_conv_and_linear_weights_and_the_subnet_stays_frozen(in_pipeline):
-    base, _, _ = load_model("checkpoints/tiny_shapes_base")
+    base = load_model("checkpoints/tiny_shapes_base").model
     masks = load_mask("checkpoints/tiny_shapes_ablate", base)
     assert set(masks) == {"layers.0.0.weight", "layers.1.0.weight", "head.weight"}
     trained = torch.load("checkpoints/tiny_shapes_transfer/subnet-lr0.01/state.pt", weights_only=False)["model"]
@@ -88,7 +88,7 @@ def test_batch_norm_statistics_follow_transfer_batch_norm_alone(in_pipeline, bat
     assert run_cli("transfer", "configs/tiny_shapes_transfer.yaml", "--out", out,
                    *[a for o in overrides for a in ("--set", o)]) == 0
     state = torch.load(Path(out, "subnet-lr0.01/state.pt"), weights_only=False)["model"]
-    base = load_model("checkpoints/tiny_shapes_base")[0].state_dict()
+    base = load_model("checkpoints/tiny_shapes_base").model.state_dict()
     means = [key for key in state if key.endswith("running_mean")]
     assert means
     for key in means:

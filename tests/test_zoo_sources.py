@@ -169,7 +169,7 @@ def test_every_stage_run_directory_is_a_model_source(shapes_runs):
     base = load_model_source({"run": str(runs / "tiny_shapes_base")}, info)
     assert base.kind == "base"
     ablated = load_model_source({"run": str(runs / "tiny_shapes_ablate")}, info)
-    masks = load_mask(runs / "tiny_shapes_ablate", load_model(runs / "tiny_shapes_base")[0])
+    masks = load_mask(runs / "tiny_shapes_ablate", load_model(runs / "tiny_shapes_base").model)
     weights = dict(ablated.model.named_parameters())
     for name, mask in masks.items():
         assert (weights[name][~mask] == 0).all() and torch.equal(weights[name][mask],

@@ -8,7 +8,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, unknown_name
 from ..steps import GradientProvider, RuleContext, StepContext, build_rule
 from ..train import input_target_pair, logits_of
 from .scores import CHANCE, AlignmentBaseline, check_layers
@@ -42,9 +42,9 @@ def learning_rule(name: str, model: nn.Module, *, criterion: Optional[Callable[[
         optimizer.step()
 
     Args:
-        name: one of ``learning_rules()``: ``backprop``, ``align_zero`` (any model), ``align_ada``, ``align_prop``,
-            ``fa``, ``dfa``, ``last_layer`` (models the rules can tap: ``ntk_mlp``, ``ntk_cnn``, ``add_rnn`` of
-            ``instill.models``).
+        name: one of ``learning_rules()`` (``instill list rules``), or a rule of your own (registered, or its import
+            path); the rules other than ``backprop`` and ``align_zero`` tap only the models built for them
+            (``ntk_mlp``, ``ntk_cnn``, ``add_rnn`` of ``instill.models``).
         model: the network at the start of training.
         criterion: ``criterion(logits, targets)``; default cross-entropy.
         seed: seeds the random feedback of ``fa`` and ``dfa``.
@@ -101,9 +101,9 @@ def alignment_scores(model: nn.Module, layers: Optional[Sequence[str]] = None, *
     else:
         available = [n for n, m in model.named_modules()
                      if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() in (2, 4)]
-    unknown = set(chance) - set(CHANCE)
+    unknown = [name for name in chance if name not in CHANCE]
     if unknown:
-        raise UserError(f"alignment_scores: unknown chance control {sorted(unknown)}; known: {', '.join(CHANCE)}")
+        raise UserError(f"alignment_scores: {unknown_name('chance control', unknown[0], CHANCE)}")
     criterion = criterion or (lambda logits, y: nn.functional.cross_entropy(logits, y))
     return AlignmentBaseline(model, criterion, check_layers(list(layers or []), available), method=method,
                              chance=tuple(chance), seed=seed)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError, nearest, under_key
+from ..errors import UserError, under_key, unknown_name
 from .. import dist
 from ..steps import Backprop
 from .rules import InitialNetwork, full, output_error
@@ -136,9 +136,7 @@ def check_layers(requested: Optional[list[str]], available: list[str]) -> list[s
         return list(available)
     for name in requested:
         if name not in available:
-            hint = nearest(name, available)
-            raise UserError(f"no layer {name!r} in the model" +
-                            (f" (nearest: {', '.join(hint)})" if hint else "") + f"; layers: {', '.join(available)}")
+            raise unknown_name("layer", name, available, where=" in the model", suggestions=3, limit=len(available))
     return list(requested)
 
 

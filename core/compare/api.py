@@ -18,8 +18,8 @@ def measure_similarity(x: torch.Tensor, y: torch.Tensor, measure: str = "cka") -
     Args:
         x: (n, ...) activations of n samples (features are flattened).
         y: (n, ...) activations of the same n samples, from another layer or network.
-        measure: one of ``measures()``: ``cka``, ``cka_unbiased``, ``rsa``, ``rsa_classic``, ``procrustes``,
-            ``cca``, ``cca_squared``, ``svcca``, ``pwcca``.
+        measure: one of ``measures()`` (``instill list measures``), or the import path ``pkg.module:function`` of a
+            measure of your own.
 
     Returns:
         A 0-dim tensor (1 for identical representations up to the measure's invariances); differentiable.
@@ -36,4 +36,4 @@ def measures() -> list[str]:
     Returns:
         The measure names, sorted.
     """
-    return sorted(SIMILARITIES)
+    return SIMILARITIES.names()

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from ..errors import UserError, nearest
+from ..errors import UserError, did_you_mean, known_names, unknown_name
 
 ORIGINAL_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv2d, nn.Linear, nn.AdaptiveAvgPool2d, nn.LSTM, nn.RNN, nn.TransformerDecoderLayer, nn.LayerNorm,
@@ -74,9 +74,8 @@ def _resolve_name(name: str, modules: Mapping[str, nn.Module], params: set[str])
     owner = name.rsplit(".", 1)[0]
     if name in params:
         raise UserError(f"layer {name!r} is a parameter, not a module: name its module {owner!r}")
-    near = nearest(name, [n for n in modules if n], n=5, cutoff=0.5)
-    hint = f"nearest: {', '.join(near)}" if near else f"the model has e.g. {', '.join(list(modules)[1:6])}"
-    raise UserError(f"no layer {name!r} in {type(modules['']).__name__}; {hint}")
+    raise unknown_name("layer", name, [n for n in modules if n], where=f" in {type(modules['']).__name__}",
+                       suggestions=5, cutoff=0.5)
 
 
 def is_glob(name: str) -> bool:
@@ -87,9 +86,9 @@ def is_glob(name: str) -> bool:
 def _glob_names(pattern: str, modules: Mapping[str, nn.Module]) -> set[str]:
     matched = {name for name in modules if name and fnmatch.fnmatchcase(name, pattern)}
     if not matched:
-        near = nearest(pattern.replace("*", "").replace("?", ""), [n for n in modules if n], n=5, cutoff=0.3)
-        hint = f"nearest: {', '.join(near)}" if near else f"the model has e.g. {', '.join(list(modules)[1:6])}"
-        raise UserError(f"no layer matches {pattern!r} in {type(modules['']).__name__}; {hint}")
+        names = [n for n in modules if n]
+        raise UserError(f"no layer matches {pattern!r} in {type(modules['']).__name__}"
+                        + did_you_mean(pattern.replace("*", "").replace("?", ""), names, 5, 0.3) + known_names(names))
     return matched
 
 

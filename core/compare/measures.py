@@ -29,7 +29,8 @@ Measures. Streaming measures keep statistics whose size does not depend on the n
 
 Full-data measures need every sample at once (n x n or n x d matrices): they use the first ``full_samples``
 samples streamed (the loader's order; shuffled loaders give a random subset), capped explicitly, and say so in
-``n``. They are the measures of ``instill.compare.similarity``: ``cka`` (linear CKA with the biased HSIC over all
+``n``. They are the measures of ``instill.compare.similarity`` (``SIMILARITIES``, your own registered ones
+included): ``cka`` (linear CKA with the biased HSIC over all
 samples,
 Kornblith et al. 2019), ``cka_unbiased``, ``rsa``, ``rsa_classic``, ``procrustes``, ``cca`` (mean canonical
 correlation), ``cca_r2`` (mean squared canonical correlation, Yanai's R^2_CCA, centred), ``svcca``, ``pwcca``;
@@ -51,10 +52,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import UserError, nearest
+from ..errors import UserError, unknown_name
+from ..registry import Registry
 from .capture import FeatureCapture, LayerSpec
-from .similarity import (canonical_correlations, cka_from_grams, centered_gram, pwcca, similarity_matrix, svcca,
-                         full_precision, procrustes)
+from .similarity import (SIMILARITIES, Similarity, cka_from_grams, centered_gram, full_precision, get_similarity,
+                         pearson, similarity_matrix)
 from ..files import csv_text
 
 Spatial = Literal["flatten", "mean"]
@@ -70,33 +72,46 @@ class Measure:
     description: str
     distance: bool = False  # 0 = identical (l2); otherwise 1 = most similar
     needs_more_samples_than_features: Literal["none", "both", "a"] = "none"
+    pair: Optional[Callable[[Tensor, Tensor], Tensor]] = None  # a full-data measure's value for one pair of layers
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.pair is None:
+            raise UserError(f"measure {self.name} is a streaming measure: compare_models computes it over batches")
+        return self.pair(x, y)
+
+    @classmethod
+    def of(cls, similarity: Similarity) -> "Measure":
+        """A similarity measure as a full-data compare measure."""
+        return cls(similarity.name, False, similarity.description,
+                   needs_more_samples_than_features=similarity.needs_more_samples_than_features, pair=similarity.pair)
 
 
-MEASURES: dict[str, Measure] = {m.name: m for m in (
+# The measures of the compare stage's own: the streaming ones and lr_r2. Every similarity measure (``SIMILARITIES``,
+# plug-ins included) is a full-data compare measure too, so a new measure is registered once, as a similarity.
+MEASURES = Registry("compare measure", group="compare_measures")
+for _measure in (
     Measure("cka_minibatch", True, "minibatch linear CKA, unbiased HSIC summed over batches in float64"),
     Measure("channel_corr", True, "mean over b's channels of the best Pearson correlation with a channel of a"),
     Measure("l2", True, "mean squared difference of all entries (a distance)", distance=True),
-    Measure("cka", False, "linear CKA, biased HSIC over all samples"),
-    Measure("cka_unbiased", False, "linear CKA, unbiased HSIC over all samples"),
-    Measure("rsa", False, "RSA: Pearson correlation of the cosine-similarity matrices (the guidance original's)"),
-    Measure("rsa_classic", False, "RSA: Pearson correlation of the correlation-distance RDMs' upper triangles"),
-    Measure("procrustes", False, "orthogonal Procrustes similarity (nuclear norm of X_c^T Y_c, unit-norm sides)"),
-    Measure("cca", False, "mean canonical correlation", needs_more_samples_than_features="both"),
-    Measure("cca_r2", False, "mean squared canonical correlation (R^2_CCA), centred",
-            needs_more_samples_than_features="both"),
-    Measure("svcca", False, "SVCCA: CCA of the top singular directions (99% of the variance)",
-            needs_more_samples_than_features="both"),
-    Measure("pwcca", False, "projection-weighted CCA (weights from a)", needs_more_samples_than_features="both"),
-    Measure("lr_r2", False, "centred linear-regression R^2 of b on a", needs_more_samples_than_features="a"),
-)}
+    Measure("lr_r2", False, "centred linear-regression R^2 of b on a", needs_more_samples_than_features="a",
+            pair=lambda x, y: lr_r2(x, y)),
+):
+    MEASURES.register(_measure.name, doc=_measure.description)(_measure)
+
+
+def measure_names() -> list[str]:
+    """Every name ``compare_models`` accepts: its own measures and the similarity measures."""
+    return sorted(MEASURES.names() + SIMILARITIES.names())
 
 
 def get_measure(name: str) -> Measure:
-    """The measure called ``name``; a UserError naming the nearest known names otherwise."""
-    if name in MEASURES:
-        return MEASURES[name]
-    near = nearest(name, MEASURES) or sorted(MEASURES)
-    raise UserError(f"unknown measure {name!r}; nearest: {', '.join(near)}")
+    """The compare measure called ``name``, or the similarity measure of that name computed on full data; a
+    UserError naming the nearest known names otherwise."""
+    if name in MEASURES and isinstance(MEASURES.get(name).build, Measure):
+        return MEASURES.get(name).build
+    if name in SIMILARITIES or ":" in name:  # an import path: a similarity function (its import error, if any)
+        return Measure.of(get_similarity(name))
+    raise unknown_name("measure", name, measure_names() + list(SIMILARITIES.aliases))
 
 
 # ----------------------------------------------------------------------------------------------------- result
@@ -138,9 +153,9 @@ class Comparison:
         from ..report import plot_heatmap
 
         return plot_heatmap(self.matrix(measure), self.layers_a, self.layers_b, path=path,
-                            title=f"{measure} ({MEASURES[measure].description})", xlabel=self.labels[1],
+                            title=f"{measure} ({get_measure(measure).description})", xlabel=self.labels[1],
                             ylabel=self.labels[0], annotate=annotate,
-                            limits=None if MEASURES[measure].distance else (0.0, 1.0))
+                            limits=None if get_measure(measure).distance else (0.0, 1.0))
 
 
 # ----------------------------------------------------------------------------------------------------- streaming
@@ -307,23 +322,6 @@ def _check_more_samples(measure: str, n: int, d: int, layer: str = "") -> None:
                         f"mean, or drop {measure})")
 
 
-def _full_measure(name: str) -> Callable[[Tensor, Tensor], Tensor]:
-    """The pair function of a full-data measure that needs no shared preparation (see ``_full_matrix``)."""
-    return {
-        "procrustes": procrustes,
-        "cca": lambda x, y: canonical_correlations(x, y).mean(),
-        "cca_r2": lambda x, y: canonical_correlations(x, y).square().mean(),
-        "svcca": svcca,
-        "pwcca": pwcca,
-        "lr_r2": lr_r2,
-    }[name]
-
-
-def _pearson(a: Tensor, b: Tensor) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    return ((a * b).sum() / (a.square().sum() * b.square().sum()).sqrt()).item()
-
-
 def _full_matrix(name: str, feats_a: list[Tensor], feats_b: list[Tensor]) -> np.ndarray:
     """``name`` for every pair, sharing each layer's n x n matrix where the measure allows it."""
     values = np.empty((len(feats_a), len(feats_b)))
@@ -342,9 +340,9 @@ def _full_matrix(name: str, feats_a: list[Tensor], feats_b: list[Tensor]) -> np.
         pick = (lambda m: m[rows, cols]) if variant == "classic" else (lambda m: m.flatten())
         for i, ma in enumerate(mats_a):
             for j, mb in enumerate(mats_b):
-                values[i, j] = _pearson(pick(ma), pick(mb))
+                values[i, j] = pearson(pick(ma), pick(mb)).item()
     else:
-        fn = _full_measure(name)
+        fn = get_measure(name).pair
         reduced_a, reduced_b = [_reduced(x) for x in feats_a], [_reduced(y) for y in feats_b]
         for i, x in enumerate(reduced_a):
             for j, y in enumerate(reduced_b):
@@ -393,7 +391,7 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, loader: Iterable[Any]
             ``instill.compare.capture`` selects them; ``layers_b`` defaults to ``layers_a``. Layer order is the order in
             which the layers run. A layer called more than once per forward (a weight-tied block applied four
             times, a ReLU module reused in a block) gives one row per call: ``name``, ``name@1``, ...
-        measures: names from ``MEASURES`` (see the module docstring).
+        measures: names from ``measure_names()``: see the module docstring, ``instill list measures``.
         full_samples: the cap on the samples that full-data measures keep (they need them all at once).
         max_samples: stop after this many samples (default: the whole loader).
         spatial: ``flatten`` (each sample's whole map) or ``mean`` (conv maps averaged over positions first).
@@ -439,7 +437,7 @@ def _stream(model_a, model_b, capture_a, capture_b, loader, measures, full_sampl
     streams: dict[str, Any] = {}
     kept_a: list[list[Tensor]] = []
     kept_b: list[list[Tensor]] = []
-    full = [m for m in measures if not MEASURES[m].streaming]
+    full = [m for m in measures if not get_measure(m).streaming]
     seen = kept = 0
     skipped: dict[str, list[str]] = {}
     for batch in loader:
@@ -509,7 +507,7 @@ def check_sample_counts(measures: Sequence[str], n: int, features_a: dict[str, i
                         ) -> None:
     """UserError when a full-data measure would be degenerate: ``n <= d + 1`` for a layer it regresses on."""
     for name in measures:
-        need = MEASURES[name].needs_more_samples_than_features
+        need = get_measure(name).needs_more_samples_than_features
         sides = [] if need == "none" else [features_a] if need == "a" else [features_a, features_b]
         for side in sides:
             layer, d = max(side.items(), key=lambda item: item[1])

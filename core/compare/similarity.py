@@ -37,7 +37,8 @@ rounding error off the product (``||X||^2 / ||X_c||^2``, from its trace and sum)
 the features first (O(n d)) and multiplies again: usual activations pay nothing (see ``_checked_gram``).
 
 The other measures: RSA (the original's variant and the classic one), orthogonal Procrustes, and the CCA family
-(mean CCA, SVCCA, PWCCA). ``SIMILARITIES`` names them all for configs.
+(mean CCA, its square ``cca_r2``, SVCCA, PWCCA). ``SIMILARITIES`` names them all for configs (``instill list
+measures``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 from torch import Tensor
 
-from ..errors import UserError, nearest
+from ..errors import UserError
+from ..registry import Registry
 
 EPS_ULPS = 8  # default eps, in machine epsilons: a side whose centred features hold less energy is constant
 TINY = 1e-15  # floor of a norm we divide by: far below real activations, and its square is a normal float32
@@ -416,7 +418,7 @@ def similarity_matrix(x: Tensor, variant: RSAVariant = "original") -> Tensor:
         return 1 - rsm if variant == "classic" else rsm
 
 
-def _pearson(a: Tensor, b: Tensor) -> Tensor:
+def pearson(a: Tensor, b: Tensor) -> Tensor:
     """Pearson correlation of two similarity matrices' entries; both must vary (and the guide's be finite)."""
     eps = _eps(None, a.dtype)
     ac, bc = a - a.mean(), b - b.mean()
@@ -449,7 +451,7 @@ def rsa_with_matrix(x: Tensor, guide_matrix: Tensor, variant: RSAVariant = "orig
         rows, cols = torch.triu_indices(*ours.shape, offset=1, device=ours.device)
         ours, theirs = ours[rows, cols], theirs[rows, cols]
     with full_precision(x.device.type):
-        return _pearson(ours.flatten(), theirs.flatten())
+        return pearson(ours.flatten(), theirs.flatten())
 
 
 def rsa(x: Tensor, y: Tensor, variant: RSAVariant = "original") -> Tensor:
@@ -594,12 +596,31 @@ class Similarity:
     summarize: Callable[[Tensor], Any] = as_samples
     against: Callable[[Tensor, Any], Tensor] | None = None  # (x, summary); None: ``pair`` on the samples
     min_samples: int = MIN_SAMPLES  # fewer samples are refused (the CCA family also needs more than a side's rank)
+    # Degenerate (trivially 1) unless n > d + 1 on both sides, or on ``x``'s: the compare stage checks it up front.
+    needs_more_samples_than_features: Literal["none", "both", "a"] = "none"
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         return self.pair(x, y)
 
     def with_summary(self, x: Tensor, summary: Any) -> Tensor:
         return (self.against or self.pair)(x, summary)
+
+    @property
+    def description(self) -> str:
+        """The first sentence of the pair function's docstring (help text, plot titles)."""
+        doc = getattr(self.pair, "func", self.pair).__doc__ or ""
+        return " ".join(doc.strip().split("\n\n")[0].split()).replace("``", "")
+
+
+# Each entry is a ``Similarity`` or a plain function ``measure(x, y) -> 0-d tensor`` (1 = most similar): a measure of
+# your own is one decorated function (see docs/design.md, "Extending instill"), by import path ``pkg.mod:fn`` or an
+# entry point of group ``instill.similarities`` as well. ``cca_squared`` is the name earlier versions gave ``cca_r2``
+# here (the compare stage always called it ``cca_r2``); configs and run snapshots that use it still work.
+SIMILARITIES = Registry("similarity", group="similarities", aliases={"cca_squared": "cca_r2"})
+
+
+def _add(measure: Similarity) -> None:
+    SIMILARITIES.register(measure.name, doc=measure.description)(measure)
 
 
 def _cka_measure(name: str, unbiased: bool) -> Similarity:
@@ -612,22 +633,23 @@ def _rsa_measure(name: str, variant: RSAVariant) -> Similarity:
                       partial(rsa_with_matrix, variant=variant))
 
 
-SIMILARITIES: dict[str, Similarity] = {
-    "cka": _cka_measure("cka", unbiased=False),
-    "cka_unbiased": _cka_measure("cka_unbiased", unbiased=True),
-    "rsa": _rsa_measure("rsa", "original"),
-    "rsa_classic": _rsa_measure("rsa_classic", "classic"),
-    "procrustes": Similarity("procrustes", procrustes),
-    "cca": Similarity("cca", cca),
-    "cca_squared": Similarity("cca_squared", partial(cca, squared=True)),
-    "svcca": Similarity("svcca", svcca),
-    "pwcca": Similarity("pwcca", pwcca),
-}
+for _measure in (
+    _cka_measure("cka", unbiased=False),
+    _cka_measure("cka_unbiased", unbiased=True),
+    _rsa_measure("rsa", "original"),
+    _rsa_measure("rsa_classic", "classic"),
+    Similarity("procrustes", procrustes),
+    Similarity("cca", cca, needs_more_samples_than_features="both"),
+    Similarity("cca_r2", partial(cca, squared=True), needs_more_samples_than_features="both"),
+    Similarity("svcca", svcca, needs_more_samples_than_features="both"),
+    Similarity("pwcca", pwcca, needs_more_samples_than_features="both"),
+):
+    _add(_measure)
 
 
 def get_similarity(name: str) -> Similarity:
-    """The measure called ``name``; a UserError naming the nearest known names otherwise."""
-    if name in SIMILARITIES:
-        return SIMILARITIES[name]
-    near = nearest(name, SIMILARITIES) or sorted(SIMILARITIES)
-    raise UserError(f"unknown similarity {name!r}; nearest: {', '.join(near)}")
+    """The measure called ``name`` (a registered one, an import path, an entry point); a UserError otherwise."""
+    entry = SIMILARITIES.get(name)
+    if isinstance(entry.build, Similarity):
+        return entry.build
+    return Similarity(entry.name, entry.build)

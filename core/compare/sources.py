@@ -39,8 +39,8 @@ nothing is unpickled beyond tensors and plain containers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -50,6 +50,7 @@ from torch import nn
 
 from ..data.info import DatasetInfo
 from ..errors import UserError, under_key
+from ..models import LoadedModel, load_model
 from ..registry import MODELS
 
 
@@ -84,17 +85,6 @@ class ModelSource(BaseModel):
     def params(self) -> dict[str, Any]:
         """The builder options of a registered model."""
         return dict(self.model_extra or {})
-
-
-@dataclass
-class LoadedModel:
-    """A model from a ``ModelSource``: frozen, in eval mode, on the CPU."""
-
-    model: nn.Module
-    label: str  # for tables and plots
-    kind: str  # base | ablate | run | weights | fresh
-    model_cfg: dict[str, Any] = field(default_factory=dict)  # {name: ..., <builder options>}: rebuilds the architecture
-    info: Optional[DatasetInfo] = None  # what the data the model was built for provide
 
 
 def load_model_source(source: ModelSource | dict[str, Any], data_info: Optional[DatasetInfo], *, key: str = "model",
@@ -145,7 +135,6 @@ def _validated(raw: dict[str, Any], key: str) -> ModelSource:
 
 def _from_run(path: Path, checkpoint: str, data_info: Optional[DatasetInfo], key: str) -> LoadedModel:
     from ..subnetworks.masks import META_FILE, base_run_of, load_mask
-    from ..models import load_model
     from ..run import is_finished
     from ..stages.compatibility import check_data_fits
 
@@ -159,19 +148,19 @@ def _from_run(path: Path, checkpoint: str, data_info: Optional[DatasetInfo], key
         raise UserError(f"{key}.run: {path} is not a finished run (no summary.json marking it finished)")
     if (path / META_FILE).is_file():  # an ablate run: the base model with its subnetwork mask applied
         base_dir = base_run_of(path)
-        model, model_cfg, info = load_model(base_dir, checkpoint)
-        apply_masks(model, load_mask(path, model))
+        loaded = load_model(base_dir, checkpoint)
+        apply_masks(loaded.model, load_mask(path, loaded.model))
         kind, label = "ablate", f"{path.name} (mask on {Path(base_dir).name})"
     elif (path / f"{checkpoint}.json").is_file():
-        model, model_cfg, info = load_model(path, checkpoint)
+        loaded = load_model(path, checkpoint)
         kind, label = ("base" if _stage_of(path) == "base" else "run"), path.name
     else:
         holding = sorted(p.name for p in path.iterdir() if (p / f"{checkpoint}.json").is_file())
         hint = f"; its sub-runs with a model: {', '.join(holding)}" if holding else ""
         raise UserError(f"{key}.run: {path} holds no model ({checkpoint}.json) and no mask ({META_FILE}){hint}")
     if data_info is not None:
-        check_data_fits(info, data_info, f"the model of {path}", key=f"{key} (data)")
-    return LoadedModel(model, label, kind, model_cfg, info)
+        check_data_fits(loaded.info, data_info, f"the model of {path}", key=f"{key} (data)")
+    return dataclasses.replace(loaded, label=label, kind=kind)
 
 
 def _stage_of(path: Path) -> Optional[str]:

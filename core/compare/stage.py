@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, conlist, field_validator
 
 from ..data.info import DatasetInfo
-from .measures import MEASURES, UNBIASED_MIN_BATCH, Spatial, check_sample_counts, compare_models, get_measure
+from .measures import UNBIASED_MIN_BATCH, Spatial, check_sample_counts, compare_models, get_measure
 from ..config import RunConfig, Section
 from ..data import BatchLoader
 from ..errors import UserError, under_key
@@ -45,7 +45,8 @@ class CompareSection(Section):
     layers_b: Optional[conlist(str, min_length=1)] = Field(None, description="layers of model_b (default: layers_a)")
     split: Literal["train", "val", "test"] = "val"
     measures: conlist(str, min_length=1) = Field(default_factory=lambda: ["cka_minibatch"],
-                                                 description=", ".join(MEASURES))
+                                                 description="compare measures or similarity measures "
+                                                             "(instill list measures)")
     batch_size: int = Field(256, ge=1, description="samples per forward pass (minibatch CKA: per HSIC estimate)")
     max_samples: Optional[int] = Field(None, ge=1, description="compare at most this many samples of the split")
     full_samples: int = Field(2048, ge=2, description="cap on the samples kept for measures that need all at once "
@@ -117,7 +118,7 @@ def prepare(cfg: Config) -> None:
                             f"{tuple(sample.shape[1:])}: {(str(err).splitlines() or [''])[0][:160]}") from None
         pooled = {k: (s[1] if spec.spatial == "mean" and len(s) > 2 else _prod(s[1:])) for k, s in shapes.items()}
         features.append(pooled)
-    full = [m for m in spec.measures if not MEASURES[m].streaming]
+    full = [m for m in spec.measures if not get_measure(m).streaming]
     check_sample_counts(full, n_full, *features)
 
 

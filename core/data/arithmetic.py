@@ -32,7 +32,7 @@ import torch
 from pydantic import conint
 
 from . import DataBundle, DataContext, DatasetInfo, Split
-from ..errors import UserError, did_you_mean
+from ..errors import UserError, unknown_name
 from ..registry import DATASETS
 from ..seeds import derive_seed
 
@@ -67,8 +67,7 @@ def canonical_task(task: str) -> str:
     """The canonical name of ``task``: ``"a^2 + ab"``, ``"a²+ab"`` and ``"a^2+ab"`` are one task."""
     name = task.replace(" ", "").replace("²", "^2").replace("³", "^3").replace("*", "")
     if name not in TASKS:
-        raise UserError(f"arithmetic task {task!r} is unknown" + did_you_mean(name, TASKS)
-                        + f"; known: {', '.join(TASKS)}")
+        raise unknown_name("arithmetic task", name, TASKS)
     return name
 
 

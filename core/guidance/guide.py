@@ -41,7 +41,7 @@ from ..registry import MODELS
 from ..report import describe, format_table, plot_bars, plot_runs
 from ..files import atomic_write_csv
 from ..seeds import derive_seed, seed_everything
-from ..compare.similarity import SIMILARITIES, get_similarity
+from ..compare.similarity import get_similarity
 from ..stages.compatibility import check_data_fits
 from ..stages.runner import Context, build_data
 from ..stages.task import LossScope, evaluate_task, make_loss, summary_metrics
@@ -71,7 +71,7 @@ class GuidanceSection(Section):
     guide_run: Optional[str] = Field(None, description="trained guide: a run directory or a base config")
     alpha: float = Field(1.0, ge=0)
     reduce: Reduce = "sum"
-    similarity: str = Field("cka", description=", ".join(SIMILARITIES))
+    similarity: str = Field("cka", description="a similarity measure (instill list similarities)")
     target_layers: list[str] = Field(default_factory=lambda: list(DEFAULT_LAYERS))
     guide_layers: list[str] = Field(default_factory=lambda: list(DEFAULT_LAYERS))
     drop_last_layer: bool = Field(True, description="leave out each side's last captured layer (the logits), "
@@ -172,7 +172,8 @@ def build_guide(cfg: Config, seed: int, condition: str, info: DatasetInfo) -> to
     """The trained guide of ``guide_run`` (built for this run's data), or a fresh one from its own seed."""
     spec = cfg.guidance
     if condition == "guided_trained":
-        guide, _, guide_info = load_model(spec.guide_run)
+        loaded = load_model(spec.guide_run)
+        guide, guide_info = loaded.model, loaded.info
         check_data_fits(guide_info, info, f"the guide in {spec.guide_run}", key=f"data ({cfg.data.name})")
         return guide
     seed_everything(derive_seed(seed, "guide"), cfg.reproducibility.deterministic)

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..errors import UserError, nearest
+from ..errors import UserError, unknown_name
 from ..compare.similarity import DegenerateActivations, NonFiniteActivations
 
 
@@ -62,9 +62,8 @@ def resolve_pairs(spec: str | Sequence[Mapping[str, Any]], target_keys: Sequence
     for side, keys, attr in (("target", target_keys, "target"), ("guide", guide_keys, "guide")):
         for pair in pairs:
             if getattr(pair, attr) not in keys:
-                near = nearest(getattr(pair, attr), keys)
-                raise UserError(f"{side} layer {getattr(pair, attr)!r} is not captured"
-                                + (f"; nearest: {', '.join(near)}" if near else f"; captured: {', '.join(keys[:6])}"))
+                raise unknown_name(f"{side} layer", getattr(pair, attr), keys, where=" (not captured)",
+                                   suggestions=3)
     return pairs
 
 

@@ -11,13 +11,26 @@ was built for), so a later stage rebuilds the very architecture without rebuildi
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from ..data.info import DatasetInfo
 from ..errors import UserError
+
+
+@dataclass
+class LoadedModel:
+    """A trained or registered model with what rebuilds it: the one bundle ``load_model`` and the model sources of
+    compare and stitch (``instill.compare.sources``) return."""
+
+    model: torch.nn.Module
+    label: str  # for tables and plots
+    kind: str  # base | ablate | run | weights | fresh
+    model_cfg: dict[str, Any] = field(default_factory=dict)  # {name: ..., <builder options>}: rebuilds the architecture
+    info: Optional[DatasetInfo] = None  # what the data the model was built for provide
 
 
 def save_model(run, name: str, model: torch.nn.Module, model_cfg: dict[str, Any], info: DatasetInfo) -> None:
@@ -37,8 +50,9 @@ def build_fresh(model_cfg: dict[str, Any], info: DatasetInfo) -> torch.nn.Module
     return MODELS.build(model_cfg["name"], info, params)
 
 
-def load_model(run_dir: str | Path, name: str = "model") -> tuple[torch.nn.Module, dict[str, Any], DatasetInfo]:
-    """(model with trained weights, model config, data facts) from a run directory written by ``save_model``."""
+def load_model(run_dir: str | Path, name: str = "model") -> LoadedModel:
+    """The model with its trained weights, its model config and data facts, from a run directory written by
+    ``save_model`` (``kind`` ``run``, labelled by the directory's name)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model as load_weights
 
@@ -66,7 +80,7 @@ def load_model(run_dir: str | Path, name: str = "model") -> tuple[torch.nn.Modul
                         "it may have been cut off, or the file replaced") from None
     except (RuntimeError, OSError, ValueError) as err:
         raise UserError(f"{weights} does not match model {model_cfg['name']!r}: {_first_detail(err)}") from None
-    return model, model_cfg, info
+    return LoadedModel(model, run_dir.name, "run", model_cfg, info)
 
 
 def _first_detail(err: Exception, limit: int = 300) -> str:

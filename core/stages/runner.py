@@ -17,7 +17,7 @@ from ..data.info import DatasetInfo
 from .. import dist
 from ..config import RunConfig, load_config, to_yaml
 from ..data import DataBundle, DataContext
-from ..errors import UserError, under_key
+from ..errors import UserError, under_key, unknown_name
 from ..loggers import check_available as check_loggers
 from ..loggers import sink_factory
 from ..registry import DATASETS, MODELS
@@ -35,7 +35,7 @@ STAGES = tuple(sorted(STAGE_MODULES))
 
 def stage_module(stage: str):
     if stage not in STAGES:
-        raise UserError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+        raise unknown_name("stage", stage, STAGES)
     return importlib.import_module(f"..{STAGE_MODULES[stage]}", __package__)
 
 

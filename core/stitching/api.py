@@ -7,10 +7,10 @@ from typing import Iterable, Literal, Optional
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, under_key
 from ..train import device_of, input_target_pair, logits_of
-from .stitch import (INITS, Head, LinearStats, Side, StitchedNet, StitchTransform, Tail, agreement_metrics, freeze,
-                     init_matrix, layout_of, target_loss)
+from .stitch import (INITS, Head, LinearStats, Side, StitchedNet, StitchTransform, Tail, TargetBatch,
+                     agreement_metrics, freeze, init_matrix, layout_of, stitch_choice, stitch_target)
 
 __all__ = ["stitch_models", "StitchedNet", "StitchTransform"]
 
@@ -60,13 +60,13 @@ def stitch_models(front: nn.Module, end: nn.Module, front_layer: str, end_layer:
         end_layer: the module name in ``end`` whose output the stitched activation replaces.
         loader: yields ``(inputs, targets)`` batches; the least-squares fit and the training use it.
         transform: ``affine`` (a 1x1 convolution / channel map shared over positions) or ``flatten``.
-        init: one of ``instill.stitching.stitch.INITS``: ``random``, ``identity``, ``perm``, ``ones_zeros``, ``ps_inv``,
-            ``procrustes``.
+        init: a stitch initialisation (``instill list stitch_inits``; yours registered, or its import path).
         rank: restrict the channel map to this rank (``ps_inv`` then becomes reduced-rank regression).
         bias: learn a bias.
         resize: how a front map is brought onto the end's grid when their sizes differ.
-        target: one of ``instill.stitching.stitch.TARGETS`` other than ``match``: ``hard`` (labels), ``soft_1``,
-            ``soft_2``, ``soft_12``, ``soft_1_plus_2`` (the models' softened outputs).
+        target: a stitch target (``instill list stitch_targets``; yours registered, or its import path) other than
+            those on activations (``match``): ``hard`` (labels), ``soft_1``, ``soft_2``, ``soft_12``,
+            ``soft_1_plus_2`` (the models' softened outputs).
         temperature: of the soft targets.
         epochs: training passes over ``loader`` (0: keep the initialisation).
         lr: Adam's learning rate.
@@ -83,11 +83,11 @@ def stitch_models(front: nn.Module, end: nn.Module, front_layer: str, end_layer:
         UserError: an unknown layer (nearest names listed), activations no transform of this kind connects, an
             unknown init or target, an init the shapes do not allow, batches that are not ``(inputs, targets)``.
     """
-    if target == "match" or target not in ("hard", "soft_1", "soft_2", "soft_12", "soft_1_plus_2"):
-        raise UserError(f"stitch_models: unknown target {target!r}; known: hard, soft_1, soft_2, soft_12, "
-                        f"soft_1_plus_2")
-    if init not in INITS:
-        raise UserError(f"stitch_models: unknown init {init!r}; known: {', '.join(INITS)}")
+    with under_key("stitch_models"):
+        objective = stitch_target(target)
+        initialisation = stitch_choice(INITS, init)
+    if objective.on_activations:
+        raise UserError(f"stitch_models: target {target} trains on activations alone; use the stitch stage for it")
     device = device_of(front)
     freeze(front), freeze(end)
     head, end_head, tail = Head(front, front_layer), Head(end, end_layer), Tail(end, end_layer)
@@ -97,7 +97,7 @@ def stitch_models(front: nn.Module, end: nn.Module, front_layer: str, end_layer:
     sample = input_target_pair(first)[0][:4].to(device)
     stitch = _stitch_transform(head, end_head, tail, sample, transform, rank, bias, resize)
     stats = None
-    if init in ("ps_inv", "procrustes"):
+    if initialisation.needs_stats:
         stats = LinearStats(stitch.d_in, stitch.d_out)
         with torch.no_grad():
             for batch in loader:
@@ -117,9 +117,12 @@ def stitch_models(front: nn.Module, end: nn.Module, front_layer: str, end_layer:
         for batch in loader:
             x, y = (t.to(device) for t in input_target_pair(batch))
             with torch.no_grad():
-                front_logits = logits_of(front(x)) if target in ("soft_1", "soft_12", "soft_1_plus_2") else None
-                end_logits = logits_of(end(x)) if target in ("soft_2", "soft_12", "soft_1_plus_2") else None
-            loss = target_loss(target, stitched(x), y, front_logits, end_logits, temperature)
+                front_logits = logits_of(front(x)) if "front_logits" in objective.needs else None
+                end_logits = logits_of(end(x)) if "end_logits" in objective.needs else None
+                front_activation = head(x)
+            transformed = stitch(front_activation)  # what stitched(x) computes, kept for the target
+            loss = objective(TargetBatch(tail(transformed, x), y, front_logits, end_logits, transformed, None,
+                                         temperature))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, confloat, conint, conlist, field_validator, model_validator
 
 from ..data.info import DatasetInfo
@@ -56,8 +55,8 @@ from ..files import atomic_write_csv
 from ..seeds import derive_seed
 from ..compare.similarity import cka, get_similarity
 from ..compare.sources import LoadedModel, ModelSource, load_model_source
-from .stitch import (INITS, MASKS, TARGETS, Head, LinearStats, Side, StitchTransform, Tail, agreement_metrics, freeze,
-                     init_matrix, layout_of, make_mask, target_loss)
+from .stitch import (INITS, MASKS, Head, LinearStats, Side, StitchTransform, Tail, TargetBatch, agreement_metrics,
+                     freeze, init_matrix, layout_of, make_mask, stitch_choice, stitch_target)
 from ..train import Objective, fit
 from ..stages.runner import Context, build_data
 from ..stages.upstream import resolve_upstream
@@ -98,9 +97,9 @@ class StitchSection(Section):
     resize: Literal["bilinear", "nearest", "area"] = "bilinear"
     front_layout: Literal["auto", "map", "tokens", "vector"] = "auto"
     end_layout: Literal["auto", "map", "tokens", "vector"] = "auto"
-    init: Literal[INITS] = "random"
-    mask: Literal[MASKS] = "identity"
-    target: Literal[TARGETS] = "hard"
+    init: str = Field("random", description="the map's initialisation (instill list stitch_inits)")
+    mask: str = Field("identity", description="which entries of the map train (instill list stitch_masks)")
+    target: str = Field("hard", description="the training objective: a stitch target (instill list stitch_targets)")
     temperature: confloat(gt=0) = 1.0
     l1: confloat(ge=0) = Field(0.0, description="weight of mean |W|")
     cka: float = Field(0.0, description="weight of CKA(transformed, end activation): > 0 penalises, < 0 rewards")
@@ -117,6 +116,24 @@ class StitchSection(Section):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("target")
+    @classmethod
+    def _known_target(cls, name: str) -> str:
+        try:
+            stitch_target(name)
+        except UserError as err:
+            raise ValueError(str(err)) from None
+        return name
+
+    @field_validator("init", "mask")
+    @classmethod
+    def _known_choice(cls, name: str, info) -> str:
+        try:
+            stitch_choice(INITS if info.field_name == "init" else MASKS, name)
+        except UserError as err:
+            raise ValueError(str(err)) from None
+        return name
 
     @field_validator("measures")
     @classmethod
@@ -221,13 +238,12 @@ def build_stitch(spec: StitchSection, front: LoadedModel, end: LoadedModel, fron
              for t, declared in ((a, spec.front_layout), (b, spec.end_layout))]
     with under_key(f"stitch: {front_layer} -> {end_layer}"):
         transform = StitchTransform(*sides, kind=spec.transform, rank=spec.rank, bias=spec.bias, resize=spec.resize)
-    if spec.init in ("identity", "perm") and transform.d_in != transform.d_out:
-        raise UserError(f"stitch.init {spec.init}: {front_layer} -> {end_layer} maps {transform.d_in} to "
-                        f"{transform.d_out} channels; it needs as many of each")
-    if spec.mask == "random_permutation" and transform.d_in != transform.d_out:
-        raise UserError(f"stitch.mask random_permutation: {front_layer} -> {end_layer} maps {transform.d_in} to "
-                        f"{transform.d_out} channels; a permutation needs as many of each")
-    if spec.init in ("ps_inv", "procrustes") or spec.mask in ("semi_match", "abs_semi_match"):
+    init, mask = stitch_choice(INITS, spec.init), stitch_choice(MASKS, spec.mask)
+    for key, name, choice in (("init", spec.init, init), ("mask", spec.mask, mask)):
+        if choice.square and transform.d_in != transform.d_out:
+            raise UserError(f"stitch.{key} {name}: {front_layer} -> {end_layer} maps {transform.d_in} to "
+                            f"{transform.d_out} channels; it needs as many of each")
+    if init.needs_stats or mask.needs_stats:
         if transform.d_in > PS_INV_MAX_INPUTS:
             raise UserError(f"stitch.init {spec.init}: the least-squares fit of {front_layer} -> {end_layer} has "
                             f"{transform.d_in} inputs (at most {PS_INV_MAX_INPUTS}; use transform: affine)")
@@ -243,8 +259,8 @@ def prepare(cfg: Config) -> None:
     spec = cfg.stitch
     resolve_runs(spec)
     data = build_data(cfg, data_seed(cfg, cfg.reproducibility.random_seed))
-    if spec.target in ("hard",) and not labelled(data):
-        raise UserError(f"stitch.target hard needs labels; data {cfg.data.name} has none (use soft_2)")
+    if stitch_target(spec.target).labels and not labelled(data):
+        raise UserError(f"stitch.target {spec.target} needs labels; data {cfg.data.name} has none (use soft_2)")
     front = load_source(spec.front, "stitch.front", data.info)
     end = load_source(spec.end, "stitch.end", data.info)
     for split_name, split in (("val", data.val), ("train", data.train)):
@@ -358,8 +374,9 @@ def run_pair(ctx: Context, run: Run, data: DataBundle, front: LoadedModel, end: 
     transform = stitch.transform.to(device)
     has_labels = labelled(data)
     cached = spec.cache == "on" or (spec.cache == "auto" and not data.info.augmentation)
-    train_needs = {"b"} | _target_needs(spec.target)
-    if spec.target != "match" and not stitch.tail.traced:
+    target = stitch_target(spec.target)
+    train_needs = {"b"} | set(target.needs)
+    if not target.on_activations and not stitch.tail.traced:
         train_needs.add("x")
     eval_needs = {"b", "front_logits", "end_logits"} | ({"x"} if not stitch.tail.traced else set())
     batch = cfg.train.eval_batch_size
@@ -417,11 +434,6 @@ def run_pair(ctx: Context, run: Run, data: DataBundle, front: LoadedModel, end: 
     return summary
 
 
-def _target_needs(target: str) -> set[str]:
-    return {"soft_1": {"front_logits"}, "soft_2": {"end_logits"}, "soft_12": {"front_logits", "end_logits"},
-            "soft_1_plus_2": {"front_logits", "end_logits"}}.get(target, set())
-
-
 def fit_statistics(transform: StitchTransform, views: Views) -> Optional[LinearStats]:
     """The least-squares statistics of the front rows against the end rows over the training split (one pass);
     None when the map is too wide for them (a wide ``flatten``)."""
@@ -435,17 +447,16 @@ def fit_statistics(transform: StitchTransform, views: Views) -> Optional[LinearS
 
 
 def _loss(spec: StitchSection, stitch: Stitch, views: Views, has_labels: bool) -> Callable:
+    target = stitch_target(spec.target)
+
     def loss(transform, batch):
         index, y = batch
         v = views.get(index.cpu())
         t = transform(v["a"])
         logs: dict[str, float] = {}
-        if spec.target == "match":
-            value = F.mse_loss(t, v["b"])
-        else:
-            logits = stitch.tail(t, v.get("x"))
-            value = target_loss(spec.target, logits, y if has_labels else None, v.get("front_logits"),
-                                v.get("end_logits"), spec.temperature)
+        logits = None if target.on_activations else stitch.tail(t, v.get("x"))
+        value = target(TargetBatch(logits, y if has_labels else None, v.get("front_logits"), v.get("end_logits"),
+                                   t, v.get("b"), spec.temperature))
         logs["task_loss"] = value.item()
         if spec.l1:
             penalty = transform.l1()

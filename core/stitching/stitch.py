@@ -38,19 +38,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ..errors import UserError
+from ..registry import Registry
 from ..compare.capture import select_layers
 
 Layout = Literal["map", "tokens", "vector"]
-INITS = ("random", "identity", "perm", "ones_zeros", "ps_inv", "procrustes")
-MASKS = ("identity", "semi_match", "abs_semi_match", "random_permutation", "random_semi_match_legacy")
-TARGETS = ("hard", "soft_1", "soft_2", "soft_12", "soft_1_plus_2", "match")
 
 
 # ----------------------------------------------------------------------------------------------------- splitting
@@ -503,65 +501,134 @@ def pinv_psd(g: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------------- init, mask
 
+@dataclass(frozen=True)
+class InitContext:
+    """What a stitch initialisation or mask is built from: the map's size, the generator of its random draws, and
+    (where the entry ``needs_stats``) the least-squares statistics of the training split; an init also gets the mask."""
+
+    d_out: int
+    d_in: int
+    generator: torch.Generator
+    stats: Optional[LinearStats] = None
+    mask: Optional[Tensor] = None
+
+
+@dataclass(frozen=True)
+class StitchChoice:
+    """A stitch initialisation (``build(ctx)`` -> (W, b)) or mask (``build(ctx)`` -> a (d_out, d_in) 0/1 mask, or
+    None for none); ``square``: only for maps with as many inputs as outputs; ``needs_stats``: reads the statistics."""
+
+    build: Callable[[InitContext], Any]
+    square: bool = False
+    needs_stats: bool = False
+
+    def __call__(self, ctx: InitContext) -> Any:
+        return self.build(ctx)
+
+
+# Initialisations and masks of the stitching map, by name: a ``StitchChoice`` or a plain function ``build(ctx:
+# InitContext)``. Add one with ``@INITS.register("name")`` / ``@MASKS.register("name")``, an import path, or an entry
+# point of group ``instill.stitch_inits`` / ``instill.stitch_masks``; ``instill list stitch_inits`` lists them.
+INITS = Registry("stitch init")
+MASKS = Registry("stitch mask")
+
+
+def _random_init(ctx: InitContext) -> tuple[Tensor, None]:
+    w = torch.empty(ctx.d_out, ctx.d_in)
+    bound = 1 / math.sqrt(ctx.d_in)  # kaiming_uniform(a=sqrt(5)), drawn from our generator
+    return w.uniform_(-bound, bound, generator=ctx.generator), None
+
+
+def _least_squares(solve: Callable[[InitContext], Any]) -> Callable[[InitContext], Any]:
+    def build(ctx: InitContext):
+        if ctx.stats is None:
+            raise ValueError("this init needs least-squares statistics")
+        return solve(ctx)
+
+    return build
+
+
+for _name, _choice, _doc in (
+    ("random", StitchChoice(_random_init), "uniform in +-1/sqrt(d_in), as nn.Linear initialises"),
+    ("identity", StitchChoice(lambda ctx: (torch.eye(ctx.d_out), None), square=True), "the identity map"),
+    ("perm", StitchChoice(lambda ctx: (torch.eye(ctx.d_out)[torch.randperm(ctx.d_out, generator=ctx.generator)],
+                                       None), square=True), "a random permutation of the channels"),
+    ("ones_zeros", StitchChoice(lambda ctx: (torch.ones(ctx.d_out, ctx.d_in), None)), "every weight 1"),
+    ("ps_inv", StitchChoice(_least_squares(lambda ctx: ctx.stats.solve(ctx.mask)), needs_stats=True),
+     "the least-squares fit (pseudo-inverse) of the end activations, within the mask"),
+    ("procrustes", StitchChoice(_least_squares(lambda ctx: ctx.stats.procrustes()), needs_stats=True),
+     "the orthogonal Procrustes fit of the end activations"),
+):
+    INITS.register(_name, doc=_doc)(_choice)
+
+
+def _picked(choose: Callable[[InitContext], Tensor]) -> Callable[[InitContext], Tensor]:
+    """A mask keeping, for each output channel, the one input channel ``choose`` picks."""
+    def build(ctx: InitContext) -> Tensor:
+        mask = torch.zeros(ctx.d_out, ctx.d_in)
+        mask[torch.arange(ctx.d_out), choose(ctx)] = 1
+        return mask
+
+    return build
+
+
+def _best_correlated(absolute: bool) -> Callable[[InitContext], Tensor]:
+    def choose(ctx: InitContext) -> Tensor:
+        if ctx.stats is None:
+            raise ValueError("this mask needs the correlation statistics")
+        corr = ctx.stats.correlation()
+        return (corr.abs() if absolute else corr).argmax(1)
+
+    return choose
+
+
+for _name, _choice, _doc in (
+    ("identity", StitchChoice(lambda ctx: None), "nothing masked"),
+    ("semi_match", StitchChoice(_picked(_best_correlated(False)), needs_stats=True),
+     "each output channel keeps the input channel it correlates best with (on the training split)"),
+    ("abs_semi_match", StitchChoice(_picked(_best_correlated(True)), needs_stats=True),
+     "the same in absolute correlation"),
+    ("random_permutation", StitchChoice(_picked(lambda ctx: torch.randperm(ctx.d_in, generator=ctx.generator)),
+                                        square=True), "a true random permutation"),
+    ("random_semi_match_legacy", StitchChoice(_picked(lambda ctx: torch.rand(ctx.d_out, ctx.d_in,
+                                                                             generator=ctx.generator).argmax(1))),
+     "the original's \"random permutation\": an argmax of a random row per output (inputs may repeat)"),
+):
+    MASKS.register(_name, doc=_doc)(_choice)
+
+
+def stitch_choice(registry: Registry, name: str) -> StitchChoice:
+    """The init or mask ``name`` names in ``registry`` (``INITS`` or ``MASKS``); a UserError otherwise."""
+    entry = registry.get(name)
+    return entry.build if isinstance(entry.build, StitchChoice) else StitchChoice(entry.build)
+
+
+def _built(registry: Registry, name: str, ctx: InitContext) -> Any:
+    choice = stitch_choice(registry, name)
+    if choice.square and ctx.d_in != ctx.d_out:
+        raise UserError(f"{registry.kind} {name} needs as many input as output channels, got {ctx.d_in} -> {ctx.d_out}")
+    return choice(ctx)
+
+
 def init_matrix(name: str, d_out: int, d_in: int, generator: torch.Generator,
                 stats: Optional[LinearStats] = None, mask: Optional[Tensor] = None
                 ) -> tuple[Tensor, Optional[Tensor]]:
-    """(W, b) of an init (``INITS``); ``ps_inv`` and ``procrustes`` need the statistics.
+    """(W, b) of the init ``name`` (``INITS``); ``ps_inv`` and ``procrustes`` need the statistics.
 
     Raises:
-        UserError: identity and permutation inits of a non-square map.
+        UserError: an unknown init; identity and permutation inits of a non-square map.
     """
-    if name in ("identity", "perm") and d_in != d_out:
-        raise UserError(f"init {name} needs as many input as output channels, got {d_in} -> {d_out}")
-    if name == "random":
-        w = torch.empty(d_out, d_in)
-        bound = 1 / math.sqrt(d_in)  # kaiming_uniform(a=sqrt(5)), drawn from our generator
-        return w.uniform_(-bound, bound, generator=generator), None
-    if name == "identity":
-        return torch.eye(d_out), None
-    if name == "perm":
-        return torch.eye(d_out)[torch.randperm(d_out, generator=generator)], None
-    if name == "ones_zeros":
-        return torch.ones(d_out, d_in), None
-    if stats is None:
-        raise ValueError(f"init {name} needs least-squares statistics")
-    if name == "ps_inv":
-        return stats.solve(mask)
-    if name == "procrustes":
-        return stats.procrustes()
-    raise UserError(f"unknown init {name!r}; known: {', '.join(INITS)}")
+    return _built(INITS, name, InitContext(d_out, d_in, generator, stats, mask))
 
 
 def make_mask(name: str, d_out: int, d_in: int, generator: torch.Generator,
               stats: Optional[LinearStats] = None) -> Optional[Tensor]:
-    """The (d_out, d_in) 0/1 mask of ``MASKS`` (None for ``identity``: nothing masked).
-
-    ``semi_match``: each output channel keeps the input channel it correlates best with (``abs_semi_match``: in
-    absolute value), on the statistics' data (the training split). ``random_permutation``: a true permutation.
-    ``random_semi_match_legacy``: the original's "random permutation", an argmax of a random row per output
-    (inputs may repeat).
+    """The (d_out, d_in) 0/1 mask ``name`` (``MASKS``; None for ``identity``: nothing masked).
 
     Raises:
-        UserError: a permutation of a non-square map.
+        UserError: an unknown mask; a permutation of a non-square map.
     """
-    if name == "identity":
-        return None
-    mask = torch.zeros(d_out, d_in)
-    if name in ("semi_match", "abs_semi_match"):
-        if stats is None:
-            raise ValueError(f"mask {name} needs the correlation statistics")
-        corr = stats.correlation()
-        pick = (corr.abs() if name == "abs_semi_match" else corr).argmax(1)
-    elif name == "random_permutation":
-        if d_in != d_out:
-            raise UserError(f"mask random_permutation needs as many input as output channels, got {d_in} -> {d_out}")
-        pick = torch.randperm(d_in, generator=generator)
-    elif name == "random_semi_match_legacy":
-        pick = torch.rand(d_out, d_in, generator=generator).argmax(1)
-    else:
-        raise UserError(f"unknown mask {name!r}; known: {', '.join(MASKS)}")
-    mask[torch.arange(d_out), pick] = 1
-    return mask
+    return _built(MASKS, name, InitContext(d_out, d_in, generator, stats))
 
 
 # ----------------------------------------------------------------------------------------------------- objectives
@@ -571,21 +638,68 @@ def soft_cross_entropy(logits: Tensor, target_logits: Tensor, temperature: float
     return -(F.softmax(target_logits / temperature, -1) * F.log_softmax(logits / temperature, -1)).sum(-1).mean()
 
 
-def target_loss(target: str, logits: Tensor, y: Optional[Tensor], front_logits: Optional[Tensor],
-                end_logits: Optional[Tensor], temperature: float) -> Tensor:
-    """The task term of ``TARGETS`` (``match`` has none: it is the activation loss alone)."""
-    if target == "hard":
-        return F.cross_entropy(logits, y)
-    if target == "soft_1":
-        return soft_cross_entropy(logits, front_logits, temperature)
-    if target == "soft_2":
-        return soft_cross_entropy(logits, end_logits, temperature)
-    if target == "soft_12":
-        return 0.5 * (soft_cross_entropy(logits, front_logits, temperature)
-                      + soft_cross_entropy(logits, end_logits, temperature))
-    if target == "soft_1_plus_2":
-        return soft_cross_entropy(logits, 0.5 * (front_logits + end_logits), temperature)
-    raise UserError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
+@dataclass(frozen=True)
+class TargetBatch:
+    """What a stitch target's loss sees of one batch (a tensor is None where the target does not need it)."""
+
+    logits: Optional[Tensor]  # the stitched network's output (None for a target on activations)
+    labels: Optional[Tensor]
+    front_logits: Optional[Tensor]  # the front model's output on the batch
+    end_logits: Optional[Tensor]  # the end model's output on the batch
+    transformed: Tensor  # the stitched activation, T(front activation)
+    end_activation: Optional[Tensor]  # the end model's activation at the stitched layer
+    temperature: float
+
+
+@dataclass(frozen=True)
+class StitchTarget:
+    """A stitch's training objective: ``loss(batch)`` of a ``TargetBatch``.
+
+    ``needs`` names the models' outputs it reads (each is computed only where some target needs it); ``labels``:
+    it needs the data's labels; ``on_activations``: it compares activations, so the end model's tail never runs.
+    """
+
+    loss: Callable[[TargetBatch], Tensor]
+    needs: frozenset[str] = frozenset({"front_logits", "end_logits"})
+    labels: bool = False
+    on_activations: bool = False
+
+    def __call__(self, batch: TargetBatch) -> Tensor:
+        return self.loss(batch)
+
+
+# Stitch targets, by name: a ``StitchTarget``, or a plain function ``loss(batch: TargetBatch) -> Tensor`` (it is then
+# given both models' logits). Add one with ``@TARGETS.register("name")``, an import path or an entry point of group
+# ``instill.stitch_targets`` (docs/design.md, "Extending instill"); ``instill list stitch_targets`` lists them.
+TARGETS = Registry("stitch target")
+
+
+def _soft(teacher: Callable[[TargetBatch], Tensor]) -> Callable[[TargetBatch], Tensor]:
+    return lambda b: soft_cross_entropy(b.logits, teacher(b), b.temperature)
+
+
+for _name, _target, _doc in (
+    ("hard", StitchTarget(lambda b: F.cross_entropy(b.logits, b.labels), frozenset(), labels=True),
+     "cross-entropy with the labels"),
+    ("soft_1", StitchTarget(_soft(lambda b: b.front_logits), frozenset({"front_logits"})),
+     "soft cross-entropy with the front model's output"),
+    ("soft_2", StitchTarget(_soft(lambda b: b.end_logits), frozenset({"end_logits"})),
+     "soft cross-entropy with the end model's output"),
+    ("soft_12", StitchTarget(lambda b: 0.5 * (soft_cross_entropy(b.logits, b.front_logits, b.temperature)
+                                              + soft_cross_entropy(b.logits, b.end_logits, b.temperature))),
+     "the mean of soft_1 and soft_2"),
+    ("soft_1_plus_2", StitchTarget(_soft(lambda b: 0.5 * (b.front_logits + b.end_logits))),
+     "soft cross-entropy with the mean of both models' outputs"),
+    ("match", StitchTarget(lambda b: F.mse_loss(b.transformed, b.end_activation), frozenset(), on_activations=True),
+     "mean squared difference of the stitched and the end activation (no task term)"),
+):
+    TARGETS.register(_name, doc=_doc)(_target)
+
+
+def stitch_target(name: str) -> StitchTarget:
+    """The target ``name`` names (registered, import path, entry point); a UserError otherwise."""
+    entry = TARGETS.get(name)
+    return entry.build if isinstance(entry.build, StitchTarget) else StitchTarget(entry.build)
 
 
 def agreement_metrics(logits: Tensor, end_logits: Tensor, y: Optional[Tensor]) -> dict[str, Tensor]:

@@ -111,7 +111,8 @@ def base_task_config(base_run: str) -> RunConfig:
 def main(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     data = ctx.build_data()
-    base, _, base_info = load_model(cfg.base)
+    loaded = load_model(cfg.base)
+    base, base_info = loaded.model, loaded.info
     check_compatible(base, base_info, data.info)
     with under_key("mask"):
         masked = MaskedModel(base, cfg.mask).to(ctx.device)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -27,8 +27,8 @@ def _cross_entropy(output: Any, target: torch.Tensor) -> torch.Tensor:
 
 
 def find_subnetwork(model: nn.Module, loader: Iterable, *, layers: Sequence[str] = ("Linear",),
-                    method: Literal["continuous_sparsification", "hard_concrete", "magnitude"] =
-                    "continuous_sparsification", epochs: int = 5, lr: float = 0.01, l0_lambda: float = 1e-6,
+                    method: str = "continuous_sparsification", epochs: int = 5, lr: float = 0.01,
+                    l0_lambda: float = 1e-6,
                     loss_fn: Optional[Callable[[Any, torch.Tensor], torch.Tensor]] = None,
                     **mask_options: Any) -> MaskedModel:
     """Train a mask over ``model``'s weights that keeps the subnetwork doing the task ``loader`` shows.
@@ -42,13 +42,14 @@ def find_subnetwork(model: nn.Module, loader: Iterable, *, layers: Sequence[str]
         loader: yields ``(inputs, targets)`` batches (a ``torch.utils.data.DataLoader``, or any iterable).
         layers: what to mask: layer types (``Linear``, ``Conv2d``, ``Conv1D``, ``Embedding``, ...), globs over module
             names (``layers.*``) or over parameter names (``*.in_proj_weight``).
-        method: ``continuous_sparsification``, ``hard_concrete`` or ``magnitude``.
+        method: a mask method: ``continuous_sparsification``, ``hard_concrete``, ``magnitude``, or one of your own
+            (registered, or its import path ``pkg.module:Method``); ``instill list mask_methods``.
         epochs: passes over ``loader``.
         lr: AdamW learning rate of the mask logits.
         l0_lambda: weight of the L0 (density) penalty: larger gives sparser masks.
         loss_fn: ``loss_fn(output, targets)``; default cross-entropy on the output's logits (-100 targets ignored).
         **mask_options: further ``MaskConfig`` fields (``unit``, ``mask_bias``, ``final_temp``, ``prune_fraction``,
-            ...).
+            ``method_options`` for a method of your own, ...).
 
     Returns:
         The trained ``MaskedModel`` in evaluation mode: ``hard_masks()`` gives ``{parameter name: bool tensor}``,

@@ -44,7 +44,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, get_args
@@ -54,9 +54,16 @@ from torch import nn
 
 from ..errors import UserError, nearest
 from ..files import atomic_save, atomic_write_json
+from ..registry import Registry
 
-MaskMethod = Literal["continuous_sparsification", "hard_concrete", "magnitude"]
-METHODS: tuple[str, ...] = get_args(MaskMethod)
+# Mask methods, by name. An entry is a class (or function) called ``method(cfg: MaskConfig, *, option=default, ...)``
+# that returns the method: ``trainable``, ``init_logits(weight, shape)``, and then ``masked(weight, logits,
+# temperature)`` and ``hard(logits, weight)`` (trainable) or ``hard_for(weight, shape)`` (not). The shipped methods
+# read their settings from MaskConfig's own fields (kept, so that recorded configs and mask.json replay unchanged);
+# a method of your own takes its options from its keyword-only parameters, given as ``mask.method_options``. Add one
+# with ``@MASK_METHODS.register("name")``, by import path (``method: pkg.module:Method``) or by an entry point of
+# group ``instill.mask_methods`` (docs/design.md, "Extending instill"). ``instill list mask_methods`` lists them.
+MASK_METHODS = Registry("mask method")
 Unit = Literal["weight", "neuron"]
 UNITS: tuple[str, ...] = get_args(Unit)
 MASK_FILE = "mask.safetensors"
@@ -73,10 +80,12 @@ class MaskConfig:
     Args:
         layers: layer types (``Linear``, ``Conv2d``, ``Conv1D``, ``Embedding``, ...), globs over module names or over
             parameter names.
-        method: ``continuous_sparsification``, ``hard_concrete`` or ``magnitude`` (see the module docstring).
+        method: a registered mask method (``MASK_METHODS``; the shipped ones in the module docstring).
         unit: ``weight`` (one logit per weight) or ``neuron`` (one per output unit).
         mask_bias: mask the selected modules' biases too.
-        l0_lambda: the weight of the L0 penalty; the other fields are each method's settings.
+        l0_lambda: the weight of the L0 penalty; the other fields are each shipped method's settings.
+        method_options: the options of a method of your own (its builder's keyword-only parameters), validated
+            against them and filled with their defaults.
 
     Raises:
         UserError: an unknown method or unit, an empty selection, a value out of range.
@@ -94,12 +103,17 @@ class MaskConfig:
     legacy_schedule: bool = False
     concrete_temperature: float = 2 / 3
     stretch: tuple[float, float] = (-0.1, 1.1)
+    method_options: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "stretch", tuple(self.stretch))
+        try:
+            options = MASK_METHODS.validate(self.method, dict(self.method_options))
+        except ValueError as err:  # an unknown method is a UserError already, with the one wording
+            raise err if isinstance(err, UserError) else UserError(f"method_options: {err}") from None
+        object.__setattr__(self, "method_options", options)
         checks = [
-            (self.method in METHODS, f"method {self.method!r} is unknown; use one of {', '.join(METHODS)}"),
             (self.unit in UNITS, f"unit {self.unit!r} is unknown; use weight or neuron"),
             (len(self.layers) > 0, "layers is empty; name layer types (Linear, Conv1D, ...) or name patterns"),
             (0 < self.mask_init_fraction < 1, f"mask_init_fraction must be in (0, 1), got {self.mask_init_fraction}"),
@@ -115,7 +129,11 @@ class MaskConfig:
                 raise UserError(message)  # the ablate config names the section
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """What mask.json records (``method_options`` only where a method has options, as before they existed)."""
+        recorded = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if not recorded["method_options"]:
+            del recorded["method_options"]
+        return recorded
 
 
 def temperature_at(epoch: int, epochs: int, final_temp: float, legacy: bool = False) -> float:
@@ -346,9 +364,14 @@ class Magnitude:
         return mask.reshape(shape)
 
 
+for _name, _method in (("continuous_sparsification", ContinuousSparsification), ("hard_concrete", HardConcrete),
+                      ("magnitude", Magnitude)):
+    MASK_METHODS.register(_name)(_method)
+
+
 def make_method(cfg: MaskConfig):
-    return {"continuous_sparsification": ContinuousSparsification, "hard_concrete": HardConcrete,
-            "magnitude": Magnitude}[cfg.method](cfg)
+    """The mask method ``cfg.method`` names, built with ``cfg`` and its ``method_options``."""
+    return MASK_METHODS.build(cfg.method, cfg, cfg.method_options)
 
 
 # ----------------------------------------------------------------------------------------------------- masked model

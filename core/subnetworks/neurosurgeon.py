@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence, get_args
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -20,10 +20,6 @@ from ..errors import UserError, exit_code_of
 from .masks import MaskConfig, check_known, listing, make_method, save_mask
 from ..files import atomic_write_json
 
-MaskMethod = Literal["continuous_sparsification", "hard_concrete", "magnitude"]
-METHODS: tuple[str, ...] = get_args(MaskMethod)
-Unit = Literal["weight", "neuron"]
-UNITS: tuple[str, ...] = get_args(Unit)
 NEUROSURGEON_PREFIXES = ("wrapped_model.", "root_model.")
 _NEUROSURGEON_SUFFIXES = {"weight_mask_params": "weight", "bias_mask_params": "bias"}
 NEUROSURGEON_METHODS = ("continuous_sparsification", "hard_concrete")  # the NeuroSurgeon methods with logits
@@ -137,7 +133,7 @@ def import_neurosurgeon(state_dict: str | Path, base: str | Path, out: str | Pat
                         "rewritten): choose a new --out")
     if not is_finished(base):
         raise UserError(f"--base: {base} is not a finished run directory")
-    model, _, _ = load_model(base)
+    model = load_model(base).model
     masks, selection = neurosurgeon_masks(read_neurosurgeon_state(state_dict), model, method, source=str(state_dict))
     meta = save_mask(out, masks, model, method=method, hyperparameters=selection, base_run=base,
                      extra={"source": "NeuroSurgeon", "state_dict": str(state_dict)})

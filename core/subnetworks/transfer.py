@@ -3,10 +3,9 @@
 For every n in ``transfer.n_disambiguation`` (token tasks: the ambiguous rows plus n disambiguating rows; omit it
 for image tasks), every condition and every learning rate, one sub-run trains the condition's starting model
 (``instill.subnetworks.transplant.transplant``) on the same data, selecting on the validation split and stopping early
-when
-``train.early_stop`` says so. Conditions: ``subnet``, ``subnet_trainable``, ``full_model``, ``random_init``,
-``sampled_subnet``, ``sampled_complement``. Every condition at a given n starts from the same fresh weights and
-sees the same batches; the learning-rate sweep stops once a rate reaches ``transfer.lr_stop_at``.
+when ``train.early_stop`` says so. Conditions: see ``instill list conditions`` (yours registered too). Every
+condition at a given n starts from the same fresh weights and sees the same batches; the learning-rate sweep stops
+once a rate reaches ``transfer.lr_stop_at``.
 
 Writes one sub-directory per (n, condition, lr) with its own metrics and state (an interrupted sweep resumes where
 it stopped) and its trained model (``model.safetensors`` + ``model.json``, a model source for compare and
@@ -21,15 +20,19 @@ condition the mask cannot serve (``sampled_complement`` of a layer whose subnetw
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from pydantic import Field, confloat, conlist, field_validator
 
 from ..config import Section
-from ..errors import UserError, did_you_mean
+from ..errors import UserError
 from .masks import base_run_of, load_mask
-from ..models import build_fresh, load_model, save_model
+from ..data import DataBundle
+from ..models import LoadedModel, build_fresh, load_model, save_model
+from ..run import Run
 from ..report import format_table, plot_bars, plot_lines, plot_runs
 from ..files import atomic_write_csv
 from ..seeds import derive_seed, seed_everything
@@ -67,9 +70,10 @@ class TransferSection(Section):
     @classmethod
     def _known(cls, conditions: list[str]) -> list[str]:
         for name in conditions:
-            if name not in CONDITIONS:
-                raise ValueError(f"unknown condition {name!r}" + did_you_mean(name, CONDITIONS)
-                                 + f"; known: {', '.join(CONDITIONS)}")
+            try:
+                CONDITIONS.get(name)
+            except UserError as err:
+                raise ValueError(str(err)) from None
         return conditions
 
     @field_validator("n_disambiguation")
@@ -91,7 +95,7 @@ def prepare(cfg: Config) -> None:
     spec.mask = resolve_upstream(spec.mask, "ablate", "transfer.mask", spec.mask_base)
     if spec.n_disambiguation is not None and "n_disambiguation" not in cfg.data.params:
         raise UserError(f"transfer.n_disambiguation is set but data {cfg.data.name!r} has no n_disambiguation key")
-    _, _, _, mask = _inputs(spec.mask)
+    mask = _inputs(spec.mask).mask
     for condition in spec.conditions:  # feasibility depends on the condition and the mask, not on n or lr
         check_condition(condition, mask)
     if spec.freeze and set(spec.conditions) - {"subnet_trainable", "full_model", "random_init"}:
@@ -102,21 +106,29 @@ def prepare(cfg: Config) -> None:
               "fresh model alone", file=sys.stderr, flush=True)
 
 
-def _inputs(mask_dir: str):
-    """(base model, its model config, its data facts, the checked masks) for a mask directory."""
-    base, model_cfg, base_info = load_model(base_run_of(mask_dir))
-    return base, model_cfg, base_info, load_mask(mask_dir, base)
+@dataclass(frozen=True)
+class TransferInputs:
+    """What every sub-run starts from: the base model (with the config and data facts that rebuild it fresh) and
+    the subnetwork's checked masks."""
+
+    base: LoadedModel
+    mask: dict[str, torch.Tensor]
+
+
+def _inputs(mask_dir: str) -> TransferInputs:
+    base = load_model(base_run_of(mask_dir))
+    return TransferInputs(base, load_mask(mask_dir, base.model))
 
 
 def main(ctx: Context) -> dict[str, Any]:
     cfg, spec = ctx.cfg, ctx.cfg.transfer
-    base, model_cfg, base_info, mask = _inputs(spec.mask)
+    inputs = _inputs(spec.mask)
     rows = []
     for n in spec.n_disambiguation or [None]:
         data = build_data(cfg, ctx.seed) if n is None else _data_with_n(cfg, ctx.seed, n)
-        check_compatible(base, base_info, data.info)
+        check_compatible(inputs.base.model, inputs.base.info, data.info)
         for condition in spec.conditions:
-            rows.append(_sweep_lrs(ctx, n, condition, data, base, model_cfg, base_info, mask))
+            rows.append(_sweep_lrs(ctx, inputs, data, n=n, condition=condition))
             # Rewritten whole, not appended: a resumed sweep derives the rows before its interruption again.
             ctx.run.write_metrics([{"step": i + 1, **_flat(row)} for i, row in enumerate(rows)])
     return _write_results(ctx, rows)
@@ -128,14 +140,15 @@ def _data_with_n(cfg: Config, seed: int, n: int):
     return build_data(cfg.model_copy(update={"data": data_cfg}), seed)
 
 
-def _sweep_lrs(ctx: Context, n, condition, data, base, model_cfg, base_info, mask) -> dict[str, Any]:
+def _sweep_lrs(ctx: Context, inputs: TransferInputs, data: DataBundle, *, n: Optional[int], condition: str
+               ) -> dict[str, Any]:
     """Train ``condition`` at each learning rate until one reaches ``lr_stop_at``; the row of the best one."""
     spec = ctx.cfg.transfer
     best: Optional[dict[str, Any]] = None
     for lr in spec.lrs or [ctx.cfg.train.optimizer.lr]:
         name = (f"n{n}-" if n is not None else "") + f"{condition}-lr{lr:g}"
-        row = ctx.run.sweep([(name, lambda sub: _train_condition(ctx, sub, n, condition, lr, data, base,
-                                                                  model_cfg, base_info, mask))])[0]
+        row = ctx.run.sweep([(name, lambda sub: _train_condition(ctx, sub, inputs, data, n=n, condition=condition,
+                                                                  lr=lr))])[0]
         if best is None or row["best_eval_acc"] > best["best_eval_acc"]:
             best = row
         if spec.lr_stop_at is not None and row["best_eval_acc"] >= spec.lr_stop_at:
@@ -143,12 +156,13 @@ def _sweep_lrs(ctx: Context, n, condition, data, base, model_cfg, base_info, mas
     return best
 
 
-def _train_condition(ctx: Context, sub, n, condition, lr, data, base, model_cfg, base_info, mask) -> dict[str, Any]:
-    cfg, spec = ctx.cfg, ctx.cfg.transfer
+def _train_condition(ctx: Context, sub: Run, inputs: TransferInputs, data: DataBundle, *, n: Optional[int],
+                     condition: str, lr: float) -> dict[str, Any]:
+    cfg, spec, base = ctx.cfg, ctx.cfg.transfer, inputs.base
     seed_everything(derive_seed(ctx.seed, "init", n), cfg.reproducibility.deterministic)  # same fresh start
-    fresh = build_fresh(model_cfg, base_info)
-    start = transplant(condition, base, fresh, mask, non_masked=spec.non_masked, batch_norm=spec.batch_norm,
-                       freeze=spec.freeze, legacy_sampling=spec.legacy_sampling,
+    fresh = build_fresh(base.model_cfg, base.info)
+    start = transplant(condition, base.model, fresh, inputs.mask, non_masked=spec.non_masked,
+                       batch_norm=spec.batch_norm, freeze=spec.freeze, legacy_sampling=spec.legacy_sampling,
                        seed=derive_seed(ctx.seed, "sample", n),
                        zero_grads=cfg.train.grad_clip is not None)  # frozen entries must not count in the norm
     train_cfg = cfg.train.model_copy(update={"optimizer": cfg.train.optimizer.model_copy(update={"lr": lr})})
@@ -163,7 +177,7 @@ def _train_condition(ctx: Context, sub, n, condition, lr, data, base, model_cfg,
     result = fit(start.model, objective, data.train, train_cfg, sub, seed=derive_seed(ctx.seed, "batches", n),
                  device=ctx.device)
     final = evaluate_task(start.model, data.eval_sets(), data.info, eval_batch, ctx.device)
-    save_model(sub, "model", start.model, model_cfg, base_info)  # for compare/stitch (instill.compare.sources)
+    save_model(sub, "model", start.model, base.model_cfg, base.info)  # for compare/stitch (instill.compare.sources)
     return {"n_disambiguation": n, "condition": condition, "lr": lr, "seed": ctx.seed,
             "best_eval_acc": result.best[train_cfg.select_metric], "best_epoch": result.best.get("epoch"),
             "steps": result.steps, **start.info, **summary_metrics(final)}

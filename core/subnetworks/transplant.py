@@ -46,30 +46,52 @@ import weakref
 import torch
 from torch import nn
 
-from ..errors import UserError, did_you_mean
+from ..errors import UserError
+from ..registry import Registry
 from .masks import check_masks, listing, mask_density
 from ..seeds import derive_seed
 
-Condition = Literal["subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet", "sampled_complement"]
-CONDITIONS: tuple[str, ...] = get_args(Condition)
+# Transfer conditions, by name. An entry is a function ``kept(ctx: ConditionContext, *, option=default) -> {parameter
+# name: bool tensor}``: the entries transplanted (and frozen unless ``freeze=False``) into the fresh model. The
+# whole-model conditions ``full_model`` and ``random_init`` take no mask (``WHOLE_MODEL``). Add one with
+# ``@CONDITIONS.register("name")``, an import path or an entry point of group ``instill.transfer_conditions``;
+# ``instill list conditions`` lists them with their help (the shipped ones' from the table above).
+CONDITIONS = Registry("transfer condition")
+WHOLE_MODEL = ("full_model", "random_init")
 
 
-def condition_help() -> dict[str, str]:
-    """Each condition's description, read from the table in this module's docstring (its one source)."""
+@dataclass(frozen=True)
+class ConditionContext:
+    """What a condition's kept masks are drawn from: the subnetwork's masks, the sampling seed, the legacy flag."""
+
+    mask: Mapping[str, torch.Tensor]
+    seed: int
+    legacy_sampling: bool
+
+
+def _table_help() -> dict[str, str]:
+    """Each shipped condition's description, read from the table in this module's docstring (its one source)."""
     import re
 
     described: dict[str, str] = {}
     current = None
     for line in (__doc__ or "").splitlines():
         row = re.match(r"``(\w+)``\s+(.*)", line)
-        if row and row.group(1) in CONDITIONS and row.group(1) not in described:
+        if row and row.group(1) not in described and line.startswith("``"):
             current = row.group(1)
             described[current] = row.group(2).strip()
         elif current and line.startswith(" " * 23) and line.strip():
             described[current] += " " + line.strip()
         else:
             current = None
-    return {c: described.get(c, "") for c in CONDITIONS}
+    return described
+
+
+def condition_help() -> dict[str, str]:
+    """Each condition's one line of help, by name."""
+    return {entry.name: entry.doc for entry in CONDITIONS.entries()}
+
+
 NonMasked = Literal["inherit", "reinit"]
 BatchNorm = Literal["inherit", "reset", "freeze"]
 
@@ -322,9 +344,7 @@ def check_condition(condition: str, mask: Mapping[str, torch.Tensor]) -> None:
     seed), so a sweep checks each condition once before its first run. ``sampled_complement`` needs every masked
     parameter to keep at most half of its entries.
     """
-    if condition not in CONDITIONS:
-        raise UserError(f"transfer condition {condition!r} is unknown" + did_you_mean(condition, CONDITIONS)
-                        + f"; known: {', '.join(CONDITIONS)}")
+    CONDITIONS.get(condition)
     if condition == "sampled_complement":
         dense = [f"{name} ({int(m.sum())} of {m.numel()})" for name, m in mask.items() if not _fits_outside(m)]
         if dense:
@@ -359,7 +379,7 @@ def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[
     """Build ``condition``'s starting model in ``fresh`` (modified in place and returned in the Transplant).
 
     Args:
-        condition: one of ``CONDITIONS`` (see the module docstring's table).
+        condition: a name in ``CONDITIONS`` (the module docstring's table; ``instill list conditions``).
         base: the trained model the mask was found on.
         fresh: a freshly initialised model of the same architecture; it becomes the starting model.
         mask: ``{parameter name: bool tensor}`` (True = in the subnetwork), e.g. from ``load_mask``.
@@ -391,7 +411,7 @@ def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[
         fresh.load_state_dict(base.state_dict())
         kept, frozen, info = None, None, {}
     else:
-        kept = _kept_masks(condition, mask, legacy_sampling, seed)
+        kept = CONDITIONS.get(condition).build(ConditionContext(mask, seed, legacy_sampling))
         _copy_weights(base, fresh, kept, non_masked)
         frozen_wanted = freeze and condition != "subnet_trainable"
         frozen = FrozenEntries(fresh, kept, zero_grads) if frozen_wanted else None
@@ -403,13 +423,26 @@ def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[
     return Transplant(fresh, condition, kept, frozen, info, norms if batch_norm == "freeze" else [])
 
 
-def _kept_masks(condition: str, mask: Mapping[str, torch.Tensor], legacy: bool, seed: int
-                ) -> dict[str, torch.Tensor]:
-    if condition in ("subnet", "subnet_trainable"):
-        return {name: m.to(torch.bool) for name, m in mask.items()}
-    kind = "subnet" if condition == "sampled_subnet" else "complement"
-    return {name: sample_mask(m.to(torch.bool), kind, _generator(seed, name), legacy)
-            for name, m in sorted(mask.items())}
+def _the_subnetwork(ctx: ConditionContext) -> dict[str, torch.Tensor]:
+    return {name: m.to(torch.bool) for name, m in ctx.mask.items()}
+
+
+def _sampled(kind: str):
+    def kept(ctx: ConditionContext) -> dict[str, torch.Tensor]:
+        return {name: sample_mask(m.to(torch.bool), kind, _generator(ctx.seed, name), ctx.legacy_sampling)
+                for name, m in sorted(ctx.mask.items())}
+
+    return kept
+
+
+def _whole_model(ctx: ConditionContext) -> None:  # transplant() builds these without a mask
+    return None
+
+
+for _name, _kept in (("subnet", _the_subnetwork), ("subnet_trainable", _the_subnetwork),
+                     ("full_model", _whole_model), ("random_init", _whole_model),
+                     ("sampled_subnet", _sampled("subnet")), ("sampled_complement", _sampled("complement"))):
+    CONDITIONS.register(_name, doc=_table_help()[_name])(_kept)
 
 
 def _batch_norms(model: nn.Module) -> dict[str, nn.Module]:
