@@ -476,7 +476,7 @@ def test_neuron_masks_of_every_method_run_end_to_end(in_upstream, method):
                   "ablations.modes=[zero_ablate, randomly_sampled]") == 0
     meta = json.loads(Path(out, "mask.json").read_text())
     assert meta["method"] == method and meta["hyperparameters"]["unit"] == "neuron"
-    base, _, _ = load_model("checkpoints/tiny_math_base")
+    base = load_model("checkpoints/tiny_math_base").model
     masks = load_mask(out, base)
     units = unit_masks(base, masks, "neuron")  # raises unless every unit is kept or dropped whole
     assert all(u.shape[0] == 1 and u.shape[1] == m.shape[1] for u, m in zip(units.values(), masks.values()))

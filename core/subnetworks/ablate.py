@@ -86,7 +86,7 @@ class Config(UsesBaseModel):
 
 def prepare(cfg: Config) -> None:
     cfg.base = resolve_upstream(cfg.base, "base", "base")
-    base, _, _ = load_model(cfg.base)  # an unreadable or mismatched checkpoint stops here, before the run directory
+    base = load_model(cfg.base).model  # an unreadable or mismatched checkpoint stops here, before the run directory
     if cfg.ablations.enabled:  # what the ablations could fail on, checked before anything trains
         if cfg.ablations.base_task is True:
             base_task_config(cfg.base)
