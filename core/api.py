@@ -39,6 +39,11 @@ Align learning rules (``instill.align``), in your own training loop::
     for x, y in loader:
         optimizer.zero_grad(); rule.gradients(model, (x, y), instill.StepContext(lr=lr)); optimizer.step()
 
+Models, as timm users expect (the registry configs name models from)::
+
+    instill.list_models("*fcn*")                             # ['deep_fcn', 'fcn', 'wide_fcn']
+    net = instill.create_model("convnet", input_shape=(1, 8, 8), num_classes=10, channels=[16, 32])
+
 How the pieces fit and why they are built as they are: ``docs/design.md``.
 """
 
@@ -46,6 +51,7 @@ from .align.api import (AlignmentBaseline, GradientProvider, StepContext, alignm
                         learning_rules)
 from .compare.api import Comparison, compare_models, measure_similarity, measures
 from .errors import UserError
+from .models.api import create_model, list_models
 from .guidance.api import AlignmentLoss, FeatureCapture, LayerPair, alignment_loss, probe
 from .stitching.api import StitchedNet, StitchTransform, stitch_models
 from .subnetworks.api import (ABLATION_MODES, TRANSFER_CONDITIONS, Ablations, MaskConfig, MaskedModel, Transplant,
@@ -65,5 +71,7 @@ __all__ = [
     "stitch_models", "StitchedNet", "StitchTransform",
     # Align learning rules: a rule's gradients for your own model and batch, and the alignment scores
     "learning_rule", "learning_rules", "GradientProvider", "StepContext", "alignment_scores", "AlignmentBaseline",
+    # models: any model a config can name, built for your inputs and classes
+    "create_model", "list_models",
     "UserError",
 ]

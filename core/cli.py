@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+from pathlib import Path
 from typing import Optional
 
 from .errors import UserError, exit_on_interrupt, unknown_name
@@ -59,7 +61,7 @@ REGISTRIES = {"models": ("registry", "MODELS"), "datasets": ("registry", "DATASE
                                                                                      "MASK_METHODS"),
               "stitch_targets": ("stitching.stitch", "TARGETS"), "stitch_inits": ("stitching.stitch", "INITS"),
               "stitch_masks": ("stitching.stitch", "MASKS"), "compare_measures": ("compare.measures", "MEASURES")}
-KINDS = (*REGISTRIES, "measures", "conditions")
+KINDS = (*REGISTRIES, "measures", "conditions", "configs")
 
 
 def list_entries(kind: str) -> str:
@@ -68,6 +70,8 @@ def list_entries(kind: str) -> str:
         return "\n".join(_measures_listing())
     if kind == "conditions":
         return "\n".join(_conditions_listing())
+    if kind == "configs":
+        return "\n".join(_configs_listing())
     if kind not in REGISTRIES:
         raise unknown_name("kind", kind, KINDS)
     return "\n".join(_registry_listing(_registry(kind)))
@@ -104,12 +108,37 @@ def _type_name(annotation) -> str:
 def _registry_listing(registry, indent: str = "") -> list[str]:
     lines = []
     for entry in registry.entries():
-        lines.append(f"{indent}{entry.name}: {_first_line(entry.doc)}")
+        help_line = _first_line(entry.doc).removeprefix(f"{entry.name}:").strip()  # a doc that opens with the name
+        lines.append(f"{indent}{entry.name}: {help_line}")
         for key, field in entry.params.model_fields.items():
             kind_name = _type_name(field.annotation)
             default = "required" if field.is_required() else f"= {field.get_default(call_default_factory=True)!r}"
             lines.append(f"{indent}    {key}: {kind_name} {default}")
     return lines
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the shipped configs, in a clone of the repository
+
+
+def _configs_listing() -> list[str]:
+    """Each shipped config (sweeps and paper-scale ones included) with the first sentence of its header comment."""
+    if not CONFIGS.is_dir():
+        raise UserError("instill list configs: the shipped configs come with a clone of the repository; this "
+                        "installation has none")
+    return [f"{path.relative_to(CONFIGS.parent)}: {_purpose(path)}" for path in sorted(CONFIGS.rglob("*.yaml"))]
+
+
+def _purpose(path: Path, limit: int = 110) -> str:
+    """The first sentence of a config's header comment (its opening ``#`` lines), at most ``limit`` characters."""
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("#").strip())
+    text = re.sub(r"[:.]?\s*python \S+\.py \S+\.yaml:?", ".", " ".join(header))  # the command that runs it: known
+    end = re.search(r"(?<! al)(?<!e\.g)\.\s(?=[A-Z(])", text)  # a sentence's end, not "et al. " or "e.g. "
+    text = (text[: end.start() + 1] if end else text) or "(no header comment)"
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
 def _measures_listing() -> list[str]:
@@ -134,13 +163,15 @@ def main(stage: str, argv: Optional[list[str]] = None) -> int:
         from . import dist
         from .config import to_yaml
         from .stages import Interrupted, execute, load_stage_config
+        from .stages.runner import validate
     try:
         cfg = load_stage_config(args.config, stage, args.overrides, args.out)
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
         if args.validate:
-            print(f"{args.config}: valid {stage} config")
+            notes = validate(cfg)
+            print(f"{args.config}: valid {stage} config" + "".join(f"\n  note: {n}" for n in notes))
             return 0
         execute(cfg, resume=args.resume, overrides=args.overrides if args.resume else [])
         return 0

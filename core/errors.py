@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
+from typing import Optional
 
 
 class UserError(ValueError):
@@ -150,3 +151,27 @@ def run_module(name: str) -> None:
     with exit_on_interrupt("interrupted"):
         main = importlib.import_module(name).main
     sys.exit(main())
+
+
+def install_hint(extra: Optional[str], package: str) -> str:
+    """The command that installs an optional package where this instill runs: from a clone (a source checkout,
+    editable install) ``pip install -e '.[extra]'`` (the checkout's path when the working directory is elsewhere);
+    otherwise the package itself, since the ``instill-torch`` distribution is not on the package index. ``extra``
+    None: a package every installation has (a broken environment: install the checkout again)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # core/ sits in the checkout's root
+    if os.path.isfile(os.path.join(root, "pyproject.toml")):
+        where = "." if os.path.abspath(os.getcwd()) == root else os.path.relpath(root)
+        if where.count("..") > 2:  # far away: an absolute path reads better than ../../../..
+            where = root
+        return f"pip install -e '{where}[{extra}]'" if extra else f"pip install -e '{where}'"
+    return f"pip install {package}"
+
+
+def require(package: str, extra: Optional[str], feature: str) -> None:
+    """A UserError naming ``feature``, the missing ``package`` and the command that installs it, when it is not
+    installed (found without importing it)."""
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise UserError(f"{feature} needs the {package} package, which is not installed "
+                        f"({install_hint(extra, package)})")

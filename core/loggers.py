@@ -8,28 +8,26 @@ the row's ``step``) and nothing else. Enable them in a config::
 
 Each sub-run (a sweep's condition) gets its own event files or W&B run inside its directory. Neither package is
 required: each is imported only when enabled, and enabling one that is not installed stops the run before its
-directory exists, with one line that says what to install (the extras ``instill-torch[tensorboard]`` and
-``instill-torch[wandb]``). Nothing is sent anywhere: W&B runs offline.
+directory exists, with one line that gives the command that installs it (from a clone: ``pip install -e
+'.[tensorboard]'``). Nothing is sent anywhere: W&B runs offline.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .errors import UserError
+from .errors import require
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # config key -> the package it needs
 
 
 def check_available(logging_cfg: Any) -> None:
-    """UserError naming the missing package and its extra, for each enabled logger that is not installed."""
+    """UserError naming the missing package and the command that installs it, for each enabled logger."""
     for key, package in PACKAGES.items():
-        if getattr(logging_cfg, key) and importlib.util.find_spec(package) is None:
-            raise UserError(f"logging.{key}: true needs the {package} package, which is not installed "
-                            f"(pip install 'instill-torch[{key}]')")
+        if getattr(logging_cfg, key):
+            require(package, extra=key, feature=f"logging.{key}: true")
 
 
 def sink_factory(logging_cfg: Any, run_name: str, config: dict[str, Any]) -> Optional[Callable[[Path], list]]:

@@ -132,7 +132,8 @@ CONDITION_WORDS = {
     "guided_untrained": "guided by an untrained guide", "guided_trained": "guided by a trained guide",
 }
 _SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test", "textured": "textured",
-                "shape_only": "shape-only", "cue_conflict": "cue-conflict"}
+                "shape_only": "shape-only", "cue_conflict": "cue-conflict",
+                "cue_conflict_texture": "cue-conflict (scored by texture)"}
 _METRIC_WORDS = {"acc": "accuracy", "loss": "loss", "shape_bias": "shape bias", "task_loss": "task loss",
                  "align_loss": "alignment loss", "l0_penalty": "L0 penalty"}
 DPI = 150
@@ -172,6 +173,21 @@ def _honest_ylim(ax, values: list[float], fraction: bool) -> None:
     ax.set_ylim(low - margin if low > 0 else low, high + margin)
 
 
+def _wrapped(title: str, width_in: float, fontsize: float) -> str:
+    """``title`` broken into lines that fit ``width_in`` inches at ``fontsize`` points (a title wider than its
+    figure is cut off at both sides)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, max(20, int(width_in * 72 / (fontsize * 0.6))))) if title else title
+
+
+def _wants_log(values: list[Any], fraction: bool) -> bool:
+    """A log y-axis for positive values spanning more than a factor of 30 (a first validation loss of 250 beside
+    losses below 1); fractions stay linear."""
+    finite = [v for v in values if isinstance(v, (int, float)) and v == v and abs(v) != float("inf")]
+    return not fraction and bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 30
+
+
 def _is_fraction(keys: list[str]) -> bool:
     return bool(keys) and all(k.endswith(("_acc", "shape_bias")) or k in ("density",) for k in keys)
 
@@ -186,21 +202,25 @@ def plot_run(path: str | Path) -> Optional[Path]:
     plt = _pyplot()
     steps = [r.get("step", i) for i, r in enumerate(rows)]
     numbers = [k for k in rows[-1] if isinstance(rows[-1][k], (int, float)) and "/" not in k]
-    loss_keys = [k for k in numbers if k.endswith("loss")]
-    acc_keys = [k for k in numbers if k.endswith("_acc")]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    panels = ((axes[0], loss_keys, "loss (cross-entropy, nats)", False),
-              (axes[1], acc_keys, "accuracy (fraction correct)", True))
-    for ax, keys, label, fraction in panels:
+    panels = [([k for k in numbers if k.endswith("loss")], "loss (cross-entropy, nats)", False),
+              ([k for k in numbers if k.endswith("_acc")], "accuracy (fraction correct)", True)]
+    if "shape_bias" in numbers:  # over training, as the accuracies
+        panels.append((["shape_bias"], "shape bias (fraction of shape decisions)", True))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.6), squeeze=False)
+    for ax, (keys, label, fraction) in zip(axes[0], panels):
+        values = [r.get(k) for r in rows for k in keys]
         for key in keys:
             ax.plot(steps, [r.get(key, float("nan")) for r in rows], marker=".", label=describe(key))
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel(label)
+        ax.set_ylabel(label + (" (log scale)" if _wants_log(values, fraction) else ""))
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=9)
-        _honest_ylim(ax, [r.get(k) for r in rows for k in keys], fraction)
-        if keys:
-            ax.legend(fontsize=9)
+        if _wants_log(values, fraction):  # one huge first loss would flatten every other point on a linear axis
+            ax.set_yscale("log")
+        else:
+            _honest_ylim(ax, values, fraction)
+        if keys:  # below the axes: inside, a legend covers lines
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, frameon=False)
     sub_run = (path.parent / "config.yaml").is_file()  # a sweep's condition: say whose
     fig.suptitle(f"{path.parent.name} / {path.name}" if sub_run else path.name)
     fig.tight_layout()
@@ -254,7 +274,7 @@ def plot_bars(path: str | Path, values: dict[str, Any], *, title: str, ylabel: s
     ax.set_xticks(range(len(names)), labels, rotation=30 if long_labels else 0, ha="right" if long_labels else "center",
                   fontsize=9)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(_wrapped(title, fig.get_figwidth() * 0.75, 10), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     _honest_ylim(ax, heights + [0.0], fraction)
     if grouped:  # beside the axes: over the bars it would hide the tallest
@@ -287,7 +307,7 @@ def plot_lines(path: str | Path, series: dict[str, list[tuple[float, ...]]], *, 
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(_wrapped(title, fig.get_figwidth() * 0.85, 10), fontsize=10)
     ax.grid(alpha=0.3)
     ax.tick_params(labelsize=9)
     _honest_ylim(ax, [p[1] for points in series.values() for p in points], fraction)
@@ -310,14 +330,32 @@ def _draw_heatmap(fig, ax, values, rows: list[str], cols: list[str], *, title: s
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(_wrapped(title, ax.get_position().width * fig.get_figwidth(), 9), fontsize=9)
     if annotate:
-        finite = values[np.isfinite(values)]
-        middle = (finite.min() + finite.max()) / 2 if finite.size else 0
         for (i, j), value in np.ndenumerate(values):
             if np.isfinite(value):
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
-                        color="black" if value > middle else "white")
+                        color=readable_on(image.cmap(image.norm(value))))
+
+
+def luminance(rgb) -> float:
+    """The relative luminance (WCAG 2) of an sRGB colour given as fractions."""
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(float(c)) for c in rgb[:3])
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(a, b) -> float:
+    """The WCAG contrast ratio of two colours (1 to 21; text needs at least 4.5)."""
+    high, low = sorted((luminance(a), luminance(b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def readable_on(cell) -> str:
+    """Black or white, whichever contrasts more with a cell of colour ``cell`` (at least 4.58 on any colour)."""
+    return "black" if contrast(cell, (0, 0, 0)) >= contrast(cell, (1, 1, 1)) else "white"
 
 
 def plot_heatmap(values, rows: list[str], cols: list[str], *, path: str | Path | None = None, title: str = "",
@@ -442,16 +480,69 @@ def plot_sweep(path: str | Path, rows: list[dict[str, Any]], keys: list[str], me
     numeric_x = x is not None and all(isinstance(r.get(x), (int, float)) for r in rows)
     others = [k for k in keys if k != x]
     table = aggregate(rows, ([x] if x else []) + others, [metric])
-    label = lambda row: ", ".join(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in others) or metric  # noqa: E731
+    label = lambda row: ", ".join(_key_value(k, row[k]) for k in others) or describe(metric)  # noqa: E731
+    seeds = _seeds_said(n for row in table for n in [row[f"{metric} n"]])
     if numeric_x:
         series: dict[str, list[tuple[float, ...]]] = {}
         for row in table:
             series.setdefault(label(row), []).append(
                 (row[x], row[f"{metric} mean"], row[f"{metric} std"] or 0.0))
-        return plot_lines(path, series, title=f"{metric} against {x} (mean +- std over seeds)", xlabel=x,
-                          ylabel=metric, logx=x == "n_disambiguation")
-    bars = {(f"{x}={row[x]}, " if x else "") + label(row): row[f"{metric} mean"] for row in table}
-    return plot_bars(path, bars, title=f"{metric} per condition (mean over seeds)", ylabel=metric)
+        return plot_lines(path, series, title=f"{describe(metric)} against {_key_words(x)} ({seeds})",
+                          xlabel=_key_words(x), ylabel=describe(metric), logx=x == "n_disambiguation")
+    groups: dict[str, list[float]] = {}
+    for row in rows:
+        name = (_key_value(x, row.get(x)) + ", " if x else "") + label(row)
+        groups.setdefault(name, []).append(row[metric])
+    return plot_points(path, groups, title=f"{describe(metric)} per condition ({seeds})", ylabel=describe(metric))
+
+
+def _key_words(key: str) -> str:
+    """A sweep key in words: its last part (``guidance.condition`` -> "condition")."""
+    return describe(key.rsplit(".", 1)[-1])
+
+
+def _key_value(key: str, value: Any) -> str:
+    return f"{_key_words(key)}: {describe(str(value))}"
+
+
+def _seeds_said(counts) -> str:
+    """How many seeds each mean stands on, in words: "one seed", "mean +- sd over 3 seeds", "2 to 3 seeds"."""
+    counts = sorted(set(counts))
+    if counts == [1]:
+        return "one seed: no spread shown"
+    seeds = f"{counts[0]} seeds" if len(counts) == 1 else f"{counts[0]} to {counts[-1]} seeds"
+    return f"mean +- sd over {seeds}, each seed a dot"
+
+
+def plot_points(path: str | Path, groups: dict[str, list[float]], *, title: str, ylabel: str) -> Optional[Path]:
+    """Each group's values as dots (every seed), with their mean and +- one sample standard deviation; the y-axis
+    spans the values (a small difference is not flattened against a zero the values are nowhere near)."""
+    import statistics
+
+    if not groups:
+        return None
+    plt = _pyplot()
+    names = list(groups)
+    long_labels = max(len(n) for n in names) > 14 or len(names) > 6
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) + 2.5), 4.8 if long_labels else 4.2))
+    for k, name in enumerate(names):
+        values = groups[name]
+        jitter = [k + 0.08 * (i - (len(values) - 1) / 2) for i in range(len(values))]
+        ax.scatter(jitter, values, s=14, color="0.55", zorder=2, label="one seed" if k == 0 else None)
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        ax.errorbar([k + 0.3], [statistics.fmean(values)], yerr=[spread] if spread else None, fmt="o", color="C0",
+                    capsize=4, zorder=3, label="mean +- sd" if k == 0 and len(values) > 1 else None)
+    ax.set_xticks(range(len(names)), names, rotation=25 if long_labels else 0,
+                  ha="right" if long_labels else "center", fontsize=9)
+    ax.set_xlim(-0.6, len(names) - 0.3)
+    ax.set_ylabel(ylabel)
+    ax.set_title(_wrapped(title, fig.get_figwidth() * 0.85, 10), fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    _honest_ylim(ax, [v for values in groups.values() for v in values], False)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    _save_figure(fig, path)
+    return Path(path)
 
 
 def sweep_report(root: Path, metrics: list[str], x: Optional[str]) -> int:

@@ -183,7 +183,8 @@ def claim_run_dir(output_dir: str | Path, resume: bool, populate: Callable[..., 
 def is_replay_of(run_dir: Path, config_yaml: str) -> bool:
     """Whether ``config_yaml`` (a resolved snapshot, seed included) asks for the run recorded in ``run_dir``: every
     recorded key has the same value (keys the recorded snapshot lacks, options added since, are not compared; nor is
-    ``output_dir``, which says where a run is written, not what it computes: a moved run directory replays too)."""
+    ``output_dir``, which says where a run is written, not what it computes: a moved run directory replays too, nor
+    ``train.threads``: a replay at another count is one, and says that its bits are then not expected to match)."""
     import yaml
 
     try:
@@ -193,6 +194,8 @@ def is_replay_of(run_dir: Path, config_yaml: str) -> bool:
     if not isinstance(recorded, dict):
         return False
     recorded = {k: v for k, v in recorded.items() if k != "output_dir"}
+    if isinstance(recorded.get("train"), dict):  # the thread count changes bits, not what is computed: a replay at
+        recorded["train"] = {k: v for k, v in recorded["train"].items() if k != "threads"}  # another says so
     return _holds(yaml.safe_load(config_yaml), recorded)
 
 
@@ -396,11 +399,52 @@ def environment(device: str) -> dict[str, Any]:
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch_threads": torch.get_num_threads(),
         "world_size": dist.world_size(),
+        "deterministic": {"algorithms": torch.are_deterministic_algorithms_enabled(),
+                          "cudnn_deterministic": torch.backends.cudnn.deterministic,
+                          "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                          "float32_matmul_precision": torch.get_float32_matmul_precision()},
+        "load_average": _load_average(),
         "command": [sys.executable] + sys.argv,
         "outside_code": _outside_code(),
         "start_time": _now(),
         "end_time": None,
     }
+
+
+def time_left(elapsed_s: float, done: float, total: float) -> str:
+    """``~2 min left`` from the rate so far (work done in ``elapsed_s`` seconds), for progress lines that a log
+    file keeps as well as a terminal; empty before any work is done or after all of it."""
+    if done <= 0 or total <= done or elapsed_s <= 0:
+        return ""
+    seconds = elapsed_s / done * (total - done)
+    shown = (f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400
+             else f"{seconds / 3600:.1f} h")
+    return f"~{shown} left"
+
+
+def _load_average() -> Optional[float]:
+    """The 1-minute load average at the start (a busy machine explains a slow run), where the system has one."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+# What changes the order of floating-point reductions, so that the same seed and config give other bits: a replay
+# that differs in one of these says so before it starts and after it ends (env.json records them all).
+REDUCTION_SETTINGS = ("torch_threads", "device", "cuda_device", "world_size", "deterministic", "versions.torch",
+                      "versions.numpy", "python")
+
+
+def reduction_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``setting: recorded -> now`` for each of REDUCTION_SETTINGS that differs between two env.json records."""
+    def value(env: dict[str, Any], key: str) -> Any:
+        for part in key.split("."):
+            env = env.get(part) if isinstance(env, dict) else None
+        return env
+
+    return [f"{key} {value(recorded, key)!r} -> {value(now, key)!r}" for key in REDUCTION_SETTINGS
+            if value(recorded, key) != value(now, key) and value(recorded, key) is not None]
 
 
 def _outside_code() -> dict[str, Any]:
@@ -495,8 +539,8 @@ class Run:
 
         A sub-run that already finished (a resumed sweep) is not run again: its summary is read back.
         """
-        rows = []
-        for name, job in jobs:
+        rows, started, ran = [], time.perf_counter(), 0
+        for index, (name, job) in enumerate(jobs):
             sub = self.child(name)
             done = read_json(sub.path / "summary.json") if is_finished(sub.path) else None
             if done is None:
@@ -505,6 +549,11 @@ class Run:
                 finally:
                     sub.close_sinks()
                 sub.write_json("summary.json", done)
+                ran += 1
+                left = time_left(time.perf_counter() - started, ran, ran + len(jobs) - index - 1)
+                if self.writes and len(jobs) > 1:
+                    print(f"[{self.path.name}] {index + 1} of {len(jobs)} sub-runs done"
+                          + (f", {left} in this stage" if left else ""), flush=True)
             rows.append({k: v for k, v in done.items() if k != "status"})
         return rows
 
@@ -603,16 +652,27 @@ class Run:
         if not self.writes:
             return
         if self.replay_of is not None:
-            replay = compare_runs(self.replay_of, self.path)
+            differences = self.replay_differences()
+            replay = {**compare_runs(self.replay_of, self.path), "settings_differ": differences}
             self.write_json("replay.json", replay)
             verdict = "matches the original exactly" if replay["matches"] else "DIFFERS from the original"
-            print(f"replay of {self.replay_of}: {verdict} (max_abs_diff={replay['max_abs_diff']})")
+            why = (f"; not expected to match bit for bit: recorded settings differ: {'; '.join(differences)}"
+                   if differences else "")
+            print(f"replay of {self.replay_of}: {verdict} (max_abs_diff={replay['max_abs_diff']}){why}")
         env = read_json(self.path / "env.json")
         if env is not None:
             env["end_time"], env["elapsed_s"] = _now(), round(self.elapsed_s(), 3)
             atomic_write_json(self.path / "env.json", env)
         self.write_json("summary.json", {"status": "finished", **summary})
         self.close_sinks()
+
+    def replay_differences(self) -> list[str]:
+        """On a replay: the recorded settings that change float reduction order (REDUCTION_SETTINGS) and differ
+        between the original's env.json and this run's; empty when they all agree (or this is no replay)."""
+        if self.replay_of is None:
+            return []
+        recorded, now = read_json(self.replay_of / "env.json"), read_json(self.path / "env.json")
+        return reduction_differences(recorded, now) if recorded and now else []
 
     def discard_if_empty(self) -> bool:
         """Remove the directory this process claimed when it holds no saved work yet (a failed start); True if so."""

@@ -1,6 +1,12 @@
 """Sweeps: one stage config run at every point of a grid, in parallel here or as a SLURM job array.
 
     python -m instill.sweep SWEEP.yaml [--out DIR] [--executor auto|local|slurm] [--workers N] [--validate] [--list]
+    python -m instill.sweep CONFIG.yaml --grid KEY=V1,V2 [--grid KEY=...] [--set KEY=VALUE] [the same options]
+
+The second form is the sweep file ``{sweep: {config: CONFIG.yaml, grid: {KEY: [V1, V2], ...}, set: {...}}}`` written
+on the command line (as Hydra's ``-m``): the same points, files, resume and report; its directory is
+``checkpoints/<config stem>-sweep`` unless ``--out`` says otherwise. Values are YAML, comma-separated:
+``--grid reproducibility.random_seed=1,2,3 --grid transfer.conditions=[subnet],[random_init]``.
 
 A sweep file holds one ``sweep:`` section::
 
@@ -60,7 +66,7 @@ from .config import read_yaml
 from .errors import UserError, exit_code_of
 from .registry import describe_error, import_builtins
 from .files import atomic_write_json, read_json
-from .run import has_state, is_finished
+from .run import has_state, is_finished, time_left
 
 SEED_KEY = "reproducibility.random_seed"
 POINT_SPECIAL_KEYS = ("name", "config", "stage")  # keys of an explicit point that are not config keys
@@ -230,17 +236,58 @@ class Sweep:
 
 
 def prepare(path: str | Path, out: Optional[str] = None, executor: Optional[str] = None,
-            workers: Optional[int] = None) -> Sweep:
-    """Validate a sweep file completely: every point's config, the executor, an existing sweep directory.
+            workers: Optional[int] = None, grid: list[str] = (), values: list[str] = (),
+            stage: Optional[str] = None) -> Sweep:
+    """Validate a sweep completely: every point's config, the executor, an existing sweep directory.
+
+    Args:
+        path: a sweep file, or (with ``grid``) the stage config every point runs.
+        grid, values: ``--grid KEY=V1,V2`` and ``--set KEY=VALUE`` items: with a stage config, they are its
+            sweep's grid and ``set``; with a sweep file, they add to (and replace keys of) the file's.
+        stage: the stage config's stage (default: its ``stage:`` key, or the section only that stage has).
 
     Raises:
         UserError: anything wrong; nothing has been written.
     """
-    spec = load_sweep(path)
+    is_sweep_file = "sweep" in read_yaml(path)
+    if not is_sweep_file and not grid:
+        raise UserError(f"{path} has no sweep: section; to sweep a stage config give its grid: --grid KEY=V1,V2")
+    spec = load_sweep(path) if is_sweep_file else SweepSpec(config=str(path), stage=stage or _stage_of(path))
+    if is_sweep_file and stage:
+        spec.stage = stage
+    spec.grid.update(_command_line_items(grid, "--grid", as_list=True))
+    spec.set.update(_command_line_items(values, "--set", as_list=False))
     if workers is not None:
         spec.executor.workers = workers
-    return prepare_spec(spec, str(path), Path(out or spec.output_dir or Path("checkpoints") / Path(path).stem),
-                        executor)
+    default = Path("checkpoints") / (Path(path).stem if is_sweep_file else f"{Path(path).stem}-sweep")
+    return prepare_spec(spec, str(path), Path(out or spec.output_dir or default), executor)
+
+
+def _stage_of(config: str | Path) -> str:
+    from .stages.upstream import stage_of
+
+    found = stage_of(read_yaml(config))
+    if found is None:
+        raise UserError(f"{config}: cannot tell its stage (no stage: key, no section only one stage has): give --stage")
+    return found
+
+
+def _command_line_items(items: list[str], option: str, as_list: bool) -> dict[str, Any]:
+    """``KEY=VALUE`` items as typed values; with ``as_list`` each value is a comma-separated YAML list
+    (``1,2,3``; ``[a],[b, c]``: two lists)."""
+    from .config import parse_yaml
+
+    parsed = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip() or not text.strip():
+            raise UserError(f"{option} {item!r}: expected KEY=" + ("V1,V2,..." if as_list else "VALUE"))
+        try:
+            value = parse_yaml(f"[{text}]" if as_list else text)
+        except Exception:  # yaml's errors: one line naming the item
+            raise UserError(f"{option} {item!r}: the value is not valid YAML") from None
+        parsed[key.strip()] = value
+    return parsed
 
 
 def prepare_spec(spec: SweepSpec, source: str, sweep_dir: Path, executor: Optional[str] = None) -> Sweep:
@@ -384,6 +431,7 @@ def _run_in_process(sweep_dir: Path, name: str, threads: int) -> dict[str, Any]:
     run_dir = sweep_dir / name
     if is_finished(run_dir):
         return {"state": "finished", "skipped": True}
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the run keeps this count (stages.runner.free_core_threads)
     torch.set_num_threads(threads)
     cfg = point_config(point, run_dir, record["source"])
     placement = None
@@ -415,7 +463,11 @@ def _run_under_torchrun(sweep_dir: Path, name: str, processes: int, log_path: Pa
 # Executors
 
 
-def run_sweep(sweep: Sweep, *, progress=print) -> dict[str, dict[str, Any]]:
+def _print_now(line: str) -> None:
+    print(line, flush=True)  # a log file gets each line when it happens, as a terminal does
+
+
+def run_sweep(sweep: Sweep, *, progress=_print_now) -> dict[str, dict[str, Any]]:
     """Record the sweep, then run every point that is not finished; returns each point's outcome by name."""
     write_record(sweep)
     status = {p["name"]: {"name": p["name"], "state": point_state(sweep.path, p["name"])} for p in sweep.points}
@@ -427,11 +479,16 @@ def run_sweep(sweep: Sweep, *, progress=print) -> dict[str, dict[str, Any]]:
              f"{len(todo)} to run ({sweep.executor})")
     _write_status(sweep, status)
 
+    started, ended = time.perf_counter(), []
+
     def done(outcome: dict[str, Any]) -> None:
         status[outcome["name"]] = outcome
         _write_status(sweep, status)
+        ended.append(outcome["name"])
         extra = f": {outcome['error']}" if outcome.get("error") else ""
-        progress(f"  {outcome['name']}: {outcome['state']} ({outcome.get('duration_s', 0):.1f} s){extra}")
+        left = time_left(time.perf_counter() - started, len(ended), len(todo))
+        progress(f"  {outcome['name']}: {outcome['state']} ({outcome.get('duration_s', 0):.1f} s){extra} | "
+                 f"{len(ended)} of {len(todo)} done" + (f", {left} in this sweep" if left else ""))
 
     if todo and sweep.executor == "local":
         todo = _without_queued_slurm_jobs(sweep, todo, done)
@@ -635,7 +692,13 @@ def _submit_array(sweep: Sweep, todo: list[str], folder: Path) -> dict[str, Any]
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m instill.sweep", description=__doc__.splitlines()[0])
-    parser.add_argument("sweep", nargs="?", help="sweep file (YAML with a sweep: section)")
+    parser.add_argument("sweep", nargs="?", help="sweep file (YAML with a sweep: section), or a stage config with "
+                                                 "--grid")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                        help="sweep these values of a config key (repeatable: every combination)")
+    parser.add_argument("--set", dest="values", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config value at every point (repeatable)")
+    parser.add_argument("--stage", help="the stage of a config swept with --grid (default: the config's own)")
     parser.add_argument("--out", help="sweep directory (overrides sweep.output_dir)")
     parser.add_argument("--executor", choices=["auto", "local", "slurm"], help="overrides sweep.executor.kind")
     parser.add_argument("--workers", type=int, help="local executor: parallel points (default: the CPU cores)")
@@ -654,7 +717,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _sweep_command(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be at least 1")
-    sweep = prepare(args.sweep, args.out, args.executor, args.workers)
+    sweep = prepare(args.sweep, args.out, args.executor, args.workers, args.grid, args.values, args.stage)
     if args.validate:
         print(f"{args.sweep}: valid sweep of {len(sweep.points)} points ({sweep.executor} executor)")
         return 0

@@ -33,7 +33,7 @@ from .config import OptimizerConfig, ScheduleConfig, TrainConfig
 from .data import BatchLoader, Split, batches
 from .errors import UserError, under_key
 from .steps import Backprop, GradientProvider, RuleContext, StepContext, build_rule
-from .run import TIMING_PREFIX, Run, has_state
+from .run import TIMING_PREFIX, Run, has_state, time_left
 from .seeds import derive_seed, rng_state, set_rng_state
 from .files import fault_point
 
@@ -323,6 +323,7 @@ class _Loop:
     def run(self) -> FitResult:
         cfg = self.cfg
         self.started = time.perf_counter() - self.elapsed  # a resumed run goes on counting
+        self.first_step = self.step  # the rate for the time left: this process's own steps
         self.epoch_bar = tqdm(total=cfg.epochs, initial=self.epoch, desc=self.run_dir.path.name, unit="epoch",
                               dynamic_ncols=True, disable=not self._show_bars())
         while self.epoch < cfg.epochs and self.stop_reason == "epochs":
@@ -380,6 +381,11 @@ class _Loop:
         """How many batches the optimizer step that ``batch_index`` belongs to accumulates (the last may be short)."""
         accum = self.cfg.grad_accum
         return min(accum, len(self.loader) - batch_index // accum * accum)
+
+    def _total_steps(self) -> int:
+        """The optimizer steps the run takes if nothing stops it early."""
+        total = self.cfg.epochs * self.steps_per_epoch
+        return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
 
     def _show_bars(self) -> bool:
         return self.cfg.progress and dist.is_main() and sys.stderr.isatty()
@@ -443,7 +449,10 @@ class _Loop:
         if dist.is_main():
             shown = " | ".join(f"{k} {v:.4g}" for k, v in row.items()  # per-layer/per-class figures: files only
                                if isinstance(v, float) and not k.startswith(TIMING_PREFIX) and "/" not in k)
-            tqdm.write(f"[{self.run_dir.path.name}] epoch {self.epoch} step {self.step} | {shown}")
+            left = time_left(time.perf_counter() - self.started - self.elapsed, self.step - self.first_step,
+                             self._total_steps() - self.first_step)
+            tqdm.write(f"[{self.run_dir.path.name}] epoch {self.epoch} step {self.step} | {shown}"
+                       + (f" | {left}" if left else ""))
         early = self.cfg.early_stop
         if self.tracker.reached(early.target):
             self.stop_reason = "target"

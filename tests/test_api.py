@@ -178,3 +178,14 @@ def test_example_runs_end_to_end(example, tmp_path, monkeypatch, capsys):
         assert (tmp_path / "heatmap.png").stat().st_size > 0
     if example == "masks":
         assert (tmp_path / "mask" / "mask.safetensors").is_file() and (tmp_path / "mask" / "mask.json").is_file()
+
+
+def test_create_model_and_list_models_share_the_registry_configs_use():
+    assert instill.list_models("*fcn*") == ["deep_fcn", "fcn", "wide_fcn"]
+    assert set(instill.list_models()) == set(MODELS.names())
+    net = instill.create_model("convnet", input_shape=(1, 8, 8), num_classes=10, channels=[16, 32])
+    assert net(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(UserError, match="unknown key 'chanels' \\(did you mean 'channels'\\?\\)"):
+        instill.create_model("convnet", chanels=[16])
+    with pytest.raises(UserError, match="unknown model 'convnt' \\(did you mean 'convnet'\\?\\)"):
+        instill.create_model("convnt")

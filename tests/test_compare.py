@@ -239,3 +239,15 @@ def test_compare_stage_with_a_missing_cifar_folder_writes_nothing(workdir, capsy
     err = capsys.readouterr().err.strip()
     assert "cifar-10-batches-py not found" in err and len(err.splitlines()) == 1
     assert not (workdir / "checkpoints").exists()
+
+
+def test_without_layers_every_leaf_module_is_compared_and_many_are_thinned_with_a_warning():
+    model = _convnet(0)
+    result = compare_models(model, _convnet(1), _loader())
+    assert result.layers_a == result.layers_b == ["0", "1", "2", "3", "4", "5", "6"]
+    deep = nn.Sequential(*[nn.Linear(6, 6) for _ in range(120)])
+    for layer in deep:  # identity layers: the signal neither fades nor explodes over 120 of them
+        nn.init.eye_(layer.weight), nn.init.zeros_(layer.bias)
+    with pytest.warns(UserWarning, match="120 leaf modules; comparing 50 evenly spaced ones from 0 to 119"):
+        result = compare_models(deep, deep, _vectors())
+    assert len(result.layers_a) == 50 and result.layers_a[0] == "0" and result.layers_a[-1] == "119"

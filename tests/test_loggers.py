@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 
 def test_an_enabled_logger_that_is_not_installed_stops_before_anything_is_written(workdir, monkeypatch, capsys):
@@ -17,7 +17,7 @@ def test_an_enabled_logger_that_is_not_installed_stops_before_anything_is_writte
     assert run_cli("base", "configs/tiny_digits.yaml", "--set", "logging.tensorboard=true") == 2
     err = capsys.readouterr().err
     assert err == ("error: logging.tensorboard: true needs the tensorboard package, which is not installed "
-                   "(pip install 'instill-torch[tensorboard]')\n")
+                   f"(pip install -e '{REPO}[tensorboard]')\n")  # from far away: the checkout's path
     assert not Path("checkpoints").exists()
 
 

@@ -318,3 +318,27 @@ def test_a_worker_that_dies_is_listed_and_the_rerun_finishes_the_sweep(workdir, 
     assert "worker process died" in status["001-random_seed=2"]["error"]
     assert sweep_main(["s.yaml"]) == 0
     assert json.loads(Path("checkpoints/s/status.json").read_text())["counts"] == {"finished": 3}
+
+
+def test_a_grid_on_the_command_line_is_the_sweep_file_it_spells(workdir, capsys):
+    """``python -m instill.sweep CONFIG --grid ...`` (Hydra's -m): the same points, files, resume and report."""
+    argv = [TINY, "--stage", "base", "--grid", "reproducibility.random_seed=1,2", "--set",
+            "reproducibility.reproduce=true", "--set", "train.epochs=1", "--executor", "local", "--workers", "2"]
+    assert sweep_main(argv) == 0
+    root = Path("checkpoints/tiny_digits-sweep")
+    record = json.loads((root / "sweep.json").read_text())
+    seeds_sweep()
+    from instill.sweep import expand_points, load_sweep
+
+    assert record["grid"] == {"reproducibility.random_seed": [1, 2]}
+    assert record["points"] == expand_points(load_sweep("s.yaml"), TINY)  # what the sweep file gives
+    assert all(is_finished(root / p["name"]) for p in record["points"])
+    capsys.readouterr()
+    assert sweep_main(argv) == 0  # the same command again: nothing left to do
+    assert "2 finished, 0 to run" in capsys.readouterr().out
+    # the stage from the config's own section; a list value per comma-separated item
+    assert sweep_main(["configs/tiny_shapes_transfer.yaml", "--grid", "transfer.conditions=[subnet],[random_init]",
+                       "--executor", "local", "--validate"]) == 0
+    assert "valid sweep of 2 points" in capsys.readouterr().out
+    assert sweep_main([TINY, "--validate"]) == 2
+    assert "has no sweep: section; to sweep a stage config give its grid: --grid KEY=V1,V2" in capsys.readouterr().err

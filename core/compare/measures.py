@@ -375,8 +375,28 @@ def _input_of(batch: Any) -> Tensor:
                     f"{type(batch).__name__}")
 
 
+MAX_DEFAULT_LAYERS = 50  # leaf modules compared when no layers are named: a 50 x 50 heatmap stays readable
+
+
+def default_layers(model: nn.Module, label: str) -> list[str]:
+    """Every leaf module of ``model`` (one without children) by name, thinned evenly to MAX_DEFAULT_LAYERS."""
+    import warnings
+
+    leaves = [name for name, module in model.named_modules() if name and not any(True for _ in module.children())]
+    if not leaves:
+        raise UserError(f"{label}: the model has no sub-modules to compare; name its layers (layers_a, layers_b)")
+    if len(leaves) > MAX_DEFAULT_LAYERS:
+        step = (len(leaves) - 1) / (MAX_DEFAULT_LAYERS - 1)
+        kept = [leaves[round(i * step)] for i in range(MAX_DEFAULT_LAYERS)]
+        warnings.warn(f"{label}: {len(leaves)} leaf modules; comparing {MAX_DEFAULT_LAYERS} evenly spaced ones from "
+                      f"{kept[0]} to {kept[-1]} (name layers_a / layers_b to choose)", stacklevel=3)
+        leaves = kept
+    return leaves
+
+
 def compare_models(model_a: nn.Module, model_b: nn.Module, loader: Iterable[Any], *,
-                   layers_a: LayerSpec | Sequence[LayerSpec], layers_b: LayerSpec | Sequence[LayerSpec] | None = None,
+                   layers_a: LayerSpec | Sequence[LayerSpec] | None = None,
+                   layers_b: LayerSpec | Sequence[LayerSpec] | None = None,
                    measures: Sequence[str] = ("cka_minibatch",), full_samples: int = 2048, max_samples: Optional[int]
                    = None, spatial: Spatial = "flatten", device: Optional[torch.device | str] = None,
                    labels: tuple[str, str] = ("model A", "model B"),
@@ -388,7 +408,9 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, loader: Iterable[Any]
             comparison, their modes restored afterwards; no gradients are computed.
         loader: an iterable of batches (tensor, or tuple/list whose first element is the input).
         layers_a, layers_b: module names, glob patterns (``bn*``), and/or types (``type:Conv2d``), as
-            ``instill.compare.capture`` selects them; ``layers_b`` defaults to ``layers_a``. Layer order is the order in
+            ``instill.compare.capture`` selects them; ``layers_b`` defaults to ``layers_a``, and both left out compare
+            every leaf module of each model (torch-cka's default; more than ``MAX_DEFAULT_LAYERS`` are thinned to
+            that many, evenly spaced, with a warning that names how many were left out). Layer order is the order in
             which the layers run. A layer called more than once per forward (a weight-tied block applied four
             times, a ReLU module reused in a block) gives one row per call: ``name``, ``name@1``, ...
         measures: names from ``measure_names()``: see the module docstring, ``instill list measures``.
@@ -411,6 +433,8 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, loader: Iterable[Any]
         get_measure(name)
     if full_samples < 2:
         raise UserError(f"full_samples must be at least 2, got {full_samples}")
+    if layers_a is None and layers_b is None:
+        layers_a, layers_b = default_layers(model_a, labels[0]), default_layers(model_b, labels[1])
     layers_b = layers_a if layers_b is None else layers_b
     if device is None:
         device = next((p.device for p in model_a.parameters()), torch.device("cpu"))

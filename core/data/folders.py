@@ -19,7 +19,7 @@ import dataclasses
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -59,14 +59,8 @@ def _existing_folder(root: str | Path, what: str) -> Path:
     return path
 
 
-def list_image_folder(root: str | Path, classes: list[str] | None = None, *,
-                      strict_classes: bool = True) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Class names (sorted) and (image path, class id) pairs of an ImageFolder-layout folder.
-
-    ``classes`` None: every sub-folder is a class. Given: the folder must hold each of them (other sub-folders are
-    skipped) when ``strict_classes``; otherwise (evaluation folders) it may hold a subset but nothing else.
-    """
-    root = _existing_folder(root, "image folder")
+def _class_folders(root: Path, classes: list[str] | None, strict_classes: bool) -> tuple[list[str], list[str]]:
+    """The class names to use and the class folders present; a UserError when they do not fit (see below)."""
     present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     names = sorted(set(classes)) if classes is not None else present
     if classes is not None:
@@ -75,6 +69,18 @@ def list_image_folder(root: str | Path, classes: list[str] | None = None, *,
         if not strict_classes and (unknown := [c for c in present if c not in names]):
             raise UserError(f"image folder {str(root)!r} has class folders {unknown} that are not among the "
                             f"classes {names}")
+    return names, present
+
+
+def list_image_folder(root: str | Path, classes: list[str] | None = None, *,
+                      strict_classes: bool = True) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names (sorted) and (image path, class id) pairs of an ImageFolder-layout folder.
+
+    ``classes`` None: every sub-folder is a class. Given: the folder must hold each of them (other sub-folders are
+    skipped) when ``strict_classes``; otherwise (evaluation folders) it may hold a subset but nothing else.
+    """
+    root = _existing_folder(root, "image folder")
+    names, present = _class_folders(root, classes, strict_classes)
     items = [(path, label) for label, name in enumerate(names) if name in present
              for path in _images_in(root / name)]
     if not items:
@@ -312,7 +318,19 @@ def _split_train(split: Split | StreamSplit, fractions: tuple[float, float], see
     return split.subset(train), split.subset(val), split.subset(test)
 
 
-@DATASETS.register("image_folder")
+def check_image_folder(*, train_dir: str, val_dir: str = "", test_dir: str = "", classes: Any = None,
+                       eval_dirs: dict[str, str] = {}, cue_conflict_dir: str = "", **_: Any) -> None:
+    """Every folder the config names exists (and, for the training folder, holds the classes asked for): checked
+    before a run directory exists, without decoding an image."""
+    for key, folder in (("val_dir", val_dir), ("test_dir", test_dir), ("cue_conflict_dir", cue_conflict_dir),
+                        *((f"eval_dirs.{name}", path) for name, path in eval_dirs.items())):
+        if folder:
+            _existing_folder(folder, f"data.{key}")
+    wanted = list(GEIRHOS_16_CLASSES) if classes == "imagenet16" else classes
+    _class_folders(_existing_folder(train_dir, "data.train_dir"), wanted, strict_classes=True)
+
+
+@DATASETS.register("image_folder", check=check_image_folder)
 def build_image_folder(
     ctx: DataContext,
     *,

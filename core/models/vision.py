@@ -16,7 +16,7 @@ from pydantic import confloat, conint
 from torch import nn
 
 from ..data.info import DatasetInfo
-from ..errors import UserError, did_you_mean
+from ..errors import UserError, did_you_mean, require
 from ..registry import MODELS
 
 Activation = Literal["relu", "gelu", "tanh"]
@@ -81,6 +81,34 @@ def convnet(info: DatasetInfo, *, channels: list[conint(ge=1)] = [32, 64, 64],
     return ConvNet(info.input_shape[0], info.num_classes, channels, strides, batch_norm)
 
 
+def _read_weights(weights_path: Optional[str], label: str) -> dict[str, torch.Tensor]:
+    """The tensors of a local weights file (safetensors, or a state dict loaded with ``weights_only=True``)."""
+    if weights_path is None:
+        raise UserError(f"model {label}: pretrained: true needs weights_path (a local file; nothing downloads)")
+    if not os.path.isfile(weights_path):
+        raise UserError(f"model {label}: weights_path {weights_path} not found")
+    try:
+        if weights_path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(weights_path)
+        return torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file
+        raise UserError(f"model {label}: cannot read weights_path {weights_path} ({err.__class__.__name__})") from None
+
+
+def _check_names(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], weights_path: str,
+                 label: str) -> list[str]:
+    """The names whose shapes differ (sized for other data); a UserError when the file is of another architecture:
+    names that do not match, or no tensor that fits."""
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    resized = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or len(resized) == len(own):
+        raise UserError(f"model {label}: {weights_path} does not match the architecture "
+                        f"(missing: {missing[:3]}, unexpected: {unexpected[:3]}, other shapes: {resized[:3]})")
+    return resized
+
+
 def _load_local_weights(model: nn.Module, pretrained: bool, weights_path: Optional[str], label: str) -> nn.Module:
     """Pretrained weights come from a local file only: nothing downloads at run time.
 
@@ -90,25 +118,9 @@ def _load_local_weights(model: nn.Module, pretrained: bool, weights_path: Option
     """
     if not pretrained:
         return model
-    if weights_path is None:
-        raise UserError(f"model {label}: pretrained: true needs weights_path (a local file; nothing downloads)")
-    if not os.path.isfile(weights_path):
-        raise UserError(f"model {label}: weights_path {weights_path} not found")
-    try:
-        if weights_path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(weights_path)
-        else:
-            state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file
-        raise UserError(f"model {label}: cannot read weights_path {weights_path} ({err.__class__.__name__})") from None
+    state = _read_weights(weights_path, label)
     own = model.state_dict()
-    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
-    resized = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or len(resized) == len(own):
-        raise UserError(f"model {label}: {weights_path} does not match the architecture "
-                        f"(missing: {missing[:3]}, unexpected: {unexpected[:3]}, other shapes: {resized[:3]})")
+    resized = _check_names(own, state, weights_path, label)
     model.load_state_dict({k: v for k, v in state.items() if k not in resized}, strict=False)
     if resized:
         print(f"model {label}: pretrained weights from {weights_path}, except {', '.join(resized)} "
@@ -131,14 +143,57 @@ def _sized_for_data(create, size_key: str, size, kwargs: dict, reserved: tuple[s
     return create(**kwargs)
 
 
-@MODELS.register("timm", prefix=True)
+def _check_library_model(library: str, known: list[str], build_on_meta: Any):
+    """A ``check`` for a library's models: the name is the library's, and a weights file exists, reads, and names
+    the architecture's tensors (the model is built on the meta device: no memory, no initialisation)."""
+
+    def check(*, name: str, pretrained: bool = False, weights_path: Optional[str] = None, kwargs: dict = {}) -> None:
+        if name not in known():
+            raise UserError(f"model {library}:{name}: unknown {library} model" + did_you_mean(name, known()))
+        if pretrained:
+            state = _read_weights(weights_path, f"{library}:{name}")
+            with torch.device("meta"):
+                own = build_on_meta(name).state_dict()
+            _check_names(own, state, weights_path, f"{library}:{name}")
+
+    return check
+
+
+def _timm_names() -> list[str]:
+    require("timm", extra="vision", feature="model timm:<name>")
+    import timm
+
+    return timm.list_models()
+
+
+def _torchvision_names() -> list[str]:
+    require("torchvision", extra="vision", feature="model torchvision:<name>")
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _timm_on_meta(name: str) -> nn.Module:
+    import timm
+
+    return timm.create_model(name, pretrained=False)
+
+
+def _torchvision_on_meta(name: str) -> nn.Module:
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None)
+
+
+@MODELS.register("timm", prefix=True, check=_check_library_model("timm", _timm_names, _timm_on_meta))
 def timm_model(info: DatasetInfo, *, name: str, pretrained: bool = False, weights_path: Optional[str] = None,
                kwargs: dict = {}) -> nn.Module:
     """``timm:<name>``: any timm architecture, sized for the data's channels and classes."""
     import timm
 
-    if name not in timm.list_models():
-        raise UserError(f"model timm:{name}: unknown timm model" + did_you_mean(name, timm.list_models()))
+    known = _timm_names()
+    if name not in known:
+        raise UserError(f"model timm:{name}: unknown timm model" + did_you_mean(name, known))
     _, height, width = info.input_shape
     model = _sized_for_data(
         lambda **kw: timm.create_model(name, pretrained=False, num_classes=info.num_classes,
@@ -148,13 +203,14 @@ def timm_model(info: DatasetInfo, *, name: str, pretrained: bool = False, weight
     return _load_local_weights(model, pretrained, weights_path, f"timm:{name}")
 
 
-@MODELS.register("torchvision", prefix=True)
+@MODELS.register("torchvision", prefix=True,
+                 check=_check_library_model("torchvision", _torchvision_names, _torchvision_on_meta))
 def torchvision_model(info: DatasetInfo, *, name: str, pretrained: bool = False, weights_path: Optional[str] = None,
                       kwargs: dict = {}) -> nn.Module:
     """``torchvision:<name>``: any torchvision classification model, sized for the data's channels and classes."""
     import torchvision
 
-    known = torchvision.models.list_models(module=torchvision.models)
+    known = _torchvision_names()
     if name not in known:
         raise UserError(f"model torchvision:{name}: unknown model" + did_you_mean(name, known))
     model = _sized_for_data(

@@ -76,6 +76,71 @@ class Interrupted(KeyboardInterrupt):
         self.path, self.resumable, self.upstream = path, resumable, False
 
 
+def free_core_threads() -> int:
+    """Torch threads for a run whose config sets none: ``OMP_NUM_THREADS`` when set (a sweep's workers set it),
+    else one per core that is free at the start (cores less the 1-minute load average, at least 1). Threads beyond
+    the free cores wait on each other at every operation: on a busy machine a run at one thread per core is many
+    times slower than at one thread."""
+    import os
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    try:
+        busy = round(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        busy = 0
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """What every run checks before anything is built: the optional packages of the features it switches on, and
+    the data's and model's own checks (paths, library model names, weights files against the architecture)."""
+    check_loggers(cfg.logging)
+    if cfg.data is not None:  # their messages name the key
+        DATASETS.check(cfg.data.name, cfg.data.params)
+    if cfg.model is not None:  # None: the stage takes its model from an upstream run
+        MODELS.check(cfg.model.name, cfg.model.params)
+
+
+class UpstreamPending(Exception):
+    """Raised by ``resolve_upstream`` under ``validate``: the upstream config is valid, but its run does not exist
+    yet, so what the stage would check against its output cannot be checked now."""
+
+    def __init__(self, key: str, config: str, output_dir: str, notes: list[str]):
+        super().__init__(f"{key}: {output_dir} does not exist yet; {config} (valid) would run first")
+        self.notes = notes  # what the upstream config's own validation could not check
+
+
+_validating = False
+
+
+def validating() -> bool:
+    """Whether ``validate`` is running: upstream runs are then checked, never produced."""
+    return _validating
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """``--validate``: every check a run makes before its run directory exists, without training anything (an
+    upstream run that is missing has its own config validated instead). Returns notes on what could not be
+    checked; raises a UserError for the first problem."""
+    global _validating
+    check_inputs(cfg)
+    prepare = getattr(stage_module(cfg.stage), "prepare", None)
+    if prepare is None:
+        return []
+    before, _validating = _validating, True
+    try:
+        seed = cfg.reproducibility.random_seed or 0  # prepare builds data with it: any seed checks them
+        checked = cfg.model_copy(deep=True)  # prepare resolves upstream paths into its config: not into the caller's
+        checked.reproducibility = checked.reproducibility.model_copy(update={"reproduce": True, "random_seed": seed})
+        prepare(checked)
+    except UpstreamPending as pending:
+        return [*pending.notes, str(pending)]
+    finally:
+        _validating = before
+    return []
+
+
 RESUME_OVERRIDES = ("train.threads", "train.progress")  # what --set may change on --resume: not the results
 
 
@@ -93,15 +158,16 @@ def execute(cfg: RunConfig, *, resume: bool = False, overrides: list[str] = ()) 
     module = stage_module(cfg.stage)
     if resume:  # continue with the very config (and seed) the run started with
         cfg = _resumed_config(cfg, overrides)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    threads = cfg.train.threads or free_core_threads()
+    torch.set_num_threads(threads)
+    cfg.train = cfg.train.model_copy(update={"threads": threads})  # in the snapshot: a replay runs at this count
     device = resolve_device(cfg.train.device)
     dist.init(device)  # before the seed is drawn: rank 0 draws it and the others must receive it
     repro = cfg.reproducibility
     seed = repro.random_seed if repro.reproduce else dist.broadcast(draw_seed)
     cfg.reproducibility = repro.model_copy(update={"reproduce": True, "random_seed": seed})  # snapshot replays
     seed_everything(seed, repro.deterministic)
-    check_loggers(cfg.logging)
+    check_inputs(cfg)
     prepare = getattr(module, "prepare", None)
     if prepare is not None:  # upstream runs and input checks, before the run directory exists
         prepare(cfg)
@@ -149,7 +215,11 @@ def _run_stage(module, cfg: RunConfig, run: Run, seed: int, device: torch.device
     seed_everything(seed, repro.deterministic)  # the same RNG state whatever prepare() consumed
     verb = "resuming" if run.resumed else ("replaying into" if run.replay_of else "writing")
     if dist.is_main():
-        print(f"{cfg.stage}: {verb} {run.path} (seed {seed})", flush=True)
+        print(f"{cfg.stage}: {verb} {run.path} (seed {seed}, threads {torch.get_num_threads()})", flush=True)
+        differences = run.replay_differences()
+        if differences:
+            print(f"{cfg.stage}: this replay's settings differ from the recorded ones ({'; '.join(differences)}): "
+                  "its metrics are not expected to match the original's bit for bit", flush=True)
     try:
         summary = module.main(Context(cfg, run, seed, device))
         summary = {"stage": cfg.stage, "name": cfg.name, "seed": seed, "duration_s": round(run.elapsed_s(), 2),

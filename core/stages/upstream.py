@@ -14,7 +14,7 @@ from ..config import RunConfig, read_yaml
 from ..errors import UserError
 from ..seeds import derive_seed
 from ..run import has_state, is_finished
-from .runner import Interrupted, execute, load_stage_config
+from .runner import Interrupted, UpstreamPending, execute, load_stage_config, validate, validating
 
 
 @dataclass
@@ -86,7 +86,7 @@ def resolve_upstream(ref: str, stage: str, key: str, mask_base: Optional[str] = 
         return str(path)
     if path.suffix not in (".yaml", ".yml"):
         raise UserError(f"{key}: {ref} is neither a run directory nor a config file")
-    declared = _stage_of(read_yaml(path))
+    declared = stage_of(read_yaml(path))
     if declared is not None and declared != stage:
         raise UserError(f"{key}: {path} is a config of the {declared} stage; {key} takes a {stage} run directory or "
                         f"a {stage} config")
@@ -98,6 +98,8 @@ def resolve_upstream(ref: str, stage: str, key: str, mask_base: Optional[str] = 
                 update={"reproduce": True, "random_seed": derive_seed(_placement.seed, "upstream", cfg.name)})
     if is_finished(cfg.output_dir):
         return cfg.output_dir
+    if validating():  # --validate: check the upstream config (and its own upstream), train nothing
+        raise UpstreamPending(key, str(path), cfg.output_dir, validate(cfg))
     with _upstream_lock(cfg.output_dir):
         return _produce_upstream(cfg, path, key)
 
@@ -119,7 +121,7 @@ def _produce_upstream(cfg: RunConfig, path: Path, key: str) -> str:
 STAGE_SECTIONS = {"mask": "ablate", "transfer": "transfer", "guidance": "guide"}  # sections only that stage has
 
 
-def _stage_of(raw: dict[str, Any]) -> Optional[str]:
+def stage_of(raw: dict[str, Any]) -> Optional[str]:
     """The stage a config is for: its ``stage:`` key, or the section only that stage has (None: can't tell)."""
     if raw.get("stage") is not None:
         return str(raw["stage"])

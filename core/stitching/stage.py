@@ -185,6 +185,8 @@ def data_seed(cfg: Config, seed: int) -> int:
     if isinstance(choice, int):
         return choice
     if choice == "end" and end.run is not None:
+        if not Path(end.run).is_dir():
+            raise UserError(f"stitch.end.run: {end.run} does not exist (a run directory: run its config first)")
         try:
             return int((Path(end.run) / "seed.txt").read_text().split()[0])
         except (OSError, ValueError, IndexError):

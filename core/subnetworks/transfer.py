@@ -216,5 +216,6 @@ def _plot(path: Path, rows: list[dict[str, Any]], by_n: bool) -> None:
         figures = {key: {r["condition"]: r[key] for r in rows if key in r}
                    for key in ("textured_acc", "shape_only_acc", "shape_bias")}
         plot_bars(path / "shape_bias.png", {k: v for k, v in figures.items() if v},
-                  title="test accuracy (textured, shape-only) and shape bias (cue-conflict) per condition",
+                  title="test accuracy (textured, shape-only) and shape bias (cue-conflict) per condition; one seed "
+                        "(a sweep over seeds reports mean and spread)",
                   ylabel="fraction (accuracy, or shape decisions)", fraction=True)
