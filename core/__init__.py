@@ -14,7 +14,7 @@ _API_NAMES = frozenset({
     "TRANSFER_CONDITIONS", "measure_similarity", "measures", "alignment_loss", "AlignmentLoss", "LayerPair",
     "FeatureCapture", "probe", "UserError", "compare_models", "Comparison", "stitch_models", "StitchedNet",
     "StitchTransform", "learning_rule", "learning_rules", "GradientProvider", "StepContext", "alignment_scores",
-    "AlignmentBaseline", "create_model", "list_models",
+    "AlignmentBaseline", "create_model", "list_models", "ablate_subnetwork", "Ablations", "ABLATION_MODES",
 })
 
 

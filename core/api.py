@@ -11,6 +11,8 @@ Masks (subnetwork discovery and transfer, ``instill.subnetworks``)::
     masked.save("my_mask")                                   # mask.safetensors + mask.json
     mask = instill.load_mask("my_mask", model)               # {parameter name: bool tensor}, checked
     start = instill.transplant("subnet", model, fresh, mask)  # train start.model; frozen entries stay fixed
+    result = instill.ablate_subnetwork(model, mask, {"subtask": loader})  # NeuroSurgeon's ablation modes
+    result.summary()["zero_ablate"]["subtask_acc"]["mean"]; result.plot("ablations.png")
 
 Similarity (``instill.compare``)::
 
@@ -52,13 +54,13 @@ from .errors import UserError
 from .models.api import create_model, list_models
 from .guidance.api import AlignmentLoss, FeatureCapture, LayerPair, alignment_loss, probe
 from .stitching.api import StitchedNet, StitchTransform, stitch_models
-from .subnetworks.api import (TRANSFER_CONDITIONS, MaskConfig, MaskedModel, Transplant, find_subnetwork, load_mask,
-                              mask_density, transplant)
+from .subnetworks.api import (ABLATION_MODES, TRANSFER_CONDITIONS, Ablations, MaskConfig, MaskedModel, Transplant,
+                              ablate_subnetwork, find_subnetwork, load_mask, mask_density, transplant)
 
 __all__ = [
-    # subnetworks: find a subnetwork, save and load it, transplant it
+    # subnetworks: find a subnetwork, save and load it, test it by ablation, transplant it
     "MaskConfig", "MaskedModel", "find_subnetwork", "load_mask", "mask_density", "transplant", "Transplant",
-    "TRANSFER_CONDITIONS",
+    "TRANSFER_CONDITIONS", "ablate_subnetwork", "Ablations", "ABLATION_MODES",
     # similarity: a measure on two tensors
     "measure_similarity", "measures",
     # guidance: an alignment loss for your own training loop

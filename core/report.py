@@ -256,10 +256,13 @@ def plot_runs(path: str | Path, out: Optional[Path] = None, name: str = "") -> l
 
 
 def plot_bars(path: str | Path, values: dict[str, Any], *, title: str, ylabel: str,
-              fraction: Optional[bool] = None) -> Optional[Path]:
+              fraction: Optional[bool] = None, spread: Optional[dict[str, Any]] = None,
+              points: Optional[dict[str, Any]] = None) -> Optional[Path]:
     """A bar chart of named values (mask density per layer, ...), or grouped bars of several series given as
     ``{series: {name: value}}`` (accuracy and shape bias per condition, ...). Names and series are shown in words
-    (``describe``); ``fraction`` (default: every value in [0, 1]) puts the y-axis on [0, 1]."""
+    (``describe``); ``fraction`` (default: every value in [0, 1]) puts the y-axis on [0, 1]. ``spread`` (shaped as
+    ``values``) adds an error bar of +- spread to each bar; ``points`` (``{series: {name: [value, ...]}}``) a dot
+    per value over its bar (the single draws behind a mean)."""
     if not values:
         return None
     grouped = all(isinstance(v, dict) for v in values.values())
@@ -273,10 +276,18 @@ def plot_bars(path: str | Path, values: dict[str, Any], *, title: str, ylabel: s
     labels = [describe(name) for name in names]
     long_labels = max(len(label) for label in labels) > 12 or len(names) > 8
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(names) * len(series) + 2.5), 4.6 if long_labels else 4))
+    spreads = (spread if grouped else {"": spread}) if spread else {}
+    dots = (points if grouped else {"": points}) if points else {}
     for i, (label, bars) in enumerate(series.items()):
         offsets = [k + (i - (len(series) - 1) / 2) * width for k in range(len(names))]
-        ax.bar(offsets, [bars.get(name, float("nan")) for name in names], width,
+        errors = [spreads.get(label, {}).get(name, 0.0) for name in names] if spreads else None
+        ax.bar(offsets, [bars.get(name, float("nan")) for name in names], width, yerr=errors, capsize=3,
                label=describe(label) if label else None)
+        for offset, name in zip(offsets, names):
+            values_here = dots.get(label, {}).get(name, [])
+            ax.plot([offset] * len(values_here), values_here, "o", markersize=3, color="black", alpha=0.6,
+                    zorder=3, label=None)
+            heights += list(values_here)
     ax.set_xticks(range(len(names)), labels, rotation=30 if long_labels else 0, ha="right" if long_labels else "center",
                   fontsize=9)
     ax.set_ylabel(ylabel)

@@ -141,25 +141,33 @@ def evaluate_classification(model: nn.Module, splits: dict[str, Split], batch_si
                             forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
                             ) -> dict[str, float]:
     """``<split>_acc`` and ``<split>_loss`` for each split (scored positions only for sequences)."""
+    metrics = {}
+    for name, split in splits.items():
+        metrics[f"{name}_acc"], metrics[f"{name}_loss"], _ = score_batches(model, batches(split, batch_size), device,
+                                                                           forward)
+    return metrics
+
+
+@torch.no_grad()
+def score_batches(model: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                  forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float, int]:
+    """(accuracy, mean cross-entropy, scored count) of ``model`` in evaluation mode over the scored positions (targets
+    other than -100) of ``(inputs, targets)`` batches; accuracy and loss are 0 when nothing is scored (count 0)."""
     forward = forward or (lambda m, x: logits_of(m(x)))
     was_training = model.training
     model.eval()
-    metrics = {}
-    for name, split in splits.items():
-        correct = scored = 0
-        loss_sum = 0.0
-        for x, y in batches(split, batch_size):
-            x, y = x.to(device), y.to(device)
-            logits = forward(model, x).float()
-            flat_logits, flat_y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
-            keep = flat_y != IGNORE_INDEX
-            loss_sum += F.cross_entropy(flat_logits[keep], flat_y[keep], reduction="sum").item()
-            correct += (flat_logits[keep].argmax(-1) == flat_y[keep]).sum().item()
-            scored += int(keep.sum())
-        metrics[f"{name}_acc"] = correct / max(scored, 1)
-        metrics[f"{name}_loss"] = loss_sum / max(scored, 1)
+    correct = scored = 0
+    loss_sum = 0.0
+    for x, y in pairs:
+        x, y = x.to(device), y.to(device)
+        logits = forward(model, x).float()
+        flat_logits, flat_y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+        keep = flat_y != IGNORE_INDEX
+        loss_sum += F.cross_entropy(flat_logits[keep], flat_y[keep], reduction="sum").item()
+        correct += (flat_logits[keep].argmax(-1) == flat_y[keep]).sum().item()
+        scored += int(keep.sum())
     model.train(was_training)
-    return metrics
+    return correct / max(scored, 1), loss_sum / max(scored, 1), scored
 
 
 @torch.no_grad()

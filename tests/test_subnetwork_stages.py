@@ -394,3 +394,90 @@ def test_bad_neurosurgeon_imports_are_one_line_errors_and_write_nothing(in_upstr
     one_line_error(capsys, "already exists and is not an empty directory")
     assert Path("checkpoints/tiny_math_base/summary.json").read_bytes() == summary
     assert not Path("checkpoints/tiny_math_base/mask.json").exists()
+
+
+# --------------------------------------------------------------------------- causal ablations at the end of ablate
+
+def ablate(out: str, *overrides: str) -> int:
+    args = ["configs/tiny_math_ablate.yaml", "--out", out, "--set", "base=checkpoints/tiny_math_base",
+            "--set", SEEDED, "--set", "train.epochs=1"]
+    for override in overrides:
+        args += ["--set", override]
+    return run_cli("ablate", *args)
+
+
+def test_ablate_tests_its_mask_causally_on_the_subtask_and_the_base_task(in_upstream):
+    from instill.subnetworks.ablations import MODES
+
+    with open(Path(ABLATE, "ablations.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["mode"] for r in rows] == [m for m in MODES for _ in range(5 if m.endswith(("ed", "random_ablate"))
+                                                                         and m != "zero_ablate" else 1)]
+    summary = json.loads(Path(ABLATE, "summary.json").read_text())
+    ablations = summary["ablations"]["modes"]
+    assert list(ablations) == list(MODES) and Path(ABLATE, "ablations.png").stat().st_size > 0
+    # the subnetwork alone is the mask the stage found, scored on the same test split
+    assert ablations["subnetwork"]["subtask_acc"]["mean"] == summary["test_acc"]
+    # the base task is the base run's own test split: the whole model scores what the base run reported
+    base = json.loads(Path("checkpoints/tiny_math_base/summary.json").read_text())
+    assert ablations["full_model"]["base_task_acc"]["mean"] == base["test_acc"]
+    drawn = ablations["randomly_sampled"]["subtask_acc"]
+    assert len(drawn["values"]) == 5 and drawn["min"] <= drawn["mean"] <= drawn["max"]
+    assert summary["ablation/randomly_sampled/subtask_acc"] == drawn["mean"]  # flat, for sweep tables
+
+
+def test_ablations_can_be_switched_off_or_cut_to_the_subtask(in_upstream):
+    assert ablate("checkpoints/off", "ablations.enabled=false") == 0
+    assert "ablations" not in json.loads(Path("checkpoints/off/summary.json").read_text())
+    assert not Path("checkpoints/off/ablations.csv").exists()
+    assert ablate("checkpoints/subtask_only", "ablations.base_task=false", "ablations.draws=2",
+                  "ablations.modes=[zero_ablate, randomly_sampled]") == 0
+    with open("checkpoints/subtask_only/ablations.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["mode"], r["draw"]) for r in rows] == [("zero_ablate", "0"), ("randomly_sampled", "0"),
+                                                      ("randomly_sampled", "1")]
+    assert set(rows[0]) == {"mode", "draw", "subtask_acc", "subtask_loss"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ablations.modes=[zero_ablation]", "did you mean 'zero_ablate'"),
+    ("ablations.draws=0", "ablations.draws"),
+])
+def test_bad_ablation_settings_stop_before_the_run_directory(in_upstream, capsys, override, message):
+    assert ablate("checkpoints/bad", override) == 2
+    one_line_error(capsys, message)
+    assert not Path("checkpoints/bad").exists()
+
+
+def test_a_base_run_without_its_config_skips_the_base_task_unless_it_is_asked_for(in_upstream, capsys):
+    """An imported base run records no data: by default the base task is skipped with a note; base_task: true stops
+    before training."""
+    shutil.copytree("checkpoints/tiny_math_base", "checkpoints/bare_base", dirs_exist_ok=True)
+    Path("checkpoints/bare_base/config.yaml").unlink()
+    args = ["configs/tiny_math_ablate.yaml", "--set", "base=checkpoints/bare_base", "--set", SEEDED]
+    assert run_cli("ablate", *args, "--out", "checkpoints/bad", "--set", "ablations.base_task=true") == 2
+    one_line_error(capsys, "set ablations.base_task: false (or null)")
+    assert not Path("checkpoints/bad").exists()
+    assert run_cli("ablate", *args, "--out", "checkpoints/bare_ablate", "--set", "train.epochs=1",
+                   "--set", "ablations.modes=[zero_ablate]") == 0
+    ablations = json.loads(Path("checkpoints/bare_ablate/summary.json").read_text())["ablations"]
+    assert list(ablations["modes"]["zero_ablate"]) == ["subtask_acc", "subtask_loss"]
+    assert ablations["notes"][0].startswith("base task skipped")
+
+
+@pytest.mark.parametrize("method", ["continuous_sparsification", "hard_concrete", "magnitude"])
+def test_neuron_masks_of_every_method_run_end_to_end(in_upstream, method):
+    """mask.unit: neuron through the stage: one logit per output unit, whole units in the artifact, and the
+    ablations remove whole units."""
+    from instill.subnetworks.ablations import unit_masks
+
+    out = f"checkpoints/neuron-{method}"
+    assert ablate(out, "mask.unit=neuron", f"mask.method={method}", "ablations.draws=1",
+                  "ablations.modes=[zero_ablate, randomly_sampled]") == 0
+    meta = json.loads(Path(out, "mask.json").read_text())
+    assert meta["method"] == method and meta["hyperparameters"]["unit"] == "neuron"
+    base = load_model("checkpoints/tiny_math_base").model
+    masks = load_mask(out, base)
+    units = unit_masks(base, masks, "neuron")  # raises unless every unit is kept or dropped whole
+    assert all(u.shape[0] == 1 and u.shape[1] == m.shape[1] for u, m in zip(units.values(), masks.values()))
+    assert "randomly_sampled" in json.loads(Path(out, "summary.json").read_text())["ablations"]["modes"]
