@@ -92,7 +92,7 @@ def test_align_on_a_kmnist_image_folder_with_data_limits(workdir):
 
 @pytest.mark.parametrize("data, message", [
     ("{name: cifar10, root: nowhere}", "CIFAR folder nowhere/cifar-10-batches-py not found"),
-    ("{name: image_folder, train_dir: nowhere, resolution: 28}", "image folder 'nowhere' does not exist"),
+    ("{name: image_folder, train_dir: nowhere, resolution: 28}", "data.train_dir 'nowhere' does not exist"),
 ])
 def test_a_missing_local_folder_is_one_line_and_writes_nothing(workdir, capsys, data, message):
     Path("cifar.yaml").write_text(CIFAR)

@@ -39,11 +39,11 @@ def test_no_library_message_names_a_config_key():
 
 
 def test_under_key_prefixes_a_user_error_and_lets_other_errors_pass():
-    with pytest.raises(UserError, match=r"^align\.score_layers: no layer 'x' in the model"):
+    with pytest.raises(UserError, match=r"^align\.score_layers: unknown layer 'x' in the model"):
         with under_key("align.score_layers"):
             check_layers(["x"], ["a", "b"])
     with pytest.raises(KeyError), under_key("model"):
         raise KeyError("a bug keeps its type")
     with pytest.raises(UserError) as err:
         check_layers(["x"], ["a", "b"])
-    assert str(err.value).startswith("no layer 'x'")  # the library alone names no key
+    assert str(err.value).startswith("unknown layer 'x'")  # the library alone names no key

@@ -268,5 +268,5 @@ def test_a_missing_packaged_file_is_one_line():
 
     with pytest.raises(UserError, match=r"digits: .*nope.csv not found \(is sklearn installed\?\)"):
         packaged_file("digits", "sklearn", "datasets", "nope.csv")
-    with pytest.raises(UserError, match=r"not found \(is no_such_package_xyz installed\?\)"):
+    with pytest.raises(UserError, match=r"needs the no_such_package_xyz package, which is not installed"):
         packaged_file("digits", "no_such_package_xyz", "a.csv")

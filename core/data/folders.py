@@ -159,8 +159,10 @@ def check_images(paths: list[Path], workers: int = 0) -> None:
 
     from . import _one_line_errors
 
+    # its own generator: a DataLoader draws its workers' base seed from torch's global one otherwise, and building
+    # the data would move the model's initialisation (a streamed and an in-memory run would then differ)
     for _ in _one_line_errors(iter(DataLoader(_Headers(paths), batch_size=256, num_workers=workers,
-                                              collate_fn=len))):
+                                              collate_fn=len, generator=torch.Generator()))):
         pass
 
 
@@ -205,7 +207,8 @@ def load_images(paths: list[Path], resolution: int, workers: int = 0) -> torch.T
     from . import _one_line_errors
 
     out = torch.empty(len(paths), 3, resolution, resolution, dtype=torch.uint8)
-    chunks = DataLoader(_Decoded(paths, resolution), batch_size=256, num_workers=workers, collate_fn=np.stack)
+    chunks = DataLoader(_Decoded(paths, resolution), batch_size=256, num_workers=workers, collate_fn=np.stack,
+                        generator=torch.Generator())  # leaves torch's global generator alone (see check_images)
     start = 0
     for chunk in _one_line_errors(iter(chunks)):
         out[start:start + len(chunk)] = torch.from_numpy(chunk).permute(0, 3, 1, 2)
