@@ -105,8 +105,8 @@ def test_rerun_adopts_a_queued_job_instead_of_submitting_again(workdir, capsys):
                              "the submission to be recorded")
         assert recorded["state"] == "submitted" and recorded["slurm_job"]
         job = recorded["slurm_job"]
-        first.send_signal(signal.SIGINT)  # the sweep process stops; its held job stays queued
-        assert first.wait(30) == 130
+        first.kill()  # the sweep process dies (Ctrl-C would cancel the job: see the next test); the job stays queued
+        assert first.wait(30) == -signal.SIGKILL
         assert _squeue(name) == [f"{job} PENDING"]
         # a local rerun leaves the point to its queued job instead of running it here as well
         assert sweep_main(["s.yaml", "--executor", "local"]) == 1
@@ -133,3 +133,33 @@ def test_rerun_adopts_a_queued_job_instead_of_submitting_again(workdir, capsys):
     outcome = json.loads(state_file.read_text())
     assert outcome["state"] == "finished" and outcome["slurm_job"] == job  # it ran as the adopted job
     assert _wait_for(lambda: _sacct_jobs(name), 30, "accounting") == {job}  # one job ever submitted
+
+
+def test_ctrl_c_cancels_the_jobs_the_sweep_still_waits_for(workdir):
+    """Ctrl-C is the user stopping the sweep: its queued jobs are cancelled, none is left behind in the queue."""
+    assert NO_CLUSTER is None, f"INSTILL_REQUIRE_SLURM=1 but {NO_CLUSTER}"
+    from .conftest import python_env
+
+    sweep_name = f"stopped-{os.getpid()}"
+    name = f"instill-{sweep_name}"
+    Path("s.yaml").write_text(f"""sweep:
+  config: configs/tiny_digits.yaml
+  stage: base
+  grid: {{reproducibility.random_seed: [7]}}
+  set: {{reproducibility.reproduce: true, train.epochs: 1}}
+  output_dir: checkpoints/{sweep_name}
+  executor: {{kind: slurm, slurm: {{time_min: 10, cpus_per_task: 1, additional: {{hold: true}}}}}}
+""")
+    state_file = Path(f"checkpoints/{sweep_name}/points/000-random_seed=7.json")
+    sweep = subprocess.Popen([sys.executable, "-m", "instill.sweep", "s.yaml"], env=python_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: state_file.is_file() and json.loads(state_file.read_text()).get("slurm_job"), 60,
+                  "the submission to be recorded")
+        sweep.send_signal(signal.SIGINT)
+        assert sweep.wait(30) == 130
+        _wait_for(lambda: _squeue(name) == [], 30, "the cancelled job to leave the queue")
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+        subprocess.run(["scancel", "-n", name], check=False)
