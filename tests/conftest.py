@@ -39,3 +39,19 @@ def python_env() -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+@pytest.fixture(scope="session")
+def tiny_convnet_runs(tmp_path_factory) -> Path:
+    """The two tiny ConvNet runs (digits) that the stitch and compare tests read, trained once per session: their
+    checkpoints folder. Tests copy it before changing anything in it."""
+    folder = tmp_path_factory.mktemp("tiny_convnets")
+    shutil.copytree(CONFIGS, folder / "configs")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        for name in ("tiny_stitch_a", "tiny_stitch_b"):
+            assert run_cli("base", f"configs/{name}.yaml") == 0
+    finally:
+        os.chdir(cwd)
+    return folder / "checkpoints"

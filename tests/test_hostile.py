@@ -24,7 +24,7 @@ from instill.run import LOCK_FILE, RunLock
 from instill.subnetworks.neurosurgeon import main as neurosurgeon_main
 from instill.sweep import SWEEP_LOCK
 from instill.sweep import main as sweep_main
-from tests.conftest import CONFIGS, run_cli
+from tests.conftest import run_cli
 from tests.test_reproduce import TINY_MANIFEST
 from tests.test_run_safety import tmpfs
 
@@ -33,18 +33,9 @@ A, B = "checkpoints/tiny_stitch_a", "checkpoints/tiny_stitch_b"
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tiny_convnet_runs):
     """The two tiny ConvNet runs (digits) that stitch and compare read, and an ablate-ready copy: trained once."""
-    folder = tmp_path_factory.mktemp("finished")
-    shutil.copytree(CONFIGS, folder / "configs")
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        for name in ("tiny_stitch_a", "tiny_stitch_b"):
-            assert run_cli("base", f"configs/{name}.yaml") == 0
-    finally:
-        os.chdir(cwd)
-    return folder / "checkpoints"
+    return tiny_convnet_runs
 
 
 def snapshot(root: Path) -> dict[str, object]:

@@ -22,7 +22,7 @@ from instill.report import aggregate
 from instill.reproduce import Claim, claim_result, main as reproduce_main
 from instill.run import Run
 from instill.sweep import main as sweep_main
-from tests.conftest import CONFIGS, python_env, run_cli
+from tests.conftest import python_env, run_cli
 from tests.test_reproduce import TINY_MANIFEST
 from tests.test_run_safety import tmpfs
 
@@ -153,18 +153,9 @@ def test_a_sweep_into_a_read_only_or_full_place_or_below_a_file_is_one_line(work
 
 
 @pytest.fixture(scope="module")
-def two_models(tmp_path_factory):
+def two_models(tiny_convnet_runs):
     """The two tiny ConvNets of the stitch tests, trained once: their run directories."""
-    folder = tmp_path_factory.mktemp("models")
-    shutil.copytree(CONFIGS, folder / "configs")
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        for name in ("tiny_stitch_a", "tiny_stitch_b"):
-            assert run_cli("base", f"configs/{name}.yaml") == 0
-    finally:
-        os.chdir(cwd)
-    return folder / "checkpoints"
+    return tiny_convnet_runs
 
 
 def poison(run_dir: Path, tensor: str, value: float) -> None:

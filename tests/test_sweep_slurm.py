@@ -69,6 +69,18 @@ def _sacct_jobs(name: str) -> set[str]:
     return set(out.stdout.split())
 
 
+def _write_held_sweep(sweep_name: str) -> None:
+    """s.yaml: one point of tiny_digits, submitted as a held SLURM job (it waits in the queue until released)."""
+    Path("s.yaml").write_text(f"""sweep:
+  config: configs/tiny_digits.yaml
+  stage: base
+  grid: {{reproducibility.random_seed: [7]}}
+  set: {{reproducibility.reproduce: true, train.epochs: 1}}
+  output_dir: checkpoints/{sweep_name}
+  executor: {{kind: slurm, slurm: {{time_min: 10, cpus_per_task: 1, additional: {{hold: true}}}}}}
+""")
+
+
 def _wait_for(condition, seconds: float, what: str):
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -88,14 +100,7 @@ def test_rerun_adopts_a_queued_job_instead_of_submitting_again(workdir, capsys):
 
     sweep_name = f"held-{os.getpid()}"
     name = f"instill-{sweep_name}"  # its jobs' name
-    Path("s.yaml").write_text(f"""sweep:
-  config: configs/tiny_digits.yaml
-  stage: base
-  grid: {{reproducibility.random_seed: [7]}}
-  set: {{reproducibility.reproduce: true, train.epochs: 1}}
-  output_dir: checkpoints/{sweep_name}
-  executor: {{kind: slurm, slurm: {{time_min: 10, cpus_per_task: 1, additional: {{hold: true}}}}}}
-""")
+    _write_held_sweep(sweep_name)
     command = [sys.executable, "-m", "instill.sweep", "s.yaml"]
     state_file = Path(f"checkpoints/{sweep_name}/points/000-random_seed=7.json")
     first = subprocess.Popen(command, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -142,14 +147,7 @@ def test_ctrl_c_cancels_the_jobs_the_sweep_still_waits_for(workdir):
 
     sweep_name = f"stopped-{os.getpid()}"
     name = f"instill-{sweep_name}"
-    Path("s.yaml").write_text(f"""sweep:
-  config: configs/tiny_digits.yaml
-  stage: base
-  grid: {{reproducibility.random_seed: [7]}}
-  set: {{reproducibility.reproduce: true, train.epochs: 1}}
-  output_dir: checkpoints/{sweep_name}
-  executor: {{kind: slurm, slurm: {{time_min: 10, cpus_per_task: 1, additional: {{hold: true}}}}}}
-""")
+    _write_held_sweep(sweep_name)
     state_file = Path(f"checkpoints/{sweep_name}/points/000-random_seed=7.json")
     sweep = subprocess.Popen([sys.executable, "-m", "instill.sweep", "s.yaml"], env=python_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
