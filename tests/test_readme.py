@@ -70,8 +70,8 @@ def run(command: str, capsys) -> tuple[int, str]:
     if argv[1] == "-m":
         if "<" in command:  # placeholders: the sub-command exists and documents itself
             argv = argv[:4] + ["--help"]
-        elif argv[2] in VALIDATE_ONLY:
-            argv = argv + ["--validate"]
+        elif argv[2] in VALIDATE_ONLY or "--grid" in argv:  # a --grid sweep of a whole preset: minutes; its
+            argv = argv + ["--validate"]                      # files are tests/test_sweep.py's to check
         code = _run_module(argv[2], argv[3:])
     elif argv[1].endswith(".py") and (REPO / argv[1]).read_text().count("entry("):
         args = argv[2:]
