@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+from timing import synced_median  # noqa: E402 - bench/ is on the path from here on
 
 # bench script -> (its arguments on the GPU machine, whether it takes --device)
 BENCHES: dict[str, tuple[list[str], bool]] = {
@@ -88,23 +88,9 @@ TARGETS = [
 ]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_steps(step: Callable[[], None], device: torch.device, steps: int) -> float:
     """Median seconds of ``steps`` calls after as many warm-up calls (at most 3), synchronised around each."""
-    for _ in range(min(steps, 3)):
-        step()
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return synced_median(step, device, steps, warmup=min(steps, 3))
 
 
 def _autocast(device: torch.device):

@@ -35,7 +35,6 @@ import dataclasses
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from timing import interleaved_times, median_ratio, sync, synced_median  # noqa: E402 - bench/ is on the path from here on
 
 
 @dataclass
@@ -85,20 +85,13 @@ def _status_bytes(key: str) -> int:
 
 def measured(fn: Callable[[], None], device: torch.device, repeats: int) -> tuple[float, float]:
     """(median seconds of ``repeats`` calls, peak memory growth in MB over one more call)."""
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    median = synced_median(fn, device, repeats)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn()
-        _sync(device)
+        sync(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -107,12 +100,7 @@ def measured(fn: Callable[[], None], device: torch.device, repeats: int) -> tupl
         base = _status_bytes("VmRSS")
         fn()
         peak = _status_bytes("VmHWM") - base
-    return statistics.median(times), peak / 2**20
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return median, peak / 2**20
 
 
 # ----------------------------------------------------------------------------------------------------- systems
@@ -156,7 +144,6 @@ def compare_curves(quick: bool, device: torch.device, repeats: int) -> list[Curv
 
 def masks_curve(quick: bool, device: torch.device, repeats: int) -> Curve:
     import masks as bench
-    from timing import interleaved_times, median_ratio
 
     curve = Curve("masks_depth", "GPT-2 layers", ideal={"discovery_vs_plain": "flat", "transfer_vs_plain": "flat",
                                                         "transfer_training_memory_vs_plain": "flat"})
@@ -174,7 +161,6 @@ def masks_curve(quick: bool, device: torch.device, repeats: int) -> Curve:
 
 def guided_curve(quick: bool, device: torch.device, repeats: int) -> Curve:
     import guidance as bench
-    from timing import interleaved_times, median_ratio
 
     curve = Curve("guided_batch", "batch", ideal={"over_floor": "flat", "peak_mb": "linear"})
     shrink = ["data.n_train=256", "data.n_val=8", "data.n_test=8"]

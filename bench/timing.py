@@ -29,3 +29,26 @@ def interleaved_times(steps: dict[str, Callable[[], None]], repeats: int, warmup
 def median_ratio(numerator: list[float], denominator: list[float]) -> float:
     """Median over rounds of numerator / denominator: a ratio that machine-wide slowdowns mostly cancel out of."""
     return statistics.median(a / b for a, b in zip(numerator, denominator))
+
+
+def synced_median(fn: Callable[[], None], device, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` calls, the device synchronised around each
+    (``device`` a torch.device: a CUDA kernel queue would otherwise be timed at its launch)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def sync(device) -> None:
+    """Wait for ``device``'s queued work (CUDA); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)

@@ -157,20 +157,13 @@ class TrainConfig(Section):
     @field_validator("rule")
     @classmethod
     def _known_rule(cls, name: str) -> str:
-        try:
-            RULES.get(name)
-        except UserError as err:
-            raise ValueError(str(err)) from None
-        return name
+        return RULES.known(name)
 
     @field_validator("rule_options")
     @classmethod
     def _known_rule_options(cls, options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for name, values in options.items():
-            try:
-                RULES.get(name)
-            except UserError as err:
-                raise ValueError(str(err)) from None
+            RULES.known(name)
             try:
                 RULES.validate(name, values)
             except ValueError as err:

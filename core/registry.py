@@ -132,6 +132,15 @@ class Registry:
         named = set(self._entries) | {point.name for point in entry_points(group=self.group)}
         return sorted(named) + sorted(f"{p}:<name>" for p in self._prefixes)
 
+    def known(self, name: str) -> str:
+        """``name`` when it is an entry; otherwise the unknown-name line as a ValueError, which a config's field
+        validator reports under its key."""
+        try:
+            self.get(name)
+        except UserError as err:
+            raise ValueError(str(err)) from None
+        return name
+
     def get(self, name: str) -> Entry:
         """The entry ``name`` (or its alias, or an import path, or an entry point) names; a UserError otherwise."""
         name = self.aliases.get(name, name)

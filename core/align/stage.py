@@ -76,10 +76,7 @@ class AlignSection(Section):
     @classmethod
     def _known_rules(cls, rules: list[str]) -> list[str]:
         for name in rules:
-            try:
-                RULES.get(name)
-            except UserError as err:
-                raise ValueError(str(err)) from None
+            RULES.known(name)
         if len(set(rules)) != len(rules):
             raise ValueError("a rule is listed twice")
         return rules

@@ -41,7 +41,7 @@ from ..registry import MODELS
 from ..report import describe, format_table, plot_bars, plot_runs
 from ..files import atomic_write_csv
 from ..seeds import derive_seed, seed_everything
-from ..compare.similarity import get_similarity
+from ..compare.similarity import SIMILARITIES, get_similarity
 from ..stages.compatibility import check_data_fits
 from ..stages.runner import Context, build_data
 from ..stages.task import LossScope, evaluate_task, make_loss, summary_metrics
@@ -97,11 +97,7 @@ class GuidanceSection(Section):
     @field_validator("similarity")
     @classmethod
     def _known_similarity(cls, name: str) -> str:
-        try:
-            get_similarity(name)
-        except UserError as err:
-            raise ValueError(str(err)) from None
-        return name
+        return SIMILARITIES.known(name)
 
     @model_validator(mode="after")
     def _guides_given(self):

@@ -54,10 +54,10 @@ from ..report import format_table, plot_bars, plot_heatmaps, plot_run
 from ..run import Run
 from ..files import atomic_write_csv
 from ..seeds import derive_seed
-from ..compare.similarity import cka, get_similarity
+from ..compare.similarity import SIMILARITIES, cka, get_similarity
 from ..compare.sources import LoadedModel, ModelSource, load_model_source
-from .stitch import (INITS, MASKS, Head, LinearStats, Side, StitchTransform, Tail, TargetBatch, agreement_metrics,
-                     freeze, init_matrix, layout_of, make_mask, stitch_choice, stitch_target)
+from .stitch import (INITS, MASKS, TARGETS, Head, LinearStats, Side, StitchTransform, Tail, TargetBatch,
+                     agreement_metrics, freeze, init_matrix, layout_of, make_mask, stitch_choice, stitch_target)
 from ..train import Objective, fit
 from ..stages.runner import Context, build_data
 from ..stages.upstream import resolve_upstream
@@ -121,29 +121,18 @@ class StitchSection(Section):
     @field_validator("target")
     @classmethod
     def _known_target(cls, name: str) -> str:
-        try:
-            stitch_target(name)
-        except UserError as err:
-            raise ValueError(str(err)) from None
-        return name
+        return TARGETS.known(name)
 
     @field_validator("init", "mask")
     @classmethod
     def _known_choice(cls, name: str, info) -> str:
-        try:
-            stitch_choice(INITS if info.field_name == "init" else MASKS, name)
-        except UserError as err:
-            raise ValueError(str(err)) from None
-        return name
+        return (INITS if info.field_name == "init" else MASKS).known(name)
 
     @field_validator("measures")
     @classmethod
     def _known_measures(cls, names: list[str]) -> list[str]:
         for name in names:
-            try:
-                get_similarity(name)
-            except UserError as err:
-                raise ValueError(str(err)) from None
+            SIMILARITIES.known(name)
         return names
 
     @model_validator(mode="after")

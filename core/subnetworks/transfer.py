@@ -70,10 +70,7 @@ class TransferSection(Section):
     @classmethod
     def _known(cls, conditions: list[str]) -> list[str]:
         for name in conditions:
-            try:
-                CONDITIONS.get(name)
-            except UserError as err:
-                raise ValueError(str(err)) from None
+            CONDITIONS.known(name)
         return conditions
 
     @field_validator("n_disambiguation")
