@@ -38,11 +38,11 @@ def config_sections(stage: str) -> str:
     from pydantic import BaseModel
 
     from .config import Component
-    from .stages import stage_module
+    from .stages import get_stage
 
     lines = [f"config sections (see README.md and docs/design.md; instill list {'|'.join(KINDS)} shows what "
              "names a config can use, with their options):"]
-    for name, field in stage_module(stage).Config.model_fields.items():
+    for name, field in get_stage(stage).Config.model_fields.items():
         kinds = [field.annotation, *getattr(field.annotation, "__args__", ())]
         section = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
         if section is not None and issubclass(section, Component):
@@ -60,7 +60,9 @@ REGISTRIES = {"models": ("registry", "MODELS"), "datasets": ("registry", "DATASE
               "similarities": ("compare.similarity", "SIMILARITIES"), "mask_methods": ("subnetworks.masks",
                                                                                      "MASK_METHODS"),
               "stitch_targets": ("stitching.stitch", "TARGETS"), "stitch_inits": ("stitching.stitch", "INITS"),
-              "stitch_masks": ("stitching.stitch", "MASKS"), "compare_measures": ("compare.measures", "MEASURES")}
+              "stitch_masks": ("stitching.stitch", "MASKS"), "compare_measures": ("compare.measures", "MEASURES"),
+              "transfer_conditions": ("subnetworks.transplant", "CONDITIONS"),
+              "guide_conditions": ("guidance.guide", "GUIDE_CONDITIONS"), "stages": ("stages.runner", "STAGES")}
 KINDS = (*REGISTRIES, "measures", "conditions", "configs")
 
 
@@ -150,11 +152,10 @@ def _measures_listing() -> list[str]:
 
 
 def _conditions_listing() -> list[str]:
-    from .guidance.guide import CONDITION_HELP
-    from .subnetworks.transplant import condition_help
-
-    return (["transfer (transfer.conditions):"] + [f"    {c}: {h}" for c, h in condition_help().items()]
-            + ["guide (guidance.conditions):"] + [f"    {c}: {h}" for c, h in CONDITION_HELP.items()])
+    return (["transfer (transfer.conditions, options in transfer.condition_options):"]
+            + _registry_listing(_registry("transfer_conditions"), indent="    ")
+            + ["guide (guidance.conditions, options in guidance.condition_options):"]
+            + _registry_listing(_registry("guide_conditions"), indent="    "))
 
 
 def main(stage: str, argv: Optional[list[str]] = None) -> int:
@@ -211,10 +212,21 @@ def quiet_interrupt(function, *args) -> int:
         return 130
 
 
+def _check_stage(name: str) -> None:
+    """Exit with one line and code 2 unless ``name`` is a stage: shipped, an entry point of group
+    ``instill.stages`` or an import path (the line names the nearest stages, or why a plug-in did not load)."""
+    from .stages import get_stage
+
+    try:
+        with exit_on_interrupt():  # the stage's module imports torch
+            get_stage(name)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+
+
 def console_main(argv: Optional[list[str]] = None) -> None:
     """``instill STAGE CONFIG [...]``: the console script; the same as the stage's entry script."""
-    from .stages import STAGES
-
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "convert":  # an original's config or command line -> an instill config
         from .migrate.convert import main as convert
@@ -235,13 +247,16 @@ def console_main(argv: Optional[list[str]] = None) -> None:
         from .subnetworks.neurosurgeon import main as import_neurosurgeon
 
         sys.exit(quiet_interrupt(import_neurosurgeon, argv[1:]))
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
-        asked = bool(argv) and argv[0] in ("-h", "--help")
-        print(f"usage: instill {{{','.join(STAGES)}}} CONFIG [--set KEY=VALUE ...] [--out DIR] [--resume] "
+    if not argv or argv[0] in ("-h", "--help"):
+        from .stages import STAGES
+
+        asked = bool(argv)
+        print(f"usage: instill {{{','.join(STAGES.names())}}} CONFIG [--set KEY=VALUE ...] [--out DIR] [--resume] "
               f"[--print-config] [--validate]\n       instill list {'|'.join(KINDS)}\n"
               "       instill import-neurosurgeon STATE_DICT --base RUN_DIR --out DIR\n"
               "       instill convert ORIGINAL.yaml [-o OUT.yaml] | --from ORIGINAL [-o OUT.yaml] -- COMMAND LINE\n"
               "`instill STAGE --help` shows a stage's config sections; README.md and docs/design.md explain them.",
               file=sys.stdout if asked else sys.stderr)
         sys.exit(0 if asked else 2)
+    _check_stage(argv[0])
     sys.exit(quiet_interrupt(main, argv[0], argv[1:]))

@@ -162,17 +162,23 @@ class TrainConfig(Section):
     @field_validator("rule_options")
     @classmethod
     def _known_rule_options(cls, options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        for name, values in options.items():
-            RULES.known(name)
-            try:
-                RULES.validate(name, values)
-            except ValueError as err:
-                raise ValueError(f"{name}: {err}") from None
-        return options
+        return options_by_name(RULES, options)
 
     def rule_builder_options(self, rule: Optional[str] = None) -> dict[str, Any]:
         """The options configured for ``rule`` (default: ``self.rule``)."""
         return dict(self.rule_options.get(rule or self.rule, {}))
+
+
+def options_by_name(registry: Registry, options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A ``<kind>_options`` mapping (``{entry name: {option: value}}``, as ``train.rule_options``) checked against
+    each entry's signature; raises ValueError naming an unknown entry or option (with the valid ones)."""
+    for name, values in options.items():
+        registry.known(name)
+        try:
+            registry.validate(name, values)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+    return options
 
 
 class LoggingConfig(Section):

@@ -43,6 +43,21 @@ class Entry:
     check: Optional[Callable[..., None]] = None  # the entry's own input checks, without building (see check)
 
 
+class OptionsOf:
+    """The options of an entry that is an object wrapping a function (``StitchTarget(loss, ...)``): the wrapped
+    function's keyword-only parameters, read from the attribute ``field`` (``__signature__ = OptionsOf("loss")``).
+    So wrapping a function in its kind's object keeps the options the function declares."""
+
+    def __init__(self, field: str):
+        self.field = field
+
+    def __get__(self, obj: Any, owner: Any = None) -> Optional[inspect.Signature]:
+        if obj is None:  # the class itself: its constructor's signature, as usual
+            return None
+        wrapped = getattr(obj, self.field)
+        return inspect.signature(wrapped, eval_str=True) if callable(wrapped) else inspect.Signature()
+
+
 class Registry:
     """Name -> builder, with a pydantic model of the builder's keyword-only parameters.
 
@@ -170,8 +185,9 @@ class Registry:
         return True
 
     def _import_builtins(self) -> None:
+        """Import the modules of every shipped entry of this registry (its own ``BUILTIN_MODULES`` table only)."""
         if self._builtins is not None:
-            import_builtins()
+            _import_table(self._builtins)
 
     def validate(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
         """Validated, defaults-filled keyword arguments for ``name``; raises ValueError with a one-line reason."""
@@ -375,34 +391,44 @@ BUILTIN_MODULES = {
               "ntk_mlp": "align.ntk", "ntk_cnn": "align.ntk", "add_rnn": "align.ntk"},
     "learning rule": {"backprop": "steps", **dict.fromkeys(("align_zero", "align_ada", "align_prop", "fa", "dfa",
                                                            "last_layer"), "align.rules")},
+    # each research system keeps its stage in its own folder (instill.stages.runner.STAGES)
+    "stage": {"base": "stages.base", "ablate": "subnetworks.ablate", "transfer": "subnetworks.transfer",
+              "guide": "guidance.guide", "compare": "compare.stage", "stitch": "stitching.stage",
+              "align": "align.stage"},
 }
 
 
 def _import_builtin(table: dict[str, str], name: str) -> None:
-    """Import the module that registers ``name`` (``timm:x``: the ``timm`` prefix's), or every shipped module
-    when the name is not a shipped one (for the error message's list of known names)."""
+    """Import the module that registers ``name`` (``timm:x``: the ``timm`` prefix's), or every module of the
+    table when the name is not a shipped one (for the error message's list of known names)."""
     import importlib
 
     module = table.get(name) or table.get(name.split(":", 1)[0])
     if module is None:
-        import_builtins()
+        _import_table(table)
     else:
         importlib.import_module(f".{module}", __package__)
 
 
-_BUILTINS_IMPORTED = False
+_TABLES_IMPORTED: set[int] = set()  # id() of each BUILTIN_MODULES table whose modules are all imported
+
+
+def _import_table(table: dict[str, str]) -> None:
+    """Import every module of one ``BUILTIN_MODULES`` table, once, by name (lazily: they pull in torch). Naming them
+    rather than importing them keeps the registry (and the stage runner) below the systems that fill them."""
+    import importlib
+
+    if id(table) not in _TABLES_IMPORTED:
+        _TABLES_IMPORTED.add(id(table))
+        for module in sorted(set(table.values())):
+            importlib.import_module(f".{module}", __package__)
 
 
 def import_builtins() -> None:
-    """Import every module that registers shipped entries, by its name in ``BUILTIN_MODULES`` (lazily: they pull in
-    torch). Naming them rather than importing them keeps the registry below the systems that fill it."""
-    import importlib
-
-    global _BUILTINS_IMPORTED
-    if not _BUILTINS_IMPORTED:
-        _BUILTINS_IMPORTED = True
-        for module in sorted({m for table in BUILTIN_MODULES.values() for m in table.values()}):
-            importlib.import_module(f".{module}", __package__)
+    """Import every module that registers shipped entries of any kind (a sweep does it once before it forks its
+    workers, so that no point pays for the imports)."""
+    for table in BUILTIN_MODULES.values():
+        _import_table(table)
 
 
 def _dataset_info(info: Any) -> Any:

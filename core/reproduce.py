@@ -28,7 +28,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .config import read_yaml
 from .errors import UserError, exit_code_of
@@ -63,6 +63,13 @@ class Claim(_Strict):
     paper: PaperValues
     plot: dict[str, str] = Field(default_factory=dict)
     note: Optional[str] = None
+
+    @field_validator("stage")
+    @classmethod
+    def _known_stage(cls, name: str) -> str:
+        from .stages.runner import STAGES
+
+        return STAGES.known(name)
 
     def config_for(self, scale: str) -> Optional[str]:
         return self.config if scale == "cpu" else self.paper_config

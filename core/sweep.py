@@ -71,10 +71,10 @@ from .run import RunLock, has_state, is_finished, lock_owner, time_left
 
 SEED_KEY = "reproducibility.random_seed"
 POINT_SPECIAL_KEYS = ("name", "config", "stage")  # keys of an explicit point that are not config keys
-# Imported by the sweep process before it forks its local workers, so that no point pays for them: the stages,
-# the registries, and torch's compiler stack (torch.use_deterministic_algorithms imports it on first call).
-PRELOAD = ["instill.subnetworks.ablate", "instill.stages.base", "instill.guidance.guide",
-           "instill.subnetworks.transfer", "torch._inductor", "matplotlib.pyplot"]
+# Imported by the sweep process before it forks its local workers, so that no point pays for them, besides the
+# shipped stages and registry entries (registry.import_builtins): torch's compiler stack (deterministic algorithms
+# import it on first use) and the plots.
+PRELOAD = ["torch._inductor", "matplotlib.pyplot"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,6 +116,13 @@ class SweepSpec(_Strict):
         "shared", description="shared: points reuse the upstream runs their configs name; per_point: each point "
                               "trains its own inside the sweep directory, seeded from the point's seed")
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
+
+    @field_validator("stage")
+    @classmethod
+    def _known_stage(cls, name: Optional[str]) -> Optional[str]:
+        from .stages.runner import STAGES
+
+        return name if name is None else STAGES.known(name)
 
     @field_validator("grid")
     @classmethod
@@ -278,7 +285,7 @@ def prepare(path: str | Path, out: Optional[str] = None, executor: Optional[str]
 
 
 def _stage_of(config: str | Path) -> str:
-    from .stages.upstream import stage_of
+    from .stages.runner import stage_of
 
     found = stage_of(read_yaml(config))
     if found is None:

@@ -51,7 +51,7 @@ def test_instill_list_into_a_closed_pipe_ends_quietly():
 
 @pytest.mark.parametrize("stage, section", [("base", "model: name: <registered name>"),
                                             ("ablate", "mask: "), ("transfer", "transfer: "),
-                                            ("guide", "guidance: conditions, guide")])
+                                            ("guide", "guidance: conditions, condition_options, guide")])
 def test_help_shows_the_config_sections_and_points_to_instill_list(stage, section, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(stage, ["--help"])

@@ -10,7 +10,7 @@ import pytest
 
 from instill.align.scores import check_layers
 from instill.errors import UserError, under_key
-from instill.stages.runner import STAGE_MODULES
+from instill.registry import BUILTIN_MODULES
 from tests.conftest import REPO
 
 SECTIONS = ("align", "guidance", "mask", "transfer", "stitch", "compare", "model", "data", "train", "logging",
@@ -19,7 +19,7 @@ NAMES_A_KEY = re.compile(rf"^({'|'.join(SECTIONS)})\.[a-z_]+")
 # Config-facing code, which may name its keys: the config and command line, the stages, and the training loop
 # (configured by the train section itself); sweep and reproduce read whole configs; each system's stage module.
 CONFIG_FACING = ("config.py", "cli.py", "train.py", "sweep.py", "reproduce.py", "stages/",
-                 *(module.replace(".", "/") + ".py" for module in STAGE_MODULES.values()))
+                 *(module.replace(".", "/") + ".py" for module in BUILTIN_MODULES["stage"].values()))
 
 
 def _messages(path):

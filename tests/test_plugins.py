@@ -1,6 +1,6 @@
 """One way to add any named thing: a user's package outside instill (tests/fixtures/user_plugins/instill_toys) adds
-a similarity measure, a mask method, a learning rule, a stitch target, a dataset and a model, by entry point and by
-import path, and each runs through its stage and through the Python API. docs/design.md ("Extending instill")
+a similarity measure, a mask method, a learning rule, a stitch target, a dataset, a model and a stage, by entry point
+and by import path, and each runs through its stage and through the Python API. docs/design.md ("Extending instill")
 shows these very files."""
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from instill.compare.similarity import SIMILARITIES
 from instill.data import DataContext
 from instill.models import load_model
 from instill.registry import DATASETS, MODELS, RULES
+from instill.stages import STAGES
 from instill.stitching.stitch import TARGETS
 from instill.subnetworks.masks import MASK_METHODS
 from tests.conftest import run_cli
 
 PLUGINS = Path(__file__).resolve().parent / "fixtures" / "user_plugins"
-REGISTRIES = (SIMILARITIES, MASK_METHODS, RULES, TARGETS, DATASETS, MODELS)
+REGISTRIES = (SIMILARITIES, MASK_METHODS, RULES, TARGETS, DATASETS, MODELS, STAGES)
 BASE = {"data": {"name": "toy_blobs", "n": 240}, "model": {"name": "toy_mlp", "hidden": 16},
         "reproducibility": {"reproduce": True, "random_seed": 7},
         "train": {"epochs": 3, "batch_size": 32, "threads": 1, "progress": False,
@@ -96,6 +97,57 @@ def test_every_kind_of_plug_in_runs_through_its_stage(toys, workdir):
     assert pair["val_after_agreement"] > max(0.8, pair["val_before_agreement"])
 
 
+def test_a_stage_of_your_own_runs_through_the_command_line_and_the_api(toys, workdir, capsys):
+    from instill.cli import console_main
+    from instill.stages import execute, load_stage_config
+    from instill.sweep import _stage_of
+
+    # by entry-point name, on the command line; its upstream base config runs first (resolve_upstream)
+    base = _config(workdir / "toy_base.yaml", BASE)
+    score = {"data": BASE["data"], "score": {"run": base}, "train": {"threads": 1},
+             "reproducibility": BASE["reproducibility"]}  # the base run's seed: the same blobs
+    with pytest.raises(SystemExit) as exit_:
+        console_main(["toy_score", _config(workdir / "toy_score.yaml", score)])
+    assert exit_.value.code == 0
+    assert "score.run: checkpoints/toy_base is missing, so running" in capsys.readouterr().out
+    clean = _summary("toy_score")
+    assert clean["stage"] == "toy_score"
+    assert clean["test_acc"] == pytest.approx(_summary("toy_base")["test_acc"], abs=1e-6)  # no noise
+    assert yaml.safe_load(Path("checkpoints/toy_score/config.yaml").read_text())["score"]["run"] == \
+        "checkpoints/toy_base"
+
+    # by import path, through the Python API; noise an option of its own section; a replay gives the same figure
+    noisy = {**score, "stage": "instill_toys.stage:score", "name": "toy_noisy",
+             "score": {"run": "checkpoints/toy_base", "noise": 3.0}}
+    path = _config(workdir / "toy_noisy.yaml", noisy)
+    first = json.loads((execute(load_stage_config(path, "instill_toys.stage:score")) / "summary.json").read_text())
+    assert first["test_acc"] < clean["test_acc"]
+    again = execute(load_stage_config("checkpoints/toy_noisy/config.yaml", "instill_toys.stage:score",
+                                      out=str(workdir / "replay")))
+    assert json.loads((again / "summary.json").read_text())["test_acc"] == first["test_acc"]
+
+    # its own section tells a config's stage (sweeps, upstream references), and --help lists it
+    assert _stage_of(_config(workdir / "no_stage.yaml", {"data": BASE["data"], "score": {"run": "x"}})) == \
+        "toy_score"
+    with pytest.raises(SystemExit):
+        console_main(["toy_score", "--help"])
+    assert "\n  score: run, noise" in capsys.readouterr().out
+
+
+def test_an_unknown_stage_or_a_bad_stage_section_is_one_line(toys, workdir, capsys):
+    from instill.cli import console_main
+
+    score = {"data": BASE["data"], "score": {"run": "checkpoints/none", "nois": 1.0}}
+    for argv, message in ((["toy_scor", "x.yaml"], "unknown stage 'toy_scor' (did you mean 'toy_score'?)"),
+                          (["toy_score", _config(workdir / "typo.yaml", score)],
+                           "unknown key 'score.nois' (did you mean 'noise'?)")):
+        with pytest.raises(SystemExit) as exit_:
+            console_main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not Path("checkpoints/typo").exists()
+
+
 def test_every_kind_of_plug_in_serves_the_python_api(toys):
     # dataset and model by import path; the same objects by entry-point name
     data = DATASETS.build("instill_toys.data:blobs", DataContext(seed=3), {"n": 120})
@@ -150,7 +202,8 @@ def test_instill_list_shows_the_plug_ins_with_their_options(toys):
                         "rules": ["toy_scaled_backprop: Back-propagation", "    factor: float = 0.5"],
                         "stitch_targets": ["toy_end_argmax: Cross-entropy with the end model's decisions"],
                         "datasets": ["toy_blobs: Gaussian blobs", "    n: int = 240"],
-                        "models": ["toy_mlp: A one-hidden-layer MLP", "    hidden: int = 16"]}.items():
+                        "models": ["toy_mlp: A one-hidden-layer MLP", "    hidden: int = 16"],
+                        "stages": ["toy_score: Test accuracy of a trained model under Gaussian input noise"]}.items():
         text = list_entries(kind).splitlines()
         for line in lines:
             assert any(row.startswith(line) for row in text), (kind, line)

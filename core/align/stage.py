@@ -44,7 +44,7 @@ from ..files import atomic_write_csv
 from ..seeds import derive_seed, seed_everything
 from ..run import read_metrics
 from ..train import Objective, fit
-from ..stages.runner import Context, build_data
+from ..stages.runner import STAGES, Context, Stage, build_data
 from ..stages.task import summary_metrics
 
 
@@ -310,3 +310,6 @@ def _series_name(key: str) -> str:
 def _suffix(ctx: Context, row: dict[str, Any]) -> str:
     label = _label(ctx, row)
     return "" if label == "backprop" else " " + label.removeprefix("backprop ")
+
+
+STAGES.register("align", doc=__doc__)(Stage(Config, main, prepare=prepare, sections=("align",)))

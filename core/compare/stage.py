@@ -35,7 +35,7 @@ from ..files import atomic_write_text
 from ..seeds import derive_seed, seed_everything
 from .sources import LoadedModel, ModelSource, describe, load_model_source
 from ..train import resolve_device
-from ..stages.runner import Context, build_data
+from ..stages.runner import STAGES, Context, Stage, build_data
 
 
 class CompareSection(Section):
@@ -156,3 +156,6 @@ def main(ctx: Context) -> dict[str, Any]:
 
 def _cell(value: float) -> str:
     return "" if value != value else f"{value:.4f}"
+
+
+STAGES.register("compare", doc=__doc__)(Stage(Config, main, prepare=prepare, sections=("compare",)))

@@ -25,7 +25,8 @@ batch too small for the estimator (unbiased CKA needs 4 samples).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
 
 import torch
 from pydantic import BaseModel, Field, conlist, field_validator, model_validator
@@ -37,24 +38,74 @@ from ..errors import UserError, under_key
 from ..compare.capture import DEFAULT_TYPES, probe
 from .loss import AlignmentLoss, LayerMap, Reduce, Tokenwise, compared_rows, resolve_pairs
 from ..models import load_model, save_model
-from ..registry import MODELS
+from ..config import options_by_name
+from ..registry import MODELS, OptionsOf, Registry
 from ..report import describe, format_table, plot_bars, plot_runs
 from ..files import atomic_write_csv
 from ..seeds import derive_seed, seed_everything
 from ..compare.similarity import SIMILARITIES, get_similarity
 from ..stages.compatibility import check_data_fits
-from ..stages.runner import Context, build_data
+from ..stages.runner import STAGES, Context, Stage, build_data
 from ..stages.task import LossScope, evaluate_task, make_loss, summary_metrics
 from ..stages.upstream import resolve_upstream
 from ..train import Objective, fit, resolve_device
 
-CONDITION_HELP = {
-    "unguided": "the task loss alone",
-    "guided_untrained": "task loss + alignment to a randomly initialised guide built from guidance.guide",
-    "guided_trained": "task loss + alignment to the trained guide of guidance.guide_run",
-}
-CONDITIONS = tuple(CONDITION_HELP)
 DEFAULT_LAYERS = [f"type:{t.__name__}" for t in DEFAULT_TYPES]
+
+
+@dataclass(frozen=True)
+class GuideContext:
+    """What a guide condition builds its guide from: the run's config and seed, and the data's facts."""
+
+    cfg: "Config"
+    seed: int
+    info: DatasetInfo
+
+
+@dataclass(frozen=True)
+class GuideCondition:
+    """A guide condition: ``guide(ctx: GuideContext, *, options) -> nn.Module`` builds the frozen guide the target
+    is aligned to (None: the task loss alone, no guide); its keyword-only parameters are the condition's options
+    (``guidance.condition_options``). ``needs``: the ``guidance`` keys it reads, required when it is chosen."""
+
+    guide: Optional[Callable[..., torch.nn.Module]] = None
+    needs: tuple[str, ...] = ()
+    __signature__ = OptionsOf("guide")  # its options: guide's keyword-only parameters
+
+
+# Guide conditions, by name: a ``GuideCondition``, or a plain function ``guide(ctx: GuideContext, *, options) ->
+# nn.Module``. Add one with ``@GUIDE_CONDITIONS.register("name")``, an import path or an entry point of group
+# ``instill.guide_conditions``; ``instill list conditions`` lists them with their options.
+GUIDE_CONDITIONS = Registry("guide condition")
+
+
+def guide_condition(name: str) -> GuideCondition:
+    """The guide condition ``name`` names; a UserError otherwise."""
+    entry = GUIDE_CONDITIONS.get(name)
+    return entry.build if isinstance(entry.build, GuideCondition) else GuideCondition(entry.build)
+
+
+def _trained_guide(ctx: GuideContext) -> torch.nn.Module:
+    spec = ctx.cfg.guidance
+    loaded = load_model(spec.guide_run)
+    check_data_fits(loaded.info, ctx.info, f"the guide in {spec.guide_run}", key=f"data ({ctx.cfg.data.name})")
+    return loaded.model
+
+
+def _fresh_guide(ctx: GuideContext) -> torch.nn.Module:
+    seed_everything(derive_seed(ctx.seed, "guide"), ctx.cfg.reproducibility.deterministic)  # the guide's own stream
+    with under_key("guidance.guide"):
+        return MODELS.build(ctx.cfg.guidance.guide.name, ctx.info, ctx.cfg.guidance.guide.params)
+
+
+for _name, _condition, _doc in (
+    ("unguided", GuideCondition(), "the task loss alone"),
+    ("guided_untrained", GuideCondition(_fresh_guide, needs=("guide",)),
+     "task loss + alignment to a randomly initialised guide built from guidance.guide"),
+    ("guided_trained", GuideCondition(_trained_guide, needs=("guide_run",)),
+     "task loss + alignment to the trained guide of guidance.guide_run"),
+):
+    GUIDE_CONDITIONS.register(_name, doc=_doc)(_condition)
 
 
 class ExplicitPair(BaseModel):
@@ -65,8 +116,10 @@ class ExplicitPair(BaseModel):
 
 
 class GuidanceSection(Section):
-    conditions: conlist(Literal[CONDITIONS], min_length=1) = Field(default_factory=lambda: ["unguided",
-                                                                                          "guided_untrained"])
+    conditions: conlist(str, min_length=1) = Field(default_factory=lambda: ["unguided", "guided_untrained"],
+                                                   description="guide conditions (instill list conditions)")
+    condition_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="options of conditions, by name (instill list conditions shows them)")
     guide: Optional[ModelConfig] = Field(None, description="the guide's architecture (guided_untrained)")
     guide_run: Optional[str] = Field(None, description="trained guide: a run directory or a base config")
     alpha: float = Field(1.0, ge=0)
@@ -99,13 +152,32 @@ class GuidanceSection(Section):
     def _known_similarity(cls, name: str) -> str:
         return SIMILARITIES.known(name)
 
+    @field_validator("conditions")
+    @classmethod
+    def _known_conditions(cls, names: list[str]) -> list[str]:
+        return [GUIDE_CONDITIONS.known(name) for name in names]
+
+    @field_validator("condition_options")
+    @classmethod
+    def _known_options(cls, options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return options_by_name(GUIDE_CONDITIONS, options)
+
     @model_validator(mode="after")
     def _guides_given(self):
-        if "guided_untrained" in self.conditions and self.guide is None:
-            raise ValueError("condition guided_untrained needs guidance.guide (the guide's architecture)")
-        if "guided_trained" in self.conditions and self.guide_run is None:
-            raise ValueError("condition guided_trained needs guidance.guide_run (a trained guide's run or config)")
+        for name in self.conditions:
+            for key in guide_condition(name).needs:
+                if getattr(self, key) is None:
+                    raise ValueError(f"condition {name} needs guidance.{key} "
+                                     f"({type(self).model_fields[key].description})")
         return self
+
+    def needs(self, key: str) -> bool:
+        """Whether a chosen condition reads ``guidance.<key>``."""
+        return any(key in guide_condition(name).needs for name in self.conditions)
+
+    def guided(self) -> list[str]:
+        """The chosen conditions that align the target to a guide."""
+        return [name for name in self.conditions if guide_condition(name).guide is not None]
 
 
 class Config(RunConfig):
@@ -121,9 +193,9 @@ def prepare(cfg: Config) -> None:
     if cfg.train.batch_size < needed:
         raise UserError(f"train.batch_size {cfg.train.batch_size}: similarity {spec.similarity} needs at least "
                         f"{needed} samples per batch")
-    if spec.guide_run is not None and "guided_trained" in spec.conditions:
+    if spec.guide_run is not None and spec.needs("guide_run"):
         spec.guide_run = resolve_upstream(spec.guide_run, "base", "guidance.guide_run")
-    guided = [c for c in spec.conditions if c != "unguided"]
+    guided = spec.guided()
     if not guided:
         return
     seed, device = cfg.reproducibility.random_seed, resolve_device(cfg.train.device)
@@ -154,24 +226,17 @@ def prepare(cfg: Config) -> None:
 def main(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     data = ctx.build_data()
-    guides = {c: build_guide(cfg, ctx.seed, c, data.info).to(ctx.device)
-              for c in cfg.guidance.conditions if c != "unguided"}
+    guides = {c: build_guide(cfg, ctx.seed, c, data.info).to(ctx.device) for c in cfg.guidance.guided()}
     rows = ctx.run.sweep([(c, lambda sub, c=c: _train_condition(ctx, sub, c, data, guides.get(c)))
                           for c in cfg.guidance.conditions])
     return _write_results(ctx, rows)
 
 
 def build_guide(cfg: Config, seed: int, condition: str, info: DatasetInfo) -> torch.nn.Module:
-    """The trained guide of ``guide_run`` (built for this run's data), or a fresh one from its own seed."""
-    spec = cfg.guidance
-    if condition == "guided_trained":
-        loaded = load_model(spec.guide_run)
-        guide, guide_info = loaded.model, loaded.info
-        check_data_fits(guide_info, info, f"the guide in {spec.guide_run}", key=f"data ({cfg.data.name})")
-        return guide
-    seed_everything(derive_seed(seed, "guide"), cfg.reproducibility.deterministic)
-    with under_key("guidance.guide"):
-        return MODELS.build(spec.guide.name, info, spec.guide.params)
+    """The guide of ``condition`` (a guided one), built by its entry with its options: the shipped ones give the
+    trained guide of ``guide_run`` (built for this run's data) or a fresh one from its own seed."""
+    options = GUIDE_CONDITIONS.validate(condition, cfg.guidance.condition_options.get(condition, {}))  # checked
+    return guide_condition(condition).guide(GuideContext(cfg, seed, info), **options)
 
 
 def _sample(data, device: torch.device) -> torch.Tensor:
@@ -288,3 +353,6 @@ def _write_results(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
         plot_runs(ctx.run.path)  # curves.png of each condition's training
         print("\nresults.csv:\n" + format_table(table))
     return {"results": rows}
+
+
+STAGES.register("guide", doc=__doc__)(Stage(Config, main, prepare=prepare, sections=("guidance",)))

@@ -63,9 +63,9 @@ def translation_of(args: argparse.Namespace, command: list[str]) -> Translation:
 def check(translation: Translation, source: str) -> None:
     """Validate the translation against its stage's config schema (nothing invalid is ever written)."""
     from ..config import validate
-    from ..stages import stage_module
+    from ..stages import get_stage
 
-    validate(dict(translation.config), stage_module(translation.stage).Config, f"{source} (translated)")
+    validate(dict(translation.config), get_stage(translation.stage).Config, f"{source} (translated)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

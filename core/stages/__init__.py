@@ -2,9 +2,9 @@
 
 What every stage shares. A stage module defines ``Config`` (a ``RunConfig`` subclass with the stage's own sections)
 and ``main(ctx)``; each research system keeps its own stage in its folder (``subnetworks/ablate.py``,
-``subnetworks/transfer.py``, ``guidance/guide.py``, ``compare/stage.py``, ``stitching/stage.py``, ``align/stage.py``;
-``runner.STAGE_MODULES`` maps the stage names to them), and this package holds the base training stage (``base``)
-and the machinery:
+``subnetworks/transfer.py``, ``guidance/guide.py``, ``compare/stage.py``, ``stitching/stage.py``, ``align/stage.py``,
+each registering a ``Stage`` in ``runner.STAGES``), and this package holds the base training stage (``base``) and
+the machinery:
 
 * ``runner``: ``execute`` runs a stage end to end (seed, device, run directory, finish or clean up);
 * ``upstream``: runs a stage needs, named by run directory or config file, produced first when missing;
@@ -14,8 +14,8 @@ and the machinery:
 The runner's entry points are re-exported here (``from instill.stages import execute``).
 """
 
-from .runner import STAGES, Context, Interrupted, build_data, execute, load_stage_config, stage_module
+from .runner import STAGES, Context, Interrupted, Stage, build_data, execute, get_stage, load_stage_config
 from .upstream import UpstreamPlacement, resolve_upstream, upstream_runs_in
 
-__all__ = ["STAGES", "Context", "Interrupted", "UpstreamPlacement", "build_data", "execute", "load_stage_config",
-           "resolve_upstream", "stage_module", "upstream_runs_in"]
+__all__ = ["STAGES", "Context", "Interrupted", "Stage", "UpstreamPlacement", "build_data", "execute", "get_stage",
+           "load_stage_config", "resolve_upstream", "upstream_runs_in"]

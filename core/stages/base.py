@@ -15,7 +15,7 @@ from ..config import ModelConfig, RunConfig
 from ..models import save_model
 from ..models.vision import check_accepts
 from ..report import plot_run
-from .runner import Context
+from .runner import STAGES, Context, Stage
 from .task import LossScope, evaluate_task, make_loss, summary_metrics
 from ..train import Objective, fit
 
@@ -48,3 +48,6 @@ def main(ctx: Context) -> dict[str, Any]:
         print("best checkpoint: " + " | ".join(f"{k} {v:.4f}" for k, v in final.items() if k.endswith("_acc")))
     return {"steps": result.steps, "stop_reason": result.stop_reason, "best_epoch": result.best.get("epoch"),
             **summary_metrics(final)}
+
+
+STAGES.register("base", doc=__doc__)(Stage(Config, main))

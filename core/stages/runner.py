@@ -1,18 +1,19 @@
 """The stage runner: every stage is run the same way (seed, device, run directory, finish or clean up).
 
-A stage module defines ``Config`` (a ``RunConfig`` subclass with the stage's own sections) and ``main(ctx)``, which
-does the work and returns the summary; ``execute`` wraps it.
+A stage is an entry of ``STAGES``: a ``Stage`` holding ``Config`` (a ``RunConfig`` subclass with the stage's own
+sections), ``main(ctx)``, which does the work and returns the summary, and optionally ``prepare(cfg)``; ``execute``
+wraps them.
 """
 
 from __future__ import annotations
 
-import importlib
+import inspect
 import signal
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -20,26 +21,70 @@ from ..data.info import DatasetInfo
 from .. import dist
 from ..config import RunConfig, load_config, read_yaml, to_yaml
 from ..data import DataBundle, DataContext
-from ..errors import UserError, under_key, unknown_name
+from ..errors import UserError, under_key
 from ..loggers import check_available as check_loggers
 from ..loggers import sink_factory
-from ..registry import DATASETS, MODELS
+from ..registry import BUILTIN_MODULES, DATASETS, MODELS, Registry
 from ..run import Run, has_state, is_finished
 from ..seeds import draw_seed, seed_everything
 from ..train import resolve_device
 
-# The module of each stage, imported by name when a run names it: the one place that knows where each system keeps
-# its stage (the systems sit above this package and import from it, never the other way round).
-STAGE_MODULES = {"base": "stages.base", "ablate": "subnetworks.ablate", "transfer": "subnetworks.transfer",
-                 "guide": "guidance.guide", "compare": "compare.stage", "stitch": "stitching.stage",
-                 "align": "align.stage"}
-STAGES = tuple(sorted(STAGE_MODULES))
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage: what ``instill <name> CONFIG`` runs.
+
+    Attributes:
+        Config: its config class, a ``RunConfig`` subclass with the stage's own sections.
+        main: ``main(ctx: Context) -> summary``: the work, in the run directory ``ctx.run``.
+        prepare: ``prepare(cfg)``, run before the run directory exists (and by ``--validate``): upstream runs and
+            every input check, so that bad input leaves nothing written.
+        sections: top-level config sections only this stage has: they tell a config's stage when it has no
+            ``stage:`` key (an upstream reference to a config file, a swept config).
+    """
+
+    Config: type[RunConfig]
+    main: Callable[["Context"], dict[str, Any]]
+    prepare: Optional[Callable[[RunConfig], None]] = None
+    sections: tuple[str, ...] = ()
+
+    def __post_init__(self):  # the help line of a stage of your own (instill list stages): its main's docstring
+        object.__setattr__(self, "__doc__", inspect.getdoc(self.main))
+
+    def __call__(self, ctx: "Context") -> dict[str, Any]:
+        return self.main(ctx)
 
 
-def stage_module(stage: str):
-    if stage not in STAGES:
-        raise unknown_name("stage", stage, STAGES)
-    return importlib.import_module(f"..{STAGE_MODULES[stage]}", __package__)
+# Stages, by name. Each research system registers its own (``STAGES.register("ablate", doc=__doc__)(Stage(...))`` at
+# the end of its stage module), imported by name when a config names it (``registry.BUILTIN_MODULES["stage"]``: the
+# systems sit above this package and import from it, never the other way round). Yours: a ``Stage`` named by import
+# path (``instill mypkg.stages:census CONFIG``) or by an entry point of group ``instill.stages``.
+STAGES = Registry("stage", builtins=BUILTIN_MODULES["stage"])
+
+
+def get_stage(name: str) -> Stage:
+    """The stage ``name`` names; a UserError (with the nearest names) for an unknown one or an object that is no
+    ``Stage``."""
+    stage = STAGES.get(name).build
+    if not isinstance(stage, Stage):
+        raise UserError(f"stage {name!r}: {type(stage).__name__} is not an instill.stages.Stage (a stage is "
+                        f"Stage(Config, main, prepare=None, sections=()))")
+    return stage
+
+
+def stage_of(raw: dict[str, Any]) -> Optional[str]:
+    """The stage a config mapping is for: its ``stage:`` key, or the one stage that claims a section it has
+    (``Stage.sections``; by its registered name rather than an import path), or ``base`` for a model without
+    upstream runs (None: can't tell)."""
+    if raw.get("stage") is not None:
+        return str(raw["stage"])
+    claims: dict[int, str] = {}  # one name per stage: an import path may name a registered stage again
+    for entry in sorted(STAGES.entries(), key=lambda e: (":" in e.name, e.name)):
+        if isinstance(entry.build, Stage) and set(entry.build.sections) & set(raw):
+            claims.setdefault(id(entry.build), entry.name)
+    if len(claims) == 1:
+        return next(iter(claims.values()))
+    return "base" if not claims and raw.get("model") is not None and "base" not in raw else None
 
 
 @dataclass
@@ -65,7 +110,7 @@ def build_data(cfg: RunConfig, seed: int) -> DataBundle:
 
 def load_stage_config(path: str | Path, stage: str, overrides: list[str] = (), out: Optional[str] = None,
                       values: Optional[dict[str, Any]] = None) -> RunConfig:
-    cfg = load_config(path, stage_module(stage).Config, stage, overrides, values)
+    cfg = load_config(path, get_stage(stage).Config, stage, overrides, values)
     if out is not None:
         cfg.output_dir = out
     return cfg
@@ -152,7 +197,7 @@ def validate(cfg: RunConfig) -> list[str]:
     checked; raises a UserError for the first problem."""
     global _validating
     check_inputs(cfg)
-    prepare = getattr(stage_module(cfg.stage), "prepare", None)
+    prepare = get_stage(cfg.stage).prepare
     if prepare is None:
         return []
     before, _validating = _validating, True
@@ -184,7 +229,7 @@ def execute(cfg: RunConfig, *, resume: bool = False, overrides: list[str] = (), 
     Raises:
         UserError: bad input, checked before the run directory is claimed where possible.
     """
-    module = stage_module(cfg.stage)
+    stage = get_stage(cfg.stage)
     if resume:  # continue with the very config (and seed) the run started with
         cfg = _resumed_config(cfg, overrides)
     threads = cfg.train.threads or free_core_threads()
@@ -197,14 +242,13 @@ def execute(cfg: RunConfig, *, resume: bool = False, overrides: list[str] = (), 
     cfg.reproducibility = repro.model_copy(update={"reproduce": True, "random_seed": seed})  # snapshot replays
     seed_everything(seed, repro.deterministic)
     check_inputs(cfg)
-    prepare = getattr(module, "prepare", None)
-    if prepare is not None:  # upstream runs and input checks, before the run directory exists
-        prepare(cfg)
+    if stage.prepare is not None:  # upstream runs and input checks, before the run directory exists
+        stage.prepare(cfg)
     run = Run.create(cfg.output_dir, to_yaml(cfg), seed, str(device), resume)
     run.attach_sinks(sink_factory(cfg.logging, cfg.name, cfg.model_dump(mode="json")))
     try:
         with _noticed_interrupts() as noticed:
-            path = _run_stage(module, cfg, run, seed, device, announce)
+            path = _run_stage(stage, cfg, run, seed, device, announce)
         if noticed:  # a Ctrl-C that a finalizer swallowed: the run finished all the same
             raise Interrupted(path, False, finished=True)
         return path
@@ -268,7 +312,7 @@ def _dump_without(cfg: RunConfig, keys: tuple[str, ...]) -> dict[str, Any]:
     return dump
 
 
-def _run_stage(module, cfg: RunConfig, run: Run, seed: int, device: torch.device, announce: Optional[str]
+def _run_stage(stage: Stage, cfg: RunConfig, run: Run, seed: int, device: torch.device, announce: Optional[str]
                ) -> Path:
     repro = cfg.reproducibility
     seed_everything(seed, repro.deterministic)  # the same RNG state whatever prepare() consumed
@@ -282,7 +326,7 @@ def _run_stage(module, cfg: RunConfig, run: Run, seed: int, device: torch.device
             print(f"{cfg.stage}: this replay's settings differ from the recorded ones ({'; '.join(differences)}): "
                   "its metrics are not expected to match the original's bit for bit", flush=True)
     try:
-        summary = module.main(Context(cfg, run, seed, device))
+        summary = stage.main(Context(cfg, run, seed, device))
         summary = {"stage": cfg.stage, "name": cfg.name, "seed": seed, "duration_s": round(run.elapsed_s(), 2),
                    **summary}
         run.finish(summary)

@@ -7,7 +7,7 @@ import fcntl
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from .. import dist
 from ..config import RunConfig, read_yaml
@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..files import first_missing, make_directory, remove_quietly, write_error
 from ..seeds import derive_seed
 from ..run import has_state, is_finished
-from .runner import Interrupted, UpstreamPending, execute, load_stage_config, validate, validating
+from .runner import Interrupted, UpstreamPending, execute, load_stage_config, stage_of, validate, validating
 
 
 @dataclass
@@ -124,16 +124,3 @@ def _produce_upstream(cfg: RunConfig, path: Path, key: str) -> str:
     except Interrupted as err:
         err.upstream = True  # rerunning the downstream command resumes it; --resume would name the wrong stage
         raise
-
-
-STAGE_SECTIONS = {"mask": "ablate", "transfer": "transfer", "guidance": "guide"}  # sections only that stage has
-
-
-def stage_of(raw: dict[str, Any]) -> Optional[str]:
-    """The stage a config is for: its ``stage:`` key, or the section only that stage has (None: can't tell)."""
-    if raw.get("stage") is not None:
-        return str(raw["stage"])
-    found = next((stage for section, stage in STAGE_SECTIONS.items() if section in raw), None)
-    return found or ("base" if raw.get("model") is not None and "base" not in raw else None)
-
-

@@ -59,7 +59,7 @@ from ..compare.sources import LoadedModel, ModelSource, load_model_source
 from .stitch import (INITS, MASKS, TARGETS, Head, LinearStats, Side, StitchTransform, Tail, TargetBatch,
                      agreement_metrics, freeze, init_matrix, layout_of, make_mask, stitch_choice, stitch_target)
 from ..train import Objective, fit
-from ..stages.runner import Context, build_data
+from ..stages.runner import STAGES, Context, Stage, build_data
 from ..stages.upstream import resolve_upstream
 
 PS_INV_MAX_INPUTS = 8192  # (d_in + 1)^2 float64 normal equations: 0.5 GB at this width
@@ -617,3 +617,6 @@ def write_matrix(path: Path, spec: StitchSection, rows: list[dict[str, Any]]) ->
                                         "CKA(stitched, end layer)": grid("val_after_cka")},
                   rows=fronts, cols=ends, ylabel="front layer", xlabel="end layer")
     print("\nmatrix.csv:\n" + format_table([{c: _short(r.get(c, "")) for c in columns} for r in rows]))
+
+
+STAGES.register("stitch", doc=__doc__)(Stage(Config, main, prepare=prepare, sections=("stitch",)))

@@ -37,11 +37,12 @@ from ..report import format_table, plot_bars, plot_lines, plot_runs
 from ..files import atomic_write_csv
 from ..seeds import derive_seed, seed_everything
 from ..stages.compatibility import UsesBaseModel, check_compatible
-from ..stages.runner import Context, build_data
+from ..stages.runner import STAGES, Context, Stage, build_data
 from ..stages.task import LossScope, evaluate_task, make_loss, summary_metrics
 from ..stages.upstream import resolve_upstream
 from ..train import Objective, fit
-from .transplant import CONDITIONS, BatchNorm, NonMasked, check_condition, check_optimizer, transplant
+from ..config import options_by_name
+from .transplant import CONDITIONS, BatchNorm, NonMasked, check_condition, check_optimizer, get_condition, transplant
 
 DEFAULT_CONDITIONS = ["subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet"]
 
@@ -52,7 +53,11 @@ class TransferSection(Section):
     mask_base: Optional[str] = Field(
         None, description="with a NeuroSurgeon best_circuit_model.pt as mask: the base it was found on (a base run, "
                           "a base config or an HF checkpoint folder)")
-    conditions: conlist(str, min_length=1) = Field(default_factory=lambda: list(DEFAULT_CONDITIONS))
+    conditions: conlist(str, min_length=1) = Field(default_factory=lambda: list(DEFAULT_CONDITIONS),
+                                                   description="transfer conditions (instill list conditions)")
+    condition_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="options of conditions, by name: {my_condition: {fraction: 0.5}} "
+                                          "(instill list conditions shows each condition's options)")
     n_disambiguation: Optional[conlist(int, min_length=1)] = Field(
         None, description="token tasks: the numbers of disambiguating examples to sweep over")
     lrs: Optional[conlist(confloat(gt=0), min_length=1)] = Field(None, description="learning rates (default: train's)")
@@ -72,6 +77,11 @@ class TransferSection(Section):
         for name in conditions:
             CONDITIONS.known(name)
         return conditions
+
+    @field_validator("condition_options")
+    @classmethod
+    def _known_options(cls, options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return options_by_name(CONDITIONS, options)
 
     @field_validator("n_disambiguation")
     @classmethod
@@ -95,12 +105,13 @@ def prepare(cfg: Config) -> None:
     mask = _inputs(spec.mask).mask
     for condition in spec.conditions:  # feasibility depends on the condition and the mask, not on n or lr
         check_condition(condition, mask)
-    if spec.freeze and set(spec.conditions) - {"subnet_trainable", "full_model", "random_init"}:
+    transplanting = [c for c in spec.conditions if get_condition(c).transplants]
+    if spec.freeze and any(get_condition(c).freezes for c in transplanting):
         check_optimizer(cfg.train.optimizer.name)  # frozen entries stay fixed only under these optimizers
     kept = sum(int(m.sum()) for m in mask.values())
-    if kept == 0 and {"subnet", "subnet_trainable", "sampled_subnet"} & set(spec.conditions):
-        print(f"warning: the mask in {spec.mask} keeps no weight (density 0): subnet conditions start from the "
-              "fresh model alone", file=sys.stderr, flush=True)
+    if kept == 0 and transplanting:
+        print(f"warning: the mask in {spec.mask} keeps no weight (density 0): {', '.join(transplanting)} start "
+              "from the fresh model alone", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -158,7 +169,7 @@ def _train_condition(ctx: Context, sub: Run, inputs: TransferInputs, data: DataB
     fresh = build_fresh(base.model_cfg, base.info)
     start = transplant(condition, base.model, fresh, inputs.mask, non_masked=spec.non_masked,
                        batch_norm=spec.batch_norm, freeze=spec.freeze, legacy_sampling=spec.legacy_sampling,
-                       seed=derive_seed(ctx.seed, "sample", n),
+                       seed=derive_seed(ctx.seed, "sample", n), options=spec.condition_options.get(condition),
                        zero_grads=cfg.train.grad_clip is not None)  # frozen entries must not count in the norm
     train_cfg = cfg.train.model_copy(update={"optimizer": cfg.train.optimizer.model_copy(update={"lr": lr})})
     eval_batch = train_cfg.eval_batch_size
@@ -214,3 +225,6 @@ def _plot(path: Path, rows: list[dict[str, Any]], by_n: bool) -> None:
                   title="test accuracy (textured, shape-only) and shape bias (cue-conflict) per condition; one seed "
                         "(a sweep over seeds reports mean and spread)",
                   ylabel="fraction (accuracy, or shape decisions)", fraction=True)
+
+
+STAGES.register("transfer", doc=__doc__)(Stage(Config, main, prepare=prepare, sections=("transfer",)))

@@ -33,12 +33,17 @@ before each step and applies weight decay everywhere but there (``FrozenEntries`
 (momentum, Adam moments and weight decay included) and no copy of their values is kept. ``zero_grads=True`` zeroes
 their gradient as soon as it exists, which hides it from gradient clipping too, as in the original code.
 ``check_condition`` says before any training whether a condition can be built from a mask.
+
+What sets the conditions apart is each entry's own (``Condition``): which entries it transplants, whether it starts
+from a whole model instead, whether its entries freeze, what it needs of the mask. A condition of your own gets the
+same treatment as the shipped ones, with its options (keyword-only parameters of ``kept``) from
+``transfer.condition_options`` or ``transplant(..., options=...)``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional, get_args
+from typing import Any, Callable, Literal, Mapping, Optional, get_args
 
 import math
 import weakref
@@ -47,17 +52,15 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..registry import Registry
+from ..registry import OptionsOf, Registry
 from .masks import check_masks, listing, mask_density
 from ..seeds import derive_seed
 
-# Transfer conditions, by name. An entry is a function ``kept(ctx: ConditionContext, *, option=default) -> {parameter
-# name: bool tensor}``: the entries transplanted (and frozen unless ``freeze=False``) into the fresh model. The
-# whole-model conditions ``full_model`` and ``random_init`` take no mask (``WHOLE_MODEL``). Add one with
+# Transfer conditions, by name: a ``Condition``, or a plain function ``kept(ctx: ConditionContext, *, option=default)
+# -> {parameter name: bool tensor}`` (a condition that transplants and freezes those entries). Add one with
 # ``@CONDITIONS.register("name")``, an import path or an entry point of group ``instill.transfer_conditions``;
-# ``instill list conditions`` lists them with their help (the shipped ones' from the table above).
+# ``instill list conditions`` lists them with their help (the shipped ones' from the table above) and options.
 CONDITIONS = Registry("transfer condition")
-WHOLE_MODEL = ("full_model", "random_init")
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,40 @@ class ConditionContext:
     mask: Mapping[str, torch.Tensor]
     seed: int
     legacy_sampling: bool
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What a transfer condition does, so that ``transplant`` treats every condition, yours too, the same way.
+
+    Attributes:
+        kept: ``kept(ctx, *, options) -> {parameter name: bool tensor}``: the entries transplanted from the base
+            model; its keyword-only parameters are the condition's options. None for a whole-model condition.
+        whole: a whole-model condition starts from the ``base`` model entire (batch-norm statistics per
+            ``batch_norm``) or from the ``fresh`` one as it is, and reads no mask; None: it transplants ``kept``.
+        freezes: its transplanted entries stay fixed in training (unless ``transplant(freeze=False)``).
+        check: ``check(mask)`` raises a UserError for a mask this condition cannot serve, before any training.
+    """
+
+    kept: Optional[Callable[..., dict[str, torch.Tensor]]] = None
+    whole: Optional[Literal["base", "fresh"]] = None
+    freezes: bool = True
+    check: Optional[Callable[[Mapping[str, torch.Tensor]], None]] = None
+    __signature__ = OptionsOf("kept")  # its options: kept's keyword-only parameters
+
+    @property
+    def transplants(self) -> bool:
+        """Whether it transplants masked entries (a subnetwork or a sample drawn from its mask)."""
+        return self.whole is None
+
+    def __call__(self, ctx: "ConditionContext", **options: Any) -> Optional[dict[str, torch.Tensor]]:
+        return None if self.kept is None else self.kept(ctx, **options)
+
+
+def get_condition(name: str) -> Condition:
+    """The transfer condition ``name`` names (registered, import path, entry point); a UserError otherwise."""
+    entry = CONDITIONS.get(name)
+    return entry.build if isinstance(entry.build, Condition) else Condition(entry.build)
 
 
 def _table_help() -> dict[str, str]:
@@ -85,11 +122,6 @@ def _table_help() -> dict[str, str]:
         else:
             current = None
     return described
-
-
-def condition_help() -> dict[str, str]:
-    """Each condition's one line of help, by name."""
-    return {entry.name: entry.doc for entry in CONDITIONS.entries()}
 
 
 NonMasked = Literal["inherit", "reinit"]
@@ -344,12 +376,17 @@ def check_condition(condition: str, mask: Mapping[str, torch.Tensor]) -> None:
     seed), so a sweep checks each condition once before its first run. ``sampled_complement`` needs every masked
     parameter to keep at most half of its entries.
     """
-    CONDITIONS.get(condition)
-    if condition == "sampled_complement":
-        dense = [f"{name} ({int(m.sum())} of {m.numel()})" for name, m in mask.items() if not _fits_outside(m)]
-        if dense:
-            raise UserError(f"sampled_complement: the subnetwork keeps more than half of the entries of "
-                            f"{listing(dense)}, so no equal-sized sample fits outside it")
+    check = get_condition(condition).check
+    if check is not None:
+        check(mask)
+
+
+def _check_fits_outside(mask: Mapping[str, torch.Tensor]) -> None:
+    """sampled_complement's check: as many entries as the subnetwork keeps fit outside it, in every parameter."""
+    dense = [f"{name} ({int(m.sum())} of {m.numel()})" for name, m in mask.items() if not _fits_outside(m)]
+    if dense:
+        raise UserError(f"sampled_complement: the subnetwork keeps more than half of the entries of "
+                        f"{listing(dense)}, so no equal-sized sample fits outside it")
 
 
 @dataclass
@@ -375,7 +412,8 @@ class Transplant:
 
 def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[str, torch.Tensor], *,
                non_masked: NonMasked = "inherit", batch_norm: BatchNorm = "inherit", freeze: bool = True,
-               legacy_sampling: bool = False, seed: int = 0, zero_grads: bool = False) -> Transplant:
+               legacy_sampling: bool = False, seed: int = 0, zero_grads: bool = False,
+               options: Optional[Mapping[str, Any]] = None) -> Transplant:
     """Build ``condition``'s starting model in ``fresh`` (modified in place and returned in the Transplant).
 
     Args:
@@ -385,10 +423,13 @@ def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[
         mask: ``{parameter name: bool tensor}`` (True = in the subnetwork), e.g. from ``load_mask``.
         non_masked: ``inherit`` the base's parameters without a mask, or ``reinit`` (keep the fresh ones).
         batch_norm: ``inherit``, ``reset`` or ``freeze`` the batch-norm statistics.
-        freeze: keep the transplanted entries fixed (sampled conditions too); ``subnet_trainable`` never freezes.
+        freeze: keep the transplanted entries fixed (sampled conditions too); a condition whose entry says
+            ``freezes=False`` (``subnet_trainable``) never freezes.
         legacy_sampling: the original code's sampled baselines (see the module docstring).
         seed: drives the sampled conditions (one independent draw per parameter).
         zero_grads: zero the frozen entries' gradients too (see ``FrozenEntries``; use it with gradient clipping).
+        options: the condition's own options (the keyword-only parameters of its ``kept``; ``instill list
+            conditions``), validated against them.
 
     Returns:
         A ``Transplant``: train ``.model`` (in ``.train_mode(model)``) with an optimizer of
@@ -398,6 +439,11 @@ def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[
         UserError: an unknown condition or option, architectures that differ, a mask that does not fit ``base``, or
             a sampled condition that cannot be drawn from this mask.
     """
+    entry = get_condition(condition)
+    try:
+        chosen = CONDITIONS.validate(condition, dict(options or {}))
+    except ValueError as err:
+        raise UserError(f"transfer condition {condition}: {err}") from None
     check_condition(condition, mask)
     for key, value, kind in (("non_masked", non_masked, NonMasked), ("batch_norm", batch_norm, BatchNorm)):
         allowed = get_args(kind)
@@ -405,15 +451,15 @@ def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[
             raise UserError(f"{key} {value!r} is unknown; use {' or '.join(allowed)}")
     _check_same_architecture(base, fresh)
     check_masks(mask, base, source="transfer mask")
-    if condition == "random_init":
+    if entry.whole == "fresh":
         return Transplant(fresh, condition)
-    if condition == "full_model":
+    if entry.whole == "base":
         fresh.load_state_dict(base.state_dict())
         kept, frozen, info = None, None, {}
     else:
-        kept = CONDITIONS.get(condition).build(ConditionContext(mask, seed, legacy_sampling))
+        kept = entry(ConditionContext(mask, seed, legacy_sampling), **chosen)
         _copy_weights(base, fresh, kept, non_masked)
-        frozen_wanted = freeze and condition != "subnet_trainable"
+        frozen_wanted = freeze and entry.freezes
         frozen = FrozenEntries(fresh, kept, zero_grads) if frozen_wanted else None
         density = mask_density(kept)
         info = {"non_masked": non_masked, "frozen": frozen_wanted, "legacy_sampling": legacy_sampling,
@@ -435,14 +481,15 @@ def _sampled(kind: str):
     return kept
 
 
-def _whole_model(ctx: ConditionContext) -> None:  # transplant() builds these without a mask
-    return None
-
-
-for _name, _kept in (("subnet", _the_subnetwork), ("subnet_trainable", _the_subnetwork),
-                     ("full_model", _whole_model), ("random_init", _whole_model),
-                     ("sampled_subnet", _sampled("subnet")), ("sampled_complement", _sampled("complement"))):
-    CONDITIONS.register(_name, doc=_table_help()[_name])(_kept)
+for _name, _condition in (
+    ("subnet", Condition(_the_subnetwork)),
+    ("subnet_trainable", Condition(_the_subnetwork, freezes=False)),
+    ("full_model", Condition(whole="base")),
+    ("random_init", Condition(whole="fresh")),
+    ("sampled_subnet", Condition(_sampled("subnet"))),
+    ("sampled_complement", Condition(_sampled("complement"), check=_check_fits_outside)),
+):
+    CONDITIONS.register(_name, doc=_table_help()[_name])(_condition)
 
 
 def _batch_norms(model: nn.Module) -> dict[str, nn.Module]:
