@@ -24,6 +24,7 @@ and package version each outside entry came from.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import re
 from dataclasses import dataclass
@@ -129,7 +130,7 @@ class Registry:
             raise UserError(f"{self.kind} {name!r}: {origin} is not a class or function")
         build = self._outside(target) if self._outside is not None else target
         _OUTSIDE[f"{self.kind}:{name}"] = _origin_record(target, origin)
-        return Entry(name, build, _params_model(name, build), inspect.getdoc(target) or "")
+        return Entry(name, build, _params_model(name, build), _help_of(target))
 
     def entries(self) -> list[Entry]:
         """Every registered entry (prefixed ones as ``<prefix>:<name>``), by name; entry points included."""
@@ -197,6 +198,18 @@ class Registry:
         except ValidationError as err:
             raise ValueError(describe_error(err, entry.params)) from None
 
+    def bound(self, name: str, wrapper: Any, field: str, options: Optional[dict[str, Any]]) -> Any:
+        """``wrapper`` (the entry ``name`` as its kind's dataclass, wrapping a function in ``field``, see
+        ``OptionsOf``) with ``options`` bound to that function, validated against its keyword-only parameters and
+        defaults filled in; a UserError (one line, naming the valid options) otherwise."""
+        try:
+            chosen = self.validate(name, dict(options or {}))
+        except ValueError as err:
+            raise UserError(f"{self.kind} {name}: {err}") from None
+        if not chosen:
+            return wrapper
+        return dataclasses.replace(wrapper, **{field: functools.partial(getattr(wrapper, field), **chosen)})
+
     def check(self, name: str, params: dict[str, Any]) -> None:
         """Run the entry's own checks (``register(check=...)``) without building it: ``--validate`` and every run
         before its directory exists."""
@@ -222,6 +235,15 @@ class Registry:
             if _rejected_keyword(err) not in _passed_through_keys(kwargs):  # a bug in the builder: keep the traceback
                 raise
             raise UserError(f"{self.kind} {name}: {err}") from None
+
+
+def _help_of(target: Any) -> str:
+    """An outside entry's help: its docstring, or for an object wrapping a function (``OptionsOf``) that function's,
+    not the wrapper class's."""
+    wraps = inspect.getattr_static(type(target), "__signature__", None)
+    if isinstance(wraps, OptionsOf) and getattr(target, wraps.field, None) is not None:
+        target = getattr(target, wraps.field)
+    return inspect.getdoc(target) or ""
 
 
 _BINDING_ERROR = re.compile(r"(?:unexpected keyword argument|multiple values for (?:keyword )?argument) '(\w+)'")

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
+
+from safetensors.torch import load_file
 
 import instill
 from instill.cli import list_entries
@@ -20,12 +23,16 @@ from instill.data import DataContext
 from instill.models import load_model
 from instill.registry import DATASETS, MODELS, RULES
 from instill.stages import STAGES
-from instill.stitching.stitch import TARGETS
+from instill.guidance.guide import GUIDE_CONDITIONS, build_guide
+from instill.stitching.stitch import INITS, TARGETS, TargetBatch, stitch_target
+from instill.stages import load_stage_config
+from instill.subnetworks.transplant import CONDITIONS
 from instill.subnetworks.masks import MASK_METHODS
 from tests.conftest import run_cli
 
 PLUGINS = Path(__file__).resolve().parent / "fixtures" / "user_plugins"
-REGISTRIES = (SIMILARITIES, MASK_METHODS, RULES, TARGETS, DATASETS, MODELS, STAGES)
+REGISTRIES = (SIMILARITIES, MASK_METHODS, RULES, TARGETS, INITS, CONDITIONS, GUIDE_CONDITIONS, DATASETS, MODELS,
+              STAGES)
 BASE = {"data": {"name": "toy_blobs", "n": 240}, "model": {"name": "toy_mlp", "hidden": 16},
         "reproducibility": {"reproduce": True, "random_seed": 7},
         "train": {"epochs": 3, "batch_size": 32, "threads": 1, "progress": False,
@@ -76,6 +83,27 @@ def test_every_kind_of_plug_in_runs_through_its_stage(toys, workdir):
     recorded = json.loads(Path("checkpoints/toy_ablate/mask.json").read_text())["hyperparameters"]
     assert (recorded["method"], recorded["method_options"]) == ("toy_random_keep", {"keep": 0.25, "seed": 0})
 
+    # transfer condition (entry point) with its own option: the transfer stage transplants and freezes about half
+    # of the 32 kept entries, where subnet takes all 32
+    transfer = {**base, "reproducibility": BASE["reproducibility"],
+                "transfer": {"mask": "checkpoints/toy_ablate", "conditions": ["toy_part_of_subnet", "subnet"],
+                             "condition_options": {"toy_part_of_subnet": {"fraction": 0.5}}},
+                "train": {**base["train"], "epochs": 1, "optimizer": {"name": "SGD", "lr": 0.1}}}
+    assert run_cli("transfer", _config(workdir / "toy_transfer.yaml", transfer)) == 0
+    rows = {row["condition"]: row for row in _summary("toy_transfer")["results"]}
+    assert rows["subnet"]["kept"] == 32 and 4 <= rows["toy_part_of_subnet"]["kept"] <= 28
+    assert rows["toy_part_of_subnet"]["frozen_entries"] == rows["toy_part_of_subnet"]["kept"]
+
+    # guide condition (entry point) with its own option, and the similarity with its option: the guide stage
+    guide = {"data": BASE["data"], "model": BASE["model"], "reproducibility": BASE["reproducibility"],
+             "guidance": {"conditions": ["unguided", "toy_scaled_guide"], "guide": {"name": "toy_mlp", "hidden": 8},
+                          "condition_options": {"toy_scaled_guide": {"scale": 3.0}}, "similarity": "toy_rv",
+                          "similarity_options": {"toy_rv": {"power": 2.0}}, "target_layers": ["type:Linear"],
+                          "guide_layers": ["type:Linear"], "layer_map": "uniform", "drop_last_layer": False},
+             "train": {"epochs": 1, "batch_size": 32, "threads": 1, "progress": False}}
+    assert run_cli("guide", _config(workdir / "toy_guide.yaml", guide)) == 0
+    assert [row["condition"] for row in _summary("toy_guide")["results"]] == ["unguided", "toy_scaled_guide"]
+
     # similarity measure (entry point): the compare stage, a model against itself gives 1 on the diagonal
     compare = {**base, "compare": {"model_a": {"run": "checkpoints/toy_base"},
                                    "model_b": {"run": "checkpoints/toy_base"}, "layers_a": ["type:Linear"],
@@ -85,16 +113,24 @@ def test_every_kind_of_plug_in_runs_through_its_stage(toys, workdir):
     diagonal = [float(value) for a, b, measure, value, _ in rows if measure == "toy_rv" and a == b]
     assert len(diagonal) == 2 and diagonal == pytest.approx([1.0, 1.0], abs=1e-9)
 
-    # stitch target (entry point), and the similarity again as a stitch measure: the stitch stage
+    # stitch target and init (entry points), the init with its option; the similarity as a stitch measure with its
+    # option, beside the same function by import path without it: the stitch stage
+    plain_rv = "instill_toys.measures:uncentred_rv"
     stitch = {**base, "stitch": {"front": {"run": "checkpoints/toy_base"}, "end": {"run": "checkpoints/toy_base"},
                                  "front_layers": ["1"], "end_layers": ["1"], "target": "toy_end_argmax",
-                                 "measures": ["toy_rv"], "similarity_samples": 32},
+                                 "init": "toy_scaled_identity",
+                                 "init_options": {"toy_scaled_identity": {"scale": -1.0}},
+                                 "measures": ["toy_rv", plain_rv], "measure_options": {"toy_rv": {"power": 2.0}},
+                                 "similarity_samples": 32},
               "train": {"epochs": 4, "threads": 1, "progress": False, "batch_size": 32,
                         "optimizer": {"name": "AdamW", "lr": 0.05}, "schedule": {"name": "constant"}}}
     assert run_cli("stitch", _config(workdir / "toy_stitch.yaml", stitch)) == 0
     pair = _summary("toy_stitch")["pairs"][0]
     assert 0 < pair["val_after_toy_rv"] <= 1 + 1e-9
+    assert pair["val_after_toy_rv"] == pytest.approx(pair[f"val_after_{plain_rv}"] ** 2, rel=1e-9)
     assert pair["val_after_agreement"] > max(0.8, pair["val_before_agreement"])
+    (before,) = Path("checkpoints/toy_stitch").rglob("transform_before.safetensors")
+    assert torch.equal(load_file(before)["weight"], -torch.eye(16))  # the init's option reached it
 
 
 def test_a_stage_of_your_own_runs_through_the_command_line_and_the_api(toys, workdir, capsys):
@@ -148,7 +184,7 @@ def test_an_unknown_stage_or_a_bad_stage_section_is_one_line(toys, workdir, caps
     assert not Path("checkpoints/typo").exists()
 
 
-def test_every_kind_of_plug_in_serves_the_python_api(toys):
+def test_every_kind_of_plug_in_serves_the_python_api(toys, workdir):
     # dataset and model by import path; the same objects by entry-point name
     data = DATASETS.build("instill_toys.data:blobs", DataContext(seed=3), {"n": 120})
     model = MODELS.build("instill_toys.nets:mlp", data.info, {"hidden": 8})
@@ -162,6 +198,8 @@ def test_every_kind_of_plug_in_serves_the_python_api(toys):
     assert "toy_rv" in instill.measures()
     assert instill.measure_similarity(x, y, "toy_rv") == pytest.approx(expected.item(), abs=1e-12)
     assert instill.measure_similarity(x, x, "instill_toys.measures:uncentred_rv") == pytest.approx(1.0, abs=1e-12)
+    assert instill.measure_similarity(x, y, "toy_rv", options={"power": 3}) == pytest.approx(expected.item() ** 3,
+                                                                                           rel=1e-12)
 
     # mask method by import path, its option passed through
     masked = instill.find_subnetwork(model, loader, layers=["Linear"], method="instill_toys.masks:RandomKeep",
@@ -194,6 +232,33 @@ def test_every_kind_of_plug_in_serves_the_python_api(toys):
     _, hard = instill.stitch_models(trained, trained, "1", "1", zeros, target="hard", epochs=15, lr=0.05)
     assert ours["agreement"] > 0.9 > hard["agreement"]
 
+    # stitch init and target options: the init's option sets the map; the target's option reaches its loss
+    stitched, _ = instill.stitch_models(trained, trained, "1", "1", zeros, init="toy_scaled_identity",
+                                        init_options={"scale": 0.5}, epochs=0)
+    assert torch.equal(stitched.transform.matrix().detach(), 0.5 * torch.eye(8))
+    batch = TargetBatch(torch.randn(6, 3), None, None, torch.randn(6, 3), torch.zeros(1), None, 1.0)
+    smoothed = F.cross_entropy(batch.logits, batch.end_logits.argmax(-1), label_smoothing=0.2)
+    assert stitch_target("toy_end_argmax", {"smoothing": 0.2})(batch) == smoothed
+
+    # transfer condition with its option: a transplanted fraction of the subnetwork, frozen
+    mask = {name: torch.ones_like(p, dtype=torch.bool) for name, p in model.named_parameters() if p.dim() == 2}
+    start = instill.transplant("toy_part_of_subnet", model, MODELS.build("toy_mlp", data.info, {"hidden": 8}), mask,
+                               options={"fraction": 0.25})
+    assert 0 < start.info["kept"] < 0.5 * sum(m.numel() for m in mask.values())
+    assert start.info["frozen_entries"] == start.info["kept"]
+
+    # guide condition with its option: the guide is a fresh one times the scale
+    cfg = load_stage_config(_config(Path.cwd() / "toy_guide_api.yaml", {
+        "data": BASE["data"], "model": BASE["model"],
+        "guidance": {"conditions": ["toy_scaled_guide"], "guide": {"name": "toy_mlp", "hidden": 8},
+                     "condition_options": {"toy_scaled_guide": {"scale": 3.0}}}}), "guide")
+    torch.manual_seed(5)  # the toy guide draws its fresh weights from torch's generator
+    tripled = build_guide(cfg, 5, "toy_scaled_guide", data.info)
+    cfg.guidance.condition_options = {"toy_scaled_guide": {"scale": 1.0}}
+    torch.manual_seed(5)
+    plain = build_guide(cfg, 5, "toy_scaled_guide", data.info)
+    assert all(torch.equal(a, 3 * b) for a, b in zip(tripled.parameters(), plain.parameters()))
+
 
 def test_instill_list_shows_the_plug_ins_with_their_options(toys):
     for kind, lines in {"similarities": ["toy_rv: Uncentred RV coefficient"],
@@ -218,6 +283,45 @@ def test_a_broken_or_unknown_plug_in_is_one_line(toys, workdir, capsys):
     with pytest.raises(instill.UserError, match="similarity 'instill_toys.measures:nope': instill_toys.measures "
                                                 "has no 'nope'"):
         instill.measure_similarity(torch.randn(5, 2), torch.randn(5, 2), "instill_toys.measures:nope")
+
+
+STITCH = {"front": {"run": "checkpoints/toy_base"}, "end": {"run": "checkpoints/toy_base"}, "front_layers": ["1"],
+          "end_layers": ["1"]}
+GUIDANCE = {"guide": {"name": "toy_mlp"}}
+
+
+@pytest.mark.parametrize("stage, section, message", [
+    ("stitch", {"stitch": {**STITCH, "target": "toy_end_argmax",
+                           "target_options": {"toy_end_argmax": {"smothing": 1}}}},
+     "stitch.target_options: toy_end_argmax: unknown key 'smothing' (did you mean 'smoothing'?); allowed: smoothing"),
+    ("stitch", {"stitch": {**STITCH, "init_options": {"random": {"scale": 2}}}},
+     "stitch.init_options: random: unknown key 'scale'"),  # a shipped init takes no option
+    ("stitch", {"stitch": {**STITCH, "measure_options": {"toy_rw": {}}}},
+     "stitch.measure_options: unknown similarity 'toy_rw' (did you mean 'toy_rv'?)"),
+    ("transfer", {"transfer": {"mask": "m", "condition_options": {"subnet": {"fraction": 0.5}}}},
+     "transfer.condition_options: subnet: unknown key 'fraction'"),
+    ("guide", {"model": BASE["model"], "guidance": {**GUIDANCE, "condition_options": {"toy_scaled_gide": {}}}},
+     "guidance.condition_options: unknown guide condition 'toy_scaled_gide' (did you mean 'toy_scaled_guide'?)"),
+    ("guide", {"model": BASE["model"], "guidance": {"conditions": ["toy_scaled_guide"]}},
+     "condition toy_scaled_guide needs guidance.guide"),
+    ("guide", {"model": BASE["model"], "guidance": {**GUIDANCE, "similarity": "toy_rv",
+                                                    "similarity_options": {"toy_rv": {"power": "high"}}}},
+     "guidance.similarity_options: toy_rv: power: Input should be a valid number"),
+])
+def test_an_unknown_option_or_name_of_a_plug_in_is_one_line(toys, workdir, capsys, stage, section, message):
+    body = {"data": BASE["data"], **section}
+    assert run_cli(stage, _config(workdir / "bad.yaml", body)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not Path("checkpoints/bad").exists()
+
+
+def test_an_option_the_entry_does_not_take_is_refused_by_the_api(toys):
+    x = torch.randn(8, 3)
+    with pytest.raises(instill.UserError, match="similarity cka: unknown key 'power'"):
+        instill.measure_similarity(x, x, "cka", options={"power": 2})
+    with pytest.raises(instill.UserError, match=r"similarity toy_rv: unknown key 'pwr' \(did you mean 'power'\?\)"):
+        instill.measure_similarity(x, x, "toy_rv", options={"pwr": 2})
 
 
 def test_shipped_entries_keep_what_recorded_runs_hold():

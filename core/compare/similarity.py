@@ -47,7 +47,7 @@ import contextlib
 import warnings
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -647,9 +647,10 @@ for _measure in (
     _add(_measure)
 
 
-def get_similarity(name: str) -> Similarity:
-    """The measure called ``name`` (a registered one, an import path, an entry point); a UserError otherwise."""
+def get_similarity(name: str, options: Optional[dict[str, Any]] = None) -> Similarity:
+    """The measure called ``name`` (a registered one, an import path, an entry point) with its ``options`` (the
+    keyword-only parameters of a measure function of your own; the shipped measures take none); a UserError
+    otherwise."""
     entry = SIMILARITIES.get(name)
-    if isinstance(entry.build, Similarity):
-        return entry.build
-    return Similarity(entry.name, entry.build)
+    measure = entry.build if isinstance(entry.build, Similarity) else Similarity(entry.name, entry.build)
+    return SIMILARITIES.bound(name, measure, "pair", options)

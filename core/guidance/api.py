@@ -19,9 +19,9 @@ PairSpec = Sequence[str | float]
 def alignment_loss(target: nn.Module, guide: nn.Module,
                    pairs: Sequence[PairSpec] | Literal["uniform", "repo"], *, sample: Optional[torch.Tensor] = None,
                    target_layers: Sequence[Any] = DEFAULT_TYPES, guide_layers: Sequence[Any] = DEFAULT_TYPES,
-                   similarity: str = "cka", alpha: float = 1.0, reduce: Literal["sum", "mean"] = "sum",
-                   tokenwise: Optional[Literal["positions", "rows"]] = None, steps: Optional[int] = None
-                   ) -> AlignmentLoss:
+                   similarity: str = "cka", similarity_options: Optional[dict[str, Any]] = None, alpha: float = 1.0,
+                   reduce: Literal["sum", "mean"] = "sum", tokenwise: Optional[Literal["positions", "rows"]] = None,
+                   steps: Optional[int] = None) -> AlignmentLoss:
     """A representational-alignment loss that pulls ``target``'s layers towards a frozen ``guide``'s.
 
     ``loss = alpha * reduce over pairs of weight * (1 - similarity(target layer, guide layer))``. Hooks record the
@@ -45,7 +45,8 @@ def alignment_loss(target: nn.Module, guide: nn.Module,
         target_layers: module names or types for the stretch maps (default: linear, conv, pooling, recurrent,
             attention, norm and transformer layers).
         guide_layers: the same for the guide.
-        similarity: one of ``measures()``.
+        similarity: one of ``measures()``, or the import path of a measure function of your own.
+        similarity_options: that measure's own options (its keyword-only parameters).
         alpha: the loss weight.
         reduce: ``sum`` or ``mean`` over pairs.
         tokenwise: for (batch, time, ...) sequence captures: ``positions`` (sum over positions) or ``rows``.
@@ -55,8 +56,8 @@ def alignment_loss(target: nn.Module, guide: nn.Module,
         The ``AlignmentLoss``; calling it with the guide's input gives ``(loss, {pair: similarity})``.
 
     Raises:
-        UserError: a layer name that is not in the model (with the nearest names), an unknown measure, a stretch
-            map without ``sample`` or that pairs no layers.
+        UserError: a layer name that is not in the model (with the nearest names), an unknown measure or option, a
+            stretch map without ``sample`` or that pairs no layers.
     """
     if isinstance(pairs, str):
         if sample is None:
@@ -75,5 +76,5 @@ def alignment_loss(target: nn.Module, guide: nn.Module,
                 raise UserError(f"alignment_loss: a pair is (target layer, guide layer[, weight]), got {pair!r}")
     if not resolved:
         raise UserError("alignment_loss: no layer pairs (does each side capture at least two layers?)")
-    return AlignmentLoss(target, guide, resolved, similarity=similarity, alpha=alpha, reduce=reduce,
-                         tokenwise=tokenwise, steps=steps)
+    return AlignmentLoss(target, guide, resolved, similarity=similarity, similarity_options=similarity_options,
+                         alpha=alpha, reduce=reduce, tokenwise=tokenwise, steps=steps)

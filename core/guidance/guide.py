@@ -72,6 +72,9 @@ class GuideCondition:
     needs: tuple[str, ...] = ()
     __signature__ = OptionsOf("guide")  # its options: guide's keyword-only parameters
 
+    def __call__(self, ctx: GuideContext) -> Optional[torch.nn.Module]:
+        return None if self.guide is None else self.guide(ctx)
+
 
 # Guide conditions, by name: a ``GuideCondition``, or a plain function ``guide(ctx: GuideContext, *, options) ->
 # nn.Module``. Add one with ``@GUIDE_CONDITIONS.register("name")``, an import path or an entry point of group
@@ -125,6 +128,9 @@ class GuidanceSection(Section):
     alpha: float = Field(1.0, ge=0)
     reduce: Reduce = "sum"
     similarity: str = Field("cka", description="a similarity measure (instill list similarities)")
+    similarity_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="options of similarity measures, by name (a measure of your own: its "
+                                          "keyword-only parameters)")
     target_layers: list[str] = Field(default_factory=lambda: list(DEFAULT_LAYERS))
     guide_layers: list[str] = Field(default_factory=lambda: list(DEFAULT_LAYERS))
     drop_last_layer: bool = Field(True, description="leave out each side's last captured layer (the logits), "
@@ -151,6 +157,11 @@ class GuidanceSection(Section):
     @classmethod
     def _known_similarity(cls, name: str) -> str:
         return SIMILARITIES.known(name)
+
+    @field_validator("similarity_options")
+    @classmethod
+    def _known_similarity_options(cls, options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return options_by_name(SIMILARITIES, options)
 
     @field_validator("conditions")
     @classmethod
@@ -235,8 +246,9 @@ def main(ctx: Context) -> dict[str, Any]:
 def build_guide(cfg: Config, seed: int, condition: str, info: DatasetInfo) -> torch.nn.Module:
     """The guide of ``condition`` (a guided one), built by its entry with its options: the shipped ones give the
     trained guide of ``guide_run`` (built for this run's data) or a fresh one from its own seed."""
-    options = GUIDE_CONDITIONS.validate(condition, cfg.guidance.condition_options.get(condition, {}))  # checked
-    return guide_condition(condition).guide(GuideContext(cfg, seed, info), **options)
+    entry = GUIDE_CONDITIONS.bound(condition, guide_condition(condition), "guide",
+                                   cfg.guidance.condition_options.get(condition))
+    return entry(GuideContext(cfg, seed, info))
 
 
 def _sample(data, device: torch.device) -> torch.Tensor:
@@ -316,7 +328,9 @@ def _alignment(spec: GuidanceSection, target, guide, sample: torch.Tensor) -> Al
     for pair in pairs:
         _check_rows(pair, target_shapes[pair.target], guide_shapes[pair.guide], tuple(sample.shape[:2]),
                     spec.tokenwise)
-    return AlignmentLoss(target, guide, pairs, similarity=spec.similarity, alpha=spec.alpha, reduce=spec.reduce,
+    return AlignmentLoss(target, guide, pairs, similarity=spec.similarity,
+                         similarity_options=spec.similarity_options.get(spec.similarity), alpha=spec.alpha,
+                         reduce=spec.reduce,
                          tokenwise=spec.tokenwise, target_batch_axes=spec.target_batch_axes,
                          guide_batch_axes=spec.guide_batch_axes, steps=spec.guidance_steps)
 

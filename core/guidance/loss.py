@@ -102,23 +102,26 @@ class AlignmentLoss:
         guide: the guide network (put in eval mode and frozen).
         pairs: the aligned layer pairs (capture keys of each side).
         similarity: a measure name (``instill.measures()``).
+        similarity_options: the measure's own options (a measure function of your own: its keyword-only
+            parameters).
         alpha: the loss weight; reduce: ``sum`` or ``mean`` over pairs; tokenwise: see above.
         target_batch_axes / guide_batch_axes: ``{layer: batch axis}`` for layers that are not batch first.
         steps: guide only the first N optimizer steps.
 
     Raises:
-        UserError: a layer name that is not in its model, an unknown measure.
+        UserError: a layer name that is not in its model, an unknown measure or option.
     """
 
     def __init__(self, target: nn.Module, guide: nn.Module, pairs: list[LayerPair], *, similarity: str = "cka",
-                 alpha: float = 1.0, reduce: Reduce = "sum", tokenwise: Tokenwise = None,
+                 similarity_options: Mapping[str, Any] | None = None, alpha: float = 1.0, reduce: Reduce = "sum",
+                 tokenwise: Tokenwise = None,
                  target_batch_axes: Mapping[str, int] | None = None,
                  guide_batch_axes: Mapping[str, int] | None = None, steps: int | None = None):
         from ..compare.capture import FeatureCapture, module_of
         from ..compare.similarity import get_similarity
 
         self.pairs, self.alpha, self.reduce, self.tokenwise, self.steps = pairs, alpha, reduce, tokenwise, steps
-        self.measure = get_similarity(similarity)
+        self.measure = get_similarity(similarity, dict(similarity_options or {}))
         self.guide = guide.eval().requires_grad_(False)
         self.closed = False
         self._real: torch.Tensor | None = None

@@ -7,7 +7,6 @@ wraps them.
 
 from __future__ import annotations
 
-import inspect
 import signal
 import threading
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from ..data import DataBundle, DataContext
 from ..errors import UserError, under_key
 from ..loggers import check_available as check_loggers
 from ..loggers import sink_factory
-from ..registry import BUILTIN_MODULES, DATASETS, MODELS, Registry
+from ..registry import BUILTIN_MODULES, DATASETS, MODELS, OptionsOf, Registry
 from ..run import Run, has_state, is_finished
 from ..seeds import draw_seed, seed_everything
 from ..train import resolve_device
@@ -48,8 +47,7 @@ class Stage:
     prepare: Optional[Callable[[RunConfig], None]] = None
     sections: tuple[str, ...] = ()
 
-    def __post_init__(self):  # the help line of a stage of your own (instill list stages): its main's docstring
-        object.__setattr__(self, "__doc__", inspect.getdoc(self.main))
+    __signature__ = OptionsOf("main")  # no options (a stage's are its config's sections); its help: main's docstring
 
     def __call__(self, ctx: "Context") -> dict[str, Any]:
         return self.main(ctx)

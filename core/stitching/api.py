@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Literal, Optional
+from typing import Any, Iterable, Literal, Optional
 
 import torch
 from torch import nn
@@ -45,7 +45,8 @@ def _stitch_metrics(stitched: StitchedNet, end: nn.Module, loader: Iterable, dev
 def stitch_models(front: nn.Module, end: nn.Module, front_layer: str, end_layer: str, loader: Iterable, *,
                   transform: Literal["affine", "flatten"] = "affine", init: str = "ps_inv", rank: Optional[int] = None,
                   bias: bool = True, resize: str = "bilinear", target: str = "hard", temperature: float = 1.0,
-                  epochs: int = 1, lr: float = 1e-3, eval_loader: Optional[Iterable] = None, seed: int = 0
+                  epochs: int = 1, lr: float = 1e-3, eval_loader: Optional[Iterable] = None, seed: int = 0,
+                  init_options: Optional[dict[str, Any]] = None, target_options: Optional[dict[str, Any]] = None
                   ) -> tuple[StitchedNet, dict[str, float]]:
     """Stitch ``front`` up to ``front_layer`` into ``end`` from ``end_layer`` on, and train the stitching layer.
 
@@ -72,6 +73,8 @@ def stitch_models(front: nn.Module, end: nn.Module, front_layer: str, end_layer:
         lr: Adam's learning rate.
         eval_loader: the batches the metrics are measured on (default ``loader``).
         seed: seeds the random inits.
+        init_options, target_options: the options of an init or target of your own (the keyword-only parameters
+            of its function; ``instill list stitch_inits`` / ``stitch_targets`` shows them).
 
     Returns:
         ``(stitched, metrics)``: the ``StitchedNet`` in evaluation mode (``stitched.transform`` holds the map) and
@@ -81,11 +84,12 @@ def stitch_models(front: nn.Module, end: nn.Module, front_layer: str, end_layer:
 
     Raises:
         UserError: an unknown layer (nearest names listed), activations no transform of this kind connects, an
-            unknown init or target, an init the shapes do not allow, batches that are not ``(inputs, targets)``.
+            unknown init, target or option, an init the shapes do not allow, batches that are not
+            ``(inputs, targets)``.
     """
     with under_key("stitch_models"):
-        objective = stitch_target(target)
-        initialisation = stitch_choice(INITS, init)
+        objective = stitch_target(target, target_options)
+        initialisation = stitch_choice(INITS, init, init_options)
     if objective.on_activations:
         raise UserError(f"stitch_models: target {target} trains on activations alone; use the stitch stage for it")
     device = device_of(front)
@@ -107,7 +111,7 @@ def stitch_models(front: nn.Module, end: nn.Module, front_layer: str, end_layer:
     if init == "ps_inv" and rank is not None:
         stitch.set_factors(*stats.reduced_rank(rank))
     else:
-        stitch.set_matrix(*init_matrix(init, stitch.d_out, stitch.d_in, generator, stats))
+        stitch.set_matrix(*init_matrix(init, stitch.d_out, stitch.d_in, generator, stats, options=init_options))
     stitched = StitchedNet(head, stitch, tail).to(device)
     evaluate_on = loader if eval_loader is None else eval_loader
     metrics = {f"before_{k}": v for k, v in _stitch_metrics(stitched.eval(), end, evaluate_on, device).items()}

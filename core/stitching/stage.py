@@ -45,7 +45,7 @@ import torch
 from pydantic import Field, confloat, conint, conlist, field_validator, model_validator
 
 from ..data.info import DatasetInfo
-from ..config import OptimizerConfig, RunConfig, ScheduleConfig, Section, TrainConfig
+from ..config import OptimizerConfig, RunConfig, ScheduleConfig, Section, TrainConfig, options_by_name
 from ..data import DataBundle, Split, batches
 from ..errors import UserError, under_key
 from ..models import check_finite_output
@@ -106,6 +106,12 @@ class StitchSection(Section):
     cka: float = Field(0.0, description="weight of CKA(transformed, end activation): > 0 penalises, < 0 rewards")
     measures: list[str] = Field(default_factory=lambda: ["cka", "cka_unbiased", "procrustes", "svcca"],
                                 description="similarity measures between transformed and end activations")
+    # Options of an init, mask, target or measure of your own (its keyword-only parameters), by name.
+    init_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="options of inits, by name")
+    mask_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="options of masks, by name")
+    target_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="options of targets, by name")
+    measure_options: dict[str, dict[str, Any]] = Field(default_factory=dict,
+                                                       description="options of measures, by name")
     similarity_samples: conint(ge=4) = Field(2000, description="evaluation samples the measures use (at most)")
     data_seed: Union[Literal["run", "end"], conint(ge=0)] = Field(
         "end", description="seed of the data splits: end (the end model's run seed, so the stitch is evaluated on "
@@ -134,6 +140,13 @@ class StitchSection(Section):
         for name in names:
             SIMILARITIES.known(name)
         return names
+
+    @field_validator("init_options", "mask_options", "target_options", "measure_options")
+    @classmethod
+    def _known_options(cls, options: dict[str, dict[str, Any]], info) -> dict[str, dict[str, Any]]:
+        registry = {"init_options": INITS, "mask_options": MASKS, "target_options": TARGETS}.get(info.field_name,
+                                                                                                 SIMILARITIES)
+        return options_by_name(registry, options)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -381,14 +394,15 @@ def run_pair(ctx: Context, run: Run, data: DataBundle, front: LoadedModel, end: 
 
     stats = fit_statistics(transform, train_views)
     generator = torch.Generator().manual_seed(derive_seed(ctx.seed, "init", front_layer, end_layer) % 2**63)
-    mask = make_mask(spec.mask, transform.d_out, transform.d_in, generator, stats)
+    mask = make_mask(spec.mask, transform.d_out, transform.d_in, generator, stats, spec.mask_options.get(spec.mask))
     ps_w, ps_b = stats.solve(mask) if stats else (None, None)
     if spec.init == "ps_inv" and spec.rank is not None:
         u, v, b = stats.reduced_rank(spec.rank)
         transform.set_factors(u, v, b)
     else:
         w, b = (ps_w, ps_b) if spec.init == "ps_inv" else init_matrix(spec.init, transform.d_out, transform.d_in,
-                                                                      generator, stats, mask)
+                                                                      generator, stats, mask,
+                                                                      spec.init_options.get(spec.init))
         transform.set_matrix(w, b)
     if mask is not None:
         transform.set_mask(mask)
@@ -441,7 +455,7 @@ def fit_statistics(transform: StitchTransform, views: Views) -> Optional[LinearS
 
 
 def _loss(spec: StitchSection, stitch: Stitch, views: Views, has_labels: bool) -> Callable:
-    target = stitch_target(spec.target)
+    target = stitch_target(spec.target, spec.target_options.get(spec.target))
 
     def loss(transform, batch):
         index, y = batch
@@ -469,9 +483,10 @@ def _loss(spec: StitchSection, stitch: Stitch, views: Views, has_labels: bool) -
 
 @torch.no_grad()
 def evaluate_stitch(stitch: Stitch, transform: Optional[StitchTransform], views: Views, has_labels: bool,
-                    measures: list[str], max_samples: int) -> dict[str, float]:
+                    measures: list[str], max_samples: int, measure_options: Optional[dict[str, dict[str, Any]]] = None
+                    ) -> dict[str, float]:
     """The functional and representational figures of the stitched network (or, with ``transform`` None, the end
-    model itself) on one split."""
+    model itself) on one split (``measure_options``: the options of measures, by name)."""
     sums: dict[str, float] = {}
     kept_t, kept_b, n = [], [], 0
     sq_err = sq_tot = 0.0
@@ -501,12 +516,12 @@ def evaluate_stitch(stitch: Stitch, transform: Optional[StitchTransform], views:
                    **{k: sums[k] / n for k in ("rr", "rw", "wr", "ww")})
     t_all, b_all = torch.cat(kept_t)[:max_samples], torch.cat(kept_b)[:max_samples]
     for name in measures:
-        out[name] = _measure(name, t_all, b_all)
+        out[name] = _measure(name, t_all, b_all, (measure_options or {}).get(name))
     return out
 
 
-def _measure(name: str, x: torch.Tensor, y: torch.Tensor) -> float:
-    measure = get_similarity(name)
+def _measure(name: str, x: torch.Tensor, y: torch.Tensor, options: Optional[dict[str, Any]]) -> float:
+    measure = get_similarity(name, options)
     if len(x) < measure.min_samples:
         raise UserError(f"stitch.measures: {name} needs at least {measure.min_samples} evaluation samples, got "
                         f"{len(x)}")
@@ -550,7 +565,7 @@ def evaluate_variants(stitch: Stitch, variants: dict[str, StitchTransform], view
             if name in variants:
                 rows.append({"split": split, "variant": name,
                              **evaluate_stitch(stitch, variants[name], split_views, has_labels, spec.measures,
-                                               spec.similarity_samples)})
+                                               spec.similarity_samples, spec.measure_options)})
     return rows
 
 

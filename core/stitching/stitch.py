@@ -38,14 +38,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ..errors import UserError
-from ..registry import Registry
+from ..registry import OptionsOf, Registry
 from ..compare.capture import select_layers
 
 Layout = Literal["map", "tokens", "vector"]
@@ -521,6 +521,7 @@ class StitchChoice:
     build: Callable[[InitContext], Any]
     square: bool = False
     needs_stats: bool = False
+    __signature__ = OptionsOf("build")  # its options: build's keyword-only parameters
 
     def __call__(self, ctx: InitContext) -> Any:
         return self.build(ctx)
@@ -597,38 +598,41 @@ for _name, _choice, _doc in (
     MASKS.register(_name, doc=_doc)(_choice)
 
 
-def stitch_choice(registry: Registry, name: str) -> StitchChoice:
-    """The init or mask ``name`` names in ``registry`` (``INITS`` or ``MASKS``); a UserError otherwise."""
+def stitch_choice(registry: Registry, name: str, options: Optional[Mapping[str, Any]] = None) -> StitchChoice:
+    """The init or mask ``name`` names in ``registry`` (``INITS`` or ``MASKS``), with its ``options``; a UserError
+    otherwise."""
     entry = registry.get(name)
-    return entry.build if isinstance(entry.build, StitchChoice) else StitchChoice(entry.build)
+    choice = entry.build if isinstance(entry.build, StitchChoice) else StitchChoice(entry.build)
+    return registry.bound(name, choice, "build", options)
 
 
-def _built(registry: Registry, name: str, ctx: InitContext) -> Any:
-    choice = stitch_choice(registry, name)
+def _built(registry: Registry, name: str, ctx: InitContext, options: Optional[Mapping[str, Any]]) -> Any:
+    choice = stitch_choice(registry, name, options)
     if choice.square and ctx.d_in != ctx.d_out:
         raise UserError(f"{registry.kind} {name} needs as many input as output channels, got {ctx.d_in} -> {ctx.d_out}")
     return choice(ctx)
 
 
 def init_matrix(name: str, d_out: int, d_in: int, generator: torch.Generator,
-                stats: Optional[LinearStats] = None, mask: Optional[Tensor] = None
-                ) -> tuple[Tensor, Optional[Tensor]]:
-    """(W, b) of the init ``name`` (``INITS``); ``ps_inv`` and ``procrustes`` need the statistics.
+                stats: Optional[LinearStats] = None, mask: Optional[Tensor] = None,
+                options: Optional[Mapping[str, Any]] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """(W, b) of the init ``name`` (``INITS``) with its ``options``; ``ps_inv`` and ``procrustes`` need the
+    statistics.
 
     Raises:
-        UserError: an unknown init; identity and permutation inits of a non-square map.
+        UserError: an unknown init or option; identity and permutation inits of a non-square map.
     """
-    return _built(INITS, name, InitContext(d_out, d_in, generator, stats, mask))
+    return _built(INITS, name, InitContext(d_out, d_in, generator, stats, mask), options)
 
 
 def make_mask(name: str, d_out: int, d_in: int, generator: torch.Generator,
-              stats: Optional[LinearStats] = None) -> Optional[Tensor]:
-    """The (d_out, d_in) 0/1 mask ``name`` (``MASKS``; None for ``identity``: nothing masked).
+              stats: Optional[LinearStats] = None, options: Optional[Mapping[str, Any]] = None) -> Optional[Tensor]:
+    """The (d_out, d_in) 0/1 mask ``name`` (``MASKS``; None for ``identity``: nothing masked) with its ``options``.
 
     Raises:
-        UserError: an unknown mask; a permutation of a non-square map.
+        UserError: an unknown mask or option; a permutation of a non-square map.
     """
-    return _built(MASKS, name, InitContext(d_out, d_in, generator, stats))
+    return _built(MASKS, name, InitContext(d_out, d_in, generator, stats), options)
 
 
 # ----------------------------------------------------------------------------------------------------- objectives
@@ -663,6 +667,7 @@ class StitchTarget:
     needs: frozenset[str] = frozenset({"front_logits", "end_logits"})
     labels: bool = False
     on_activations: bool = False
+    __signature__ = OptionsOf("loss")  # its options: loss's keyword-only parameters
 
     def __call__(self, batch: TargetBatch) -> Tensor:
         return self.loss(batch)
@@ -696,10 +701,12 @@ for _name, _target, _doc in (
     TARGETS.register(_name, doc=_doc)(_target)
 
 
-def stitch_target(name: str) -> StitchTarget:
-    """The target ``name`` names (registered, import path, entry point); a UserError otherwise."""
+def stitch_target(name: str, options: Optional[Mapping[str, Any]] = None) -> StitchTarget:
+    """The target ``name`` names (registered, import path, entry point), with its ``options``; a UserError
+    otherwise."""
     entry = TARGETS.get(name)
-    return entry.build if isinstance(entry.build, StitchTarget) else StitchTarget(entry.build)
+    target = entry.build if isinstance(entry.build, StitchTarget) else StitchTarget(entry.build)
+    return TARGETS.bound(name, target, "loss", options)
 
 
 def agreement_metrics(logits: Tensor, end_logits: Tensor, y: Optional[Tensor]) -> dict[str, Tensor]:

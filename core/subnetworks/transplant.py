@@ -96,8 +96,8 @@ class Condition:
         """Whether it transplants masked entries (a subnetwork or a sample drawn from its mask)."""
         return self.whole is None
 
-    def __call__(self, ctx: "ConditionContext", **options: Any) -> Optional[dict[str, torch.Tensor]]:
-        return None if self.kept is None else self.kept(ctx, **options)
+    def __call__(self, ctx: "ConditionContext") -> Optional[dict[str, torch.Tensor]]:
+        return None if self.kept is None else self.kept(ctx)
 
 
 def get_condition(name: str) -> Condition:
@@ -439,11 +439,7 @@ def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[
         UserError: an unknown condition or option, architectures that differ, a mask that does not fit ``base``, or
             a sampled condition that cannot be drawn from this mask.
     """
-    entry = get_condition(condition)
-    try:
-        chosen = CONDITIONS.validate(condition, dict(options or {}))
-    except ValueError as err:
-        raise UserError(f"transfer condition {condition}: {err}") from None
+    entry = CONDITIONS.bound(condition, get_condition(condition), "kept", options)
     check_condition(condition, mask)
     for key, value, kind in (("non_masked", non_masked, NonMasked), ("batch_norm", batch_norm, BatchNorm)):
         allowed = get_args(kind)
@@ -457,7 +453,7 @@ def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[
         fresh.load_state_dict(base.state_dict())
         kept, frozen, info = None, None, {}
     else:
-        kept = entry(ConditionContext(mask, seed, legacy_sampling), **chosen)
+        kept = entry(ConditionContext(mask, seed, legacy_sampling))
         _copy_weights(base, fresh, kept, non_masked)
         frozen_wanted = freeze and entry.freezes
         frozen = FrozenEntries(fresh, kept, zero_grads) if frozen_wanted else None
