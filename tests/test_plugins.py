@@ -324,6 +324,20 @@ def test_an_option_the_entry_does_not_take_is_refused_by_the_api(toys):
         instill.measure_similarity(x, x, "toy_rv", options={"pwr": 2})
 
 
+def test_extending_instill_shows_the_plug_ins_as_they_are():
+    """docs/design.md shows each file of the user package whole, and the entry points it declares."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
+    for path in sorted((PLUGINS / "instill_toys").glob("*.py")):
+        if path.name != "__init__.py":
+            assert f"```python\n{path.read_text()}```" in doc, path.name
+    for line in (PLUGINS / "instill_toys-0.1.dist-info" / "entry_points.txt").read_text().splitlines():
+        if line.startswith("["):
+            assert f"[project.entry-points.\"{line[1:-1]}\"]" in doc, line
+        elif line:
+            name, _, value = line.partition(" = ")
+            assert f'{name} = "{value}"' in doc, line
+
+
 def test_shipped_entries_keep_what_recorded_runs_hold():
     """Replay compatibility: a shipped mask method records the same mask.json hyperparameters as before plug-ins had
     options, and the old name of cca_r2 still validates in a compare config."""

@@ -10,7 +10,7 @@ from torch import nn
 from ..errors import UserError, under_key
 from ..train import device_of, input_target_pair, logits_of
 from .stitch import (INITS, Head, LinearStats, Side, StitchedNet, StitchTransform, Tail, TargetBatch,
-                     agreement_metrics, freeze, init_matrix, layout_of, stitch_choice, stitch_target)
+                     agreement_metrics, freeze, initialise, layout_of, stitch_choice, stitch_target)
 
 __all__ = ["stitch_models", "StitchedNet", "StitchTransform"]
 
@@ -107,11 +107,7 @@ def stitch_models(front: nn.Module, end: nn.Module, front_layer: str, end_layer:
             for batch in loader:
                 x = input_target_pair(batch)[0].to(device)
                 stats.update(*stitch.fit_rows(head(x), end_head(x)))
-    generator = torch.Generator().manual_seed(seed)
-    if init == "ps_inv" and rank is not None:
-        stitch.set_factors(*stats.reduced_rank(rank))
-    else:
-        stitch.set_matrix(*init_matrix(init, stitch.d_out, stitch.d_in, generator, stats, options=init_options))
+    initialise(stitch, init, torch.Generator().manual_seed(seed), stats, options=init_options)
     stitched = StitchedNet(head, stitch, tail).to(device)
     evaluate_on = loader if eval_loader is None else eval_loader
     metrics = {f"before_{k}": v for k, v in _stitch_metrics(stitched.eval(), end, evaluate_on, device).items()}

@@ -57,7 +57,7 @@ from ..seeds import derive_seed
 from ..compare.similarity import SIMILARITIES, cka, get_similarity
 from ..compare.sources import LoadedModel, ModelSource, load_model_source
 from .stitch import (INITS, MASKS, TARGETS, Head, LinearStats, Side, StitchTransform, Tail, TargetBatch,
-                     agreement_metrics, freeze, init_matrix, layout_of, make_mask, stitch_choice, stitch_target)
+                     agreement_metrics, freeze, initialise, layout_of, make_mask, stitch_choice, stitch_target)
 from ..train import Objective, fit
 from ..stages.runner import STAGES, Context, Stage, build_data
 from ..stages.upstream import resolve_upstream
@@ -153,9 +153,10 @@ class StitchSection(Section):
         if self.pairs == "zip" and len(self.front_layers) != len(self.end_layers):
             raise ValueError(f"pairs: zip needs as many front as end layers, got {len(self.front_layers)} and "
                              f"{len(self.end_layers)}")
-        if self.rank is not None and self.mask != "identity":
+        mask = stitch_choice(MASKS, self.mask)
+        if self.rank is not None and not mask.keeps_all:
             raise ValueError("a mask restricts single entries of W; a low-rank W = U V has none (drop rank or mask)")
-        if self.transform == "flatten" and self.mask in ("semi_match", "abs_semi_match"):
+        if self.transform == "flatten" and mask.matches_channels:
             raise ValueError(f"mask {self.mask} matches channels; transform: flatten has none")
         return self
 
@@ -396,14 +397,7 @@ def run_pair(ctx: Context, run: Run, data: DataBundle, front: LoadedModel, end: 
     generator = torch.Generator().manual_seed(derive_seed(ctx.seed, "init", front_layer, end_layer) % 2**63)
     mask = make_mask(spec.mask, transform.d_out, transform.d_in, generator, stats, spec.mask_options.get(spec.mask))
     ps_w, ps_b = stats.solve(mask) if stats else (None, None)
-    if spec.init == "ps_inv" and spec.rank is not None:
-        u, v, b = stats.reduced_rank(spec.rank)
-        transform.set_factors(u, v, b)
-    else:
-        w, b = (ps_w, ps_b) if spec.init == "ps_inv" else init_matrix(spec.init, transform.d_out, transform.d_in,
-                                                                      generator, stats, mask,
-                                                                      spec.init_options.get(spec.init))
-        transform.set_matrix(w, b)
+    initialise(transform, spec.init, generator, stats, mask, spec.init_options.get(spec.init))
     if mask is not None:
         transform.set_mask(mask)
     variants = {"before": copy.deepcopy(transform)}

@@ -516,11 +516,17 @@ class InitContext:
 @dataclass(frozen=True)
 class StitchChoice:
     """A stitch initialisation (``build(ctx)`` -> (W, b)) or mask (``build(ctx)`` -> a (d_out, d_in) 0/1 mask, or
-    None for none); ``square``: only for maps with as many inputs as outputs; ``needs_stats``: reads the statistics."""
+    None for none); ``square``: only for maps with as many inputs as outputs; ``needs_stats``: reads the statistics.
+    An init's ``low_rank(ctx, rank)`` -> (U, V, b) is its own form on a low-rank map (None: the best rank-r
+    approximation of its W). A mask that ``keeps_all`` masks nothing (the only kind a low-rank map takes); one that
+    ``matches_channels`` needs a channel map (an affine transform)."""
 
     build: Callable[[InitContext], Any]
     square: bool = False
     needs_stats: bool = False
+    low_rank: Optional[Callable[[InitContext, int], tuple[Tensor, Tensor, Tensor]]] = None
+    keeps_all: bool = False
+    matches_channels: bool = False
     __signature__ = OptionsOf("build")  # its options: build's keyword-only parameters
 
     def __call__(self, ctx: InitContext) -> Any:
@@ -555,8 +561,10 @@ for _name, _choice, _doc in (
     ("perm", StitchChoice(lambda ctx: (torch.eye(ctx.d_out)[torch.randperm(ctx.d_out, generator=ctx.generator)],
                                        None), square=True), "a random permutation of the channels"),
     ("ones_zeros", StitchChoice(lambda ctx: (torch.ones(ctx.d_out, ctx.d_in), None)), "every weight 1"),
-    ("ps_inv", StitchChoice(_least_squares(lambda ctx: ctx.stats.solve(ctx.mask)), needs_stats=True),
-     "the least-squares fit (pseudo-inverse) of the end activations, within the mask"),
+    ("ps_inv", StitchChoice(_least_squares(lambda ctx: ctx.stats.solve(ctx.mask)), needs_stats=True,
+                            low_rank=lambda ctx, rank: ctx.stats.reduced_rank(rank)),
+     "the least-squares fit (pseudo-inverse) of the end activations, within the mask (on a low-rank map: "
+     "reduced-rank regression)"),
     ("procrustes", StitchChoice(_least_squares(lambda ctx: ctx.stats.procrustes()), needs_stats=True),
      "the orthogonal Procrustes fit of the end activations"),
 ):
@@ -584,10 +592,10 @@ def _best_correlated(absolute: bool) -> Callable[[InitContext], Tensor]:
 
 
 for _name, _choice, _doc in (
-    ("identity", StitchChoice(lambda ctx: None), "nothing masked"),
-    ("semi_match", StitchChoice(_picked(_best_correlated(False)), needs_stats=True),
+    ("identity", StitchChoice(lambda ctx: None, keeps_all=True), "nothing masked"),
+    ("semi_match", StitchChoice(_picked(_best_correlated(False)), needs_stats=True, matches_channels=True),
      "each output channel keeps the input channel it correlates best with (on the training split)"),
-    ("abs_semi_match", StitchChoice(_picked(_best_correlated(True)), needs_stats=True),
+    ("abs_semi_match", StitchChoice(_picked(_best_correlated(True)), needs_stats=True, matches_channels=True),
      "the same in absolute correlation"),
     ("random_permutation", StitchChoice(_picked(lambda ctx: torch.randperm(ctx.d_in, generator=ctx.generator)),
                                         square=True), "a true random permutation"),
@@ -611,6 +619,24 @@ def _built(registry: Registry, name: str, ctx: InitContext, options: Optional[Ma
     if choice.square and ctx.d_in != ctx.d_out:
         raise UserError(f"{registry.kind} {name} needs as many input as output channels, got {ctx.d_in} -> {ctx.d_out}")
     return choice(ctx)
+
+
+def initialise(transform: StitchTransform, name: str, generator: torch.Generator,
+               stats: Optional[LinearStats] = None, mask: Optional[Tensor] = None,
+               options: Optional[Mapping[str, Any]] = None) -> None:
+    """Set ``transform``'s map and bias to the init ``name`` (``INITS``) with its ``options``: on a low-rank map,
+    the init's own low-rank form where it has one (``ps_inv``: reduced-rank regression), else the best rank-r
+    approximation of its W.
+
+    Raises:
+        UserError: an unknown init or option; identity and permutation inits of a non-square map.
+    """
+    choice = stitch_choice(INITS, name, options)
+    if transform.rank is not None and choice.low_rank is not None:
+        transform.set_factors(*choice.low_rank(InitContext(transform.d_out, transform.d_in, generator, stats, mask),
+                                               transform.rank))
+    else:
+        transform.set_matrix(*init_matrix(name, transform.d_out, transform.d_in, generator, stats, mask, options))
 
 
 def init_matrix(name: str, d_out: int, d_in: int, generator: torch.Generator,
