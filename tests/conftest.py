@@ -28,6 +28,19 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
+def replace_stage_main(monkeypatch, name: str, main):
+    """Run ``main`` in place of stage ``name``'s own until the test (or ``monkeypatch``'s context) ends: a test's
+    injected failure. Returns the stage's own ``main``."""
+    import dataclasses
+
+    from instill.stages import STAGES
+
+    entry = STAGES.get(name)
+    replaced = dataclasses.replace(entry, build=dataclasses.replace(entry.build, main=main))
+    monkeypatch.setitem(STAGES._entries, name, replaced)
+    return entry.build.main
+
+
 def run_cli(stage: str, *argv: str) -> int:
     from instill.cli import main
 

@@ -36,19 +36,21 @@ def test_math_entry_point_runs_the_base_stage(workdir):
 
 # vision/vision_base.py, with every rank saying which seed its stage received.
 SEED_REPORTING_ENTRY = """
+import dataclasses
+
 from instill import dist
 from instill.cli import entry
-from instill.stages import base
+from instill.stages import STAGES, get_stage
 
-stage_main = base.main
+base = get_stage("base")
 
 
 def main(ctx):
     print(f"rank {dist.rank()} seed {ctx.seed}", flush=True)
-    return stage_main(ctx)
+    return base.main(ctx)
 
 
-base.main = main
+STAGES.register("base")(dataclasses.replace(base, main=main))
 entry("base")
 """
 

@@ -105,6 +105,12 @@ def test_the_table_of_shipped_modules_names_exactly_what_they_register():
         for name, module in BUILTIN_MODULES[kind].items():
             entry = registry.get(name if name not in ("timm", "torchvision") else f"{name}:x")
             assert entry.build.__module__ == importlib.import_module(f"instill.{module}").__name__, name
+    from instill.stages import STAGES  # a stage is its main's module's
+
+    shipped = {e.name for e in STAGES.entries() if e.build.main.__module__.startswith("instill.")}
+    assert set(BUILTIN_MODULES["stage"]) == shipped
+    for name, module in BUILTIN_MODULES["stage"].items():
+        assert STAGES.get(name).build.main.__module__ == f"instill.{module}", name
 
 
 def test_validating_a_digits_config_imports_no_other_shipped_module():

@@ -21,7 +21,7 @@ from instill.report import run_status
 from instill.run import TIMING_PREFIX, claim_run_dir, read_metrics
 from instill.files import atomic_write_json
 from instill.seeds import seed_everything
-from tests.conftest import REPO, python_env, run_cli
+from tests.conftest import REPO, python_env, replace_stage_main, run_cli
 
 TINY = "configs/tiny_digits.yaml"
 
@@ -164,12 +164,10 @@ def test_duration_adds_up_over_resumes(workdir, monkeypatch):
 
 
 def test_ctrl_c_before_training_saves_nothing_and_says_so(workdir, monkeypatch, capsys):
-    from instill.stages import base
-
     def interrupted_main(ctx):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(base, "main", interrupted_main)
+    replace_stage_main(monkeypatch, "base", interrupted_main)
     assert run_cli("base", TINY, "--out", "checkpoints/x") == 130
     err = capsys.readouterr().err
     assert "nothing to resume" in err and "state saved" not in err
@@ -247,12 +245,10 @@ def test_a_library_rejecting_passed_on_keywords_is_one_line_and_leaves_nothing(w
 
 
 def test_user_error_after_start_leaves_no_run_directory(workdir, monkeypatch, capsys):
-    from instill.stages import base
-
     def failing_main(ctx):
         raise UserError("something the user got wrong")
 
-    monkeypatch.setattr(base, "main", failing_main)
+    replace_stage_main(monkeypatch, "base", failing_main)
     assert run_cli("base", TINY, "--out", "checkpoints/x") == 2
     assert not Path("checkpoints/x").exists() and not list(Path("checkpoints").glob(".x*"))
 

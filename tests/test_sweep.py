@@ -14,7 +14,7 @@ import pytest
 from instill.run import is_finished, read_metrics
 from instill.sweep import main as sweep_main
 
-from .conftest import python_env, run_cli
+from .conftest import python_env, replace_stage_main, run_cli
 
 TINY = "configs/tiny_digits.yaml"
 
@@ -97,9 +97,9 @@ def test_local_sweep_runs_every_point_as_a_normal_run_and_reports_them(workdir, 
 def test_failed_point_does_not_stop_the_others_and_rerun_resumes(workdir, monkeypatch, capsys):
     """Seed 2 fails, seed 3 is interrupted mid-epoch; the rerun skips seed 1, reruns 2 and resumes 3 exactly."""
     from instill import train
-    from instill.stages import base
+    from instill.stages import get_stage
 
-    original_main, original_step = base.main, train._Loop._optimizer_step
+    original_main, original_step = get_stage("base").main, train._Loop._optimizer_step
 
     def failing_main(ctx):
         if ctx.seed == 2:
@@ -113,7 +113,7 @@ def test_failed_point_does_not_stop_the_others_and_rerun_resumes(workdir, monkey
 
     seeds_sweep(seeds=(1, 2, 3), extra="set: {reproducibility.reproduce: true, train.epochs: 2}")
     with monkeypatch.context() as m:
-        m.setattr(base, "main", failing_main)
+        replace_stage_main(m, "base", failing_main)
         m.setattr(train._Loop, "_optimizer_step", interrupted_step)
         assert sweep_main(["s.yaml"]) == 1
     out = capsys.readouterr().out
@@ -174,13 +174,14 @@ executor: {kind: local, workers: 2}""")
 
 
 KILLED_HOLDING_THE_PROGRESS_LOCK = """
-import json, os
+import dataclasses, json, os
 from tqdm.auto import tqdm
-from instill.stages import base
+from instill.stages import STAGES, get_stage
 from instill.sweep import main as sweep_main
 
 tqdm.get_lock()  # this process made tqdm's lock before forking, as after any in-process run with a progress bar
-original_main = base.main
+original = get_stage("base")
+original_main = original.main
 
 
 def dying_main(ctx):
@@ -190,9 +191,9 @@ def dying_main(ctx):
     return original_main(ctx)
 
 
-base.main = dying_main
+STAGES.register("base")(dataclasses.replace(original, main=dying_main))
 assert sweep_main(["s.yaml"]) == 1
-base.main = original_main
+STAGES.register("base")(original)
 assert sweep_main(["s.yaml"]) == 0
 tqdm(total=1, disable=True).close()  # and this process can still draw a progress bar
 print("finished", json.load(open("checkpoints/s/status.json"))["counts"])
@@ -301,9 +302,9 @@ def test_a_point_runs_under_torchrun_with_a_process_per_device(workdir):
 
 
 def test_a_worker_that_dies_is_listed_and_the_rerun_finishes_the_sweep(workdir, monkeypatch, capsys):
-    from instill.stages import base
+    from instill.stages import get_stage
 
-    original_main = base.main
+    original_main = get_stage("base").main
 
     def dying_main(ctx):
         if ctx.seed == 2:
@@ -312,7 +313,7 @@ def test_a_worker_that_dies_is_listed_and_the_rerun_finishes_the_sweep(workdir, 
 
     seeds_sweep(seeds=(1, 2, 3))
     with monkeypatch.context() as m:
-        m.setattr(base, "main", dying_main)
+        replace_stage_main(m, "base", dying_main)
         assert sweep_main(["s.yaml"]) == 1
     status = json.loads(Path("checkpoints/s/status.json").read_text())["points"]
     assert "worker process died" in status["001-random_seed=2"]["error"]
