@@ -20,7 +20,7 @@ CORE = REPO / "core"
 LAYERS = [
     ("errors", "dist", "metrics", "files", "seeds"),
     ("registry", "config", "loggers", "data.info"),  # data.info: what a dataset provides, the models' input
-    ("data", "models", "run", "report"),
+    ("data", "models", "run", "plots", "report"),  # plots: the figure primitives every stage draws with
     ("steps", "train"),
     ("stages",),
     ("compare", "subnetworks", "align"),

@@ -38,7 +38,7 @@ from ..data import DataBundle
 from ..errors import UserError, under_key
 from .ntk import MAX_WIDTH
 from ..registry import MODELS, RULES
-from ..report import format_table, plot_lines
+from ..plots import format_table, plot_lines
 from ..steps import RuleContext, build_rule
 from ..files import atomic_write_csv
 from ..seeds import derive_seed, seed_everything

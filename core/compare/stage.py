@@ -30,7 +30,7 @@ from ..config import RunConfig, Section
 from ..data import BatchLoader
 from ..errors import UserError, under_key
 from .capture import probe
-from ..report import format_table
+from ..plots import format_table
 from ..files import atomic_write_text
 from ..seeds import derive_seed, seed_everything
 from .sources import LoadedModel, ModelSource, describe, load_model_source

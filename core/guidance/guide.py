@@ -38,7 +38,7 @@ from ..compare.capture import DEFAULT_TYPES, probe
 from .loss import AlignmentLoss, LayerMap, Reduce, Tokenwise, compared_rows, resolve_pairs
 from ..models import load_model, save_model
 from ..registry import MODELS
-from ..report import describe, format_table, plot_bars, plot_runs
+from ..plots import describe, format_table, plot_bars, plot_runs
 from ..files import atomic_write_csv
 from ..seeds import derive_seed, seed_everything
 from ..compare.similarity import SIMILARITIES, get_similarity

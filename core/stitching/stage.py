@@ -48,7 +48,7 @@ from ..config import OptimizerConfig, RunConfig, ScheduleConfig, Section, TrainC
 from ..data import DataBundle, Split
 from ..errors import UserError, under_key
 from ..models.vision import check_accepts
-from ..report import format_table, plot_bars, plot_heatmaps, plot_run
+from ..plots import format_table, plot_bars, plot_heatmaps, plot_run
 from ..run import Run
 from ..files import atomic_write_csv
 from ..seeds import derive_seed
