@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from .data.info import DatasetInfo
+from .dataset_info import DatasetInfo
 from .errors import UserError
 
 

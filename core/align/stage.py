@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, confloat, conint, conlist, field_validator
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from .scores import CHANCE, AlignmentBaseline, check_layers
 from ..config import ModelConfig, RunConfig, Section
 from ..data import DataBundle

@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, conlist, field_validator
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from .measures import UNBIASED_MIN_BATCH, Spatial, check_sample_counts, compare_models, get_measure
 from ..config import RunConfig, Section
 from ..data import BatchLoader

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from ..seeds import derive_seed
-from .info import DatasetInfo, Modality
+from ..dataset_info import DatasetInfo, Modality
 
 __all__ = ["BatchLoader", "DataBundle", "DataContext", "DatasetInfo", "Modality", "Split", "StreamSplit", "batches",
            "seeded_split"]

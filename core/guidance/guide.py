@@ -30,7 +30,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 from pydantic import BaseModel, Field, conlist, field_validator, model_validator
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from ..config import ModelConfig, RunConfig, Section
 from ..data.sequences import real_positions
 from ..errors import UserError, under_key

@@ -43,7 +43,7 @@ from typing import Any, Callable, Literal, Optional, Union
 import torch
 from pydantic import Field, confloat, conint, conlist, field_validator, model_validator
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from ..config import OptimizerConfig, RunConfig, ScheduleConfig, Section, TrainConfig
 from ..data import DataBundle, Split
 from ..errors import UserError, under_key
