@@ -20,8 +20,8 @@ from .files import atomic_save
 from .run import read_metrics, sub_runs
 
 
-
 def format_table(rows: list[dict[str, Any]]) -> str:
+    """``rows`` as a plain-text table: every key a column, in the order first seen; floats to 4 places."""
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
