@@ -58,6 +58,12 @@ def has_state(path: str | Path) -> bool:
     return (path / "state.pt").is_file() or any(path.glob("*/state.pt"))
 
 
+def sub_runs(path: str | Path) -> list[Path]:
+    """The sub-run directories of a sweep (each holds its own metrics, state or summary)."""
+    return sorted(p for p in Path(path).iterdir() if p.is_dir() and any(
+        (p / f).is_file() for f in ("summary.json", "state.pt", "metrics.jsonl")))
+
+
 def run_state(path: str | Path) -> str:
     """``finished``; ``damaged`` (a summary.json that does not say finished: unreadable, cut off, not a file);
     ``unfinished`` (saved training state to continue from); or ``empty`` (no work saved yet)."""

@@ -24,7 +24,8 @@ from instill.models import load_model
 from instill.registry import DATASETS, MODELS, RULES
 from instill.stages import STAGES
 from instill.guidance.guide import GUIDE_CONDITIONS, build_guide
-from instill.stitching.stitch import INITS, TARGETS, TargetBatch, stitch_target
+from instill.stitching.init import INITS
+from instill.stitching.stitch import TARGETS, TargetBatch, stitch_target
 from instill.stages import load_stage_config
 from instill.subnetworks.transplant import CONDITIONS
 from instill.subnetworks.masks import MASK_METHODS

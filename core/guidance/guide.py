@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from pydantic import BaseModel, Field, conlist, field_validator, model_validator
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from ..config import ModelConfig, RunConfig, Section
 from ..data.sequences import real_positions
 from ..errors import UserError, under_key
@@ -40,7 +40,7 @@ from .loss import AlignmentLoss, LayerMap, Reduce, Tokenwise, compared_rows, res
 from ..models import load_model, save_model
 from ..config import options_by_name
 from ..registry import MODELS, OptionsOf, Registry
-from ..report import describe, format_table, plot_bars, plot_runs
+from ..plots import describe, format_table, plot_bars, plot_runs
 from ..files import atomic_write_csv
 from ..seeds import derive_seed, seed_everything
 from ..compare.similarity import SIMILARITIES, get_similarity

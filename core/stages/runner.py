@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from .. import dist
 from ..config import RunConfig, load_config, read_yaml, to_yaml
 from ..data import DataBundle, DataContext

@@ -195,7 +195,7 @@ class Ablations:
     def plot(self, path: str | Path, title: Optional[str] = None) -> Optional[Path]:
         """Grouped bars of each data set's accuracy per mode (mean; a dot per draw, an error bar of +- one standard
         deviation), on [0, 1]."""
-        from ..report import plot_bars
+        from ..plots import plot_bars
 
         sets = [score[: -len("_acc")] for score in self.scores() if score.endswith("_acc")]
         summary = self.summary()

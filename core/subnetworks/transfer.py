@@ -33,7 +33,7 @@ from .masks import base_run_of, load_mask, read_mask_meta, unit_masks
 from ..data import DataBundle
 from ..models import LoadedModel, build_fresh, load_model, save_model
 from ..run import Run
-from ..report import format_table, plot_bars, plot_lines, plot_runs
+from ..plots import format_table, plot_bars, plot_lines, plot_runs
 from ..files import atomic_write_csv
 from ..seeds import derive_seed, seed_everything
 from ..stages.compatibility import UsesBaseModel, check_compatible
