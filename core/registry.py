@@ -99,7 +99,7 @@ class Registry:
         file of another architecture) at a fraction of its cost."""
 
         def wrap(fn):
-            entry = Entry(name, fn, _params_model(name, fn), doc or inspect.getdoc(fn) or "", check)
+            entry = Entry(name, fn, _params_model(name, fn), doc or _help_of(fn), check)
             (self._prefixes if prefix else self._entries)[name] = entry
             return fn
 
@@ -238,7 +238,7 @@ class Registry:
 
 
 def _help_of(target: Any) -> str:
-    """An outside entry's help: its docstring, or for an object wrapping a function (``OptionsOf``) that function's,
+    """An entry's help: its docstring, or for an object wrapping a function (``OptionsOf``) that function's,
     not the wrapper class's."""
     wraps = inspect.getattr_static(type(target), "__signature__", None)
     if isinstance(wraps, OptionsOf) and getattr(target, wraps.field, None) is not None:
