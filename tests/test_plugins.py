@@ -85,25 +85,25 @@ def test_every_kind_of_plug_in_runs_through_its_stage(toys, workdir):
     assert (recorded["method"], recorded["method_options"]) == ("toy_random_keep", {"keep": 0.25, "seed": 0})
 
     # transfer condition (entry point) with its own option: the transfer stage transplants and freezes about half
-    # of the 32 kept entries, where subnet takes all 32
+    # of the 32 kept entries
     transfer = {**base, "reproducibility": BASE["reproducibility"],
-                "transfer": {"mask": "checkpoints/toy_ablate", "conditions": ["toy_part_of_subnet", "subnet"],
+                "transfer": {"mask": "checkpoints/toy_ablate", "conditions": ["toy_part_of_subnet"],
                              "condition_options": {"toy_part_of_subnet": {"fraction": 0.5}}},
                 "train": {**base["train"], "epochs": 1, "optimizer": {"name": "SGD", "lr": 0.1}}}
     assert run_cli("transfer", _config(workdir / "toy_transfer.yaml", transfer)) == 0
-    rows = {row["condition"]: row for row in _summary("toy_transfer")["results"]}
-    assert rows["subnet"]["kept"] == 32 and 4 <= rows["toy_part_of_subnet"]["kept"] <= 28
-    assert rows["toy_part_of_subnet"]["frozen_entries"] == rows["toy_part_of_subnet"]["kept"]
+    (row,) = _summary("toy_transfer")["results"]
+    assert row["condition"] == "toy_part_of_subnet" and 4 <= row["kept"] <= 28 and row["frozen_entries"] == row["kept"]
 
     # guide condition (entry point) with its own option, and the similarity with its option: the guide stage
     guide = {"data": BASE["data"], "model": BASE["model"], "reproducibility": BASE["reproducibility"],
-             "guidance": {"conditions": ["unguided", "toy_scaled_guide"], "guide": {"name": "toy_mlp", "hidden": 8},
+             "guidance": {"conditions": ["toy_scaled_guide"], "guide": {"name": "toy_mlp", "hidden": 8},
                           "condition_options": {"toy_scaled_guide": {"scale": 3.0}}, "similarity": "toy_rv",
                           "similarity_options": {"toy_rv": {"power": 2.0}}, "target_layers": ["type:Linear"],
                           "guide_layers": ["type:Linear"], "layer_map": "uniform", "drop_last_layer": False},
              "train": {"epochs": 1, "batch_size": 32, "threads": 1, "progress": False}}
     assert run_cli("guide", _config(workdir / "toy_guide.yaml", guide)) == 0
-    assert [row["condition"] for row in _summary("toy_guide")["results"]] == ["unguided", "toy_scaled_guide"]
+    (row,) = _summary("toy_guide")["results"]
+    assert row["condition"] == "toy_scaled_guide" and row["pairs"] == ["1~1", "3~3"]
 
     # similarity measure (entry point): the compare stage, a model against itself gives 1 on the diagonal
     compare = {**base, "compare": {"model_a": {"run": "checkpoints/toy_base"},
