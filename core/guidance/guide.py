@@ -178,8 +178,8 @@ class GuidanceSection(Section):
         for name in self.conditions:
             for key in guide_condition(name).needs:
                 if getattr(self, key) is None:
-                    raise ValueError(f"condition {name} needs guidance.{key} "
-                                     f"({type(self).model_fields[key].description})")
+                    raise ValueError(f"condition {name} needs guidance.{key}: "
+                                     f"{type(self).model_fields[key].description}")
         return self
 
     def needs(self, key: str) -> bool:
