@@ -111,19 +111,10 @@ def load_manifest(path: str | Path, only: Optional[list[str]] = None) -> Manifes
     return manifest
 
 
-# What each stage's result rows hold (the rows a claim reads): ``<split>_<figure>`` or a figure of its own. A
-# claim naming anything else would run and find no value; --validate refuses it, naming the nearest names.
+# The splits a stage's result rows may hold figures of (``<split>_<figure>``; what each stage writes is its
+# ``Stage.figures``). A claim naming a figure its stage never writes would run and find no value; --validate refuses
+# it, naming the nearest names.
 SPLITS = ("train", "train_full", "val", "test", "test_symbols", "textured", "shape_only", "cue_conflict")
-TASK_FIGURES = ("acc", "loss", "perplexity")
-STAGE_FIGURES = {
-    "base": (TASK_FIGURES, ("shape_bias",)),
-    "ablate": (TASK_FIGURES, ("shape_bias", "density")),
-    "transfer": (TASK_FIGURES, ("shape_bias", "best_eval_acc")),
-    "guide": (TASK_FIGURES, ("shape_bias", "best_eval_acc")),
-    "align": (TASK_FIGURES, ("best_train_loss", "best_test_loss")),
-    "stitch": (("acc", "end_acc", "rel_acc", "agreement", "ce_to_end", "kl_to_end", "l2", "r2", "cka", "rr", "rw",
-                "wr", "ww"), ("raw_cka",)),
-}
 
 
 def check_claim_metric(claim: Claim, source: str) -> None:
@@ -132,11 +123,13 @@ def check_claim_metric(claim: Claim, source: str) -> None:
     Raises:
         UserError: naming the claim, the metric and the nearest names its stage writes.
     """
-    figures, own = STAGE_FIGURES.get(claim.stage, (None, ()))
-    if figures is None:  # a stage whose rows are not declared here: its runs' rows are checked after they ran
+    from .stages.runner import get_stage
+
+    figures = get_stage(claim.stage).figures
+    if figures is None:  # a stage whose rows are not declared: its runs' rows are checked after they ran
         return
-    names = [*own, *(f"{split}_{figure}" for split in SPLITS for figure in figures)]
-    if claim.metric in names or (claim.stage == "align" and claim.metric.startswith("align")):
+    names = [*figures.own, *(f"{split}_{figure}" for split in SPLITS for figure in figures.per_split)]
+    if claim.metric in names or claim.metric.startswith(figures.prefixes):
         return
     from .errors import nearest
 

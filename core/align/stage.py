@@ -44,7 +44,7 @@ from ..files import atomic_write_csv
 from ..seeds import derive_seed, seed_everything
 from ..run import read_metrics
 from ..train import Objective, fit
-from ..stages.runner import STAGES, Context, Stage, build_data
+from ..stages.runner import STAGES, Context, Figures, Stage, build_data
 from ..stages.task import summary_metrics
 
 
@@ -312,4 +312,6 @@ def _suffix(ctx: Context, row: dict[str, Any]) -> str:
     return "" if label == "backprop" else " " + label.removeprefix("backprop ")
 
 
-STAGES.register("align", doc=__doc__)(Stage(Config, main, prepare=prepare, sections=("align",)))
+STAGES.register("align", doc=__doc__)(Stage(
+    Config, main, prepare=prepare, sections=("align",), figures=Figures(own=("best_train_loss", "best_test_loss"),
+                                                                   prefixes=("align",))))

@@ -45,7 +45,7 @@ from ..files import atomic_write_csv
 from ..seeds import derive_seed, seed_everything
 from ..compare.similarity import SIMILARITIES, get_similarity
 from ..stages.compatibility import check_data_fits
-from ..stages.runner import STAGES, Context, Stage, build_data
+from ..stages.runner import STAGES, Context, Figures, Stage, build_data
 from ..stages.task import LossScope, evaluate_task, make_loss, summary_metrics
 from ..stages.upstream import resolve_upstream
 from ..train import Objective, fit, resolve_device
@@ -369,4 +369,5 @@ def _write_results(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"results": rows}
 
 
-STAGES.register("guide", doc=__doc__)(Stage(Config, main, prepare=prepare, sections=("guidance",)))
+STAGES.register("guide", doc=__doc__)(Stage(
+    Config, main, prepare=prepare, sections=("guidance",), figures=Figures(own=("shape_bias", "best_eval_acc"))))

@@ -15,7 +15,7 @@ from ..config import ModelConfig, RunConfig
 from ..models import save_model
 from ..models.vision import check_accepts
 from ..plots import plot_run
-from .runner import STAGES, Context, Stage
+from .runner import STAGES, Context, Figures, Stage
 from .task import LossScope, evaluate_task, make_loss, summary_metrics
 from ..train import Objective, fit
 
@@ -50,4 +50,4 @@ def main(ctx: Context) -> dict[str, Any]:
             **summary_metrics(final)}
 
 
-STAGES.register("base", doc=__doc__)(Stage(Config, main))
+STAGES.register("base", doc=__doc__)(Stage(Config, main, figures=Figures(own=("shape_bias",))))

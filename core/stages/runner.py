@@ -30,6 +30,19 @@ from ..seeds import draw_seed, seed_everything
 from ..train import resolve_device
 
 
+TASK_FIGURES = ("acc", "loss", "perplexity")  # what a task evaluation reports per split (stages.task.evaluate_task)
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What a stage's result rows hold (the values a reproduce claim may read): ``<split>_<figure>`` for each
+    ``per_split`` figure, its ``own`` figures, and any figure named with one of ``prefixes`` (``align/<layer>``)."""
+
+    per_split: tuple[str, ...] = TASK_FIGURES
+    own: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class Stage:
     """A stage: what ``instill <name> CONFIG`` runs.
@@ -41,12 +54,15 @@ class Stage:
             every input check, so that bad input leaves nothing written.
         sections: top-level config sections only this stage has: they tell a config's stage when it has no
             ``stage:`` key (an upstream reference to a config file, a swept config).
+        figures: what its result rows hold (``Figures``), so that a claim naming another is refused before it
+            runs; None: checked once it ran.
     """
 
     Config: type[RunConfig]
     main: Callable[["Context"], dict[str, Any]]
     prepare: Optional[Callable[[RunConfig], None]] = None
     sections: tuple[str, ...] = ()
+    figures: Optional[Figures] = None
 
     __signature__ = OptionsOf("main")  # no options (a stage's are its config's sections); its help: main's docstring
 

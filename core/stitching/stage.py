@@ -59,7 +59,7 @@ from .init import INITS, LEAST_SQUARES_MAX_INPUTS, MASKS, check_fits, initialise
 from .pair import Stitch, Views, build_stitch
 from .stitch import TARGETS, LinearStats, StitchTransform, TargetBatch, freeze, stitch_target
 from ..train import Objective, fit
-from ..stages.runner import STAGES, Context, Stage, build_data
+from ..stages.runner import STAGES, Context, Figures, Stage, build_data
 from ..stages.upstream import resolve_upstream
 
 VARIANTS = ("front", "end", "before", "after", "ps_inv")
@@ -454,4 +454,7 @@ def write_matrix(path: Path, spec: StitchSection, rows: list[dict[str, Any]]) ->
     print("\nmatrix.csv:\n" + format_table([{c: _short(r.get(c, "")) for c in columns} for r in rows]))
 
 
-STAGES.register("stitch", doc=__doc__)(Stage(Config, main, prepare=prepare, sections=("stitch",)))
+STAGES.register("stitch", doc=__doc__)(Stage(
+    Config, main, prepare=prepare, sections=("stitch",),
+    figures=Figures(per_split=("acc", "end_acc", "rel_acc", "agreement", "ce_to_end", "kl_to_end", "l2", "r2", "cka",
+                               "rr", "rw", "wr", "ww"), own=("raw_cka",))))

@@ -40,7 +40,7 @@ from ..models import load_model
 from ..plots import format_table, plot_bars, plot_run
 from ..seeds import derive_seed
 from ..stages.compatibility import UsesBaseModel, check_compatible
-from ..stages.runner import STAGES, Context, Stage, build_data, load_stage_config
+from ..stages.runner import STAGES, Context, Figures, Stage, build_data, load_stage_config
 from ..stages.task import LossScope, evaluate_task, make_loss, summary_metrics
 from ..stages.upstream import resolve_upstream
 from ..train import Objective, evaluate_classification, fit
@@ -200,4 +200,5 @@ def mask_stats(masked: MaskedModel) -> dict[str, float]:
     return stats
 
 
-STAGES.register("ablate", doc=__doc__)(Stage(Config, main, prepare=prepare, sections=("mask",)))
+STAGES.register("ablate", doc=__doc__)(Stage(
+    Config, main, prepare=prepare, sections=("mask",), figures=Figures(own=("shape_bias", "density"))))

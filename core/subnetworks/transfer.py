@@ -37,7 +37,7 @@ from ..plots import format_table, plot_bars, plot_lines, plot_runs
 from ..files import atomic_write_csv
 from ..seeds import derive_seed, seed_everything
 from ..stages.compatibility import UsesBaseModel, check_compatible
-from ..stages.runner import STAGES, Context, Stage, build_data
+from ..stages.runner import STAGES, Context, Figures, Stage, build_data
 from ..stages.task import LossScope, evaluate_task, make_loss, summary_metrics
 from ..stages.upstream import resolve_upstream
 from ..train import Objective, fit
@@ -232,4 +232,5 @@ def _plot(path: Path, rows: list[dict[str, Any]], by_n: bool) -> None:
                   ylabel="fraction (accuracy, or shape decisions)", fraction=True)
 
 
-STAGES.register("transfer", doc=__doc__)(Stage(Config, main, prepare=prepare, sections=("transfer",)))
+STAGES.register("transfer", doc=__doc__)(Stage(
+    Config, main, prepare=prepare, sections=("transfer",), figures=Figures(own=("shape_bias", "best_eval_acc"))))
