@@ -242,7 +242,8 @@ def test_a_claim_whose_metric_its_stage_never_writes_fails_validation_with_the_n
 
 
 def test_a_verdict_never_says_not_run_about_runs_that_ran():
-    claim = Claim(id="c", system="s", claim="x", config="a.yaml", stage="custom", metric="test_acc_typo",
+    # compare declares no figures (Stage.figures), so a typo in its metric is found only once its runs finished
+    claim = Claim(id="c", system="s", claim="x", config="a.yaml", stage="compare", metric="test_acc_typo",
                   treatment={"condition": "subnet"}, control={"condition": "random_init"}, margin=0.1,
                   paper={"source": "Fig. 2"})
     ran = [{"point": "a-random_seed=1", "state": "finished", "seed": 1, "condition": c, "test_acc": 0.5}
