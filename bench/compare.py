@@ -61,9 +61,47 @@ def _models(info: DatasetInfo) -> tuple[torch.nn.Module, torch.nn.Module]:
     return models[0], models[1]
 
 
-def run_ours(model_a, model_b, loader, device) -> torch.Tensor:
-    result = compare_models(model_a, model_b, loader, layers_a=LAYERS, measures=["cka_minibatch"], device=device)
+def run_ours(model_a, model_b, loader, device, sketch_features=None, seed=0) -> torch.Tensor:
+    result = compare_models(model_a, model_b, loader, layers_a=LAYERS, measures=["cka_minibatch"], device=device,
+                            sketch_features=sketch_features, seed=seed)
     return torch.from_numpy(result.matrix("cka_minibatch"))
+
+
+def sketch_errors(model_a, model_b, loader, device, exact: torch.Tensor, features: list[int], seeds: list[int],
+                  floor_s: float, exact_s: float) -> list[dict]:
+    """The approximate mode against the exact matrix: for each k and each seed, every pair's |error| (mean, max),
+    the largest by layer width, and the time of one run against the floor and the exact run (one timing per seed:
+    each seed draws its projections afresh, which the time includes)."""
+    widths = [f[0].numel() for f in _first_features(model_a, loader)]
+    out = []
+    for k in features:
+        per_seed, times = [], []
+        for seed in seeds:
+            t, values = _timed(run_ours, model_a, model_b, loader, device, k, seed)
+            error = (values - exact).abs()
+            by_width = {w: round(max(error[i].max().item() for i in range(len(LAYERS)) if widths[i] == w), 4)
+                        for w in sorted(set(widths))}
+            per_seed.append({"seed": seed, "mean_abs": round(error.mean().item(), 4),
+                             "max_abs": round(error.max().item(), 4), "max_abs_by_width_a": by_width})
+            times.append(t)
+            print(f"sketch k={k} seed {seed}: |error| mean {per_seed[-1]['mean_abs']:.4f} max "
+                  f"{per_seed[-1]['max_abs']:.4f} (by width of layer a: {by_width}), {t:.3f}s = "
+                  f"{t / floor_s:.3f} x floor", flush=True)
+        out.append({"features": k, "seeds": per_seed,
+                    "mean_abs": round(statistics.mean(r["mean_abs"] for r in per_seed), 4),
+                    "max_abs": max(r["max_abs"] for r in per_seed),
+                    "times_s": [round(t, 4) for t in times],
+                    "over_floor": round(statistics.median(times) / floor_s, 3),
+                    "vs_exact": round(statistics.median(times) / exact_s, 3)})
+    return out
+
+
+def _first_features(model, loader) -> list[torch.Tensor]:
+    from instill.compare.capture import FeatureCapture
+
+    with torch.no_grad(), FeatureCapture(model, LAYERS) as capture:
+        model(next(iter(loader))[0][:1])
+        return list(capture.pop().values())
 
 
 def run_torch_cka(model_a, model_b, loader, device, no_grad: bool = False) -> torch.Tensor:
@@ -164,6 +202,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sketch", default="", help="approximate mode: comma-separated sketch_features to measure "
+                                                     "(error against the exact values, time against the floor)")
+    parser.add_argument("--sketch-seeds", type=int, default=5, help="fresh seeds per sketch size")
     args = parser.parse_args()
     images, repeats = (256, 1) if args.quick else (args.images, args.repeats)
     device = torch.device(args.device)
@@ -217,6 +258,9 @@ def main() -> None:
               "over_floor": round(over_floor, 3), "over_floor_target_met": over_floor <= 1.10, "max_abs_diff": max_diff,
               "agree_1e-4": max_diff <= 1e-4,
               "target_met": have_peer and ratio("torch_cka") >= 3 and max_diff <= 1e-4}
+    if args.sketch:
+        result["sketch"] = sketch_errors(model_a, model_b, loader, device, ours, [int(k) for k in args.sketch.split(",")],
+                                         list(range(100, 100 + args.sketch_seeds)), result["floor_s"], med["ours"])
     print(json.dumps(result))
 
 
