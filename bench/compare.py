@@ -38,7 +38,6 @@ import functools
 import importlib.util
 import json
 import statistics
-import time
 import warnings
 
 import torch
@@ -47,6 +46,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from instill.compare.measures import compare_models
 from instill.data import DataContext, DatasetInfo
 from instill.registry import DATASETS, MODELS
+from timing import synced_seconds
 
 CHANNELS = [16, 16, 32, 32, 32, 64, 64, 64]
 STRIDES = [1, 1, 2, 1, 1, 2, 1, 1]
@@ -77,7 +77,7 @@ def sketch_errors(model_a, model_b, loader, device, exact: torch.Tensor, feature
     for k in features:
         per_seed, times = [], []
         for seed in seeds:
-            t, values = _timed(run_ours, model_a, model_b, loader, device, k, seed)
+            t, values = _timed(device, run_ours, model_a, model_b, loader, device, k, seed)
             error = (values - exact).abs()
             by_width = {w: round(max(error[i].max().item() for i in range(len(LAYERS)) if widths[i] == w), 4)
                         for w in sorted(set(widths))}
@@ -185,14 +185,10 @@ def bare_grams(shapes: list[tuple[int, int]], device) -> callable:
     return run
 
 
-def _timed(fn, *args) -> tuple[float, torch.Tensor]:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn(*args)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
+def _timed(device, fn, *args) -> tuple[float, torch.Tensor]:
+    """Seconds of ``fn(*args)``, the device synchronised around it (``timing.synced_seconds``), and its result."""
+    out = []
+    return synced_seconds(lambda: out.append(fn(*args)), device), out[0] if out else None
 
 
 def main() -> None:
@@ -225,11 +221,11 @@ def main() -> None:
                                      "grams": []}
     diffs = []
     for _ in range(repeats):
-        t_forwards, _ = _timed(run_forwards, model_a, model_b, loader)
-        t_grams, _ = _timed(grams)
-        t_ours, ours = _timed(run_ours, model_a, model_b, loader, device)
-        t_peer, peer_values = _timed(peer, model_a, model_b, loader, device)
-        t_best, best = _timed(peer_no_grad, model_a, model_b, loader, device)
+        t_forwards, _ = _timed(device, run_forwards, model_a, model_b, loader)
+        t_grams, _ = _timed(device, grams)
+        t_ours, ours = _timed(device, run_ours, model_a, model_b, loader, device)
+        t_peer, peer_values = _timed(device, peer, model_a, model_b, loader, device)
+        t_best, best = _timed(device, peer_no_grad, model_a, model_b, loader, device)
         for key, value in zip(times, (t_ours, t_peer, t_best, t_forwards, t_grams)):
             times[key].append(value)
         diffs.append(max((ours - peer_values).abs().max().item(), (ours - best).abs().max().item()))
@@ -259,7 +255,8 @@ def main() -> None:
               "agree_1e-4": max_diff <= 1e-4,
               "target_met": have_peer and ratio("torch_cka") >= 3 and max_diff <= 1e-4}
     if args.sketch:
-        result["sketch"] = sketch_errors(model_a, model_b, loader, device, ours, [int(k) for k in args.sketch.split(",")],
+        features = [int(k) for k in args.sketch.split(",")]
+        result["sketch"] = sketch_errors(model_a, model_b, loader, device, ours, features,
                                          list(range(100, 100 + args.sketch_seeds)), result["floor_s"], med["ours"])
     print(json.dumps(result))
 
