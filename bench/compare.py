@@ -21,11 +21,25 @@ passes, timed alone as ``forwards_s``; ``speedup_beyond_forwards`` compares the 
 The floor (``floor_s``): the two forward passes plus the Gram products ``X X^T`` of every selected layer of both
 models for every batch, timed alone as bare matmuls on tensors of the same shapes made beforehand (``grams_s``, at
 compare's float32 precision). ``over_floor``: ours / floor, the median of per-round ratios; target <= 1.10. Where
-the rest goes (torch.profiler over one quick run on one CPU thread, 256 images): convolutions, batch norm and ReLU
-of the forwards ~64%, the 16 Gram matmuls ~33%, and everything else ~2-3%: the float64 U-centring of the eight
-256 x 256 Gram matrices of each model (sub, sum, mul), the one (8 x 65,536) @ (65,536 x 8) float64 product for all
-64 pairs, the data loader's collation, the hooks; no transfer (one ``.cpu()`` of the 8 x 8 result). So on a CPU
-``over_floor`` is 1.0 within the noise of a shared machine; the Gram products are the floor, not overhead.
+the rest went (torch.profiler over ``compare_models`` on 512 images, one CPU thread): convolutions, batch norm and
+ReLU of the forwards and the 16 Gram matmuls per batch, and 13 % in ``isfinite``: the capture hooks refused
+non-finite activations with ``torch.isfinite(t).all()``, four full passes (ne, eq, abs, all) over every 256 x 16,384
+activation, as much as the batch norms. Now a finite sum settles it in one reduction (``holds_non_finite``), and
+cka_minibatch alone checks the Gram matrices its hooks keep (a NaN or inf reaches their diagonal) instead of the
+activations: 0.1 % of the profile. What remains beyond the floor (~1-2 %): the float64 U-centring of the eight
+256 x 256 Gram matrices of each model, the one (8 x 65,536) @ (65,536 x 8) float64 product for all 64 pairs, the
+loader's collation, the hooks' Python; no transfer (one ``.cpu()`` of the 8 x 8 result). Five alternating rounds
+of 512 images after the change (load 4.3): over_floor 0.96, 1.00, 1.00, 0.80, 1.01 (before it, load 1.1: 1.28,
+1.14, 1.24, 1.14, 1.20).
+
+Approximate mode (``--sketch 32,64,128,512``: ``compare_models(..., sketch_features=k)``, ``instill.compare.measures.
+Sketch``): each layer wider than k projected by two independent Gaussian d x k/2 matrices drawn from the seed, the
+HSIC terms from the products of the two halves (unbiased). For each k and each of ``--sketch-seeds`` fresh seeds
+(100, 101, ...) the bench prints every pair's |error| against the exact matrix (mean, max, and the max by the width
+of layer a: 16,384, 8,192 and 4,096 features here) and the run's time over the floor; figures in the README's
+Benchmarks section and docs/results.md. The error grows with a layer's effective rank over k (nearly white
+features need k in the hundreds), so the mode is for a quick look at many wide layers, not for reported values.
+
 Without torch-cka the bench times ``run_textbook`` (its algorithm written out) and says so (``peer``;
 ``speedup_vs_torch_cka`` is null). ``python bench/compare.py`` or ``--quick`` (256 images, seconds). Run on a
 quiet machine (``uptime``). The last line printed is one JSON object with ``speedup_vs_torch_cka``.

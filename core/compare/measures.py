@@ -27,6 +27,12 @@ Measures. Streaming measures keep statistics whose size does not depend on the n
 - ``l2``: mean squared difference of all entries (the original's ``l2``), a distance: 0 for identical layers.
   Only pairs of identical shape.
 
+Each streaming measure is a ``Measure`` with ``start`` (a ``Stream``: built from the first batch, updated every
+batch, ``value(i, j)`` at the end) and optionally ``summarize`` (what a layer's hook keeps of a batch); one of your
+own is registered in ``MEASURES`` and runs the same way. ``sketch_features=k`` is minibatch CKA's approximate mode
+(``Sketch``): wide layers randomly projected first, seeded, below the exact cost, with an error that
+``bench/compare.py --sketch`` measures.
+
 Full-data measures need every sample at once (n x n or n x d matrices): they use the first ``full_samples``
 samples streamed (the loader's order; shuffled loaders give a random subset), capped explicitly, and say so in
 ``n``. They are the measures of ``instill.compare.similarity`` (``SIMILARITIES``, your own registered ones
