@@ -335,7 +335,7 @@ def test_user_errors_are_one_line():
     base = gpt2(0)
     cases = [
         (lambda: transplant("subnetwork", base, gpt2(1), subnetwork(base)), "did you mean 'subnet'"),
-        (lambda: transplant("subnet", base, gpt2(1), subnetwork(base)), "architecture differs"),
+        (lambda: transplant("subnet", base, gpt2(1, n_layer=1), subnetwork(base)), "architecture differs"),
         (lambda: transplant("subnet", base, gpt2(1), {"transformer.h.9.mlp.c_fc.weight": torch.ones(2)}),
          "not parameter(s) of the model"),
         (lambda: transplant("subnet", base, gpt2(1), subnetwork(base), non_masked="keep"), "non_masked 'keep'"),
