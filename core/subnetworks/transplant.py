@@ -172,6 +172,7 @@ class _Bits:
     """
 
     _tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+    _factor_tables: dict[tuple[torch.device, torch.dtype], tuple[float, torch.Tensor]] = {}  # the last factor's
 
     def __init__(self, frozen: torch.Tensor, zeroed_early: bool):
         keep = frozen.reshape(-1).logical_not()
@@ -203,7 +204,13 @@ class _Bits:
     def decay_factors(self, device: torch.device, dtype: torch.dtype, factor: float | torch.Tensor) -> torch.Tensor:
         """``factor`` where the entry trains, 1 where it is frozen (``_decay_factors``), unpacked in one gather from
         a table of the 256 bytes' factors: one pass over the entries instead of unpacking ``keep`` and two more."""
-        return self._unpacked(_decay_factors(self._table(device, dtype).clone(), factor))
+        if isinstance(factor, torch.Tensor):
+            return self._unpacked(_decay_factors(self._table(device, dtype).clone(), factor))
+        key = (device, dtype)
+        cached = self._factor_tables.get(key)
+        if cached is None or cached[0] != factor:  # made once per learning rate (per step under a schedule)
+            cached = self._factor_tables[key] = (factor, _decay_factors(self._table(device, dtype).clone(), factor))
+        return self._unpacked(cached[1])
 
     def mask(self, device: torch.device) -> torch.Tensor:
         """The frozen entries (bool)."""
@@ -315,6 +322,10 @@ def _after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Non
 # RMSprop's and Adagrad's running squares.
 SQUARE_ROOTED_STATE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")
 LOWEST_FROZEN_SQUARE = 1e-20  # refilled below this, far above float32's subnormal numbers (1.2e-38), slow too
+# Steps between two looks at them (a look costs ~0.4 ms per step at the bench's GPT-2): from 1e-20 a decay factor
+# above 0.08 per step cannot reach subnormal numbers in 16 steps (Adam's beta2, RMSprop's alpha are 0.9 or more).
+SQUARES_CHECKED_EVERY = 16
+_STEPS_SINCE_CHECK: "weakref.WeakKeyDictionary[torch.optim.Optimizer, int]" = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
@@ -327,8 +338,13 @@ def _keep_frozen_squares_positive(optimizer: torch.optim.Optimizer) -> None:
     bench machine): it made the AdamW step of a transplanted GPT-2 1.10x a plain one (``bench/masks.py``). The value
     never reaches a parameter: it only divides the frozen entries' first moment or gradient, which are zero, so
     the update there stays exactly zero and every other entry is computed as before, bit for bit
-    (tests/test_transfer.py). Every frozen entry of a state decays alike from the same fill, so one entry tells.
+    (tests/test_transfer.py). Every frozen entry of a state decays alike from the same fill, so one entry tells;
+    it is read every ``SQUARES_CHECKED_EVERY`` steps (the first step's included: the state is made in it).
     """
+    steps = _STEPS_SINCE_CHECK.get(optimizer, 0)
+    _STEPS_SINCE_CHECK[optimizer] = (steps + 1) % SQUARES_CHECKED_EVERY
+    if steps:
+        return
     for group in optimizer.param_groups:
         for param in group["params"]:
             bits, state = _FROZEN.get(param), optimizer.state.get(param)
