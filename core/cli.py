@@ -59,8 +59,8 @@ def config_sections(stage: str) -> str:
 REGISTRIES = {"models": ("registry", "MODELS"), "datasets": ("registry", "DATASETS"), "rules": ("registry", "RULES"),
               "similarities": ("compare.similarity", "SIMILARITIES"), "mask_methods": ("subnetworks.masks",
                                                                                      "MASK_METHODS"),
-              "stitch_targets": ("stitching.stitch", "TARGETS"), "stitch_inits": ("stitching.stitch", "INITS"),
-              "stitch_masks": ("stitching.stitch", "MASKS"), "compare_measures": ("compare.measures", "MEASURES")}
+              "stitch_targets": ("stitching.stitch", "TARGETS"), "stitch_inits": ("stitching.init", "INITS"),
+              "stitch_masks": ("stitching.init", "MASKS"), "compare_measures": ("compare.measures", "MEASURES")}
 KINDS = (*REGISTRIES, "measures", "conditions", "configs")
 
 

@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from .data.info import DatasetInfo
+from .dataset_info import DatasetInfo
 from .errors import UserError
 
 
@@ -125,7 +125,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--data-set", dest="data_options", action="append", default=[], metavar="KEY=VALUE",
                         help="a dataset option, e.g. --data-set resolution=64 (repeatable)")
     args = parser.parse_args(argv)
-    from .report import format_table
+    from .plots import format_table
 
     try:
         model, sample, label = load_for_listing(args.spec, args.model, _parse_sets(args.options, "--set"),

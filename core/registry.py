@@ -407,7 +407,7 @@ def import_builtins() -> None:
 
 def _dataset_info(info: Any) -> Any:
     """A model builder always receives a ``DatasetInfo``; a caller may give a mapping of its names."""
-    from .data.info import DatasetInfo
+    from .dataset_info import DatasetInfo
 
     return DatasetInfo.of(info)
 

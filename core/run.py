@@ -58,6 +58,12 @@ def has_state(path: str | Path) -> bool:
     return (path / "state.pt").is_file() or any(path.glob("*/state.pt"))
 
 
+def sub_runs(path: str | Path) -> list[Path]:
+    """The sub-run directories of a sweep (each holds its own metrics, state or summary)."""
+    return sorted(p for p in Path(path).iterdir() if p.is_dir() and any(
+        (p / f).is_file() for f in ("summary.json", "state.pt", "metrics.jsonl")))
+
+
 def run_state(path: str | Path) -> str:
     """``finished``; ``damaged`` (a summary.json that does not say finished: unreadable, cut off, not a file);
     ``unfinished`` (saved training state to continue from); or ``empty`` (no work saved yet)."""
@@ -676,10 +682,11 @@ class Run:
         if self.replay_of is not None:
             differences = self.replay_differences()
             replay = {**compare_runs(self.replay_of, self.path), "settings_differ": differences}
+            code = replay["code_changed"] = self.code_change() if not replay["matches"] else None
             self.write_json("replay.json", replay)
             verdict = "matches the original exactly" if replay["matches"] else "DIFFERS from the original"
             why = (f"; not expected to match bit for bit: recorded settings differ: {'; '.join(differences)}"
-                   if differences else "")
+                   if differences else f"; the code changed since the original ({code})" if code else "")
             print(f"replay of {self.replay_of}: {verdict} (max_abs_diff={replay['max_abs_diff']}){why}")
         env = read_json(self.path / "env.json")
         if env is not None:
@@ -695,6 +702,15 @@ class Run:
             return []
         recorded, now = read_json(self.replay_of / "env.json"), read_json(self.path / "env.json")
         return reduction_differences(recorded, now) if recorded and now else []
+
+    def code_change(self) -> Optional[str]:
+        """On a replay: ``instill commit A -> B`` when the original ran other code than this run (both recorded),
+        else None. A replay that differs with equal settings is then explained by a change of the code."""
+        recorded, now = read_json(self.replay_of / "env.json") or {}, read_json(self.path / "env.json") or {}
+        before, after = recorded.get("git_commit"), now.get("git_commit")
+        if before and after and before != after:
+            return f"instill commit {before[:7]} -> {after[:7]}"
+        return None
 
     def discard_if_empty(self) -> bool:
         """Remove the directory this process claimed when it holds no saved work yet (a failed start); True if so."""

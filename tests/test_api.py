@@ -119,6 +119,12 @@ def test_stitch_models_trains_only_the_transform_and_rejects_bad_input():
         instill.stitch_models(front, end, "1", "1", loader, target="sfot_2")
     with pytest.raises(UserError, match="unknown stitch init"):
         instill.stitch_models(front, end, "1", "1", loader, init="eye")
+    wide = nn.Sequential(nn.Linear(5, 8193), nn.ReLU(), nn.Linear(8193, 3))  # refused before any pass over the data
+    with pytest.raises(UserError, match="^stitch_models: stitch init identity needs as many input as output channels, "
+                                        "got 8193 -> 8$"):
+        instill.stitch_models(wide, end, "1", "1", loader, init="identity")
+    with pytest.raises(UserError, match="stitch init ps_inv: the least-squares fit has 8193 inputs, at most 8192"):
+        instill.stitch_models(wide, end, "1", "1", loader)
 
 
 def test_learning_rule_fills_grad_for_a_users_model():

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from instill.report import _honest_ylim, describe, main as report_main
+from instill.plots import _honest_ylim, describe
+from instill.report import main as report_main
 from tests.conftest import run_cli
 
 
@@ -58,7 +59,7 @@ def _check_figure(fig) -> None:
     """Every visible text lies inside the canvas; every number printed on a heatmap cell contrasts with it."""
     from matplotlib.colors import to_rgb
 
-    from instill.report import contrast
+    from instill.plots import contrast
 
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
@@ -79,16 +80,16 @@ def _check_figure(fig) -> None:
 @pytest.fixture
 def checked_figures(monkeypatch, tmp_path):
     """Every figure a plotting function saves is checked first; returns the list of checked paths."""
-    from instill import report
+    from instill import plots
 
-    checked, save = [], report._save_figure
+    checked, save = [], plots._save_figure
 
     def check_then_save(fig, path):
         _check_figure(fig)
         checked.append(Path(path))
         save(fig, path)
 
-    monkeypatch.setattr(report, "_save_figure", check_then_save)
+    monkeypatch.setattr(plots, "_save_figure", check_then_save)
     return checked
 
 
@@ -102,7 +103,7 @@ def _write_metrics(folder: Path, rows: list[dict]) -> None:
 def test_every_figure_kind_keeps_its_text_inside_the_canvas_and_readable(tmp_path, checked_figures):
     import numpy as np
 
-    from instill import report
+    from instill import plots, report
 
     # curves.png of a transfer condition: a first validation loss of 250, cue-conflict metrics, shape bias
     rows = [{"epoch": e, "step": 100 * e, "train_loss": 2.0 / e, "val_loss": 250.0 if e == 1 else 0.5 / e,
@@ -111,25 +112,25 @@ def test_every_figure_kind_keeps_its_text_inside_the_canvas_and_readable(tmp_pat
              "shape_bias": 0.2 + 0.1 * e, "lr": 0.001} for e in range(1, 5)]
     _write_metrics(tmp_path / "fcn" / "random_init", rows)
     (tmp_path / "fcn" / "config.yaml").write_text("name: fcn\n")
-    report.plot_run(tmp_path / "fcn" / "random_init")
+    plots.plot_run(tmp_path / "fcn" / "random_init")
     conditions = ["subnet", "subnet_trainable", "full_model", "random_init", "sampled_subnet"]
-    report.plot_bars(tmp_path / "shape_bias.png",
+    plots.plot_bars(tmp_path / "shape_bias.png",
                      {k: {c: 0.1 + 0.15 * i for i, c in enumerate(conditions)}
                       for k in ("textured_acc", "shape_only_acc", "shape_bias")},
                      title="test accuracy (textured, shape-only) and shape bias (cue-conflict) per condition; one "
                            "seed (a sweep over seeds reports mean and spread)",
                      ylabel="fraction (accuracy, or shape decisions)", fraction=True)
-    report.plot_bars(tmp_path / "mask_density.png", {f"layers.{i}.weight": 0.1 * i for i in range(1, 9)},
+    plots.plot_bars(tmp_path / "mask_density.png", {f"layers.{i}.weight": 0.1 * i for i in range(1, 9)},
                      title="fraction of weights kept per layer", ylabel="density")
-    report.plot_lines(tmp_path / "accuracy_vs_n.png", {c: [(1, 0.5), (10, 0.6), (100, 0.7)] for c in conditions},
+    plots.plot_lines(tmp_path / "accuracy_vs_n.png", {c: [(1, 0.5), (10, 0.6), (100, 0.7)] for c in conditions},
                       title="test accuracy against disambiguating examples", xlabel="disambiguating training examples "
                       "(log scale)", ylabel="test accuracy (fraction correct)", logx=True, fraction=True)
     layers = [f"layers.{i}.conv" for i in range(8)]
     values = np.linspace(0, 1, 64).reshape(8, 8)
-    report.plot_heatmap(values, layers, layers, path=tmp_path / "heatmap_cka_minibatch.png",
+    plots.plot_heatmap(values, layers, layers, path=tmp_path / "heatmap_cka_minibatch.png",
                         title="cka_minibatch: checkpoints/compare_digits_convnet_a (model A) against "
                               "checkpoints/compare_digits_convnet_b (model B)", xlabel="model B", ylabel="model A")
-    report.plot_heatmaps(tmp_path / "matrix.png", {"stitched accuracy relative to the end model (after training)":
+    plots.plot_heatmaps(tmp_path / "matrix.png", {"stitched accuracy relative to the end model (after training)":
                          values, "CKA between the front layer and the end layer it replaces": values[::-1]},
                          rows=layers, cols=layers, xlabel="end model layer", ylabel="front model layer")
     sweep_rows = [{"state": "finished", "guidance.condition": c, "test_acc": 6.71 + 0.07 * i + 0.01 * s}
@@ -141,24 +142,24 @@ def test_every_figure_kind_keeps_its_text_inside_the_canvas_and_readable(tmp_pat
 
 
 def test_a_loss_axis_turns_logarithmic_when_one_value_dwarfs_the_others():
-    from instill.report import _wants_log
+    from instill.plots import _wants_log
 
     assert _wants_log([250.0, 0.4, 0.3], fraction=False) and not _wants_log([2.0, 0.4], fraction=False)
     assert not _wants_log([0.001, 0.9], fraction=True)
 
 
 def test_a_sweep_figure_says_how_many_seeds_and_spans_the_values(tmp_path, monkeypatch):
-    from instill import report
+    from instill import plots, report
 
     titles, limits = [], []
-    save = report._save_figure
+    save = plots._save_figure
 
     def keep(fig, path):
         titles.append(fig.axes[0].get_title().replace("\n", " "))
         limits.append(fig.axes[0].get_ylim())
         save(fig, path)
 
-    monkeypatch.setattr(report, "_save_figure", keep)
+    monkeypatch.setattr(plots, "_save_figure", keep)
     rows = [{"state": "finished", "guidance.condition": c, "test_acc": v} for c, v in
             (("unguided", 6.71), ("unguided", 6.75), ("guided_trained", 6.85), ("guided_trained", 6.83))]
     report.plot_sweep(tmp_path / "a.png", rows, ["guidance.condition"], "test_acc", None)

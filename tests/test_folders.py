@@ -138,6 +138,21 @@ def test_bad_cue_conflict_folders_are_user_errors(tmp_path):
     assert "holds no images" in user_error(load_cue_conflict, tmp_path / "empty", 8, names)
 
 
+def test_an_in_memory_folder_holds_uint8_pixels_and_gives_float_batches(tmp_path):
+    from instill.data import BatchLoader
+
+    root = class_folder(tmp_path / "data", per_class=10)
+    bundle = build_image_folder(DataContext(3, str(tmp_path / "cache")), train_dir=str(root), resolution=8,
+                                stream=False, normalize="imagenet",
+                                cue_conflict_dir=str(cue_conflict_folder(tmp_path / "cc")))
+    for split in (bundle.train, bundle.extra_eval["cue_conflict"]):
+        assert split.stored.dtype == torch.uint8  # a quarter of the float32 tensor's memory
+    whole = bundle.train.x  # every input converted at once: what the model sees
+    x, y = next(iter(BatchLoader(bundle.train, 7, shuffle=True, seed=1)))
+    index = [int(torch.nonzero((whole == row).flatten(1).all(1))[0]) for row in x]
+    assert x.dtype == torch.float32 and torch.equal(x, whole[index]) and torch.equal(y, bundle.train.y[index])
+
+
 def test_bundle_splits_with_the_seed_and_attaches_eval_sets(tmp_path):
     root = class_folder(tmp_path / "data", per_class=10)
     ctx = DataContext(3, str(tmp_path / "cache"))

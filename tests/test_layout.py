@@ -18,9 +18,9 @@ CORE = REPO / "core"
 # Layers from the bottom up; a module's layer is that of the longest prefix listed. Modules of one layer may import
 # one another (without a circle); imports go down, never up.
 LAYERS = [
-    ("errors", "dist", "metrics", "files", "seeds"),
-    ("registry", "config", "loggers", "data.info"),  # data.info: what a dataset provides, the models' input
-    ("data", "models", "run", "report"),
+    ("errors", "dist", "files", "seeds"),
+    ("registry", "config", "loggers", "dataset_info"),  # dataset_info: what a dataset provides, the models' input
+    ("data", "models", "run", "plots", "report"),  # plots: the figure primitives every stage draws with
     ("steps", "train"),
     ("stages",),
     ("compare", "subnetworks", "align"),

@@ -228,6 +228,20 @@ def test_math_ablate_on_an_hf_trainer_checkpoint_folder(workdir, capsys):
     assert 0 <= summary["density"] <= 1 and "val_acc" in summary
 
 
+def test_validate_checks_an_hf_checkpoint_import_and_writes_nothing(workdir, capsys):
+    hf_checkpoint(workdir / "checkpoint-17000")
+    before = sorted(p for p in workdir.rglob("*"))
+    path = ORIGINALS / "math/checkpoints/2layers_val/subnet_1e-7/configs.yaml"
+    assert run_cli("ablate", str(path), *SHRINK_DATA, "--set", "base=checkpoint-17000", "--validate") == 0
+    assert sorted(p for p in workdir.rglob("*")) == before  # imported into a scratch folder, then removed
+    # the import is checked, not skipped: weights that do not fit the architecture fail validation
+    config = json.loads((workdir / "checkpoint-17000/config.json").read_text())
+    (workdir / "checkpoint-17000/config.json").write_text(json.dumps({**config, "n_embd": config["n_embd"] * 2}))
+    assert run_cli("ablate", str(path), *SHRINK_DATA, "--set", "base=checkpoint-17000", "--validate") == 2
+    assert "does not fit GPT-2" in capsys.readouterr().err
+    assert not Path("checkpoints").exists()
+
+
 def test_math_transfer_with_a_neurosurgeon_mask_on_a_bin_checkpoint(workdir, capsys):
     model = hf_checkpoint(workdir / "base_bin", safetensors=False)
     neurosurgeon_state(model, workdir / "best_circuit_model.pt")

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+import types
+
 import torch
 
 from instill.errors import UserError
@@ -406,8 +408,9 @@ def test_an_empty_mask_is_announced(workdir, monkeypatch, capsys):
     cfg = transfer.Config.model_validate({"stage": "transfer", "data": {"name": "digits", "limit": 100},
                                           "transfer": {"mask": "m", "conditions": ["subnet", "random_init"]}})
     monkeypatch.setattr(transfer, "resolve_upstream", lambda ref, stage, key, *_: ref)
-    monkeypatch.setattr(transfer, "_inputs", lambda d: transfer.TransferInputs(None, {"w": torch.zeros(3, 3,
-                                                                                           dtype=torch.bool)}))
+    no_base = types.SimpleNamespace(model=None)  # a weight mask's checks never read the base model
+    monkeypatch.setattr(transfer, "_inputs", lambda d: transfer.TransferInputs(
+        no_base, {"w": torch.zeros(3, 3, dtype=torch.bool)}, "weight"))
     monkeypatch.setattr(transfer, "check_condition", lambda condition, mask: None)
     transfer.prepare(cfg)
     one_line(capsys, "warning: the mask in m keeps no weight (density 0)")

@@ -10,7 +10,7 @@ from instill.data import DataContext
 from instill.data import shapes
 from instill.data.shapes import MAX_CLASSES, ShapesSpec, build_shapes, generate
 from instill.errors import UserError
-from instill.metrics import shape_bias
+from instill.stages.task import shape_bias
 
 SMALL = dict(n_train=64, n_val=16, n_test=48)
 

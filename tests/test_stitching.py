@@ -14,8 +14,8 @@ from torch import nn
 
 from instill.errors import UserError
 from instill.registry import MODELS
-from instill.stitching.stitch import (Head, LinearStats, Side, StitchedNet, StitchTransform, Tail, freeze, init_matrix,
-                                      layout_of, make_mask)
+from instill.stitching.init import init_matrix, initialise, make_mask
+from instill.stitching.stitch import Head, LinearStats, Side, StitchedNet, StitchTransform, Tail, freeze, layout_of
 from tests.conftest import run_cli
 
 DIGITS = {"input_shape": (1, 8, 8), "num_classes": 10}
@@ -189,6 +189,24 @@ def test_masks_and_inits():
         init_matrix("identity", 3, 5, g)
 
 
+def test_initialise_draws_the_mask_then_the_init_and_solves_least_squares_within_the_mask():
+    side = Side((4, 2, 2), "map")
+    transform = StitchTransform(side, side)
+    assert initialise(transform, "perm", "random_permutation", torch.Generator().manual_seed(3)) is None
+    g = torch.Generator().manual_seed(3)
+    mask = make_mask("random_permutation", 4, 4, g)
+    assert torch.equal(transform.mask, mask)
+    assert torch.equal(transform.matrix(), (init_matrix("perm", 4, 4, g)[0] * mask).float())
+    x, y = _rows(d_in=4)
+    stats = LinearStats(4, 4)
+    stats.update(x, y)
+    w, b = initialise(transform, "ps_inv", "semi_match", torch.Generator().manual_seed(0), stats)
+    mask = make_mask("semi_match", 4, 4, torch.Generator().manual_seed(0), stats)
+    w_ref, b_ref = stats.solve(mask)
+    assert torch.equal(w, w_ref) and torch.equal(b, b_ref)
+    assert torch.equal(transform.matrix(), w.float() * mask) and torch.equal(transform.bias, b.float())
+
+
 def test_low_rank_honours_its_init():
     side = Side((6, 4, 4), "map")
     transform = StitchTransform(side, side, rank=6)
@@ -271,7 +289,8 @@ def test_self_stitch_stage_zero_epochs_keeps_the_logits(workdir):
 @pytest.mark.parametrize("overrides, message", [
     (["stitch.front_layers=layers.7"], "unknown layer 'layers.7'"),
     (["stitch.end_layers=[head]"], "no affine channel map connects"),
-    (["stitch.init=identity", "stitch.end_layers=layers.1", "stitch.front_layers=layers.0"], "as many of each"),
+    (["stitch.init=identity", "stitch.end_layers=layers.1", "stitch.front_layers=layers.0"],
+     "stitch.init (layers.0 -> layers.1): stitch init identity needs as many input as output channels, got 8 -> 16"),
     (["stitch.measures=[ckaa]"], "unknown similarity 'ckaa'"),
     (["stitch.rank=2", "stitch.mask=semi_match"], "low-rank"),
     (["stitch.front.run=nowhere"], "nowhere is not a directory"),

@@ -297,6 +297,29 @@ def test_sampled_baselines_keep_the_right_number_of_entries():
     assert transplant("sampled_subnet", base, gpt2(1), mask, freeze=False).frozen is None
 
 
+def test_neuron_masks_are_sampled_in_whole_units():
+    from instill.subnetworks.masks import unit_masks
+
+    base = gpt2(0)
+    generator = torch.Generator().manual_seed(5)
+    params = dict(base.named_parameters())
+    # HF Conv1D weights are (in, out): a neuron (output unit) is a column
+    mask = {name: (torch.rand(params[name].shape[1], generator=generator) < 0.3).expand(params[name].shape).clone()
+            for name in MASKED}
+    units = unit_masks(base, mask, "neuron")
+    for condition in ("sampled_subnet", "sampled_complement"):
+        moved = transplant(condition, base, gpt2(1), mask, seed=3, unit="neuron")
+        drawn = unit_masks(base, moved.kept, "neuron")  # raises unless every unit is kept or dropped whole
+        for name in MASKED:
+            assert int(drawn[name].sum()) == int(units[name].sum())  # as many units as the subnetwork keeps
+            assert int(moved.kept[name].sum()) == int(mask[name].sum())
+            if condition == "sampled_complement":
+                assert not bool((drawn[name] & units[name]).any())
+    by_weight = transplant("sampled_subnet", base, gpt2(1), mask, seed=3).kept  # the default draws single weights
+    with pytest.raises(UserError, match="mix"):
+        unit_masks(base, by_weight, "neuron")
+
+
 def test_legacy_sampling_reproduces_the_inverted_masks():
     base = gpt2(0)
     mask = subnetwork(base, density=0.2)

@@ -70,6 +70,25 @@ def test_validate_checks_upstream_configs_without_running_them(workdir, capsys):
     assert not Path("checkpoints").exists()
 
 
+def test_a_replay_that_differs_under_other_code_names_both_commits(workdir, capsys):
+    assert run_cli("base", "configs/tiny_digits.yaml", "--set", "train.threads=1", "--set", "train.epochs=1") == 0
+    env_file, metrics = Path("checkpoints/tiny_digits/env.json"), Path("checkpoints/tiny_digits/metrics.jsonl")
+    env = json.loads(env_file.read_text())
+    if env["git_commit"] is None:
+        pytest.skip("not run from a git checkout: no commit recorded")
+    env_file.write_text(json.dumps({**env, "git_commit": "0" * 40}))  # as if an older instill had run it
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows[0]["train_loss"] = rows[0]["train_loss"] + 1  # and its results differed
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    capsys.readouterr()
+    assert run_cli("base", "checkpoints/tiny_digits/config.yaml") == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.endswith(f"DIFFERS from the original (max_abs_diff=1.0); the code changed since the original "
+                         f"(instill commit 0000000 -> {env['git_commit'][:7]})"), last
+    replay = json.loads(Path("checkpoints/tiny_digits-replay-1/replay.json").read_text())
+    assert replay["code_changed"] == f"instill commit 0000000 -> {env['git_commit'][:7]}"
+
+
 def test_a_replay_runs_at_the_recorded_thread_count_or_says_which_setting_differs(workdir, capsys, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()

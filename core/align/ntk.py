@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from pydantic import conint
 from torch import nn
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from ..errors import UserError
 from ..registry import MODELS
 

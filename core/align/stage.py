@@ -31,14 +31,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, confloat, conint, conlist, field_validator
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from .scores import CHANCE, AlignmentBaseline, check_layers
 from ..config import ModelConfig, RunConfig, Section
 from ..data import DataBundle
 from ..errors import UserError, under_key
 from .ntk import MAX_WIDTH
 from ..registry import MODELS, RULES
-from ..report import format_table, plot_lines
+from ..plots import format_table, plot_lines
 from ..steps import RuleContext, build_rule
 from ..files import atomic_write_csv
 from ..seeds import derive_seed, seed_everything

@@ -48,7 +48,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from ..errors import UserError, under_key
 from ..models import LoadedModel, check_finite_weights, load_model
 from ..registry import MODELS

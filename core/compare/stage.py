@@ -24,14 +24,14 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, conlist, field_validator, model_validator
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from .measures import (UNBIASED_MIN_BATCH, Spatial, check_sample_counts, check_sketchable, compare_models,
                        get_measure)
 from ..config import RunConfig, Section
 from ..data import BatchLoader
 from ..errors import UserError, under_key
 from .capture import probe
-from ..report import format_table
+from ..plots import format_table
 from ..files import atomic_write_text
 from ..seeds import derive_seed, seed_everything
 from .sources import LoadedModel, ModelSource, describe, load_model_source

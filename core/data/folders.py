@@ -378,7 +378,7 @@ def build_image_folder(
             labels = torch.tensor([label for _, label in items], dtype=torch.long)
             return StreamSplit(FolderImages(items, resolution, pixels), labels, workers)
         x, y = _load_listed(items, resolution, ctx, workers)
-        return Split(pixels(x), y)
+        return Split(x, y, pixels)  # uint8 in memory, float batch by batch
 
     fractions = (0.0 if val_dir else val_fraction, 0.0 if test_dir else test_fraction)
     train, val, test = _split_train(split_of(train_items), fractions, ctx.seed, train_dir)
@@ -388,8 +388,9 @@ def build_image_folder(
     extra = {name: split_of(items) for name, items in extra_items.items()}
     if conflict is not None:
         kept, shapes, textures, same_class = conflict
-        x = pixels(_cached_images(kept, resolution, ctx, workers))  # one tensor, two label sets: shape and texture
-        extra.update(cue_conflict=Split(x, torch.tensor(shapes)), cue_conflict_texture=Split(x, torch.tensor(textures)))
+        x = _cached_images(kept, resolution, ctx, workers)  # one tensor, two label sets: shape and texture
+        extra.update(cue_conflict=Split(x, torch.tensor(shapes), pixels),
+                     cue_conflict_texture=Split(x, torch.tensor(textures), pixels))
         info = dataclasses.replace(info, cue_conflict_pairs={"cue_conflict": "cue_conflict_texture"},
                                    facts={"cue_conflict_same_class_excluded": same_class})
     return DataBundle(train=train, val=val, test=test, info=info, extra_eval=extra)

@@ -361,7 +361,7 @@ def build_shapes(
     ``textured`` and ``shape_only`` (the same test draws, with and without texture), ``cue_conflict`` (shape of
     class i, texture of class j != i, labelled by shape) and ``cue_conflict_texture`` (the very same images
     labelled by texture). Shape bias = shape accuracy / (shape accuracy + texture accuracy) over that pair, which
-    ``info.cue_conflict_pairs`` names; ``instill.metrics.shape_bias`` gives it per class from predictions.
+    ``info.cue_conflict_pairs`` names; ``instill.stages.task.shape_bias`` gives it per class from predictions.
     Images are float32 (3, H, W) in [0, 1].
     """
     spec = ShapesSpec(num_classes, resolution, texture_background, texture_contrast, texture_frequency,

@@ -30,7 +30,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 from pydantic import BaseModel, Field, conlist, field_validator, model_validator
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from ..config import ModelConfig, RunConfig, Section
 from ..data.sequences import real_positions
 from ..errors import UserError, under_key
@@ -38,7 +38,7 @@ from ..compare.capture import DEFAULT_TYPES, probe
 from .loss import AlignmentLoss, LayerMap, Reduce, Tokenwise, compared_rows, resolve_pairs
 from ..models import load_model, save_model
 from ..registry import MODELS
-from ..report import describe, format_table, plot_bars, plot_runs
+from ..plots import describe, format_table, plot_bars, plot_runs
 from ..files import atomic_write_csv
 from ..seeds import derive_seed, seed_everything
 from ..compare.similarity import SIMILARITIES, get_similarity

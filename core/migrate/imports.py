@@ -47,11 +47,18 @@ def _digest(*paths: Path) -> str:
 
 def _made_once(target: Path, make) -> str:
     """``target`` made by ``make(tmp_dir)`` in a temporary sibling and renamed into place (never half-written);
-    an existing ``target`` is reused."""
+    an existing ``target`` is reused. Under ``--validate`` a missing ``target`` is made in the validation's scratch
+    folder instead: the import is checked and nothing is written under checkpoints/."""
     from ..run import is_finished
+    from ..stages.runner import validation_scratch
 
     if is_finished(target):
         return str(target)
+    scratch = validation_scratch()
+    if scratch is not None:
+        target = scratch / target.name
+        if is_finished(target):
+            return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -60,7 +67,8 @@ def _made_once(target: Path, make) -> str:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"imported into {target}", flush=True)
+    if scratch is None:
+        print(f"imported into {target}", flush=True)
     return str(target)
 
 
@@ -116,6 +124,11 @@ def _write_gpt2_run(tmp: Path, config: dict, weights: Path, key: str) -> None:
     model = build_fresh(model_cfg, data_info)
     state = read_state_dict(weights, key)  # torch.load(weights_only=True) for .bin
     state = {k: v for k, v in state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal buffers
+    shapes = model.state_dict()
+    wrong = next((k for k, v in state.items() if k in shapes and v.shape != shapes[k].shape), None)
+    if wrong is not None:  # load_state_dict would raise a multi-line RuntimeError
+        raise UserError(f"{key}: {weights} does not fit GPT-2 {model_cfg}: {wrong} has shape "
+                        f"{tuple(state[wrong].shape)}, the config's model {tuple(shapes[wrong].shape)}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the token embedding, stored once
     if missing or unexpected:

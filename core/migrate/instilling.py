@@ -170,8 +170,9 @@ def _mask(out: Translation, circuit: Keys, layers: list[str], ablate: bool) -> d
     hp = Keys(circuit.get("mask_hparams", {}), circuit.key("mask_hparams"))
     ablation = hp.get("ablation", "none")
     if ablation != "none":
-        raise UserError(f"{hp.key('ablation')}: {ablation!r}: NeuroSurgeon's ablation modes are not part of the "
-                        "translated stages (only 'none', mask discovery)")
+        raise UserError(f"{hp.key('ablation')}: {ablation!r}: NeuroSurgeon applies ablation modes to a found mask, "
+                        "never while it trains; keep 'none' here and list the mode under the ablate stage's "
+                        "ablations.modes (docs/neurosurgeon.md)")
     unit, bias, init = hp.get("mask_unit", "weight"), bool(hp.get("mask_bias", False)), hp.get("mask_init_value", 0.0)
     refuse_unknown(hp, "NeuroSurgeon's ContSparseLayer")
     if not ablate:

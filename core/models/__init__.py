@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from ..errors import UserError
 
 

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from ..errors import UserError
 from ..registry import MODELS
 

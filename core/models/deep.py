@@ -23,7 +23,7 @@ import torch
 from pydantic import confloat, conint
 from torch import nn
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from .vision import Activation, fcn
 from ..registry import MODELS
 

@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import confloat, conint
 from torch import nn
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from ..errors import UserError
 from ..registry import MODELS
 

@@ -38,7 +38,7 @@ import torch
 from pydantic import confloat, conint
 from torch import nn
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from ..errors import UserError
 from ..registry import MODELS
 

@@ -15,7 +15,7 @@ import torch
 from pydantic import confloat, conint
 from torch import nn
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from ..errors import UserError, did_you_mean, require
 from ..registry import MODELS
 

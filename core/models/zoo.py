@@ -20,7 +20,7 @@ import torch
 from pydantic import conint
 from torch import nn
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from ..errors import UserError
 from ..registry import MODELS
 

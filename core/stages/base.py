@@ -14,7 +14,7 @@ from pydantic import Field
 from ..config import ModelConfig, RunConfig
 from ..models import save_model
 from ..models.vision import check_accepts
-from ..report import plot_run
+from ..plots import plot_run
 from .runner import Context
 from .task import LossScope, evaluate_task, make_loss, summary_metrics
 from ..train import Objective, fit

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import field_validator
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from ..config import RunConfig
 from ..errors import UserError
 from ..models.vision import check_accepts

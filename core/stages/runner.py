@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import signal
+import tempfile
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from .. import dist
 from ..config import RunConfig, load_config, read_yaml, to_yaml
 from ..data import DataBundle, DataContext
@@ -138,24 +139,32 @@ class UpstreamPending(Exception):
         self.notes = notes  # what the upstream config's own validation could not check
 
 
-_validating = False
+_scratch: Optional[Path] = None  # set while ``validate`` runs
 
 
 def validating() -> bool:
     """Whether ``validate`` is running: upstream runs are then checked, never produced."""
-    return _validating
+    return _scratch is not None
+
+
+def validation_scratch() -> Optional[Path]:
+    """Under ``validate``, a temporary folder removed when validation ends (None otherwise): what a run would write
+    before it starts (an imported checkpoint) is made there, so validation checks it and leaves no file behind."""
+    return _scratch
 
 
 def validate(cfg: RunConfig) -> list[str]:
     """``--validate``: every check a run makes before its run directory exists, without training anything (an
     upstream run that is missing has its own config validated instead). Returns notes on what could not be
     checked; raises a UserError for the first problem."""
-    global _validating
+    global _scratch
     check_inputs(cfg)
     prepare = getattr(stage_module(cfg.stage), "prepare", None)
     if prepare is None:
         return []
-    before, _validating = _validating, True
+    before = _scratch
+    scratch = None if before is not None else tempfile.TemporaryDirectory(prefix="instill-validate-")
+    _scratch = before or Path(scratch.name)
     try:
         seed = cfg.reproducibility.random_seed or 0  # prepare builds data with it: any seed checks them
         checked = cfg.model_copy(deep=True)  # prepare resolves upstream paths into its config: not into the caller's
@@ -164,7 +173,9 @@ def validate(cfg: RunConfig) -> list[str]:
     except UpstreamPending as pending:
         return [*pending.notes, str(pending)]
     finally:
-        _validating = before
+        _scratch = before
+        if scratch is not None:
+            scratch.cleanup()
     return []
 
 

@@ -9,21 +9,11 @@ from torch import nn
 
 from ..errors import UserError, under_key
 from ..train import device_of, input_target_pair, logits_of
-from .stitch import (INITS, Head, LinearStats, Side, StitchedNet, StitchTransform, Tail, TargetBatch,
-                     agreement_metrics, freeze, init_matrix, layout_of, stitch_choice, stitch_target)
+from .init import INITS, check_fits, initialise, least_squares_stats, stitch_choice
+from .pair import build_stitch
+from .stitch import StitchedNet, StitchTransform, TargetBatch, agreement_metrics, freeze, stitch_target
 
 __all__ = ["stitch_models", "StitchedNet", "StitchTransform"]
-
-
-def _stitch_transform(head: Head, end_head: Head, tail: Tail, sample: torch.Tensor, transform: str,
-                      rank: Optional[int], bias: bool, resize: str) -> StitchTransform:
-    with torch.no_grad():
-        a, b = head(sample), end_head(sample)
-    sides = [Side(tuple(t.shape[1:]), layout_of(tuple(t.shape[1:]))) for t in (a, b)]
-    built = StitchTransform(*sides, kind=transform, rank=rank, bias=bias, resize=resize).to(sample.device)
-    with torch.no_grad():
-        tail(built(a), sample)  # the end model's tail takes the mapped activation
-    return built
 
 
 @torch.no_grad()
@@ -90,24 +80,20 @@ def stitch_models(front: nn.Module, end: nn.Module, front_layer: str, end_layer:
         raise UserError(f"stitch_models: target {target} trains on activations alone; use the stitch stage for it")
     device = device_of(front)
     freeze(front), freeze(end)
-    head, end_head, tail = Head(front, front_layer), Head(end, end_layer), Tail(end, end_layer)
     first = next(iter(loader), None)
     if first is None:
         raise UserError("stitch_models: the loader yielded no batches")
     sample = input_target_pair(first)[0][:4].to(device)
-    stitch = _stitch_transform(head, end_head, tail, sample, transform, rank, bias, resize)
+    with under_key("stitch_models"):
+        pieces = build_stitch(front, end, front_layer, end_layer, sample, kind=transform, rank=rank, bias=bias,
+                              resize=resize)
+        stitch, head, end_head, tail = pieces.transform, pieces.head, pieces.end_head, pieces.tail
+        check_fits(INITS, init, stitch.d_in, stitch.d_out)
     stats = None
     if initialisation.needs_stats:
-        stats = LinearStats(stitch.d_in, stitch.d_out)
-        with torch.no_grad():
-            for batch in loader:
-                x = input_target_pair(batch)[0].to(device)
-                stats.update(*stitch.fit_rows(head(x), end_head(x)))
-    generator = torch.Generator().manual_seed(seed)
-    if init == "ps_inv" and rank is not None:
-        stitch.set_factors(*stats.reduced_rank(rank))
-    else:
-        stitch.set_matrix(*init_matrix(init, stitch.d_out, stitch.d_in, generator, stats))
+        inputs = (input_target_pair(batch)[0].to(device) for batch in loader)
+        stats = least_squares_stats(stitch, ((head(x), end_head(x)) for x in inputs))
+    initialise(stitch, init, "identity", torch.Generator().manual_seed(seed), stats)
     stitched = StitchedNet(head, stitch, tail).to(device)
     evaluate_on = loader if eval_loader is None else eval_loader
     metrics = {f"before_{k}": v for k, v in _stitch_metrics(stitched.eval(), end, evaluate_on, device).items()}

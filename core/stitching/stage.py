@@ -37,32 +37,31 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from pydantic import Field, confloat, conint, conlist, field_validator, model_validator
 
-from ..data.info import DatasetInfo
+from ..dataset_info import DatasetInfo
 from ..config import OptimizerConfig, RunConfig, ScheduleConfig, Section, TrainConfig
-from ..data import DataBundle, Split, batches
+from ..data import DataBundle, Split
 from ..errors import UserError, under_key
-from ..models import check_finite_output
 from ..models.vision import check_accepts
-from ..report import format_table, plot_bars, plot_heatmaps, plot_run
+from ..plots import format_table, plot_bars, plot_heatmaps, plot_run
 from ..run import Run
 from ..files import atomic_write_csv
 from ..seeds import derive_seed
 from ..compare.similarity import SIMILARITIES, cka, get_similarity
 from ..compare.sources import LoadedModel, ModelSource, load_model_source
-from .stitch import (INITS, MASKS, TARGETS, Head, LinearStats, Side, StitchTransform, Tail, TargetBatch,
-                     agreement_metrics, freeze, init_matrix, layout_of, make_mask, stitch_choice, stitch_target)
+from .evaluate import evaluate_stitch, evaluate_variants, raw_cka
+from .init import INITS, LEAST_SQUARES_MAX_INPUTS, MASKS, check_fits, initialise, least_squares_stats
+from .pair import Stitch, Views, build_stitch
+from .stitch import TARGETS, LinearStats, StitchTransform, TargetBatch, freeze, stitch_target
 from ..train import Objective, fit
 from ..stages.runner import Context, build_data
 from ..stages.upstream import resolve_upstream
 
-PS_INV_MAX_INPUTS = 8192  # (d_in + 1)^2 float64 normal equations: 0.5 GB at this width
 VARIANTS = ("front", "end", "before", "after", "ps_inv")
 
 
@@ -204,48 +203,18 @@ def labelled(data: DataBundle) -> bool:
         all(bool((s.y >= 0).all()) for s in (data.train, data.val))
 
 
-@dataclass
-class Stitch:
-    """One pair's frozen pieces and its transform."""
-
-    front_layer: str
-    end_layer: str
-    head: Head
-    end_head: Head
-    tail: Tail
-    transform: StitchTransform
-
-
-def build_stitch(spec: StitchSection, front: LoadedModel, end: LoadedModel, front_layer: str, end_layer: str,
-                 sample: torch.Tensor) -> Stitch:
-    """Split both models at their layers and build the transform; UserErrors for names and shapes."""
-    head, end_head = Head(front.model, front_layer), Head(end.model, end_layer)
-    tail = Tail(end.model, end_layer)
-    with torch.no_grad():
-        a, b = head(sample), end_head(sample)
-    check_finite_output(a, front_layer, front.label)
-    check_finite_output(b, end_layer, end.label)
-    for what, act in (("front", a), ("end", b)):
-        if act.shape[0] != len(sample):
-            raise UserError(f"stitch: {what} layer gives shape {tuple(act.shape)}, whose first axis is not the batch")
-    sides = [Side(tuple(t.shape[1:]), layout_of(tuple(t.shape[1:]), declared))
-             for t, declared in ((a, spec.front_layout), (b, spec.end_layout))]
-    with under_key(f"stitch: {front_layer} -> {end_layer}"):
-        transform = StitchTransform(*sides, kind=spec.transform, rank=spec.rank, bias=spec.bias, resize=spec.resize)
-    init, mask = stitch_choice(INITS, spec.init), stitch_choice(MASKS, spec.mask)
-    for key, name, choice in (("init", spec.init, init), ("mask", spec.mask, mask)):
-        if choice.square and transform.d_in != transform.d_out:
-            raise UserError(f"stitch.{key} {name}: {front_layer} -> {end_layer} maps {transform.d_in} to "
-                            f"{transform.d_out} channels; it needs as many of each")
-    if init.needs_stats or mask.needs_stats:
-        if transform.d_in > PS_INV_MAX_INPUTS:
-            raise UserError(f"stitch.init {spec.init}: the least-squares fit of {front_layer} -> {end_layer} has "
-                            f"{transform.d_in} inputs (at most {PS_INV_MAX_INPUTS}; use transform: affine)")
-    with torch.no_grad():
-        out = tail(transform(a), sample)
-    if out.shape[0] != len(sample):
-        raise UserError(f"stitch: the end model's tail after {end_layer} gives shape {tuple(out.shape)}")
-    return Stitch(front_layer, end_layer, head, end_head, tail, transform)
+def stitch_pair(spec: StitchSection, front: LoadedModel, end: LoadedModel, front_layer: str, end_layer: str,
+                sample: torch.Tensor) -> Stitch:
+    """The pair's stitch as ``spec`` configures it (``instill.stitching.pair.build_stitch``), its init and mask
+    checked against the map's size; UserErrors for names and shapes."""
+    with under_key("stitch"):
+        stitch = build_stitch(front.model, end.model, front_layer, end_layer, sample, kind=spec.transform,
+                              rank=spec.rank, bias=spec.bias, resize=spec.resize,
+                              layouts=(spec.front_layout, spec.end_layout), names=(front.label, end.label))
+    for key, registry, name in (("init", INITS, spec.init), ("mask", MASKS, spec.mask)):
+        with under_key(f"stitch.{key} ({front_layer} -> {end_layer})"):
+            check_fits(registry, name, stitch.transform.d_in, stitch.transform.d_out)
+    return stitch
 
 
 def prepare(cfg: Config) -> None:
@@ -270,54 +239,7 @@ def prepare(cfg: Config) -> None:
                         f"{cfg.train.batch_size}")
     sample = data.train.head(4)
     for front_layer, end_layer in layer_pairs(spec):
-        build_stitch(spec, front, end, front_layer, end_layer, sample)
-
-
-# ----------------------------------------------------------------------------------------------------- views
-
-class Views:
-    """What the frozen models give for samples of a split, computed once (``cached``) or per batch.
-
-    Keys: ``a`` (front activation), ``b`` (end activation), ``front_logits``, ``end_logits``, ``x`` (the input,
-    for a hook-fallback tail).
-    """
-
-    def __init__(self, stitch: Stitch, front: LoadedModel, end: LoadedModel, split: Split, needs: set[str],
-                 cached: bool, batch_size: int, device: torch.device):
-        self.stitch, self.front, self.end, self.split = stitch, front, end, split
-        self.needs, self.batch_size, self.device = needs, batch_size, device
-        self.cache: Optional[dict[str, torch.Tensor]] = None
-        if cached:
-            chunks = [self._compute(x) for x, _ in batches(split, batch_size)]  # a stream decodes each item once
-            self.cache = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
-
-    @torch.no_grad()
-    def _compute(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = x.to(self.device)
-        out = {"a": self.stitch.head(x)}
-        if "b" in self.needs:
-            out["b"] = self.stitch.end_head(x)
-        if "front_logits" in self.needs:
-            out["front_logits"] = self.front.model(x)
-        if "end_logits" in self.needs:
-            out["end_logits"] = self.end.model(x)
-        if "x" in self.needs:
-            out["x"] = x
-        check_finite_output(out["a"], self.stitch.front_layer, self.front.label)
-        if "b" in out:
-            check_finite_output(out["b"], self.stitch.end_layer, self.end.label)
-        return out
-
-    def get(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.cache is None:
-            return self._compute(self.split.inputs(index))
-        return {k: v[index.to(v.device)] for k, v in self.cache.items()}
-
-    def batches(self, limit: Optional[int] = None):
-        n = len(self.split) if limit is None else min(limit, len(self.split))
-        for i in range(0, n, self.batch_size):
-            index = torch.arange(i, min(i + self.batch_size, n))
-            yield index, self.get(index)
+        stitch_pair(spec, front, end, front_layer, end_layer, sample)
 
 
 # ----------------------------------------------------------------------------------------------------- one stitch
@@ -364,8 +286,8 @@ def run_pair(ctx: Context, run: Run, data: DataBundle, front: LoadedModel, end: 
              end_layer: str) -> dict[str, Any]:
     """Fit, train and evaluate one stitch; write its files into ``run``; its summary row."""
     cfg, spec, device = ctx.cfg, ctx.cfg.stitch, ctx.device
-    stitch = build_stitch(spec, front, end, front_layer, end_layer, data.train.head(4).to(device))
-    transform = stitch.transform.to(device)
+    stitch = stitch_pair(spec, front, end, front_layer, end_layer, data.train.head(4).to(device))
+    transform = stitch.transform
     has_labels = labelled(data)
     cached = spec.cache == "on" or (spec.cache == "auto" and not data.info.augmentation)
     target = stitch_target(spec.target)
@@ -374,24 +296,14 @@ def run_pair(ctx: Context, run: Run, data: DataBundle, front: LoadedModel, end: 
         train_needs.add("x")
     eval_needs = {"b", "front_logits", "end_logits"} | ({"x"} if not stitch.tail.traced else set())
     batch = cfg.train.eval_batch_size
-    train_views = Views(stitch, front, end, data.train, train_needs, cached, batch, device)
+    train_views = Views(stitch, front.model, end.model, data.train, train_needs, cached, batch, device)
     eval_splits = {k: v for k, v in data.eval_sets().items() if len(v)}
-    eval_views = {name: Views(stitch, front, end, split, eval_needs, cached, batch, device)
+    eval_views = {name: Views(stitch, front.model, end.model, split, eval_needs, cached, batch, device)
                   for name, split in eval_splits.items()}
 
     stats = fit_statistics(transform, train_views)
     generator = torch.Generator().manual_seed(derive_seed(ctx.seed, "init", front_layer, end_layer) % 2**63)
-    mask = make_mask(spec.mask, transform.d_out, transform.d_in, generator, stats)
-    ps_w, ps_b = stats.solve(mask) if stats else (None, None)
-    if spec.init == "ps_inv" and spec.rank is not None:
-        u, v, b = stats.reduced_rank(spec.rank)
-        transform.set_factors(u, v, b)
-    else:
-        w, b = (ps_w, ps_b) if spec.init == "ps_inv" else init_matrix(spec.init, transform.d_out, transform.d_in,
-                                                                      generator, stats, mask)
-        transform.set_matrix(w, b)
-    if mask is not None:
-        transform.set_mask(mask)
+    ps_w, ps_b = initialise(transform, spec.init, spec.mask, generator, stats) or (None, None)
     variants = {"before": copy.deepcopy(transform)}
     _save_transform(run, "transform_before", transform, spec, front_layer, end_layer)
     if ps_w is not None:
@@ -410,7 +322,7 @@ def run_pair(ctx: Context, run: Run, data: DataBundle, front: LoadedModel, end: 
     variants["after"] = transform
     _save_transform(run, "transform_after", transform, spec, front_layer, end_layer)
 
-    table = evaluate_variants(stitch, variants, eval_views, has_labels, spec)
+    table = evaluate_variants(stitch, variants, eval_views, has_labels, spec.measures, spec.similarity_samples)
     summary = {"front_layer": front_layer, "end_layer": end_layer, "front_traced": stitch.head.traced,
                "end_traced": stitch.tail.traced, "front_shape": list(transform.front.shape),
                "end_shape": list(transform.end.shape), "splits": list(eval_views)}
@@ -429,15 +341,11 @@ def run_pair(ctx: Context, run: Run, data: DataBundle, front: LoadedModel, end: 
 
 
 def fit_statistics(transform: StitchTransform, views: Views) -> Optional[LinearStats]:
-    """The least-squares statistics of the front rows against the end rows over the training split (one pass);
+    """The least-squares statistics over the training split (the ``ps_inv`` variant is measured whatever the init);
     None when the map is too wide for them (a wide ``flatten``)."""
-    if transform.d_in > PS_INV_MAX_INPUTS:
+    if transform.d_in > LEAST_SQUARES_MAX_INPUTS:
         return None
-    stats = LinearStats(transform.d_in, transform.d_out)
-    with torch.no_grad():
-        for _, v in views.batches():
-            stats.update(*transform.fit_rows(v["a"], v["b"]))
-    return stats
+    return least_squares_stats(transform, ((v["a"], v["b"]) for _, v in views.batches()))
 
 
 def _loss(spec: StitchSection, stitch: Stitch, views: Views, has_labels: bool) -> Callable:
@@ -463,95 +371,6 @@ def _loss(spec: StitchSection, stitch: Stitch, views: Views, has_labels: bool) -
         return value, logs
 
     return loss
-
-
-# ----------------------------------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def evaluate_stitch(stitch: Stitch, transform: Optional[StitchTransform], views: Views, has_labels: bool,
-                    measures: list[str], max_samples: int) -> dict[str, float]:
-    """The functional and representational figures of the stitched network (or, with ``transform`` None, the end
-    model itself) on one split."""
-    sums: dict[str, float] = {}
-    kept_t, kept_b, n = [], [], 0
-    sq_err = sq_tot = 0.0
-    b_sum = b_sq = None
-    for index, v in views.batches():
-        t = v["b"] if transform is None else transform(v["a"])
-        logits = v["end_logits"] if transform is None else stitch.tail(t, v.get("x"))
-        y = views.split.y[index].to(logits.device) if has_labels else None
-        for k, value in agreement_metrics(logits, v["end_logits"], y).items():
-            sums[k] = sums.get(k, 0.0) + float(value)
-        diff = (t - v["b"]).double()
-        sq_err += float((diff ** 2).sum())
-        flat_b = v["b"].double().flatten(1)
-        b_sum = flat_b.sum(0) if b_sum is None else b_sum + flat_b.sum(0)
-        b_sq = float((flat_b ** 2).sum()) + (b_sq or 0.0)
-        n += len(index)
-        if sum(len(k) for k in kept_t) < max_samples:
-            kept_t.append(t.cpu())
-            kept_b.append(v["b"].cpu())
-    sq_tot = b_sq - float((b_sum ** 2).sum()) / n
-    out = {"agreement": sums["agreement"] / n, "ce_to_end": sums["ce_to_end"] / n, "kl_to_end": sums["kl_to_end"] / n,
-           "l2": sq_err / (n * math.prod(views.stitch.transform.end.shape)),
-           "r2": 1 - sq_err / sq_tot if sq_tot > 0 else float("nan")}
-    if has_labels:
-        out.update(acc=sums["acc"] / n, end_acc=sums["end_acc"] / n,
-                   rel_acc=sums["acc"] / sums["end_acc"] if sums["end_acc"] else float("nan"),
-                   **{k: sums[k] / n for k in ("rr", "rw", "wr", "ww")})
-    t_all, b_all = torch.cat(kept_t)[:max_samples], torch.cat(kept_b)[:max_samples]
-    for name in measures:
-        out[name] = _measure(name, t_all, b_all)
-    return out
-
-
-def _measure(name: str, x: torch.Tensor, y: torch.Tensor) -> float:
-    measure = get_similarity(name)
-    if len(x) < measure.min_samples:
-        raise UserError(f"stitch.measures: {name} needs at least {measure.min_samples} evaluation samples, got "
-                        f"{len(x)}")
-    return float(measure(x, y))
-
-
-@torch.no_grad()
-def raw_cka(stitch: Stitch, views: Views, max_samples: int) -> float:
-    """CKA of the two layers' own activations (front against end), before any stitching."""
-    a, b = [], []
-    for _, v in views.batches(limit=max_samples):
-        a.append(v["a"].cpu())
-        b.append(v["b"].cpu())
-    return float(cka(torch.cat(a), torch.cat(b)))
-
-
-@torch.no_grad()
-def front_accuracy(views: Views) -> dict[str, float]:
-    correct = agree = n = 0
-    for index, v in views.batches():
-        pred = v["front_logits"].argmax(-1)
-        correct += int((pred == views.split.y[index].to(pred.device)).sum())
-        agree += int((pred == v["end_logits"].argmax(-1)).sum())
-        n += len(index)
-    return {"acc": correct / n, "agreement": agree / n}
-
-
-def evaluate_variants(stitch: Stitch, variants: dict[str, StitchTransform], views: dict[str, Views],
-                      has_labels: bool, spec: StitchSection) -> list[dict[str, Any]]:
-    """One row per (split, variant): the two models alone, and the stitched network with each transform."""
-    rows = []
-    for split, split_views in views.items():
-        front = front_accuracy(split_views)
-        end = evaluate_stitch(stitch, None, split_views, has_labels, [], 4)
-        rows.append({"split": split, "variant": "front", "agreement": front["agreement"],
-                     **({"acc": front["acc"], "rel_acc": front["acc"] / end["acc"] if end["acc"] else float("nan")}
-                        if has_labels else {})})
-        rows.append({"split": split, "variant": "end", **{k: end[k] for k in ("agreement", "acc", "rel_acc")
-                                                           if k in end}})
-        for name in ("before", "after", "ps_inv"):
-            if name in variants:
-                rows.append({"split": split, "variant": name,
-                             **evaluate_stitch(stitch, variants[name], split_views, has_labels, spec.measures,
-                                               spec.similarity_samples)})
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------------- files

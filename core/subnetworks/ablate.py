@@ -37,7 +37,7 @@ from ..files import atomic_write_csv
 from .ablations import MODES, check_complement, check_modes, initialiser, run_ablations, unit_masks
 from .masks import MaskConfig, MaskedModel, mask_density, select_targets
 from ..models import load_model
-from ..report import format_table, plot_bars, plot_run
+from ..plots import format_table, plot_bars, plot_run
 from ..seeds import derive_seed
 from ..stages.compatibility import UsesBaseModel, check_compatible
 from ..stages.runner import Context, build_data, load_stage_config

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..errors import UserError, did_you_mean
 from ..seeds import derive_seed
-from .masks import check_masks, kind_of, listing, unit_shape
+from .masks import check_masks, kind_of, listing, owner_of, unit_masks
 from .transplant import sample_mask
 
 MODES = ("full_model", "subnetwork", "zero_ablate", "random_ablate", "randomly_sampled", "complement_sampled")
@@ -68,40 +68,6 @@ def check_modes(modes: Sequence[str], draws: int) -> None:
 
 # ----------------------------------------------------------------------------------------------------- units
 
-def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    module_name, _, attr = name.rpartition(".")
-    return model.get_submodule(module_name), attr
-
-
-def unit_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], unit: str) -> dict[str, torch.Tensor]:
-    """Each mask in the shape of its units: unchanged for weight masks; one entry per output unit for neuron masks.
-
-    Raises:
-        UserError: a neuron mask that is not constant over the weights of one unit.
-    """
-    if unit == "weight":
-        return dict(masks)
-    if unit != "neuron":
-        raise UserError(f"unit {unit!r} is unknown; use weight or neuron")
-    reduced, mixed = {}, []
-    for name, mask in masks.items():
-        module, attr = _owner(model, name)
-        kind = kind_of(module)
-        out_dim = kind.out_dim if kind is not None and attr in kind.weights else 0
-        dims = [d for d, size in enumerate(unit_shape(mask.shape, out_dim, "neuron")) if size != mask.shape[d]]
-        if not dims:
-            reduced[name] = mask
-            continue
-        kept = mask.any(dim=dims, keepdim=True)
-        if not torch.equal(kept, mask.all(dim=dims, keepdim=True)):
-            mixed.append(name)
-        reduced[name] = kept
-    if mixed:
-        raise UserError(f"neuron masks must keep or drop each output unit whole, but {listing(mixed)} mix(es) kept "
-                        f"and dropped weights within a unit (is it a weight mask?)")
-    return reduced
-
-
 def check_complement(units: Mapping[str, torch.Tensor]) -> None:
     """UserError unless a same-sized sample fits outside the subnetwork in every parameter (complement_sampled)."""
     dense = [f"{name} ({int(m.sum())} of {m.numel()})" for name, m in units.items() if 2 * int(m.sum()) > m.numel()]
@@ -124,7 +90,7 @@ def fresh_values(model: nn.Module, name: str, generator: torch.Generator) -> tor
 def initialiser(model: nn.Module, name: str) -> Callable[[torch.Generator], torch.Tensor]:
     """The default initialisation of parameter ``name``'s layer type, as a function of a generator (see
     ``fresh_values``); UserError for a layer type without one."""
-    module, attr = _owner(model, name)
+    module, attr = owner_of(model, name)
     kind = kind_of(module)
     shape = tuple(getattr(module, attr).shape)
     kind_name = type(module).__name__ if kind is None else kind.cls.__name__
@@ -229,7 +195,7 @@ class Ablations:
     def plot(self, path: str | Path, title: Optional[str] = None) -> Optional[Path]:
         """Grouped bars of each data set's accuracy per mode (mean; a dot per draw, an error bar of +- one standard
         deviation), on [0, 1]."""
-        from ..report import plot_bars
+        from ..plots import plot_bars
 
         sets = [score[: -len("_acc")] for score in self.scores() if score.endswith("_acc")]
         summary = self.summary()

@@ -260,6 +260,40 @@ def unit_shape(shape: Sequence[int], out_dim: int, unit: str) -> tuple[int, ...]
     return tuple(size if dim == out_dim else 1 for dim, size in enumerate(shape))
 
 
+def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_name, _, attr = name.rpartition(".")
+    return model.get_submodule(module_name), attr
+
+
+def unit_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], unit: str) -> dict[str, torch.Tensor]:
+    """Each mask in the shape of its units: unchanged for weight masks; one entry per output unit for neuron masks.
+
+    Raises:
+        UserError: a neuron mask that is not constant over the weights of one unit.
+    """
+    if unit == "weight":
+        return dict(masks)
+    if unit != "neuron":
+        raise UserError(f"unit {unit!r} is unknown; use weight or neuron")
+    reduced, mixed = {}, []
+    for name, mask in masks.items():
+        module, attr = owner_of(model, name)
+        kind = kind_of(module)
+        out_dim = kind.out_dim if kind is not None and attr in kind.weights else 0
+        dims = [d for d, size in enumerate(unit_shape(mask.shape, out_dim, "neuron")) if size != mask.shape[d]]
+        if not dims:
+            reduced[name] = mask
+            continue
+        kept = mask.any(dim=dims, keepdim=True)
+        if not torch.equal(kept, mask.all(dim=dims, keepdim=True)):
+            mixed.append(name)
+        reduced[name] = kept
+    if mixed:
+        raise UserError(f"neuron masks must keep or drop each output unit whole, but {listing(mixed)} mix(es) kept "
+                        f"and dropped weights within a unit (is it a weight mask?)")
+    return reduced
+
+
 # ----------------------------------------------------------------------------------------------------- methods
 
 class _SoftMaskedWeight(torch.autograd.Function):

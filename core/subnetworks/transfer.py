@@ -29,11 +29,11 @@ from pydantic import Field, confloat, conlist, field_validator
 
 from ..config import Section
 from ..errors import UserError
-from .masks import base_run_of, load_mask
+from .masks import base_run_of, load_mask, read_mask_meta, unit_masks
 from ..data import DataBundle
 from ..models import LoadedModel, build_fresh, load_model, save_model
 from ..run import Run
-from ..report import format_table, plot_bars, plot_lines, plot_runs
+from ..plots import format_table, plot_bars, plot_lines, plot_runs
 from ..files import atomic_write_csv
 from ..seeds import derive_seed, seed_everything
 from ..stages.compatibility import UsesBaseModel, check_compatible
@@ -92,9 +92,11 @@ def prepare(cfg: Config) -> None:
     spec.mask = resolve_upstream(spec.mask, "ablate", "transfer.mask", spec.mask_base)
     if spec.n_disambiguation is not None and "n_disambiguation" not in cfg.data.params:
         raise UserError(f"transfer.n_disambiguation is set but data {cfg.data.name!r} has no n_disambiguation key")
-    mask = _inputs(spec.mask).mask
+    inputs = _inputs(spec.mask)
+    mask = inputs.mask
+    units = unit_masks(inputs.base.model, mask, inputs.unit)  # what the sampled conditions draw
     for condition in spec.conditions:  # feasibility depends on the condition and the mask, not on n or lr
-        check_condition(condition, mask)
+        check_condition(condition, units)
     if spec.freeze and set(spec.conditions) - {"subnet_trainable", "full_model", "random_init"}:
         check_optimizer(cfg.train.optimizer.name)  # frozen entries stay fixed only under these optimizers
     kept = sum(int(m.sum()) for m in mask.values())
@@ -110,11 +112,14 @@ class TransferInputs:
 
     base: LoadedModel
     mask: dict[str, torch.Tensor]
+    unit: str  # weight or neuron: what the sampled conditions draw
 
 
 def _inputs(mask_dir: str) -> TransferInputs:
     base = load_model(base_run_of(mask_dir))
-    return TransferInputs(base, load_mask(mask_dir, base.model))
+    recorded = read_mask_meta(mask_dir).get("hyperparameters", {}).get("unit", "weight")
+    # a NeuroSurgeon import mixing neuron and weight logits records "neuron/weight": sampled per weight
+    return TransferInputs(base, load_mask(mask_dir, base.model), "neuron" if recorded == "neuron" else "weight")
 
 
 def main(ctx: Context) -> dict[str, Any]:
@@ -159,7 +164,8 @@ def _train_condition(ctx: Context, sub: Run, inputs: TransferInputs, data: DataB
     start = transplant(condition, base.model, fresh, inputs.mask, non_masked=spec.non_masked,
                        batch_norm=spec.batch_norm, freeze=spec.freeze, legacy_sampling=spec.legacy_sampling,
                        seed=derive_seed(ctx.seed, "sample", n),
-                       zero_grads=cfg.train.grad_clip is not None)  # frozen entries must not count in the norm
+                       zero_grads=cfg.train.grad_clip is not None,  # frozen entries must not count in the norm
+                       unit=inputs.unit)
     train_cfg = cfg.train.model_copy(update={"optimizer": cfg.train.optimizer.model_copy(update={"lr": lr})})
     eval_batch = train_cfg.eval_batch_size
     watched = {k: v for k, v in data.eval_sets().items() if k != "test"}  # the test split is read once, at the end

@@ -1,8 +1,7 @@
 """Subnetwork transplant ("subtask induction") and its baselines.
 
 Given a trained base model, a bool mask per parameter name (``instill.subnetworks.masks``) and a freshly initialised
-model of the
-same architecture, ``transplant`` builds one condition's starting model:
+model of the same architecture, ``transplant`` builds one condition's starting model:
 
 =====================  ========================================================================================
 ``subnet``             masked-in weights take their trained values and stay FROZEN; the rest of each masked
@@ -27,6 +26,10 @@ throughout whatever the settings. Sampled conditions are frozen like ``subnet`` 
 masks into kept masks and so transplanted the complement: ``sampled_subnet`` kept N - k random entries instead of k,
 ``sampled_complement`` kept the subnetwork plus all but k of the other entries.
 
+A neuron mask (``unit="neuron"``: each output unit kept or dropped whole) is sampled in units: the sampled conditions
+keep as many whole units per parameter as the subnetwork does, so the baseline matches its structure as well as its
+size (drawing single weights would spread the same count over every unit).
+
 Frozen entries cost nothing in the forward and backward passes and one bit each in memory: the model holds one
 ordinary weight tensor per parameter, and a hook common to all torch optimizers zeroes the frozen entries' gradients
 before each step and applies weight decay everywhere but there (``FrozenEntries``), so that the step never moves them
@@ -48,7 +51,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..registry import Registry
-from .masks import check_masks, listing, mask_density
+from .masks import check_masks, listing, mask_density, unit_masks
 from ..seeds import derive_seed
 
 # Transfer conditions, by name. An entry is a function ``kept(ctx: ConditionContext, *, option=default) -> {parameter
@@ -62,11 +65,13 @@ WHOLE_MODEL = ("full_model", "random_init")
 
 @dataclass(frozen=True)
 class ConditionContext:
-    """What a condition's kept masks are drawn from: the subnetwork's masks, the sampling seed, the legacy flag."""
+    """What a condition's kept masks are drawn from: the subnetwork's masks (and, for neuron masks, the same masks in
+    the shape of their units), the sampling seed, the legacy flag."""
 
     mask: Mapping[str, torch.Tensor]
     seed: int
     legacy_sampling: bool
+    units: Optional[Mapping[str, torch.Tensor]] = None  # neuron masks in the shape of their units: what is drawn
 
 
 def _table_help() -> dict[str, str]:
@@ -433,7 +438,8 @@ class Transplant:
 
 def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[str, torch.Tensor], *,
                non_masked: NonMasked = "inherit", batch_norm: BatchNorm = "inherit", freeze: bool = True,
-               legacy_sampling: bool = False, seed: int = 0, zero_grads: bool = False) -> Transplant:
+               legacy_sampling: bool = False, seed: int = 0, zero_grads: bool = False, unit: str = "weight"
+               ) -> Transplant:
     """Build ``condition``'s starting model in ``fresh`` (modified in place and returned in the Transplant).
 
     Args:
@@ -447,6 +453,8 @@ def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[
         legacy_sampling: the original code's sampled baselines (see the module docstring).
         seed: drives the sampled conditions (one independent draw per parameter).
         zero_grads: zero the frozen entries' gradients too (see ``FrozenEntries``; use it with gradient clipping).
+        unit: what the mask keeps, ``weight`` or ``neuron`` (whole output units): the sampled conditions draw as
+            many units as the subnetwork keeps in each parameter.
 
     Returns:
         A ``Transplant``: train ``.model`` (in ``.train_mode(model)``) with an optimizer of
@@ -456,7 +464,8 @@ def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[
         UserError: an unknown condition or option, architectures that differ, a mask that does not fit ``base``, or
             a sampled condition that cannot be drawn from this mask.
     """
-    check_condition(condition, mask)
+    units = unit_masks(base, mask, unit)  # weight masks: the masks themselves
+    check_condition(condition, units)
     for key, value, kind in (("non_masked", non_masked, NonMasked), ("batch_norm", batch_norm, BatchNorm)):
         allowed = get_args(kind)
         if value not in allowed:
@@ -469,7 +478,7 @@ def transplant(condition: str, base: nn.Module, fresh: nn.Module, mask: Mapping[
         fresh.load_state_dict(base.state_dict())
         kept, frozen, info = None, None, {}
     else:
-        kept = CONDITIONS.get(condition).build(ConditionContext(mask, seed, legacy_sampling))
+        kept = CONDITIONS.get(condition).build(ConditionContext(mask, seed, legacy_sampling, units))
         _copy_weights(base, fresh, kept, non_masked)
         frozen_wanted = freeze and condition != "subnet_trainable"
         frozen = FrozenEntries(fresh, kept, zero_grads) if frozen_wanted else None
@@ -487,7 +496,9 @@ def _the_subnetwork(ctx: ConditionContext) -> dict[str, torch.Tensor]:
 
 def _sampled(kind: str):
     def kept(ctx: ConditionContext) -> dict[str, torch.Tensor]:
-        return {name: sample_mask(m.to(torch.bool), kind, _generator(ctx.seed, name), ctx.legacy_sampling)
+        drawn_from = ctx.units or ctx.mask  # neuron masks: whole units are drawn, then spread over their weights
+        return {name: sample_mask(drawn_from[name].to(torch.bool), kind, _generator(ctx.seed, name),
+                                  ctx.legacy_sampling).expand(m.shape).contiguous()
                 for name, m in sorted(ctx.mask.items())}
 
     return kept

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional
 
-from ..errors import UserError
+from .errors import UserError
 
 Modality = Literal["image", "tokens", "vector"]
 
