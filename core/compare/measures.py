@@ -169,7 +169,7 @@ class Comparison:
 
     def heatmap(self, measure: str, path: Optional[str] = None, *, annotate: Optional[bool] = None):
         """A heatmap of ``measure`` with layer names on both axes; saved to ``path`` when given. Returns the figure."""
-        from ..report import plot_heatmap
+        from ..plots import plot_heatmap
 
         return plot_heatmap(self.matrix(measure), self.layers_a, self.layers_b, path=path,
                             title=f"{measure} ({get_measure(measure).description})", xlabel=self.labels[1],
