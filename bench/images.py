@@ -10,8 +10,8 @@ temporary folder (never the repository) and read for ``--epochs`` epochs of shuf
   check of every file before the first batch, then ``--workers`` DataLoader processes decode each batch
   (``FolderImages``: JPEG draft decoding at the target scale, resize, centre crop), every epoch.
 * ``instill_cached``: ``stream: false``: the first epoch decodes every file once (``--workers`` processes) into one
-  uint8 tensor, writes it to the data cache (``cache_dir``) and converts it to float inputs; later epochs index the
-  tensor in memory. ``cached_next_run_s``: a later run's build, which reads the cache file instead of decoding.
+  uint8 tensor and writes it to the data cache (``cache_dir``); every epoch indexes that tensor in memory and
+  converts each batch to float. ``cached_next_run_s``: a later run's build, which reads the cache file instead of decoding.
 
 The three readers take turns epoch by epoch (rotated order), so that a shared machine's drift hits all three.
 
