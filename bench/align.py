@@ -53,14 +53,6 @@ def training_step(model, provider, batch) -> Callable[[], None]:
     return step
 
 
-def synchronised(step: Callable[[], None]) -> Callable[[], None]:
-    def run():
-        step()
-        torch.cuda.synchronize()
-
-    return run
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="width 256, few rounds (seconds)")
@@ -89,9 +81,7 @@ def main() -> None:
     tracker = AlignmentBaseline(tracked, mse, tracked.layer_names(), chance=())
     steps["backprop+baseline"] = training_step(tracked, tracker, batch)
     steps["exact_scores"] = lambda: tracker.scores(tracked)
-    if device.type == "cuda":  # a step's time is its kernels' time, not their launch
-        steps = {name: synchronised(step) for name, step in steps.items()}
-    times = interleaved_times(steps, repeats, warmup=2)
+    times = interleaved_times(steps, repeats, warmup=2, device=device)  # synchronised: a step's kernels, not launches
 
     base = times["backprop"]
     result = {"device": str(device), "width": width, "repeats": repeats,

@@ -21,11 +21,25 @@ passes, timed alone as ``forwards_s``; ``speedup_beyond_forwards`` compares the 
 The floor (``floor_s``): the two forward passes plus the Gram products ``X X^T`` of every selected layer of both
 models for every batch, timed alone as bare matmuls on tensors of the same shapes made beforehand (``grams_s``, at
 compare's float32 precision). ``over_floor``: ours / floor, the median of per-round ratios; target <= 1.10. Where
-the rest goes (torch.profiler over one quick run on one CPU thread, 256 images): convolutions, batch norm and ReLU
-of the forwards ~64%, the 16 Gram matmuls ~33%, and everything else ~2-3%: the float64 U-centring of the eight
-256 x 256 Gram matrices of each model (sub, sum, mul), the one (8 x 65,536) @ (65,536 x 8) float64 product for all
-64 pairs, the data loader's collation, the hooks; no transfer (one ``.cpu()`` of the 8 x 8 result). So on a CPU
-``over_floor`` is 1.0 within the noise of a shared machine; the Gram products are the floor, not overhead.
+the rest went (torch.profiler over ``compare_models`` on 512 images, one CPU thread): convolutions, batch norm and
+ReLU of the forwards and the 16 Gram matmuls per batch, and 13 % in ``isfinite``: the capture hooks refused
+non-finite activations with ``torch.isfinite(t).all()``, four full passes (ne, eq, abs, all) over every 256 x 16,384
+activation, as much as the batch norms. Now a finite sum settles it in one reduction (``holds_non_finite``), and
+cka_minibatch alone checks the Gram matrices its hooks keep (a NaN or inf reaches their diagonal) instead of the
+activations: 0.1 % of the profile. What remains beyond the floor (~1-2 %): the float64 U-centring of the eight
+256 x 256 Gram matrices of each model, the one (8 x 65,536) @ (65,536 x 8) float64 product for all 64 pairs, the
+loader's collation, the hooks' Python; no transfer (one ``.cpu()`` of the 8 x 8 result). Five alternating rounds
+of 512 images after the change (load 4.3): over_floor 0.96, 1.00, 1.00, 0.80, 1.01 (before it, load 1.1: 1.28,
+1.14, 1.24, 1.14, 1.20).
+
+Approximate mode (``--sketch 32,64,128,512``: ``compare_models(..., sketch_features=k)``, ``instill.compare.measures.
+Sketch``): each layer wider than k projected by two independent Gaussian d x k/2 matrices drawn from the seed, the
+HSIC terms from the products of the two halves (unbiased). For each k and each of ``--sketch-seeds`` fresh seeds
+(100, 101, ...) the bench prints every pair's |error| against the exact matrix (mean, max, and the max by the width
+of layer a: 16,384, 8,192 and 4,096 features here) and the run's time over the floor; figures in the README's
+Benchmarks section and docs/results.md. The error grows with a layer's effective rank over k (nearly white
+features need k in the hundreds), so the mode is for a quick look at many wide layers, not for reported values.
+
 Without torch-cka the bench times ``run_textbook`` (its algorithm written out) and says so (``peer``;
 ``speedup_vs_torch_cka`` is null). ``python bench/compare.py`` or ``--quick`` (256 images, seconds). Run on a
 quiet machine (``uptime``). The last line printed is one JSON object with ``speedup_vs_torch_cka``.
@@ -38,7 +52,6 @@ import functools
 import importlib.util
 import json
 import statistics
-import time
 import warnings
 
 import torch
@@ -47,6 +60,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from instill.compare.measures import compare_models
 from instill.data import DataContext, DatasetInfo
 from instill.registry import DATASETS, MODELS
+from timing import synced_seconds
 
 CHANNELS = [16, 16, 32, 32, 32, 64, 64, 64]
 STRIDES = [1, 1, 2, 1, 1, 2, 1, 1]
@@ -61,9 +75,47 @@ def _models(info: DatasetInfo) -> tuple[torch.nn.Module, torch.nn.Module]:
     return models[0], models[1]
 
 
-def run_ours(model_a, model_b, loader, device) -> torch.Tensor:
-    result = compare_models(model_a, model_b, loader, layers_a=LAYERS, measures=["cka_minibatch"], device=device)
+def run_ours(model_a, model_b, loader, device, sketch_features=None, seed=0) -> torch.Tensor:
+    result = compare_models(model_a, model_b, loader, layers_a=LAYERS, measures=["cka_minibatch"], device=device,
+                            sketch_features=sketch_features, seed=seed)
     return torch.from_numpy(result.matrix("cka_minibatch"))
+
+
+def sketch_errors(model_a, model_b, loader, device, exact: torch.Tensor, features: list[int], seeds: list[int],
+                  floor_s: float, exact_s: float) -> list[dict]:
+    """The approximate mode against the exact matrix: for each k and each seed, every pair's |error| (mean, max),
+    the largest by layer width, and the time of one run against the floor and the exact run (one timing per seed:
+    each seed draws its projections afresh, which the time includes)."""
+    widths = [f[0].numel() for f in _first_features(model_a, loader)]
+    out = []
+    for k in features:
+        per_seed, times = [], []
+        for seed in seeds:
+            t, values = _timed(device, run_ours, model_a, model_b, loader, device, k, seed)
+            error = (values - exact).abs()
+            by_width = {w: round(max(error[i].max().item() for i in range(len(LAYERS)) if widths[i] == w), 4)
+                        for w in sorted(set(widths))}
+            per_seed.append({"seed": seed, "mean_abs": round(error.mean().item(), 4),
+                             "max_abs": round(error.max().item(), 4), "max_abs_by_width_a": by_width})
+            times.append(t)
+            print(f"sketch k={k} seed {seed}: |error| mean {per_seed[-1]['mean_abs']:.4f} max "
+                  f"{per_seed[-1]['max_abs']:.4f} (by width of layer a: {by_width}), {t:.3f}s = "
+                  f"{t / floor_s:.3f} x floor", flush=True)
+        out.append({"features": k, "seeds": per_seed,
+                    "mean_abs": round(statistics.mean(r["mean_abs"] for r in per_seed), 4),
+                    "max_abs": max(r["max_abs"] for r in per_seed),
+                    "times_s": [round(t, 4) for t in times],
+                    "over_floor": round(statistics.median(times) / floor_s, 3),
+                    "vs_exact": round(statistics.median(times) / exact_s, 3)})
+    return out
+
+
+def _first_features(model, loader) -> list[torch.Tensor]:
+    from instill.compare.capture import FeatureCapture
+
+    with torch.no_grad(), FeatureCapture(model, LAYERS) as capture:
+        model(next(iter(loader))[0][:1])
+        return list(capture.pop().values())
 
 
 def run_torch_cka(model_a, model_b, loader, device, no_grad: bool = False) -> torch.Tensor:
@@ -147,14 +199,10 @@ def bare_grams(shapes: list[tuple[int, int]], device) -> callable:
     return run
 
 
-def _timed(fn, *args) -> tuple[float, torch.Tensor]:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn(*args)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
+def _timed(device, fn, *args) -> tuple[float, torch.Tensor]:
+    """Seconds of ``fn(*args)``, the device synchronised around it (``timing.synced_seconds``), and its result."""
+    out = []
+    return synced_seconds(lambda: out.append(fn(*args)), device), out[0] if out else None
 
 
 def main() -> None:
@@ -164,6 +212,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sketch", default="", help="approximate mode: comma-separated sketch_features to measure "
+                                                     "(error against the exact values, time against the floor)")
+    parser.add_argument("--sketch-seeds", type=int, default=5, help="fresh seeds per sketch size")
     args = parser.parse_args()
     images, repeats = (256, 1) if args.quick else (args.images, args.repeats)
     device = torch.device(args.device)
@@ -184,11 +235,11 @@ def main() -> None:
                                      "grams": []}
     diffs = []
     for _ in range(repeats):
-        t_forwards, _ = _timed(run_forwards, model_a, model_b, loader)
-        t_grams, _ = _timed(grams)
-        t_ours, ours = _timed(run_ours, model_a, model_b, loader, device)
-        t_peer, peer_values = _timed(peer, model_a, model_b, loader, device)
-        t_best, best = _timed(peer_no_grad, model_a, model_b, loader, device)
+        t_forwards, _ = _timed(device, run_forwards, model_a, model_b, loader)
+        t_grams, _ = _timed(device, grams)
+        t_ours, ours = _timed(device, run_ours, model_a, model_b, loader, device)
+        t_peer, peer_values = _timed(device, peer, model_a, model_b, loader, device)
+        t_best, best = _timed(device, peer_no_grad, model_a, model_b, loader, device)
         for key, value in zip(times, (t_ours, t_peer, t_best, t_forwards, t_grams)):
             times[key].append(value)
         diffs.append(max((ours - peer_values).abs().max().item(), (ours - best).abs().max().item()))
@@ -217,6 +268,10 @@ def main() -> None:
               "over_floor": round(over_floor, 3), "over_floor_target_met": over_floor <= 1.10, "max_abs_diff": max_diff,
               "agree_1e-4": max_diff <= 1e-4,
               "target_met": have_peer and ratio("torch_cka") >= 3 and max_diff <= 1e-4}
+    if args.sketch:
+        features = [int(k) for k in args.sketch.split(",")]
+        result["sketch"] = sketch_errors(model_a, model_b, loader, device, ours, features,
+                                         list(range(100, 100 + args.sketch_seeds)), result["floor_s"], med["ours"])
     print(json.dumps(result))
 
 

@@ -4,8 +4,8 @@ On a machine with a CUDA device (under 8 minutes on one H100 as planned; not yet
 
 1. Benches: each script of ``bench/`` (``BENCHES``) in a subprocess, on CUDA where it takes ``--device``
    (synchronising around every timed call), in the size given there; the targets each one states (``TARGETS``) are
-   read from its JSON line. Benches without a device option time what they time on the CPU (the folder reader,
-   the sweep executor, start-up) and say so (``device`` in the output).
+   read from its JSON line. Benches without a device option time what they time on the CPU (the DFA feedback
+   matrices' resident memory, the sweep executor, start-up) and say so (``device`` in the output).
 2. Paper-shaped runs on generated data (``PAPER``), bf16 autocast on CUDA as the training loop's
    ``train.precision: bf16`` does, a few timed steps after warm-up each:
    * ``gpt2_arithmetic_12l``: GPT-2 of configs/paper/math_12l_base.yaml (12 layers, 128 wide, 4 heads), batch 500
@@ -50,11 +50,11 @@ BENCHES: dict[str, tuple[list[str], bool]] = {
     "align": (["--width", "1024"], True),
     "compare": ([], True),
     "scaling": (["--plot", "scaling-gpu.png"], True),
-    "masks": (["--quick"], False),
-    "guidance": ([], False),
-    "stitch": (["--quick"], False),
-    "vision": (["--quick"], False),
-    "images": ([], False),
+    "masks": (["--quick"], True),
+    "guidance": ([], True),
+    "stitch": (["--quick"], True),
+    "vision": (["--quick"], True),
+    "images": ([], True),
     "dfa_memory": (["--quick"], False),
     "startup": (["--quick"], False),
     "sweep": (["--quick"], False),

@@ -68,6 +68,7 @@ class Size:
     repeats: int = 7
     warmup: int = 2
     square: int = 2048  # side of the reference square matmul
+    device: str = "cpu"  # where tensors and models live; timed calls are synchronised there
     targets: dict[str, float] = field(default_factory=lambda: {"speedup_first": 4.0, "speedup_last": 3.0,
                                                                "matmul_fraction": 0.6, "value_diff": 1e-5})
 
@@ -93,21 +94,21 @@ def textbook_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return linear_hsic(x, y) / (torch.sqrt(linear_hsic(x, x)) * torch.sqrt(linear_hsic(y, y)))
 
 
-def activations(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def activations(n: int, d: int, seed: int = 0, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Post-ReLU target and guide maps that share half their signal (CKA well inside (0, 1))."""
     g = torch.Generator().manual_seed(seed)
     shared = torch.randn(n, d, generator=g)
     guide = (shared + torch.randn(n, d, generator=g)).relu_()
     target = (shared + torch.randn(n, d, generator=g)).relu_()
-    return target.requires_grad_(), guide
+    return target.to(device).requires_grad_(), guide.to(device)
 
 
 def cka_steps(x: torch.Tensor, y: torch.Tensor, square: int) -> dict[str, Callable[[], None]]:
     """The timed variants; each leaves x.grad holding its gradient."""
     with torch.no_grad():
         guide_gram = centered_gram(y)  # what the guide's hook caches
-    probe = torch.randn(x.shape[0], x.shape[0])
-    a, b = torch.randn(square, square), torch.randn(square, square)
+    probe = torch.randn(x.shape[0], x.shape[0], device=x.device)
+    a, b = torch.randn(square, square, device=x.device), torch.randn(square, square, device=x.device)
 
     def textbook() -> None:
         x.grad = None
@@ -149,9 +150,9 @@ def agreement(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
 
 
 def measure_width(size: Size, d: int) -> dict[str, float]:
-    x, y = activations(size.n, d)
+    x, y = activations(size.n, d, device=size.device)
     value_diff, grad_diff = agreement(x, y)
-    times = interleaved_times(cka_steps(x, y, size.square), size.repeats, size.warmup)
+    times = interleaved_times(cka_steps(x, y, size.square), size.repeats, size.warmup, torch.device(size.device))
     flops = 4 * size.n * size.n * d
     ours = statistics.median(times["ours"])
     matmul_rate = flops / statistics.median(times["matmul"])
@@ -184,7 +185,8 @@ def run_cka(size: Size) -> dict[str, object]:
            "matmul_fraction": all(row["matmul_fraction"] >= targets["matmul_fraction"] for row in wide) if wide
            else None,
            "value_diff": all(row["value_diff"] <= targets["value_diff"] for row in rows)}
-    scope = "" if size == Size() else " (set for the full size; this is a smaller run)"
+    full_size = dataclasses.replace(size, device="cpu") == Size()
+    scope = "" if full_size else " (set for the full size; this is a smaller run)"
     verdict = {True: "met", False: "MISSED", None: "not measured"}
     print(f"targets{scope}: " + ", ".join(f"{key} {verdict[ok]}" for key, ok in met.items()))
     return {"n": size.n, "rows": [{k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in row.items()}
@@ -206,8 +208,8 @@ class StepSetup:
     batch: tuple[torch.Tensor, torch.Tensor]
 
 
-def step_setup(batch_size: int | None = None, overrides: list[str] = ()) -> StepSetup:
-    """Build the preset's models (as the guide stage does) and one training batch."""
+def step_setup(batch_size: int | None = None, overrides: list[str] = (), device: str = "cpu") -> StepSetup:
+    """Build the preset's models (as the guide stage does) and one training batch, on ``device``."""
     from instill.registry import MODELS
     from instill.stages import build_data, load_stage_config
 
@@ -215,9 +217,9 @@ def step_setup(batch_size: int | None = None, overrides: list[str] = ()) -> Step
     n = batch_size or cfg.train.batch_size
     data = build_data(cfg, seed=0)
     torch.manual_seed(0)
-    target = MODELS.build(cfg.model.name, data.info, cfg.model.params)
+    target = MODELS.build(cfg.model.name, data.info, cfg.model.params).to(device)
     guide = MODELS.build(cfg.guidance.guide.name, data.info, cfg.guidance.guide.params).eval().requires_grad_(False)
-    return StepSetup(cfg, target, guide, (data.train.x[:n], data.train.y[:n]))
+    return StepSetup(cfg, target, guide.to(device), (data.train.x[:n].to(device), data.train.y[:n].to(device)))
 
 
 def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -298,7 +300,7 @@ def guided_steps(setup: StepSetup) -> tuple[dict[str, Callable[[], None]], Calla
         _train_step(optimizers["original"], loss)
 
     models["unguided"].train(), models["ours"].train(), models["original"].train()
-    grams = bare_loss_grams(loss_gram_shapes(alignment, models["ours"], own_guide, x))
+    grams = bare_loss_grams(loss_gram_shapes(alignment, models["ours"], own_guide, x), x.device)
     return ({"unguided": unguided, "guide_forward": guide_forward, "loss_grams": grams, "ours": ours,
              "original": original}, alignment.close)
 
@@ -320,11 +322,12 @@ def loss_gram_shapes(alignment, target: nn.Module, guide: nn.Module, x: torch.Te
             for t, g in zip(alignment._views(targets[pair.target]), alignment._views(guides[pair.guide]))]
 
 
-def bare_loss_grams(shapes: list[tuple[tuple[int, int], tuple[int, int]]]) -> Callable[[], None]:
+def bare_loss_grams(shapes: list[tuple[tuple[int, int], tuple[int, int]]], device: torch.device
+                    ) -> Callable[[], None]:
     """The loss's own matrix products as bare matmuls on tensors made beforehand: per compared pair the target's
     Gram ``X X^T``, the guide's ``Y Y^T`` and the target Gram's backward, one (n x n) @ (n x d) product."""
-    made = {shape: torch.randn(shape) for pair in shapes for shape in pair}
-    upstream = {n: torch.randn(n, n) for (n, _), _ in shapes}
+    made = {shape: torch.randn(shape, device=device) for pair in shapes for shape in pair}
+    upstream = {n: torch.randn(n, n, device=device) for (n, _), _ in shapes}
 
     def run() -> None:
         with torch.no_grad():
@@ -335,13 +338,13 @@ def bare_loss_grams(shapes: list[tuple[tuple[int, int], tuple[int, int]]]) -> Ca
     return run
 
 
-def run_guided_step(repeats: int, warmup: int, batch_size: int | None = None, overrides: list[str] = ()
-                    ) -> dict[str, object]:
+def run_guided_step(repeats: int, warmup: int, batch_size: int | None = None, overrides: list[str] = (),
+                    device: str = "cpu") -> dict[str, object]:
     """Time the steps side by side; the ratios are medians of per-round ratios."""
-    setup = step_setup(batch_size, overrides)
+    setup = step_setup(batch_size, overrides, device)
     steps, release = guided_steps(setup)
     try:
-        times = interleaved_times(steps, repeats, warmup)
+        times = interleaved_times(steps, repeats, warmup, torch.device(device))
     finally:
         release()
     floor = [u + g for u, g in zip(times["unguided"], times["guide_forward"])]
@@ -372,17 +375,18 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--repeats", type=int, help="timed rounds per width")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--skip-step", action="store_true", help="only the CKA part")
+    parser.add_argument("--device", default="cpu", help="where it runs (cuda: timed calls synchronised)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    size = QUICK if args.quick else Size()
+    size = dataclasses.replace(QUICK if args.quick else Size(), device=args.device)
     if args.repeats is not None:
         size = dataclasses.replace(size, repeats=args.repeats)
     result = {"cka": run_cka(size)}
     if not args.skip_step:
         shrink = ["data.n_train=256", "data.n_val=8", "data.n_test=8"]
         result["guided_step"] = run_guided_step(size.repeats + 3 * (not args.quick), size.warmup,
-                                                32 if args.quick else None, shrink)
-    result["threads"] = torch.get_num_threads()
+                                                32 if args.quick else None, shrink, args.device)
+    result["threads"], result["device"] = torch.get_num_threads(), args.device
     print(json.dumps(result))
     return result
 

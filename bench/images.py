@@ -10,8 +10,8 @@ temporary folder (never the repository) and read for ``--epochs`` epochs of shuf
   check of every file before the first batch, then ``--workers`` DataLoader processes decode each batch
   (``FolderImages``: JPEG draft decoding at the target scale, resize, centre crop), every epoch.
 * ``instill_cached``: ``stream: false``: the first epoch decodes every file once (``--workers`` processes) into one
-  uint8 tensor, writes it to the data cache (``cache_dir``) and converts it to float inputs; later epochs index the
-  tensor in memory. ``cached_next_run_s``: a later run's build, which reads the cache file instead of decoding.
+  uint8 tensor and writes it to the data cache (``cache_dir``); every epoch indexes that tensor in memory and
+  converts each batch to float. ``cached_next_run_s``: a later run's build, which reads the cache file instead of decoding.
 
 The three readers take turns epoch by epoch (rotated order), so that a shared machine's drift hits all three.
 
@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from timing import sync
+
 BATCH = 256
 
 
@@ -62,8 +64,9 @@ def shuffled_batches(n: int, epoch: int) -> list[list[int]]:
     return [order[i:i + BATCH] for i in range(0, n, BATCH)]
 
 
-def torchvision_epochs(root: Path, resolution: int, workers: int):
-    """Seconds of each epoch (the first includes listing the folder), one per ``next``."""
+def torchvision_epochs(root: Path, resolution: int, workers: int, device: torch.device):
+    """Seconds of each epoch (the first includes listing the folder), one per ``next``; each batch moved to
+    ``device``, whose queue is waited for at the epoch's end."""
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
@@ -75,25 +78,27 @@ def torchvision_epochs(root: Path, resolution: int, workers: int):
         loader = DataLoader(data, batch_size=BATCH, shuffle=True, num_workers=workers,
                             generator=torch.Generator().manual_seed(epoch))
         for x, _ in loader:
-            assert x.dtype == torch.float32
+            assert x.to(device).dtype == torch.float32
+        sync(device)
         yield time.perf_counter() - start
         start, epoch = time.perf_counter(), epoch + 1
 
 
-def instill_epochs(root: Path, resolution: int, workers: int, stream: bool, cache_dir: Path):
+def instill_epochs(root: Path, resolution: int, workers: int, stream: bool, cache_dir: Path, device: torch.device):
     """Seconds of each epoch (the first includes building the dataset: listing, header checks, and without
-    ``stream`` decoding everything and writing the cache), one per ``next``."""
+    ``stream`` decoding everything and writing the cache), one per ``next``; batches moved to ``device``."""
     start, epoch = time.perf_counter(), 0
     train = build_folder(root, resolution, workers, stream, cache_dir)
     while True:
         index_batches = shuffled_batches(len(train), epoch)
         if stream:
             for x, _ in train.batches(index_batches, seed=epoch):
-                assert x.dtype == torch.float32
+                assert x.to(device).dtype == torch.float32
         else:
             for index in index_batches:
                 x = train.inputs(torch.tensor(index))
-                assert x.dtype == torch.float32
+                assert x.to(device).dtype == torch.float32
+        sync(device)
         yield time.perf_counter() - start
         start, epoch = time.perf_counter(), epoch + 1
 
@@ -116,7 +121,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--resolution", type=int, help="pixels the readers deliver (default --side)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="where each batch goes, as a training loop would move it "
+                                                        "(cuda: the copies waited for at each epoch's end)")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
     torch.set_num_threads(1)
     images = args.images or (2000 if args.quick else 20000)
     epochs = 2 if args.quick else args.epochs
@@ -130,9 +138,11 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         generate_folder(folder / "data", images, args.classes, args.side)
         generated_s = time.perf_counter() - start
-        readers = {"torchvision": torchvision_epochs(folder / "data", resolution, args.workers),
-                   "instill_stream": instill_epochs(folder / "data", resolution, args.workers, True, folder / "c"),
-                   "instill_cached": instill_epochs(folder / "data", resolution, args.workers, False, folder / "c")}
+        readers = {"torchvision": torchvision_epochs(folder / "data", resolution, args.workers, device),
+                   "instill_stream": instill_epochs(folder / "data", resolution, args.workers, True, folder / "c",
+                                                    device),
+                   "instill_cached": instill_epochs(folder / "data", resolution, args.workers, False, folder / "c",
+                                                    device)}
         seconds = {name: [] for name in readers}
         for epoch in range(epochs):  # the readers take turns, epoch by epoch, so that the machine's drift hits all
             for name in list(readers)[epoch % 3:] + list(readers)[:epoch % 3]:
@@ -146,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     rate = lambda seconds: [round(images / s, 1) for s in seconds]  # noqa: E731
     later = lambda seconds: sum(seconds[1:]) / max(len(seconds) - 1, 1)  # noqa: E731
     result = {"bench": "images", "images": images, "side": args.side, "resolution": resolution,
-              "workers": args.workers, "epochs": epochs, "batch": BATCH, "generated_s": round(generated_s, 1),
+              "workers": args.workers, "epochs": epochs, "device": str(device), "batch": BATCH,
+              "generated_s": round(generated_s, 1),
               "images_per_s": {"torchvision": rate(tv), "instill_stream": rate(stream),
                                "instill_cached": rate(cached)},
               "cached_next_run_s": round(next_run, 2),

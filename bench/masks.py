@@ -56,6 +56,7 @@ class Size:
     high_density: float = 0.76
     repeats: int = 30
     warmup: int = 5
+    device: str = "cpu"  # where models and batches live; timed calls are synchronised there
 
 
 QUICK = Size(n_layer=1, n_embd=32, n_head=2, vocab=101, discovery_batch=64, transfer_batch=16, repeats=5, warmup=2)
@@ -67,17 +68,21 @@ def gpt2(size: Size, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=size.vocab, n_positions=4, n_embd=size.n_embd, n_layer=size.n_layer,
                         n_head=size.n_head, bos_token_id=None, eos_token_id=None, use_cache=False)
-    return GPT2LMHeadModel(config)
+    return GPT2LMHeadModel(config).to(size.device)
 
 
 def batch(size: Size, n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, size.vocab - 1, (n, 4), generator=g)
+    x = torch.randint(0, size.vocab - 1, (n, 4), generator=g).to(size.device)
     return x, x[:, 3]
 
 
 def answer_loss(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, 2].float(), answer)
+
+
+def _device(size: Size) -> torch.device:
+    return torch.device(size.device)
 
 
 def median_ms(times: dict[str, list[float]], name: str) -> float:
@@ -218,16 +223,16 @@ def transfer_steps(size: Size, fused: bool = False, zero_grads: bool = False) ->
 def run(size: Size) -> dict[str, float]:
     steps = {"ours": ours_discovery_step(size), "neurosurgeon": neurosurgeon_discovery_step(size),
              "plain": plain_forward_backward(size)}
-    discovery = interleaved_times(steps, size.repeats, size.warmup)
+    discovery = interleaved_times(steps, size.repeats, size.warmup, _device(size))
     # what the masks add on top of the plain forward+backward, ours over NeuroSurgeon's (per round, then median)
     overhead = statistics.median((o - p) / max(n - p, 1e-9) for o, n, p in
                                  zip(discovery["ours"], discovery["neurosurgeon"], discovery["plain"]))
     moved, plain = transfer_steps(size)
-    transfer = interleaved_times({"moved": moved, "plain": plain}, size.repeats, size.warmup)
+    transfer = interleaved_times({"moved": moved, "plain": plain}, size.repeats, size.warmup, _device(size))
     fused = interleaved_times(dict(zip(("moved", "plain"), transfer_steps(size, fused=True))), size.repeats,
-                              size.warmup)
+                              size.warmup, _device(size))
     hooked = interleaved_times(dict(zip(("moved", "plain"), transfer_steps(size, zero_grads=True))), size.repeats,
-                               size.warmup)
+                               size.warmup, _device(size))
     memory, high = memory_ratios(size, size.density), memory_ratios(size, size.high_density)
     result = {"discovery_vs_plain": median_ratio(discovery["ours"], discovery["plain"]),
               "discovery_vs_neurosurgeon": median_ratio(discovery["ours"], discovery["neurosurgeon"]),
@@ -255,7 +260,7 @@ def run(size: Size) -> dict[str, float]:
               f"state) {ratios['training']:.3f} (targets <= 1.05 and <= 1.03)")
     return {**{k: round(v, 4) for k, v in result.items()}, "n_layer": size.n_layer, "n_embd": size.n_embd,
             "discovery_batch": size.discovery_batch, "transfer_batch": size.transfer_batch,
-            "density": size.density, "high_density": size.high_density, "repeats": size.repeats,
+            "density": size.density, "high_density": size.high_density, "repeats": size.repeats, "device": size.device,
             "threads": torch.get_num_threads()}
 
 
@@ -267,11 +272,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--density", type=float, help="kept fraction of the transplanted subnetwork (default 0.24)")
     parser.add_argument("--high-density", type=float, help="the high density of the memory figures (default 0.76)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="where the models run (cuda: timed calls synchronised)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = QUICK if args.quick else Size()
     for key, value in (("n_layer", args.layers), ("repeats", args.repeats), ("density", args.density),
-                       ("high_density", args.high_density)):
+                       ("high_density", args.high_density), ("device", args.device)):
         if value is not None:
             setattr(size, key, value)
     result = run(size)

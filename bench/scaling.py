@@ -148,11 +148,11 @@ def masks_curve(quick: bool, device: torch.device, repeats: int) -> Curve:
     curve = Curve("masks_depth", "GPT-2 layers", ideal={"discovery_vs_plain": "flat", "transfer_vs_plain": "flat",
                                                         "transfer_training_memory_vs_plain": "flat"})
     for depth in ([1, 2] if quick else [2, 4, 8, 12]):
-        size = dataclasses.replace(bench.QUICK if quick else bench.Size(), n_layer=depth)
+        size = dataclasses.replace(bench.QUICK if quick else bench.Size(), n_layer=depth, device=str(device))
         discovery = interleaved_times({"ours": bench.ours_discovery_step(size),
-                                       "plain": bench.plain_forward_backward(size)}, repeats, 1)
+                                       "plain": bench.plain_forward_backward(size)}, repeats, 1, device)
         moved, plain = bench.transfer_steps(size)
-        transfer = interleaved_times({"moved": moved, "plain": plain}, repeats, 1)
+        transfer = interleaved_times({"moved": moved, "plain": plain}, repeats, 1, device)
         curve.add(depth, discovery_vs_plain=median_ratio(discovery["ours"], discovery["plain"]),
                   transfer_vs_plain=median_ratio(transfer["moved"], transfer["plain"]),
                   transfer_training_memory_vs_plain=bench.memory_ratios(size, size.density)["training"])
@@ -165,10 +165,10 @@ def guided_curve(quick: bool, device: torch.device, repeats: int) -> Curve:
     curve = Curve("guided_batch", "batch", ideal={"over_floor": "flat", "peak_mb": "linear"})
     shrink = ["data.n_train=256", "data.n_val=8", "data.n_test=8"]
     for batch in ([8, 16] if quick else [32, 64, 128, 256]):
-        steps, release = bench.guided_steps(bench.step_setup(batch, shrink))
+        steps, release = bench.guided_steps(bench.step_setup(batch, shrink, str(device)))
         try:
             steps.pop("original")
-            times = interleaved_times(steps, repeats, 1)
+            times = interleaved_times(steps, repeats, 1, device)
             floor = [u + g + m for u, g, m in zip(times["unguided"], times["guide_forward"], times["loss_grams"])]
             _, peak = measured(steps["ours"], device, 1)
         finally:

@@ -31,7 +31,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 import tracemalloc
 
 import numpy as np
@@ -40,34 +39,25 @@ import torch.nn.functional as F
 
 from instill.registry import MODELS
 from instill.stitching.stitch import Head, Side, StitchTransform, Tail, freeze, layout_of
+from timing import synced_median
 
 INFO = {"input_shape": (3, 32, 32), "num_classes": 10}
 PAPER = {"images": 50_000, "channels": 16, "side": 30}
 
 
-def _timed(fn, repeats: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def step_ratios(batch: int, repeats: int, layer: str = "bn3") -> dict[str, float]:
+def step_ratios(batch: int, repeats: int, layer: str = "bn3", device: torch.device = torch.device("cpu")
+                ) -> dict[str, float]:
     torch.manual_seed(0)
-    front, end = (freeze(MODELS.build("tiny10", INFO, {})) for _ in range(2))
+    front, end = (freeze(MODELS.build("tiny10", INFO, {})).to(device) for _ in range(2))
     head, tail = Head(front, layer), Tail(end, layer)
-    x = torch.randn(batch * 4, 3, 32, 32)
-    y = torch.randint(0, 10, (batch * 4,))
+    x = torch.randn(batch * 4, 3, 32, 32).to(device)
+    y = torch.randint(0, 10, (batch * 4,)).to(device)
     with torch.no_grad():
         cache = head(x)
     side = Side(tuple(cache.shape[1:]), layout_of(tuple(cache.shape[1:])))
-    transform = StitchTransform(side, side)
+    transform = StitchTransform(side, side).to(device)
     optimizer = torch.optim.Adam(transform.parameters(), lr=1e-3)
-    index = torch.arange(batch)
+    index = torch.arange(batch, device=device)
 
     def stage_step():  # what the stage's loss and the training loop do per step with cached activations
         a = cache[index]
@@ -111,7 +101,7 @@ def step_ratios(batch: int, repeats: int, layer: str = "bn3") -> dict[str, float
     for _ in range(repeats):
         for name, fn in (("stage", stage_step), ("uncached", uncached_step), ("tail", tail_alone),
                          ("original", original_step)):
-            rounds[name].append(statistics.median(_timed(fn, 5, warmup=2)))
+            rounds[name].append(synced_median(fn, device, 5, warmup=2))
     med = {k: statistics.median(v) for k, v in rounds.items()}
     return {"step_over_tail": med["stage"] / med["tail"], "uncached_step_over_tail": med["uncached"] / med["tail"],
             "original_step_over_tail": med["original"] / med["tail"], "tail_step_ms": 1000 * med["tail"]}
@@ -180,11 +170,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, a few repeats")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="where the stitch step runs (cuda: timed calls synchronised; "
+                                                        "the least-squares memory figures stay on the CPU)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     repeats = args.repeats or (3 if args.quick else 7)
     batch = args.batch or (32 if args.quick else 128)
-    result = {"batch": batch, **step_ratios(batch, repeats), **memory(args.quick)}
+    result = {"batch": batch, "device": args.device, **step_ratios(batch, repeats, device=torch.device(args.device)),
+              **memory(args.quick)}
     for key, value in result.items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
     print(json.dumps(result))

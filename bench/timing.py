@@ -11,8 +11,10 @@ import time
 from typing import Callable
 
 
-def interleaved_times(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each step, the steps alternating in a rotated order so that drifting noise hits all."""
+def interleaved_times(steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device=None
+                      ) -> dict[str, list[float]]:
+    """Seconds per call of each step, the steps alternating in a rotated order so that drifting noise hits all;
+    ``device`` (a torch.device) synchronised around each call, as ``synced_median`` does."""
     names = list(steps)
     for _ in range(warmup):
         for name in names:
@@ -20,10 +22,17 @@ def interleaved_times(steps: dict[str, Callable[[], None]], repeats: int, warmup
     times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(repeats):
         for name in names[i % len(names):] + names[:i % len(names)]:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(synced_seconds(steps[name], device))
     return times
+
+
+def synced_seconds(fn: Callable[[], None], device=None) -> float:
+    """Seconds of one call of ``fn``, ``device``'s queued work waited for before and after (see ``sync``)."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
 
 
 def median_ratio(numerator: list[float], denominator: list[float]) -> float:
@@ -36,19 +45,12 @@ def synced_median(fn: Callable[[], None], device, repeats: int, warmup: int = 1)
     (``device`` a torch.device: a CUDA kernel queue would otherwise be timed at its launch)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(synced_seconds(fn, device) for _ in range(repeats))
 
 
 def sync(device) -> None:
-    """Wait for ``device``'s queued work (CUDA); nothing to wait for on the CPU."""
-    if device.type == "cuda":
+    """Wait for ``device``'s queued work (CUDA); nothing to wait for on the CPU (or without a device)."""
+    if device is not None and device.type == "cuda":
         import torch
 
         torch.cuda.synchronize(device)

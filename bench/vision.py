@@ -25,10 +25,11 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from timing import synced_seconds
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = {"fcn": "configs/vision_shapes_fcn_base.yaml", "convnet": "configs/vision_shapes_convnet_base.yaml"}
@@ -50,10 +51,8 @@ def build(cfg, seed: int, cache_dir: str, **changes):
     return DATASETS.build(cfg.data.name, DataContext(seed=seed, cache_dir=cache_dir), {**cfg.data.params, **changes})
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def timed(fn, device: torch.device = torch.device("cpu")) -> float:
+    return synced_seconds(fn, device)
 
 
 def loader_epoch(train, batch_size: int, device: torch.device) -> None:
@@ -79,15 +78,14 @@ def training_epoch(cfg, data, device: torch.device, seed: int) -> None:
         fit(model, objective, data.train, train_cfg, Run(Path(tmp)), seed=seed, device=device, restore_best=False)
 
 
-def batch_share(name: str, quick: bool, repeats: int, cache_dir: str) -> dict:
+def batch_share(name: str, quick: bool, repeats: int, cache_dir: str, device: torch.device) -> dict:
     cfg = preset(name, quick)
     data = build(cfg, seed=0, cache_dir=cache_dir)
-    device = torch.device("cpu")
     loader_s, train_s = [], []
     for round_ in range(repeats + 1):  # round 0 warms up (allocator, kernels) and is not counted
-        loader_s.append(timed(lambda: loader_epoch(data.train, cfg.train.batch_size, device)))
+        loader_s.append(timed(lambda: loader_epoch(data.train, cfg.train.batch_size, device), device))
         with contextlib.redirect_stdout(io.StringIO()):  # the loop's per-epoch line
-            train_s.append(timed(lambda: training_epoch(cfg, data, device, seed=round_)))
+            train_s.append(timed(lambda: training_epoch(cfg, data, device, seed=round_), device))
     loader, train = statistics.median(loader_s[1:]), statistics.median(train_s[1:])
     return {"images": len(data.train), "batch_size": cfg.train.batch_size, "loader_epoch_s": round(loader, 4),
             "train_epoch_s": round(train, 3), "batch_share": round(loader / train, 4)}
@@ -118,14 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1,024 training images, one round: seconds")
     parser.add_argument("--repeats", type=int, default=None, help="rounds of loader and training epochs (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="where the training epochs run and batches go (cuda: "
+                                                        "synchronised at the end of each)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
-    figures: dict = {"quick": args.quick, "threads": torch.get_num_threads(), "repeats": repeats}
+    figures: dict = {"quick": args.quick, "threads": torch.get_num_threads(), "repeats": repeats,
+                     "device": args.device}
     with tempfile.TemporaryDirectory() as cache_dir:
         for name in PRESETS:
-            figures[name] = batch_share(name, args.quick, repeats, cache_dir)
+            figures[name] = batch_share(name, args.quick, repeats, cache_dir, torch.device(args.device))
             f = figures[name]
             print(f"{name}: batches {f['loader_epoch_s']:.4f} s of a {f['train_epoch_s']:.3f} s training epoch "
                   f"({f['images']} images, batch {f['batch_size']}): share {f['batch_share']:.2%} (target < 20%)")

@@ -25,7 +25,6 @@ from typing import Any, Optional
 
 from .files import make_directory, read_json
 from .plots import describe, format_table, plot_lines, plot_points, plot_runs
-from .plots import plot_heatmap  # noqa: F401 - compare/measures.py still imports it from here (its owner moves it)
 from .run import has_state, read_metrics, sub_runs
 
 KEY_METRICS = ("test_acc", "val_acc", "textured_acc", "shape_only_acc", "shape_bias")

@@ -20,12 +20,12 @@ CORE = REPO / "core"
 LAYERS = [
     ("errors", "dist", "files", "seeds"),
     ("registry", "config", "loggers", "dataset_info"),  # dataset_info: what a dataset provides, the models' input
-    ("data", "models", "run", "plots", "report"),  # plots: the figure primitives every stage draws with
+    ("data", "models", "run", "plots"),  # plots: the figure primitives every stage draws with
     ("steps", "train"),
     ("stages",),
     ("compare", "subnetworks", "align"),
     ("guidance", "stitching"),
-    ("api", "cli", "sweep", "reproduce", "layers", "migrate"),
+    ("api", "cli", "sweep", "reproduce", "report", "layers", "migrate"),
 ]
 SYSTEMS = ("subnetworks", "guidance", "compare", "stitching", "align")
 

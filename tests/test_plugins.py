@@ -350,3 +350,55 @@ def test_shipped_entries_keep_what_recorded_runs_hold():
                                 "mask_bias", "mask_init_fraction", "mask_init_value", "method", "prune_fraction",
                                 "stretch", "unit"]
     assert get_measure("cca_squared").pair is get_measure("cca_r2").pair
+
+
+class _NormCorrelation:
+    """A user's streaming measure: Pearson correlation of the samples' squared norms in two layers, from running
+    sums (``start`` gets the first batch's summaries; ``update`` every batch; ``value(i, j)`` at the end)."""
+
+    def __init__(self, norms_a, norms_b):
+        self.pairs = [(i, j) for i in range(len(norms_a)) for j in range(len(norms_b))]
+        self.sums, self.n = {}, 0
+
+    def update(self, norms_a, norms_b):
+        for i, j in self.pairs:
+            a, b = norms_a[i].double(), norms_b[j].double()
+            new = torch.stack([a.sum(), b.sum(), (a * a).sum(), (b * b).sum(), (a * b).sum()])
+            self.sums[i, j] = self.sums.get((i, j), 0) + new
+        self.n += len(norms_a[0])
+
+    def value(self, i, j):
+        s_a, s_b, s_aa, s_bb, s_ab = (self.sums[i, j] / self.n).tolist()
+        return (s_ab - s_a * s_b) / ((s_aa - s_a ** 2) * (s_bb - s_b ** 2)) ** 0.5
+
+
+def test_a_streaming_measure_of_ones_own_plugs_in_like_the_shipped_ones():
+    """A ``Measure`` with ``start`` (and a ``summarize`` its hooks keep instead of the activation) registered in
+    ``MEASURES`` runs through compare_models alone (summaries made in the hooks) and beside a shipped streaming
+    measure (summaries made from the kept activations), with the values of the statistic over all samples."""
+    from instill.compare.capture import FeatureCapture
+    from instill.compare.measures import MEASURES, Measure, compare_models
+
+    measure = Measure("toy_norm_corr", "correlation of the samples' squared norms", start=_NormCorrelation,
+                      summarize=lambda x: x.flatten(1).square().sum(1))
+    MEASURES.register(measure.name, doc=measure.description)(measure)
+    try:
+        torch.manual_seed(0)
+        model_a, model_b = (torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+                            for _ in range(2))
+        batches = [torch.randn(16, 6) for _ in range(3)]
+        alone = compare_models(model_a, model_b, batches, layers_a=["0", "2"], measures=["toy_norm_corr"])
+        beside = compare_models(model_a, model_b, batches, layers_a=["0", "2"], measures=["toy_norm_corr", "l2"])
+        with torch.no_grad(), FeatureCapture(model_a, ["0", "2"]) as capture_a, \
+                FeatureCapture(model_b, ["0", "2"]) as capture_b:
+            model_a(torch.cat(batches)), model_b(torch.cat(batches))
+            norms_a = {k: v.square().sum(1).double() for k, v in capture_a.pop().items()}
+            norms_b = {k: v.square().sum(1).double() for k, v in capture_b.pop().items()}
+        for a in ("0", "2"):
+            for b in ("0", "2"):
+                expected = torch.corrcoef(torch.stack([norms_a[a], norms_b[b]]))[0, 1].item()
+                assert alone.value("toy_norm_corr", a, b) == pytest.approx(expected, abs=1e-6)
+                assert beside.value("toy_norm_corr", a, b) == pytest.approx(expected, abs=1e-6)
+        assert beside.matrix("l2").shape == (2, 2) and alone.rows[0]["n"] == 48
+    finally:
+        MEASURES._entries.pop("toy_norm_corr")

@@ -598,6 +598,10 @@ class Similarity:
     min_samples: int = MIN_SAMPLES  # fewer samples are refused (the CCA family also needs more than a side's rank)
     # Degenerate (trivially 1) unless n > d + 1 on both sides, or on ``x``'s: the compare stage checks it up front.
     needs_more_samples_than_features: Literal["none", "both", "a"] = "none"
+    # Many layers at once (the compare stage): each layer's ``prepare(x)`` once, then ``prepared_pair`` per pair;
+    # None: ``pair`` on the features, centred and rotated onto their row space (exact for rotation-invariant measures).
+    prepare: Callable[[Tensor], Any] | None = None
+    prepared_pair: Callable[[Any, Any], Tensor] | None = None
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         return self.pair(x, y)
@@ -625,12 +629,24 @@ def _add(measure: Similarity) -> None:
 
 def _cka_measure(name: str, unbiased: bool) -> Similarity:
     return Similarity(name, partial(cka, unbiased=unbiased), cka_summary, partial(cka_with_summary, unbiased=unbiased),
-                      min_samples=_cka_min_samples(unbiased))
+                      min_samples=_cka_min_samples(unbiased), prepare=lambda x: centered_gram(x.double()),
+                      prepared_pair=partial(cka_from_grams, unbiased=unbiased))
+
+
+def _rsa_entries(x: Tensor, variant: RSAVariant) -> Tensor:
+    """The entries of ``x``'s similarity matrix that RSA correlates: all of them (the original), or those above the
+    diagonal (``classic``)."""
+    matrix = similarity_matrix(x.double(), variant)
+    if variant == "original":
+        return matrix.flatten()
+    rows, cols = torch.triu_indices(*matrix.shape, offset=1, device=matrix.device)
+    return matrix[rows, cols]
 
 
 def _rsa_measure(name: str, variant: RSAVariant) -> Similarity:
     return Similarity(name, partial(rsa, variant=variant), partial(similarity_matrix, variant=variant),
-                      partial(rsa_with_matrix, variant=variant))
+                      partial(rsa_with_matrix, variant=variant), prepare=partial(_rsa_entries, variant=variant),
+                      prepared_pair=pearson)
 
 
 for _measure in (

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import Field, conlist, field_validator
+from pydantic import Field, conlist, field_validator, model_validator
 
 from ..dataset_info import DatasetInfo
-from .measures import UNBIASED_MIN_BATCH, Spatial, check_sample_counts, compare_models, get_measure
+from .measures import (UNBIASED_MIN_BATCH, Spatial, check_sample_counts, check_sketchable, compare_models,
+                       get_measure)
 from ..config import RunConfig, Section
 from ..data import BatchLoader
 from ..errors import UserError, under_key
@@ -53,6 +54,8 @@ class CompareSection(Section):
                                                       "(cka, rsa, procrustes, the CCA family, lr_r2)")
     spatial: Spatial = Field("flatten", description="conv maps: flatten each sample's map, or "
                                                                        "average over positions first")
+    sketch_features: Optional[int] = Field(None, ge=1, description="approximate mode (cka_minibatch): project each "
+                                           "wider layer to this many features (random, from the run seed) first")
 
     @field_validator("measures")
     @classmethod
@@ -63,6 +66,15 @@ class CompareSection(Section):
             except UserError as err:
                 raise ValueError(str(err)) from None
         return list(dict.fromkeys(names))
+
+    @model_validator(mode="after")
+    def _sketch_fits_measures(self) -> "CompareSection":
+        if self.sketch_features is not None:
+            try:
+                check_sketchable(self.measures)
+            except UserError as err:
+                raise ValueError(str(err)) from None
+        return self
 
 
 class Config(RunConfig):
@@ -138,7 +150,8 @@ def main(ctx: Context) -> dict[str, Any]:
     result = compare_models(model_a.model.to(ctx.device), model_b.model.to(ctx.device), loader,
                             layers_a=spec.layers_a, layers_b=spec.layers_b or spec.layers_a, measures=spec.measures,
                             full_samples=spec.full_samples, max_samples=spec.max_samples, spatial=spec.spatial,
-                            device=ctx.device, labels=(model_a.label, model_b.label))
+                            device=ctx.device, labels=(model_a.label, model_b.label),
+                            sketch_features=spec.sketch_features, seed=derive_seed(ctx.seed, "sketch"))
     matrices = {m: result.matrix(m).tolist() for m in result.measures}
     if ctx.run.writes:
         atomic_write_text(ctx.run.path / "similarity.csv", result.to_csv())
