@@ -11,7 +11,8 @@ temporary folder (never the repository) and read for ``--epochs`` epochs of shuf
   (``FolderImages``: JPEG draft decoding at the target scale, resize, centre crop), every epoch.
 * ``instill_cached``: ``stream: false``: the first epoch decodes every file once (``--workers`` processes) into one
   uint8 tensor and writes it to the data cache (``cache_dir``); every epoch indexes that tensor in memory and
-  converts each batch to float. ``cached_next_run_s``: a later run's build, which reads the cache file instead of decoding.
+  converts each batch to float. ``cached_next_run_s``: a later run's build, which reads the cache file instead of
+  decoding.
 
 The three readers take turns epoch by epoch (rotated order), so that a shared machine's drift hits all three.
 

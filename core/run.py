@@ -355,14 +355,30 @@ def _remove_stale_staging(parent: Path) -> None:
             lock = RunLock.try_take(staging)
         except FileNotFoundError:  # killed before it locked, or being built or renamed into place this very moment
             with contextlib.suppress(OSError):  # (renamed: its owner won; not ours to touch either way)
-                if time.time() - staging.stat().st_mtime > 60:  # locked within a minute if its launch is alive
-                    shutil.rmtree(staging, ignore_errors=True)
+                if _killed_while_locking(staging) or time.time() - staging.stat().st_mtime > 60:
+                    shutil.rmtree(staging, ignore_errors=True)  # a live launch locks within a minute
             continue
         except OSError:
             continue
         if lock is not None:
             shutil.rmtree(staging, ignore_errors=True)
             lock.release()
+
+
+def _killed_while_locking(staging: Path) -> bool:
+    """Whether ``staging``'s launch was killed between creating its lock file and naming it (``RunLock.create_new``):
+    the new file is free to lock and older than the instant between its creation and its lock."""
+    new = staging / f"{LOCK_FILE}.new"
+    try:
+        if time.time() - new.stat().st_mtime < 2:
+            return False
+        lock = RunLock.try_take(staging, record=False, file=new.name)
+    except OSError:
+        return False
+    if lock is None:  # its launch is alive and holds it
+        return False
+    lock.release()
+    return True
 
 
 def _reset(directory: Path, populate: Callable[[Path], None]) -> None:

@@ -174,6 +174,25 @@ def test_a_staging_directory_renamed_into_place_while_another_launch_cleans_up(t
     assert (tmp_path / "the_run").is_dir()
 
 
+def test_a_staging_directory_killed_between_creating_and_naming_its_lock_is_cleared(tmp_path):
+    import fcntl
+
+    from instill import run
+
+    dead, alive = (tmp_path / f"{run.STAGING_PREFIX}{name}" for name in ("dead", "alive"))
+    for staging in (dead, alive):
+        staging.mkdir()
+        (staging / f"{LOCK_FILE}.new").write_text("")
+        os.utime(staging / f"{LOCK_FILE}.new", (time.time() - 10, time.time() - 10))
+    held = os.open(alive / f"{LOCK_FILE}.new", os.O_RDWR)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # its launch is alive (as between open and rename)
+        run._remove_stale_staging(tmp_path)
+        assert not dead.exists() and alive.is_dir()
+    finally:
+        os.close(held)
+
+
 def test_a_users_folder_with_a_seed_txt_is_never_deleted(workdir, capsys):
     folder = Path("mydata")
     folder.mkdir()
