@@ -108,11 +108,16 @@ def test_every_kind_of_plug_in_runs_through_its_stage(toys, workdir):
     # similarity measure (entry point): the compare stage, a model against itself gives 1 on the diagonal
     compare = {**base, "compare": {"model_a": {"run": "checkpoints/toy_base"},
                                    "model_b": {"run": "checkpoints/toy_base"}, "layers_a": ["type:Linear"],
-                                   "measures": ["toy_rv", "cka"], "batch_size": 16}}
+                                   "measures": ["toy_rv", "cka", "instill_toys.measures:uncentred_rv"],
+                                   "measure_options": {"toy_rv": {"power": 2.0}}, "batch_size": 16}}
     assert run_cli("compare", _config(workdir / "toy_compare.yaml", compare)) == 0
     rows = [line.split(",") for line in Path("checkpoints/toy_compare/similarity.csv").read_text().splitlines()[1:]]
-    diagonal = [float(value) for a, b, measure, value, _ in rows if measure == "toy_rv" and a == b]
+    values = {(a, b, measure): float(value) for a, b, measure, value, _ in rows}
+    diagonal = [v for (a, b, measure), v in values.items() if measure == "toy_rv" and a == b]
     assert len(diagonal) == 2 and diagonal == pytest.approx([1.0, 1.0], abs=1e-9)
+    off = [(a, b) for a, b, measure in values if measure == "toy_rv" and a != b]
+    assert off and all(values[a, b, "toy_rv"] == pytest.approx(values[a, b, "instill_toys.measures:uncentred_rv"] ** 2,
+                                                               rel=1e-9) for a, b in off)  # the option reached it
 
     # stitch target and init (entry points), the init with its option; the similarity as a stitch measure with its
     # option, beside the same function by import path without it: the stitch stage
@@ -289,6 +294,8 @@ def test_a_broken_or_unknown_plug_in_is_one_line(toys, workdir, capsys):
 STITCH = {"front": {"run": "checkpoints/toy_base"}, "end": {"run": "checkpoints/toy_base"}, "front_layers": ["1"],
           "end_layers": ["1"]}
 GUIDANCE = {"guide": {"name": "toy_mlp"}}
+COMPARE = {"model_a": {"run": "checkpoints/toy_base"}, "model_b": {"run": "checkpoints/toy_base"},
+           "layers_a": ["type:Linear"]}
 
 
 @pytest.mark.parametrize("stage, section, message", [
@@ -303,6 +310,12 @@ GUIDANCE = {"guide": {"name": "toy_mlp"}}
      "transfer.condition_options: subnet: unknown key 'fraction'"),
     ("guide", {"model": BASE["model"], "guidance": {**GUIDANCE, "condition_options": {"toy_scaled_gide": {}}}},
      "guidance.condition_options: unknown guide condition 'toy_scaled_gide' (did you mean 'toy_scaled_guide'?)"),
+    ("compare", {"compare": {**COMPARE, "measures": ["toy_rv"], "measure_options": {"toy_rv": {"pwr": 2}}}},
+     "compare: similarity toy_rv: unknown key 'pwr' (did you mean 'power'?)"),
+    ("compare", {"compare": {**COMPARE, "measure_options": {"toy_rv": {"power": 2}}}},
+     "compare: measure_options names toy_rv, which measures does not list"),
+    ("compare", {"compare": {**COMPARE, "measure_options": {"cka_minibatch": {"power": 2}}}},
+     "compare: measure cka_minibatch takes no options"),
     ("guide", {"model": BASE["model"], "guidance": {"conditions": ["toy_scaled_guide"]}},
      "condition toy_scaled_guide needs guidance.guide"),
     ("guide", {"model": BASE["model"], "guidance": {**GUIDANCE, "similarity": "toy_rv",

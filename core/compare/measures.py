@@ -123,13 +123,16 @@ def measure_names() -> list[str]:
     return sorted(MEASURES.names() + SIMILARITIES.names())
 
 
-def get_measure(name: str) -> Measure:
-    """The compare measure called ``name``, or the similarity measure of that name computed on full data; a
-    UserError naming the nearest known names otherwise."""
+def get_measure(name: str, options: Optional[dict[str, Any]] = None) -> Measure:
+    """The compare measure called ``name``, or the similarity measure of that name computed on full data with its
+    ``options`` (a measure function of your own: its keyword-only parameters); a UserError naming the nearest known
+    names, or the valid options, otherwise."""
     if name in MEASURES and isinstance(MEASURES.get(name).build, Measure):
+        if options:
+            raise UserError(f"measure {name} takes no options (they are for similarity measures of your own)")
         return MEASURES.get(name).build
     if name in SIMILARITIES or ":" in name:  # an import path: a similarity function (its import error, if any)
-        return Measure.of(get_similarity(name))
+        return Measure.of(get_similarity(name, options))
     raise unknown_name("measure", name, measure_names() + list(SIMILARITIES.aliases))
 
 
@@ -458,7 +461,7 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, loader: Iterable[Any]
                    = None, spatial: Spatial = "flatten", device: Optional[torch.device | str] = None,
                    labels: tuple[str, str] = ("model A", "model B"),
                    progress: Optional[Callable[[int], None]] = None, sketch_features: Optional[int] = None,
-                   seed: int = 0) -> Comparison:
+                   seed: int = 0, measure_options: Optional[dict[str, dict[str, Any]]] = None) -> Comparison:
     """Compare every selected layer of ``model_a`` with every selected layer of ``model_b`` on the same inputs.
 
     Args:
@@ -482,6 +485,7 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, loader: Iterable[Any]
             to this many features by a fixed Gaussian random matrix before its Gram matrix (``Sketch``).
         seed: the sketch's projections are drawn from it (the compare stage passes its run seed: a replay draws
             the same ones).
+        measure_options: ``{measure: {option: value}}`` for similarity measures of your own that take options.
 
     Returns:
         A ``Comparison``: rows (layer_a, layer_b, measure, value, n), ``matrix(measure)``, ``heatmap(measure)``.
@@ -492,7 +496,10 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, loader: Iterable[Any]
         asked of a measure that cannot use it.
     """
     measures = list(dict.fromkeys(measures))
-    chosen = {name: get_measure(name) for name in measures}
+    options = dict(measure_options or {})
+    if stray := sorted(set(options) - set(measures)):
+        raise UserError(f"measure_options names {', '.join(stray)}, which measures does not list")
+    chosen = {name: get_measure(name, options.get(name)) for name in measures}
     if full_samples < 2:
         raise UserError(f"full_samples must be at least 2, got {full_samples}")
     if sketch_features is not None:

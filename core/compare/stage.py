@@ -56,6 +56,9 @@ class CompareSection(Section):
                                                                        "average over positions first")
     sketch_features: Optional[int] = Field(None, ge=1, description="approximate mode (cka_minibatch): project each "
                                            "wider layer to this many features (random, from the run seed) first")
+    measure_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="options of similarity measures, by name (a measure of your own: its "
+                                          "keyword-only parameters)")
 
     @field_validator("measures")
     @classmethod
@@ -66,6 +69,17 @@ class CompareSection(Section):
             except UserError as err:
                 raise ValueError(str(err)) from None
         return list(dict.fromkeys(names))
+
+    @model_validator(mode="after")
+    def _options_of_listed_measures(self) -> "CompareSection":
+        if stray := sorted(set(self.measure_options) - set(self.measures)):
+            raise ValueError(f"measure_options names {', '.join(stray)}, which measures does not list")
+        for name, options in self.measure_options.items():
+            try:
+                get_measure(name, options)
+            except UserError as err:
+                raise ValueError(str(err)) from None
+        return self
 
     @model_validator(mode="after")
     def _sketch_fits_measures(self) -> "CompareSection":
@@ -151,7 +165,8 @@ def main(ctx: Context) -> dict[str, Any]:
                             layers_a=spec.layers_a, layers_b=spec.layers_b or spec.layers_a, measures=spec.measures,
                             full_samples=spec.full_samples, max_samples=spec.max_samples, spatial=spec.spatial,
                             device=ctx.device, labels=(model_a.label, model_b.label),
-                            sketch_features=spec.sketch_features, seed=derive_seed(ctx.seed, "sketch"))
+                            sketch_features=spec.sketch_features, seed=derive_seed(ctx.seed, "sketch"),
+                            measure_options=spec.measure_options)
     matrices = {m: result.matrix(m).tolist() for m in result.measures}
     if ctx.run.writes:
         atomic_write_text(ctx.run.path / "similarity.csv", result.to_csv())
