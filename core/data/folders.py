@@ -201,9 +201,10 @@ class _Decoded:
 
 
 def _stacked(images: list[np.ndarray]) -> torch.Tensor:
-    """A worker's batch as one tensor: it reaches the main process through shared memory (a NumPy array would be
-    pickled through a pipe, 38 MB a batch at 224 px)."""
-    return torch.from_numpy(np.stack(images))
+    """A worker's batch as one contiguous (N, 3, R, R) tensor: the channel move happens in the workers, side by
+    side, and the batch reaches the main process through shared memory (a NumPy array would be pickled through a
+    pipe, 38 MB a batch at 224 px), which then only copies it into place."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
 def load_images(paths: list[Path], resolution: int, workers: int = 0) -> torch.Tensor:
@@ -217,7 +218,7 @@ def load_images(paths: list[Path], resolution: int, workers: int = 0) -> torch.T
                         generator=torch.Generator())  # leaves torch's global generator alone (see check_images)
     start = 0
     for chunk in _one_line_errors(iter(chunks)):
-        out[start:start + len(chunk)] = chunk.permute(0, 3, 1, 2)
+        out[start:start + len(chunk)] = chunk
         start += len(chunk)
     return out
 
