@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .files import atomic_save
+from .registry import label_of
 from .run import read_metrics, sub_runs
 
 
@@ -36,13 +37,8 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-# Words for the names a figure shows: condition names, and the prefixes / suffixes of metric keys.
-CONDITION_WORDS = {
-    "subnet": "subnetwork (frozen)", "subnet_trainable": "subnetwork (trainable)", "full_model": "whole base model",
-    "random_init": "random initialisation", "sampled_subnet": "random subnetwork, same size",
-    "sampled_complement": "random weights outside the subnetwork", "unguided": "no guidance",
-    "guided_untrained": "guided by an untrained guide", "guided_trained": "guided by a trained guide",
-}
+# Words for the prefixes / suffixes of metric keys (a registered entry's name, such as a condition, gives its own:
+# ``register(label=...)``).
 _SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test", "textured": "textured",
                 "shape_only": "shape-only", "cue_conflict": "cue-conflict",
                 "cue_conflict_texture": "cue-conflict (scored by texture)"}
@@ -52,10 +48,10 @@ DPI = 150
 
 
 def describe(key: str) -> str:
-    """A metric key or condition name in words: ``val_acc`` -> "validation accuracy", ``subnet`` -> "subnetwork
-    (frozen)"; unknown names come back with spaces for underscores."""
-    if key in CONDITION_WORDS:
-        return CONDITION_WORDS[key]
+    """A metric key or registered name in words: ``val_acc`` -> "validation accuracy", ``subnet`` -> "subnetwork
+    (frozen)" (the ``label`` its registration gives); unknown names come back with spaces for underscores."""
+    if (label := label_of(key)) is not None:
+        return label
     if key in _METRIC_WORDS:
         return _METRIC_WORDS[key]
     for split, words in sorted(_SPLIT_WORDS.items(), key=lambda item: -len(item[0])):

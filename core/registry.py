@@ -42,6 +42,7 @@ class Entry:
     params: type[BaseModel]
     doc: str
     check: Optional[Callable[..., None]] = None  # the entry's own input checks, without building (see check)
+    label: Optional[str] = None  # the entry's name in words, for figures (``register(label=...)``)
 
 
 class OptionsOf:
@@ -57,6 +58,16 @@ class OptionsOf:
             return None
         wrapped = getattr(obj, self.field)
         return inspect.signature(wrapped, eval_str=True) if callable(wrapped) else inspect.Signature()
+
+
+_REGISTRIES: list["Registry"] = []  # every registry made, for label_of
+
+
+def label_of(name: str) -> Optional[str]:
+    """The words a registered entry called ``name`` gave for figures (``register(label=...)``), in any registry
+    whose module is imported; None when none did."""
+    return next((r._entries[name].label for r in _REGISTRIES if name in r._entries and r._entries[name].label),
+                None)
 
 
 class Registry:
@@ -90,16 +101,18 @@ class Registry:
         self.aliases = dict(aliases or {})
         self._entries: dict[str, Entry] = {}
         self._prefixes: dict[str, Entry] = {}
+        _REGISTRIES.append(self)
 
     def register(self, name: str, *, prefix: bool = False, doc: Optional[str] = None,
-                 check: Optional[Callable[..., None]] = None):
+                 check: Optional[Callable[..., None]] = None, label: Optional[str] = None):
         """Decorator. With ``prefix=True`` the entry serves every name ``name:<rest>`` (timm:resnet18); ``doc``
         replaces the object's docstring as its help text. ``check`` takes the builder's keyword arguments and
         raises a UserError for what the build would fail on (a missing folder, an unknown library model, a weights
-        file of another architecture) at a fraction of its cost."""
+        file of another architecture) at a fraction of its cost. ``label``: the name in words, as figures show it
+        (``label_of``; default: the name with spaces)."""
 
         def wrap(fn):
-            entry = Entry(name, fn, _params_model(name, fn), doc or _help_of(fn), check)
+            entry = Entry(name, fn, _params_model(name, fn), doc or _help_of(fn), check, label)
             (self._prefixes if prefix else self._entries)[name] = entry
             return fn
 

@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 from .files import make_directory, read_json
 from .plots import describe, format_table, plot_lines, plot_points, plot_runs
+from .registry import import_builtins
 from .run import has_state, read_metrics, sub_runs
 
 KEY_METRICS = ("test_acc", "val_acc", "textured_acc", "shape_only_acc", "shape_bias")
@@ -272,6 +273,7 @@ def sweep_report(root: Path, metrics: list[str], x: Optional[str]) -> int:
     _write_csv(out / "groups.csv", aggregate(rows, keys, numeric))
     x = x or next((k for k in ("n_disambiguation", *keys) if k in keys and
                    all(isinstance(r.get(k), (int, float)) for r in rows if r.get("state") == "finished")), None)
+    import_builtins()  # every system's entries registered: condition names are shown in their words
     for metric in chosen:
         written = plot_sweep(out / f"{metric.replace('/', '_')}_vs_{x or 'condition'}.png", rows, keys, metric, x)
         if written:
@@ -331,6 +333,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.plot:
         from .errors import UserError
 
+        import_builtins()  # every system's entries registered: condition names are shown in their words
         try:
             make_directory(args.plot_dir)
         except UserError as err:

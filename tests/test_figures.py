@@ -28,10 +28,16 @@ def test_y_axes_do_not_exaggerate_tiny_differences(values, fraction, expected):
 
 
 def test_names_are_shown_in_words():
+    from instill.registry import Registry, import_builtins
+
+    import_builtins()  # as a stage (its own system) or the report tool (every system) has
     assert describe("val_acc") == "validation accuracy"
     assert describe("shape_only_acc") == "shape-only accuracy"
-    assert describe("sampled_subnet") == "random subnetwork, same size"
+    assert describe("sampled_subnet") == "random subnetwork, same size"  # the words its registration gives
     assert describe("guided_untrained") == "guided by an untrained guide"
+    assert describe("my_condition") == "my condition"
+    Registry("toy condition").register("my_condition", label="mine, in words")(lambda ctx: None)
+    assert describe("my_condition") == "mine, in words"  # a condition of your own, the same way
 
 
 def test_a_sweep_plots_each_condition_not_its_summary_rows(workdir, capsys):

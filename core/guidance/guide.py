@@ -101,14 +101,14 @@ def _fresh_guide(ctx: GuideContext) -> torch.nn.Module:
         return MODELS.build(ctx.cfg.guidance.guide.name, ctx.info, ctx.cfg.guidance.guide.params)
 
 
-for _name, _condition, _doc in (
-    ("unguided", GuideCondition(), "the task loss alone"),
+for _name, _condition, _doc, _label in (
+    ("unguided", GuideCondition(), "the task loss alone", "no guidance"),
     ("guided_untrained", GuideCondition(_fresh_guide, needs=("guide",)),
-     "task loss + alignment to a randomly initialised guide built from guidance.guide"),
+     "task loss + alignment to a randomly initialised guide built from guidance.guide", "guided by an untrained guide"),
     ("guided_trained", GuideCondition(_trained_guide, needs=("guide_run",)),
-     "task loss + alignment to the trained guide of guidance.guide_run"),
+     "task loss + alignment to the trained guide of guidance.guide_run", "guided by a trained guide"),
 ):
-    GUIDE_CONDITIONS.register(_name, doc=_doc)(_condition)
+    GUIDE_CONDITIONS.register(_name, doc=_doc, label=_label)(_condition)
 
 
 class ExplicitPair(BaseModel):

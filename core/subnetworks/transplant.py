@@ -545,15 +545,16 @@ def _sampled(kind: str):
     return kept
 
 
-for _name, _condition in (
-    ("subnet", Condition(_the_subnetwork)),
-    ("subnet_trainable", Condition(_the_subnetwork, freezes=False)),
-    ("full_model", Condition(whole="base")),
-    ("random_init", Condition(whole="fresh")),
-    ("sampled_subnet", Condition(_sampled("subnet"))),
-    ("sampled_complement", Condition(_sampled("complement"), check=_check_fits_outside)),
+for _name, _condition, _label in (
+    ("subnet", Condition(_the_subnetwork), "subnetwork (frozen)"),
+    ("subnet_trainable", Condition(_the_subnetwork, freezes=False), "subnetwork (trainable)"),
+    ("full_model", Condition(whole="base"), "whole base model"),
+    ("random_init", Condition(whole="fresh"), "random initialisation"),
+    ("sampled_subnet", Condition(_sampled("subnet")), "random subnetwork, same size"),
+    ("sampled_complement", Condition(_sampled("complement"), check=_check_fits_outside),
+     "random weights outside the subnetwork"),
 ):
-    CONDITIONS.register(_name, doc=_table_help()[_name])(_condition)
+    CONDITIONS.register(_name, doc=_table_help()[_name], label=_label)(_condition)
 
 
 def _batch_norms(model: nn.Module) -> dict[str, nn.Module]:
