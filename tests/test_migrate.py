@@ -242,6 +242,24 @@ def test_validate_checks_an_hf_checkpoint_import_and_writes_nothing(workdir, cap
     assert not Path("checkpoints").exists()
 
 
+def test_validate_without_room_for_its_scratch_folder_is_one_line(workdir, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    hf_checkpoint(workdir / "checkpoint-17000")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", full_disk)
+    path = ORIGINALS / "math/checkpoints/2layers_val/subnet_1e-7/configs.yaml"
+    assert run_cli("ablate", str(path), *SHRINK_DATA, "--set", "base=checkpoint-17000", "--validate") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: --validate: cannot make a temporary folder to check an import in (No space left on "
+                       "device)")
+    assert not Path("checkpoints").exists()
+
+
 def test_math_transfer_with_a_neurosurgeon_mask_on_a_bin_checkpoint(workdir, capsys):
     model = hf_checkpoint(workdir / "base_bin", safetensors=False)
     neurosurgeon_state(model, workdir / "best_circuit_model.pt")

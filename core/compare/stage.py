@@ -78,7 +78,7 @@ class CompareSection(Section):
             try:
                 get_measure(name, options)
             except UserError as err:
-                raise ValueError(str(err)) from None
+                raise ValueError(f"measure_options: {err}") from None
         return self
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ wraps them.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import tempfile
 import threading
@@ -198,17 +199,25 @@ class UpstreamPending(Exception):
         self.notes = notes  # what the upstream config's own validation could not check
 
 
-_scratch: Optional[Path] = None  # set while ``validate`` runs
+_validating = False
+_scratch: Optional[Path] = None  # made on first use while ``validate`` runs, removed when it ends
 
 
 def validating() -> bool:
     """Whether ``validate`` is running: upstream runs are then checked, never produced."""
-    return _scratch is not None
+    return _validating
 
 
 def validation_scratch() -> Optional[Path]:
     """Under ``validate``, a temporary folder removed when validation ends (None otherwise): what a run would write
     before it starts (an imported checkpoint) is made there, so validation checks it and leaves no file behind."""
+    global _scratch
+    if _validating and _scratch is None:
+        try:
+            _scratch = Path(tempfile.mkdtemp(prefix="instill-validate-"))
+        except OSError as err:
+            raise UserError(f"--validate: cannot make a temporary folder to check an import in ({err.strerror})"
+                            ) from None
     return _scratch
 
 
@@ -216,14 +225,12 @@ def validate(cfg: RunConfig) -> list[str]:
     """``--validate``: every check a run makes before its run directory exists, without training anything (an
     upstream run that is missing has its own config validated instead). Returns notes on what could not be
     checked; raises a UserError for the first problem."""
-    global _scratch
+    global _validating, _scratch
     check_inputs(cfg)
     prepare = get_stage(cfg.stage).prepare
     if prepare is None:
         return []
-    before = _scratch
-    scratch = None if before is not None else tempfile.TemporaryDirectory(prefix="instill-validate-")
-    _scratch = before or Path(scratch.name)
+    before, _validating = _validating, True
     try:
         seed = cfg.reproducibility.random_seed or 0  # prepare builds data with it: any seed checks them
         checked = cfg.model_copy(deep=True)  # prepare resolves upstream paths into its config: not into the caller's
@@ -232,9 +239,10 @@ def validate(cfg: RunConfig) -> list[str]:
     except UpstreamPending as pending:
         return [*pending.notes, str(pending)]
     finally:
-        _scratch = before
-        if scratch is not None:
-            scratch.cleanup()
+        _validating = before
+        if not before and _scratch is not None:  # the outermost validation ends
+            shutil.rmtree(_scratch, ignore_errors=True)
+            _scratch = None
     return []
 
 
