@@ -477,8 +477,17 @@ def reduction_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list
             env = env.get(part) if isinstance(env, dict) else None
         return env
 
+    if not recorded or not now:
+        return []
     return [f"{key} {value(recorded, key)!r} -> {value(now, key)!r}" for key in REDUCTION_SETTINGS
             if value(recorded, key) != value(now, key) and value(recorded, key) is not None]
+
+
+def code_change(recorded: dict[str, Any], now: dict[str, Any]) -> Optional[str]:
+    """``instill commit A -> B`` when two env.json records name different commits (both recorded), else None: a
+    replay that differs under equal settings is then explained by a change of the code."""
+    before, after = recorded.get("git_commit"), now.get("git_commit")
+    return f"instill commit {before[:7]} -> {after[:7]}" if before and after and before != after else None
 
 
 def _outside_code() -> dict[str, Any]:
@@ -696,9 +705,10 @@ class Run:
         if not self.writes:
             return
         if self.replay_of is not None:
-            differences = self.replay_differences()
+            recorded, now = self._env_records()
+            differences = reduction_differences(recorded, now)
             replay = {**compare_runs(self.replay_of, self.path), "settings_differ": differences}
-            code = replay["code_changed"] = self.code_change() if not replay["matches"] else None
+            code = replay["code_changed"] = code_change(recorded, now) if not replay["matches"] else None
             self.write_json("replay.json", replay)
             verdict = "matches the original exactly" if replay["matches"] else "DIFFERS from the original"
             why = (f"; not expected to match bit for bit: recorded settings differ: {'; '.join(differences)}"
@@ -714,19 +724,11 @@ class Run:
     def replay_differences(self) -> list[str]:
         """On a replay: the recorded settings that change float reduction order (REDUCTION_SETTINGS) and differ
         between the original's env.json and this run's; empty when they all agree (or this is no replay)."""
-        if self.replay_of is None:
-            return []
-        recorded, now = read_json(self.replay_of / "env.json"), read_json(self.path / "env.json")
-        return reduction_differences(recorded, now) if recorded and now else []
+        return reduction_differences(*self._env_records()) if self.replay_of is not None else []
 
-    def code_change(self) -> Optional[str]:
-        """On a replay: ``instill commit A -> B`` when the original ran other code than this run (both recorded),
-        else None. A replay that differs with equal settings is then explained by a change of the code."""
-        recorded, now = read_json(self.replay_of / "env.json") or {}, read_json(self.path / "env.json") or {}
-        before, after = recorded.get("git_commit"), now.get("git_commit")
-        if before and after and before != after:
-            return f"instill commit {before[:7]} -> {after[:7]}"
-        return None
+    def _env_records(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The original's env.json and this replay's ({} for one that is missing or unreadable)."""
+        return read_json(self.replay_of / "env.json") or {}, read_json(self.path / "env.json") or {}
 
     def discard_if_empty(self) -> bool:
         """Remove the directory this process claimed when it holds no saved work yet (a failed start); True if so."""

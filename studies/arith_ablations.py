@@ -20,41 +20,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from arith_seeds import run_stage  # the same stage runner: one thread, skipped when finished, a log per stage
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "checkpoints" / "ablations"
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 MODES = ["full_model", "subnetwork", "zero_ablate", "random_ablate", "randomly_sampled", "complement_sampled"]
 SETS = ["subtask", "base_task"]
-
-
-def run_stage(script: str, config: str, out: Path, *overrides: str) -> None:
-    if (out / "summary.json").is_file():
-        return
-    cmd = [sys.executable, script, config, "--out", str(out), "--set", "train.threads=1", "--set",
-           "train.progress=false"]
-    for item in overrides:
-        cmd += ["--set", item]
-    start = time.time()
-    with open(out.parent / f"{out.name}.log", "w") as log:
-        code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ONE_THREAD})
-    print(f"  {out}: exit {code} in {time.time() - start:.0f} s", flush=True)
-    if code != 0:
-        raise SystemExit(f"{out} failed; see {out.parent / (out.name + '.log')}")
 
 
 def run(args: argparse.Namespace) -> None:
     for k in range(args.start, args.seeds + 1):
         seed_dir = STUDY / f"s{k}"
         seed_dir.mkdir(parents=True, exist_ok=True)
-        run_stage("math/base.py", "configs/math_2l_base.yaml", seed_dir / "base")
-        run_stage("math/ablate.py", "configs/math_2l_ablate.yaml", seed_dir / "ablate", f"base={seed_dir / 'base'}")
+        run_stage("base", seed_dir / "base", [])
+        run_stage("ablate", seed_dir / "ablate", [f"base={seed_dir / 'base'}"])
 
 
 def seed_rows() -> list[dict]:

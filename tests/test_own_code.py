@@ -37,20 +37,8 @@ def build_wide(info, *, width: int = 32):
     return TinyNet(info.input_shape, info.num_classes, hidden=width)
 '''
 
-DATA = '''
-import torch
-from instill.data import DataBundle, Split
-
-
-def blobs(ctx, *, n: int = 240, classes: int = 3):
-    """Gaussian blobs, one per class."""
-    g = torch.Generator().manual_seed(ctx.seed % 2**31)
-    y = torch.arange(n) % classes
-    x = torch.randn(n, 5, generator=g) + 3 * torch.nn.functional.one_hot(y, 5).float()
-    cut = [int(n * 0.6), int(n * 0.8)]
-    parts = [Split(x[a:b], y[a:b]) for a, b in zip([0, *cut], [*cut, n])]
-    return DataBundle(*parts, info={"input_shape": (5,), "num_classes": classes})
-'''
+# the blobs dataset of the plug-in fixture package (tests/test_plugins.py), installed here under another name
+DATA = (Path(__file__).resolve().parent / "fixtures" / "user_plugins" / "instill_toys" / "data.py").read_text()
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import instill
 from instill.cli import list_entries
+from instill.compare.measures import MEASURES
 from instill.compare.similarity import SIMILARITIES
 from instill.data import DataContext
 from instill.models import load_model
@@ -32,8 +33,8 @@ from instill.subnetworks.masks import MASK_METHODS
 from tests.conftest import run_cli
 
 PLUGINS = Path(__file__).resolve().parent / "fixtures" / "user_plugins"
-REGISTRIES = (SIMILARITIES, MASK_METHODS, RULES, TARGETS, INITS, CONDITIONS, GUIDE_CONDITIONS, DATASETS, MODELS,
-              STAGES)
+REGISTRIES = (SIMILARITIES, MEASURES, MASK_METHODS, RULES, TARGETS, INITS, CONDITIONS, GUIDE_CONDITIONS, DATASETS,
+              MODELS, STAGES)
 BASE = {"data": {"name": "toy_blobs", "n": 240}, "model": {"name": "toy_mlp", "hidden": 16},
         "reproducibility": {"reproduce": True, "random_seed": 7},
         "train": {"epochs": 3, "batch_size": 32, "threads": 1, "progress": False,

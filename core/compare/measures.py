@@ -136,6 +136,14 @@ def get_measure(name: str, options: Optional[dict[str, Any]] = None) -> Measure:
     raise unknown_name("measure", name, measure_names() + list(SIMILARITIES.aliases))
 
 
+def chosen_measures(measures: Sequence[str], options: dict[str, dict[str, Any]]) -> dict[str, Measure]:
+    """Each listed measure with its options; a UserError for an unknown measure or option, or options of a measure
+    the list does not name."""
+    if stray := sorted(set(options) - set(measures)):
+        raise UserError(f"measure_options names {', '.join(stray)}, which measures does not list")
+    return {name: get_measure(name, options.get(name)) for name in measures}
+
+
 # ----------------------------------------------------------------------------------------------------- result
 
 @dataclass
@@ -496,10 +504,7 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, loader: Iterable[Any]
         asked of a measure that cannot use it.
     """
     measures = list(dict.fromkeys(measures))
-    options = dict(measure_options or {})
-    if stray := sorted(set(options) - set(measures)):
-        raise UserError(f"measure_options names {', '.join(stray)}, which measures does not list")
-    chosen = {name: get_measure(name, options.get(name)) for name in measures}
+    chosen = chosen_measures(measures, measure_options or {})
     if full_samples < 2:
         raise UserError(f"full_samples must be at least 2, got {full_samples}")
     if sketch_features is not None:

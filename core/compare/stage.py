@@ -25,8 +25,8 @@ from typing import Any, Literal, Optional
 from pydantic import Field, conlist, field_validator, model_validator
 
 from ..dataset_info import DatasetInfo
-from .measures import (UNBIASED_MIN_BATCH, Spatial, check_sample_counts, check_sketchable, compare_models,
-                       get_measure)
+from .measures import (UNBIASED_MIN_BATCH, Spatial, check_sample_counts, check_sketchable, chosen_measures,
+                       compare_models, get_measure)
 from ..config import RunConfig, Section
 from ..data import BatchLoader
 from ..errors import UserError, under_key
@@ -72,13 +72,12 @@ class CompareSection(Section):
 
     @model_validator(mode="after")
     def _options_of_listed_measures(self) -> "CompareSection":
-        if stray := sorted(set(self.measure_options) - set(self.measures)):
-            raise ValueError(f"measure_options names {', '.join(stray)}, which measures does not list")
-        for name, options in self.measure_options.items():
-            try:
-                get_measure(name, options)
-            except UserError as err:
-                raise ValueError(f"measure_options: {err}") from None
+        try:
+            chosen_measures(self.measures, self.measure_options)
+        except UserError as err:
+            message = str(err)
+            raise ValueError(message if message.startswith("measure_options") else f"measure_options: {message}"
+                             ) from None
         return self
 
     @model_validator(mode="after")
