@@ -242,6 +242,56 @@ def test_validate_checks_an_hf_checkpoint_import_and_writes_nothing(workdir, cap
     assert not Path("checkpoints").exists()
 
 
+def test_an_import_killed_part_way_then_launched_twice_at_once_is_made_once(workdir):
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    from instill.migrate import imports
+
+    model = hf_checkpoint(workdir / "checkpoint-17000")
+    forked = multiprocessing.get_context("fork")
+    imported = Path("checkpoints/imported")
+
+    def killed_part_way():
+        def half_written(tmp, *args):
+            (tmp / "model.safetensors").write_bytes(b"half")
+            time.sleep(60)
+
+        imports._write_gpt2_run = half_written  # in the child only
+        imports.import_hf_checkpoint("checkpoint-17000")
+
+    child = forked.Process(target=killed_part_way)
+    child.start()
+    deadline = time.time() + 30
+    while not any(p.is_dir() for p in imported.glob(".checkpoint-17000-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    assert not any(is_finished(p) for p in imported.iterdir())  # nothing half-made passes for an import
+
+    start, results = forked.Barrier(2), forked.Queue()
+
+    def launch():
+        start.wait()
+        results.put(imports.import_hf_checkpoint("checkpoint-17000"))
+
+    launches = [forked.Process(target=launch) for _ in range(2)]
+    for launch_ in launches:
+        launch_.start()
+    for launch_ in launches:
+        launch_.join(120)
+    assert [launch_.exitcode for launch_ in launches] == [0, 0]
+    made = {results.get(timeout=5), results.get(timeout=5)}
+    assert len(made) == 1 and is_finished(made := Path(made.pop()))
+    assert list(imported.iterdir()) == [made]  # the killed copy and every lock gone
+    from instill.models import load_model
+
+    loaded = load_model(made).model
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
 def test_validate_without_room_for_its_scratch_folder_is_one_line(workdir, capsys, monkeypatch):
     import errno
     import tempfile

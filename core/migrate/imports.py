@@ -47,26 +47,32 @@ def _digest(*paths: Path) -> str:
 
 def _made_once(target: Path, make) -> str:
     """``target`` made by ``make(tmp_dir)`` in a temporary sibling and renamed into place (never half-written);
-    an existing ``target`` is reused. Under ``--validate`` a missing ``target`` is made in the validation's scratch
-    folder instead: the import is checked and nothing is written under checkpoints/."""
+    an existing ``target`` is reused. One process at a time makes it (two launches importing the same files: the
+    second waits and reuses it), and the one that makes it first removes what a killed maker left. Under
+    ``--validate`` a missing ``target`` is made in the validation's scratch folder instead: the import is checked
+    and nothing is written under checkpoints/."""
     from ..run import is_finished
     from ..stages.runner import validation_scratch
+    from ..stages.upstream import producer_lock
 
     if is_finished(target):
         return str(target)
     scratch = validation_scratch()
     if scratch is not None:
         target = scratch / target.name
-        if is_finished(target):
+    with producer_lock(str(target)):
+        if is_finished(target):  # made meanwhile by the launch we waited for
             return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        make(tmp)
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for stale in target.parent.glob(f".{target.name}.*"):  # a killed maker's half-made copy (not our lock)
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            make(tmp)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     if scratch is None:
         print(f"imported into {target}", flush=True)
     return str(target)

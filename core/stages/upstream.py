@@ -42,9 +42,10 @@ def upstream_runs_in(placement: Optional[UpstreamPlacement]):
 
 
 @contextmanager
-def _upstream_lock(output_dir: str):
-    """One process at a time produces an upstream run (parallel sweep points may name the same one). Under
-    torchrun the ranks produce it together, so they take no lock."""
+def producer_lock(output_dir: str):
+    """One process at a time produces ``output_dir`` (an upstream run that parallel sweep points may name, an
+    import of another code base's files); the others wait, then find it made. Under torchrun the ranks produce it
+    together, so they take no lock."""
     if dist.world_size() > 1:
         yield
         return
@@ -110,7 +111,7 @@ def resolve_upstream(ref: str, stage: str, key: str, mask_base: Optional[str] = 
         return cfg.output_dir
     if validating():  # --validate: check the upstream config (and its own upstream), train nothing
         raise UpstreamPending(key, str(path), cfg.output_dir, validate(cfg))
-    with _upstream_lock(cfg.output_dir):
+    with producer_lock(cfg.output_dir):
         return _produce_upstream(cfg, path, key)
 
 
