@@ -66,7 +66,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .config import read_yaml
 from .errors import UserError, exit_code_of
 from .registry import describe_error, import_builtins
-from .files import atomic_write_json, first_missing, make_directory, read_json, write_error
+from .files import atomic_write_json, first_missing, make_directory, read_json, remove_quietly, write_error
 from .run import RunLock, has_state, is_finished, lock_owner, time_left
 
 SEED_KEY = "reproducibility.random_seed"
@@ -322,7 +322,7 @@ def prepare_spec(spec: SweepSpec, source: str, sweep_dir: Path, executor: Option
         point_config(point, sweep_dir / point["name"], source)
     kind = choose_executor(executor or spec.executor.kind, source)
     old = read_json(sweep_dir / "sweep.json")
-    if sweep_dir.exists() and old is None and any(p.name != SWEEP_LOCK for p in sweep_dir.iterdir()):
+    if sweep_dir.exists() and old is None and not all(_own_debris(p) for p in sweep_dir.iterdir()):
         raise UserError(f"{source}: {sweep_dir} exists and is not a sweep directory (no sweep.json): choose "
                         "another --out")
     recorded = []
@@ -569,9 +569,17 @@ def _without_queued_slurm_jobs(sweep: Sweep, todo: list[str], done) -> list[str]
     return [n for n in todo if n not in queued]
 
 
+def _own_debris(path: Path) -> bool:
+    """What a sweep killed before its sweep.json existed leaves: its lock file, a half-written sweep.json."""
+    return path.name == SWEEP_LOCK or (path.name.startswith(".sweep.json.") and path.name.endswith(".tmp"))
+
+
 def write_record(sweep: Sweep) -> None:
-    """Create the sweep directory with its ``sweep.json`` (the grid and the points)."""
+    """Create the sweep directory with its ``sweep.json`` (the grid and the points); a half-written sweep.json of
+    a sweep killed while writing it goes (this process holds the sweep's lock)."""
     make_directory(sweep.path)
+    for stale in sweep.path.glob(".sweep.json.*.tmp"):
+        remove_quietly(str(stale))
     atomic_write_json(sweep.path / "sweep.json", sweep.record)
 
 

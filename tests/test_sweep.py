@@ -264,6 +264,21 @@ def test_a_sweep_directory_of_another_grid_is_refused(workdir, capsys):
         seeds_sweep(seeds=(1,))
 
 
+def test_a_sweep_killed_while_writing_its_record_runs_again(workdir, capsys):
+    seeds_sweep(seeds=(1,))
+    killed = Path("checkpoints/s")
+    killed.mkdir(parents=True)
+    (killed / ".instill-sweep").write_text("")  # its lock file, free: the process died
+    (killed / ".sweep.json.k1l2.tmp").write_text('{"sour')  # its sweep.json, half written
+    assert sweep_main(["s.yaml"]) == 0
+    assert json.loads((killed / "sweep.json").read_text())["points"]
+    assert not list(killed.glob(".sweep.json.*.tmp"))
+    Path("checkpoints/t").mkdir()
+    (Path("checkpoints/t") / "notes.txt").write_text("mine")  # a folder of someone else's stays refused
+    assert sweep_main(["s.yaml", "--out", "checkpoints/t"]) == 2
+    assert "is not a sweep directory" in capsys.readouterr().err
+
+
 def test_explicit_points_may_be_added_to_a_sweep(workdir, capsys):
     seeds_sweep(seeds=(1,), extra="points: [{name: a, train.optimizer.lr: 0.01}]")
     assert sweep_main(["s.yaml"]) == 0
