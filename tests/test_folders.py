@@ -355,6 +355,7 @@ def test_an_in_memory_folder_decodes_each_image_once_as_batches_need_it_then_cac
                   workers=workers)
     first = build_image_folder(DataContext(3, str(cache)), **kwargs)
     assert isinstance(first.train, FillingSplit) and not first.train.store.filled.any()  # nothing decoded yet
+    probe = first.train.head(3)  # a probe batch: the first epoch's batches holding these rows are partly read
     epochs = []
     for epoch in range(2):
         loader = BatchLoader(first.train, 5, shuffle=True, seed=1)
@@ -373,6 +374,7 @@ def test_an_in_memory_folder_decodes_each_image_once_as_batches_need_it_then_cac
         loader.set_epoch(epoch)
         for (x, y), (x2, y2) in zip(seen, loader, strict=True):
             assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert torch.equal(probe, again.train.head(3))
     for split, seen in zip((again.val, again.test), held_out):
         assert all(torch.equal(a[0], b[0]) for a, b in zip(seen, batches(split, 4), strict=True))
     from safetensors.torch import load_file

@@ -110,23 +110,26 @@ class FillingSplit:
         return stored if self.transform is None else self.transform(stored)
 
     def batches(self, index_batches: list, seed: int = 0):
-        """(inputs, targets) for each list (or int64 tensor) of positions, in order; the rows none has read yet are
-        read by the store's workers, one batch ahead of the consumer."""
+        """(inputs, targets) for each batch of positions (a list, an int64 tensor or a slice), in order; the rows none
+        has read yet are read by the store's workers, which also make a wholly new batch's inputs (the transform runs
+        beside the training process, as a streamed reader's does, not in it)."""
         index_batches = [_positions(index) for index in index_batches]
         missing = [self.store.missing(self.rows[index]) for index in index_batches]
-        made = self.store.read([rows for rows in missing if len(rows)])
+        made = self.store.read([rows for rows in missing if len(rows)], self.transform)
         for index, rows in zip(index_batches, missing):
-            stored = next(made) if len(rows) else None
-            if stored is not None:
+            if len(rows):
+                stored, inputs = next(made)
                 self.store.put(rows, stored)
-            if stored is None or len(rows) < len(self.y[index]):  # a whole new batch is in hand as it is
-                stored = self.store.rows.index_select(0, self.rows[index])
+                if len(rows) == len(self.y[index]):
+                    yield (stored if inputs is None else inputs), self.y[index]
+                    continue
+            stored = self.store.rows.index_select(0, self.rows[index])
             yield (stored if self.transform is None else self.transform(stored)), self.y[index]
 
     def _stored(self, rows: torch.Tensor) -> torch.Tensor:
         missing = self.store.missing(rows)
         if len(missing):
-            self.store.put(missing, next(self.store.read([missing])))
+            self.store.put(missing, next(self.store.read([missing]))[0])
         return self.store.rows.index_select(0, rows)
 
 
@@ -145,14 +148,14 @@ class RowStore:
         """The rows among ``rows`` not made yet."""
         return rows[~self.filled[rows]]
 
-    def read(self, row_lists: list[torch.Tensor]):
-        """One stacked tensor per list of rows, in order, made by the workers."""
+    def read(self, row_lists: list[torch.Tensor], transform: Optional[Callable] = None):
+        """Per list of rows, in order, made by the workers: (the rows stacked, ``transform`` of them or None)."""
         from torch.utils.data import DataLoader
 
         if not row_lists:
             return iter(())
         loader = DataLoader(self.source, batch_sampler=[rows.tolist() for rows in row_lists],
-                            num_workers=self.workers, collate_fn=self.collate,
+                            num_workers=self.workers, collate_fn=_MadeInWorker(self.collate, transform),
                             generator=torch.Generator())  # leaves torch's global generator alone
         return _one_line_errors(iter(loader))
 
@@ -214,6 +217,19 @@ class StreamSplit:
                             worker_init_fn=_seed_worker if self.workers else None,
                             generator=torch.Generator().manual_seed(seed))
         return _one_line_errors(iter(loader))
+
+
+class _MadeInWorker:
+    """A worker's batch: the items stacked (``collate``, default torch's) and ``transform`` of them (or None)."""
+
+    def __init__(self, collate: Optional[Callable], transform: Optional[Callable]):
+        self.collate, self.transform = collate, transform
+
+    def __call__(self, items: list) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        from torch.utils.data import default_collate
+
+        stored = (self.collate or default_collate)(items)
+        return stored, (None if self.transform is None else self.transform(stored))
 
 
 def _positions(index: Any) -> torch.Tensor | slice:

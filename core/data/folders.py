@@ -222,7 +222,7 @@ def load_images(paths: list[Path], resolution: int, workers: int = 0) -> torch.T
     """(N, 3, resolution, resolution) uint8, decoded by ``workers`` processes (0: in this one), in order."""
     store = _pixel_store(paths, resolution, workers)
     chunks = list(torch.arange(len(paths)).split(256))
-    for rows, pixels in zip(chunks, store.read(chunks)):
+    for rows, (pixels, _) in zip(chunks, store.read(chunks)):
         store.put(rows, pixels)
     return store.rows
 
