@@ -349,8 +349,8 @@ def test_an_in_memory_folder_decodes_each_image_once_as_batches_need_it_then_cac
     root, cache = noisy_folder(tmp_path / "data", per_class=8), tmp_path / "cache"
     decoded = []
     if workers == 0:  # decoded in this process: count them
-        load = folders.load_image
-        monkeypatch.setattr(folders, "load_image", lambda path, r: decoded.append(path) or load(path, r))
+        decode = folders.decode_image
+        monkeypatch.setattr(folders, "decode_image", lambda path, r: decoded.append(path) or decode(path, r))
     kwargs = dict(train_dir=str(root), resolution=8, stream=False, val_fraction=0.25, test_fraction=0.25,
                   workers=workers)
     first = build_image_folder(DataContext(3, str(cache)), **kwargs)
@@ -366,7 +366,7 @@ def test_an_in_memory_folder_decodes_each_image_once_as_batches_need_it_then_cac
     held_out = [list(batches(split, 4)) for split in (first.val, first.test)]
     wait_for_writes()
     assert [p.suffix for p in cache.iterdir()] == [".safetensors"]
-    monkeypatch.setattr(folders, "load_image", lambda *a: pytest.fail("decoded again despite the cache"))
+    monkeypatch.setattr(folders, "decode_image", lambda *a: pytest.fail("decoded again despite the cache"))
     again = build_image_folder(DataContext(3, str(cache)), **kwargs)
     assert isinstance(again.train, Split) and again.train.stored.dtype == torch.uint8
     for epoch, seen in enumerate(epochs):  # the very batches of an in-memory split of the cached pixels

@@ -75,8 +75,8 @@ def test_a_streamed_folder_decodes_lazily_and_a_stitch_reads_each_image_a_bounde
     from tests.test_folders import class_folder
 
     decoded = []
-    real = folders.load_image
-    monkeypatch.setattr(folders, "load_image", lambda path, resolution: decoded.append(path) or real(path, resolution))
+    real = folders.decode_image
+    monkeypatch.setattr(folders, "decode_image", lambda path, r: decoded.append(path) or real(path, r))
     root = class_folder(tmp_path / "train", per_class=10)  # 30 images
     data = folders.build_image_folder(DataContext(seed=1), train_dir=str(root), resolution=8, workers=0)
     assert decoded == [] and len(data.train) + len(data.val) + len(data.test) == 30

@@ -12,6 +12,7 @@ Every kind gives its batches through ``batches(index_batches, seed)``, which ``B
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -135,12 +136,12 @@ class FillingSplit:
 
 class RowStore:
     """The rows of a map-style ``source`` (item i: row i, a tensor of ``shape`` and ``dtype``), made on demand by
-    ``workers`` DataLoader processes (``collate`` stacks a batch of items into one tensor) and kept. ``when_full``
+    ``workers`` DataLoader processes and kept. ``when_full``
     receives the whole tensor once every row is in (the data cache writes it); rows never change afterwards."""
 
     def __init__(self, source: Any, shape: tuple[int, ...], dtype: torch.dtype, *, workers: int = 0,
-                 collate: Optional[Callable] = None, when_full: Optional[Callable[[torch.Tensor], None]] = None):
-        self.source, self.workers, self.collate, self.when_full = source, workers, collate, when_full
+                 when_full: Optional[Callable[[torch.Tensor], None]] = None):
+        self.source, self.workers, self.when_full = source, workers, when_full
         self.rows = torch.empty(len(source), *shape, dtype=dtype)  # pages are only touched as rows are filled
         self.filled = torch.zeros(len(source), dtype=torch.bool)
 
@@ -155,12 +156,13 @@ class RowStore:
         if not row_lists:
             return iter(())
         loader = DataLoader(self.source, batch_sampler=[rows.tolist() for rows in row_lists],
-                            num_workers=self.workers, collate_fn=_MadeInWorker(self.collate, transform),
+                            num_workers=self.workers, collate_fn=_MadeInWorker(transform),
                             generator=torch.Generator())  # leaves torch's global generator alone
         return _one_line_errors(iter(loader))
 
     def put(self, rows: torch.Tensor, values: torch.Tensor) -> None:
-        self.rows[rows] = values
+        for row, value in zip(rows.tolist(), values):  # a copy per row: index_put_ took twice as long for images
+            self.rows[row].copy_(value)
         was_full = bool(self.filled.all())
         self.filled[rows] = True
         if not was_full and self.when_full is not None and bool(self.filled.all()):
@@ -220,16 +222,31 @@ class StreamSplit:
 
 
 class _MadeInWorker:
-    """A worker's batch: the items stacked (``collate``, default torch's) and ``transform`` of them (or None)."""
+    """A worker's batch: the items stacked (torch's collate: in a worker, straight into the shared memory that carries
+    the batch over) and ``transform`` of them (or None)."""
 
-    def __init__(self, collate: Optional[Callable], transform: Optional[Callable]):
-        self.collate, self.transform = collate, transform
+    def __init__(self, transform: Optional[Callable]):
+        self.transform = transform
 
     def __call__(self, items: list) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         from torch.utils.data import default_collate
 
-        stored = (self.collate or default_collate)(items)
+        stored = default_collate(items)
         return stored, (None if self.transform is None else self.transform(stored))
+
+
+def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor for a batch; in a DataLoader worker, in shared memory, which then carries it to the training
+    process as it is (torch's collate allocates its batches so). A tensor made in ordinary memory is copied into
+    shared memory when the worker sends it: a float32 batch of 256 images at 224 px took 314 ms made so against 197 ms
+    written in place."""
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def _positions(index: Any) -> torch.Tensor | slice:

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from . import DataBundle, DataContext, DatasetInfo, FillingSplit, RowStore, Split, StreamSplit, seeded_split
+from . import (DataBundle, DataContext, DatasetInfo, FillingSplit, RowStore, Split, StreamSplit, batch_tensor,
+               seeded_split)
 from .cache import cached_tensors, read_cached, write_cached_later
 from .shapes import to_float
 from ..errors import UserError
@@ -125,11 +126,16 @@ def _as_rgb(image):
     if mode in _EIGHT_BIT_MODES:
         return image.convert("RGB")
     raise ValueError(f"pixel mode {mode} has no fixed range to map to 8 bits (save it as 8- or 16-bit greyscale "
-                     f"or RGB)")  # load_image names the file
+                     f"or RGB)")  # decode_image names the file
 
 
 def load_image(path: Path, resolution: int) -> np.ndarray:
-    """(resolution, resolution, 3) uint8: shorter side resized to ``resolution`` (antialiased bicubic), then
+    """(resolution, resolution, 3) uint8: ``decode_image``'s pixels, channels last."""
+    return decode_image(path, resolution).permute(1, 2, 0).numpy()
+
+
+def decode_image(path: Path, resolution: int) -> torch.Tensor:
+    """(3, resolution, resolution) uint8: shorter side resized to ``resolution`` (antialiased bicubic), then
     centre-cropped.
 
     Every mode Pillow opens with a fixed range is decoded to its 8-bit values (see ``_as_rgb``).
@@ -149,10 +155,11 @@ def load_image(path: Path, resolution: int) -> np.ndarray:
     return _resized_and_cropped(pixels, resolution)
 
 
-def _resized_and_cropped(pixels: np.ndarray, resolution: int) -> np.ndarray:
-    """(H, W, 3) uint8 to (resolution, resolution, 3): torch's antialiased bicubic resize of uint8 images (Pillow's
+def _resized_and_cropped(pixels: np.ndarray, resolution: int) -> torch.Tensor:
+    """(H, W, 3) uint8 to (3, resolution, resolution): torch's antialiased bicubic resize of uint8 images (Pillow's
     filter, a = -0.5: values within 1 of Pillow's ``BICUBIC`` when shrinking, 2 when enlarging, and 3.5x faster at
-    256 -> 224 px, where Pillow's resize took twice the JPEG decode's time), then the centre crop."""
+    256 -> 224 px, where Pillow's resize took twice the JPEG decode's time), then the centre crop. Channels first
+    from here on: a move back to channels last cost as much as the resize."""
     height, width = pixels.shape[:2]
     scale = resolution / min(width, height)
     size = (max(resolution, round(height * scale)), max(resolution, round(width * scale)))
@@ -160,7 +167,7 @@ def _resized_and_cropped(pixels: np.ndarray, resolution: int) -> np.ndarray:
     if size != (height, width):
         image = torch.nn.functional.interpolate(image, size=size, mode="bicubic", antialias=True)
     top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    return np.ascontiguousarray(image[0, :, top:top + resolution, left:left + resolution].permute(1, 2, 0).numpy())
+    return image[0, :, top:top + resolution, left:left + resolution].contiguous()
 
 
 def check_images(paths: list[Path], workers: int = 0) -> None:
@@ -199,7 +206,8 @@ class _Headers:
 
 
 class _Decoded:
-    """The listed files as (resolution, resolution, 3) uint8 arrays, for DataLoader workers to decode."""
+    """The listed files as (3, resolution, resolution) uint8 tensors, for DataLoader workers to decode (their batches
+    are stacked by torch's collate straight into the shared memory that carries them to the training process)."""
 
     def __init__(self, paths: list[Path], resolution: int):
         self.paths, self.resolution = paths, resolution
@@ -207,15 +215,8 @@ class _Decoded:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> np.ndarray:
-        return load_image(self.paths[i], self.resolution)
-
-
-def _stacked(images: list[np.ndarray]) -> torch.Tensor:
-    """A worker's batch as one contiguous (N, 3, R, R) tensor: the channel move happens in the workers, side by
-    side, and the batch reaches the main process through shared memory (a NumPy array would be pickled through a
-    pipe, 38 MB a batch at 224 px), which then only copies it into place."""
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return decode_image(self.paths[i], self.resolution)
 
 
 def load_images(paths: list[Path], resolution: int, workers: int = 0) -> torch.Tensor:
@@ -230,7 +231,7 @@ def load_images(paths: list[Path], resolution: int, workers: int = 0) -> torch.T
 def _pixel_store(paths: list[Path], resolution: int, workers: int, when_full=None) -> RowStore:
     """The listed images' uint8 pixels, decoded by ``workers`` processes as rows are asked for."""
     return RowStore(_Decoded(paths, resolution), (3, resolution, resolution), torch.uint8, workers=workers,
-                    collate=_stacked, when_full=when_full)
+                    when_full=when_full)
 
 
 def _listing_key(paths: list[Path], resolution: int) -> dict:
@@ -301,7 +302,15 @@ class _Pixels:
         self.normalize = normalize
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = to_float(x)  # a new tensor: the standardisation below works in place (the same values, no copies)
+        """A batch (N, 3, H, W); made in a DataLoader worker, it is written straight into shared memory."""
+        return self._standardised(batch_tensor(x.shape, torch.float32).copy_(x).div_(255))  # = to_float(x)
+
+    def one(self, image: torch.Tensor) -> torch.Tensor:
+        """One image (3, H, W)."""
+        return self._standardised(to_float(image))
+
+    def _standardised(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` standardised in place (the same values as a new tensor, no copies)."""
         if self.normalize == "imagenet":
             mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
             x.sub_(mean).div_(std)
@@ -322,8 +331,7 @@ class FolderImages:
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[i]
-        image = torch.from_numpy(load_image(path, self.resolution).copy()).permute(2, 0, 1).contiguous()
-        return self.pixels(image[None])[0], label
+        return self.pixels.one(decode_image(path, self.resolution)), label
 
 
 def _split_train(split: Split | FillingSplit | StreamSplit, fractions: tuple[float, float], seed: int,
