@@ -290,9 +290,10 @@ def guided_steps(setup: StepSetup) -> tuple[dict[str, Callable[[], None]], Calla
         with torch.no_grad():
             setup.guide(x)
 
-    def ours() -> None:
+    def ours() -> None:  # as the guide stage's step: the guide first, then the target's forward
+        alignment.run_guide(x)
         value = task_loss(models["ours"], (x, y))[0]
-        align, _ = alignment(x)
+        align, _ = alignment()
         _train_step(optimizers["ours"], value + align)
 
     def original() -> None:
