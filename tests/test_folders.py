@@ -326,3 +326,59 @@ def test_a_mode_without_a_fixed_range_is_refused_by_name(tmp_path, mode):
     Image.fromarray(values, mode).save(tmp_path / "wide.tif")
     message = user_error(folders.load_image, tmp_path / "wide.tif", 8)
     assert "wide.tif" in message and f"pixel mode {mode} has no fixed range" in message
+
+
+def noisy_folder(root: Path, per_class: int) -> Path:
+    """Class folders of random-noise images of varied sizes: every image differs from every other."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name in COLOURS:
+        for i in range(per_class):
+            (root / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (10 + i, 14, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_in_memory_folder_decodes_each_image_once_as_batches_need_it_then_caches_it(tmp_path, monkeypatch,
+                                                                                        workers):
+    from instill.data import BatchLoader, FillingSplit, Split, batches
+    from instill.data.cache import wait_for_writes
+
+    root, cache = noisy_folder(tmp_path / "data", per_class=8), tmp_path / "cache"
+    decoded = []
+    if workers == 0:  # decoded in this process: count them
+        load = folders.load_image
+        monkeypatch.setattr(folders, "load_image", lambda path, r: decoded.append(path) or load(path, r))
+    kwargs = dict(train_dir=str(root), resolution=8, stream=False, val_fraction=0.25, test_fraction=0.25,
+                  workers=workers)
+    first = build_image_folder(DataContext(3, str(cache)), **kwargs)
+    assert isinstance(first.train, FillingSplit) and not first.train.store.filled.any()  # nothing decoded yet
+    probe = first.train.head(3)  # a probe batch: the first epoch's batches holding these rows are partly read
+    epochs = []
+    for epoch in range(2):
+        loader = BatchLoader(first.train, 5, shuffle=True, seed=1)
+        loader.set_epoch(epoch)
+        epochs.append(list(loader))
+    assert workers or len(decoded) == len(first.train) == len(set(decoded))  # each once, in the first epoch
+    assert not cache.exists()  # written once every image is in: val and test are not yet
+    held_out = [list(batches(split, 4)) for split in (first.val, first.test)]
+    wait_for_writes()
+    assert [p.suffix for p in cache.iterdir()] == [".safetensors"]
+    monkeypatch.setattr(folders, "load_image", lambda *a: pytest.fail("decoded again despite the cache"))
+    again = build_image_folder(DataContext(3, str(cache)), **kwargs)
+    assert isinstance(again.train, Split) and again.train.stored.dtype == torch.uint8
+    for epoch, seen in enumerate(epochs):  # the very batches of an in-memory split of the cached pixels
+        loader = BatchLoader(again.train, 5, shuffle=True, seed=1)
+        loader.set_epoch(epoch)
+        for (x, y), (x2, y2) in zip(seen, loader, strict=True):
+            assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert torch.equal(probe, again.train.head(3))
+    for split, seen in zip((again.val, again.test), held_out):
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(seen, batches(split, 4), strict=True))
+    from safetensors.torch import load_file
+
+    monkeypatch.undo()
+    eager, _, _ = load_image_folder(root, 8)  # decoded up front, in listing order: what the cache holds
+    assert torch.equal(load_file(next(cache.iterdir()))["x"], eager)

@@ -472,3 +472,50 @@ def test_ctrl_c_while_a_python_m_tool_imports_prints_one_line(module, workdir):
     run = subprocess.run([sys.executable, "-c", INTERRUPT_WHILE_IMPORTING, module, "checkpoints"], env=python_env(),
                          capture_output=True, text=True, timeout=120)
     assert (run.returncode, run.stderr) == (130, "\ninterrupted\n"), run.stderr
+
+
+def test_a_data_cache_write_killed_part_way_is_cleaned_up_and_two_at_once_make_one_file(workdir):
+    """A writer SIGKILLed mid-write leaves only its temporary file, which the next writer removes (a live writer's
+    is kept); two writers of one key at once leave one file that reads back."""
+    import multiprocessing
+
+    from instill.data import cache
+
+    forked = multiprocessing.get_context("fork")
+    tensors = {"x": torch.arange(100_000, dtype=torch.float32)}
+
+    def killed_part_way():
+        def half_written(_, path):
+            Path(path).write_bytes(b"half")
+            time.sleep(60)
+
+        cache.save_file = half_written  # in the child only
+        cache.write_cached("cache", "test", {"k": 1}, tensors)
+
+    child = forked.Process(target=killed_part_way)
+    child.start()
+    deadline = time.time() + 30
+    while not [p for p in Path("cache").glob("*.tmp") if p.stat().st_size] and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    (left,) = Path("cache").glob("*.tmp")
+    live = Path("cache") / left.name.replace(f".{child.pid}.", f".{os.getpid()}.")
+    live.write_bytes(b"being written")
+    assert cache.read_cached("cache", "test", {"k": 1}) is None  # nothing half-made passes for a cache file
+
+    start = forked.Barrier(2)
+
+    def write():
+        start.wait()
+        cache.write_cached("cache", "test", {"k": 1}, tensors)
+
+    writers = [forked.Process(target=write) for _ in range(2)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+    assert [writer.exitcode for writer in writers] == [0, 0]
+    assert sorted(p.name for p in Path("cache").iterdir()) == sorted([cache.cache_path("cache", "test", {"k": 1}).name,
+                                                                     live.name])
+    assert torch.equal(cache.read_cached("cache", "test", {"k": 1})["x"], tensors["x"])

@@ -5,7 +5,9 @@ permutation, with no worker processes, no per-item Python, and the same order on
 fit are a ``StreamSplit``: a map-style ``torch.utils.data.Dataset`` read by a ``DataLoader`` with worker processes,
 in the very same seeded order of indices, so that a stream is seeded, sharded under DDP and resumable exactly like
 the in-memory path (a resumed epoch starts at its next batch without reading the ones before). Image folders
-stream.
+stream. Between the two, a ``FillingSplit`` reads each row through the workers the first time a batch needs it and
+keeps it in memory: the first epoch streams, the later ones index memory (an image folder with ``stream: false``).
+Every kind gives its batches through ``batches(index_batches, seed)``, which ``BatchLoader`` calls.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from torch.utils.data import DistributedSampler
 from ..seeds import derive_seed
 from ..dataset_info import DatasetInfo, Modality
 
-__all__ = ["BatchLoader", "DataBundle", "DataContext", "DatasetInfo", "Modality", "Split", "StreamSplit", "batches",
-           "seeded_split"]
+__all__ = ["BatchLoader", "DataBundle", "DataContext", "DatasetInfo", "FillingSplit", "Modality", "RowStore", "Split",
+           "StreamSplit", "batches", "seeded_split"]
 
 
 @dataclass
@@ -62,8 +64,107 @@ class Split:
 
     def inputs(self, index: torch.Tensor | slice) -> torch.Tensor:
         """The inputs at ``index`` (int64 positions or a slice), stacked."""
-        stored = self.stored[index]
+        stored = self.stored[index] if isinstance(index, slice) else self.stored.index_select(0, index)
         return stored if self.transform is None else self.transform(stored)
+
+    def batches(self, index_batches: list, seed: int = 0):
+        """(inputs, targets) for each batch of positions (a list, an int64 tensor or a slice), in order."""
+        for index in map(_positions, index_batches):
+            yield self.inputs(index), self.y[index]
+
+
+class FillingSplit:
+    """A ``Split`` whose stored rows are made the first time a batch needs them and held from then on: the first
+    epoch streams (``workers`` DataLoader processes read the rows its batches lack, in the epoch's order, while
+    training consumes them), later epochs index memory. Reading a never-read row costs its first reader only.
+
+    ``store`` (a ``RowStore``) holds the rows of the whole source; splits taken from it (``subset``) share it and
+    differ in ``rows``, the store rows they see. Batches are bit for bit those of a ``Split`` of the filled tensor.
+    """
+
+    def __init__(self, store: "RowStore", y: torch.Tensor, transform: Optional[Callable] = None,
+                 rows: Optional[torch.Tensor] = None):
+        self.store, self.y, self.transform = store, y, transform
+        self.rows = torch.arange(len(y)) if rows is None else rows
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: torch.Tensor) -> "FillingSplit":
+        return FillingSplit(self.store, self.y[index], self.transform, self.rows[index])
+
+    @property
+    def stored(self) -> torch.Tensor:
+        """Every stored row of this split (read now where missing)."""
+        return self._stored(self.rows)
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.inputs(slice(None))
+
+    def head(self, n: int) -> torch.Tensor:
+        return self.inputs(slice(0, n))
+
+    def inputs(self, index: torch.Tensor | slice) -> torch.Tensor:
+        stored = self._stored(self.rows[index])
+        return stored if self.transform is None else self.transform(stored)
+
+    def batches(self, index_batches: list, seed: int = 0):
+        """(inputs, targets) for each batch of positions (a list, an int64 tensor or a slice), in order; the rows none
+        has read yet are read by the store's workers, which also make a wholly new batch's inputs (the transform runs
+        beside the training process, as a streamed reader's does, not in it)."""
+        index_batches = [_positions(index) for index in index_batches]
+        missing = [self.store.missing(self.rows[index]) for index in index_batches]
+        made = self.store.read([rows for rows in missing if len(rows)], self.transform)
+        for index, rows in zip(index_batches, missing):
+            if len(rows):
+                stored, inputs = next(made)
+                self.store.put(rows, stored)
+                if len(rows) == len(self.y[index]):
+                    yield (stored if inputs is None else inputs), self.y[index]
+                    continue
+            stored = self.store.rows.index_select(0, self.rows[index])
+            yield (stored if self.transform is None else self.transform(stored)), self.y[index]
+
+    def _stored(self, rows: torch.Tensor) -> torch.Tensor:
+        missing = self.store.missing(rows)
+        if len(missing):
+            self.store.put(missing, next(self.store.read([missing]))[0])
+        return self.store.rows.index_select(0, rows)
+
+
+class RowStore:
+    """The rows of a map-style ``source`` (item i: row i, a tensor of ``shape`` and ``dtype``), made on demand by
+    ``workers`` DataLoader processes (``collate`` stacks a batch of items into one tensor) and kept. ``when_full``
+    receives the whole tensor once every row is in (the data cache writes it); rows never change afterwards."""
+
+    def __init__(self, source: Any, shape: tuple[int, ...], dtype: torch.dtype, *, workers: int = 0,
+                 collate: Optional[Callable] = None, when_full: Optional[Callable[[torch.Tensor], None]] = None):
+        self.source, self.workers, self.collate, self.when_full = source, workers, collate, when_full
+        self.rows = torch.empty(len(source), *shape, dtype=dtype)  # pages are only touched as rows are filled
+        self.filled = torch.zeros(len(source), dtype=torch.bool)
+
+    def missing(self, rows: torch.Tensor) -> torch.Tensor:
+        """The rows among ``rows`` not made yet."""
+        return rows[~self.filled[rows]]
+
+    def read(self, row_lists: list[torch.Tensor], transform: Optional[Callable] = None):
+        """Per list of rows, in order, made by the workers: (the rows stacked, ``transform`` of them or None)."""
+        from torch.utils.data import DataLoader
+
+        if not row_lists:
+            return iter(())
+        loader = DataLoader(self.source, batch_sampler=[rows.tolist() for rows in row_lists],
+                            num_workers=self.workers, collate_fn=_MadeInWorker(self.collate, transform),
+                            generator=torch.Generator())  # leaves torch's global generator alone
+        return _one_line_errors(iter(loader))
+
+    def put(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        self.rows[rows] = values
+        was_full = bool(self.filled.all())
+        self.filled[rows] = True
+        if not was_full and self.when_full is not None and bool(self.filled.all()):
+            self.when_full(self.rows)
 
 
 @dataclass
@@ -103,16 +204,37 @@ class StreamSplit:
     def x(self) -> torch.Tensor:
         return self.head(len(self))
 
-    def batches(self, index_batches: list[list[int]], seed: int = 0):
-        """(inputs, targets) for each list of indices, in order, read by ``workers`` processes."""
+    def batches(self, index_batches: list, seed: int = 0):
+        """(inputs, targets) for each batch of positions (a list, an int64 tensor or a slice), in order, read by
+        ``workers`` processes."""
         from torch.utils.data import DataLoader
 
         if not index_batches:
             return iter(())
+        positions = torch.arange(len(self))
+        index_batches = [positions[_positions(index)].tolist() for index in index_batches]
         loader = DataLoader(self.dataset, batch_sampler=index_batches, num_workers=self.workers,
                             worker_init_fn=_seed_worker if self.workers else None,
                             generator=torch.Generator().manual_seed(seed))
         return _one_line_errors(iter(loader))
+
+
+class _MadeInWorker:
+    """A worker's batch: the items stacked (``collate``, default torch's) and ``transform`` of them (or None)."""
+
+    def __init__(self, collate: Optional[Callable], transform: Optional[Callable]):
+        self.collate, self.transform = collate, transform
+
+    def __call__(self, items: list) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        from torch.utils.data import default_collate
+
+        stored = (self.collate or default_collate)(items)
+        return stored, (None if self.transform is None else self.transform(stored))
+
+
+def _positions(index: Any) -> torch.Tensor | slice:
+    """A batch's positions as a split indexes with them: a slice stays one (a view, no copy), the rest int64."""
+    return index if isinstance(index, slice) else torch.as_tensor(index, dtype=torch.long)
 
 
 def _one_line_errors(batches):
@@ -141,12 +263,7 @@ def _seed_worker(worker_id: int) -> None:
 
 def batches(split: "Split | StreamSplit", batch_size: int):
     """The split's (inputs, targets) in order, ``batch_size`` at a time (evaluation)."""
-    if isinstance(split, StreamSplit):
-        yield from split.batches([list(range(i, min(i + batch_size, len(split))))
-                                  for i in range(0, len(split), batch_size)])
-        return
-    for start in range(0, len(split), batch_size):
-        yield split.inputs(slice(start, start + batch_size)), split.y[start:start + batch_size]
+    yield from split.batches([slice(i, i + batch_size) for i in range(0, len(split), batch_size)])
 
 
 @dataclass
@@ -217,10 +334,4 @@ class BatchLoader:
         """``(i, batch)`` for the epoch's batches from batch ``start`` on (a resumed epoch reads no earlier one)."""
         order = self._indices()
         spans = [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(start, len(self))]
-        if isinstance(self.split, StreamSplit):
-            seed = derive_seed(self.seed, self.epoch, legacy="epoch")
-            stream = self.split.batches([span.tolist() for span in spans], seed=seed)
-            yield from enumerate(stream, start)
-            return
-        for i, index in enumerate(spans, start):
-            yield i, (self.split.inputs(index), self.split.y[index])
+        yield from enumerate(self.split.batches(spans, seed=derive_seed(self.seed, self.epoch, legacy="epoch")), start)

@@ -22,6 +22,7 @@ from ..dataset_info import DatasetInfo
 from .. import dist
 from ..config import RunConfig, load_config, read_yaml, to_yaml
 from ..data import DataBundle, DataContext
+from ..data.cache import wait_for_writes
 from ..errors import UserError, under_key
 from ..loggers import check_available as check_loggers
 from ..loggers import sink_factory
@@ -286,6 +287,7 @@ def execute(cfg: RunConfig, *, resume: bool = False, overrides: list[str] = (), 
             raise Interrupted(path, False, finished=True)
         return path
     finally:
+        wait_for_writes()  # a data cache written in the background is on disk when the run returns
         run.close_sinks()
         run.close()
 
