@@ -20,8 +20,9 @@ Guided-step part: one optimizer step (forward, backward, AdamW) of the copy-past
 (``configs/guide_copy_paste.yaml``: 2-layer RNN target, tied 4-layer Transformer guide, batch 128 of 41 tokens):
 
 * ``unguided``: cross-entropy alone; ``guide_forward``: the frozen guide's forward alone, under ``no_grad``.
-* ``ours``: the guide stage's step (``instill.guidance.guide``): one target forward whose hooks keep the paired layers,
-  the guide's Gram matrices computed in its hooks (only for paired layers), CKA against them, one backward.
+* ``ours``: the guide stage's step (``instill.guidance.guide``): the guide's forward first (``run_guide``), its hooks
+  computing the Gram matrices of the paired layers only, then one target forward whose hooks keep the paired
+  layers, CKA against the Gram matrices, one backward.
 * ``original``: the original code's step: the target run twice (once for the cross-entropy, once for features),
   hooks registered on every module of the original's layer types for the step, every captured map kept, every
   guide map stretched onto the target layers with a textbook CKA per mapped pair (dense n x n centring matrices,
@@ -33,13 +34,23 @@ Guided-step part: one optimizer step (forward, backward, AdamW) of the copy-past
 
 Targets: ``over_floor`` = ours / (unguided + guide_forward + loss_grams) <= 1.05 (the floor's time is ``floor_ms``);
 ``ours / (unguided + guide_forward) <= 1.25`` (``ours_ratio``); the original's ratio is reported beside them.
-Where ours spends its time beyond the floor (each phase of one step timed with ``perf_counter`` in one process, 30
-alternating rounds, one thread, load 3.9-4.3, so within +-10%): the target's forward with its capture hooks
-+1-2 ms (the copy of each captured RNN output), the guide's forward with the Gram hooks about the two guide Gram
-products, the CKA terms about the two target Gram products plus the centring and checks (n x n work, under 1 ms),
-the backward about the two Gram backward products, the AdamW step the same. Timed as whole steps in turns,
-``over_floor`` came out at 1.03 in a full run (load 3.6-4.7) and 1.12-1.18 in shorter runs at batch 32-128 on the
-same shared 2-core machine, whose other processes' noise 10-25 rounds do not average out.
+Where ours spends its time beyond the floor (2026-12-07, one thread, each part timed with ``perf_counter`` in one
+process, the variants in alternating rounds, load 0.9-2.0). First, page faults: with glibc's allocator a fault
+costs 3-5 us here, and while the guide ran after the target's forward its temporaries were allocated above the
+target's autograd graph and faulted in afresh on every step: 4,200-5,600 faults per step where the guide's forward
+alone takes 1,400-3,600, e.g. 117.6 ms against 98.1 ms with the guide run first (30 rounds, load 1.2-1.3). The step
+now runs the guide first (``AlignmentLoss.run_guide``; the same loss bit for bit, tests/test_guidance.py): 650-3,000
+faults, as the guide alone. That is with the allocator cold (the guided step alone); in a full run the CKA part
+leaves glibc's thresholds raised (a freed 16 MB block) and neither order faults. What remains then, measured part by
+part with the allocator warmed the same way: the guide's two Gram hooks 0.86 ms beyond their two products (checks,
+centring, Python); the target's capture hooks 0.17 ms, the copies of the captured RNN outputs within that (at most
+0.25 ms, not the 1-2 ms estimated before, so they stay as the guard against in-place changes); the CKA terms 1.7 ms
+beyond their two Gram products and the backward 1.85 ms beyond its two (centring both Gram matrices, norms, the
+cosine's gradient, ``G + G^T``, checks: n x n operations at 15-50 us each, and adding the Gram gradients into the
+RNN outputs' gradients), about 4.9 ms in all against a floor of 70-75 ms. Full runs (``python bench/guidance.py``)
+alternating with the code before the guide ran first: over_floor 1.091, 1.056, 1.052 (load 1.1-2.0) against 1.059,
+1.112, 1.066 (load 1.1-2.0): the guided step's 10 rounds leave +-4 % of noise on this shared 2-core machine, more
+than the difference, so the target is not shown to hold.
 """
 
 from __future__ import annotations
@@ -290,9 +301,10 @@ def guided_steps(setup: StepSetup) -> tuple[dict[str, Callable[[], None]], Calla
         with torch.no_grad():
             setup.guide(x)
 
-    def ours() -> None:
+    def ours() -> None:  # as the guide stage's step: the guide first, then the target's forward
+        alignment.run_guide(x)
         value = task_loss(models["ours"], (x, y))[0]
-        align, _ = alignment(x)
+        align, _ = alignment()
         _train_step(optimizers["ours"], value + align)
 
     def original() -> None:

@@ -185,6 +185,79 @@ def test_an_alignment_loss_after_a_no_grad_forward_raises_instead_of_training_no
         assert not alignment(x)[0].requires_grad
     alignment.close()
     assert not target._forward_pre_hooks
+def guided_training(make_models, batches, guide_first: bool, **options) -> tuple[list, list, dict]:
+    """A few AdamW steps of task loss + alignment; the guide run after the target's forward (``align(x, real)``,
+    the order before ``run_guide`` existed) or before it (``run_guide(x, real)``, then ``align()``)."""
+    target, guide = make_models()
+    alignment = AlignmentLoss(target, guide, **options)
+    optimizer = torch.optim.AdamW(target.parameters(), lr=0.05)
+    losses, logs = [], []
+    for x, real in batches:
+        if guide_first:
+            alignment.run_guide(x, real)
+        task = target(x).square().mean()
+        align, sims = alignment() if guide_first else alignment(x, real)
+        optimizer.zero_grad()
+        (task + align).backward()
+        optimizer.step()
+        losses.append(align.detach())
+        logs.append(sims)
+    alignment.close()
+    return losses, logs, target.state_dict()
+
+
+@pytest.mark.parametrize("case", ["mlp", "tokenwise"])
+def test_running_the_guide_before_the_targets_forward_trains_the_same_weights_bit_for_bit(case):
+    if case == "mlp":
+        make = lambda: (mlp(0), mlp(1))  # noqa: E731
+        batches = [(torch.randn(16, 6, generator=torch.Generator().manual_seed(i)), None) for i in range(4)]
+        options = {"pairs": [LayerPair("0", "2"), LayerPair("2", "0", 0.5)]}
+    else:  # token-wise with padding: the real rows are indexed in run_guide and used by both sides
+        make = lambda: (TokenModel(5, seed=1), TokenModel(3, seed=2))  # noqa: E731
+        batches = []
+        for i in range(4):
+            x = padded_tokens([6, 6, 5, 4, 4, 2, 1, 6, 6, 5, 6, 3], seed=i)
+            batches.append((x, real_positions(x, torch.full_like(x, -100))))
+        options = {"pairs": [LayerPair("mix", "embed")], "tokenwise": "positions"}
+    after_losses, after_logs, after_weights = guided_training(make, batches, guide_first=False, **options)
+    first_losses, first_logs, first_weights = guided_training(make, batches, guide_first=True, **options)
+    assert all(torch.equal(a, b) for a, b in zip(after_losses, first_losses))
+    assert after_logs == first_logs
+    assert after_weights.keys() == first_weights.keys()
+    assert all(torch.equal(after_weights[k], first_weights[k]) for k in after_weights)
+    assert not torch.equal(after_weights["mix.weight" if case == "tokenwise" else "0.weight"],
+                           make()[0].state_dict()["mix.weight" if case == "tokenwise" else "0.weight"])  # it trained
+
+
+def test_the_guide_run_ahead_serves_one_call_and_misuse_is_one_clear_error():
+    target, guide = mlp(0), mlp(1)
+    alignment = AlignmentLoss(target, guide, [LayerPair("2", "2")])
+    x = torch.randn(16, 6)
+    target(x)
+    with pytest.raises(UserError, match="no guide input"):
+        alignment()
+    alignment.run_guide(x)
+    target(x)
+    loss, _ = alignment()
+    target(x)
+    with pytest.raises(UserError, match="no guide input"):
+        alignment()  # this step's guide summaries were used by the call before
+    alignment.run_guide(x)
+    target(x)
+    with pytest.raises(UserError, match="real positions go to run_guide"):
+        alignment(None, torch.ones(16, 1, dtype=torch.bool))
+    alignment.run_guide(torch.randn(16, 6))  # a guide input given to the call wins over the one run ahead
+    target(x)
+    assert torch.equal(alignment(x)[0], loss)
+    with torch.no_grad():
+        alignment.guide[0].weight.fill_(float("nan"))
+    alignment.run_guide(x)  # non-finite guide activations: the NaN term the training loop's guard stops on
+    target(x)
+    bad, logs = alignment()
+    assert bad.isnan() and all(value != value for value in logs.values())
+    alignment.close()
+
+
 # ----------------------------------------------------------------------------------------------------- bad layers
 
 class Branched(nn.Module):

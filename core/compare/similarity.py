@@ -314,6 +314,10 @@ def cka_with_gram(x: Tensor, guide_gram: Tensor, unbiased: bool = False, eps: fl
         NonFiniteActivations, DegenerateActivations: as ``cka`` and ``cka_from_grams``.
     """
     _check_gram(guide_gram, "guide_gram", eps)
+    return _cka_with_checked_gram(x, guide_gram, unbiased, eps)
+
+
+def _cka_with_checked_gram(x: Tensor, guide_gram: Tensor, unbiased: bool, eps: float | None) -> Tensor:
     with full_precision(x.device.type):
         return _cosine_of_grams(_checked_gram(as_samples(x), "x", eps), guide_gram, unbiased)
 
@@ -366,7 +370,8 @@ def cka(x: Tensor, y: Tensor, unbiased: bool = False, eps: float | None = None) 
 
 @dataclass(frozen=True)
 class CKASummary:
-    """What a frozen side keeps for CKA: its centred Gram matrix, or its features when narrower than the batch."""
+    """What a frozen side keeps for CKA: its centred Gram matrix, or its features when narrower than the batch;
+    made (and checked) by ``cka_summary``."""
 
     gram: Tensor | None = None  # H Y Y^T H, (n, n)
     features: Tensor | None = None  # Y, (n, d) with d < n
@@ -387,8 +392,8 @@ def cka_summary(y: Tensor) -> CKASummary:
 
 def cka_with_summary(x: Tensor, summary: CKASummary, unbiased: bool = False, eps: float | None = None) -> Tensor:
     """Linear CKA of activations ``x`` against a ``cka_summary`` of the other side."""
-    if summary.gram is not None:
-        return cka_with_gram(x, summary.gram, unbiased, eps)
+    if summary.gram is not None:  # checked when cka_summary made it: finite, of samples that vary
+        return _cka_with_checked_gram(x, summary.gram, unbiased, eps)
     return cka(x, summary.features, unbiased, eps)
 
 

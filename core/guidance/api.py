@@ -30,6 +30,13 @@ def alignment_loss(target: nn.Module, guide: nn.Module,
         output = target(x)
         align_loss, sims = align(x)        # the guide runs on x under no_grad; sims: each pair's similarity
 
+    or run the guide first, which gives the same loss with less memory held at once (its temporaries are freed
+    before the target's autograd graph is built)::
+
+        align.run_guide(x)
+        output = target(x)
+        align_loss, sims = align()
+
     An evaluation forward in between is harmless (each forward starts a fresh capture); a loss whose last target
     forward ran under ``no_grad`` raises instead of silently training nothing. Wrap evaluations in
     ``align.paused()`` to skip the hooks' copies; call ``align.close()`` when training ends.

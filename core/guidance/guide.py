@@ -273,14 +273,21 @@ def _train_condition(ctx: Context, sub, condition: str, data, guide: Optional[to
 
     def loss(model, batch):
         guided = alignment is not None and alignment.active(objective.step)  # before the forward its hooks watch
+        # The guide runs before the target's forward (less memory at once, see AlignmentLoss.run_guide), except on
+        # noise, which is drawn after the forward as it always was, so that seeded runs keep their random streams.
+        ahead = guided and not spec.noise_inputs
+        # a layer that became constant, say, is a UserError; a NaN reaches the loop's guard instead
+        step = f"guidance ({condition}) at step {objective.step + 1}"
+        if ahead:
+            with under_key(step):
+                alignment.run_guide(*_alignment_inputs(spec, batch, data.info))
         value, logs = task_loss(model, batch)
         if alignment is None:
             return value, {}
         if not guided:
             return value, {"task_loss": value.item(), "align_loss": 0.0}
-        # a layer that became constant, say, is a UserError; a NaN reaches the loop's guard instead
-        with under_key(f"guidance ({condition}) at step {objective.step + 1}"):
-            align, sims = alignment(*_alignment_inputs(spec, batch, data.info))
+        with under_key(step):
+            align, sims = alignment() if ahead else alignment(*_alignment_inputs(spec, batch, data.info))
         return value + align, {"task_loss": value.item(), "align_loss": align.item(), **sims}
 
     def evaluate(model):

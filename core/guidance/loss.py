@@ -93,6 +93,9 @@ class AlignmentLoss:
     it every position is real. ``steps``: guidance only for the first N optimizer steps (``active``); then the
     hooks are removed, so the target's forwards copy nothing and the guide no longer runs.
 
+    ``run_guide(input)`` before the target's forward runs the guide first (the same loss, less memory at once); the
+    call after the forward then takes no input.
+
     Each forward of the target starts a fresh capture, and a loss whose last target forward ran without gradients
     raises (see ``__call__``): an evaluation forward in a user's loop can neither leave a stale capture nor make the
     loss silently train nothing. ``instill.alignment_loss`` builds one from layer names.
@@ -125,6 +128,7 @@ class AlignmentLoss:
         self.guide = guide.eval().requires_grad_(False)
         self.closed = False
         self._real: torch.Tensor | None = None
+        self._ahead: dict[str, list[Any]] | NonFiniteActivations | None = None  # what run_guide left for this step
         self._rows: Any = None  # token-wise, with padding: which rows are real in this step (see _set_real)
         target_keys, guide_keys = [p.target for p in pairs], [p.guide for p in pairs]
         self.target_capture = FeatureCapture(target, sorted({module_of(k) for k in target_keys}),
@@ -188,7 +192,28 @@ class AlignmentLoss:
     def _discard_stale(self) -> None:
         self.target_capture.pop()  # what an earlier forward of the target left (nothing while paused or closed)
 
-    def __call__(self, guide_input: torch.Tensor, real: torch.Tensor | None = None
+    def run_guide(self, guide_input: torch.Tensor, real: torch.Tensor | None = None) -> None:
+        """Run the guide on this step's batch before the target's forward; the next ``self()`` uses its summaries.
+
+        The loss is the same, bit for bit, as ``self(guide_input, real)`` after the forward (the guide runs in
+        evaluation mode under ``no_grad`` either way); only the order changes. The guide's temporaries are then
+        freed before the target's autograd graph is built rather than allocated on top of it: the step's peak
+        memory is the larger of the two instead of their sum, and on the CPU the allocator reuses memory where it
+        otherwise maps (and faults in) fresh pages for the guide's temporaries on every step: the largest cost of
+        the guided step beyond its floor (bench/guidance.py). Non-finite guide activations give the NaN term at
+        ``self()``.
+
+        Args:
+            guide_input: the guide's input for this batch (the target's input, or noise of its kind).
+            real: token-wise only: a (batch, time) bool mask of the real (not padding) positions.
+        """
+        self._set_real(real)
+        try:
+            self._ahead = self.guide_summaries(guide_input)
+        except NonFiniteActivations as err:
+            self._ahead = err
+
+    def __call__(self, guide_input: torch.Tensor | None = None, real: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, dict[str, float]]:
         """The alignment term for the target forward that just ran, and each pair's similarity for the log.
 
@@ -197,17 +222,29 @@ class AlignmentLoss:
         samples) raises ``DegenerateActivations`` naming the pair.
 
         Args:
-            guide_input: the guide's input for this batch (the target's input, or noise of its kind).
-            real: token-wise only: a (batch, time) bool mask of the real (not padding) positions.
+            guide_input: the guide's input for this batch (the target's input, or noise of its kind); None: use
+                what ``run_guide`` computed for this step (a guide input given runs the guide on it instead).
+            real: token-wise only: a (batch, time) bool mask of the real (not padding) positions (with
+                ``run_guide``: give it there).
 
         Returns:
             (alpha-weighted alignment loss, {"sim/<target>~<guide>": similarity} for the log).
 
         Raises:
             UserError: the target ran no forward since the last call (or it was paused), or, with gradients
-                enabled, its last forward ran without them (under ``torch.no_grad``), so the loss would train nothing.
+                enabled, its last forward ran without them (under ``torch.no_grad``), so the loss would train nothing;
+                no guide input and no ``run_guide`` since the last call; ``real`` given without the guide input.
         """
-        self._set_real(real)
+        guides, self._ahead = self._ahead, None  # used once: a later step cannot read this step's guide
+        if guide_input is None:
+            if guides is None:
+                raise UserError("alignment loss: no guide input: give the guide's input for this batch, or call "
+                                "run_guide(input) before the target's forward")
+            if real is not None:
+                raise UserError("alignment loss: real positions go to run_guide, with the guide's input")
+        else:
+            guides = None
+            self._set_real(real)
         targets = self.target_capture.pop()
         missing = [pair.target for pair in self.pairs if pair.target not in targets]
         if missing:
@@ -218,9 +255,12 @@ class AlignmentLoss:
             raise UserError("alignment loss: the target's last forward ran without gradients (under torch.no_grad, "
                             "an evaluation?), so this loss would train nothing: run the training forward on this "
                             "batch right before the alignment loss")
-        try:
-            guides = self.guide_summaries(guide_input)
-        except NonFiniteActivations:
+        if guides is None:
+            try:
+                guides = self.guide_summaries(guide_input)
+            except NonFiniteActivations as err:
+                guides = err
+        if isinstance(guides, NonFiniteActivations):
             return self._non_finite()
         terms, logs = [], {}
         for pair in self.pairs:
@@ -262,6 +302,7 @@ class AlignmentLoss:
     def close(self) -> None:
         """Remove both sides' hooks for good (guidance over)."""
         self.closed = True
+        self._ahead = None
         self._fresh_forward.remove()
         self.guide_capture.close()
         self.target_capture.close()
