@@ -12,6 +12,8 @@ Every kind gives its batches through ``batches(index_batches, seed)``, which ``B
 
 from __future__ import annotations
 
+import collections
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -41,12 +43,14 @@ class Split:
     ``transform`` (optional) turns stored inputs into what the model sees, batch by batch as they are read: image
     folders keep their pixels as uint8 in memory, a quarter of float32 (20,000 images at 224 px are 3 GB, not 12).
     It must act on each sample alone (an elementwise conversion), so that a batch is bit for bit those rows of the
-    whole converted tensor.
+    whole converted tensor. ``workers`` threads then make the next batches' inputs ahead (image folders: the
+    config's ``workers``), as a DataLoader's worker processes would, without copies between processes.
     """
 
     stored: torch.Tensor
     y: torch.Tensor
     transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    workers: int = 0
 
     def __len__(self) -> int:
         return len(self.y)
@@ -57,7 +61,7 @@ class Split:
         return self.inputs(slice(None))
 
     def subset(self, index: torch.Tensor) -> "Split":
-        return Split(self.stored[index], self.y[index], self.transform)
+        return Split(self.stored[index], self.y[index], self.transform, self.workers)
 
     def head(self, n: int) -> torch.Tensor:
         """The first ``n`` inputs (a probe batch)."""
@@ -70,8 +74,8 @@ class Split:
 
     def batches(self, index_batches: list, seed: int = 0):
         """(inputs, targets) for each batch of positions (a list, an int64 tensor or a slice), in order."""
-        for index in map(_positions, index_batches):
-            yield self.inputs(index), self.y[index]
+        threads = self.workers if self.transform is not None else 0
+        return _made_ahead(lambda index: (self.inputs(index), self.y[index]), map(_positions, index_batches), threads)
 
 
 class FillingSplit:
@@ -116,6 +120,10 @@ class FillingSplit:
         beside the training process, as a streamed reader's does, not in it)."""
         index_batches = [_positions(index) for index in index_batches]
         missing = [self.store.missing(self.rows[index]) for index in index_batches]
+        if not any(len(rows) for rows in missing):  # every row in memory: as a Split's batches
+            yield from _made_ahead(lambda index: (self.inputs(index), self.y[index]), index_batches,
+                                   self.store.workers if self.transform is not None else 0)
+            return
         made = self.store.read([rows for rows in missing if len(rows)], self.transform)
         for index, rows in zip(index_batches, missing):
             if len(rows):
@@ -296,6 +304,24 @@ def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     from torch.utils.data import get_worker_info
 
     return torch.empty(shape, dtype=dtype) if get_worker_info() is None else shared_tensor(shape, dtype)
+
+
+def _made_ahead(make: Callable[[Any], Any], items: Any, threads: int):
+    """``make(item)`` for each item, in order; with ``threads``, that many threads make the next ones ahead (torch's
+    kernels release the interpreter's lock, so gathering and converting batches runs on the cores a DataLoader's
+    workers would use). At most two per thread wait made, as a DataLoader's prefetch."""
+    if threads <= 0:
+        yield from map(make, items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = iter(items)
+    with ThreadPoolExecutor(threads, thread_name_prefix="instill-batches") as pool:
+        pending = collections.deque(pool.submit(make, item) for item in itertools.islice(items, 2 * threads))
+        while pending:
+            made = pending.popleft().result()
+            pending.extend(pool.submit(make, item) for item in itertools.islice(items, 1))
+            yield made
 
 
 def _positions(index: Any) -> torch.Tensor | slice:

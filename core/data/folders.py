@@ -429,7 +429,7 @@ def _held_in_memory(items: list[tuple[Path, int]], resolution: int, ctx: DataCon
     y = torch.tensor([label for _, label in items], dtype=torch.long)
     key = _listing_key(paths, resolution)
     if (cached := read_cached(ctx.cache_dir, "folder", key)) is not None:
-        return Split(cached["x"], y, pixels)
+        return Split(cached["x"], y, pixels, workers)
     check_images(paths, workers)  # an unreadable file is found before anything is written
     store = _pixel_store(paths, resolution, workers,
                          when_full=lambda x: write_cached_later(ctx.cache_dir, "folder", key, {"x": x}))
