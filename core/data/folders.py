@@ -17,6 +17,7 @@ standard shape-bias protocol.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -235,8 +236,10 @@ def _pixel_store(paths: list[Path], resolution: int, workers: int, when_full=Non
 
 
 def _listing_key(paths: list[Path], resolution: int) -> dict:
-    """What the cached pixels depend on: each file's path, size and modification time, and the resolution."""
-    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    """What the cached pixels depend on: each file's path, size and modification time, and the resolution. One stat
+    a file and no symlink resolution (``resolve`` stats every path component: 0.7 s for 20,000 files); a folder
+    reached through another link is only a cache miss."""
+    stats = [(os.path.abspath(p), (stat := os.stat(p)).st_size, stat.st_mtime_ns) for p in paths]
     return {"version": _CACHE_VERSION, "resolution": resolution, "files": stats}
 
 
