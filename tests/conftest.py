@@ -68,3 +68,23 @@ def tiny_convnet_runs(tmp_path_factory) -> Path:
     finally:
         os.chdir(cwd)
     return folder / "checkpoints"
+
+
+def forked_at_once(target, count: int = 2, timeout: float = 120) -> list[int]:
+    """Run ``target`` in ``count`` forked processes that start it at the same moment (behind a barrier); their exit
+    codes."""
+    import multiprocessing
+
+    forked = multiprocessing.get_context("fork")
+    start = forked.Barrier(count)
+
+    def launch():
+        start.wait()
+        target()
+
+    processes = [forked.Process(target=launch) for _ in range(count)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout)
+    return [process.exitcode for process in processes]

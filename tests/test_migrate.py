@@ -22,7 +22,7 @@ import yaml
 from instill.config import read_yaml
 from instill.migrate.instilling import SCRIPT_STAGE, script_of
 from instill.run import is_finished
-from tests.conftest import CONFIGS, run_cli
+from tests.conftest import CONFIGS, forked_at_once, run_cli
 
 ORIGINALS = Path(__file__).resolve().parent / "fixtures" / "original_configs"
 FILES = sorted(ORIGINALS.rglob("*.yaml"))
@@ -271,18 +271,8 @@ def test_an_import_killed_part_way_then_launched_twice_at_once_is_made_once(work
     child.join()
     assert not any(is_finished(p) for p in imported.iterdir())  # nothing half-made passes for an import
 
-    start, results = forked.Barrier(2), forked.Queue()
-
-    def launch():
-        start.wait()
-        results.put(imports.import_hf_checkpoint("checkpoint-17000"))
-
-    launches = [forked.Process(target=launch) for _ in range(2)]
-    for launch_ in launches:
-        launch_.start()
-    for launch_ in launches:
-        launch_.join(120)
-    assert [launch_.exitcode for launch_ in launches] == [0, 0]
+    results = forked.Queue()
+    assert forked_at_once(lambda: results.put(imports.import_hf_checkpoint("checkpoint-17000"))) == [0, 0]
     made = {results.get(timeout=5), results.get(timeout=5)}
     assert len(made) == 1 and is_finished(made := Path(made.pop()))
     assert list(imported.iterdir()) == [made]  # the killed copy and every lock gone

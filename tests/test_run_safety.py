@@ -22,7 +22,7 @@ import torch
 
 from instill.errors import UserError
 from instill.run import LOCK_FILE, RunLock, claim_run_dir, read_metrics
-from tests.conftest import CONFIGS, REPO, python_env, run_cli
+from tests.conftest import CONFIGS, REPO, forked_at_once, python_env, run_cli
 
 TINY = "configs/tiny_digits.yaml"
 ONE_EPOCH = ["--set", "train.epochs=1"]
@@ -504,18 +504,7 @@ def test_a_data_cache_write_killed_part_way_is_cleaned_up_and_two_at_once_make_o
     live.write_bytes(b"being written")
     assert cache.read_cached("cache", "test", {"k": 1}) is None  # nothing half-made passes for a cache file
 
-    start = forked.Barrier(2)
-
-    def write():
-        start.wait()
-        cache.write_cached("cache", "test", {"k": 1}, tensors)
-
-    writers = [forked.Process(target=write) for _ in range(2)]
-    for writer in writers:
-        writer.start()
-    for writer in writers:
-        writer.join(60)
-    assert [writer.exitcode for writer in writers] == [0, 0]
+    assert forked_at_once(lambda: cache.write_cached("cache", "test", {"k": 1}, tensors)) == [0, 0]
     assert sorted(p.name for p in Path("cache").iterdir()) == sorted([cache.cache_path("cache", "test", {"k": 1}).name,
                                                                      live.name])
     assert torch.equal(cache.read_cached("cache", "test", {"k": 1})["x"], tensors["x"])
