@@ -340,15 +340,11 @@ def noisy_folder(root: Path, per_class: int) -> Path:
     return root
 
 
-@pytest.mark.parametrize("workers,shared_memory", [(0, True), (2, True), (2, False)])
+@pytest.mark.parametrize("workers", [0, 2])
 def test_an_in_memory_folder_decodes_each_image_once_as_batches_need_it_then_caches_it(tmp_path, monkeypatch,
-                                                                                        workers, shared_memory):
-    """With workers, they write into a store in shared memory, or send their rows over when it has no room."""
-    import instill.data
+                                                                                        workers):
     from instill.data import BatchLoader, FillingSplit, Split, batches
     from instill.data.cache import wait_for_writes
-
-    monkeypatch.setattr(instill.data, "_room_in_shared_memory", lambda size: shared_memory)
 
     root, cache = noisy_folder(tmp_path / "data", per_class=8), tmp_path / "cache"
     decoded = []
@@ -359,7 +355,6 @@ def test_an_in_memory_folder_decodes_each_image_once_as_batches_need_it_then_cac
                   workers=workers)
     first = build_image_folder(DataContext(3, str(cache)), **kwargs)
     assert isinstance(first.train, FillingSplit) and not first.train.store.filled.any()  # nothing decoded yet
-    assert first.train.store.rows.is_shared() == (workers > 0 and shared_memory)
     probe = first.train.head(3)  # a probe batch: the first epoch's batches holding these rows are partly read
     epochs = []
     for epoch in range(2):

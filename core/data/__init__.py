@@ -129,8 +129,8 @@ class FillingSplit:
             if len(rows):
                 stored, inputs = next(made)
                 self.store.put(rows, stored)
-                if inputs is not None and len(rows) == len(self.y[index]):  # made beside the decoding
-                    yield inputs, self.y[index]
+                if len(rows) == len(self.y[index]):
+                    yield (stored if inputs is None else inputs), self.y[index]
                     continue
             stored = self.store.rows.index_select(0, self.rows[index])
             yield (stored if self.transform is None else self.transform(stored)), self.y[index]
@@ -147,19 +147,15 @@ class RowStore:
     ``workers`` DataLoader processes and kept. ``when_full`` receives the whole tensor once every row is in (the data
     cache writes it); rows never change afterwards.
 
-    With workers, the rows live in shared memory when it has room (``/dev/shm``), and each worker writes the rows it
-    makes straight into them: the training process copies nothing (a copy per row there took 3.7 s of a 25 s first
-    epoch over 20,000 images at 224 px, on the core the workers share with it). Without room, workers send their rows
-    over and the training process puts them in place.
+    Workers send the rows they make and this process puts them in place. Workers writing straight into a store in
+    shared memory was tried and was slower (its pages are faulted in through one tmpfs file: first epochs of 28.9 and
+    32.7 s against 27.2 and 28.2 s, 20,000 files at 224 px, alternating in one process).
     """
 
     def __init__(self, source: Any, shape: tuple[int, ...], dtype: torch.dtype, *, workers: int = 0,
                  when_full: Optional[Callable[[torch.Tensor], None]] = None):
         self.source, self.workers, self.when_full = source, workers, when_full
-        size = (len(source), *shape)
-        self.shared = workers > 0 and _room_in_shared_memory(math.prod(size) * dtype.itemsize)
-        # pages are only touched as rows are filled
-        self.rows = shared_tensor(size, dtype) if self.shared else torch.empty(size, dtype=dtype)
+        self.rows = torch.empty(len(source), *shape, dtype=dtype)  # pages are only touched as rows are filled
         self.filled = torch.zeros(len(source), dtype=torch.bool)
 
     def missing(self, rows: torch.Tensor) -> torch.Tensor:
@@ -167,56 +163,23 @@ class RowStore:
         return rows[~self.filled[rows]]
 
     def read(self, row_lists: list[torch.Tensor], transform: Optional[Callable] = None):
-        """Per list of rows, in order, made by the workers: (the rows stacked, or None when the workers wrote them into
-        the store themselves; ``transform`` of them, or None). Give each to ``put``."""
+        """Per list of rows, in order, made by the workers: (the rows stacked, ``transform`` of them or None)."""
         from torch.utils.data import DataLoader
 
         if not row_lists:
             return iter(())
-        writes_here = self.shared or self.workers == 0
-        loader = DataLoader(_Numbered(self.source), batch_sampler=[rows.tolist() for rows in row_lists],
-                            num_workers=self.workers, collate_fn=_MadeInWorker(transform, self.rows if writes_here
-                                                                               else None),
+        loader = DataLoader(self.source, batch_sampler=[rows.tolist() for rows in row_lists],
+                            num_workers=self.workers, collate_fn=_MadeInWorker(transform),
                             generator=torch.Generator())  # leaves torch's global generator alone
         return _one_line_errors(iter(loader))
 
-    def put(self, rows: torch.Tensor, values: Optional[torch.Tensor]) -> None:
-        """Mark ``rows`` made, copying ``values`` into them unless a worker wrote them already (None)."""
-        if values is not None:
-            _copy_rows(self.rows, rows.tolist(), values)
+    def put(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        for row, value in zip(rows.tolist(), values):  # a copy per row: index_put_ took twice as long for images
+            self.rows[row].copy_(value)
         was_full = bool(self.filled.all())
         self.filled[rows] = True
         if not was_full and self.when_full is not None and bool(self.filled.all()):
             self.when_full(self.rows)
-
-
-def _copy_rows(store: torch.Tensor, rows: list[int], values: Any) -> None:
-    for row, value in zip(rows, values):  # a copy per row: index_put_ took twice as long for image rows
-        store[row].copy_(value)
-
-
-class _Numbered:
-    """A map-style dataset's items with their indices: (i, item i)."""
-
-    def __init__(self, source: Any):
-        self.source = source
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> tuple[int, Any]:
-        return i, self.source[i]
-
-
-def _room_in_shared_memory(size: int) -> bool:
-    """Whether ``/dev/shm`` holds ``size`` bytes and a gigabyte to spare for the DataLoader's own batches (a worker
-    writing past a full one dies of SIGBUS, so a store it cannot hold stays in ordinary memory)."""
-    import shutil
-
-    try:
-        return shutil.disk_usage("/dev/shm").free >= size + 2**30
-    except OSError:  # no /dev/shm (macOS, Windows)
-        return False
 
 
 @dataclass
@@ -272,28 +235,17 @@ class StreamSplit:
 
 
 class _MadeInWorker:
-    """A worker's batch from its ``_Numbered`` items: the items written into ``store`` (when given: shared memory,
-    or this process's own with no workers) or else stacked to be sent over (torch's collate: in a worker, straight
-    into the shared memory that carries the batch); and ``transform`` of them (or None)."""
+    """A worker's batch: the items stacked (torch's collate: in a worker, straight into the shared memory that carries
+    the batch over) and ``transform`` of them (or None)."""
 
-    def __init__(self, transform: Optional[Callable], store: Optional[torch.Tensor]):
-        self.transform, self.store = transform, store
+    def __init__(self, transform: Optional[Callable]):
+        self.transform = transform
 
-    def __call__(self, items: list) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def __call__(self, items: list) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         from torch.utils.data import default_collate
 
-        rows, values = [row for row, _ in items], [value for _, value in items]
-        if self.store is None:
-            stored = default_collate(values)
-            return stored, (None if self.transform is None else self.transform(stored))
-        _copy_rows(self.store, rows, values)
-        return None, (None if self.transform is None else self.transform(torch.stack(values)))
-
-
-def shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An empty tensor in shared memory (its pages are touched as it is written)."""
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+        stored = default_collate(items)
+        return stored, (None if self.transform is None else self.transform(stored))
 
 
 def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -303,7 +255,11 @@ def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     written in place."""
     from torch.utils.data import get_worker_info
 
-    return torch.empty(shape, dtype=dtype) if get_worker_info() is None else shared_tensor(shape, dtype)
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def _made_ahead(make: Callable[[Any], Any], items: Any, threads: int):
