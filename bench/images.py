@@ -10,8 +10,9 @@ temporary folder (never the repository) and read for ``--epochs`` epochs of shuf
   check of every file before the first batch, then ``--workers`` DataLoader processes decode each batch
   (``FolderImages``: JPEG draft decoding at the target scale, resize, centre crop), every epoch.
 * ``instill_cached``: ``stream: false``: the listing and header check, then the first epoch streams: ``--workers``
-  processes decode each batch's files as it is reached and write them into one uint8 tensor in shared memory
-  (``FillingSplit``), sending over only the float batch they make from them; once every file is in, the tensor is
+  processes decode each batch's files as it is reached and send the uint8 pixels and the float batch they make
+  from them; the training process puts the pixels into one uint8 tensor (``FillingSplit``); once every file is in,
+  the tensor is
   written to the data cache (``cache_dir``) in a background thread while the later epochs run
   (``cache_write_waited_s``: what was left of that write after the last epoch). Later epochs index the tensor in
   memory, ``--workers`` threads gathering and converting the next batches to float ahead of the loop.
@@ -21,7 +22,10 @@ Where the first epoch's time went (20,000 files at 224 px, one thread, quiet mac
 bicubic resize took twice the JPEG decode's time (torch's antialiased uint8 resize: 0.36 against 1.25 ms an
 image); moving the pixels back to channels last cost as much as the resize; the float batch made in a worker's
 ordinary memory was copied again into shared memory to be sent (314 against 197 ms a batch written in place); the
-training process copied each decoded row into its tensor (3.7 s of a 25 s epoch, on the core the workers share).
+training process copies each decoded row into its tensor (3.7 s of a 25 s epoch, on the core the workers share;
+workers writing into a store in shared memory instead were slower, see ``RowStore``). Timed alone in one process,
+that first epoch takes 14-27 % longer than the streamed reader's (27.2-32.7 against 23.0-25.7 s): the pixels it
+keeps are the difference.
 
 The three readers take turns epoch by epoch (rotated order), so that a shared machine's drift hits all three.
 
