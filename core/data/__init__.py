@@ -74,8 +74,7 @@ class Split:
 
     def batches(self, index_batches: list, seed: int = 0):
         """(inputs, targets) for each batch of positions (a list, an int64 tensor or a slice), in order."""
-        threads = self.workers if self.transform is not None else 0
-        return _made_ahead(lambda index: (self.inputs(index), self.y[index]), map(_positions, index_batches), threads)
+        return _held_batches(self, map(_positions, index_batches), self.workers)
 
 
 class FillingSplit:
@@ -121,8 +120,7 @@ class FillingSplit:
         index_batches = [_positions(index) for index in index_batches]
         missing = [self.store.missing(self.rows[index]) for index in index_batches]
         if not any(len(rows) for rows in missing):  # every row in memory: as a Split's batches
-            yield from _made_ahead(lambda index: (self.inputs(index), self.y[index]), index_batches,
-                                   self.store.workers if self.transform is not None else 0)
+            yield from _held_batches(self, index_batches, self.store.workers)
             return
         made = self.store.read([rows for rows in missing if len(rows)], self.transform)
         for index, rows in zip(index_batches, missing):
@@ -260,6 +258,12 @@ def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     numel = math.prod(shape)
     storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def _held_batches(split: "Split | FillingSplit", index_batches: Any, workers: int):
+    """(inputs, targets) of an in-memory split's batches; with a transform, ``workers`` threads make them ahead."""
+    return _made_ahead(lambda index: (split.inputs(index), split.y[index]), index_batches,
+                       workers if split.transform is not None else 0)
 
 
 def _made_ahead(make: Callable[[Any], Any], items: Any, threads: int):

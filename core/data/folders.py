@@ -21,7 +21,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -229,7 +229,8 @@ def load_images(paths: list[Path], resolution: int, workers: int = 0) -> torch.T
     return store.rows
 
 
-def _pixel_store(paths: list[Path], resolution: int, workers: int, when_full=None) -> RowStore:
+def _pixel_store(paths: list[Path], resolution: int, workers: int,
+                 when_full: Callable[[torch.Tensor], None] | None = None) -> RowStore:
     """The listed images' uint8 pixels, decoded by ``workers`` processes as rows are asked for."""
     return RowStore(_Decoded(paths, resolution), (3, resolution, resolution), torch.uint8, workers=workers,
                     when_full=when_full)
