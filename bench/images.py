@@ -12,8 +12,7 @@ temporary folder (never the repository) and read for ``--epochs`` epochs of shuf
 * ``instill_cached``: ``stream: false``: the listing and header check, then the first epoch streams: ``--workers``
   processes decode each batch's files as it is reached and send the uint8 pixels and the float batch they make
   from them; the training process puts the pixels into one uint8 tensor (``FillingSplit``); once every file is in,
-  the tensor is
-  written to the data cache (``cache_dir``) in a background thread while the later epochs run
+  the tensor is written to the data cache (``cache_dir``) in a background thread while the later epochs run
   (``cache_write_waited_s``: what was left of that write after the last epoch). Later epochs index the tensor in
   memory, ``--workers`` threads gathering and converting the next batches to float ahead of the loop.
   ``cached_next_run_s``: a later run's build, which reads the cache file instead of decoding.
