@@ -111,6 +111,52 @@ def test_cka_summary_keeps_the_smaller_of_gram_and_features():
             torch.testing.assert_close(cka_with_summary(x, cka_summary(y), unbiased), cka(x, y, unbiased))
 
 
+
+@pytest.mark.parametrize("offset", [0.0, 1000.0])  # post-ReLU maps as they come; a common offset that dominates
+def test_cka_with_a_gram_summary_matches_float64_in_value_and_gradient(offset):
+    # cka_with_summary's own path (one Function: the target's centred Gram, its checks, two dot products, one matmul
+    # backward) in float32, against the textbook formula in float64 on the same float32 numbers
+    base = data(64, 30, 0)
+    x32 = (related(base, 300, 1) + offset).float().requires_grad_()
+    y32 = (related(base, 200, 2) + offset).float()
+    value = cka_with_summary(x32, cka_summary(y32))
+    assert "CKAWithCentredGram" in type(value.grad_fn).__name__
+    value.backward()
+    x64 = x32.detach().double().requires_grad_()
+    expected = textbook_cka(x64, y32.double())
+    expected.backward()
+    assert value.item() == pytest.approx(expected.item(), abs=2e-6)
+    assert ((x32.grad.double() - x64.grad).norm() / x64.grad.norm()).item() < 1e-4
+    if offset:  # in float32, K - row means - column means + mean loses the spread to rounding at this offset
+        gram = x32.detach() @ x32.detach().T
+        assert abs(cka_from_grams(gram, y32 @ y32.T).item() - expected.item()) > 1e-3
+
+
+def test_cka_with_a_gram_summary_refuses_what_it_cannot_compare():
+    y = cka_summary(data(30, 40, 1, torch.float32))
+    bad = data(30, 40, 0, torch.float32)
+    bad[3, 1] = float("nan")
+    with pytest.raises(NonFiniteActivations, match=r"x holds NaN or inf \(1 of 1200 values\)"):
+        cka_with_summary(bad, y)
+    with pytest.raises(DegenerateActivations, match="x is constant over the 30 samples"):
+        cka_with_summary(1e4 + 1e-6 * data(30, 40, 0, torch.float32), y)
+    with pytest.raises(UserError, match="between 20 and 30 samples"):
+        cka_with_summary(data(20, 40, 0, torch.float32), y)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e5])  # in float64 the features are centred first from ~1e5 on
+def test_centered_gram_and_its_gradient_match_the_centring_matrix(offset):
+    x = data(12, 20, 0, shift=offset).requires_grad_()
+    weights = data(12, 12, 1)  # not symmetric: the backward must symmetrise
+    h = torch.eye(12, dtype=x.dtype) - 1 / 12
+    centred = h @ (x - offset)
+    expected = centred @ centred.T
+    ours = centered_gram(x)
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)
+    (grad,) = torch.autograd.grad((ours * weights).sum(), x)
+    (textbook,) = torch.autograd.grad((expected * weights).sum(), x)
+    torch.testing.assert_close(grad, textbook, rtol=1e-9, atol=1e-9)
+
 # ----------------------------------------------------------------------------------------------------- properties
 
 @SETTINGS

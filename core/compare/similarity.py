@@ -20,7 +20,11 @@ When the features are narrower than the batch, the feature form ``||Y_c^T X_c||^
 costs less and is used instead. For a frozen side (the guide) compute ``centered_gram(y)`` once under ``no_grad``,
 for instance in its forward hook, dropping the activation at once, and call ``cka_with_gram(x, guide_gram)``;
 ``cka_summary`` / ``cka_with_summary`` do the same but keep the features instead when they are narrower than the
-batch (token-level rows: n x d is then smaller than n x n, and the feature form far cheaper).
+batch (token-level rows: n x d is then smaller than n x n, and the feature form far cheaper). The summary also keeps
+``1 / ||H L H||``, and biased CKA against it runs as one autograd Function (``_CKAWithCentredGram``): the target's
+Gram matrix centred in place from the row sums its checks read, two dot products, and a backward of one n x n
+temporary and one matmul; the guidance loss calls it every step, where the general path's dozen small n x n
+operations cost more than its matmuls' 10 %.
 
 Inputs a measure cannot compare raise instead of giving a plausible number, the same way in every measure and
 form: ``NonFiniteActivations`` for NaN or inf, ``DegenerateActivations`` for fewer samples than the measure needs
@@ -44,6 +48,7 @@ measures``).
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -51,6 +56,7 @@ from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..errors import UserError
 from ..registry import Registry
@@ -73,6 +79,13 @@ class DegenerateActivations(UserError):
 
 # ----------------------------------------------------------------------------------------------------- numerics
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 cannot ask per device: assume it is on
+        return True
+
+
 @contextlib.contextmanager
 def full_precision(device_type: str) -> Iterator[None]:
     """Autocast off and float32 matmuls in full precision (no TF32 / bf16 passes) for the enclosed products."""
@@ -80,7 +93,8 @@ def full_precision(device_type: str) -> Iterator[None]:
     if previous != "highest":
         torch.set_float32_matmul_precision("highest")
     try:
-        with torch.autocast(device_type, enabled=False):
+        # entering torch.autocast costs more than the small n x n operations it would enclose: only when it is on
+        with torch.autocast(device_type, enabled=False) if _autocast_on(device_type) else contextlib.nullcontext():
             yield
     finally:
         if previous != "highest":
@@ -231,6 +245,54 @@ def _checked_gram(x: Tensor, side: str, eps: float | None = None) -> Tensor:
     return k
 
 
+def _centred_gram(x: Tensor, side: str, eps: float | None) -> tuple[Tensor, Tensor]:
+    """``(H K H, F)``: the centred Gram matrix of samples ``x`` (n, d), checked and made as ``_checked_gram`` makes
+    ``K`` (``F`` = ``x``, or ``x`` centred when the common offset dominates: ``K = F F^T``), then centred in place.
+    Outside autograd: the callers' backward is ``(G + G^T) F`` with ``G`` the gradient of ``K``.
+
+    The row sums serve both the check (the total ``1^T K 1``) and the centring (``K - r/n - r^T/n + total/n^2``):
+    three in-place passes over ``K`` and one synchronisation, where ``_checked_gram`` followed by ``center_gram`` or
+    ``_CenteredCosine`` makes some ten n x n temporaries. Same values within float rounding.
+
+    Raises:
+        NonFiniteActivations: ``x`` holds NaN or inf.
+        DegenerateActivations: ``x`` is constant over its samples.
+    """
+    n = x.shape[0]
+    features, k = x, x @ x.mT
+    rows = k.sum(1)
+    energy, total = torch.stack((k.diagonal().sum(), rows.sum())).tolist()
+    if not (math.isfinite(energy) and math.isfinite(total)):
+        _raise_non_finite(x, side)
+    if not energy * torch.finfo(x.dtype).eps < PRECISE_GRAM * (energy - total / n):  # see _checked_gram
+        mean = x.mean(0, keepdim=True)
+        features = x - mean
+        k = features @ features.mT
+        _check_centred(x, side, mean, k.diagonal().sum(), eps)
+        rows = k.sum(1)
+        total = rows.sum()
+    row_means = rows.div_(n)
+    return k.sub_(row_means[:, None]).sub_(row_means).add_(total / (n * n)), features
+
+
+class _CentredGram(torch.autograd.Function):
+    """``H X X^T H`` (``_centred_gram``); backward ``H (G + G^T) H F``, which is ``H (G + G^T) X_c``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, eps: float | None) -> Tensor:
+        with full_precision(x.device.type):
+            kc, features = _centred_gram(x, "x", eps)
+        ctx.save_for_backward(features)
+        return kc
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (features,) = ctx.saved_tensors
+        with full_precision(features.device.type):
+            return center_gram(grad + grad.mT) @ features, None
+
+
 def centered_gram(x: Tensor, eps: float | None = None) -> Tensor:
     """``H X X^T H``: what a frozen side's hook keeps (n x n) instead of its activation, for ``cka_with_gram``.
 
@@ -238,8 +300,7 @@ def centered_gram(x: Tensor, eps: float | None = None) -> Tensor:
         NonFiniteActivations: ``x`` holds NaN or inf.
         DegenerateActivations: ``x`` is constant over its samples (see ``_checked_centred``).
     """
-    with full_precision(x.device.type):
-        return center_gram(_checked_gram(as_samples(x), "x", eps))
+    return _CentredGram.apply(as_samples(x), eps)
 
 
 def _u_center(k: Tensor) -> Tensor:
@@ -375,6 +436,7 @@ class CKASummary:
 
     gram: Tensor | None = None  # H Y Y^T H, (n, n)
     features: Tensor | None = None  # Y, (n, d) with d < n
+    inv_norm: Tensor | None = None  # 1 / ||H Y Y^T H||, taken once here rather than at every comparison
 
 
 def cka_summary(y: Tensor) -> CKASummary:
@@ -387,14 +449,52 @@ def cka_summary(y: Tensor) -> CKASummary:
     if samples.shape[1] < samples.shape[0]:
         _checked_centred(samples, "y")  # raise here, in the guide's hook, as the Gram form does
         return CKASummary(features=samples)
-    return CKASummary(gram=centered_gram(samples))
+    gram = centered_gram(samples)
+    flat = gram.detach().view(-1)
+    return CKASummary(gram=gram, inv_norm=torch.dot(flat, flat).clamp_min(TINY * TINY).rsqrt())
+
+
+class _CKAWithCentredGram(torch.autograd.Function):
+    """Biased linear CKA of samples ``x`` (n, d) against the other side's centred Gram matrix ``L_c`` and its
+    ``1 / ||L_c||``, in one pass: ``K_c = H X X^T H`` (``_centred_gram``: checked, centred in place), then
+    ``cka = <K_c, L_c> / (||K_c|| ||L_c||)`` from two dot products; ``L_c`` is neither centred nor normed again.
+
+    Backward: ``dcka/dK = (L_c / ||L_c|| - cka K_c / ||K_c||) / ||K_c||`` (as ``_CenteredCosine``), symmetric, so
+    the Gram's ``(G + G^T) F`` is ``2 G F``: one n x n temporary and one matmul. ``L_c`` gets no gradient (a frozen
+    side; ``cka_with_summary`` takes the general path for a summary that requires one).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, lc: Tensor, inv_b: Tensor, eps: float | None) -> Tensor:
+        with full_precision(x.device.type):
+            kc, features = _centred_gram(x, "x", eps)
+            flat = kc.view(-1)
+            inv_a = torch.dot(flat, flat).clamp_min(TINY * TINY).rsqrt()
+            cka = torch.dot(flat, lc.reshape(-1)) * inv_a * inv_b
+        ctx.save_for_backward(features, kc, lc, inv_a * inv_b, cka * inv_a * inv_a)
+        return cka
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        features, kc, lc, lc_scale, kc_scale = ctx.saved_tensors
+        twice = grad * 2
+        dk = torch.mul(lc, lc_scale * twice).addcmul_(kc, kc_scale * twice, value=-1)
+        with full_precision(features.device.type):
+            return dk @ features, None, None, None
 
 
 def cka_with_summary(x: Tensor, summary: CKASummary, unbiased: bool = False, eps: float | None = None) -> Tensor:
     """Linear CKA of activations ``x`` against a ``cka_summary`` of the other side."""
-    if summary.gram is not None:  # checked when cka_summary made it: finite, of samples that vary
+    if summary.gram is None:
+        return cka(x, summary.features, unbiased, eps)
+    # checked when cka_summary made it: finite, of samples that vary
+    if unbiased or summary.inv_norm is None or summary.gram.requires_grad:
         return _cka_with_checked_gram(x, summary.gram, unbiased, eps)
-    return cka(x, summary.features, unbiased, eps)
+    x = as_samples(x)
+    _check_samples(x.shape[0], summary.gram.shape[-1], MIN_SAMPLES, "CKA")
+    dtype = torch.promote_types(x.dtype, summary.gram.dtype)
+    return _CKAWithCentredGram.apply(x.to(dtype), summary.gram.to(dtype), summary.inv_norm.to(dtype), eps)
 
 
 # ----------------------------------------------------------------------------------------------------- RSA
