@@ -14,7 +14,7 @@ from instill.errors import UserError
 from instill.compare.similarity import (SIMILARITIES, DegenerateActivations, NonFiniteActivations,
                                         canonical_correlations, cca, center_gram, centered_gram, cka, cka_from_grams,
                                         cka_summary, cka_with_gram, cka_with_summary, get_similarity, gram, procrustes,
-                                        pwcca, rsa, rsa_with_matrix, similarity_matrix, svcca)
+                                        pwcca, rsa, rsa_with_matrix, similarity_matrix, svcca, symmetric_product)
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -464,6 +464,32 @@ def test_center_gram_matches_the_centring_matrix_and_is_idempotent():
     h = torch.eye(9, dtype=x.dtype) - 1 / 9
     torch.testing.assert_close(center_gram(x @ x.T), h @ x @ x.T @ h)
     torch.testing.assert_close(center_gram(center_gram(x @ x.T)), h @ x @ x.T @ h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_symmetric_product_is_the_matmul_within_rounding_and_exactly_symmetric(dtype):
+    x = data(37, 300, 0, shift=1.0).to(dtype)
+    exact = x.double() @ x.double().T
+    for sample in (x, x[::2], x.T.contiguous().T):  # contiguous, strided rows, column-major
+        k = symmetric_product(sample)
+        assert k.dtype == dtype and k.is_contiguous() and torch.equal(k, k.T)
+        reference = exact[::2, ::2] if sample.shape[0] != 37 else exact
+        tolerance = 1e-4 if dtype == torch.float32 else 1e-12
+        assert (k.double() - reference).abs().max() <= tolerance * reference.abs().max()
+    assert torch.equal(symmetric_product(x.half()), x.half() @ x.half().T)  # no BLAS routine: the matmul
+
+
+def test_the_symmetric_product_runs_the_blas_at_torchs_thread_count():
+    from threadpoolctl import threadpool_info
+
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            symmetric_product(torch.randn(8, 16))
+            assert {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"} == {threads}
+    finally:
+        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------------- bench

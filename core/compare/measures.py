@@ -63,7 +63,7 @@ from ..errors import UserError, unknown_name
 from ..registry import Registry
 from ..seeds import derive_seed
 from .capture import FeatureCapture, LayerSpec
-from .similarity import SIMILARITIES, Similarity, full_precision, get_similarity
+from .similarity import SIMILARITIES, Similarity, full_precision, get_similarity, symmetric_product
 from ..files import csv_text
 
 Spatial = Literal["flatten", "mean"]
@@ -217,8 +217,7 @@ def _features(tensor: Tensor, spatial: Spatial) -> Tensor:
 def linear_gram(x: Tensor) -> Tensor:
     """``X X^T`` (n x n) of the flattened samples, float32 at full precision."""
     with full_precision(x.device.type):
-        flat = x.reshape(x.shape[0], -1).float()
-        return flat @ flat.mT
+        return symmetric_product(x.reshape(x.shape[0], -1).float())
 
 
 def _u_centred(grams: Sequence[Tensor]) -> Tensor:
