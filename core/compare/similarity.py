@@ -297,7 +297,7 @@ def _centred_gram(x: Tensor, side: str, eps: float | None) -> tuple[Tensor, Tens
         DegenerateActivations: ``x`` is constant over its samples.
     """
     n = x.shape[0]
-    features, k = x, x @ x.mT
+    features, k = x, symmetric_product(x)
     rows = k.sum(1)
     energy, total = torch.stack((k.diagonal().sum(), rows.sum())).tolist()
     if not (math.isfinite(energy) and math.isfinite(total)):
@@ -305,7 +305,7 @@ def _centred_gram(x: Tensor, side: str, eps: float | None) -> tuple[Tensor, Tens
     if not energy * torch.finfo(x.dtype).eps < PRECISE_GRAM * (energy - total / n):  # see _checked_gram
         mean = x.mean(0, keepdim=True)
         features = x - mean
-        k = features @ features.mT
+        k = symmetric_product(features)
         _check_centred(x, side, mean, k.diagonal().sum(), eps)
         rows = k.sum(1)
         total = rows.sum()
