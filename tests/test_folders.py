@@ -84,6 +84,34 @@ def test_an_unreadable_image_is_named(tmp_path, content):
     assert str(bad) in user_error(load_image_folder, root, 8)
 
 
+def test_the_jpeg_header_walk_passes_what_pillow_opens_and_leaves_the_rest_to_pillow(tmp_path, monkeypatch):
+    pixels = torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    image = Image.fromarray(pixels.numpy())
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 30000  # a large EXIF segment before the frame
+    saved = {"rgb": dict(), "progressive": dict(progressive=True), "exif": dict(exif=exif)}
+    for name, options in saved.items():
+        image.save(tmp_path / f"{name}.jpg", **options)
+    image.convert("L").save(tmp_path / "grey.jpg")
+    image.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    for path in tmp_path.glob("*.jpg"):
+        assert folders._jpeg_frame_found(path), path.name
+        with Image.open(path) as opened:
+            assert opened.size == (50, 40)
+    whole = (tmp_path / "rgb.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[:100])  # cut inside its tables, before the frame
+    (tmp_path / "text.jpg").write_bytes(b"\xff\xd8\xff but not a JPEG")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    image.save(tmp_path / "image.png")
+    for name in ("cut.jpg", "text.jpg", "empty.jpg", "image.png"):
+        assert not folders._jpeg_frame_found(tmp_path / name), name
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a decompression bomb: Pillow's own check decides
+    assert not folders._jpeg_frame_found(tmp_path / "rgb.jpg")
+    root = class_folder(tmp_path / "data")
+    (root / "cat" / "cut.jpg").write_bytes(whole[:100])
+    assert str(root / "cat" / "cut.jpg") in user_error(load_image_folder, root, 8)
+
+
 def test_imagenet16_classes_must_all_be_present(tmp_path):
     root = class_folder(tmp_path / "data")
     message = user_error(build_image_folder, DataContext(0, str(tmp_path / "c")), train_dir=str(root),

@@ -48,9 +48,15 @@ _CACHE_VERSION = 3  # 2: 16-bit and transparent images decode to their values; 3
 
 def _images_in(folder: Path, *, recursive: bool = False) -> list[Path]:
     """Image files (by suffix, hidden files skipped) in ``folder``, sorted."""
-    found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in found if p.is_file() and not p.name.startswith(".")
-                  and p.suffix.lower() in IMAGE_SUFFIXES)
+    if recursive:
+        return sorted(p for p in folder.rglob("*") if p.is_file() and _is_image_name(p.name))
+    with os.scandir(folder) as entries:  # the directory's own file types: no stat a file (iterdir's is_file: 3x)
+        names = sorted(entry.name for entry in entries if _is_image_name(entry.name) and entry.is_file())
+    return [folder / name for name in names]  # one folder: sorted by name is sorted by path
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
 def _existing_folder(root: str | Path, what: str) -> Path:
@@ -164,10 +170,12 @@ def _resized_and_cropped(pixels: np.ndarray, resolution: int) -> torch.Tensor:
     height, width = pixels.shape[:2]
     scale = resolution / min(width, height)
     size = (max(resolution, round(height * scale)), max(resolution, round(width * scale)))
-    image = torch.from_numpy(pixels).permute(2, 0, 1)[None]  # channels last in memory: torch's fast uint8 path
-    if size != (height, width):
-        image = torch.nn.functional.interpolate(image, size=size, mode="bicubic", antialias=True)
     top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    if size == (height, width):  # cropped in numpy: its calls cost a few microseconds where torch's cost 10-20
+        crop = pixels[top:top + resolution, left:left + resolution]
+        return torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))
+    image = torch.from_numpy(pixels).permute(2, 0, 1)[None]  # channels last in memory: torch's fast uint8 path
+    image = torch.nn.functional.interpolate(image, size=size, mode="bicubic", antialias=True)
     return image[0, :, top:top + resolution, left:left + resolution].contiguous()
 
 
@@ -198,12 +206,51 @@ class _Headers:
         from PIL import Image
 
         path = self.paths[i]
+        if _jpeg_frame_found(path):
+            return
         try:
             with Image.open(path) as image:
                 image.size  # noqa: B018 - reading the header is the check
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             reason = " ".join(str(err).split()) or type(err).__name__
             raise UserError(f"cannot read image {str(path)!r}: {reason}") from None
+
+
+# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic): the segment that holds
+# the image's size and components.
+_JPEG_FRAMES = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_JPEG_HEADER_BYTES = 65536  # room for an EXIF segment with its thumbnail before the frame
+
+
+def _jpeg_frame_found(path: Path) -> bool:
+    """Whether ``path`` is a JPEG whose frame header (a size Pillow accepts, 1, 3 or 4 components) is reached by
+    walking its marker segments within its first 64 KB: the header check of a JPEG at a quarter of the cost of
+    Pillow's, which parses every table in Python on the way (20,000 files of 32 px: 0.74 s with two workers).
+    False sends the file to Pillow, which decides and names the error; a table Pillow would refuse is only found
+    when the file is decoded (one line, naming the file), as a broken scan is."""
+    from PIL import Image
+
+    with open(path, "rb") as file:
+        head = file.read(_JPEG_HEADER_BYTES)
+    at = 2
+    if head[:3] != b"\xff\xd8\xff":
+        return False
+    while at + 4 <= len(head) and head[at] == 0xFF:
+        marker = head[at + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            at += 1
+            continue
+        length = int.from_bytes(head[at + 2:at + 4], "big")
+        if marker in _JPEG_FRAMES:
+            if length < 8 or at + 2 + length > len(head):
+                return False
+            height, width = int.from_bytes(head[at + 5:at + 7], "big"), int.from_bytes(head[at + 7:at + 9], "big")
+            not_a_bomb = Image.MAX_IMAGE_PIXELS is None or width * height <= Image.MAX_IMAGE_PIXELS
+            return 0 < height and 0 < width and head[at + 9] in (1, 3, 4) and not_a_bomb
+        if not 0xC0 <= marker <= 0xFE or marker in (0xD8, 0xD9, 0xDA) or 0xD0 <= marker <= 0xD7 or length < 2:
+            return False  # a scan, an end or a stray marker before any frame: Pillow decides
+        at += 2 + length
+    return False
 
 
 class _Decoded:
