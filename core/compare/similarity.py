@@ -41,7 +41,7 @@ correlation is then 1). Both are ``UserError`` subclasses; each check costs one 
 Large common offsets. A Gram matrix of uncentred features holds numbers of the size of the offset squared, and
 float32 then loses the spread to rounding (0.485 instead of 0.960 at an offset of 1000). The Gram form reads the
 rounding error off the product (``||X||^2 / ||X_c||^2``, from its trace and sum) and, when it is too large, centres
-the features first (O(n d)) and multiplies again: usual activations pay nothing (see ``_checked_gram``).
+the features first (O(n d)) and multiplies again: usual activations pay nothing (see ``_centred_gram``).
 
 The other measures: RSA (the original's variant and the classic one), orthogonal Procrustes, and the CCA family
 (mean CCA, its square ``cca_r2``, SVCCA, PWCCA). ``SIMILARITIES`` names them all for configs (``instill list
@@ -249,49 +249,23 @@ def center_gram(k: Tensor) -> Tensor:
 PRECISE_GRAM = 1e-6  # largest relative rounding error accepted in a Gram matrix centred after the product
 
 
-def _checked_gram(x: Tensor, side: str, eps: float | None = None) -> Tensor:
-    """A Gram matrix of samples ``x`` (n, d) whose centring ``H K H`` is correct in float32 whatever the features'
-    common offset: ``X X^T``, or ``X_c X_c^T`` when the offset dominates. Callers centre it (``center_gram``, or
-    ``_CenteredCosine``), which the gradient below relies on.
+def _centred_gram(x: Tensor, side: str, eps: float | None) -> tuple[Tensor, Tensor]:
+    """``(H K H, F)``: the centred Gram matrix of samples ``x`` (n, d), correct in float32 whatever the features'
+    common offset, and the features ``F`` it is the product of (``K = F F^T``): ``x``, or ``x`` centred when the
+    offset dominates. Outside autograd: the callers' backward is ``(G + G^T) F`` with ``G`` the gradient of ``K``.
 
     Centring the Gram matrix after the product subtracts numbers of the size of the offset squared: its rounding
     error relative to ``H K H`` is about the machine epsilon times ``||X||^2 / ||X_c||^2`` (0.485 instead of 0.960
     at an offset of 1000 in float32). Both norms are read off ``K`` (its trace, and the trace minus its sum / n). When
     that error exceeds ``PRECISE_GRAM`` the features are centred first (O(n d)) and the product taken again; usual
     activations (post-ReLU maps have ``||X||^2 / ||X_c||^2`` of 1.5 to 3) keep the one product and no extra pass.
-
     On the centred path the mean is held constant for the gradient, which is exact: the centring projects any
     gradient onto centred matrices ``G`` (``1^T G = 0``), so the Gram's gradient ``(G + G^T) X_c`` already has the
-    zero column means that the mean's own backward would subtract. On the usual path the values and their bits are
-    those of the plain product, as before this check existed (recorded runs replay exactly).
-
-    Raises:
-        NonFiniteActivations: ``x`` holds NaN or inf.
-        DegenerateActivations: ``x`` is constant over its samples.
-    """
-    k = _Gram.apply(x)
-    raw = k.detach()
-    energy, total = raw.diagonal().sum(), raw.sum()
-    finite, precise = torch.stack([torch.isfinite(energy) & torch.isfinite(total),
-                                   energy * torch.finfo(x.dtype).eps < PRECISE_GRAM * (energy - total / len(x))
-                                   ]).tolist()
-    if not finite:
-        _raise_non_finite(x, side)
-    if not precise:  # the common offset dominates (or the layer is constant): centre the features first
-        mean = x.detach().mean(0, keepdim=True)
-        k = _Gram.apply(x - mean)
-        _check_centred(x, side, mean, k.detach().diagonal().sum(), eps)
-    return k
-
-
-def _centred_gram(x: Tensor, side: str, eps: float | None) -> tuple[Tensor, Tensor]:
-    """``(H K H, F)``: the centred Gram matrix of samples ``x`` (n, d), checked and made as ``_checked_gram`` makes
-    ``K`` (``F`` = ``x``, or ``x`` centred when the common offset dominates: ``K = F F^T``), then centred in place.
-    Outside autograd: the callers' backward is ``(G + G^T) F`` with ``G`` the gradient of ``K``.
+    zero column means that the mean's own backward would subtract.
 
     The row sums serve both the check (the total ``1^T K 1``) and the centring (``K - r/n - r^T/n + total/n^2``):
-    three in-place passes over ``K`` and one synchronisation, where ``_checked_gram`` followed by ``center_gram`` or
-    ``_CenteredCosine`` makes some ten n x n temporaries. Same values within float rounding.
+    three in-place passes over ``K`` and one synchronisation (a check, a product and a separate centring made some
+    ten n x n temporaries).
 
     Raises:
         NonFiniteActivations: ``x`` holds NaN or inf.
@@ -303,7 +277,7 @@ def _centred_gram(x: Tensor, side: str, eps: float | None) -> tuple[Tensor, Tens
     energy, total = torch.stack((k.diagonal().sum(), rows.sum())).tolist()
     if not (math.isfinite(energy) and math.isfinite(total)):
         _raise_non_finite(x, side)
-    if not energy * torch.finfo(x.dtype).eps < PRECISE_GRAM * (energy - total / n):  # see _checked_gram
+    if not energy * torch.finfo(x.dtype).eps < PRECISE_GRAM * (energy - total / n):  # the offset dominates
         mean = x.mean(0, keepdim=True)
         features = x - mean
         k = symmetric_product(features)
@@ -315,21 +289,22 @@ def _centred_gram(x: Tensor, side: str, eps: float | None) -> tuple[Tensor, Tens
 
 
 class _CentredGram(torch.autograd.Function):
-    """``H X X^T H`` (``_centred_gram``); backward ``H (G + G^T) H F``, which is ``H (G + G^T) X_c``."""
+    """``H X X^T H`` of samples ``x`` (n, d), checked (``_centred_gram``; ``side`` names ``x`` in its errors);
+    backward ``H (G + G^T) H F``, which is ``H (G + G^T) X_c``."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, eps: float | None) -> Tensor:
+    def forward(ctx: Any, x: Tensor, side: str, eps: float | None) -> Tensor:
         with full_precision(x.device.type):
-            kc, features = _centred_gram(x, "x", eps)
+            kc, features = _centred_gram(x, side, eps)
         ctx.save_for_backward(features)
         return kc
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (features,) = ctx.saved_tensors
         with full_precision(features.device.type):
-            return center_gram(grad + grad.mT) @ features, None
+            return center_gram(grad + grad.mT) @ features, None, None
 
 
 def centered_gram(x: Tensor, eps: float | None = None) -> Tensor:
@@ -339,7 +314,7 @@ def centered_gram(x: Tensor, eps: float | None = None) -> Tensor:
         NonFiniteActivations: ``x`` holds NaN or inf.
         DegenerateActivations: ``x`` is constant over its samples (see ``_checked_centred``).
     """
-    return _CentredGram.apply(as_samples(x), eps)
+    return _CentredGram.apply(as_samples(x), "x", eps)
 
 
 def _u_center(k: Tensor) -> Tensor:
@@ -419,7 +394,7 @@ def cka_with_gram(x: Tensor, guide_gram: Tensor, unbiased: bool = False, eps: fl
 
 def _cka_with_checked_gram(x: Tensor, guide_gram: Tensor, unbiased: bool, eps: float | None) -> Tensor:
     with full_precision(x.device.type):
-        return _cosine_of_grams(_checked_gram(as_samples(x), "x", eps), guide_gram, unbiased)
+        return _cosine_of_grams(_CentredGram.apply(as_samples(x), "x", eps), guide_gram, unbiased)
 
 
 # ----------------------------------------------------------------------------------------------------- CKA
@@ -464,7 +439,7 @@ def cka(x: Tensor, y: Tensor, unbiased: bool = False, eps: float | None = None) 
         x, y = as_samples(x), as_samples(y)
         _check_samples(x.shape[0], y.shape[0], _cka_min_samples(unbiased), "unbiased CKA" if unbiased else "CKA")
         if _gram_form_is_cheaper(x.shape[0], x.shape[1], y.shape[1]):
-            return _cosine_of_grams(_checked_gram(x, "x", eps), _checked_gram(y, "y", eps), unbiased)
+            return _cosine_of_grams(_CentredGram.apply(x, "x", eps), _CentredGram.apply(y, "y", eps), unbiased)
         return _feature_cka(x, y, unbiased, eps)
 
 
