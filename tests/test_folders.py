@@ -110,6 +110,8 @@ def test_the_jpeg_header_walk_passes_what_pillow_opens_and_leaves_the_rest_to_pi
     root = class_folder(tmp_path / "data")
     (root / "cat" / "cut.jpg").write_bytes(whole[:100])
     assert str(root / "cat" / "cut.jpg") in user_error(load_image_folder, root, 8)
+    gone = tmp_path / "gone.jpg"  # listed, then removed before its check: one line naming it, as Pillow's was
+    assert str(gone) in user_error(folders.check_images, [gone])
 
 
 def test_imagenet16_classes_must_all_be_present(tmp_path):

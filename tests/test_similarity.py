@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -477,6 +479,17 @@ def test_the_symmetric_product_is_the_matmul_within_rounding_and_exactly_symmetr
         tolerance = 1e-4 if dtype == torch.float32 else 1e-12
         assert (k.double() - reference).abs().max() <= tolerance * reference.abs().max()
     assert torch.equal(symmetric_product(x.half()), x.half() @ x.half().T)  # no BLAS routine: the matmul
+
+
+def test_the_symmetric_product_of_empty_or_single_samples_is_the_matmul_and_prints_nothing():
+    for shape in [(5, 0), (0, 4), (1, 3), (3, 1)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(symmetric_product(x), x @ x.T)
+    # the BLAS prints its complaint about a zero dimension through C's buffered stdout: only a process's exit shows it
+    code = "import torch; from instill.compare.similarity import symmetric_product as p; p(torch.ones(5, 0)); " \
+           "p(torch.ones(0, 4))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "" and "SYRK" not in done.stderr
 
 
 def test_the_symmetric_product_runs_the_blas_at_torchs_thread_count():

@@ -206,8 +206,8 @@ def symmetric_product(x: Tensor) -> Tensor:
     against 29.2 ms; bench/compare.py); the other triangle is its mirror image. Elsewhere (a GPU, other dtypes) it
     is the matmul. Not differentiable by itself (``gram`` is).
     """
-    if x.device.type != "cpu" or x.dtype not in _SYRK or x.dim() != 2:
-        return x @ x.mT
+    if x.device.type != "cpu" or x.dtype not in _SYRK or x.dim() != 2 or x.numel() == 0:
+        return x @ x.mT  # (an empty x: the BLAS would print an error for its zero dimension)
     from scipy.linalg import blas
 
     _match_blas_threads()

@@ -206,9 +206,9 @@ class _Headers:
         from PIL import Image
 
         path = self.paths[i]
-        if _jpeg_frame_found(path):
-            return
         try:
+            if _jpeg_frame_found(path):
+                return
             with Image.open(path) as image:
                 image.size  # noqa: B018 - reading the header is the check
         except (OSError, ValueError, Image.DecompressionBombError) as err:
