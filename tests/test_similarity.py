@@ -492,15 +492,22 @@ def test_the_symmetric_product_of_empty_or_single_samples_is_the_matmul_and_prin
     assert done.returncode == 0 and done.stdout == "" and "SYRK" not in done.stderr
 
 
-def test_the_symmetric_product_runs_the_blas_at_torchs_thread_count():
-    from threadpoolctl import threadpool_info
+def test_the_symmetric_product_runs_the_blas_at_torchs_thread_count_and_leaves_it_as_it_was(monkeypatch):
+    from scipy.linalg import blas
+    from threadpoolctl import threadpool_info, threadpool_limits
 
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    seen, syrk = [], blas.ssyrk
+    monkeypatch.setattr(blas, "ssyrk", lambda *args, **kwargs: (seen.append(blas_threads()), syrk(*args, **kwargs))[1])
     before = torch.get_num_threads()
     try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            symmetric_product(torch.randn(8, 16))
-            assert {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"} == {threads}
+        with threadpool_limits(3, user_api="blas"):  # a user's own setting for NumPy
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                symmetric_product(torch.randn(8, 16))
+                assert seen[-1] == {threads} and blas_threads() == {3}
     finally:
         torch.set_num_threads(before)
 

@@ -183,19 +183,19 @@ def _cosine(dot: Tensor, norm_sq_a: Tensor, norm_sq_b: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------- Gram form
 
 _SYRK = {torch.float32: "ssyrk", torch.float64: "dsyrk"}
-_blas_threads: int | None = None  # the thread count last given to the BLAS that symmetric_product calls
+_blas_pools: Any = None  # threadpoolctl's control of the BLAS libraries' thread pools, made at the first product
 
 
-def _match_blas_threads() -> None:
-    """Run the BLAS library's own thread pool at torch's thread count (a run's ``train.threads``): unset, it takes
-    every core, beside torch's threads, and a replay at another count could round differently."""
-    global _blas_threads
-    threads = torch.get_num_threads()
-    if threads != _blas_threads:
-        from threadpoolctl import threadpool_limits
+def _blas_at_torch_threads() -> contextlib.AbstractContextManager:
+    """The BLAS libraries' thread pools at torch's thread count (a run's ``train.threads``) for the enclosed call,
+    then as they were: unset, OpenBLAS takes every core beside torch's threads and a replay at another count could
+    round differently; restored, a user's NumPy keeps its own setting (about 20 us a call)."""
+    global _blas_pools
+    if _blas_pools is None:
+        from threadpoolctl import ThreadpoolController
 
-        threadpool_limits(threads, user_api="blas")
-        _blas_threads = threads
+        _blas_pools = ThreadpoolController()
+    return _blas_pools.limit(limits=torch.get_num_threads(), user_api="blas")
 
 
 def symmetric_product(x: Tensor) -> Tensor:
@@ -208,11 +208,11 @@ def symmetric_product(x: Tensor) -> Tensor:
     """
     if x.device.type != "cpu" or x.dtype not in _SYRK or x.dim() != 2 or x.numel() == 0:
         return x @ x.mT  # (an empty x: the BLAS would print an error for its zero dimension)
-    from scipy.linalg import blas
+    from scipy.linalg import blas  # before the pools are looked up: it loads its BLAS
 
-    _match_blas_threads()
     # x (n, d) row-major is x^T column-major: syrk's trans=1 form gives (x^T)^T x^T = x x^T with no copy of x
-    upper = getattr(blas, _SYRK[x.dtype])(1.0, x.detach().contiguous().numpy().T, trans=1)
+    with _blas_at_torch_threads():
+        upper = getattr(blas, _SYRK[x.dtype])(1.0, x.detach().contiguous().numpy().T, trans=1)
     k = torch.from_numpy(upper)  # column-major: its transpose view is row-major
     k += k.mT.tril(-1)  # the lower triangle (zeros) becomes the mirror of the upper one
     return k.mT
