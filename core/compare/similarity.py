@@ -183,19 +183,29 @@ def _cosine(dot: Tensor, norm_sq_a: Tensor, norm_sq_b: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------- Gram form
 
 _SYRK = {torch.float32: "ssyrk", torch.float64: "dsyrk"}
-_blas_pools: Any = None  # threadpoolctl's control of the BLAS libraries' thread pools, made at the first product
+_blas_pools: Any = None  # threadpoolctl's controls of the BLAS libraries' thread pools, found at the first product
 
 
-def _blas_at_torch_threads() -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def _blas_at_torch_threads() -> Iterator[None]:
     """The BLAS libraries' thread pools at torch's thread count (a run's ``train.threads``) for the enclosed call,
     then as they were: unset, OpenBLAS takes every core beside torch's threads and a replay at another count could
-    round differently; restored, a user's NumPy keeps its own setting (about 20 us a call)."""
+    round differently; restored, a user's NumPy keeps its own setting. A pool already at the count is left alone
+    (threadpoolctl's ``limit`` context, which reads every library's configuration, cost 5 % of a guided step)."""
     global _blas_pools
     if _blas_pools is None:
         from threadpoolctl import ThreadpoolController
 
-        _blas_pools = ThreadpoolController()
-    return _blas_pools.limit(limits=torch.get_num_threads(), user_api="blas")
+        _blas_pools = ThreadpoolController().select(user_api="blas").lib_controllers
+    threads = torch.get_num_threads()
+    changed = [(pool, before) for pool in _blas_pools if (before := pool.get_num_threads()) != threads]
+    for pool, _ in changed:
+        pool.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        for pool, before in changed:
+            pool.set_num_threads(before)
 
 
 def symmetric_product(x: Tensor) -> Tensor:
