@@ -18,8 +18,10 @@ from tests.conftest import REPO, run_cli
                                    "train.eval_every=5"]),
     ("base", "vision_shapes_fcn_base.yaml", ["data.n_train=300", "data.n_val=60", "data.n_test=60",
                                              "train.epochs=1"]),
+    # a fixed seed: cut to width 8, a ReLU RNN of a fresh seed now and then diverges at once (the loss NaN at step 2,
+    # once in some fifteen whole-suite runs), which stops the run before there is anything to replay
     ("align", "align_add.yaml", ["train.epochs=2", "align.widths=[8]", "data.train=200", "data.test=100",
-                                 "data.val=100"]),
+                                 "data.val=100", "reproducibility.random_seed=1", "reproducibility.reproduce=true"]),
     ("align", "align_digits.yaml", ["train.epochs=1", "align.widths=[32]"]),
     ("guide", "guide_lm.yaml", ["train.epochs=1", "train.max_steps=6"]),
     ("guide", "guide_copy_paste.yaml", ["data.n_train=64", "data.n_val=32", "data.n_test=32", "train.epochs=1",
