@@ -68,7 +68,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from instill.compare.measures import compare_models
 from instill.data import DataContext, DatasetInfo
 from instill.registry import DATASETS, MODELS
-from timing import synced_seconds
+from timing import gram_product, synced_seconds
 
 CHANNELS = [16, 16, 32, 32, 32, 64, 64, 64]
 STRIDES = [1, 1, 2, 1, 1, 2, 1, 1]
@@ -195,10 +195,10 @@ def gram_shapes(model_a, model_b, loader) -> list[tuple[int, int]]:
 def bare_grams(shapes: list[tuple[int, int]], device, symmetric: bool = False) -> callable:
     """The floor's second part: one ``X @ X.T`` per shape, on tensors made beforehand, at compare's precision;
     ``symmetric``: the same products as ``symmetric_product`` makes them (one triangle, on the CPU)."""
-    from instill.compare.similarity import full_precision, symmetric_product
+    from instill.compare.similarity import full_precision
 
     made = {shape: torch.randn(shape, device=device) for shape in set(shapes)}
-    product = symmetric_product if symmetric else lambda x: torch.mm(x, x.T)
+    product = gram_product(symmetric)
 
     def run() -> None:
         with torch.no_grad(), full_precision(torch.device(device).type):

@@ -81,7 +81,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from instill.compare.similarity import centered_gram, cka_with_gram, gram
-from timing import interleaved_times, median_ratio
+from timing import gram_product, interleaved_times, median_ratio
 
 
 @dataclass
@@ -352,11 +352,9 @@ def bare_loss_grams(shapes: list[tuple[tuple[int, int], tuple[int, int]]], devic
     """The loss's own matrix products as bare matmuls on tensors made beforehand: per compared pair the target's
     Gram ``X X^T``, the guide's ``Y Y^T`` and the target Gram's backward, one (n x n) @ (n x d) product.
     ``symmetric``: the two Gram products as the loss makes them (``symmetric_product``: one triangle on the CPU)."""
-    from instill.compare.similarity import symmetric_product
-
     made = {shape: torch.randn(shape, device=device) for pair in shapes for shape in pair}
     upstream = {n: torch.randn(n, n, device=device) for (n, _), _ in shapes}
-    product = symmetric_product if symmetric else lambda x: torch.mm(x, x.T)
+    product = gram_product(symmetric)
 
     def run() -> None:
         with torch.no_grad():

@@ -11,6 +11,14 @@ import time
 from typing import Callable
 
 
+def gram_product(symmetric: bool) -> Callable:
+    """``X X^T`` as a floor times it: a bare matmul, or (``symmetric``) as instill makes it (``symmetric_product``:
+    one triangle by the BLAS on the CPU)."""
+    from instill.compare.similarity import symmetric_product
+
+    return symmetric_product if symmetric else lambda x: x @ x.T
+
+
 def interleaved_times(steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device=None
                       ) -> dict[str, list[float]]:
     """Seconds per call of each step, the steps alternating in a rotated order so that drifting noise hits all;

@@ -175,6 +175,12 @@ def _unit(a: Tensor, norm: Tensor) -> Tensor:
     return a / norm.clamp_min(TINY)
 
 
+def _inverse_norm(matrix: Tensor) -> Tensor:
+    """``1 / ||M||_F`` from one dot product of its flat view; the floor keeps an all-zero matrix finite."""
+    flat = matrix.reshape(-1)
+    return torch.dot(flat, flat).clamp_min(TINY * TINY).rsqrt()
+
+
 def _cosine(dot: Tensor, norm_sq_a: Tensor, norm_sq_b: Tensor) -> Tensor:
     # the floor sits under the square root so that its gradient stays finite at zero
     return dot / (norm_sq_a * norm_sq_b).clamp_min(TINY * TINY).sqrt()
@@ -474,8 +480,7 @@ def cka_summary(y: Tensor) -> CKASummary:
         _checked_centred(samples, "y")  # raise here, in the guide's hook, as the Gram form does
         return CKASummary(features=samples)
     gram = centered_gram(samples)
-    flat = gram.detach().view(-1)
-    return CKASummary(gram=gram, inv_norm=torch.dot(flat, flat).clamp_min(TINY * TINY).rsqrt())
+    return CKASummary(gram=gram, inv_norm=_inverse_norm(gram.detach()))
 
 
 class _CKAWithCentredGram(torch.autograd.Function):
@@ -492,9 +497,8 @@ class _CKAWithCentredGram(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, lc: Tensor, inv_b: Tensor, eps: float | None) -> Tensor:
         with full_precision(x.device.type):
             kc, features = _centred_gram(x, "x", eps)
-            flat = kc.view(-1)
-            inv_a = torch.dot(flat, flat).clamp_min(TINY * TINY).rsqrt()
-            cka = torch.dot(flat, lc.reshape(-1)) * inv_a * inv_b
+            inv_a = _inverse_norm(kc)
+            cka = torch.dot(kc.view(-1), lc.reshape(-1)) * inv_a * inv_b
         ctx.save_for_backward(features, kc, lc, inv_a * inv_b, cka * inv_a * inv_a)
         return cka
 
